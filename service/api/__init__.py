@@ -1,0 +1,1 @@
+"""HTTP routers: appointments, health (/healthz, /readyz, /leader), metrics."""

@@ -1,0 +1,52 @@
+"""Probes and leadership: /healthz, /readyz, /leader."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api.deps import SettingsDep
+from service.api.schemas import LeaderOut
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["health"])
+
+PROBE_TIMEOUT = 2.0
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: answers while the process and its event loop work."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "The database or etcd does not answer"}})
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: the database and etcd answer. Followers are ready too."""
+    problems = []
+    try:
+        await asyncio.wait_for(request.app.state.db.ping(), PROBE_TIMEOUT)
+    except Exception as error:  # noqa: BLE001 - any failure means not ready
+        problems.append(f"database: {type(error).__name__}")
+    elector = request.app.state.elector
+    if elector is not None and not await elector.etcd_healthy(PROBE_TIMEOUT):
+        problems.append("etcd: not reachable")
+    if problems:
+        return JSONResponse({"status": "unavailable", "reasons": problems}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/leader", response_model=LeaderOut)
+async def leader(request: Request, settings: SettingsDep) -> LeaderOut:
+    """This replica's view of the election."""
+    elector = request.app.state.elector
+    return LeaderOut(
+        instance=settings.pod_name,
+        is_leader=bool(elector and elector.is_leader),
+        leader=elector.leader_name if elector else None,
+        fencing_token=elector.fencing_token if elector and elector.is_leader else None,
+        lease_ttl=settings.lease_ttl,
+    )

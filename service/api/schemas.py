@@ -1,0 +1,162 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
+
+from service.db.models import AppointmentStatus, ReminderStatus
+
+__all__ = [
+    "AppointmentCreate",
+    "AppointmentList",
+    "AppointmentOut",
+    "AppointmentPatch",
+    "AwareDatetime",
+    "ErrorOut",
+    "LeaderOut",
+    "ReminderOut",
+    "UnplannedOut",
+]
+
+# Appointments further ahead than this are refused: they are typos, and date arithmetic near
+# year 9999 would overflow.
+MAX_AHEAD = timedelta(days=3660)
+MAX_REMINDERS = 20
+
+
+def _require_string(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 string with a UTC offset")
+    return value
+
+
+def _require_offset(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("must carry a UTC offset (e.g. 2030-01-31T09:00:00+01:00 or …Z)")
+    if not datetime(1971, 1, 1, tzinfo=UTC) <= value <= datetime.now(UTC) + MAX_AHEAD:
+        raise ValueError("is outside the supported range (1971 … 10 years ahead)")
+    return value
+
+
+def _require_future(value: datetime) -> datetime:
+    if value <= datetime.now(UTC):
+        raise ValueError("must be in the future")
+    return value
+
+
+AwareDatetime = Annotated[datetime, BeforeValidator(_require_string), AfterValidator(_require_offset)]
+FutureDatetime = Annotated[AwareDatetime, AfterValidator(_require_future)]
+
+
+def _valid_phone(value: str) -> str:
+    try:
+        parsed = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException as error:
+        raise ValueError(f"not a phone number in E.164 form (+<country><number>): {error.args[0]}") from None
+    formatted = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if not value.startswith("+") or formatted != value.replace(" ", "") or not phonenumbers.is_valid_number(parsed):
+        raise ValueError("not a valid phone number in E.164 form (+<country><number>, digits only)")
+    return formatted
+
+
+def _valid_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError("unknown IANA time zone (e.g. Europe/Berlin, America/New_York, UTC)") from None
+    return value
+
+
+Phone = Annotated[StrictStr, Field(min_length=3, max_length=32), AfterValidator(_valid_phone)]
+TimeZoneName = Annotated[StrictStr, Field(min_length=1, max_length=64), AfterValidator(_valid_zone)]
+CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+Notes = Annotated[StrictStr, Field(max_length=2000)]
+RemindAt = Annotated[list[FutureDatetime], Field(min_length=1, max_length=MAX_REMINDERS)]
+
+
+class AppointmentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    customer_name: CustomerName
+    phone: Phone
+    starts_at: FutureDatetime
+    timezone: TimeZoneName = "UTC"
+    notes: Notes | None = None
+    remind_at: RemindAt | None = Field(
+        default=None, description="Explicit reminder times; when absent the REMINDER_OFFSETS policy applies."
+    )
+
+
+class AppointmentPatch(BaseModel):
+    """Fields to change; `remind_at: null` returns to the offsets policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer_name: CustomerName | None = None
+    phone: Phone | None = None
+    starts_at: FutureDatetime | None = None
+    timezone: TimeZoneName | None = None
+    notes: Notes | None = None
+    remind_at: RemindAt | None = None
+
+    @field_validator("customer_name", "phone", "starts_at", "timezone", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("cannot be null")
+        return value
+
+
+class ReminderOut(BaseModel):
+    id: str
+    due_at: datetime
+    status: ReminderStatus
+    attempts: int
+    last_error: str | None
+    skip_reason: str | None = Field(description="Why the reminder was skipped or cancelled, if it was.")
+    sent_at: datetime | None
+    provider_call_id: str | None
+
+
+class UnplannedOut(BaseModel):
+    rule: str = Field(description="The offset rule or explicit time that produced no reminder.")
+    reason: str
+
+
+class AppointmentOut(BaseModel):
+    id: str
+    customer_name: str
+    phone: str
+    starts_at: datetime
+    timezone: str
+    notes: str | None
+    status: AppointmentStatus
+    remind_at: list[datetime] | None
+    reminders: list[ReminderOut]
+    unplanned: list[UnplannedOut] = Field(
+        default_factory=list, description="Reminders that could not be planned by the last create/patch, and why."
+    )
+    created_at: datetime
+    updated_at: datetime
+
+
+class AppointmentList(BaseModel):
+    items: list[AppointmentOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class LeaderOut(BaseModel):
+    instance: str
+    is_leader: bool
+    leader: str | None
+    fencing_token: int | None
+    lease_ttl: int
+
+
+class ErrorOut(BaseModel):
+    detail: Any

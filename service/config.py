@@ -1,0 +1,199 @@
+"""Settings: every knob of the service, read from the environment and validated at start."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from datetime import time, timedelta
+from functools import cached_property
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["CallWindow", "ReminderOffset", "Settings", "parse_duration", "setting_error_line"]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90m`, `24h`, `1h30m`, `45s`, `2d` → timedelta. A bare number means seconds."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return timedelta(seconds=float(text))
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90m, 24h, 1h30m)")
+    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+
+
+def _parse_clock(text: str) -> time:
+    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text.strip())
+    if not match:
+        raise ValueError(f"not a time of day: {text!r} (use HH:MM)")
+    return time(int(match[1]), int(match[2]))
+
+
+@dataclass(frozen=True)
+class ReminderOffset:
+    """One reminder rule: a duration before the appointment, or a local time on a day relative to it."""
+
+    before: timedelta | None = None
+    day: int | None = None
+    at: time | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ReminderOffset:
+        text = text.strip()
+        match = re.fullmatch(r"([+-]?\d+)d@(.+)", text)
+        if match:
+            day = int(match[1])
+            if day > 0:
+                raise ValueError(f"{text!r}: a reminder day must not be after the appointment's day")
+            return cls(day=day, at=_parse_clock(match[2]))
+        before = parse_duration(text)
+        if before <= timedelta(0):
+            raise ValueError(f"{text!r}: an offset must be a positive duration before the appointment")
+        return cls(before=before)
+
+    def __str__(self) -> str:
+        if self.before is not None:
+            return f"{int(self.before.total_seconds())}s"
+        return f"{self.day}d@{self.at:%H:%M}"
+
+
+@dataclass(frozen=True)
+class CallWindow:
+    """Local times of day (inclusive) between which calls may be placed."""
+
+    start: time
+    end: time
+
+    @classmethod
+    def parse(cls, text: str) -> CallWindow:
+        start_text, sep, end_text = text.partition("-")
+        if not sep:
+            raise ValueError(f"not a window: {text!r} (use HH:MM-HH:MM)")
+        window = cls(_parse_clock(start_text), _parse_clock(end_text))
+        if window.start >= window.end:
+            raise ValueError(f"{text!r}: the window must start before it ends, within one day")
+        return window
+
+    def contains(self, moment: time) -> bool:
+        return self.start <= moment <= self.end
+
+
+def _split(value: object) -> object:
+    return [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; the environment variable is the field name in upper case."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    database_url: str = "sqlite+aiosqlite:///./reminders.db"
+    etcd_endpoints: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("http://127.0.0.1:2379",),
+        validation_alias=AliasChoices("ETCD_ENDPOINTS", "ETCD_ENDPOINT"),
+    )
+    etcd_username: str | None = None
+    etcd_password: SecretStr | None = None
+    etcd_ca_cert: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    pod_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
+    election_prefix: str = "/reminders/leader"
+    lease_ttl: int = Field(default=10, ge=2, le=300)
+    leader_max_term: float | None = Field(default=None, gt=0)
+    telephony_url: str = "http://127.0.0.1:8090"
+    telephony_token: SecretStr | None = None
+    telephony_from: str = "+15550000000"
+    telephony_timeout: float = Field(default=10.0, gt=0, le=120)
+    dispatch_concurrency: int = Field(default=50, ge=1, le=10_000)
+    dispatch_max_attempts: int = Field(default=5, ge=1, le=100)
+    calls_per_second: float = Field(default=0, ge=0)
+    reminder_offsets: Annotated[tuple[ReminderOffset, ...], NoDecode] = (ReminderOffset(before=timedelta(hours=24)),)
+    call_window: Annotated[CallWindow, NoDecode] = CallWindow(time(8, 0), time(21, 0))
+    misfire_grace: Annotated[timedelta, NoDecode] = timedelta(minutes=30)
+    drain_timeout: float = Field(default=10.0, gt=0, le=600)
+    api_token: SecretStr | None = None
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("etcd_endpoints", mode="before")
+    @classmethod
+    def _endpoints(cls, value: object) -> object:
+        endpoints = _split(value)
+        if isinstance(endpoints, list | tuple):
+            for endpoint in endpoints:
+                if not re.fullmatch(r"(https?://)?[\w.\-]+:\d{1,5}", str(endpoint).strip()):
+                    raise ValueError(f"{endpoint!r} is not host:port or http(s)://host:port")
+            if not endpoints:
+                raise ValueError("at least one endpoint is needed")
+            return tuple(str(e).strip() for e in endpoints)
+        return value
+
+    @field_validator("reminder_offsets", mode="before")
+    @classmethod
+    def _offsets(cls, value: object) -> object:
+        parts = _split(value)
+        if isinstance(parts, list):
+            return tuple(ReminderOffset.parse(p) for p in parts)
+        return value
+
+    @field_validator("call_window", mode="before")
+    @classmethod
+    def _window(cls, value: object) -> object:
+        return CallWindow.parse(value) if isinstance(value, str) else value
+
+    @field_validator("misfire_grace", mode="before")
+    @classmethod
+    def _grace(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("election_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or value.endswith("/") or len(value) < 2:
+            raise ValueError("must start with '/' and not end with '/'")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must be sqlite+aiosqlite://… or postgresql+asyncpg://…")
+        return value
+
+    @field_validator("telephony_url")
+    @classmethod
+    def _telephony_url(cls, value: str) -> str:
+        if not re.match(r"https?://[^/\s]+", value):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise ValueError("ETCD_CERT and ETCD_KEY go together")
+        return self
+
+    @cached_property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def setting_error_line(error: Exception) -> str:
+    """One line naming the offending variable(s) of a settings ValidationError."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    if not isinstance(error, ValidationError):
+        return f"invalid settings: {error}"
+    parts = []
+    for item in error.errors():
+        name = "_".join(str(p) for p in item["loc"]).upper() or "settings"
+        parts.append(f"{name}: {item['msg']}")
+    return "invalid setting " + "; ".join(parts)

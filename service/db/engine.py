@@ -1,0 +1,123 @@
+"""Engine and sessions; schema migration and version checks through Alembic."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+__all__ = ["Database", "SchemaOutOfDate", "alembic_config"]
+
+# Seconds: how long a statement may wait (PostgreSQL statement_timeout, SQLite busy wait).
+STATEMENT_TIMEOUT = 10.0
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database schema is not at the migrations' head."""
+
+
+def _migrations_dir() -> Path:
+    for candidate in (Path(__file__).resolve().parents[2] / "migrations", Path.cwd() / "migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise FileNotFoundError("the migrations/ folder was not found next to the service package or in the cwd")
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """Alembic config for `url`, independent of the current directory."""
+    config = Config()
+    config.set_main_option("script_location", str(_migrations_dir()))
+    config.attributes["configure_logging"] = False
+    if url:
+        config.attributes["url"] = url
+    return config
+
+
+def _set_sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
+    cursor = dbapi_connection.cursor()
+    # WAL lets several replicas (processes) share one file; busy_timeout waits instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={int(STATEMENT_TIMEOUT * 1000)}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Database:
+    """The engine, a session factory, and schema checks for one DATABASE_URL."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": STATEMENT_TIMEOUT})
+            event.listen(self.engine.sync_engine, "connect", _set_sqlite_pragmas)
+        else:
+            self.engine = create_async_engine(
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_timeout=STATEMENT_TIMEOUT,
+                pool_pre_ping=True,
+                connect_args={
+                    "timeout": STATEMENT_TIMEOUT,
+                    "command_timeout": STATEMENT_TIMEOUT,
+                    "server_settings": {"statement_timeout": str(int(STATEMENT_TIMEOUT * 1000))},
+                },
+            )
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as session:
+            yield session
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    async def upgrade(self) -> None:
+        """`alembic upgrade head` on this database."""
+        config = alembic_config(self.url)
+
+        def run(connection: Connection) -> None:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+        async with self.engine.begin() as connection:
+            await connection.run_sync(run)
+
+    async def downgrade(self, revision: str = "base") -> None:
+        config = alembic_config(self.url)
+
+        def run(connection: Connection) -> None:
+            config.attributes["connection"] = connection
+            command.downgrade(config, revision)
+
+        async with self.engine.begin() as connection:
+            await connection.run_sync(run)
+
+    async def check_schema(self) -> None:
+        """Raise SchemaOutOfDate unless the schema is at the migrations' head."""
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+        def current(connection: Connection) -> str | None:
+            return MigrationContext.configure(connection).get_current_revision()
+
+        async with self.engine.connect() as connection:
+            revision = await connection.run_sync(current)
+        if revision != head:
+            raise SchemaOutOfDate(
+                f"database schema is at {revision or 'nothing'}, the service needs {head}: run `reminders migrate`"
+            )
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

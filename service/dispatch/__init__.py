@@ -1,0 +1,1 @@
+"""Leader-only reminder dispatch and the reminder policy."""

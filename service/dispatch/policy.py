@@ -1,0 +1,128 @@
+"""Reminder policy: when reminders are planned, and whether a due one may be called now.
+
+All arithmetic is done on aware datetimes; local times go through the appointment's IANA zone,
+so a day with a DST change has its real length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from service.config import CallWindow, ReminderOffset
+
+__all__ = ["CallDecision", "Plan", "Unplanned", "decide_call", "fit_call_window", "plan_reminders"]
+
+
+@dataclass(frozen=True)
+class Unplanned:
+    """A reminder rule or time that produced no reminder, and why."""
+
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    due_times: list[datetime]
+    unplanned: list[Unplanned]
+
+
+def _local(moment: datetime, zone: ZoneInfo) -> datetime:
+    return moment.astimezone(zone)
+
+
+def _at_local(day: datetime, clock, zone: ZoneInfo) -> datetime:  # noqa: ANN001
+    """The instant `clock` on the local date of `day`; a time skipped by DST moves past the gap."""
+    naive = datetime.combine(day.date(), clock)
+    # Round-trip through UTC: a non-existent local time (spring forward) comes back normalised.
+    return naive.replace(tzinfo=zone).astimezone(UTC)
+
+
+def fit_call_window(due: datetime, zone: ZoneInfo, window: CallWindow) -> datetime:
+    """`due` if it lies in the window, else the latest in-window moment before it."""
+    local = _local(due, zone)
+    if window.contains(local.time().replace(tzinfo=None)):
+        return due.astimezone(UTC)
+    if local.time() > window.end:
+        return _at_local(local, window.end, zone)
+    return _at_local(local - timedelta(days=1), window.end, zone)
+
+
+def _rule_time(rule: ReminderOffset, starts_at: datetime, zone: ZoneInfo) -> datetime:
+    if rule.before is not None:
+        return (starts_at - rule.before).astimezone(UTC)
+    assert rule.day is not None and rule.at is not None
+    local_start = _local(starts_at, zone)
+    return _at_local(local_start + timedelta(days=rule.day), rule.at, zone)
+
+
+def plan_reminders(
+    *,
+    starts_at: datetime,
+    zone: ZoneInfo,
+    window: CallWindow,
+    now: datetime,
+    offsets: Sequence[ReminderOffset] = (),
+    explicit: Iterable[datetime] | None = None,
+) -> Plan:
+    """Due times for an appointment: the explicit times if given, else one per offset rule.
+
+    Each time is moved into the call window (earlier, never later). A time that would not come
+    before the appointment, or that has already passed, is reported as unplanned.
+    """
+    candidates = (
+        [(t.isoformat(), t.astimezone(UTC)) for t in explicit]
+        if explicit is not None
+        else [(str(rule), _rule_time(rule, starts_at, zone)) for rule in offsets]
+    )
+    due_times: list[datetime] = []
+    unplanned: list[Unplanned] = []
+    for rule, candidate in candidates:
+        due = fit_call_window(candidate, zone, window)
+        if due >= starts_at:
+            unplanned.append(Unplanned(rule, "no time inside the call window before the appointment"))
+        elif due < now:
+            unplanned.append(Unplanned(rule, "its time (after fitting the call window) has already passed"))
+        elif due not in due_times:
+            due_times.append(due)
+    return Plan(sorted(due_times), unplanned)
+
+
+@dataclass(frozen=True)
+class CallDecision:
+    """What to do with a due reminder now: call, wait until `wait_until`, or skip for `skip_reason`."""
+
+    call: bool = False
+    wait_until: datetime | None = None
+    skip_reason: str | None = None
+
+
+def decide_call(
+    *,
+    scheduled_at: datetime,
+    starts_at: datetime,
+    zone: ZoneInfo,
+    window: CallWindow,
+    grace: timedelta,
+    now: datetime,
+) -> CallDecision:
+    """Misfire policy for a reminder that is due (or overdue) at `now`.
+
+    `scheduled_at` is when it was meant to be tried: its due time, a retry's time, or the
+    opening of the call window it waited for; lateness is measured from there.
+    """
+    if now >= starts_at:
+        return CallDecision(skip_reason="the appointment has already started")
+    lateness = now - scheduled_at
+    if lateness > grace:
+        return CallDecision(skip_reason=f"misfire: {int(lateness.total_seconds())}s late, grace is {int(grace.total_seconds())}s")
+    local = _local(now, zone)
+    if window.contains(local.time().replace(tzinfo=None)):
+        return CallDecision(call=True)
+    opens = _at_local(local if local.time() < window.start else local + timedelta(days=1), window.start, zone)
+    if opens >= starts_at:
+        return CallDecision(skip_reason="outside the call window and the appointment starts before it opens")
+    return CallDecision(wait_until=opens)

@@ -1,0 +1,182 @@
+"""The dispatcher's SQL: raise the fence, claim due reminders under it, record outcomes.
+
+The fence is the newest fencing token the database has accepted. A claim succeeds only while
+the fence equals the claimer's token, so a deposed leader (an older token) claims nothing once
+its successor has raised the fence. On PostgreSQL the claim reads the fence `FOR SHARE`, so a
+concurrent raise waits for the claim to commit and every later claim sees the new fence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, case, exists, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from service.db import Database
+from service.db.models import Appointment, LeaderFence, Reminder, ReminderStatus, utcnow
+
+__all__ = ["Claim", "ReminderStore", "StaleTerm"]
+
+FENCE_ROW = 1
+
+
+class StaleTerm(RuntimeError):
+    """The database holds a newer fencing token than this term's: this replica is not the leader."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A reminder claimed for a call, with what the call needs."""
+
+    reminder_id: str
+    appointment_id: str
+    idempotency_key: str
+    due_at: datetime
+    scheduled_at: datetime
+    attempts: int
+    orphaned: bool
+    phone: str
+    customer_name: str
+    starts_at: datetime
+    timezone: str
+    appointment_cancelled: bool
+
+
+class ReminderStore:
+    """Fenced reads and writes of reminders for one leader term's token."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def raise_fence(self, token: int, holder: str) -> None:
+        """Set the fence to `token`, unless the database already holds a newer one (StaleTerm)."""
+        insert = postgresql.insert if not self.db.is_sqlite else sqlite.insert
+        statement = (
+            insert(LeaderFence)
+            .values(id=FENCE_ROW, token=token, holder=holder, updated_at=utcnow())
+            .on_conflict_do_update(
+                index_elements=[LeaderFence.id],
+                set_={"token": token, "holder": holder, "updated_at": utcnow()},
+                where=LeaderFence.token <= token,
+            )
+            .returning(LeaderFence.token)
+        )
+        async with self.db.session() as session:
+            accepted = (await session.execute(statement)).scalar_one_or_none()
+            await session.commit()
+        if accepted is None:
+            raise StaleTerm(f"the database holds a fencing token newer than {token}")
+
+    async def current_fence(self) -> int | None:
+        async with self.db.session() as session:
+            return (await session.execute(select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW))).scalar()
+
+    async def claim(self, token: int, holder: str, *, limit: int, now: datetime, stale_after: timedelta) -> list[Claim]:
+        """Mark up to `limit` reminders `dispatching` under `token`; StaleTerm if the fence moved on.
+
+        Claimed first: reminders left `dispatching` by an older term (its calls may be in flight:
+        they are completed with the same key), and this term's own claims older than
+        `stale_after` (whose outcome was never recorded). Then pending reminders that are due.
+        """
+        orphaned = and_(
+            Reminder.status == ReminderStatus.DISPATCHING,
+            or_(
+                Reminder.fence_token < token,
+                Reminder.fence_token.is_(None),
+                and_(Reminder.fence_token == token, Reminder.claimed_at < now - stale_after),
+            ),
+        )
+        due = and_(Reminder.status == ReminderStatus.PENDING, Reminder.next_attempt_at <= now)
+        candidates = (
+            select(Reminder.id)
+            .where(or_(orphaned, due))
+            .order_by(case((Reminder.status == ReminderStatus.DISPATCHING, 0), else_=1), Reminder.next_attempt_at)
+            .limit(limit)
+        )
+        if not self.db.is_sqlite:
+            candidates = candidates.with_for_update(skip_locked=True)
+        fence_holds = exists().where(LeaderFence.id == FENCE_ROW, LeaderFence.token == token)
+        async with self.db.session() as session:
+            if not self.db.is_sqlite:
+                fence = await session.execute(
+                    select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW).with_for_update(read=True)
+                )
+                if fence.scalar() != token:
+                    raise StaleTerm(f"the fence moved past token {token}")
+            # Which claimed rows were orphans, and when they were meant to run, before the UPDATE.
+            before = (
+                await session.execute(
+                    select(Reminder.id, Reminder.status, Reminder.claimed_at, Reminder.next_attempt_at).where(
+                        Reminder.id.in_(candidates.scalar_subquery() if self.db.is_sqlite else candidates.subquery().select())
+                    )
+                )
+            ).all()
+            if not before:
+                await session.rollback()
+                if not await self._fence_is(session, token):
+                    raise StaleTerm(f"the fence moved past token {token}")
+                return []
+            ids = [row.id for row in before]
+            result = await session.execute(
+                update(Reminder)
+                .where(Reminder.id.in_(ids), fence_holds, or_(orphaned, due))
+                .values(status=ReminderStatus.DISPATCHING, fence_token=token, claimed_by=holder, claimed_at=now)
+                .returning(Reminder.id)
+                .execution_options(synchronize_session=False)
+            )
+            claimed = {row.id for row in result}
+            if not claimed:
+                await session.rollback()
+                if not await self._fence_is(session, token):
+                    raise StaleTerm(f"the fence moved past token {token}")
+                return []
+            details = await session.execute(
+                select(Reminder, Appointment).join(Appointment).where(Reminder.id.in_(claimed))
+            )
+            claims = []
+            meta = {row.id: row for row in before}
+            for reminder, appointment in details.all():
+                old = meta[reminder.id]
+                was_orphan = old.status == ReminderStatus.DISPATCHING
+                claims.append(
+                    Claim(
+                        reminder_id=reminder.id,
+                        appointment_id=appointment.id,
+                        idempotency_key=reminder.idempotency_key,
+                        due_at=reminder.due_at,
+                        scheduled_at=(old.claimed_at or old.next_attempt_at) if was_orphan else old.next_attempt_at,
+                        attempts=reminder.attempts,
+                        orphaned=was_orphan,
+                        phone=appointment.phone,
+                        customer_name=appointment.customer_name,
+                        starts_at=appointment.starts_at,
+                        timezone=appointment.timezone,
+                        appointment_cancelled=appointment.status != "scheduled",
+                    )
+                )
+            await session.commit()
+        claims.sort(key=lambda c: (not c.orphaned, c.scheduled_at))
+        return claims
+
+    async def _fence_is(self, session, token: int) -> bool:  # noqa: ANN001
+        fence = (await session.execute(select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW))).scalar()
+        return fence == token
+
+    async def finish(self, reminder_id: str, token: int, **values: object) -> bool:
+        """Record an outcome for a reminder this term claimed; False if another term took it over."""
+        values.setdefault("updated_at", utcnow())
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(Reminder)
+                .where(
+                    Reminder.id == reminder_id,
+                    Reminder.fence_token == token,
+                    Reminder.status == ReminderStatus.DISPATCHING,
+                )
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+        return result.rowcount == 1

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the service (one registry, the default)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+IS_LEADER = Gauge("reminders_is_leader", "1 while this replica holds a valid leader term")
+LEADER_TRANSITIONS = Counter("reminders_leader_transitions_total", "Times this replica started or stopped leading")
+KEEPALIVE_FAILURES = Counter("reminders_lease_keepalive_failures_total", "Failed lease keepalives")
+KEEPALIVE_RTT = Histogram(
+    "reminders_lease_keepalive_seconds",
+    "Round trip of a lease keepalive",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+REMINDERS_DONE = Counter("reminders_completed_total", "Reminders that reached a final state", ["status"])
+CALL_ATTEMPTS = Counter("reminders_call_attempts_total", "Provider calls attempted", ["outcome"])
+IN_FLIGHT = Gauge("reminders_calls_in_flight", "Provider calls in flight")
+DISPATCH_LAG = Histogram(
+    "reminders_dispatch_lag_seconds",
+    "sent_at − due_at of sent reminders",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
+)

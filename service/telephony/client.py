@@ -1,0 +1,302 @@
+"""Client for the telephony provider API: places one call per request and classifies the outcome.
+
+The client knows nothing of reminders' storage or leadership. It never retries and never sleeps:
+it answers with a `CallOutcome` that tells the caller whether the call was placed, may be tried
+again with the same idempotency key, or will never succeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+__all__ = [
+    "CallOutcome",
+    "CallRequest",
+    "HttpTelephonyClient",
+    "OutcomeKind",
+    "TelephonyClient",
+    "mask_phone",
+    "parse_retry_after",
+]
+
+logger = logging.getLogger(__name__)
+
+_CALLS_PATH = "/v1/calls"
+_MAX_ERROR_LEN = 160
+# Anything that looks like a phone number inside free text (provider messages, exceptions).
+_PHONE_LIKE = re.compile(r"\+?\d{7,}")
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+def mask_phone(number: str) -> str:
+    """Return `number` with its middle digits hidden, e.g. "+15551234567" -> "+1555*****67".
+
+    At least one character (three whenever the number is long enough) is always hidden, so the
+    result never equals the full number.
+    """
+    sign = "+" if number.startswith("+") else ""
+    body = number[len(sign) :]
+    n = len(body)
+    if n == 0:
+        return sign
+    tail = 2 if n >= 6 else 0
+    head = max(0, min(4, n - tail - 3))
+    hidden = n - head - tail
+    return f"{sign}{body[:head]}{'*' * hidden}{body[n - tail :] if tail else ''}"
+
+
+def _scrub(text: str, *numbers: str) -> str:
+    """Short, single-line text with the given numbers and anything phone-like masked."""
+    for number in numbers:
+        if number:
+            text = text.replace(number, mask_phone(number))
+    text = _PHONE_LIKE.sub(lambda m: mask_phone(m.group(0)), text)
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 1] + "…"
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if unusable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if _DELTA_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # HTTP-dates are GMT; RFC 850/asctime forms parse as naive
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """One call to place. `idempotency_key` identifies the reminder, identical for every attempt."""
+
+    to: str
+    from_: str
+    message: str
+    appointment_id: str
+    reminder_id: str
+    idempotency_key: str
+
+    def __post_init__(self) -> None:
+        if not self.idempotency_key:
+            raise ValueError("CallRequest.idempotency_key must not be empty")
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON body sent to the provider."""
+        return {
+            "to": self.to,
+            "from": self.from_,
+            "message": self.message,
+            "metadata": {
+                "appointment_id": self.appointment_id,
+                "reminder_id": self.reminder_id,
+            },
+        }
+
+    def __repr__(self) -> str:  # keep full numbers out of logs and tracebacks
+        return (
+            f"CallRequest(to={mask_phone(self.to)!r}, from_={mask_phone(self.from_)!r}, "
+            f"appointment_id={self.appointment_id!r}, reminder_id={self.reminder_id!r}, "
+            f"idempotency_key={self.idempotency_key!r})"
+        )
+
+
+class OutcomeKind(StrEnum):
+    """How a call attempt ended, from the caller's point of view."""
+
+    SENT = "sent"  # the provider accepted the call (possibly a replay of an earlier attempt)
+    TRANSIENT = "transient"  # try again later with the same idempotency key
+    PERMANENT = "permanent"  # trying again will not help
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """The classified result of one `place_call`."""
+
+    kind: OutcomeKind
+    call_id: str | None = None
+    status_code: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    replayed: bool = False
+
+
+@runtime_checkable
+class TelephonyClient(Protocol):
+    """What the dispatcher needs from a telephony provider."""
+
+    async def place_call(self, request: CallRequest) -> CallOutcome:
+        """Place one call; never raises for HTTP or network failures."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+class HttpTelephonyClient:
+    """`TelephonyClient` over the provider's HTTP API.
+
+    `timeout` bounds each `place_call` as a whole (connect, pool wait, send and read).
+    `max_connections` caps concurrent connections to the provider.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 10.0,
+        max_connections: int = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        url = httpx.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("base_url must be an absolute http(s) URL")
+        self._url = base_url.rstrip("/") + _CALLS_PATH
+        self._timeout = timeout
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if transport is None:
+            # Idle connections are dropped before a server with a 5 s keep-alive (uvicorn's
+            # default) closes them, so a POST rarely lands on a connection being closed.
+            limits = httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=4.0,
+            )
+            transport = AiohttpTransport(limits=limits)
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+        )
+
+    @property
+    def calls_url(self) -> str:
+        """The URL calls are POSTed to."""
+        return self._url
+
+    async def __aenter__(self) -> HttpTelephonyClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        await self._http.aclose()
+
+    async def place_call(self, request: CallRequest) -> CallOutcome:
+        """POST one call and classify the answer; only cancellation and misuse raise."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._http.post(
+                    self._url,
+                    json=request.payload(),
+                    headers={"Idempotency-Key": request.idempotency_key},
+                    timeout=httpx.Timeout(self._timeout),
+                )
+        except (httpx.HTTPError, TimeoutError) as exc:
+            # HTTP errors without a response (e.g. an unreadable body) may have landed: transient.
+            outcome = CallOutcome(OutcomeKind.TRANSIENT, error=_describe(exc, request))
+        else:
+            outcome = _classify(response, request)
+        logger.debug(
+            "call %s to %s: %s status=%s%s",
+            request.idempotency_key,
+            mask_phone(request.to),
+            outcome.kind,
+            outcome.status_code,
+            " (replayed)" if outcome.replayed else "",
+        )
+        return outcome
+
+
+def _describe(exc: BaseException, request: CallRequest) -> str:
+    """ "timeout: <type>: <text>" or "network: <type>: <text>", numbers masked.
+
+    httpx-aiohttp maps every aiohttp connection error (refused, server disconnected) to
+    httpx.ConnectTimeout, so the aiohttp exception it wraps, when there is one, decides.
+    """
+    cause = exc.__cause__
+    root = cause if cause is not None and type(cause).__module__.startswith("aiohttp") else exc
+    what = "timeout" if isinstance(root, httpx.TimeoutException | TimeoutError) else "network"
+    detail = str(root)
+    text = f"{what}: {type(root).__name__}" + (f": {detail}" if detail else "")
+    return _scrub(text, request.to, request.from_)
+
+
+def _body_error(response: httpx.Response) -> str | None:
+    """The provider's own error text, if its JSON body carries one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict):
+        for field in ("error", "detail", "message"):
+            value = body.get(field)
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+def _classify(response: httpx.Response, request: CallRequest) -> CallOutcome:
+    status = response.status_code
+    replayed = response.headers.get("Idempotent-Replayed", "").strip().lower() == "true"
+
+    if 200 <= status < 300:
+        call_id = None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("id"), str) and body["id"]:
+            call_id = body["id"]
+        if call_id is None:
+            return CallOutcome(
+                OutcomeKind.PERMANENT,
+                status_code=status,
+                error=f"HTTP {status}: response without a call id",
+                replayed=replayed,
+            )
+        return CallOutcome(OutcomeKind.SENT, call_id=call_id, status_code=status, replayed=replayed)
+
+    provider_error = _body_error(response)
+    error = f"HTTP {status}" + (f": {provider_error}" if provider_error else "")
+    error = _scrub(error, request.to, request.from_)
+    # 409: the first request with this key is still running; 408: the provider gave up waiting.
+    transient = status >= 500 or status in (408, 409, 429)
+    if transient:
+        return CallOutcome(
+            OutcomeKind.TRANSIENT,
+            status_code=status,
+            error=error,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            replayed=replayed,
+        )
+    return CallOutcome(OutcomeKind.PERMANENT, status_code=status, error=error, replayed=replayed)

@@ -1,0 +1,82 @@
+"""Shared fixtures: a real etcd and a real throwaway PostgreSQL, started by the suite.
+
+With CI=true a service that cannot start fails the run; locally the tests that need it skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from harness.etcd import EtcdServer
+from harness.postgres import PostgresServer
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _unavailable(what: str, error: Exception) -> None:
+    message = f"{what} unavailable: {error}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One etcd for the session; tests isolate themselves with unique key prefixes."""
+    try:
+        server = EtcdServer().start()
+    except (OSError, TimeoutError) as error:
+        _unavailable("etcd", error)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def etcd_endpoint(etcd_server: EtcdServer) -> str:
+    return etcd_server.endpoint
+
+
+@pytest.fixture
+def private_etcd() -> Iterator[EtcdServer]:
+    """An etcd of the test's own, for tests that kill or restart it."""
+    try:
+        server = EtcdServer().start()
+    except (OSError, TimeoutError) as error:
+        _unavailable("etcd", error)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    try:
+        server = PostgresServer().start()
+    except (OSError, RuntimeError, TimeoutError) as error:
+        _unavailable("PostgreSQL", error)
+    yield server
+    server.close()
+
+
+_db_counter = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database on the session's PostgreSQL."""
+    return postgres_server.create_database(f"test_{os.getpid()}_{next(_db_counter)}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """Each test that takes this runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'reminders.db'}"
+    return request.getfixturevalue("postgres_url")
