@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 from .ports import free_port, wait_for_port
@@ -69,7 +72,22 @@ class EtcdServer:
         )
         log.close()
         wait_for_port(self.port, timeout=timeout)
+        self.wait_healthy(timeout)
         return self
+
+    def wait_healthy(self, timeout: float = 15.0) -> None:
+        """Block until etcd answers /health with true (it accepts TCP before it serves)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as response:
+                    if json.load(response).get("health") == "true":
+                        return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd on port {self.port} not healthy after {timeout}s; see {self.log_path}")
+            time.sleep(0.02)
 
     def kill(self) -> None:
         """SIGKILL, as a crash."""

@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     telephony_timeout: float = Field(default=10.0, gt=0, le=120)
     dispatch_concurrency: int = Field(default=50, ge=1, le=10_000)
     dispatch_max_attempts: int = Field(default=5, ge=1, le=100)
+    retry_base_delay: float = Field(default=2.0, gt=0, le=3600)
     calls_per_second: float = Field(default=0, ge=0)
     reminder_offsets: Annotated[tuple[ReminderOffset, ...], NoDecode] = (ReminderOffset(before=timedelta(hours=24)),)
     call_window: Annotated[CallWindow, NoDecode] = CallWindow(time(8, 0), time(21, 0))

@@ -53,7 +53,8 @@ def fit_call_window(due: datetime, zone: ZoneInfo, window: CallWindow) -> dateti
 
 def _rule_time(rule: ReminderOffset, starts_at: datetime, zone: ZoneInfo) -> datetime:
     if rule.before is not None:
-        return (starts_at - rule.before).astimezone(UTC)
+        # In UTC: aware arithmetic in a ZoneInfo zone would be wall-clock time, not elapsed time.
+        return starts_at.astimezone(UTC) - rule.before
     assert rule.day is not None and rule.at is not None
     local_start = _local(starts_at, zone)
     return _at_local(local_start + timedelta(days=rule.day), rule.at, zone)

@@ -20,7 +20,7 @@ Invalid combinations raise ``ValueError`` naming the field, so a bad deployment 
 from __future__ import annotations
 
 import os
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from urllib.parse import urlsplit
 
 MIN_TTL = 2  # etcd rounds smaller TTLs up to its minimum lease TTL (2 s with default timings)
@@ -46,7 +46,7 @@ class ElectionConfig:
     margin: float | None = None
     max_term: float | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs
     ca_cert: str | None = None
     cert: str | None = None
     key: str | None = None

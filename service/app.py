@@ -1,0 +1,166 @@
+"""The ASGI application: API for every replica; election and dispatch in the background.
+
+`create_app(settings)` builds it (tests); `app` is the module-level instance for
+`uvicorn service.app:app`, configured from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from service.api import appointments, health, metrics
+from service.config import Settings
+from service.db import Database
+from service.dispatch.dispatcher import DispatchConfig, Dispatcher
+from service.election import ElectionConfig, Elector
+from service.metrics import IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
+from service.telephony import HttpTelephonyClient
+
+__all__ = ["app", "create_app", "election_config"]
+
+log = logging.getLogger(__name__)
+
+
+def election_config(settings: Settings) -> ElectionConfig:
+    return ElectionConfig(
+        endpoints=settings.etcd_endpoints,
+        prefix=settings.election_prefix,
+        name=settings.pod_name,
+        lease_ttl=settings.lease_ttl,
+        max_term=settings.leader_max_term,
+        username=settings.etcd_username,
+        password=settings.etcd_password.get_secret_value() if settings.etcd_password else None,
+        ca_cert=settings.etcd_ca_cert,
+        cert=settings.etcd_cert,
+        key=settings.etcd_key,
+    )
+
+
+def dispatch_config(settings: Settings) -> DispatchConfig:
+    return DispatchConfig(
+        instance=settings.pod_name,
+        caller_id=settings.telephony_from,
+        call_window=settings.call_window,
+        misfire_grace=settings.misfire_grace,
+        concurrency=settings.dispatch_concurrency,
+        calls_per_second=settings.calls_per_second,
+        max_attempts=settings.dispatch_max_attempts,
+        retry_base_delay=settings.retry_base_delay,
+    )
+
+
+async def _prepare_schema(db: Database) -> None:
+    """SQLite (embedded): migrate to head. PostgreSQL: refuse an out-of-date schema."""
+    if db.is_sqlite:
+        try:
+            await db.upgrade()
+        except OperationalError:
+            # Another replica sharing the file migrated at the same moment: its result is ours.
+            await db.check_schema()
+    else:
+        await db.check_schema()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The service for `settings`: API, and while it runs, election and dispatch."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.database_url, pool_size=min(50, max(5, settings.dispatch_concurrency // 2)))
+        await _prepare_schema(db)
+        client = HttpTelephonyClient(
+            settings.telephony_url,
+            token=settings.telephony_token.get_secret_value() if settings.telephony_token else None,
+            timeout=settings.telephony_timeout,
+            max_connections=settings.dispatch_concurrency,
+        )
+        dispatcher = Dispatcher(db, client, dispatch_config(settings))
+
+        async def started(term) -> None:  # noqa: ANN001
+            IS_LEADER.set(1)
+            LEADER_TRANSITIONS.inc()
+            await dispatcher.lead(term)
+
+        async def stopped(term) -> None:  # noqa: ANN001
+            IS_LEADER.set(0)
+            LEADER_TRANSITIONS.inc()
+
+        elector = Elector(
+            election_config(settings),
+            on_started_leading=started,
+            on_stopped_leading=stopped,
+            on_keepalive=KEEPALIVE_RTT.observe,
+            on_keepalive_failure=KEEPALIVE_FAILURES.inc,
+        )
+        app.state.db, app.state.elector = db, elector
+        shutdown_started: asyncio.Task[None] | None = None
+
+        def begin_shutdown() -> asyncio.Task[None]:
+            """Stop leading and resign now, without waiting for HTTP to drain (idempotent)."""
+            nonlocal shutdown_started
+            if shutdown_started is None:
+                shutdown_started = asyncio.ensure_future(elector.shutdown(settings.drain_timeout))
+            return shutdown_started
+
+        app.state.begin_shutdown = begin_shutdown
+        running = asyncio.create_task(elector.run(), name="elector")
+        log.info("replica %s started (database %s)", settings.pod_name, "SQLite" if db.is_sqlite else "PostgreSQL")
+        try:
+            yield
+        finally:
+            await begin_shutdown()
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await client.aclose()
+            await db.dispose()
+            log.info("replica %s stopped", settings.pod_name)
+
+    app = FastAPI(
+        title="Reminders",
+        version="0.1.0",
+        summary="Appointments with reminder calls placed exactly once by the elected leader.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = None
+    app.state.elector = None
+    app.include_router(appointments.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeoutError)
+    @app.exception_handler(TimeoutError)
+    async def database_unavailable(_request: Request, error: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", type(error).__name__)
+        return JSONResponse({"detail": "database unavailable, try again"}, status_code=503)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        # The field-level detail, without echoing inputs (they may hold phone numbers).
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    return app
+
+
+def __getattr__(name: str) -> object:
+    # `uvicorn service.app:app`: built on first access, so importing this module reads no settings.
+    if name == "app":
+        from service.logs import configure_logging  # noqa: PLC0415
+
+        settings = Settings()
+        configure_logging(settings.log_format, settings.log_level, settings.pod_name)
+        globals()["app"] = create_app(settings)
+        return globals()["app"]
+    raise AttributeError(name)

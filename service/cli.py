@@ -1,0 +1,140 @@
+"""The `reminders` command: serve, migrate, fake-provider."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from service.config import Settings, setting_error_line
+
+__all__ = ["main"]
+
+log = logging.getLogger("service.cli")
+
+
+def _settings() -> Settings:
+    """Settings from the environment, or exit 2 with one line naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        print(f"reminders: {setting_error_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    import uvicorn  # noqa: PLC0415
+
+    from service.app import create_app, dispatch_config, election_config  # noqa: PLC0415
+    from service.db import Database, SchemaOutOfDate  # noqa: PLC0415
+    from service.logs import configure_logging  # noqa: PLC0415
+
+    try:
+        election_config(settings)
+        dispatch_config(settings)
+    except ValueError as error:
+        print(f"reminders: invalid setting {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level, settings.pod_name)
+    if not settings.is_sqlite:
+
+        async def check() -> None:
+            db = Database(settings.database_url, pool_size=1)
+            try:
+                await asyncio.wait_for(db.check_schema(), 30)
+            finally:
+                await db.dispose()
+
+        try:
+            asyncio.run(check())
+        except SchemaOutOfDate as error:
+            print(f"reminders: {error}", file=sys.stderr)
+            return 1
+        except (OSError, TimeoutError) as error:
+            print(f"reminders: database not reachable: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            # Resign at the signal, not after uvicorn has drained HTTP (invariant 4).
+            begin = getattr(app.state, "begin_shutdown", None)
+            loop = asyncio.get_event_loop_policy().get_event_loop()
+            if begin is not None:
+                loop.call_soon_threadsafe(begin)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_graceful_shutdown=5
+    )
+    Server(config).run()
+    return 0
+
+
+def _migrate(_args: argparse.Namespace) -> int:
+    from service.db import Database  # noqa: PLC0415
+    from service.logs import configure_logging  # noqa: PLC0415
+
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+    async def upgrade() -> None:
+        db = Database(settings.database_url, pool_size=1)
+        try:
+            await db.upgrade()
+            await db.check_schema()
+        finally:
+            await db.dispose()
+
+    try:
+        asyncio.run(upgrade())
+    except (OSError, TimeoutError) as error:
+        print(f"reminders: database not reachable: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    log.info("database schema is at head")
+    return 0
+
+
+def _fake_provider(args: argparse.Namespace) -> int:
+    from service.logs import configure_logging  # noqa: PLC0415
+    from service.telephony.fake import run_fake_provider  # noqa: PLC0415
+
+    if not 0 <= args.fail_rate <= 1:
+        print("reminders: --fail-rate must be between 0 and 1", file=sys.stderr)
+        return 2
+    configure_logging("text", "info")
+    run_fake_provider(args.host, args.port, latency_ms=args.latency_ms, fail_rate=args.fail_rate, token=args.token)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reminders", description="Appointment reminder service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="one replica: API, election and dispatcher")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(run=_serve)
+    migrate = commands.add_parser("migrate", help="alembic upgrade head for DATABASE_URL")
+    migrate.set_defaults(run=_migrate)
+    fake = commands.add_parser("fake-provider", help="the fake telephony provider API")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8090)
+    fake.add_argument("--latency-ms", type=float, default=0.0)
+    fake.add_argument("--fail-rate", type=float, default=0.0)
+    fake.add_argument("--token", default=None, help="require this bearer token")
+    fake.set_defaults(run=_fake_provider)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Leader election on etcd, compatible with Go's ``concurrency.Election`` and ``etcdctl elect``.
+
+Knows nothing of reminders: it hands a `Term` (fencing token + local validity) to whoever leads.
+
+* `ElectionConfig` — settings and timing invariants.
+* `connect` — an aetcd client with timeouts, keepalive pings, capped reconnect backoff, TLS/auth.
+* `LeaseSession` — a kept-alive lease with a local deadline (loss detected without etcd's help).
+* `Election` — Go's campaign / resign / proclaim / leader / observe algorithm.
+* `Term` — one period of leadership: `fencing_token`, `valid()`, `ended`.
+* `Elector` — the run-forever loop the application starts, with shutdown and status.
+"""
+
+from .client import connect
+from .config import ElectionConfig
+from .election import Election, LeaderInfo
+from .elector import Elector
+from .errors import CompactedError, ElectionError, EtcdError, NotLeader, SessionLost
+from .session import LeaseSession
+from .term import Term
+
+__all__ = [
+    "CompactedError",
+    "Election",
+    "ElectionConfig",
+    "ElectionError",
+    "Elector",
+    "EtcdError",
+    "LeaderInfo",
+    "LeaseSession",
+    "NotLeader",
+    "SessionLost",
+    "Term",
+    "connect",
+]

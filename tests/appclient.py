@@ -1,0 +1,48 @@
+"""Run the app in-process for tests: lifespan entered, an httpx client on ASGI."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+
+from service.app import create_app
+from service.config import Settings
+from service.db import Database
+
+
+async def migrate(database_url: str) -> None:
+    """`reminders migrate`, as an operator runs it before starting replicas on PostgreSQL."""
+    db = Database(database_url)
+    try:
+        await db.upgrade()
+    finally:
+        await db.dispose()
+
+
+def make_settings(database_url: str, etcd_endpoint: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "etcd_endpoints": etcd_endpoint,
+        "election_prefix": f"/test/{uuid.uuid4().hex}",
+        "pod_name": "test-replica",
+        "lease_ttl": 3,
+        "telephony_url": "http://127.0.0.1:9",
+        "call_window": "00:00-23:59",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    if not settings.is_sqlite:
+        await migrate(settings.database_url)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client

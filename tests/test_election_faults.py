@@ -1,0 +1,141 @@
+"""Faults: a leader cut off from etcd (TCP proxy black hole) and an etcd crash/restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from harness.proxy import TcpProxy
+from service.election import ElectionConfig, EtcdError, LeaseSession, connect
+from test_election_support import (
+    TTL,
+    Recorder,
+    keys_under,
+    make_elector,
+    poll_until,
+    running,
+    single_leader,
+    unique_prefix,
+)
+
+
+async def _keys_or_none(endpoint: str, prefix: str) -> list[tuple[str, str, int]] | None:
+    try:
+        return await keys_under(endpoint, prefix)
+    except EtcdError:
+        return None
+    except Exception:  # noqa: BLE001 - aetcd errors while etcd is down
+        return None
+
+
+@pytest.fixture
+def proxy(etcd_server):
+    with TcpProxy("127.0.0.1", etcd_server.port) as proxy:
+        yield proxy
+
+
+@pytest.mark.anyio
+async def test_proxy_modes(proxy: TcpProxy) -> None:
+    client = connect(ElectionConfig((proxy.endpoint,), name="probe", lease_ttl=TTL, request_timeout=0.5))
+    try:
+        await client.put(b"/test/proxy", b"1")
+        proxy.stall()
+        with pytest.raises(Exception, match="(?i)deadline|timeout"):
+            await client.get(b"/test/proxy")
+        proxy.reset()
+        with pytest.raises(Exception):  # noqa: B017 - UNAVAILABLE or a timeout, both fine
+            await client.get(b"/test/proxy")
+        proxy.pass_through()
+        got = await poll_until(lambda: _get_or_none(client), 10, "traffic again after pass_through")
+        assert got.value == b"1"
+    finally:
+        await client.close()
+
+
+async def _get_or_none(client):
+    try:
+        return await client.get(b"/test/proxy")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@pytest.mark.anyio
+async def test_session_lost_locally_while_etcd_still_holds_the_lease(proxy: TcpProxy, etcd_endpoint: str) -> None:
+    cut = connect(ElectionConfig((proxy.endpoint,), name="cut", lease_ttl=TTL))
+    direct = connect(ElectionConfig((etcd_endpoint,), name="direct", lease_ttl=TTL))
+    failures: list[int] = []
+    session = await LeaseSession.grant(cut, ttl=TTL, margin=1.0, on_keepalive_failure=lambda: failures.append(1))
+    try:
+        await poll_until(lambda: session.deadline > 0 and session.valid(), 1, "a valid session")
+        proxy.stall()
+        async with asyncio.timeout(TTL + 2):
+            await session.lost.wait()
+        # the moment we gave up, etcd still had the lease: we stopped before it could expire
+        # (TTL is whole seconds, rounded down: 0 = under a second left; -1 = gone)
+        info = await direct.get_lease_info(session.lease_id, keys=False)
+        assert info.TTL >= 0 and info.grantedTTL == TTL
+        assert not session.valid() and "deadline" in session.lost_reason
+        assert failures  # the hook saw the failing keepalives
+    finally:
+        proxy.pass_through()
+        await session.revoke()
+        await cut.close()
+        await direct.close()
+
+
+@pytest.mark.anyio
+async def test_cut_off_leader_steps_down_before_successor_leads(proxy: TcpProxy, etcd_endpoint: str) -> None:
+    prefix = unique_prefix()
+    recorder = Recorder()
+    cut = make_elector(proxy.endpoint, prefix, "cut", recorder)
+    direct = make_elector(etcd_endpoint, prefix, "direct", recorder)
+    async with running(cut):
+        await poll_until(lambda: cut.is_leader, 10, "the proxied replica leads")
+        async with running(direct):
+            await poll_until(lambda: _queued(etcd_endpoint, prefix, {"cut", "direct"}), 10, "direct queued")
+            proxy.stall()
+            await poll_until(lambda: direct.is_leader, 15, "the directly connected replica takes over")
+            ended, reason = await recorder.wait_for("cut", "ended")
+            started, _ = await recorder.wait_for("direct", "started")
+            assert ended < started, recorder.events
+            assert reason.startswith("lease lost"), reason
+            assert not cut.is_leader
+
+            proxy.pass_through()
+            # not stuck: the cut replica campaigns again and queues behind the new leader
+            await poll_until(lambda: _queued(etcd_endpoint, prefix, {"cut", "direct"}, exact=True), 20, "cut queued again")
+            await poll_until(lambda: single_leader([cut, direct]) is direct, 10, "both agree on direct")
+
+
+async def _queued(endpoint: str, prefix: str, names: set[str], exact: bool = False) -> bool:
+    keys = await _keys_or_none(endpoint, prefix)
+    if keys is None:
+        return False
+    values = [value for _, value, _ in keys]
+    if exact:
+        return sorted(values) == sorted(names)
+    return names <= set(values)
+
+
+@pytest.mark.anyio
+async def test_etcd_restart_ends_with_exactly_one_leader(private_etcd) -> None:
+    prefix = unique_prefix()
+    electors = [make_elector(private_etcd.endpoint, prefix, f"pod-{i}") for i in range(3)]
+    names = {e.instance for e in electors}
+    async with running(*electors):
+        before = await poll_until(lambda: single_leader(electors), 10, "a leader before the crash")
+        await poll_until(lambda: _queued(private_etcd.endpoint, prefix, names, exact=True), 10, "all queued")
+        token = before.fencing_token
+
+        private_etcd.kill()
+        await poll_until(lambda: not any(e.is_leader for e in electors), TTL + 3, "nobody leads without etcd")
+        private_etcd.start()
+
+        after = await poll_until(lambda: single_leader(electors), 20, "exactly one leader after the restart")
+        assert after.fencing_token > token
+        # none stuck: every replica is in the queue again, stale keys of old leases are gone
+        await poll_until(lambda: _queued(private_etcd.endpoint, prefix, names, exact=True), 20, "all queued again")
+        keys = await keys_under(private_etcd.endpoint, prefix)
+        assert keys[0][1] == after.instance and keys[0][2] == after.fencing_token
+        assert single_leader(electors) is after

@@ -1,0 +1,68 @@
+"""Alembic migrations on SQLite and PostgreSQL; the schema check of `reminders serve`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import inspect
+
+from service.db import Database, SchemaOutOfDate
+
+pytestmark = pytest.mark.anyio
+
+TABLES = {"appointments", "reminders", "leader_fence", "alembic_version"}
+
+
+async def tables(db: Database) -> set[str]:
+    async with db.engine.connect() as connection:
+        return set(await connection.run_sync(lambda c: inspect(c).get_table_names()))
+
+
+async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
+    db = Database(database_url)
+    try:
+        with pytest.raises(SchemaOutOfDate, match="reminders migrate"):
+            await db.check_schema()
+        await db.upgrade()
+        await db.check_schema()
+        assert TABLES <= await tables(db)
+        await db.downgrade("base")
+        assert (await tables(db)) - {"alembic_version"} == set()
+        await db.upgrade()
+        await db.check_schema()
+    finally:
+        await db.dispose()
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_serve_refuses_an_out_of_date_postgres_schema(postgres_url: str) -> None:
+    result = run_cli("serve", "--port", "0", env={"DATABASE_URL": postgres_url})
+    assert result.returncode == 1
+    assert "reminders migrate" in result.stderr
+    migrated = run_cli("migrate", env={"DATABASE_URL": postgres_url})
+    assert migrated.returncode == 0, migrated.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("LEASE_TTL", "abc"), ("LEASE_TTL", "1"), ("CALL_WINDOW", "21:00-08:00"), ("REMINDER_OFFSETS", "soon"),
+     ("MISFIRE_GRACE", "-3"), ("DATABASE_URL", "mysql://x"), ("ETCD_ENDPOINTS", "no port"),
+     ("DISPATCH_CONCURRENCY", "0"), ("CALLS_PER_SECOND", "-1"), ("LOG_FORMAT", "xml"), ("TELEPHONY_URL", "ftp://x")],
+)
+def test_bad_settings_stop_with_one_line(variable: str, value: str) -> None:
+    result = run_cli("serve", env={variable: value})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and variable in lines[0], result.stderr
