@@ -247,3 +247,25 @@ async def test_observe_follows_leader_changes(etcd_endpoint: str) -> None:
         await asyncio.gather(observer, return_exceptions=True)
         await asyncio.gather(*(s.revoke() for s in sessions))
         await client.close()
+
+
+@pytest.mark.anyio
+async def test_waiting_on_a_key_survives_compacted_history(etcd_endpoint: str) -> None:
+    prefix = unique_prefix()
+    client = connect(ElectionConfig((etcd_endpoint,), name="x", prefix=prefix, lease_ttl=TTL))
+    election = Election(client, prefix)
+    try:
+        gone = (await client.put(f"{prefix}/gone".encode(), b"v")).header.revision
+        kept = (await client.put(f"{prefix}/kept".encode(), b"v")).header.revision
+        await client.delete(f"{prefix}/gone".encode())
+        latest = (await client.put(f"{prefix}-other".encode(), b"v")).header.revision
+        await client.compact(latest)
+        # the watch from create revision + 1 is compacted: the key is re-read instead
+        async with asyncio.timeout(5):
+            await election.wait_deleted(f"{prefix}/gone", gone)
+        waiter = asyncio.create_task(election.wait_deleted(f"{prefix}/kept", kept))
+        await client.delete(f"{prefix}/kept".encode())
+        async with asyncio.timeout(5):
+            await waiter
+    finally:
+        await client.close()

@@ -141,7 +141,7 @@ class Elector:
         self._running = True
         self._done.clear()
         self._observer = asyncio.create_task(self._observe_loop(), name=f"elector-observe-{self.instance}")
-        backoff = Backoff(0.25, 5.0)
+        backoff = Backoff(0.25, 2.0)  # capped low: a restarted etcd should see us back quickly
         try:
             while not self._stopping:
                 raise_if_cancelling()
@@ -164,6 +164,7 @@ class Elector:
     async def _finish(self) -> None:
         await cancel_and_wait(self._observer, *self._revokers)
         self._observer = None
+        self._leader = None
         await close_quietly(self._client)
         self._state = "stopped"
         self._running = False

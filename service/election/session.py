@@ -9,7 +9,11 @@ measured on ``time.monotonic()``. The server starts the TTL when it *receives* t
 which is after we sent it, so our deadline is at least ``margin`` seconds earlier than the
 earliest moment the server could expire the lease and let a successor in.
 
-Loss is detected two ways and `lost` is set by whichever comes first (it is sticky):
+Each keepalive is bounded by min(request_timeout, half the validity left), so a stuck attempt
+leaves time for a retry (through another endpoint, with several) before the deadline.
+
+Loss is detected two ways and `lost` is set by whichever comes first (it is sticky: once
+`valid()` turned false it never turns true again):
 
 * a timer fires at the deadline if no fresher acknowledgement moved it (a frozen or partitioned
   etcd produces no answer at all, so waiting for the next keepalive's failure is not enough);
@@ -182,9 +186,12 @@ class LeaseSession:
             if delay > 0:
                 await asyncio.sleep(delay)
             sent = time.monotonic()
+            # at most half the validity left, so a stuck attempt leaves time for a retry
+            # (possibly through another endpoint) before the deadline
+            timeout = min(self.request_timeout, max(0.05, (self._deadline - sent) / 2))
             try:
-                async with asyncio.timeout(self.request_timeout + 0.5):
-                    ttl = await self._keepalive_once(self.request_timeout)
+                async with asyncio.timeout(timeout + 0.5):
+                    ttl = await self._keepalive_once(timeout)
             except ETCD_FAILURES as error:
                 self._hook(self._on_keepalive_failure)
                 log.debug("keepalive of lease %x failed: %s", self._lease_id, translate(error))
@@ -194,7 +201,10 @@ class LeaseSession:
                 self._hook(self._on_keepalive_failure)
                 self._lose("etcd no longer knows the lease (expired or revoked)")
                 return
-            if self.lost.is_set():  # the answer came too late: loss is final
+            if self.lost.is_set():
+                return
+            if time.monotonic() >= self._deadline:  # too late: validity never comes back
+                self._lose("no keepalive acknowledged before the local deadline")
                 return
             self._hook(self._on_keepalive, time.monotonic() - sent)
             self._last_ack_sent = sent

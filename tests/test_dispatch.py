@@ -1,0 +1,292 @@
+"""The dispatcher against a real database (SQLite and PostgreSQL) and the fake provider."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from service.config import CallWindow
+from service.db import Appointment, Database, Reminder
+from service.db.models import new_id
+from service.dispatch.dispatcher import DispatchConfig, Dispatcher, message_for
+from service.dispatch.store import ReminderStore, StaleTerm
+from service.telephony import CallRequest, HttpTelephonyClient
+from service.telephony.fake import create_fake_provider
+
+pytestmark = pytest.mark.anyio
+
+ALWAYS = CallWindow.parse("00:00-23:59")
+
+
+class FakeTerm:
+    """A term under test control: the elector's Term offers the same three things."""
+
+    def __init__(self, token: int) -> None:
+        self.fencing_token = token
+        self.ended = asyncio.Event()
+
+    def valid(self) -> bool:
+        return not self.ended.is_set()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def db(database_url: str):
+    database = Database(database_url)
+    await database.upgrade()
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+def provider():
+    return create_fake_provider()
+
+
+@pytest.fixture
+async def client(provider):
+    telephony = HttpTelephonyClient("http://provider", transport=httpx.ASGITransport(app=provider))
+    yield telephony
+    await telephony.aclose()
+
+
+async def provider_state(provider) -> tuple[list[dict], list[dict]]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=provider), base_url="http://provider") as http:
+        calls = (await http.get("/v1/calls")).json()["calls"]
+        requests = (await http.get("/v1/requests")).json()["requests"]
+    return calls, requests
+
+
+async def seed(
+    db: Database, count: int, *, due_in: timedelta = timedelta(0), starts_in: timedelta = timedelta(hours=2),
+    timezone: str = "UTC",
+) -> list[str]:
+    now = datetime.now(UTC)
+    ids = []
+    async with db.session() as session:
+        for index in range(count):
+            appointment = Appointment(
+                id=new_id(), customer_name=f"Customer {index}", phone="+14155552671", starts_at=now + starts_in,
+                timezone=timezone, status="scheduled",
+            )
+            reminder_id = new_id()
+            appointment.reminders = [
+                Reminder(id=reminder_id, due_at=now + due_in, next_attempt_at=now + due_in, status="pending",
+                         attempts=0, idempotency_key=f"reminder-{reminder_id}")
+            ]
+            session.add(appointment)
+            ids.append(reminder_id)
+        await session.commit()
+    return ids
+
+
+async def reminders(db: Database) -> list[Reminder]:
+    async with db.session() as session:
+        return list((await session.execute(select(Reminder))).scalars())
+
+
+def config(**overrides: object) -> DispatchConfig:
+    values: dict[str, object] = {
+        "instance": "replica-a", "caller_id": "+15550000000", "call_window": ALWAYS,
+        "misfire_grace": timedelta(minutes=30), "concurrency": 8, "retry_base_delay": 0.01, "scan_interval": 0.05,
+    }
+    values.update(overrides)
+    return DispatchConfig(**values)
+
+
+async def lead_until(dispatcher: Dispatcher, term: FakeTerm, done: Callable[[], Awaitable[bool]]) -> None:
+    task = asyncio.create_task(dispatcher.lead(term))
+    try:
+        await eventually(done)
+    finally:
+        term.ended.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def all_final(db: Database) -> bool:
+    return all(r.status not in ("pending", "dispatching") for r in await reminders(db))
+
+
+async def test_each_due_reminder_is_called_once(db, client, provider) -> None:
+    ids = await seed(db, 30)
+    await lead_until(Dispatcher(db, client, config()), FakeTerm(5), lambda: all_final(db))
+    rows = await reminders(db)
+    assert {r.status for r in rows} == {"sent"}
+    assert all(r.fence_token == 5 and r.claimed_by == "replica-a" and r.attempts == 1 for r in rows)
+    calls, requests = await provider_state(provider)
+    assert sorted(c["idempotency_key"] for c in calls) == sorted(f"reminder-{i}" for i in ids)
+    assert len(requests) == 30
+    assert {r.provider_call_id for r in rows} == {c["id"] for c in calls}
+
+
+async def test_future_reminders_wait(db, client, provider) -> None:
+    await seed(db, 2, due_in=timedelta(hours=1))
+    now_ids = await seed(db, 1)
+    await lead_until(Dispatcher(db, client, config()), FakeTerm(1), lambda: all_sent(db, now_ids))
+    assert sorted(r.status for r in await reminders(db)) == ["pending", "pending", "sent"]
+
+
+async def all_sent(db: Database, ids: list[str]) -> bool:
+    return all(r.status == "sent" for r in await reminders(db) if r.id in ids)
+
+
+async def test_older_token_is_fenced_out(db, client, provider) -> None:
+    await seed(db, 3)
+    store = ReminderStore(db)
+    await store.raise_fence(10, "new-leader")
+    with pytest.raises(StaleTerm):
+        await store.raise_fence(9, "old-leader")
+    with pytest.raises(StaleTerm):
+        await Dispatcher(db, client, config()).lead(FakeTerm(9))
+    with pytest.raises(StaleTerm):
+        await store.claim(9, "old-leader", limit=10, now=datetime.now(UTC), stale_after=timedelta(minutes=2))
+    assert {r.status for r in await reminders(db)} == {"pending"}
+    assert (await provider_state(provider))[1] == []
+    assert await store.current_fence() == 10
+
+
+async def test_deposed_leader_claims_nothing_once_the_fence_moved(db, client, provider) -> None:
+    await seed(db, 3)
+    store = ReminderStore(db)
+    await store.raise_fence(3, "old")
+    await store.raise_fence(4, "new")  # the successor started; the old leader's process goes on
+    with pytest.raises(StaleTerm):
+        await store.claim(3, "old", limit=10, now=datetime.now(UTC), stale_after=timedelta(minutes=2))
+    assert {r.status for r in await reminders(db)} == {"pending"}
+
+
+async def test_claimed_by_dead_leader_is_completed_with_the_same_key(db, client, provider) -> None:
+    (reminder_id,) = await seed(db, 1)
+    (other_id,) = await seed(db, 1)
+    store = ReminderStore(db)
+    await store.raise_fence(7, "dead-leader")
+    claimed = await store.claim(7, "dead-leader", limit=10, now=datetime.now(UTC), stale_after=timedelta(minutes=2))
+    assert {c.reminder_id for c in claimed} == {reminder_id, other_id}
+    # The dead leader's call of one of them had reached the provider before it died.
+    sent_before_dying = next(c for c in claimed if c.reminder_id == reminder_id)
+    await client.place_call(
+        CallRequest(
+            to=sent_before_dying.phone, from_="+15550000000", message=message_for(sent_before_dying),
+            appointment_id=sent_before_dying.appointment_id, reminder_id=reminder_id,
+            idempotency_key=sent_before_dying.idempotency_key,
+        )
+    )
+    await lead_until(Dispatcher(db, client, config()), FakeTerm(8), lambda: all_final(db))
+    rows = {r.id: r for r in await reminders(db)}
+    assert rows[reminder_id].status == rows[other_id].status == "sent"
+    assert rows[reminder_id].fence_token == 8
+    calls, requests = await provider_state(provider)
+    assert sorted(c["idempotency_key"] for c in calls) == sorted([f"reminder-{reminder_id}", f"reminder-{other_id}"])
+    replays = [r for r in requests if r["replayed"]]
+    assert [r["idempotency_key"] for r in replays] == [f"reminder-{reminder_id}"]
+
+
+async def test_misfire_is_skipped_with_reason(db, client, provider) -> None:
+    await seed(db, 1, due_in=timedelta(hours=-1))
+    await seed(db, 1, due_in=timedelta(minutes=-5), starts_in=timedelta(minutes=-1))
+    await lead_until(Dispatcher(db, client, config()), FakeTerm(1), lambda: all_final(db))
+    reasons = sorted(r.skip_reason for r in await reminders(db))
+    assert {r.status for r in await reminders(db)} == {"skipped"}
+    assert "started" in reasons[1] or "started" in reasons[0]
+    assert any("misfire" in reason for reason in reasons)
+    assert (await provider_state(provider))[1] == []
+
+
+async def test_outside_call_window_waits_for_it(db, client, provider) -> None:
+    now = datetime.now(UTC)
+    opens = (now + timedelta(hours=2)).time().replace(second=0, microsecond=0)
+    closes = (now + timedelta(hours=3)).time().replace(second=0, microsecond=0)
+    if not opens < closes:
+        pytest.skip("the test's window would wrap midnight right now")
+    window = CallWindow(opens, closes)
+    (waits,) = await seed(db, 1, starts_in=timedelta(days=2))
+    (skips,) = await seed(db, 1, starts_in=timedelta(minutes=30))
+
+    async def decided() -> bool:
+        rows = {r.id: r for r in await reminders(db)}
+        return rows[skips].status == "skipped" and rows[waits].next_attempt_at > now + timedelta(hours=1)
+
+    await lead_until(Dispatcher(db, client, config(call_window=window)), FakeTerm(1), decided)
+    rows = {r.id: r for r in await reminders(db)}
+    assert rows[waits].status == "pending" and rows[waits].attempts == 0
+    assert rows[waits].next_attempt_at.time().replace(second=0, microsecond=0) == opens
+    assert "window" in rows[skips].skip_reason
+    assert (await provider_state(provider))[1] == []
+
+
+async def test_transient_failures_retry_with_backoff_then_fail(db, provider, client) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=provider), base_url="http://provider") as http:
+        await http.post("/v1/control", json={"fail_rate": 1.0, "fail_status": 503})
+    (reminder_id,) = await seed(db, 1)
+    await lead_until(Dispatcher(db, client, config(max_attempts=3)), FakeTerm(1), lambda: all_final(db))
+    (row,) = await reminders(db)
+    assert row.status == "failed" and row.attempts == 3 and "503" in row.last_error
+    _, requests = await provider_state(provider)
+    assert [r["idempotency_key"] for r in requests] == [f"reminder-{reminder_id}"] * 3
+
+
+async def test_transient_then_success(db, provider, client) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=provider), base_url="http://provider") as http:
+        await http.post("/v1/control", json={"fail_rate": 1.0, "fail_status": 429})
+        (reminder_id,) = await seed(db, 1)
+        dispatcher = Dispatcher(db, client, config(max_attempts=5))
+        term = FakeTerm(1)
+        task = asyncio.create_task(dispatcher.lead(term))
+
+        async def retry_pending() -> bool:
+            (row,) = await reminders(db)
+            return row.attempts >= 1 and row.status == "pending"
+
+        await eventually(retry_pending)
+        (row,) = await reminders(db)
+        # 429 carried Retry-After: 1, so the retry waits at least that long.
+        assert row.next_attempt_at - row.updated_at >= timedelta(seconds=0.9)
+        await http.post("/v1/control", json={"fail_rate": 0.0})
+        await eventually(lambda: all_final(db))
+        term.ended.set()
+        await task
+    (row,) = await reminders(db)
+    assert row.status == "sent" and row.attempts == 2
+
+
+async def test_permanent_failure_fails_at_once(db, client, provider) -> None:
+    telephony = HttpTelephonyClient("http://provider", token="wrong", transport=httpx.ASGITransport(
+        app=create_fake_provider(token="right")))
+    await seed(db, 1)
+    await lead_until(Dispatcher(db, telephony, config()), FakeTerm(1), lambda: all_final(db))
+    (row,) = await reminders(db)
+    assert row.status == "failed" and row.attempts == 1 and "401" in row.last_error
+    await telephony.aclose()
+
+
+async def test_an_ended_term_calls_nobody(db, client, provider) -> None:
+    await seed(db, 5)
+    term = FakeTerm(1)
+    term.ended.set()
+    await asyncio.wait_for(Dispatcher(db, client, config()).lead(term), 10)
+    assert (await provider_state(provider))[1] == []
+    assert {r.status for r in await reminders(db)} == {"pending"}
+
+
+async def test_cancelled_appointment_is_not_called(db, client, provider) -> None:
+    await seed(db, 1)
+    async with db.session() as session:
+        (appointment,) = (await session.execute(select(Appointment))).scalars()
+        appointment.status = "cancelled"
+        await session.commit()
+    await lead_until(Dispatcher(db, client, config()), FakeTerm(1), lambda: all_final(db))
+    assert [r.status for r in await reminders(db)] == ["cancelled"]
+    assert (await provider_state(provider))[1] == []
