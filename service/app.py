@@ -12,12 +12,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.api import appointments, health, metrics
+from service.api.limits import BodyLimitMiddleware
 from service.config import Settings
 from service.db import Database
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher
@@ -130,6 +134,7 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Appointments with reminder calls placed exactly once by the elected leader.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimitMiddleware)
     app.state.settings = settings
     app.state.db = None
     app.state.elector = None
@@ -150,6 +155,18 @@ def create_app(settings: Settings) -> FastAPI:
         # The field-level detail, without echoing inputs (they may hold phone numbers).
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 405:
+            # Starlette names only the first route that matched the path; list every method.
+            scope = {**request.scope, "method": ""}
+            allowed = set()
+            for route in app.router.routes:
+                if route.matches(scope)[0] != Match.NONE and getattr(route, "methods", None):
+                    allowed |= route.methods
+            error.headers = {**(error.headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return await http_exception_handler(request, error)
 
     return app
 

@@ -63,9 +63,15 @@ def _serve(args: argparse.Namespace) -> int:
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:
             # Resign at the signal, not after uvicorn has drained HTTP (invariant 4).
+            # The handler runs on the main thread while uvicorn's loop runs there; uvicorn builds
+            # that loop with a loop_factory, so it is the *running* loop, never the policy's
+            # "current" one (get_event_loop() raised here, or returned a stray, never-run loop).
             begin = getattr(app.state, "begin_shutdown", None)
-            loop = asyncio.get_event_loop_policy().get_event_loop()
-            if begin is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if begin is not None and loop is not None:
                 loop.call_soon_threadsafe(begin)
             super().handle_exit(sig, frame)
 

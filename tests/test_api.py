@@ -251,3 +251,20 @@ def test_json_logs_mask_phones(capsys: pytest.CaptureFixture[str]) -> None:
     line = capsys.readouterr().err.strip().splitlines()[-1]
     entry = json.loads(line)
     assert entry["level"] == "info" and PHONE not in line and entry["message"].startswith("calling +1")
+
+
+async def test_oversized_and_deep_bodies(api) -> None:
+    huge = await api.post("/appointments", json=body(notes="x" * 100_000))
+    assert huge.status_code == 413
+    async def chunks():
+        for chunk in (b'{"notes": "', b"y" * 70_000, b'"}'):
+            yield chunk
+
+    chunked = await api.post("/appointments", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+    deep = await api.post("/appointments", content=b"[" * 5000 + b"]" * 5000, headers={"content-type": "application/json"})
+    assert deep.status_code == 422
+    nested_notes = await api.post("/appointments", json=body(notes={"a": {"b": {"c": [1, [2, [3]]]}}}))
+    assert nested_notes.status_code == 422
+    brackets_in_a_string = await api.post("/appointments", json=body(notes="[" * 100))
+    assert brackets_in_a_string.status_code == 201

@@ -14,7 +14,8 @@ from service.election import (
     Term,
     connect,
 )
-from test_election_support import (
+from test_election_support import (  # the autouse fixture is imported to activate it
+    grpc_events_of_closed_loops_ignored,  # noqa: F401
     TTL,
     Recorder,
     keys_under,

@@ -8,7 +8,8 @@ import pytest
 
 from harness.proxy import TcpProxy
 from service.election import ElectionConfig, EtcdError, LeaseSession, connect
-from test_election_support import (
+from test_election_support import (  # the autouse fixture is imported to activate it
+    grpc_events_of_closed_loops_ignored,  # noqa: F401
     TTL,
     Recorder,
     keys_under,

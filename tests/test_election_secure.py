@@ -13,6 +13,7 @@ import pytest
 from harness.etcd import find_binary
 from harness.ports import free_port, wait_for_port
 from service.election import ElectionConfig, Elector, EtcdError, connect
+from test_election_support import grpc_events_of_closed_loops_ignored  # noqa: F401
 from test_election_support import TTL, Recorder, poll_until, running, single_leader, unique_prefix
 
 OPENSSL = shutil.which("openssl")

@@ -41,6 +41,7 @@ router = APIRouter(
     responses={
         400: {"model": ErrorOut, "description": "Malformed request"},
         401: {"model": ErrorOut, "description": "Missing or invalid bearer token (when API_TOKEN is set)"},
+        413: {"model": ErrorOut, "description": "Request body over 64 KiB"},
         422: {"description": "Invalid input; `detail` names each field"},
         503: {"model": ErrorOut, "description": "The database is unavailable"},
     },
@@ -51,6 +52,19 @@ router = APIRouter(
 _CALL_FIELDS = {"customer_name", "phone", "starts_at", "timezone", "remind_at"}
 
 _NOT_FOUND = {404: {"model": ErrorOut, "description": "No appointment with this id"}}
+
+# OpenAPI links: what a client (or a stateful fuzzer) can do with a created appointment's id.
+_BY_ID = {"appointment_id": "$response.body#/id"}
+_CREATED_LINKS = {
+    201: {
+        "description": "The appointment, with its planned reminders",
+        "links": {
+            "GetAppointment": {"operationId": "getAppointment", "parameters": _BY_ID},
+            "PatchAppointment": {"operationId": "patchAppointment", "parameters": _BY_ID},
+            "CancelAppointment": {"operationId": "cancelAppointment", "parameters": _BY_ID},
+        },
+    }
+}
 
 
 def _plan(appointment: Appointment, settings: Settings, now: datetime) -> tuple[list[Reminder], list[Unplanned]]:
@@ -123,7 +137,10 @@ async def _cancel_pending(session: AsyncSession, appointment_id: str, reason: st
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=AppointmentOut)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=AppointmentOut, operation_id="createAppointment",
+    responses=_CREATED_LINKS,
+)
 async def create_appointment(body: AppointmentCreate, session: SessionDep, settings: SettingsDep) -> AppointmentOut:
     """Create an appointment and plan its reminders."""
     _check_remind_at(body.remind_at, body.starts_at)
@@ -165,7 +182,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise invalid(("query", "cursor"), "malformed cursor: pass back a next_cursor unchanged", cursor) from None
 
 
-@router.get("", response_model=AppointmentList)
+@router.get("", response_model=AppointmentList, operation_id="listAppointments")
 async def list_appointments(
     session: SessionDep,
     status_: Annotated[AppointmentStatus | None, Query(alias="status")] = None,
@@ -195,7 +212,7 @@ async def list_appointments(
     return AppointmentList(items=[_out(a) for a in page], next_cursor=_encode_cursor(page[-1]) if more else None)
 
 
-@router.get("/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND)
+@router.get("/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND, operation_id="getAppointment")
 async def get_appointment(appointment_id: str, session: SessionDep) -> AppointmentOut:
     """One appointment with its reminders."""
     return _out(await _load(session, appointment_id))
@@ -204,6 +221,7 @@ async def get_appointment(appointment_id: str, session: SessionDep) -> Appointme
 @router.patch(
     "/{appointment_id}",
     response_model=AppointmentOut,
+    operation_id="patchAppointment",
     responses={**_NOT_FOUND, 409: {"model": ErrorOut, "description": "The appointment is cancelled"}},
 )
 async def patch_appointment(
@@ -236,7 +254,9 @@ async def patch_appointment(
     return _out(await _load(session, appointment.id), unplanned)
 
 
-@router.delete("/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND)
+@router.delete(
+    "/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND, operation_id="cancelAppointment"
+)
 async def cancel_appointment(appointment_id: str, session: SessionDep) -> AppointmentOut:
     """Cancel an appointment: its pending reminders become `cancelled`. Cancelling twice is harmless."""
     appointment = await _load(session, appointment_id)

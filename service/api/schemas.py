@@ -72,8 +72,14 @@ def _valid_zone(value: str) -> str:
     return value
 
 
-Phone = Annotated[StrictStr, Field(min_length=3, max_length=32), AfterValidator(_valid_phone)]
-TimeZoneName = Annotated[StrictStr, Field(min_length=1, max_length=64), AfterValidator(_valid_zone)]
+Phone = Annotated[
+    StrictStr,
+    Field(pattern=r"^\+[1-9][0-9]{6,14}$", examples=["+14155552671"], description="E.164, a valid number"),
+    AfterValidator(_valid_phone),
+]
+TimeZoneName = Annotated[
+    StrictStr, Field(min_length=1, max_length=64, examples=["Europe/Berlin"]), AfterValidator(_valid_zone)
+]
 CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 Notes = Annotated[StrictStr, Field(max_length=2000)]
 RemindAt = Annotated[list[FutureDatetime], Field(min_length=1, max_length=MAX_REMINDERS)]
