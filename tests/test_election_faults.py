@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from harness.proxy import TcpProxy
-from service.election import ElectionConfig, EtcdError, LeaseSession, connect
+from service.election import ElectionConfig, LeaseSession, connect
 from test_election_support import (  # the autouse fixture is imported to activate it
     grpc_events_of_closed_loops_ignored,  # noqa: F401
     TTL,
@@ -24,9 +24,7 @@ from test_election_support import (  # the autouse fixture is imported to activa
 async def _keys_or_none(endpoint: str, prefix: str) -> list[tuple[str, str, int]] | None:
     try:
         return await keys_under(endpoint, prefix)
-    except EtcdError:
-        return None
-    except Exception:  # noqa: BLE001 - aetcd errors while etcd is down
+    except Exception:  # noqa: BLE001 - EtcdError / aetcd errors while etcd is down
         return None
 
 

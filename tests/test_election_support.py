@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
-from service.election import ElectionConfig, Elector, Term, connect
 from aetcd import rpc
+from aetcd.utils import prefix_range_end
+
+from service.election import ElectionConfig, Elector, Term, connect
 
 TTL = 3  # seconds: margin 1 s, keepalive every 1 s
 
@@ -40,7 +42,6 @@ async def grpc_events_of_closed_loops_ignored(anyio_backend: str) -> AsyncIterat
             and str(error) == "Event loop is closed"
             and "PollerCompletionQueue" in repr(context.get("handle"))
         ):
-            import sys; print("FILTERED-GRPC-EVENT", file=sys.stderr)
             return
         if previous is not None:
             previous(loop, context)
@@ -143,8 +144,6 @@ async def keys_under(endpoint: str, prefix: str) -> list[tuple[str, str, int]]:
     try:
         await client.connect()
         start = (prefix + "/").encode()
-        from aetcd.utils import prefix_range_end
-
         response = await client.kvstub.Range(
             rpc.RangeRequest(
                 key=start,

@@ -160,6 +160,22 @@ class EtcdClient(aetcd.Client):
             self._is_connecting = False
 
 
+    async def close(self) -> None:
+        """Stop the watch stream and close the channel (the channel even if the former fails)."""
+        watcher, channel = self._watcher, self.channel
+        try:
+            if watcher is not None:
+                async with asyncio.timeout(1.0):
+                    await watcher.shutdown()
+        except Exception:  # noqa: BLE001 - the channel must be closed regardless
+            pass
+        finally:
+            self._init_channel_attrs()
+            self._connected.clear()
+            if channel is not None:
+                await channel.close()
+
+
 def _read(path: str | None) -> bytes | None:
     if path is None:
         return None

@@ -231,10 +231,10 @@ class Elector:
     async def _lead(self, term: Term) -> None:
         if self._stopping:  # elected just as shutdown began: hand the key straight back
             term._end("shutdown")
-            try:
-                await self._election.resign(term)
-            except ElectionError as error:
-                log.warning("resigning term %d failed (the lease revoke follows): %s", term.fencing_token, error)
+        elif not term.valid():  # the lease went while the campaign returned
+            term._end("lease lost: deadline passed")
+        if term.ended.is_set():
+            await self._resign_if_needed(term)
             return
         self._term = term
         self._state = "leading"
@@ -270,12 +270,16 @@ class Elector:
                 log.exception("on_stopped_leading failed")
         self._term = None
         self._hook(self._on_transition, False)
-        reason = term.reason or ""
-        if not reason.startswith(_NO_RESIGN_PREFIXES):
-            try:
-                await self._election.resign(term)
-            except ElectionError as error:
-                log.warning("resigning term %d failed (the lease revoke follows): %s", term.fencing_token, error)
+        await self._resign_if_needed(term)
+
+    async def _resign_if_needed(self, term: Term) -> None:
+        """Delete the key of an ended term unless it is gone already or etcd is unreachable."""
+        if (term.reason or "").startswith(_NO_RESIGN_PREFIXES):
+            return
+        try:
+            await self._election.resign(term)
+        except ElectionError as error:
+            log.warning("resigning term %d failed (the lease revoke follows): %s", term.fencing_token, error)
 
     async def _run_leading(self, term: Term) -> None:
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -34,7 +33,6 @@ class Term:
         self.ended = asyncio.Event()
         self.reason: str | None = None
         self._session = session
-        self._end_callbacks: list[Callable[[Term], None]] = []
         session.add_lost_callback(lambda why: self._end(f"lease lost: {why}"))
 
     def valid(self) -> bool:
@@ -61,18 +59,6 @@ class Term:
         self.reason = reason
         self.ended.set()
         log.info("term %d (%s) ended: %s", self.fencing_token, self.key, reason)
-        for callback in self._end_callbacks:
-            try:
-                callback(self)
-            except Exception:  # noqa: BLE001
-                log.exception("term-end callback failed")
-        self._end_callbacks.clear()
-
-    def _add_end_callback(self, callback: Callable[[Term], None]) -> None:
-        if self.ended.is_set():
-            callback(self)
-        else:
-            self._end_callbacks.append(callback)
 
     @property
     def _lease_session(self) -> LeaseSession:
