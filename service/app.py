@@ -79,7 +79,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.database_url, pool_size=min(50, max(5, settings.dispatch_concurrency // 2)))
+        pool_size = settings.db_pool_size or min(50, max(5, settings.dispatch_concurrency // 2))
+        db = Database(settings.database_url, pool_size=pool_size)
         await _prepare_schema(db)
         client = HttpTelephonyClient(
             settings.telephony_url,

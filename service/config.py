@@ -95,6 +95,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
     database_url: str = "sqlite+aiosqlite:///./reminders.db"
+    db_pool_size: int | None = Field(default=None, ge=1, le=500)
     etcd_endpoints: Annotated[tuple[str, ...], NoDecode] = Field(
         default=("http://127.0.0.1:2379",),
         validation_alias=AliasChoices("ETCD_ENDPOINTS", "ETCD_ENDPOINT"),

@@ -234,7 +234,10 @@ async def test_observe_follows_leader_changes(etcd_endpoint: str) -> None:
         sessions = [await LeaseSession.grant(client, ttl=TTL, margin=1.0) for _ in range(2)]
         first = await Election(client, prefix).campaign(sessions[0], "one")
         await poll_until(lambda: seen[-1:] == ["one"], 5, "first leader observed")
-        waiting = asyncio.create_task(Election(client, prefix).campaign(sessions[1], "two"))
+        contender = Election(client, prefix)
+        waiting = asyncio.create_task(contender.campaign(sessions[1], "two"))
+        # resign only once "two" is queued behind "one": else "no leader" in between is right
+        await poll_until(lambda: contender.waiting_for is not None, 5, "second candidate queued")
         await Election(client, prefix).resign(first)
         second = await waiting
         await poll_until(lambda: seen[-1:] == ["two"], 5, "second leader observed")

@@ -8,11 +8,14 @@ concurrent raise waits for the claim to commit and every later claim sees the ne
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 
-from sqlalchemy import and_, case, exists, or_, select, update
+from sqlalchemy import String, and_, any_, bindparam, case, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Update
 
 from service.db import Database
 from service.db.models import Appointment, LeaderFence, Reminder, ReminderStatus, utcnow
@@ -42,6 +45,28 @@ class Claim:
     starts_at: datetime
     timezone: str
     appointment_cancelled: bool
+
+
+_REMINDERS = Reminder.__table__
+
+
+@lru_cache(maxsize=64)
+def _update_by_id(columns: tuple[str, ...]) -> Update:
+    """UPDATE of `columns` (+ updated_at) for one reminder by id, all values bound: run as executemany.
+
+    The same statement object for a given set of columns, so SQLAlchemy compiles it once and
+    asyncpg prepares it once per connection, whatever the batch size.
+    """
+    names = (*columns, "updated_at") if "updated_at" not in columns else columns
+    return (
+        update(_REMINDERS)
+        .where(
+            _REMINDERS.c.id == bindparam("b_id"),
+            _REMINDERS.c.fence_token == bindparam("b_token"),
+            _REMINDERS.c.status == ReminderStatus.DISPATCHING,
+        )
+        .values({name: bindparam(f"b_{name}") for name in names})
+    )
 
 
 class ReminderStore:
@@ -163,6 +188,54 @@ class ReminderStore:
     async def _fence_is(self, session, token: int) -> bool:  # noqa: ANN001
         fence = (await session.execute(select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW))).scalar()
         return fence == token
+
+    async def finish_many(self, token: int, outcomes: Sequence[tuple[str, Mapping[str, object]]]) -> set[str]:
+        """Record several outcomes (reminder id, column values) of this term in ONE transaction.
+
+        Returns the ids recorded; a reminder that is no longer `dispatching` under `token` (another
+        term took it over) is left alone, exactly as `finish` does for one. Ids must be distinct.
+        On PostgreSQL: one `SELECT … FOR UPDATE` of the rows still ours (so nothing can take them
+        over before the commit), then one executemany UPDATE per set of columns, then COMMIT.
+        """
+        if not outcomes:
+            return set()
+        ids = [reminder_id for reminder_id, _ in outcomes]
+        if len(set(ids)) != len(ids):
+            raise ValueError("finish_many: reminder ids must be distinct")
+        now = utcnow()
+        recorded: set[str] = set()
+        async with self.db.session() as session:
+            if self.db.is_sqlite:
+                for reminder_id, values in outcomes:
+                    result = await session.execute(
+                        _update_by_id(tuple(sorted(values))),
+                        {"b_id": reminder_id, "b_token": token, "b_updated_at": now,
+                         **{f"b_{name}": value for name, value in values.items()}},
+                    )
+                    if result.rowcount == 1:
+                        recorded.add(reminder_id)
+            else:
+                ours = await session.execute(
+                    select(_REMINDERS.c.id)
+                    .where(
+                        _REMINDERS.c.id == any_(bindparam("ids", ids, type_=postgresql.ARRAY(String))),
+                        _REMINDERS.c.fence_token == token,
+                        _REMINDERS.c.status == ReminderStatus.DISPATCHING,
+                    )
+                    .with_for_update()
+                )
+                recorded = {row.id for row in ours}
+                shapes: dict[tuple[str, ...], list[dict[str, object]]] = {}
+                for reminder_id, values in outcomes:
+                    if reminder_id in recorded:
+                        shapes.setdefault(tuple(sorted(values)), []).append(
+                            {"b_id": reminder_id, "b_token": token, "b_updated_at": now,
+                             **{f"b_{name}": value for name, value in values.items()}}
+                        )
+                for columns, rows in shapes.items():
+                    await session.execute(_update_by_id(columns), rows)
+            await session.commit()
+        return recorded
 
     async def finish(self, reminder_id: str, token: int, **values: object) -> bool:
         """Record an outcome for a reminder this term claimed; False if another term took it over."""

@@ -353,7 +353,8 @@ class Elector:
         if term is not None:
             term._end("shutdown")
         if self._running:
-            bound = 2 * drain + 3 * self.config.request_timeout + 3
+            # the drain, then on_stopped + resign + revoke (each etcd call bounded by request_timeout)
+            bound = drain + 3 * self.config.request_timeout + 2
             try:
                 async with asyncio.timeout(bound):
                     await self._done.wait()

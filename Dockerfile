@@ -1,0 +1,48 @@
+# Reminder service image: `reminders serve` on port 8080, runs as UID 10001.
+# Build: docker build -t reminders:latest .   (k8s/setup.sh builds it inside minikube's Docker)
+
+# --- builder: a self-contained venv with the service and its dependencies -------------------
+FROM python:3.11-slim AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+COPY pyproject.toml ./
+COPY service/ service/
+COPY harness/ harness/
+# Every dependency ships manylinux wheels for CPython 3.11 (asyncpg, grpcio, ...): no compiler needed.
+RUN pip install --no-cache-dir .
+
+# --- runtime: the venv, the migrations, nothing else ----------------------------------------
+FROM python:3.11-slim
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN groupadd --system --gid 10001 reminders \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin reminders
+
+COPY --from=builder /opt/venv /opt/venv
+
+# The service looks for migrations/ in the working directory (`reminders migrate`, schema check).
+WORKDIR /app
+COPY alembic.ini ./
+COPY migrations/ migrations/
+
+# Numeric UID so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
+
+EXPOSE 8080
+
+# Kubernetes ignores this (it uses the Deployment's probes); plain `docker run` uses it.
+HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+
+# Exec form: `reminders` is PID 1 and receives SIGTERM directly (resign, drain, exit).
+CMD ["reminders", "serve", "--host", "0.0.0.0", "--port", "8080"]
