@@ -36,7 +36,7 @@ from test_election_support import (  # the autouse fixture is imported to activa
         ({"lease_ttl": 2.5}, "lease_ttl"),
         ({"lease_ttl": 10, "margin": 1.0}, "margin"),  # below 20 % of the TTL
         ({"lease_ttl": 3, "margin": 0.5}, "margin"),  # below 1 s
-        ({"lease_ttl": 3, "margin": 2.0}, "margin"),  # no time left to renew (ttl - ttl/3 = 2)
+        ({"lease_ttl": 3, "margin": 2.5}, "margin"),  # under 1 s left to act and renew
         ({"max_term": 0}, "max_term"),
         ({"request_timeout": 0}, "request_timeout"),
         ({"request_timeout": 30}, "request_timeout"),
@@ -61,7 +61,7 @@ def test_config_rejects_bad_settings_naming_the_field(settings: dict, field: str
 def test_config_defaults_and_normalisation() -> None:
     config = ElectionConfig("10.0.0.1:2379,10.0.0.2:2379", name="pod-0", password="s3cret", username="u")
     assert config.endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
-    assert config.lease_ttl == 10 and config.effective_margin == 2.0 and config.keepalive_interval == pytest.approx(10 / 3)
+    assert config.lease_ttl == 10 and config.effective_margin == 2.0 and config.keepalive_interval == pytest.approx(8 / 3)
     assert "s3cret" not in repr(config)
     assert ElectionConfig(("http://h:1",), name="a", lease_ttl=2).effective_margin == 1.0
 

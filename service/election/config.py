@@ -3,16 +3,14 @@
 The timings follow client-go's leader election reasoning, expressed with an etcd lease:
 
 * the lease has ``lease_ttl`` seconds on the server, renewed every ``keepalive_interval``
-  (= ttl/3) seconds;
+  (= (ttl - margin)/3) seconds, so three keepalives fit in the locally valid time;
 * locally a replica trusts its lease only until ``send time of the last acknowledged keepalive
   + ttl - margin`` (monotonic clock). The server cannot expire the lease before ``send time +
   ttl``, so the replica stops acting at least ``margin`` seconds before anyone else can be
   elected — provided the local clock's rate is sane and the process is not paused longer than
   the margin between its validity check and the action it guards (the fencing token covers
   that case);
-* the margin must leave room to renew at all: the first keepalive goes out ``keepalive_interval``
-  after the last ack, so ``margin < ttl - keepalive_interval`` or the local deadline would pass
-  before any renewal could arrive.
+* the margin must leave time to act and to renew: ``ttl - margin >= 1`` second.
 
 Invalid combinations raise ``ValueError`` naming the field, so a bad deployment stops at start.
 """
@@ -64,17 +62,17 @@ class ElectionConfig:
             _fail("lease_ttl", f"must be an integer number of seconds >= {MIN_TTL} (got {ttl!r})")
 
         floor = max(1.0, 0.2 * ttl)
-        ceiling = ttl - self.keepalive_interval
+        ceiling = ttl - 1.0
         if self.margin is not None:
             if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)):
                 _fail("margin", f"must be a number of seconds (got {self.margin!r})")
             if self.margin < floor:
                 _fail("margin", f"must be >= max(1, 0.2 * lease_ttl) = {floor:g} s (got {self.margin:g})")
-        if self.effective_margin >= ceiling:
+        if self.effective_margin > ceiling:
             _fail(
                 "margin",
-                f"{self.effective_margin:g} s leaves no time to renew: it must be < lease_ttl - "
-                f"keepalive interval = {ceiling:g} s (raise lease_ttl)",
+                f"{self.effective_margin:g} s leaves no time to act and renew: it must be <= lease_ttl - 1 "
+                f"= {ceiling:g} s (raise lease_ttl)",
             )
 
         if self.max_term is not None:
@@ -132,8 +130,10 @@ class ElectionConfig:
 
     @property
     def keepalive_interval(self) -> float:
-        """Seconds between lease keepalives: a third of the TTL."""
-        return self.lease_ttl / 3
+        """Seconds between lease keepalives: a third of the locally valid part of the TTL
+        (TTL − margin), so that three keepalives fit before the local deadline; with TTL 2 s
+        and a 1 s margin, a third of the TTL would leave a slow reply 0.33 s."""
+        return (self.lease_ttl - self.effective_margin) / 3
 
     @property
     def effective_margin(self) -> float:

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 class LeaseSession:
-    """One etcd lease, renewed every ttl/3 seconds until closed or lost.
+    """One etcd lease, renewed every (ttl - margin)/3 seconds until closed or lost.
 
     Build one with ``await LeaseSession.grant(client, ttl=..., margin=...)``.
     Hooks (all optional, called synchronously, exceptions ignored): ``on_keepalive(rtt_seconds)``
@@ -64,7 +64,8 @@ class LeaseSession:
         self.client = client
         self.ttl = ttl
         self.margin = margin
-        self.interval = ttl / 3
+        # three keepalives fit between the last acknowledged one and the local deadline
+        self.interval = (ttl - margin) / 3
         self.request_timeout = request_timeout
         self._lease_id = lease_id
         self._deadline = granted_at + ttl - margin

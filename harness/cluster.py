@@ -1,0 +1,532 @@
+"""A cluster of real processes on loopback: etcd, the fake provider and N `reminders serve` replicas.
+
+Used by the multi-process tests, the demo (`make run`), the benchmarks and the chaos suite::
+
+    with Cluster(replicas=3, database_url=postgres_url, etcd_endpoint=etcd.endpoint) as cluster:
+        leader = cluster.leader()
+        cluster.seed_due_reminders(200, due_in_seconds=1, spread_seconds=3)
+        cluster.replica(leader).kill()
+        ...
+
+Each replica talks to etcd through its own `TcpProxy` (`replica.proxy.stall()` partitions that
+one replica), places calls under its own path prefix at the provider (`placed_by` = its name),
+and logs to `<workdir>/<name>.log`. Every wait has a deadline; `close()` (the context manager's
+exit) tears everything down even after a failure: SIGTERM, then SIGKILL whatever is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from .etcd import EtcdServer
+from .ports import free_port, wait_for_port
+from .proxy import TcpProxy
+
+__all__ = ["Cluster", "ProviderClient", "ProviderProcess", "ReplicaProcess", "wait_for"]
+
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll `check()` until it returns something truthy (returned); TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without any service setting (they would leak in), plus `extra`."""
+    from service.config import Settings  # noqa: PLC0415
+
+    settings = {name.upper() for name in Settings.model_fields} | {"ETCD_ENDPOINT"}
+    env = {k: v for k, v in os.environ.items() if k not in settings}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class _Process:
+    """A child process started in its own session, logging (appending) to one file."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
+        if self.alive:
+            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- {datetime.now(UTC):%H:%M:%S.%f} starting {self.name}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(  # noqa: S603
+                argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.paused = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        """Started and not exited (a SIGSTOPped process is alive)."""
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _signal(self, sig: int) -> None:
+        if self.alive:
+            assert self.process is not None
+            self.process.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap."""
+        if self.process is not None:
+            self._signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.paused = False
+
+    def stop(self) -> None:
+        """SIGSTOP: frozen, its sockets stay open (a long GC pause, a stuck VM)."""
+        self._signal(signal.SIGSTOP)
+        self.paused = True
+
+    def cont(self) -> None:
+        """SIGCONT."""
+        self._signal(signal.SIGCONT)
+        self.paused = False
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait up to `timeout` s for the exit code; SIGKILL and TimeoutError if it hangs."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} was never started")
+        if self.paused:
+            self.cont()
+        self._signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise TimeoutError(f"{self.name} did not exit within {timeout} s of SIGTERM") from None
+
+
+class ProviderClient:
+    """Small sync client for the fake provider's inspection and control endpoints."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._http = httpx.Client(base_url=base_url, timeout=5.0)
+
+    def calls(self, placed_by: str | None = None) -> list[dict[str, Any]]:
+        params = {"placed_by": placed_by} if placed_by else None
+        return self._http.get("/v1/calls", params=params).raise_for_status().json()["calls"]
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every POST received, in arrival order (status None while still running)."""
+        return self._http.get("/v1/requests").raise_for_status().json()["requests"]
+
+    def control(self, **settings: Any) -> dict[str, Any]:
+        """Change `latency_ms`, `fail_rate`, `fail_status`, `hang`; returns the new settings."""
+        return self._http.post("/v1/control", json=settings).raise_for_status().json()
+
+    def reset(self) -> None:
+        self._http.post("/v1/reset").raise_for_status()
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class ProviderProcess(_Process):
+    """`reminders fake-provider` on a free port."""
+
+    def __init__(self, log_path: Path, *, latency_ms: float = 0.0, port: int | None = None) -> None:
+        super().__init__("provider", log_path)
+        self.latency_ms = latency_ms
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = ProviderClient(self.url)
+
+    def start(self, timeout: float = 30.0) -> ProviderProcess:
+        argv = [sys.executable, "-m", "service.cli", "fake-provider", "--port", str(self.port),
+                "--latency-ms", str(self.latency_ms)]
+        self._spawn(argv, _child_env({}))
+        wait_for_port(self.port, timeout=timeout)
+        wait_for(self._answers, timeout=timeout, what="fake provider answering")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            self.client.calls()
+        except httpx.HTTPError:
+            return False
+        return True
+
+    def close(self) -> None:
+        try:
+            if self.alive:
+                self.terminate(timeout=5)
+        finally:
+            self.client.close()
+
+
+class ReplicaProcess(_Process):
+    """One `reminders serve` process; `restart()` starts it again with the same name, port and env."""
+
+    def __init__(self, name: str, log_path: Path, env: dict[str, str], proxy: TcpProxy) -> None:
+        super().__init__(name, log_path)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env
+        self.proxy = proxy
+        self._http = httpx.Client(base_url=self.url, timeout=2.0)
+
+    def start(self) -> ReplicaProcess:
+        argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        self._spawn(argv, _child_env(self.env))
+        return self
+
+    def restart(self, timeout: float = 30.0) -> ReplicaProcess:
+        """Start again (after kill/terminate) and wait until ready."""
+        self.start()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Poll /readyz until 200; fails at once (with the log's tail) if the process exited."""
+
+        def ready() -> bool:
+            if not self.alive:
+                raise RuntimeError(f"{self.name} exited with {self.returncode}:\n{_tail(self.log_path)}")
+            try:
+                return self._http.get("/readyz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=timeout, what=f"{self.name} ready", interval=0.1)
+
+    def status(self) -> dict[str, Any]:
+        """GET /leader: {instance, is_leader, leader, fencing_token, lease_ttl}."""
+        return self._http.get("/leader").raise_for_status().json()
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._http.get(path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._http.post(path, **kwargs)
+
+    @property
+    def live(self) -> bool:
+        """Running and not SIGSTOPped: expected to answer."""
+        return self.alive and not self.paused
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class _LoopThread:
+    """An event loop in a daemon thread, so sync callers (tests, demo) can use the async Database."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="cluster-db", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class Cluster:
+    """etcd + migrated DB + fake provider + N replicas, torn down on exit whatever happened.
+
+    `keep_logs` (or CLUSTER_KEEP_LOGS=1) leaves the work dir with the logs after `close()`.
+    `database_url`: PostgreSQL (an empty or migrated database) or None for a shared SQLite file in
+    the work dir. `etcd_endpoint`: an existing etcd (isolation by a unique ELECTION_PREFIX) or None
+    to start one. `env`: settings for every replica (e.g. {"DISPATCH_CONCURRENCY": "20"}).
+    """
+
+    def __init__(
+        self,
+        replicas: int = 3,
+        *,
+        database_url: str | None = None,
+        etcd_endpoint: str | None = None,
+        provider_latency_ms: float = 0.0,
+        lease_ttl: int = 2,
+        env: dict[str, str] | None = None,
+        election_prefix: str | None = None,
+        start_timeout: float = 45.0,
+        keep_logs: bool | None = None,
+    ) -> None:
+        self.size = replicas
+        self.workdir = Path(tempfile.mkdtemp(prefix="cluster-"))
+        self.database_url = database_url or f"sqlite+aiosqlite:///{self.workdir / 'reminders.db'}"
+        self.etcd_endpoint = etcd_endpoint
+        self.etcd: EtcdServer | None = None
+        self.provider_latency_ms = provider_latency_ms
+        self.lease_ttl = lease_ttl
+        self.env = dict(env or {})
+        self.election_prefix = election_prefix or f"/reminders-cluster/{uuid.uuid4().hex[:12]}"
+        self.start_timeout = start_timeout
+        # CLUSTER_KEEP_LOGS=1: leave the work dir (logs, SQLite file) in place after close().
+        self.keep_logs = bool(os.environ.get("CLUSTER_KEEP_LOGS")) if keep_logs is None else keep_logs
+        self.provider: ProviderProcess | None = None
+        self.replicas: list[ReplicaProcess] = []
+        self._db_loop: _LoopThread | None = None
+        self._db: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:  # keep the evidence: pytest shows captured stderr of a failure
+            for replica in self.replicas:
+                print(f"===== last lines of {replica.name}.log =====\n{_tail(replica.log_path)}", file=sys.stderr)
+        try:
+            self.close(graceful=exc_type is None)
+        except Exception as error:
+            if exc_type is None:
+                raise
+            print(f"cluster teardown after a failure: {type(error).__name__}: {error}", file=sys.stderr)
+
+    def start(self) -> Cluster:
+        if self.etcd_endpoint is None:
+            self.etcd = EtcdServer().start()
+            self.etcd_endpoint = self.etcd.endpoint
+        self.migrate()
+        self.provider = ProviderProcess(self.workdir / "provider.log", latency_ms=self.provider_latency_ms).start()
+        host, _, port = self.etcd_endpoint.removeprefix("http://").rpartition(":")
+        for index in range(self.size):
+            name = f"replica-{index}"
+            proxy = TcpProxy(host, int(port)).start()
+            env = {
+                "POD_NAME": name,
+                "DATABASE_URL": self.database_url,
+                "ETCD_ENDPOINTS": proxy.endpoint,
+                "TELEPHONY_URL": f"{self.provider.url}/{name}",
+                "ELECTION_PREFIX": self.election_prefix,
+                "LEASE_TTL": str(self.lease_ttl),
+                "CALL_WINDOW": "00:00-23:59",
+                **self.env,
+            }
+            self.replicas.append(ReplicaProcess(name, self.workdir / f"{name}.log", env, proxy))
+        for replica in self.replicas:  # start all, then wait: they boot in parallel
+            replica.start()
+        for replica in self.replicas:
+            replica.wait_ready(self.start_timeout)
+        return self
+
+    def migrate(self) -> None:
+        """`reminders migrate` for the cluster's database (before any replica starts)."""
+        argv = [sys.executable, "-m", "service.cli", "migrate"]
+        result = subprocess.run(  # noqa: S603
+            argv, env=_child_env({"DATABASE_URL": self.database_url}), cwd=ROOT,
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"reminders migrate failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+
+    def close(self, *, graceful: bool = True, timeout: float = 8.0) -> None:
+        """Stop every process (SIGTERM when graceful, SIGKILL after `timeout`), close proxies, remove the dir."""
+        problems: list[BaseException] = []
+
+        def attempt(action: Callable[[], object]) -> None:
+            try:
+                action()
+            except BaseException as error:  # noqa: BLE001 - tear everything down, report later
+                problems.append(error)
+
+        for replica in self.replicas:
+            if replica.paused:
+                attempt(replica.cont)
+            if replica.alive:
+                attempt(lambda r=replica: r._signal(signal.SIGTERM if graceful else signal.SIGKILL))
+        deadline = time.monotonic() + timeout
+        for replica in self.replicas:
+            if replica.process is not None:
+                try:
+                    replica.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    attempt(replica.kill)
+            attempt(replica.proxy.close)
+            attempt(replica.close)
+        if self.provider is not None:
+            attempt(self.provider.close if graceful else lambda: (self.provider.kill(), self.provider.close()))
+        if self._db_loop is not None:
+            if self._db is not None:
+                attempt(lambda: self._db_loop.run(self._db.dispose(), timeout=10))
+            attempt(self._db_loop.close)
+            self._db_loop = self._db = None
+        if self.etcd is not None:
+            attempt(self.etcd.close)
+            self.etcd = None
+        if self.keep_logs:
+            print(f"cluster work dir kept: {self.workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if problems:
+            raise problems[0]
+
+    # -- replicas and leadership -----------------------------------------------------------------
+
+    def replica(self, name: str) -> ReplicaProcess:
+        for replica in self.replicas:
+            if replica.name == name:
+                return replica
+        raise KeyError(name)
+
+    def live_replicas(self) -> list[ReplicaProcess]:
+        return [r for r in self.replicas if r.live]
+
+    def status(self, replica: str | ReplicaProcess) -> dict[str, Any]:
+        """GET /leader of one replica."""
+        return (self.replica(replica) if isinstance(replica, str) else replica).status()
+
+    def statuses(self) -> dict[str, dict[str, Any] | None]:
+        """GET /leader of every live replica (None for one that does not answer)."""
+        views: dict[str, dict[str, Any] | None] = {}
+        for replica in self.live_replicas():
+            try:
+                views[replica.name] = replica.status()
+            except httpx.HTTPError:
+                views[replica.name] = None
+        return views
+
+    def leader(self, timeout: float = 30.0, *, exclude: Iterable[str] = ()) -> str:
+        """Name of the one replica that leads, once all live replicas agree on it (and it is not in `exclude`)."""
+        return self.leader_views(timeout, exclude=exclude)[0]
+
+    def leader_views(
+        self, timeout: float = 30.0, *, exclude: Iterable[str] = ()
+    ) -> tuple[str, dict[str, dict[str, Any]]]:
+        """Like `leader()`, with the GET /leader answers (per replica name) of the poll that agreed."""
+        excluded = set(exclude)
+
+        def agreed() -> tuple[str, dict[str, dict[str, Any]]] | None:
+            views = self.statuses()
+            if not views or any(v is None for v in views.values()):
+                return None
+            leaders = [name for name, view in views.items() if view and view["is_leader"]]
+            if len(leaders) != 1 or leaders[0] in excluded:
+                return None
+            if all(view and view["leader"] == leaders[0] for view in views.values()):
+                return leaders[0], views  # type: ignore[return-value]
+            return None
+
+        return wait_for(agreed, timeout=timeout, what="one leader all live replicas agree on", interval=0.1)
+
+    # -- the database ----------------------------------------------------------------------------
+
+    def _run_db(self, work: Callable[[Any], Coroutine[Any, Any, T]], timeout: float = 30.0) -> T:
+        if self._db_loop is None:
+            from service.db import Database  # noqa: PLC0415
+
+            self._db_loop = _LoopThread()
+            self._db = Database(self.database_url, pool_size=2)
+        return self._db_loop.run(work(self._db), timeout)
+
+    def seed_due_reminders(
+        self, count: int, *, due_in_seconds: float = 0.0, spread_seconds: float = 0.0,
+        starts_in_seconds: float = 7200.0, timezone: str = "UTC",
+    ) -> list[str]:
+        """Insert `count` appointments with one pending reminder each, due from `due_in_seconds`
+        from now, spread evenly over `spread_seconds`. Returns the reminder ids."""
+        from service.db import Appointment, Reminder  # noqa: PLC0415
+        from service.db.models import new_id  # noqa: PLC0415
+
+        async def insert(db: Any) -> list[str]:
+            now = datetime.now(UTC)
+            ids = []
+            async with db.session() as session:
+                for index in range(count):
+                    due = now + timedelta(seconds=due_in_seconds + spread_seconds * index / max(1, count))
+                    reminder_id = new_id()
+                    appointment = Appointment(
+                        id=new_id(), customer_name=f"Customer {index}", phone="+14155552671",
+                        starts_at=now + timedelta(seconds=starts_in_seconds), timezone=timezone, status="scheduled",
+                    )
+                    appointment.reminders = [
+                        Reminder(id=reminder_id, due_at=due, next_attempt_at=due, status="pending", attempts=0,
+                                 idempotency_key=f"reminder-{reminder_id}")
+                    ]
+                    session.add(appointment)
+                    ids.append(reminder_id)
+                await session.commit()
+            return ids
+
+        return self._run_db(insert)
+
+    def reminders(self) -> list[dict[str, Any]]:
+        """Every reminder row, as dicts (id, status, attempts, idempotency_key, fence_token, claimed_by, …)."""
+        from sqlalchemy import select  # noqa: PLC0415
+
+        from service.db import Reminder  # noqa: PLC0415
+
+        async def rows(db: Any) -> list[dict[str, Any]]:
+            async with db.session() as session:
+                return [dict(row._mapping) for row in await session.execute(select(Reminder.__table__))]
+
+        return self._run_db(rows)
+
+    def reminder_statuses(self) -> Counter[str]:
+        """Counter of reminder statuses, e.g. Counter({'sent': 198, 'dispatching': 2})."""
+        from sqlalchemy import func, select  # noqa: PLC0415
+
+        from service.db import Reminder  # noqa: PLC0415
+
+        async def counts(db: Any) -> Counter[str]:
+            async with db.session() as session:
+                result = await session.execute(select(Reminder.status, func.count()).group_by(Reminder.status))
+                return Counter({str(status): n for status, n in result.all()})
+
+        return self._run_db(counts)
+
+    def wait_for(self, check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1) -> T:
+        return wait_for(check, timeout=timeout, what=what, interval=interval)
