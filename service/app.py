@@ -103,6 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
             election_config(settings),
             on_started_leading=started,
             on_stopped_leading=stopped,
+            drain_timeout=settings.drain_timeout,
             on_keepalive=KEEPALIVE_RTT.observe,
             on_keepalive_failure=KEEPALIVE_FAILURES.inc,
         )
@@ -113,7 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
             """Stop leading and resign now, without waiting for HTTP to drain (idempotent)."""
             nonlocal shutdown_started
             if shutdown_started is None:
-                shutdown_started = asyncio.ensure_future(elector.shutdown(settings.drain_timeout))
+                shutdown_started = asyncio.ensure_future(elector.shutdown())
             return shutdown_started
 
         app.state.begin_shutdown = begin_shutdown
