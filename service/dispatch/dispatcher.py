@@ -12,6 +12,11 @@ Guarantees, and their limits:
   successor's call of the same reminder.
 - A reminder left `dispatching` by a dead or deposed term is claimed first by the next term and
   called with the same key: completed, not repeated.
+- Outcomes are recorded after the call, fenced by the token like single writes were, but in
+  batches (`_Recorder`: one transaction per few milliseconds or per `record_batch` outcomes). A
+  reminder's task ends only once its outcome is written (or given up on after retries, when a
+  later claim completes it with the same key), and the term waits for those tasks as before; its
+  concurrency slot is given back when the provider answers (DISPATCH_CONCURRENCY bounds calls).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -61,6 +67,10 @@ class DispatchConfig:
     scan_interval: float = 0.5
     # A claim of this term's own with no outcome after this long is claimed again.
     stale_claim_after: timedelta = timedelta(minutes=2)
+    # Outcomes are written in batches: at most this many per transaction, waiting at most this
+    # long (seconds) for a batch to fill.
+    record_batch: int = 500
+    record_delay: float = 0.005
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -69,6 +79,8 @@ class DispatchConfig:
             raise ValueError("max_attempts must be at least 1")
         if not 0 < self.scan_interval <= 1:
             raise ValueError("scan_interval must be in (0, 1] seconds")
+        if self.record_batch < 1 or not 0 <= self.record_delay <= 1:
+            raise ValueError("record_batch must be at least 1 and record_delay within [0, 1] seconds")
 
 
 def message_for(claim: Claim) -> str:
@@ -80,6 +92,94 @@ def message_for(claim: Claim) -> str:
     )
 
 
+_RECORD_RETRIES = 6
+
+
+class _Recorder:
+    """Writes one term's outcomes in batches, each batch in one fenced transaction.
+
+    `record()` queues an outcome and returns once it is written: True, False when another term
+    had taken the reminder over (its outcome is theirs), None when the database stayed down for
+    every retry (the reminder stays `dispatching`: a later claim completes it with the same key).
+    A writer waits `max_delay` seconds for a batch to fill, then writes up to `max_batch`
+    outcomes per transaction until the queue is empty; while it writes, outcomes arriving meanwhile
+    get a second writer (at most `max_writers`), so a write's round trips do not hold up the next
+    batch. Batches never share a reminder. Writer tasks exist only while outcomes wait: nothing
+    to close.
+    """
+
+    def __init__(self, store: ReminderStore, token: int, *, max_batch: int, max_delay: float, max_writers: int = 2) -> None:
+        self.store = store
+        self.token = token
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.max_writers = max_writers
+        self._queue: dict[str, tuple[Mapping[str, object], asyncio.Future[bool | None]]] = {}
+        self._later: list[tuple[str, Mapping[str, object], asyncio.Future[bool | None]]] = []
+        self._writing: set[str] = set()
+        self._writers: set[asyncio.Task[None]] = set()
+        self._filling = False
+
+    async def record(self, reminder_id: str, values: Mapping[str, object]) -> bool | None:
+        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        if reminder_id in self._queue or reminder_id in self._writing:  # one write per reminder at a time
+            self._later.append((reminder_id, values, future))
+        else:
+            self._queue[reminder_id] = (values, future)
+        self._spawn()
+        # shielded: a cancelled caller does not cancel the write of its own or others' outcomes
+        return await asyncio.shield(future)
+
+    def _spawn(self) -> None:
+        if not self._queue or self._filling or len(self._writers) >= self.max_writers:
+            return
+        writer = asyncio.create_task(self._write(), name=f"recorder-{self.token}")
+        self._writers.add(writer)
+        writer.add_done_callback(self._writers.discard)
+
+    async def _write(self) -> None:
+        self._filling = True
+        try:
+            if len(self._queue) < self.max_batch and self.max_delay > 0:
+                await asyncio.sleep(self.max_delay)  # let the batch fill
+        finally:
+            self._filling = False
+        while self._queue:
+            batch = dict(list(self._queue.items())[: self.max_batch])
+            for reminder_id in batch:
+                del self._queue[reminder_id]
+            self._writing.update(batch)
+            try:
+                await self._flush(batch)
+            finally:
+                self._writing.difference_update(batch)
+                later, self._later = self._later, []
+                for reminder_id, values, future in later:
+                    if reminder_id in self._queue or reminder_id in self._writing:
+                        self._later.append((reminder_id, values, future))
+                    else:
+                        self._queue[reminder_id] = (values, future)
+
+    async def _flush(self, batch: dict[str, tuple[Mapping[str, object], asyncio.Future[bool | None]]]) -> None:
+        """Write `batch`, retrying while the database is down: the outcomes are facts worth keeping."""
+        items = [(reminder_id, values) for reminder_id, (values, _) in batch.items()]
+        for attempt in range(_RECORD_RETRIES):
+            try:
+                recorded = await self.store.finish_many(self.token, items)
+            except Exception as error:  # noqa: BLE001
+                log.warning("recording %d outcome(s) failed (%s); retrying", len(items), type(error).__name__)
+                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+                continue
+            for reminder_id, (_, future) in batch.items():
+                if not future.done():
+                    future.set_result(reminder_id in recorded)
+            return
+        for reminder_id, (_, future) in batch.items():
+            log.error("could not record reminder %s; a later claim will complete it with the same key", reminder_id)
+            if not future.done():
+                future.set_result(None)
+
+
 class Dispatcher:
     """Calls due reminders for the length of a term; `lead(term)` is the elector's callback."""
 
@@ -88,7 +188,12 @@ class Dispatcher:
         self.client = client
         self.config = config
         self._limiter = RateLimiter(config.calls_per_second)
+        # Every reminder task of the term until its outcome is written (waited for at term end).
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # The concurrency slots: reminders claimed and not yet past their call. A slot is given
+        # back when the provider answers, not when the outcome is written: DISPATCH_CONCURRENCY
+        # bounds calls in flight, and a batch being written does not hold calls back.
+        self._slots: set[str] = set()
         self._slot_freed = asyncio.Event()
 
     async def lead(self, term: Term) -> None:
@@ -96,6 +201,7 @@ class Dispatcher:
         token = term.fencing_token
         await self.store.raise_fence(token, self.config.instance)
         log.info("dispatching under fencing token %d", token)
+        recorder = _Recorder(self.store, token, max_batch=self.config.record_batch, max_delay=self.config.record_delay)
         ended = asyncio.ensure_future(term.ended.wait())
         try:
             while term.valid():
@@ -105,12 +211,13 @@ class Dispatcher:
                     continue
                 for claim in claimed:
                     if claim.reminder_id not in self._in_flight:
-                        task = asyncio.create_task(self._handle(term, claim))
+                        task = asyncio.create_task(self._handle(term, claim, recorder))
                         self._in_flight[claim.reminder_id] = task
+                        self._slots.add(claim.reminder_id)
                         task.add_done_callback(lambda _t, rid=claim.reminder_id: self._done(rid))
-                if len(claimed) and len(self._in_flight) < self.config.concurrency:
+                if len(claimed) and self._room():
                     continue  # more may be due right now
-                await self._wait(ended, self.config.scan_interval)
+                await self._wait_for_room(ended, self.config.scan_interval)
         finally:
             ended.cancel()
             if self._in_flight:
@@ -120,7 +227,29 @@ class Dispatcher:
 
     def _done(self, reminder_id: str) -> None:
         self._in_flight.pop(reminder_id, None)
-        self._slot_freed.set()
+        self._release(reminder_id)
+
+    def _release(self, reminder_id: str) -> None:
+        if reminder_id in self._slots:
+            self._slots.discard(reminder_id)
+            self._slot_freed.set()
+
+    async def _wait_for_room(self, ended: asyncio.Future[bool], timeout: float) -> None:
+        """Wait up to `timeout` s (the scan) or until a claim is worth its cost: a quarter of the
+        slots free, or nothing in flight. One claim costs about as much as 20 claimed rows, so
+        claiming per freed slot would spend most of the database time on claims."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not ended.done():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await self._wait(ended, left)
+            if self._room():
+                return
+
+    def _room(self) -> bool:
+        free = self.config.concurrency - len(self._slots)
+        return free >= max(1, self.config.concurrency // 4) or (free > 0 and not self._slots)
 
     async def _wait(self, ended: asyncio.Future[bool], timeout: float) -> None:
         self._slot_freed.clear()
@@ -131,7 +260,7 @@ class Dispatcher:
             freed.cancel()
 
     async def _claim_some(self, term: Term) -> list[Claim] | None:
-        free = self.config.concurrency - len(self._in_flight)
+        free = self.config.concurrency - len(self._slots)
         if free <= 0:
             return []
         try:
@@ -148,11 +277,10 @@ class Dispatcher:
             log.warning("claiming reminders failed: %s: %s", type(error).__name__, error)
             return None
 
-    async def _handle(self, term: Term, claim: Claim) -> None:
-        token = term.fencing_token
+    async def _handle(self, term: Term, claim: Claim, recorder: _Recorder) -> None:
         now = datetime.now(UTC)
         if claim.appointment_cancelled:
-            await self._finish(claim, token, status=ReminderStatus.CANCELLED, skip_reason="appointment cancelled")
+            await self._finish(recorder, claim, status=ReminderStatus.CANCELLED, skip_reason="appointment cancelled")
             return
         decision = decide_call(
             scheduled_at=claim.scheduled_at,
@@ -164,10 +292,10 @@ class Dispatcher:
         )
         if decision.skip_reason:
             log.warning("reminder %s skipped: %s", claim.reminder_id, decision.skip_reason)
-            await self._finish(claim, token, status=ReminderStatus.SKIPPED, skip_reason=decision.skip_reason)
+            await self._finish(recorder, claim, status=ReminderStatus.SKIPPED, skip_reason=decision.skip_reason)
             return
         if decision.wait_until:
-            await self._finish(claim, token, status=ReminderStatus.PENDING, next_attempt_at=decision.wait_until)
+            await self._finish(recorder, claim, status=ReminderStatus.PENDING, next_attempt_at=decision.wait_until)
             return
         await self._limiter.acquire()
         if not term.valid():
@@ -185,46 +313,41 @@ class Dispatcher:
             outcome = await self.client.place_call(request)
         finally:
             IN_FLIGHT.dec()
+            self._release(claim.reminder_id)
         CALL_ATTEMPTS.labels(outcome.kind.value).inc()
-        await self._record(claim, token, outcome)
+        await self._record(recorder, claim, outcome)
 
-    async def _record(self, claim: Claim, token: int, outcome: CallOutcome) -> None:
+    async def _record(self, recorder: _Recorder, claim: Claim, outcome: CallOutcome) -> None:
         now = datetime.now(UTC)
         attempts = claim.attempts + 1
         if outcome.kind is OutcomeKind.SENT:
             DISPATCH_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
             await self._finish(
-                claim, token, status=ReminderStatus.SENT, attempts=attempts, provider_call_id=outcome.call_id,
+                recorder, claim, status=ReminderStatus.SENT, attempts=attempts, provider_call_id=outcome.call_id,
                 sent_at=now, last_error=None,
             )
         elif outcome.kind is OutcomeKind.TRANSIENT and attempts < self.config.max_attempts:
             delay = self.retry_delay(attempts, outcome.retry_after)
             log.info("reminder %s: attempt %d failed (%s), retry in %.1fs", claim.reminder_id, attempts, outcome.error, delay)
             await self._finish(
-                claim, token, status=ReminderStatus.PENDING, attempts=attempts, last_error=outcome.error,
+                recorder, claim, status=ReminderStatus.PENDING, attempts=attempts, last_error=outcome.error,
                 next_attempt_at=now + timedelta(seconds=delay),
             )
         else:
             log.warning("reminder %s failed after %d attempt(s): %s", claim.reminder_id, attempts, outcome.error)
-            await self._finish(claim, token, status=ReminderStatus.FAILED, attempts=attempts, last_error=outcome.error)
+            await self._finish(recorder, claim, status=ReminderStatus.FAILED, attempts=attempts, last_error=outcome.error)
 
     def retry_delay(self, attempts: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter after `attempts` failures; never sooner than Retry-After."""
         backoff = min(self.config.retry_max_delay, self.config.retry_base_delay * 2 ** (attempts - 1))
         return max(backoff * random.uniform(0.5, 1.0), retry_after or 0.0)
 
-    async def _finish(self, claim: Claim, token: int, **values: object) -> None:
-        """Record, retrying while the database is down: the outcome is a fact worth keeping."""
+    async def _finish(self, recorder: _Recorder, claim: Claim, **values: object) -> None:
+        """Record an outcome under the recorder's term (batched; returns once it is written)."""
         status = values.get("status")
-        for attempt in range(6):
-            try:
-                if await self.store.finish(claim.reminder_id, token, **values):
-                    if status in (ReminderStatus.SENT, ReminderStatus.FAILED, ReminderStatus.SKIPPED):
-                        REMINDERS_DONE.labels(str(status)).inc()
-                else:
-                    log.info("reminder %s was taken over by a newer term; its outcome is theirs", claim.reminder_id)
-                return
-            except Exception as error:  # noqa: BLE001
-                log.warning("recording reminder %s failed (%s); retrying", claim.reminder_id, type(error).__name__)
-                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
-        log.error("could not record reminder %s; a later claim will complete it with the same key", claim.reminder_id)
+        recorded = await recorder.record(claim.reminder_id, values)
+        if recorded is True:
+            if status in (ReminderStatus.SENT, ReminderStatus.FAILED, ReminderStatus.SKIPPED):
+                REMINDERS_DONE.labels(str(status)).inc()
+        elif recorded is False:
+            log.info("reminder %s was taken over by a newer term; its outcome is theirs", claim.reminder_id)

@@ -130,10 +130,27 @@ class ReminderStore:
                 )
                 if fence.scalar() != token:
                     raise StaleTerm(f"the fence moved past token {token}")
-            # Which claimed rows were orphans, and when they were meant to run, before the UPDATE.
+            # What each call needs, and which rows were orphans and when they were meant to run,
+            # read before the UPDATE (on PostgreSQL the candidates are locked FOR UPDATE by now).
             before = (
                 await session.execute(
-                    select(Reminder.id, Reminder.status, Reminder.claimed_at, Reminder.next_attempt_at).where(
+                    select(
+                        Reminder.id,
+                        Reminder.status,
+                        Reminder.claimed_at,
+                        Reminder.next_attempt_at,
+                        Reminder.appointment_id,
+                        Reminder.idempotency_key,
+                        Reminder.due_at,
+                        Reminder.attempts,
+                        Appointment.phone,
+                        Appointment.customer_name,
+                        Appointment.starts_at,
+                        Appointment.timezone,
+                        Appointment.status.label("appointment_status"),
+                    )
+                    .join(Appointment, Appointment.id == Reminder.appointment_id)
+                    .where(
                         Reminder.id.in_(candidates.scalar_subquery() if self.db.is_sqlite else candidates.subquery().select())
                     )
                 )
@@ -146,7 +163,12 @@ class ReminderStore:
             ids = [row.id for row in before]
             result = await session.execute(
                 update(Reminder)
-                .where(Reminder.id.in_(ids), fence_holds, or_(orphaned, due))
+                .where(
+                    Reminder.id.in_(ids) if self.db.is_sqlite
+                    else Reminder.id == any_(bindparam("claim_ids", ids, type_=postgresql.ARRAY(String))),
+                    fence_holds,
+                    or_(orphaned, due),
+                )
                 .values(status=ReminderStatus.DISPATCHING, fence_token=token, claimed_by=holder, claimed_at=now)
                 .returning(Reminder.id)
                 .execution_options(synchronize_session=False)
@@ -157,28 +179,25 @@ class ReminderStore:
                 if not await self._fence_is(session, token):
                     raise StaleTerm(f"the fence moved past token {token}")
                 return []
-            details = await session.execute(
-                select(Reminder, Appointment).join(Appointment).where(Reminder.id.in_(claimed))
-            )
             claims = []
-            meta = {row.id: row for row in before}
-            for reminder, appointment in details.all():
-                old = meta[reminder.id]
+            for old in before:
+                if old.id not in claimed:
+                    continue
                 was_orphan = old.status == ReminderStatus.DISPATCHING
                 claims.append(
                     Claim(
-                        reminder_id=reminder.id,
-                        appointment_id=appointment.id,
-                        idempotency_key=reminder.idempotency_key,
-                        due_at=reminder.due_at,
+                        reminder_id=old.id,
+                        appointment_id=old.appointment_id,
+                        idempotency_key=old.idempotency_key,
+                        due_at=old.due_at,
                         scheduled_at=(old.claimed_at or old.next_attempt_at) if was_orphan else old.next_attempt_at,
-                        attempts=reminder.attempts,
+                        attempts=old.attempts,
                         orphaned=was_orphan,
-                        phone=appointment.phone,
-                        customer_name=appointment.customer_name,
-                        starts_at=appointment.starts_at,
-                        timezone=appointment.timezone,
-                        appointment_cancelled=appointment.status != "scheduled",
+                        phone=old.phone,
+                        customer_name=old.customer_name,
+                        starts_at=old.starts_at,
+                        timezone=old.timezone,
+                        appointment_cancelled=old.appointment_status != "scheduled",
                     )
                 )
             await session.commit()

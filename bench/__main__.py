@@ -1,0 +1,74 @@
+"""`python -m bench [all|dispatch|failover|api|report] [--quick]` — see bench/__init__.py.
+
+Each part writes bench/results/<name>.json (machine facts, load average and a CPU calibration
+before and after, the figures); every run ends by regenerating BENCHMARKS.md from the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+
+from .common import calibration, loadavg, log, machine, write_result
+
+
+def _part(name: str, result_name: str, work, **options) -> None:  # noqa: ANN001
+    started = time.monotonic()
+    before = {"loadavg": loadavg(), "calibration_s": calibration()}
+    log(f"{name}: start (load average {before['loadavg']}, calibration {before['calibration_s']} s)")
+    data = work(**options)
+    after = {"loadavg": loadavg(), "calibration_s": calibration()}
+    write_result(result_name, {
+        "part": name,
+        "options": {k: v for k, v in options.items()},
+        "conditions": {"before": before, "after": after},
+        "wall_s": round(time.monotonic() - started, 1),
+        **data,
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks against same-run baselines.")
+    parser.add_argument("part", nargs="?", default="all", choices=["all", "dispatch", "failover", "api", "report"])
+    parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (a smoke run)")
+    parser.add_argument("--concurrency", type=int, default=400,
+                        help="DISPATCH_CONCURRENCY of the dispatch benchmark (and of its baselines)")
+    parser.add_argument("--result-name", default=None, help="file name (without .json) for a single part's results")
+    args = parser.parse_args(argv)
+    if not 1 <= args.concurrency <= 2000:
+        parser.error("--concurrency must be within [1, 2000]")
+    if args.result_name and args.part in ("all", "report"):
+        parser.error("--result-name needs a single part")
+    info = machine()
+    log(f"machine: {info['nproc']} cores, {info['cpu']}, Python {info['python']}")
+    started = time.monotonic()
+    failed: list[str] = []
+
+    def attempt(name: str, module: str, **options: object) -> None:
+        if args.part not in ("all", name):
+            return
+        try:
+            run = importlib.import_module(f"bench.{module}").run
+            _part(name, args.result_name or name, run, **options)
+        except Exception:  # noqa: BLE001 - one broken part must not lose the others' results
+            log(f"{name} failed:\n{traceback.format_exc()}")
+            failed.append(name)
+
+    attempt("dispatch", "dispatch", quick=args.quick, concurrency=args.concurrency)
+    attempt("api", "api", quick=args.quick)
+    attempt("failover", "failover", quick=args.quick)
+    from . import report  # noqa: PLC0415
+
+    path = report.write()
+    log(f"wrote {path} ({time.monotonic() - started:.0f} s in all)")
+    if failed:
+        log(f"FAILED: {', '.join(failed)} (their previous results, if any, were kept)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Shared helpers: machine facts, results files, statistics, peak RSS from /proc, bounded waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+T = TypeVar("T")
+
+
+def log(message: str) -> None:
+    """Progress on stderr (stdout stays free for JSON)."""
+    print(f"[bench {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def calibration() -> float:
+    """Seconds for 2,000,000 Python additions (best of 3): how fast a core is right now.
+
+    Recorded before and after each part: lower is faster; a figure that changes much between
+    runs, or between the start and the end of one, means the CPU was shared or throttled."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        best = min(best, time.process_time() - started)
+    return round(best, 3)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    try:
+        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        nproc = os.cpu_count()
+    return {
+        "nproc": nproc,
+        "cpu": cpu,
+        "memory_gb": mem_gb,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"name": name, "machine": machine(), "command": " ".join(["python", "-m", "bench", *sys.argv[1:]]), **data}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    log(f"wrote {path.relative_to(ROOT)}")
+    return path
+
+
+def read_result(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def proc_status_kb(pid: int, field: str) -> int | None:
+    """A `VmHWM`/`VmRSS`-style field of /proc/<pid>/status in kB (None if gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    kb = proc_status_kb(pid, "VmHWM")
+    return round(kb / 1024, 1) if kb is not None else None
+
+
+def rss_mb(pid: int) -> float | None:
+    kb = proc_status_kb(pid, "VmRSS")
+    return round(kb / 1024, 1) if kb is not None else None
+
+
+def summary(values: Iterable[float], digits: int = 3) -> dict[str, Any]:
+    """median, min, max and the runs themselves."""
+    data = [v for v in values if v is not None]
+    if not data:
+        return {"median": None, "min": None, "max": None, "n": 0, "runs": []}
+    return {
+        "median": round(statistics.median(data), digits),
+        "min": round(min(data), digits),
+        "max": round(max(data), digits),
+        "n": len(data),
+        "runs": [round(v, digits) for v in data],
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[index]
+
+
+def wait_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll `check()` until truthy (returned); TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not reached within {timeout:.1f} s")
+        time.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of one process (seconds), None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (from /proc/<pid>/task/*/children)."""
+    seen, todo = [], [pid]
+    while todo and len(seen) < 1000:
+        current = todo.pop()
+        seen.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+            except (OSError, ValueError):
+                pass
+    return seen
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) or 0.0 for p in process_tree(pid))
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []

@@ -1,0 +1,321 @@
+"""Dispatch throughput: 10,000 reminders due at once, PostgreSQL, one leader, the fake provider.
+
+For each provider latency (0 ms and 100 ms), in one invocation and against one provider process:
+
+1. provider ceiling — wrk (or the aiohttp generator) POSTs new calls at the dispatcher's
+   concurrency for a few seconds: what the provider itself can take (not our client);
+2. raw client ceiling — 10,000 `HttpTelephonyClient.place_call` at the same concurrency, no DB;
+3. sequential loop — the naive cron job: read the due reminders, then call and UPDATE one at a
+   time with the same client (time-boxed; the time for 10,000 is extrapolated from its rate);
+4. the service — one `reminders serve` replica (harness.cluster.Cluster) that leads; 10,000 due
+   reminders are committed in one transaction; measured: first call received by the provider to
+   the last reminder recorded `sent` (end-to-end calls/s), commit to all `sent`, the replica's
+   peak RSS (VmHWM), and that every reminder produced exactly one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from harness.cluster import Cluster
+from harness.etcd import EtcdServer
+from harness.postgres import PostgresServer
+
+from .common import cpu_seconds, log, peak_rss_mb, rss_mb, tree_cpu_seconds
+from .loadgen import run_load
+
+N_REMINDERS = 10_000
+CALL_BODY = json.dumps({
+    "to": "+14155552671",
+    "from": "+15550000000",
+    "message": "Hello Customer 1234, this is a reminder of your appointment on Monday 01 December 2025 at 10:00 (UTC).",
+    "metadata": {"appointment_id": str(uuid.uuid4()), "reminder_id": str(uuid.uuid4())},
+})
+
+
+# -- database helpers (each opens and disposes its own engine) ---------------------------------
+
+
+async def _seed(url: str, count: int, due_at: datetime) -> float:
+    """Insert `count` appointments with one reminder each, due at `due_at`, in ONE transaction.
+    Returns time.time() right after the commit (the moment they all became visible)."""
+    from service.db import Appointment, Database, Reminder  # noqa: PLC0415
+
+    db = Database(url, pool_size=1)
+    try:
+        now = datetime.now(UTC)
+        appointments, reminders = [], []
+        for index in range(count):
+            appointment_id, reminder_id = str(uuid.uuid4()), str(uuid.uuid4())
+            appointments.append({
+                "id": appointment_id, "customer_name": f"Customer {index}", "phone": "+14155552671",
+                "starts_at": now + timedelta(hours=2), "timezone": "UTC", "notes": None, "remind_at": None,
+                "status": "scheduled", "created_at": now, "updated_at": now,
+            })
+            reminders.append({
+                "id": reminder_id, "appointment_id": appointment_id, "due_at": due_at, "status": "pending",
+                "attempts": 0, "next_attempt_at": due_at, "idempotency_key": f"reminder-{reminder_id}",
+                "created_at": now, "updated_at": now,
+            })
+        async with db.engine.begin() as connection:
+            for start in range(0, count, 2000):
+                await connection.execute(Appointment.__table__.insert(), appointments[start : start + 2000])
+                await connection.execute(Reminder.__table__.insert(), reminders[start : start + 2000])
+        return time.time()
+    finally:
+        await db.dispose()
+
+
+async def _status_counts(url: str) -> dict[str, int]:
+    from sqlalchemy import func, select  # noqa: PLC0415
+
+    from service.db import Database, Reminder  # noqa: PLC0415
+
+    db = Database(url, pool_size=1)
+    try:
+        async with db.session() as session:
+            rows = await session.execute(select(Reminder.status, func.count()).group_by(Reminder.status))
+            return {str(status): n for status, n in rows.all()}
+    finally:
+        await db.dispose()
+
+
+async def _wait_all_sent(url: str, count: int, timeout: float) -> tuple[float | None, dict[str, int]]:
+    """Poll every 50 ms until `count` reminders are sent; (time.time() when seen, counts)."""
+    from sqlalchemy import func, select  # noqa: PLC0415
+
+    from service.db import Database, Reminder  # noqa: PLC0415
+
+    db = Database(url, pool_size=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            async with db.session() as session:
+                sent = (await session.execute(
+                    select(func.count()).select_from(Reminder).where(Reminder.status == "sent"))).scalar_one()
+            if sent >= count:
+                return time.time(), {"sent": sent}
+            if time.monotonic() > deadline:
+                return None, {"sent": sent}
+            await asyncio.sleep(0.05)
+    finally:
+        await db.dispose()
+
+
+async def _sent_span(url: str) -> dict[str, Any]:
+    """When the sent reminders were recorded: min/max of sent_at and updated_at (epoch seconds)."""
+    from sqlalchemy import func, select  # noqa: PLC0415
+
+    from service.db import Database, Reminder  # noqa: PLC0415
+
+    db = Database(url, pool_size=1)
+    try:
+        async with db.session() as session:
+            row = (await session.execute(
+                select(func.min(Reminder.sent_at), func.max(Reminder.sent_at), func.max(Reminder.updated_at),
+                       func.max(Reminder.attempts), func.count(func.distinct(Reminder.provider_call_id)))
+                .where(Reminder.status == "sent"))).one()
+        return {
+            "first_sent": row[0].timestamp() if row[0] else None,
+            "last_sent_at": row[1].timestamp() if row[1] else None,
+            "last_recorded": row[2].timestamp() if row[2] else None,
+            "max_attempts": row[3],
+            "distinct_call_ids": row[4],
+        }
+    finally:
+        await db.dispose()
+
+
+# -- baselines -----------------------------------------------------------------------------------
+
+
+def _requests(n: int, prefix: str) -> list[Any]:
+    from service.telephony import CallRequest  # noqa: PLC0415
+
+    body = json.loads(CALL_BODY)
+    return [
+        CallRequest(to=body["to"], from_=body["from"], message=body["message"], appointment_id=str(uuid.uuid4()),
+                    reminder_id=f"{prefix}-{i}", idempotency_key=f"{prefix}-{uuid.uuid4()}")
+        for i in range(n)
+    ]
+
+
+async def _raw_client(base_url: str, n: int, concurrency: int) -> dict[str, Any]:
+    """n POSTs through HttpTelephonyClient with `concurrency` in flight (semaphore inside each task)."""
+    from service.telephony import HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
+
+    requests = _requests(n, "raw")
+    client = HttpTelephonyClient(base_url, max_connections=concurrency)
+    semaphore = asyncio.Semaphore(concurrency)
+    kinds: dict[str, int] = {}
+
+    async def one(request: Any) -> None:
+        async with semaphore:
+            outcome = await client.place_call(request)
+        kinds[outcome.kind.value] = kinds.get(outcome.kind.value, 0) + 1
+
+    try:
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(r) for r in requests))
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        await client.aclose()
+    return {"calls": n, "seconds": round(elapsed, 3), "calls_per_s": round(n / elapsed, 1),
+            "client_cores_busy": round(cpu / elapsed, 2), "client_cpu_ms_per_call": round(cpu / n * 1000, 3),
+            "sent": kinds.get(OutcomeKind.SENT.value, 0), "outcomes": kinds}
+
+
+async def _sequential(db_url: str, base_url: str, n: int, budget: float) -> dict[str, Any]:
+    """The naive cron job: SELECT the due reminders, then for each: call, UPDATE … sent, COMMIT."""
+    from sqlalchemy import select, update  # noqa: PLC0415
+
+    from service.db import Appointment, Database, Reminder  # noqa: PLC0415
+    from service.dispatch.dispatcher import message_for  # noqa: PLC0415
+    from service.dispatch.store import Claim  # noqa: PLC0415
+    from service.telephony import CallRequest, HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
+
+    db = Database(db_url, pool_size=2)
+    await db.upgrade()
+    await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
+    client = HttpTelephonyClient(base_url)
+    done = sent = 0
+    try:
+        started = time.perf_counter()
+        async with db.session() as session:
+            rows = (await session.execute(
+                select(Reminder, Appointment).join(Appointment)
+                .where(Reminder.status == "pending", Reminder.next_attempt_at <= datetime.now(UTC))
+                .order_by(Reminder.next_attempt_at))).all()
+        for reminder, appointment in rows:
+            if time.perf_counter() - started > budget:
+                break
+            claim = Claim(reminder_id=reminder.id, appointment_id=appointment.id, idempotency_key=reminder.idempotency_key,
+                          due_at=reminder.due_at, scheduled_at=reminder.next_attempt_at, attempts=0, orphaned=False,
+                          phone=appointment.phone, customer_name=appointment.customer_name,
+                          starts_at=appointment.starts_at, timezone=appointment.timezone, appointment_cancelled=False)
+            outcome = await client.place_call(CallRequest(
+                to=claim.phone, from_="+15550000000", message=message_for(claim), appointment_id=claim.appointment_id,
+                reminder_id=claim.reminder_id, idempotency_key=claim.idempotency_key))
+            async with db.session() as session:
+                await session.execute(update(Reminder).where(Reminder.id == reminder.id).values(
+                    status="sent" if outcome.kind is OutcomeKind.SENT else "failed", attempts=1,
+                    provider_call_id=outcome.call_id, sent_at=datetime.now(UTC), updated_at=datetime.now(UTC)))
+                await session.commit()
+            done += 1
+            sent += outcome.kind is OutcomeKind.SENT
+        elapsed = time.perf_counter() - started
+    finally:
+        await client.aclose()
+        await db.dispose()
+    rate = done / elapsed
+    return {"calls": done, "sent": sent, "seconds": round(elapsed, 3), "calls_per_s": round(rate, 1),
+            "time_boxed_s": budget, "extrapolated_s_for_10000": round(N_REMINDERS / rate, 1)}
+
+
+def _postmaster_pid(pg: PostgresServer) -> int | None:
+    try:
+        with open(f"{pg.data_dir}/postmaster.pid") as handle:
+            return int(handle.readline())
+    except (OSError, ValueError):
+        return None
+
+
+def _cpu(replica: int, provider: int | None, postmaster: int | None) -> dict[str, float]:
+    return {
+        "replica": cpu_seconds(replica) or 0.0,
+        "provider": (cpu_seconds(provider) or 0.0) if provider else 0.0,
+        "postgresql": tree_cpu_seconds(postmaster) if postmaster else 0.0,
+    }
+
+
+# -- one latency ---------------------------------------------------------------------------------
+
+
+def run_latency(pg: PostgresServer, etcd: EtcdServer, latency_ms: int, concurrency: int, quick: bool) -> dict[str, Any]:
+    tag = f"{latency_ms}ms_{uuid.uuid4().hex[:6]}"
+    db_url = pg.create_database(f"dispatch_{tag}")
+    seq_url = pg.create_database(f"sequential_{tag}")
+    env = {"DISPATCH_CONCURRENCY": str(concurrency), "LOG_LEVEL": "info"}
+    result: dict[str, Any] = {"latency_ms": latency_ms, "concurrency": concurrency, "reminders": N_REMINDERS}
+    with Cluster(1, database_url=db_url, etcd_endpoint=etcd.endpoint, provider_latency_ms=latency_ms,
+                 lease_ttl=10, env=env) as cluster:
+        leader = cluster.leader()
+        replica = cluster.replica(leader)
+        provider = cluster.provider
+        assert provider is not None and replica.pid is not None
+
+        log(f"[{latency_ms} ms] provider ceiling ({'3' if quick else '5'} s of POSTs at {concurrency} connections)")
+        provider.client.reset()
+        result["provider_ceiling"] = run_load(f"{provider.url}/v1/calls", method="POST", connections=concurrency,
+                                              duration=3 if quick else 5, body=CALL_BODY, unique_key=True)
+        provider.client.reset()
+        if result["provider_ceiling"]["tool"] != "aiohttp":
+            log(f"[{latency_ms} ms] provider ceiling with the aiohttp generator too")
+            result["provider_ceiling_aiohttp"] = run_load(
+                f"{provider.url}/v1/calls", method="POST", connections=concurrency, duration=3 if quick else 5,
+                body=CALL_BODY, unique_key=True, tool="aiohttp")
+            provider.client.reset()
+
+        log(f"[{latency_ms} ms] raw client ceiling ({N_REMINDERS} POSTs, {concurrency} in flight, no DB)")
+        result["raw_client"] = asyncio.run(_raw_client(f"{provider.url}/bench-raw", N_REMINDERS, concurrency))
+        provider.client.reset()
+
+        budget = 3.0 if quick else 6.0
+        log(f"[{latency_ms} ms] sequential loop (time-boxed to {budget:.0f} s)")
+        result["sequential"] = asyncio.run(_sequential(seq_url, f"{provider.url}/bench-seq",
+                                                       N_REMINDERS if latency_ms == 0 else 200, budget))
+        provider.client.reset()
+
+        log(f"[{latency_ms} ms] service: seeding {N_REMINDERS} due reminders in one transaction")
+        rss_idle = rss_mb(replica.pid)
+        due_at = datetime.now(UTC)
+        postmaster = _postmaster_pid(pg)
+        committed = asyncio.run(_seed(db_url, N_REMINDERS, due_at))
+        cpu_before = _cpu(replica.pid, provider.pid, postmaster)
+        seen_all, counts = asyncio.run(_wait_all_sent(db_url, N_REMINDERS, timeout=180))
+        cpu_after = _cpu(replica.pid, provider.pid, postmaster)
+        time.sleep(0.3)  # let the last HTTP exchanges settle before reading the provider's log
+        span = asyncio.run(_sent_span(db_url))
+        statuses = asyncio.run(_status_counts(db_url))
+        peak = peak_rss_mb(replica.pid)
+        requests = [r for r in provider.client.requests() if r["placed_by"] == replica.name]
+        calls = provider.client.calls(placed_by=replica.name)
+        first_call = min((r["received_at"] for r in requests), default=None)
+        last = span["last_recorded"] or span["last_sent_at"]
+        service: dict[str, Any] = {
+            "all_sent": seen_all is not None,
+            "statuses": statuses,
+            "replica_rss_idle_mb": rss_idle,
+            "replica_peak_rss_mb": peak,
+            "provider_requests": len(requests),
+            "provider_calls": len(calls),
+            "distinct_keys_called": len({c["idempotency_key"] for c in calls}),
+            "replayed_requests": sum(1 for r in requests if r["replayed"]),
+            "max_attempts": span["max_attempts"],
+        }
+        if first_call and last:
+            service["first_call_to_last_sent_s"] = round(last - first_call, 3)
+            service["calls_per_s"] = round(N_REMINDERS / (last - first_call), 1)
+            service["commit_to_first_call_s"] = round(first_call - committed, 3)
+            service["commit_to_all_sent_s"] = round(last - committed, 3)
+        if seen_all:
+            service["commit_to_all_sent_observed_s"] = round(seen_all - committed, 3)
+            wall = seen_all - committed
+            # CPU seconds each process used while the 10,000 were dispatched, per second of wall
+            # time: 1.0 = one core busy all along (the machine has 2).
+            service["cores_busy"] = {name: round((cpu_after[name] - cpu_before[name]) / wall, 2) for name in cpu_after}
+        result["service"] = service
+        log(f"[{latency_ms} ms] service: {service.get('calls_per_s')} calls/s end-to-end, all sent "
+            f"{service.get('commit_to_all_sent_s')} s after commit, peak RSS {peak} MB")
+    return result
+
+
+def run(quick: bool = False, concurrency: int = 400, latencies: tuple[int, ...] = (0, 100)) -> dict[str, Any]:
+    with EtcdServer() as etcd, PostgresServer() as pg:
+        runs = [run_latency(pg, etcd, latency, concurrency, quick) for latency in latencies]
+    return {"runs": runs}
