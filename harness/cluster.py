@@ -12,6 +12,12 @@ Each replica talks to etcd through its own `TcpProxy` (`replica.proxy.stall()` p
 one replica), places calls under its own path prefix at the provider (`placed_by` = its name),
 and logs to `<workdir>/<name>.log`. Every wait has a deadline; `close()` (the context manager's
 exit) tears everything down even after a failure: SIGTERM, then SIGKILL whatever is left.
+
+For fault injection beyond one replica: `own_postgres=True` gives the cluster a PostgreSQL server
+of its own (`restart_postgres()`), an etcd of its own is started unless `etcd_endpoint` is given
+(`kill_etcd()` / `start_etcd()`), `add_replica()` starts one more (a rolling update's new pod),
+`terms()` reads every leader term from the replica logs, and `recover()` + `clear()` bring a
+cluster back to "all replicas ready, one leader, no reminders, provider reset" between scenarios.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import sys
 import tempfile
 import threading
 import time
+import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,9 +44,10 @@ import httpx
 
 from .etcd import EtcdServer
 from .ports import free_port, wait_for_port
+from .postgres import PostgresServer
 from .proxy import TcpProxy
 
-__all__ = ["Cluster", "ProviderClient", "ProviderProcess", "ReplicaProcess", "wait_for"]
+__all__ = ["Cluster", "LeaderTerm", "ProviderClient", "ProviderProcess", "ReplicaProcess", "wait_for"]
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -74,6 +83,32 @@ def _tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
+_STAMP = r"(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+_LEADS = re.compile(_STAMP + r" \w+ \[(?P<replica>[^\]]+)\] [\w.]+: \S+ leads: term (?P<token>\d+), key ")
+_ENDED = re.compile(_STAMP + r" \w+ \[(?P<replica>[^\]]+)\] [\w.]+: term (?P<token>\d+) \(\S+\) ended: (?P<reason>.*)$")
+_DISPATCHING = re.compile(_STAMP + r" \w+ \[(?P<replica>[^\]]+)\] [\w.]+: dispatching under fencing token (?P<token>\d+)")
+_STOPPED = re.compile(_STAMP + r" \w+ \[(?P<replica>[^\]]+)\] [\w.]+: stopped dispatching under fencing token (?P<token>\d+)")
+
+
+def _log_time(stamp: str) -> float:
+    """Epoch seconds of a log line's `asctime` (local time, millisecond resolution)."""
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()  # noqa: DTZ007 - local, as logged
+
+
+@dataclass
+class LeaderTerm:
+    """One leader term as the replica logged it (epoch seconds; `ended` None while it lasts or when
+    the process died before it could log the end, e.g. SIGKILL)."""
+
+    token: int
+    replica: str
+    started: float
+    ended: float | None = None
+    reason: str | None = None
+    dispatch_started: float | None = None  # the fence was raised: the dispatcher runs
+    dispatch_stopped: float | None = None  # the dispatcher returned: nothing of this term is in flight
+
+
 class _Process:
     """A child process started in its own session, logging (appending) to one file."""
 
@@ -82,6 +117,7 @@ class _Process:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self.paused = False
+        self.started_at: float | None = None  # epoch seconds of the latest start
 
     def _spawn(self, argv: list[str], env: dict[str, str]) -> None:
         if self.alive:
@@ -89,6 +125,7 @@ class _Process:
         with open(self.log_path, "ab") as log:
             log.write(f"--- {datetime.now(UTC):%H:%M:%S.%f} starting {self.name}\n".encode())
             log.flush()
+            self.started_at = time.time()
             self.process = subprocess.Popen(  # noqa: S603
                 argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
@@ -298,7 +335,10 @@ class Cluster:
         election_prefix: str | None = None,
         start_timeout: float = 45.0,
         keep_logs: bool | None = None,
+        own_postgres: bool = False,
     ) -> None:
+        if own_postgres and database_url is not None:
+            raise ValueError("own_postgres and database_url exclude each other")
         self.size = replicas
         self.workdir = Path(tempfile.mkdtemp(prefix="cluster-"))
         self.database_url = database_url or f"sqlite+aiosqlite:///{self.workdir / 'reminders.db'}"
@@ -311,8 +351,13 @@ class Cluster:
         self.start_timeout = start_timeout
         # CLUSTER_KEEP_LOGS=1: leave the work dir (logs, SQLite file) in place after close().
         self.keep_logs = bool(os.environ.get("CLUSTER_KEEP_LOGS")) if keep_logs is None else keep_logs
+        self.own_postgres = own_postgres
+        self.postgres: PostgresServer | None = None
+        self.postgres_running = False
         self.provider: ProviderProcess | None = None
         self.replicas: list[ReplicaProcess] = []
+        self.retired: set[str] = set()
+        self._next_index = 0
         self._db_loop: _LoopThread | None = None
         self._db: Any = None
 
@@ -340,28 +385,160 @@ class Cluster:
         if self.etcd_endpoint is None:
             self.etcd = EtcdServer().start()
             self.etcd_endpoint = self.etcd.endpoint
+        if self.own_postgres:
+            self.postgres = PostgresServer().start()
+            self.postgres_running = True
+            self.database_url = self.postgres.create_database("reminders")
+            # Production durability: the server runs with synchronous_commit=off for speed, which
+            # would let a crash (`stop_postgres("immediate")`) lose acknowledged commits. A
+            # per-database setting overrides the server's command line.
+            self.postgres._run(  # noqa: SLF001 - the harness's own server
+                "psql", "-h", "127.0.0.1", "-p", str(self.postgres.port), "-U", "postgres", "-d", "postgres",
+                "-v", "ON_ERROR_STOP=1", "-c", "ALTER DATABASE reminders SET synchronous_commit = on",
+            )
         self.migrate()
         self.provider = ProviderProcess(self.workdir / "provider.log", latency_ms=self.provider_latency_ms).start()
-        host, _, port = self.etcd_endpoint.removeprefix("http://").rpartition(":")
-        for index in range(self.size):
-            name = f"replica-{index}"
-            proxy = TcpProxy(host, int(port)).start()
-            env = {
-                "POD_NAME": name,
-                "DATABASE_URL": self.database_url,
-                "ETCD_ENDPOINTS": proxy.endpoint,
-                "TELEPHONY_URL": f"{self.provider.url}/{name}",
-                "ELECTION_PREFIX": self.election_prefix,
-                "LEASE_TTL": str(self.lease_ttl),
-                "CALL_WINDOW": "00:00-23:59",
-                **self.env,
-            }
-            self.replicas.append(ReplicaProcess(name, self.workdir / f"{name}.log", env, proxy))
+        for _ in range(self.size):
+            self._new_replica()
         for replica in self.replicas:  # start all, then wait: they boot in parallel
             replica.start()
         for replica in self.replicas:
             replica.wait_ready(self.start_timeout)
         return self
+
+    def _new_replica(self) -> ReplicaProcess:
+        """A replica named `replica-<n>` (n never reused), with its own etcd proxy; not started."""
+        assert self.provider is not None and self.etcd_endpoint is not None
+        name = f"replica-{self._next_index}"
+        self._next_index += 1
+        host, _, port = self.etcd_endpoint.removeprefix("http://").rpartition(":")
+        proxy = TcpProxy(host, int(port)).start()
+        env = {
+            "POD_NAME": name,
+            "DATABASE_URL": self.database_url,
+            "ETCD_ENDPOINTS": proxy.endpoint,
+            "TELEPHONY_URL": f"{self.provider.url}/{name}",
+            "ELECTION_PREFIX": self.election_prefix,
+            "LEASE_TTL": str(self.lease_ttl),
+            "CALL_WINDOW": "00:00-23:59",
+            **self.env,
+        }
+        replica = ReplicaProcess(name, self.workdir / f"{name}.log", env, proxy)
+        self.replicas.append(replica)
+        return replica
+
+    def add_replica(self, *, wait: bool = True) -> ReplicaProcess:
+        """Start one more replica (a rolling update's new pod) and, with `wait`, wait until ready."""
+        replica = self._new_replica().start()
+        if wait:
+            replica.wait_ready(self.start_timeout)
+        return replica
+
+    def retire(self, name: str, timeout: float = 20.0) -> int:
+        """SIGTERM a replica for good (a rolling update's old pod): `recover()` will not restart it."""
+        self.retired.add(name)
+        return self.replica(name).terminate(timeout)
+
+    @property
+    def active_replicas(self) -> list[ReplicaProcess]:
+        """Replicas that are meant to run (not retired), whatever their state."""
+        return [r for r in self.replicas if r.name not in self.retired]
+
+    # -- etcd and PostgreSQL faults --------------------------------------------------------------
+
+    def _own_etcd(self) -> EtcdServer:
+        if self.etcd is None:
+            raise RuntimeError("the cluster uses an etcd it did not start: no etcd faults")
+        return self.etcd
+
+    @property
+    def etcd_alive(self) -> bool:
+        process = self._own_etcd().process
+        return process is not None and process.poll() is None
+
+    def kill_etcd(self) -> None:
+        """SIGKILL etcd (its data dir stays: `start_etcd()` brings the same member back)."""
+        self._own_etcd().kill()
+
+    def start_etcd(self, timeout: float = 15.0) -> None:
+        """Start the cluster's etcd again on the same port and data dir, and wait until healthy."""
+        self._own_etcd().start(timeout)
+
+    def _own_postgres(self) -> PostgresServer:
+        if self.postgres is None:
+            raise RuntimeError("the cluster has no PostgreSQL of its own (own_postgres=True)")
+        return self.postgres
+
+    def stop_postgres(self, mode: str = "fast") -> None:
+        """Stop the cluster's PostgreSQL: `fast` (clean shutdown) or `immediate` (a crash)."""
+        self.postgres_running = False
+        self._own_postgres().stop(mode)
+
+    def start_postgres(self) -> None:
+        """Start it again (same port and data; crash recovery after `immediate`)."""
+        self._own_postgres().start()
+        self.postgres_running = True
+
+    # -- between scenarios -----------------------------------------------------------------------
+
+    def recover(self, timeout: float = 60.0) -> str:
+        """Undo every fault: etcd and PostgreSQL up, proxies passing, paused replicas continued,
+        dead (not retired) replicas restarted, the provider healthy; wait until every active
+        replica is ready and all agree on one leader, whose name is returned."""
+        if self.etcd is not None and not self.etcd_alive:
+            self.start_etcd()
+        if self.postgres is not None and not self.postgres_running:
+            self.start_postgres()
+        assert self.provider is not None
+        if not self.provider.alive:
+            self.provider.start()
+        self.provider.client.control(latency_ms=self.provider_latency_ms, fail_rate=0, hang=False)
+        for replica in self.active_replicas:
+            if replica.paused:
+                replica.cont()
+            replica.proxy.pass_through()
+            if not replica.alive:
+                replica.start()
+        deadline = time.monotonic() + timeout
+        for replica in self.active_replicas:
+            replica.wait_ready(max(1.0, deadline - time.monotonic()))
+        return self.leader(max(1.0, deadline - time.monotonic()))
+
+    def clear(self) -> None:
+        """Delete every appointment and reminder (the fence stays: tokens only grow) and reset
+        the provider's calls, keys and request log."""
+        from sqlalchemy import delete  # noqa: PLC0415
+
+        from service.db import Appointment, Reminder  # noqa: PLC0415
+
+        async def wipe(db: Any) -> None:
+            async with db.session() as session:
+                await session.execute(delete(Reminder))
+                await session.execute(delete(Appointment))
+                await session.commit()
+
+        self._run_db(wipe)
+        assert self.provider is not None
+        self.provider.client.reset()
+
+    # -- what the logs say -----------------------------------------------------------------------
+
+    def terms(self) -> list[LeaderTerm]:
+        """Every leader term any replica logged, ordered by fencing token."""
+        terms: dict[int, LeaderTerm] = {}
+        for replica in self.replicas:
+            for line in replica.log_text().splitlines():
+                if match := _LEADS.match(line):
+                    token = int(match["token"])
+                    terms[token] = LeaderTerm(token, match["replica"], _log_time(match["at"]))
+                elif (match := _ENDED.match(line)) and int(match["token"]) in terms:
+                    term = terms[int(match["token"])]
+                    term.ended, term.reason = _log_time(match["at"]), match["reason"]
+                elif (match := _DISPATCHING.match(line)) and int(match["token"]) in terms:
+                    terms[int(match["token"])].dispatch_started = _log_time(match["at"])
+                elif (match := _STOPPED.match(line)) and int(match["token"]) in terms:
+                    terms[int(match["token"])].dispatch_stopped = _log_time(match["at"])
+        return sorted(terms.values(), key=lambda term: term.token)
 
     def migrate(self) -> None:
         """`reminders migrate` for the cluster's database (before any replica starts)."""
@@ -407,6 +584,9 @@ class Cluster:
         if self.etcd is not None:
             attempt(self.etcd.close)
             self.etcd = None
+        if self.postgres is not None:
+            attempt(self.postgres.close)
+            self.postgres = None
         if self.keep_logs:
             print(f"cluster work dir kept: {self.workdir}", file=sys.stderr)
         else:

@@ -25,6 +25,14 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
+# ElectionConfig field -> the environment variable it comes from
+_ELECTION_VARIABLES = {
+    "endpoints": "ETCD_ENDPOINTS", "name": "POD_NAME", "prefix": "ELECTION_PREFIX", "lease_ttl": "LEASE_TTL",
+    "max_term": "LEADER_MAX_TERM", "username": "ETCD_USERNAME", "password": "ETCD_PASSWORD",
+    "ca_cert": "ETCD_CA_CERT", "cert": "ETCD_CERT", "key": "ETCD_KEY",
+}
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings()
     import uvicorn  # noqa: PLC0415
@@ -37,6 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
         election_config(settings)
         dispatch_config(settings)
     except ValueError as error:
+        # ElectionConfig names its own fields ("endpoints: …"): name the variable instead
+        field, sep, message = str(error).partition(": ")
+        if sep and field in _ELECTION_VARIABLES:
+            error = f"{_ELECTION_VARIABLES[field]}: {message}"
         print(f"reminders: invalid setting {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level, settings.pod_name)

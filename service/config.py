@@ -156,6 +156,30 @@ class Settings(BaseSettings):
     def _grace(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value
 
+    @field_validator("misfire_grace")
+    @classmethod
+    def _grace_positive(cls, value: timedelta) -> timedelta:
+        # 0 would skip every reminder as a misfire: none is ever called at the exact instant it is due
+        if value <= timedelta(0):
+            raise ValueError("must be a positive duration (e.g. 30m)")
+        return value
+
+    @field_validator("telephony_from")
+    @classmethod
+    def _caller_id(cls, value: str) -> str:
+        # the provider refuses any other caller id, which would fail every reminder at its first call
+        if not re.fullmatch(r"\+[1-9][0-9]{1,14}", value):
+            raise ValueError("must be an E.164 number, e.g. +15550000000")
+        return value
+
+    @field_validator("api_token")
+    @classmethod
+    def _api_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # an empty token would match the empty credentials of every request: no auth at all
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty (unset it to run without a token)")
+        return value
+
     @field_validator("election_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:

@@ -118,6 +118,8 @@ def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> N
 
 
 async def _load(session: AsyncSession, appointment_id: str, *, for_update: bool = False) -> Appointment:
+    if "\x00" in appointment_id:  # no id holds one, and PostgreSQL would refuse the query (a 503)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="appointment not found")
     query = select(Appointment).where(Appointment.id == appointment_id).execution_options(populate_existing=True)
     if for_update:
         query = query.with_for_update()
@@ -175,7 +177,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         starts_at_text, appointment_id = json.loads(raw)
         starts_at = datetime.fromisoformat(starts_at_text)
-        if starts_at.tzinfo is None or not isinstance(appointment_id, str):
+        if starts_at.tzinfo is None or not isinstance(appointment_id, str) or "\x00" in appointment_id:
             raise ValueError
         return starts_at, appointment_id
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):

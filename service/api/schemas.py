@@ -72,6 +72,14 @@ def _valid_zone(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold U+0000: without this the INSERT fails and the client gets a 503
+    # "database unavailable" for what is bad input (found by the chaos suite's input tests).
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (U+0000) characters")
+    return value
+
+
 Phone = Annotated[
     StrictStr,
     Field(pattern=r"^\+[1-9][0-9]{6,14}$", examples=["+14155552671"], description="E.164, a valid number"),
@@ -80,8 +88,8 @@ Phone = Annotated[
 TimeZoneName = Annotated[
     StrictStr, Field(min_length=1, max_length=64, examples=["Europe/Berlin"]), AfterValidator(_valid_zone)
 ]
-CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200)]
-Notes = Annotated[StrictStr, Field(max_length=2000)]
+CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+Notes = Annotated[StrictStr, Field(max_length=2000), AfterValidator(_no_nul)]
 RemindAt = Annotated[list[FutureDatetime], Field(min_length=1, max_length=MAX_REMINDERS)]
 
 

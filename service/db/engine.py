@@ -18,6 +18,12 @@ __all__ = ["Database", "SchemaOutOfDate", "alembic_config"]
 
 # Seconds: how long a statement may wait (PostgreSQL statement_timeout, SQLite busy wait).
 STATEMENT_TIMEOUT = 10.0
+# Seconds a PostgreSQL session may sit idle inside a transaction before the server ends it. The
+# service never waits on anything but the database inside a transaction, so only a frozen client
+# (SIGSTOP, a stuck VM, a partition) gets there; without this bound a leader frozen in the middle of
+# a claim keeps its lock on the fence row, and its successor's fence raise waits for as long as the
+# freeze lasts: no failover at all (found by the chaos suite's leader-sigstop scenario).
+IDLE_IN_TRANSACTION_TIMEOUT = 5.0
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -70,7 +76,10 @@ class Database:
                 connect_args={
                     "timeout": STATEMENT_TIMEOUT,
                     "command_timeout": STATEMENT_TIMEOUT,
-                    "server_settings": {"statement_timeout": str(int(STATEMENT_TIMEOUT * 1000))},
+                    "server_settings": {
+                        "statement_timeout": str(int(STATEMENT_TIMEOUT * 1000)),
+                        "idle_in_transaction_session_timeout": str(int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)),
+                    },
                 },
             )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)

@@ -8,9 +8,11 @@ again with the same idempotency key, or will never succeed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
@@ -157,6 +159,12 @@ class HttpTelephonyClient:
 
     `timeout` bounds each `place_call` as a whole (connect, pool wait, send and read).
     `max_connections` caps concurrent connections to the provider.
+    `may_send`, when given, is asked at the last moment: in the task that writes the request, after
+    the connection is set up, right before its first byte goes to the socket (the headers are
+    buffered until then). When it answers False nothing is sent and `place_call` returns a
+    TRANSIENT outcome "not sent: …". A caller that checked its own right to send and was then
+    frozen (SIGSTOP, a long GC or VM pause) before the bytes left is caught here when it resumes;
+    without it the request goes out on resume, event-loop iterations after the caller's check.
     """
 
     def __init__(
@@ -167,7 +175,9 @@ class HttpTelephonyClient:
         timeout: float = 10.0,
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
+        may_send: Callable[[], bool] | None = None,
     ) -> None:
+        self._may_send = may_send
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         if max_connections < 1:
@@ -213,17 +223,38 @@ class HttpTelephonyClient:
 
     async def place_call(self, request: CallRequest) -> CallOutcome:
         """POST one call and classify the answer; only cancellation and misuse raise."""
+        # The bytes httpx's `json=` would send, so every attempt of a key carries the same body.
+        body = json.dumps(request.payload(), ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        headers = {
+            "Idempotency-Key": request.idempotency_key,
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+        }
+        refused = False
+
+        async def last_moment() -> AsyncIterator[bytes]:
+            nonlocal refused
+            if self._may_send is not None and not self._may_send():
+                refused = True
+                raise _NotSent("may_send refused")
+            yield body
+
         try:
             async with asyncio.timeout(self._timeout):
                 response = await self._http.post(
                     self._url,
-                    json=request.payload(),
-                    headers={"Idempotency-Key": request.idempotency_key},
+                    content=body if self._may_send is None else last_moment(),
+                    headers=headers,
                     timeout=httpx.Timeout(self._timeout),
                 )
-        except (httpx.HTTPError, TimeoutError) as exc:
-            # HTTP errors without a response (e.g. an unreadable body) may have landed: transient.
-            outcome = CallOutcome(OutcomeKind.TRANSIENT, error=_describe(exc, request))
+        except Exception as exc:  # noqa: BLE001 - classified below; anything unexpected re-raised
+            if refused:
+                outcome = CallOutcome(OutcomeKind.TRANSIENT, error="not sent: the sender may no longer send")
+            elif isinstance(exc, httpx.HTTPError | TimeoutError):
+                # HTTP errors without a response (e.g. an unreadable body) may have landed: transient.
+                outcome = CallOutcome(OutcomeKind.TRANSIENT, error=_describe(exc, request))
+            else:
+                raise
         else:
             outcome = _classify(response, request)
         logger.debug(
@@ -235,6 +266,10 @@ class HttpTelephonyClient:
             " (replayed)" if outcome.replayed else "",
         )
         return outcome
+
+
+class _NotSent(Exception):
+    """Raised inside the request body when `may_send` refuses: the request never leaves."""
 
 
 def _describe(exc: BaseException, request: CallRequest) -> str:
