@@ -10,8 +10,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -64,17 +62,6 @@ def dispatch_config(settings: Settings) -> DispatchConfig:
     )
 
 
-# The leader term the current task works for: set in the leading task, inherited by every task the
-# dispatcher starts from it (asyncio copies the context), read by the telephony client's last-moment
-# check. A call task of a term that ended while the process was frozen sends nothing on resume.
-_TERM: ContextVar[Any] = ContextVar("leader_term", default=None)
-
-
-def _term_still_valid() -> bool:
-    term = _TERM.get()
-    return term is None or term.valid()
-
-
 async def _prepare_schema(db: Database) -> None:
     """SQLite (embedded): migrate to head. PostgreSQL: refuse an out-of-date schema."""
     if db.is_sqlite:
@@ -100,12 +87,10 @@ def create_app(settings: Settings) -> FastAPI:
             token=settings.telephony_token.get_secret_value() if settings.telephony_token else None,
             timeout=settings.telephony_timeout,
             max_connections=settings.dispatch_concurrency,
-            may_send=_term_still_valid,
         )
         dispatcher = Dispatcher(db, client, dispatch_config(settings))
 
         async def started(term) -> None:  # noqa: ANN001
-            _TERM.set(term)  # in the leading task's own context: its call tasks inherit it
             IS_LEADER.set(1)
             LEADER_TRANSITIONS.inc()
             await dispatcher.lead(term)

@@ -56,7 +56,7 @@ def test_exactly_once_under(pool: ClusterPool, scenario: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_a_refused_last_moment_check_sends_nothing(pool: ClusterPool) -> None:
-    """The telephony client's `may_send` (the app wires it to the call task's leader term) is asked
+    """The telephony client's `may_send` (the dispatcher passes its term's `valid`) is asked
     right before the first byte leaves; refused, the provider sees no request at all. This is what
     keeps a leader frozen between its term check and the send from calling on resume."""
     import asyncio  # noqa: PLC0415
@@ -70,21 +70,21 @@ def test_a_refused_last_moment_check_sends_nothing(pool: ClusterPool) -> None:
     allowed = {"now": True}
 
     async def calls() -> list:
-        client = HttpTelephonyClient(f"{cluster.provider.url}/guarded", may_send=lambda: allowed["now"])
+        client = HttpTelephonyClient(f"{cluster.provider.url}/guarded")
         try:
             outcomes = []
             for key, allow in (("a", True), ("b", False), ("a", True)):
                 allowed["now"] = allow
                 outcomes.append(await client.place_call(CallRequest(
                     to="+14155552671", from_="+15550000000", message="m", appointment_id="x",
-                    reminder_id=key, idempotency_key=f"guard-{key}")))
+                    reminder_id=key, idempotency_key=f"guard-{key}"), may_send=lambda: allowed["now"]))
             return outcomes
         finally:
             await client.aclose()
 
     first, refused, again = asyncio.run(calls())
     assert first.kind is OutcomeKind.SENT and again.kind is OutcomeKind.SENT and again.replayed
-    assert refused.kind is OutcomeKind.TRANSIENT and refused.error and refused.error.startswith("not sent")
+    assert refused.kind is OutcomeKind.NOT_SENT and refused.error and refused.error.startswith("not sent")
     seen = [(p["idempotency_key"], p["status"]) for p in cluster.provider.client.requests()]
     assert seen == [("guard-a", 201), ("guard-a", 201)]
 

@@ -290,3 +290,30 @@ async def test_cancelled_appointment_is_not_called(db, client, provider) -> None
     await lead_until(Dispatcher(db, client, config()), FakeTerm(1), lambda: all_final(db))
     assert [r.status for r in await reminders(db)] == ["cancelled"]
     assert (await provider_state(provider))[1] == []
+
+
+async def test_a_term_lost_between_check_and_send_sends_nothing(db, client, provider) -> None:
+    """As if the process froze right after its term check: the client's last-moment check refuses,
+    the provider sees nothing, no attempt is spent, and the reminder stays `dispatching` for the
+    next term to complete with the same key."""
+    (reminder_id,) = await seed(db, 1)
+    term = FakeTerm(3)
+
+    class FreezesBeforeSending:
+        async def place_call(self, request, *, may_send=None):  # noqa: ANN001, ANN202
+            term.ended.set()  # the lease ran out while "frozen"
+            return await client.place_call(request, may_send=may_send)
+
+        async def aclose(self) -> None:
+            pass
+
+    await asyncio.wait_for(Dispatcher(db, FreezesBeforeSending(), config()).lead(term), 10)
+    (row,) = await reminders(db)
+    assert (row.status, row.attempts, row.fence_token) == ("dispatching", 0, 3)
+    # No call. (Over ASGI the provider sees the headers before the refused body; over TCP not even
+    # those leave: tests/test_chaos.py checks that against a real provider process.)
+    calls, requests = await provider_state(provider)
+    assert calls == [] and all(r["status"] is None for r in requests)
+    await lead_until(Dispatcher(db, client, config()), FakeTerm(4), lambda: all_final(db))
+    calls, _ = await provider_state(provider)
+    assert [c["idempotency_key"] for c in calls] == [f"reminder-{reminder_id}"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -108,9 +108,21 @@ class _Recorder:
     to close.
     """
 
-    def __init__(self, store: ReminderStore, token: int, *, max_batch: int, max_delay: float, max_writers: int = 2) -> None:
+    def __init__(
+        self,
+        store: ReminderStore,
+        token: int,
+        *,
+        max_batch: int,
+        max_delay: float,
+        max_writers: int = 2,
+        keep_trying: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.store = store
         self.token = token
+        # While this says yes (the term is valid), a database outage is waited out, not given up
+        # on: a given-up outcome would leave the reminder `dispatching` until a stale-claim sweep.
+        self.keep_trying = keep_trying
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.max_writers = max_writers
@@ -163,12 +175,14 @@ class _Recorder:
     async def _flush(self, batch: dict[str, tuple[Mapping[str, object], asyncio.Future[bool | None]]]) -> None:
         """Write `batch`, retrying while the database is down: the outcomes are facts worth keeping."""
         items = [(reminder_id, values) for reminder_id, (values, _) in batch.items()]
-        for attempt in range(_RECORD_RETRIES):
+        attempt = 0
+        while attempt < _RECORD_RETRIES or self.keep_trying():
+            attempt += 1
             try:
                 recorded = await self.store.finish_many(self.token, items)
             except Exception as error:  # noqa: BLE001
                 log.warning("recording %d outcome(s) failed (%s); retrying", len(items), type(error).__name__)
-                await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+                await asyncio.sleep(min(0.25 * 2 ** min(attempt, 5), 4.0))
                 continue
             for reminder_id, (_, future) in batch.items():
                 if not future.done():
@@ -201,7 +215,10 @@ class Dispatcher:
         token = term.fencing_token
         await self.store.raise_fence(token, self.config.instance)
         log.info("dispatching under fencing token %d", token)
-        recorder = _Recorder(self.store, token, max_batch=self.config.record_batch, max_delay=self.config.record_delay)
+        recorder = _Recorder(
+            self.store, token, max_batch=self.config.record_batch, max_delay=self.config.record_delay,
+            keep_trying=term.valid,
+        )
         ended = asyncio.ensure_future(term.ended.wait())
         try:
             while term.valid():
@@ -310,11 +327,15 @@ class Dispatcher:
         )
         IN_FLIGHT.inc()
         try:
-            outcome = await self.client.place_call(request)
+            # checked again right before the first byte leaves: a process frozen since the check
+            # above must not call on resume
+            outcome = await self.client.place_call(request, may_send=term.valid)
         finally:
             IN_FLIGHT.dec()
             self._release(claim.reminder_id)
         CALL_ATTEMPTS.labels(outcome.kind.value).inc()
+        if outcome.kind is OutcomeKind.NOT_SENT:
+            return  # as above: the next term completes it with the same key, no attempt spent
         await self._record(recorder, claim, outcome)
 
     async def _record(self, recorder: _Recorder, claim: Claim, outcome: CallOutcome) -> None:

@@ -127,6 +127,7 @@ class OutcomeKind(StrEnum):
     SENT = "sent"  # the provider accepted the call (possibly a replay of an earlier attempt)
     TRANSIENT = "transient"  # try again later with the same idempotency key
     PERMANENT = "permanent"  # trying again will not help
+    NOT_SENT = "not_sent"  # `may_send` refused at the last moment: not a byte reached the provider
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,12 @@ class CallOutcome:
 class TelephonyClient(Protocol):
     """What the dispatcher needs from a telephony provider."""
 
-    async def place_call(self, request: CallRequest) -> CallOutcome:
-        """Place one call; never raises for HTTP or network failures."""
+    async def place_call(self, request: CallRequest, *, may_send: Callable[[], bool] | None = None) -> CallOutcome:
+        """Place one call; never raises for HTTP or network failures.
+
+        `may_send`, when given, is asked at the last moment before the request leaves; if it
+        answers False nothing is sent and the outcome is NOT_SENT.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -159,12 +164,11 @@ class HttpTelephonyClient:
 
     `timeout` bounds each `place_call` as a whole (connect, pool wait, send and read).
     `max_connections` caps concurrent connections to the provider.
-    `may_send`, when given, is asked at the last moment: in the task that writes the request, after
-    the connection is set up, right before its first byte goes to the socket (the headers are
-    buffered until then). When it answers False nothing is sent and `place_call` returns a
-    TRANSIENT outcome "not sent: …". A caller that checked its own right to send and was then
-    frozen (SIGSTOP, a long GC or VM pause) before the bytes left is caught here when it resumes;
-    without it the request goes out on resume, event-loop iterations after the caller's check.
+    `place_call`'s `may_send` is asked in the task that writes the request, after the connection
+    is set up, right before its first byte goes to the socket (the headers are buffered until
+    then). A caller that checked its right to send and was then frozen (SIGSTOP, a long GC or VM
+    pause) before the bytes left is caught there when it resumes; without it the request goes out
+    on resume, event-loop iterations after the caller's own check.
     """
 
     def __init__(
@@ -175,9 +179,7 @@ class HttpTelephonyClient:
         timeout: float = 10.0,
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
-        may_send: Callable[[], bool] | None = None,
     ) -> None:
-        self._may_send = may_send
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         if max_connections < 1:
@@ -221,7 +223,7 @@ class HttpTelephonyClient:
         """Close pooled connections."""
         await self._http.aclose()
 
-    async def place_call(self, request: CallRequest) -> CallOutcome:
+    async def place_call(self, request: CallRequest, *, may_send: Callable[[], bool] | None = None) -> CallOutcome:
         """POST one call and classify the answer; only cancellation and misuse raise."""
         # The bytes httpx's `json=` would send, so every attempt of a key carries the same body.
         body = json.dumps(request.payload(), ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
@@ -234,7 +236,7 @@ class HttpTelephonyClient:
 
         async def last_moment() -> AsyncIterator[bytes]:
             nonlocal refused
-            if self._may_send is not None and not self._may_send():
+            if may_send is not None and not may_send():
                 refused = True
                 raise _NotSent("may_send refused")
             yield body
@@ -243,13 +245,13 @@ class HttpTelephonyClient:
             async with asyncio.timeout(self._timeout):
                 response = await self._http.post(
                     self._url,
-                    content=body if self._may_send is None else last_moment(),
+                    content=body if may_send is None else last_moment(),
                     headers=headers,
                     timeout=httpx.Timeout(self._timeout),
                 )
         except Exception as exc:  # noqa: BLE001 - classified below; anything unexpected re-raised
             if refused:
-                outcome = CallOutcome(OutcomeKind.TRANSIENT, error="not sent: the sender may no longer send")
+                outcome = CallOutcome(OutcomeKind.NOT_SENT, error="not sent: the sender may no longer send")
             elif isinstance(exc, httpx.HTTPError | TimeoutError):
                 # HTTP errors without a response (e.g. an unreadable body) may have landed: transient.
                 outcome = CallOutcome(OutcomeKind.TRANSIENT, error=_describe(exc, request))
