@@ -9,14 +9,15 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from harness.cluster import wait_for as wait_until  # noqa: F401 - one poll-with-deadline for all
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-T = TypeVar("T")
 
 
 def log(message: str) -> None:
@@ -125,18 +126,6 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
         return None
     index = min(len(sorted_values) - 1, max(0, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
     return sorted_values[index]
-
-
-def wait_until(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll `check()` until truthy (returned); TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not reached within {timeout:.1f} s")
-        time.sleep(interval)
 
 
 def cpu_seconds(pid: int) -> float | None:
