@@ -43,6 +43,7 @@ async def test_create_and_read(api) -> None:
     fetched = await api.get(f"/appointments/{created['id']}")
     assert fetched.status_code == 200
     assert fetched.json()["reminders"] == created["reminders"]
+    assert fetched.json()["starts_at"] == created["starts_at"]
 
 
 async def test_explicit_remind_at(api) -> None:

@@ -150,7 +150,7 @@ async def create_appointment(body: AppointmentCreate, session: SessionDep, setti
         id=new_id(),
         customer_name=body.customer_name,
         phone=body.phone,
-        starts_at=body.starts_at,
+        starts_at=body.starts_at.astimezone(UTC),  # as every later read returns it
         timezone=body.timezone,
         notes=body.notes,
         remind_at=[t.isoformat() for t in body.remind_at] if body.remind_at is not None else None,
