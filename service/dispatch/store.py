@@ -212,7 +212,7 @@ class ReminderStore:
         """Record several outcomes (reminder id, column values) of this term in ONE transaction.
 
         Returns the ids recorded; a reminder that is no longer `dispatching` under `token` (another
-        term took it over) is left alone, exactly as `finish` does for one. Ids must be distinct.
+        term took it over) is left alone: its outcome is the newer term's. Ids must be distinct.
         On PostgreSQL: one `SELECT … FOR UPDATE` of the rows still ours (so nothing can take them
         over before the commit), then one executemany UPDATE per set of columns, then COMMIT.
         """
@@ -255,20 +255,3 @@ class ReminderStore:
                     await session.execute(_update_by_id(columns), rows)
             await session.commit()
         return recorded
-
-    async def finish(self, reminder_id: str, token: int, **values: object) -> bool:
-        """Record an outcome for a reminder this term claimed; False if another term took it over."""
-        values.setdefault("updated_at", utcnow())
-        async with self.db.session() as session:
-            result = await session.execute(
-                update(Reminder)
-                .where(
-                    Reminder.id == reminder_id,
-                    Reminder.fence_token == token,
-                    Reminder.status == ReminderStatus.DISPATCHING,
-                )
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            await session.commit()
-        return result.rowcount == 1

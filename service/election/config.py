@@ -90,14 +90,14 @@ class ElectionConfig:
         if (self.cert is None) != (self.key is None):
             _fail("cert" if self.cert is None else "key", "a client certificate needs its key and vice versa")
         https = self.endpoints[0].startswith("https://")
-        for field in ("ca_cert", "cert", "key"):
-            path = getattr(self, field)
+        for name in ("ca_cert", "cert", "key"):
+            path = getattr(self, name)
             if path is None:
                 continue
             if not https:
-                _fail(field, "TLS files need https:// endpoints")
+                _fail(name, "TLS files need https:// endpoints")
             if not os.path.isfile(path):
-                _fail(field, f"file not found: {path}")
+                _fail(name, f"file not found: {path}")
 
     @staticmethod
     def _normalise_endpoints(endpoints: object) -> tuple[str, ...]:
