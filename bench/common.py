@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from harness.cluster import wait_for as wait_until  # noqa: F401 - one poll-with-deadline for all
+from harness.cluster import wait_for as wait_until  # noqa: F401 - re-exported: one poll-with-deadline for all
+from harness.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -41,14 +42,7 @@ def calibration() -> float:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem_gb = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

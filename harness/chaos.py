@@ -41,6 +41,7 @@ from typing import Any
 import httpx
 
 from .cluster import Cluster, LeaderTerm, wait_for
+from .machine import cpu_model
 
 __all__ = ["SCENARIOS", "ChaosConfig", "ClusterPool", "Fault", "Result", "chaos_cluster", "evidence", "run_scenario", "verify"]
 
@@ -642,14 +643,7 @@ def _table(results: list[Result]) -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         load = "load average %.2f %.2f %.2f at the start" % os.getloadavg()
     except OSError:
