@@ -48,17 +48,21 @@ def make_request(**overrides: str) -> CallRequest:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[HttpTelephonyClient]:
-    c = HttpTelephonyClient(BASE, token="s3cret", timeout=5.0)
-    yield c
-    await c.aclose()
+def mock() -> respx.MockRouter:
+    # The client sends through its transport, not httpx.AsyncClient, so respx is handed to it as
+    # one (its patching mockers target httpcore or AsyncClient, which this path never uses).
+    return respx.MockRouter(assert_all_called=False)
+
+
+def mocked(router: respx.MockRouter, base_url: str = BASE, **options: object) -> HttpTelephonyClient:
+    return HttpTelephonyClient(base_url, transport=httpx.MockTransport(router.async_handler), **options)
 
 
 @pytest.fixture
-def mock() -> respx.MockRouter:
-    # The default respx mocker patches httpcore, which the aiohttp transport never uses.
-    with respx.mock(using="httpx", assert_all_called=False) as router:
-        yield router
+async def client(mock: respx.MockRouter) -> AsyncIterator[HttpTelephonyClient]:
+    c = mocked(mock, token="s3cret", timeout=5.0)
+    yield c
+    await c.aclose()
 
 
 def created(call_id: str = "call_abc") -> httpx.Response:
@@ -72,20 +76,45 @@ def assert_clean(outcome: CallOutcome) -> None:
     assert outcome.error is None or TO not in outcome.error
 
 
-# --- the default transport is aiohttp and respx really intercepts it -------------------------
+# --- the default transport is aiohttp; respx serves as an injected one ------------------------
 
 
 @pytest.mark.anyio
-async def test_default_transport_is_aiohttp_and_respx_intercepts_it(
+async def test_default_transport_is_aiohttp() -> None:
+    async with HttpTelephonyClient(BASE, max_connections=7) as c:
+        assert isinstance(c.transport, AiohttpTransport)
+        assert c.transport.limits.max_connections == 7
+        assert isinstance(c, TelephonyClient)
+
+
+@pytest.mark.anyio
+async def test_respx_intercepts_the_injected_transport(
     client: HttpTelephonyClient, mock: respx.MockRouter
 ) -> None:
-    assert isinstance(client._http._transport, AiohttpTransport)
-    assert client._http._transport.limits.max_connections == 100
     route = mock.post(URL).mock(return_value=created())
     outcome = await client.place_call(make_request())
     assert route.call_count == 1
     assert outcome == CallOutcome(OutcomeKind.SENT, call_id="call_abc", status_code=201)
-    assert isinstance(client, TelephonyClient)
+
+
+@pytest.mark.anyio
+async def test_may_send_refusal_sends_nothing(
+    client: HttpTelephonyClient, mock: respx.MockRouter
+) -> None:
+    route = mock.post(URL).mock(return_value=created())
+    asked: list[bool] = []
+
+    def refuse() -> bool:
+        asked.append(False)
+        return False
+
+    outcome = await client.place_call(make_request(), may_send=refuse)
+    assert outcome.kind is OutcomeKind.NOT_SENT
+    assert asked == [False]
+    assert route.call_count == 0
+    allowed = await client.place_call(make_request(), may_send=lambda: True)
+    assert allowed.kind is OutcomeKind.SENT
+    assert json.loads(route.calls.last.request.content)["to"] == TO
 
 
 # --- request shape ----------------------------------------------------------------------------
@@ -119,7 +148,7 @@ async def test_request_body_headers_and_same_key_on_every_attempt(
 @pytest.mark.anyio
 async def test_no_authorization_header_without_token(mock: respx.MockRouter) -> None:
     route = mock.post(URL).mock(return_value=created())
-    async with HttpTelephonyClient(BASE) as c:
+    async with mocked(mock) as c:
         await c.place_call(make_request())
     assert "Authorization" not in route.calls.last.request.headers
 
@@ -139,7 +168,7 @@ async def test_path_prefix_in_base_url(
     mock: respx.MockRouter, base_url: str, expected: str
 ) -> None:
     route = mock.post(expected).mock(return_value=created())
-    async with HttpTelephonyClient(base_url) as c:
+    async with mocked(mock, base_url) as c:
         assert c.calls_url == expected
         outcome = await c.place_call(make_request())
     assert outcome.kind is OutcomeKind.SENT

@@ -34,6 +34,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CALLS_PATH = "/v1/calls"
+_USER_AGENT = "reminders-telephony-client"
 _MAX_ERROR_LEN = 160
 # Anything that looks like a phone number inside free text (provider messages, exceptions).
 _PHONE_LIKE = re.compile(r"\+?\d{7,}")
@@ -160,10 +161,16 @@ class TelephonyClient(Protocol):
 
 
 class HttpTelephonyClient:
-    """`TelephonyClient` over the provider's HTTP API.
+    """`TelephonyClient` over the provider's HTTP API, on an httpx transport (httpx-aiohttp's by default).
 
     `timeout` bounds each `place_call` as a whole (connect, pool wait, send and read).
     `max_connections` caps concurrent connections to the provider.
+    `transport` replaces the default aiohttp-backed one (tests pass respx's or an ASGI transport).
+
+    Requests go straight to the transport, not through `httpx.AsyncClient`: the client's cookie
+    jar, auth flow, redirect handling and URL merging cost more CPU per call than the transport
+    itself and none of them applies to one POST to a fixed URL (BENCHMARKS.md).
+
     `place_call`'s `may_send` is asked in the task that writes the request, after the connection
     is set up, right before its first byte goes to the socket (the headers are buffered until
     then). A caller that checked its right to send and was then frozen (SIGSTOP, a long GC or VM
@@ -187,11 +194,11 @@ class HttpTelephonyClient:
         url = httpx.URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError("base_url must be an absolute http(s) URL")
-        self._url = base_url.rstrip("/") + _CALLS_PATH
+        self._url = httpx.URL(base_url.rstrip("/") + _CALLS_PATH)
         self._timeout = timeout
-        headers = {"Accept": "application/json"}
+        self._headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
         if token:
-            headers["Authorization"] = f"Bearer {token}"
+            self._headers["Authorization"] = f"Bearer {token}"
         if transport is None:
             # Idle connections are dropped before a server with a 5 s keep-alive (uvicorn's
             # default) closes them, so a POST rarely lands on a connection being closed.
@@ -201,17 +208,17 @@ class HttpTelephonyClient:
                 keepalive_expiry=4.0,
             )
             transport = AiohttpTransport(limits=limits)
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            headers=headers,
-            timeout=httpx.Timeout(timeout),
-            follow_redirects=False,
-        )
+        self._transport = transport
 
     @property
     def calls_url(self) -> str:
         """The URL calls are POSTed to."""
-        return self._url
+        return str(self._url)
+
+    @property
+    def transport(self) -> httpx.AsyncBaseTransport:
+        """The httpx transport requests are sent through."""
+        return self._transport
 
     async def __aenter__(self) -> HttpTelephonyClient:
         return self
@@ -221,13 +228,14 @@ class HttpTelephonyClient:
 
     async def aclose(self) -> None:
         """Close pooled connections."""
-        await self._http.aclose()
+        await self._transport.aclose()
 
     async def place_call(self, request: CallRequest, *, may_send: Callable[[], bool] | None = None) -> CallOutcome:
         """POST one call and classify the answer; only cancellation and misuse raise."""
-        # The bytes httpx's `json=` would send, so every attempt of a key carries the same body.
+        # Serialised here, once, so every attempt of a key carries the same bytes.
         body = json.dumps(request.payload(), ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         headers = {
+            **self._headers,
             "Idempotency-Key": request.idempotency_key,
             "Content-Type": "application/json",
             "Content-Length": str(len(body)),
@@ -241,14 +249,21 @@ class HttpTelephonyClient:
                 raise _NotSent("may_send refused")
             yield body
 
+        http_request = httpx.Request(
+            "POST",
+            self._url,
+            headers=headers,
+            content=body if may_send is None else last_moment(),
+        )
         try:
+            # The one deadline of the call. No per-phase timeouts go to the transport: each would
+            # be one more timer per call, and this one bounds them all.
             async with asyncio.timeout(self._timeout):
-                response = await self._http.post(
-                    self._url,
-                    content=body if may_send is None else last_moment(),
-                    headers=headers,
-                    timeout=httpx.Timeout(self._timeout),
-                )
+                response = await self._transport.handle_async_request(http_request)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
         except Exception as exc:  # noqa: BLE001 - classified below; anything unexpected re-raised
             if refused:
                 outcome = CallOutcome(OutcomeKind.NOT_SENT, error="not sent: the sender may no longer send")
@@ -259,14 +274,15 @@ class HttpTelephonyClient:
                 raise
         else:
             outcome = _classify(response, request)
-        logger.debug(
-            "call %s to %s: %s status=%s%s",
-            request.idempotency_key,
-            mask_phone(request.to),
-            outcome.kind,
-            outcome.status_code,
-            " (replayed)" if outcome.replayed else "",
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "call %s to %s: %s status=%s%s",
+                request.idempotency_key,
+                mask_phone(request.to),
+                outcome.kind,
+                outcome.status_code,
+                " (replayed)" if outcome.replayed else "",
+            )
         return outcome
 
 
