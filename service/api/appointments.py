@@ -13,8 +13,9 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import joinedload
 
-from service.api.deps import SessionDep, SettingsDep, invalid, require_token
+from service.api.deps import ReadSessionDep, SessionDep, SettingsDep, invalid, require_token
 from service.api.schemas import (
     AppointmentCreate,
     AppointmentList,
@@ -117,13 +118,19 @@ def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> N
             raise invalid(("body", "remind_at", index), "must be before starts_at", moment.isoformat())
 
 
-async def _load(session: AsyncSession, appointment_id: str, *, for_update: bool = False) -> Appointment:
+async def _load(
+    session: AsyncSession, appointment_id: str, *, for_update: bool = False, one_statement: bool = False
+) -> Appointment:
+    """The appointment with its reminders, or 404. `one_statement` joins the reminders into the same
+    SELECT (what a ReadSessionDep needs) instead of loading them with a second one."""
     if "\x00" in appointment_id:  # no id holds one, and PostgreSQL would refuse the query (a 503)
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="appointment not found")
     query = select(Appointment).where(Appointment.id == appointment_id).execution_options(populate_existing=True)
     if for_update:
         query = query.with_for_update()
-    appointment = (await session.execute(query)).scalar_one_or_none()
+    if one_statement:
+        query = query.options(joinedload(Appointment.reminders))
+    appointment = (await session.execute(query)).unique().scalar_one_or_none()
     if appointment is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"appointment {appointment_id} not found")
     return appointment
@@ -215,9 +222,9 @@ async def list_appointments(
 
 
 @router.get("/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND, operation_id="getAppointment")
-async def get_appointment(appointment_id: str, session: SessionDep) -> AppointmentOut:
+async def get_appointment(appointment_id: str, session: ReadSessionDep) -> AppointmentOut:
     """One appointment with its reminders."""
-    return _out(await _load(session, appointment_id))
+    return _out(await _load(session, appointment_id, one_statement=True))
 
 
 @router.patch(

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
 
-__all__ = ["SessionDep", "SettingsDep", "invalid", "require_token"]
+__all__ = ["ReadSessionDep", "SessionDep", "SettingsDep", "invalid", "require_token"]
 
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a worker thread,
@@ -27,8 +27,15 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with request.app.state.db.read_session() as session:
+        yield session
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# For a route whose whole read is one SELECT (Database.read_session)
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
 
 _bearer = HTTPBearer(auto_error=False, description="Required when API_TOKEN is set.")
 

@@ -83,10 +83,20 @@ class Database:
                 },
             )
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # Same pool; the connection runs without a transaction while the session holds it.
+        self._autocommit = None if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def read_session(self) -> AsyncIterator[AsyncSession]:
+        """A session for a read that is ONE statement: on PostgreSQL it runs outside a transaction,
+        which saves the BEGIN and ROLLBACK round trips (a single statement sees one snapshot anyway).
+        Two statements in it may see two snapshots: use `session()` for those, and for any write."""
+        async with self.sessions(bind=self._autocommit) if self._autocommit is not None else self.sessions() as session:
             yield session
 
     async def ping(self) -> None:
