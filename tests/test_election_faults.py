@@ -161,3 +161,41 @@ async def test_session_survives_one_stalled_endpoint_of_two(proxy: TcpProxy, etc
         proxy.pass_through()
         await session.revoke()
         await client.close()
+
+
+class _HourLongBackoff:
+    def __init__(self, *_args: float) -> None:
+        pass
+
+    def next(self) -> float:
+        return 3600.0
+
+    def reset(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_failed_revoke_retries_as_soon_as_etcd_grants_a_lease(
+    monkeypatch: pytest.MonkeyPatch, etcd_endpoint: str
+) -> None:
+    """After an outage every candidate's stale key must go before anyone is elected: a revoke that
+    failed while etcd was down is retried when etcd next grants this elector a lease, not only at
+    its next backoff tick (here an hour away, so only the wake-up can retry it)."""
+    from service.election import elector as elector_module
+
+    attempts: list[int] = []
+
+    async def revoke_failing_once(_client: object, lease_id: int, _timeout: float) -> bool:
+        attempts.append(lease_id)
+        return len(attempts) > 1
+
+    monkeypatch.setattr(elector_module, "revoke_lease", revoke_failing_once)
+    monkeypatch.setattr(elector_module, "Backoff", _HourLongBackoff)
+    elector = make_elector(etcd_endpoint, unique_prefix(), "a")
+    elector._revoke_in_background(0xDEAD)
+    await poll_until(lambda: attempts, 5, "the first revoke attempt")
+    assert attempts == [0xDEAD]
+    async with running(elector):
+        await poll_until(lambda: elector.is_leader, 10, "a leads (etcd granted its lease)")
+        await poll_until(lambda: len(attempts) >= 2, 5, "the revoke retried on etcd's answer")
+    assert attempts[:2] == [0xDEAD, 0xDEAD]

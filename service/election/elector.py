@@ -88,6 +88,9 @@ class Elector:
         self._shutdown_drain: float | None = None
         self._observer: asyncio.Task[None] | None = None
         self._revokers: set[asyncio.Task[None]] = set()
+        # Set (and replaced) whenever etcd grants this elector a lease: pending revokes retry then
+        # instead of at their next backoff tick, so stale keys go as soon as etcd is back.
+        self._etcd_answered = asyncio.Event()
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -184,6 +187,7 @@ class Elector:
                 on_keepalive=self._on_keepalive,
                 on_keepalive_failure=self._on_keepalive_failure,
             )
+            self._heard_from_etcd()
             term = await self._until_stopped(self._election.campaign(session, self.config.name))
             if term is not None:
                 await self._lead(term)
@@ -316,10 +320,22 @@ class Elector:
         task.add_done_callback(self._revokers.discard)
 
     async def _revoke_until_done(self, lease_id: int) -> None:
-        backoff = Backoff(0.25, 2.0)
+        # Every candidate's stale key must go before anyone is elected after an outage, so the
+        # election waits for the *slowest* revoke: a short cap keeps that from growing with the
+        # number of candidates (a revoke is one small RPC; failing ones fail fast).
+        backoff = Backoff(0.1, 0.5)
         while not await revoke_lease(self._client, lease_id, self.config.request_timeout):
             raise_if_cancelling()
-            await asyncio.sleep(backoff.next())
+            answered = self._etcd_answered
+            try:
+                async with asyncio.timeout(backoff.next()):
+                    await answered.wait()
+            except TimeoutError:
+                pass
+
+    def _heard_from_etcd(self) -> None:
+        self._etcd_answered.set()
+        self._etcd_answered = asyncio.Event()
 
     async def _reset_client(self) -> None:
         """A new client (new channel, new auth token, endpoints re-resolved)."""
