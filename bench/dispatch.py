@@ -5,6 +5,8 @@ For each provider latency (0 ms and 100 ms), in one invocation and against one p
 1. provider ceiling — wrk (or the aiohttp generator) POSTs new calls at the dispatcher's
    concurrency for a few seconds: what the provider itself can take (not our client);
 2. raw client ceiling — 10,000 `HttpTelephonyClient.place_call` at the same concurrency, no DB;
+   beside it the same POSTs through a bare aiohttp session (what httpx's layer costs), and (at
+   0 ms) the service's Dispatcher with a client that answers at once (what the rest costs);
 3. sequential loop — the naive cron job: read the due reminders, then call and UPDATE one at a
    time with the same client (time-boxed; the time for 10,000 is extrapolated from its rate);
 4. the service — one `reminders serve` replica (harness.cluster.Cluster) that leads; 10,000 due
@@ -146,7 +148,8 @@ def _requests(n: int, prefix: str) -> list[Any]:
 
 
 async def _raw_client(base_url: str, n: int, concurrency: int) -> dict[str, Any]:
-    """n POSTs through HttpTelephonyClient with `concurrency` in flight (semaphore inside each task)."""
+    """n POSTs through HttpTelephonyClient with `concurrency` in flight (semaphore inside each task),
+    each with a `may_send` check as the dispatcher passes one."""
     from service.telephony import HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
 
     requests = _requests(n, "raw")
@@ -154,9 +157,12 @@ async def _raw_client(base_url: str, n: int, concurrency: int) -> dict[str, Any]
     semaphore = asyncio.Semaphore(concurrency)
     kinds: dict[str, int] = {}
 
+    def may_send() -> bool:
+        return True
+
     async def one(request: Any) -> None:
         async with semaphore:
-            outcome = await client.place_call(request)
+            outcome = await client.place_call(request, may_send=may_send)
         kinds[outcome.kind.value] = kinds.get(outcome.kind.value, 0) + 1
 
     try:
@@ -168,6 +174,92 @@ async def _raw_client(base_url: str, n: int, concurrency: int) -> dict[str, Any]
     return {"calls": n, "seconds": round(elapsed, 3), "calls_per_s": round(n / elapsed, 1),
             "client_cores_busy": round(cpu / elapsed, 2), "client_cpu_ms_per_call": round(cpu / n * 1000, 3),
             "sent": kinds.get(OutcomeKind.SENT.value, 0), "outcomes": kinds}
+
+
+async def _bare_aiohttp(base_url: str, n: int, concurrency: int) -> dict[str, Any]:
+    """The same n POSTs (bodies, headers, concurrency) through a bare aiohttp.ClientSession: what
+    the HTTP exchange costs without httpx's layer, which HttpTelephonyClient sends through."""
+    import aiohttp  # noqa: PLC0415
+
+    requests = _requests(n, "aiohttp")
+    url = f"{base_url}/v1/calls"
+    semaphore = asyncio.Semaphore(concurrency)
+    statuses: dict[str, int] = {}
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                    timeout=aiohttp.ClientTimeout(total=10))
+
+    async def one(request: Any) -> None:
+        body = json.dumps(request.payload(), ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {"Accept": "application/json", "Content-Type": "application/json",
+                   "Idempotency-Key": request.idempotency_key}
+        async with semaphore, session.post(url, data=body, headers=headers) as response:
+            await response.json()
+        statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
+
+    try:
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(r) for r in requests))
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        await session.close()
+    return {"calls": n, "seconds": round(elapsed, 3), "calls_per_s": round(n / elapsed, 1),
+            "client_cores_busy": round(cpu / elapsed, 2), "client_cpu_ms_per_call": round(cpu / n * 1000, 3),
+            "statuses": statuses}
+
+
+async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, Any]:
+    """The service's Dispatcher in this process with a client that answers at once (no HTTP): what
+    the claims, the term checks and the batched outcome writes cost per reminder by themselves."""
+    from sqlalchemy import func, select  # noqa: PLC0415
+
+    from service.config import CallWindow  # noqa: PLC0415
+    from service.db import Database, Reminder  # noqa: PLC0415
+    from service.dispatch.dispatcher import DispatchConfig, Dispatcher  # noqa: PLC0415
+    from service.telephony import CallOutcome, OutcomeKind  # noqa: PLC0415
+
+    class InstantClient:
+        calls = 0
+
+        async def place_call(self, request: Any, *, may_send: Any = None) -> CallOutcome:
+            await asyncio.sleep(0)  # one loop iteration, as the shortest real exchange takes
+            InstantClient.calls += 1
+            return CallOutcome(OutcomeKind.SENT, call_id=f"instant-{request.reminder_id}", status_code=201)
+
+        async def aclose(self) -> None:
+            pass
+
+    class Term:
+        fencing_token = 1
+
+        def __init__(self) -> None:
+            self.ended = asyncio.Event()
+
+        def valid(self) -> bool:
+            return not self.ended.is_set()
+
+    db = Database(db_url, pool_size=min(50, max(5, concurrency // 2)))
+    await db.upgrade()
+    await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
+    config = DispatchConfig(instance="bench-alone", caller_id="+15550000000", call_window=CallWindow.parse("00:00-23:59"),
+                            misfire_grace=timedelta(hours=1), concurrency=concurrency)
+    term = Term()
+    try:
+        started, cpu = time.perf_counter(), time.process_time()
+        leading = asyncio.create_task(Dispatcher(db, InstantClient(), config).lead(term))
+        while True:
+            async with db.session() as session:
+                sent = (await session.execute(
+                    select(func.count()).select_from(Reminder).where(Reminder.status == "sent"))).scalar_one()
+            if sent >= n or leading.done():
+                break
+            await asyncio.sleep(0.02)
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        term.ended.set()
+        await leading
+    finally:
+        await db.dispose()
+    return {"reminders": n, "sent": sent, "seconds": round(elapsed, 3), "reminders_per_s": round(n / elapsed, 1),
+            "cpu_ms_per_reminder": round(cpu / n * 1000, 3)}
 
 
 async def _sequential(db_url: str, base_url: str, n: int, budget: float) -> dict[str, Any]:
@@ -264,6 +356,15 @@ def run_latency(pg: PostgresServer, etcd: EtcdServer, latency_ms: int, concurren
         log(f"[{latency_ms} ms] raw client ceiling ({N_REMINDERS} POSTs, {concurrency} in flight, no DB)")
         result["raw_client"] = asyncio.run(_raw_client(f"{provider.url}/bench-raw", N_REMINDERS, concurrency))
         provider.client.reset()
+        log(f"[{latency_ms} ms] bare aiohttp client ({N_REMINDERS} POSTs, {concurrency} in flight, no DB)")
+        result["bare_aiohttp_client"] = asyncio.run(
+            _bare_aiohttp(f"{provider.url}/bench-aiohttp", N_REMINDERS, concurrency))
+        provider.client.reset()
+
+        if latency_ms == 0:
+            log(f"[{latency_ms} ms] dispatcher alone ({N_REMINDERS} reminders, a client that answers at once)")
+            result["dispatcher_alone"] = asyncio.run(
+                _dispatcher_alone(pg.create_database(f"alone_{tag}"), N_REMINDERS, concurrency))
 
         budget = 3.0 if quick else 6.0
         log(f"[{latency_ms} ms] sequential loop (time-boxed to {budget:.0f} s)")

@@ -42,6 +42,13 @@ def _conditions(result: dict[str, Any]) -> str:
             f"calibration {b.get('calibration_s', '?')} s → {a.get('calibration_s', '?')} s")
 
 
+def _bare_client(run: dict[str, Any]) -> str:
+    bare = run.get("bare_aiohttp_client")
+    if not bare:
+        return "–"
+    return f"{_n(bare['calls_per_s'])}/s ({_n(bare.get('client_cpu_ms_per_call'), 2)} ms CPU per call)"
+
+
 def _dispatch_runs(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
     return {run["latency_ms"]: run for run in (result or {}).get("runs", [])}
 
@@ -93,7 +100,8 @@ def write() -> Path:
             f"({_n(rate / ceiling['rps'] if rate and ceiling.get('rps') else None, 2)} × provider ceiling, "
             f"{_n(rate / raw if rate and raw else None, 2)} × raw client) | "
             f"≥ 2,000 and ≥ 0.5 × provider ceiling ({_n(half)}) | provider ceiling {_n(ceiling.get('rps'))} "
-            f"({ceiling.get('tool')}); raw client {_n(zero['raw_client']['calls_per_s'])}; sequential "
+            f"({ceiling.get('tool')}); raw client {_n(zero['raw_client']['calls_per_s'])}; bare aiohttp client "
+            f"{_n(zero.get('bare_aiohttp_client', {}).get('calls_per_s'))}; sequential "
             f"{_n(zero['sequential']['calls_per_s'])} | {_ok(ok)} |")
         add(f"| dispatch, 0 ms: commit → all 10,000 `sent` | {_n(svc.get('commit_to_all_sent_s'), 2, ' s')} | – | "
             f"sequential loop ≈ {_n(zero['sequential']['extrapolated_s_for_10000'], 0, ' s')} | – |")
@@ -164,12 +172,14 @@ def write() -> Path:
             "in one transaction. End-to-end = first call received by the provider → last reminder recorded "
             "`sent`. Baselines, same provider process, same concurrency: the provider's own ceiling (a load "
             "tool that is not our client, POSTing new calls for a few seconds), the raw client ceiling (10,000 "
-            "`HttpTelephonyClient.place_call`, no DB), and the naive cron job (read the due rows, then call and "
+            "`HttpTelephonyClient.place_call` with a `may_send` check, as the dispatcher calls it, no DB), the same "
+            "10,000 POSTs through a bare `aiohttp.ClientSession` (what the exchange costs without httpx's layer), "
+            "and the naive cron job (read the due rows, then call and "
             "UPDATE one at a time with the same client; time-boxed, extrapolated to 10,000). *cores busy* = CPU "
             "seconds each process used per wall second while the 10,000 were dispatched.")
         add("")
-        add("| provider latency | service calls/s | commit → all sent | first call after commit | provider ceiling (wrk) | provider ceiling (aiohttp) | raw client | sequential | peak RSS | cores busy (replica / provider / PostgreSQL) | exactly once |")
-        add("|---|---|---|---|---|---|---|---|---|---|---|")
+        add("| provider latency | service calls/s | commit → all sent | first call after commit | provider ceiling (wrk) | provider ceiling (aiohttp) | raw client | bare aiohttp client | sequential | peak RSS | cores busy (replica / provider / PostgreSQL) | exactly once |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for latency, run in sorted(runs.items()):
             svc = run["service"]
             ceiling = run["provider_ceiling"]
@@ -182,6 +192,7 @@ def write() -> Path:
                 f"{_n(svc.get('commit_to_first_call_s'), 2, ' s')} | "
                 f"{_n(wrk['rps'] if wrk else None)} | {_n(aio['rps'] if aio else None)} | "
                 f"{_n(run['raw_client']['calls_per_s'])}/s ({_n(run['raw_client'].get('client_cpu_ms_per_call'), 2)} ms CPU per call) | "
+                f"{_bare_client(run)} | "
                 f"{_n(run['sequential']['calls_per_s'])}/s (≈ {_n(run['sequential']['extrapolated_s_for_10000'])} s for 10,000) | "
                 f"{_n(svc.get('replica_peak_rss_mb'), 1, ' MB')} | "
                 f"{_n(cores.get('replica'), 2)} / {_n(cores.get('provider'), 2)} / {_n(cores.get('postgresql'), 2)} | "
