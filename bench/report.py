@@ -158,9 +158,13 @@ def write() -> Path:
                                  ("post_appointment", "bare_post", "POST /appointments")):
             got, ref = api[key], api[base]
             ratio = got["rps"] / ref["rps"] if ref["rps"] else None
+            floor = api.get("bare_db_get") if key == "get_appointment" else None
+            floor_text = (f"; one-SELECT floor {_n(floor['rps'])} = {_n(floor['rps'] / ref['rps'], 3)} × bare"
+                          if floor and ref["rps"] else "")
             add(f"| API {label}: req/s (p99), one worker, PostgreSQL | {_n(got['rps'])} ({_n(got['p99_ms'], 1)} ms) | "
                 f"≥ 0.5 × bare route | bare FastAPI {'POST' if 'post' in base else 'GET'} route {_n(ref['rps'])} "
-                f"({_n(ref['p99_ms'], 1)} ms): ratio {_n(ratio, 3)} | {_ok(None if ratio is None else ratio >= 0.5)} |")
+                f"({_n(ref['p99_ms'], 1)} ms): ratio {_n(ratio, 3)}{floor_text} | "
+                f"{_ok(None if ratio is None else ratio >= 0.5)} |")
     add("")
 
     # ---------------------------------------------------------------- dispatch
@@ -174,6 +178,8 @@ def write() -> Path:
             "tool that is not our client, POSTing new calls for a few seconds), the raw client ceiling (10,000 "
             "`HttpTelephonyClient.place_call` with a `may_send` check, as the dispatcher calls it, no DB), the same "
             "10,000 POSTs through a bare `aiohttp.ClientSession` (what the exchange costs without httpx's layer), "
+            "the service's `Dispatcher` in the bench process with a client that answers at once (*dispatcher alone*: "
+            "claims, term checks, batched outcome writes, against the same PostgreSQL), "
             "and the naive cron job (read the due rows, then call and "
             "UPDATE one at a time with the same client; time-boxed, extrapolated to 10,000). *cores busy* = CPU "
             "seconds each process used per wall second while the 10,000 were dispatched.")
@@ -199,18 +205,35 @@ def write() -> Path:
                 f"{'yes' if once else 'NO'}: {svc['provider_calls']} calls, {svc['distinct_keys_called']} keys, "
                 f"{svc.get('replayed_requests', 0)} replays |")
         add("")
-        if before:
-            add("### Before and after the dispatcher change")
+        if zero and zero.get("dispatcher_alone") and zero["service"].get("cores_busy"):
+            svc = zero["service"]
+            per_call = svc["cores_busy"]["replica"] * svc["commit_to_all_sent_observed_s"] / zero["reminders"] * 1000
+            client = zero["raw_client"]["client_cpu_ms_per_call"]
+            alone = zero["dispatcher_alone"]["cpu_ms_per_reminder"]
+            bare = zero.get("bare_aiohttp_client", {}).get("client_cpu_ms_per_call")
+            add(f"**Where a call's CPU goes (0 ms, this run).** The replica used {per_call:.2f} ms of CPU per "
+                f"reminder (cores busy × commit → all sent ÷ 10,000); the client alone needs {client:.2f} ms per "
+                f"call (*raw client*) and the dispatcher with a client that answers at once "
+                f"{alone:.2f} ms per reminder ({_n(zero['dispatcher_alone']['reminders_per_s'])} reminders/s, "
+                f"*dispatcher alone*): {client + alone:.2f} ms together. The same exchange through a bare aiohttp "
+                f"session costs {_n(bare, 2)} ms. One core at 2,000 calls/s leaves 0.5 ms per call.")
             add("")
-            add("`before` = `service/dispatch/{dispatcher,store}.py` as committed before this work "
-                "(one UPDATE transaction per outcome, claims sized by each freed slot, ORM entities loaded per "
-                "claim), measured with the same bench (`python -m bench dispatch --result-name dispatch_before` "
-                "from a tree with those two files restored); `after` = this tree. Each row is a separate invocation "
-                "with its own same-run baselines.")
+        befores = [(label, result) for label, result in (
+            ("dispatcher: before", before), ("client: before", read_result("dispatch_client_before"))) if result]
+        if befores:
+            add("### Before and after")
+            add("")
+            add("Each row is a separate invocation of `python -m bench dispatch` with its own same-run baselines, "
+                "run from a work tree of the commit before the change (`--result-name dispatch_before` / "
+                "`dispatch_client_before`). *dispatcher: before* = `service/dispatch/{dispatcher,store}.py` before "
+                "batched outcome writes and one-statement claims (one UPDATE transaction per outcome, claims sized "
+                "by each freed slot, ORM entities per claim); *client: before* = `HttpTelephonyClient` sending through "
+                "`httpx.AsyncClient` with per-phase timeouts (commit 385fe59, uvloop and httptools installed); "
+                "*now* = this tree.")
             add("")
             add("| provider latency | version | service calls/s | commit → all sent | replica cores busy | replica CPU ms per reminder | raw client (same run) | provider ceiling (same run) | date |")
             add("|---|---|---|---|---|---|---|---|---|")
-            for label, result in (("before", before), ("after", dispatch)):
+            for label, result in [*befores, ("now", dispatch)]:
                 for latency, run in sorted(_dispatch_runs(result).items()):
                     svc = run["service"]
                     cores = svc.get("cores_busy", {}).get("replica")
@@ -254,14 +277,19 @@ def write() -> Path:
         add(f"{api['get_appointment']['tool']} with {api['connections']} connections for {_n(api['duration_s'])} s "
             "each, after a 2 s warm-up. The service is a full `reminders serve` replica (leading, its dispatcher "
             "idle); GET rotates over 1,000 appointments; POST creates one appointment (and plans its reminder) "
-            "per request. Baseline: `bench/bare.py`, a FastAPI app with one JSON route (GET) and one pydantic-"
-            "validated POST, served by the same uvicorn settings, in the same run.")
+            "per request. Baselines: `bench/bare.py`, a FastAPI app with one JSON route (GET) and one pydantic-"
+            "validated POST, served by the same uvicorn settings, in the same run; and its `/bare-db/{id}`, the "
+            "same 1,000 appointments read with one joined SELECT through a plain asyncpg pool (no ORM, no "
+            "transaction): the floor for a route with one database round trip.")
         add("")
         add("| route | req/s | p50 | p90 | p99 | errors | ratio to bare |")
         add("|---|---|---|---|---|---|---|")
-        for key, label, base in (("bare_get", "bare GET /bare", None), ("get_appointment", "GET /appointments/{id}", "bare_get"),
+        for key, label, base in (("bare_get", "bare GET /bare", None), ("bare_db_get", "bare GET /bare-db/{id} (one SELECT)", "bare_get"),
+                                 ("get_appointment", "GET /appointments/{id}", "bare_get"),
                                  ("bare_post", "bare POST /bare", None), ("post_appointment", "POST /appointments", "bare_post")):
-            r = api[key]
+            r = api.get(key)
+            if r is None:
+                continue
             ratio = r["rps"] / api[base]["rps"] if base else None
             add(f"| {label} | {_n(r['rps'])} | {_n(r['p50_ms'], 1)} ms | {_n(r['p90_ms'], 1)} ms | {_n(r['p99_ms'], 1)} ms | "
                 f"{r['errors']} | {_n(ratio, 3) if ratio else '–'} |")
@@ -274,82 +302,81 @@ def write() -> Path:
 
 LIMITS = """## What limits the figures
 
-Found with pyinstrument (the dispatcher in-process) and py-spy (replica processes under wrk) while
-these benchmarks were built; the CPU times quoted were measured on this machine.
+Found with py-spy (replica processes under load) and cProfile (the dispatcher and the API
+in-process), then split by the same-run baselines above: *raw client*, *bare aiohttp client*,
+*dispatcher alone*, and the one-SELECT route `/bare-db/{id}`. CPU times are this machine's.
 
-**Dispatch — the database writes (fixed in service/dispatch).** Before, every outcome was
-recorded in a session of its own (`UPDATE … WHERE id AND fence_token AND status = 'dispatching'`,
-COMMIT): about 60 % of the replica's CPU went to SQLAlchemy building, compiling and running those
-statements; the claim loaded ORM entities and claimed as few rows as slots had just freed. Claim +
-record cost 2.1–4.0 ms of CPU per reminder. Now: outcomes go to a per-term `_Recorder` that writes
-up to 500 of them per transaction, 5 ms after the first one waits, with a second writer while one
-is busy (PostgreSQL: `SELECT … FOR UPDATE` of the rows still `dispatching` under the token, then one
-executemany UPDATE with the same fenced WHERE; SQLite: the same UPDATEs in one transaction). A
-reminder's task ends only once its outcome is written, so "record after the call" and the term-end
-wait are unchanged; its concurrency slot is given back when the provider answers, so
-DISPATCH_CONCURRENCY bounds calls in flight rather than calls plus pending writes. The claim reads
-what the calls need in the statement that locks the candidates (columns, not ORM entities;
-`= ANY(:ids)` on PostgreSQL) and waits for a quarter of the slots to be free. Claim + record now
-cost 0.09 ms of CPU per reminder in 200-row batches (0.2 ms in 50-row batches).
+**Dispatch — one process, one core.** Only the leader dispatches, in one Python process, so its
+CPU per call bounds the rate: the replica runs near one core (*cores busy*) while the provider and
+PostgreSQL leave part of the second idle. Per call (paragraph above the before/after table): the
+client, then claims + term checks + batched outcome writes, and the two add up to what the
+replica spends in the service. At 2,000 calls/s one core leaves 0.5 ms per call; even the bare
+aiohttp exchange plus the dispatcher alone exceed that on this machine, so the absolute target
+is out of reach for one Python leader here whatever the client. The figure quoted in the issue
+(≈ 3,700 calls/s end-to-end with a minimal dispatcher) was not reproduced: the bare aiohttp
+session alone, without any database, reaches the *bare aiohttp client* column.
 
-**Dispatch — the HTTP client (service/telephony, not changed here).** After that fix about 65 % of
-the replica's CPU is `HttpTelephonyClient.place_call`, i.e. httpx's request/response machinery on
-top of its aiohttp transport. Side by side (5,000 POSTs, 200 in flight, one provider): 0.77–0.88
-ms of CPU per call through `HttpTelephonyClient`, 0.35–0.36 ms with a bare `aiohttp.ClientSession`
-(630–690 vs 1,580–1,820 calls/s). The raw-client column above is that ceiling for our client.
-Proposed: let `HttpTelephonyClient` post through an `aiohttp.ClientSession` directly (same
-`_classify`/`_describe`, a small response shim), and keep the httpx path only when a `transport=`
-is injected (the tests' ASGITransport and respx).
+**Dispatch — the client (fixed: service/telephony/client.py).** `HttpTelephonyClient` sent through
+`httpx.AsyncClient`: its cookie jar (urllib's `cookiejar` on every response), auth and redirect
+flow, URL merge and header copies cost more CPU than the aiohttp transport beneath them (1.09 ms vs
+0.44 ms per call side by side, 5,000 POSTs, 100 in flight), and its per-phase timeouts became up
+to three aiohttp timers per call. Requests now go straight to the transport as `httpx.Request`s
+(the interface respx and the tests' ASGI transport implement too), under one `asyncio.timeout`.
+What remains of httpx — request and header objects, the response stream wrappers — is the gap
+between the *raw client* and *bare aiohttp client* columns, about a quarter of the replica's CPU
+per call. Posting through aiohttp directly would remove it, and drop the chosen httpx stack and
+the respx-mocked tests with it: not done, left as a decision. The `may_send` check sends the body
+as a one-chunk stream so the check runs right before the first byte leaves (≈ 0.07 ms per call
+in a microbenchmark); kept: it is what stops a paused ex-leader that resumes (RELIABILITY.md).
 
-**Dispatch — round trips under load.** With hundreds of calls in flight one event-loop iteration
-runs many callbacks, and every database round trip waits for the next iteration: a claim (pool
-checkout with `pool_pre_ping`, BEGIN, fence `FOR SHARE`, candidates, UPDATE, COMMIT) took 100–180 ms
-of wall time while using a few ms of CPU. Fewer, larger claims and batched writes keep that from
-bounding throughput at 0 ms. At 100 ms it still does: claims run one at a time, so rows per claim
-÷ claim latency caps the rate below the raw client's. The next step in service/dispatch (not done
-here) is to run the next claim while the previous one is still in the database (two claims in
-flight, their slots reserved); `pool_pre_ping=False` (service/db/engine.py) would save one round
-trip per transaction.
+**Dispatch — the database (fixed earlier: service/dispatch).** Every outcome used to be recorded
+in a transaction of its own and claims loaded ORM entities for as few rows as slots had freed:
+2.1–4.0 ms of CPU per reminder. Outcomes now go to a per-term `_Recorder` that writes up to 500
+per transaction (`SELECT … FOR UPDATE` of the rows still `dispatching` under the token, one
+executemany UPDATE with the same fenced WHERE), and a claim reads what the calls need in the
+statement that locks the candidates, once a quarter of the slots are free. *dispatcher alone*
+shows the remainder. Claims run one at a time; both latencies are CPU-bound now, so overlapping
+them would not raise the rate. `pool_pre_ping` (one `SELECT 1` per checkout) is kept: switching
+it off changed GET from 419 to 427 req/s, within noise, and with it a connection broken by a
+database restart is replaced before use instead of failing a request.
 
-**Dispatch — the provider and the machine.** The fake provider is Starlette on uvicorn's pure-
-Python h11 parser and the asyncio loop (`httptools`/`uvloop` are not installed) and logs one INFO
-line per call. The replica, the provider and PostgreSQL share two vCPUs that other work also used
-during these runs (see the calibration and *cores busy*). The absolute 2,000 calls/s target needs
-a cheaper client and/or a faster core; the relative target (≥ 0.5 × the provider's own ceiling)
-shows whether the dispatcher is the bottleneck. `uvicorn[standard]` in pyproject.toml would raise
-both the provider's ceiling and the API figures (not installed, so not measured).
+**Dispatch — the provider and the machine.** The fake provider is Starlette on uvicorn with
+httptools and uvloop (in pyproject.toml since this round: 2,700 → 5,500–6,000 POSTs/s at 100
+connections, side by side) and logs one INFO line per call; at 400 connections its ceiling is
+the wrk column. The relative target (≥ 0.5 × that ceiling) compares a leader that claims, fences
+and records every call to a server that only answers; the two vCPUs are shared with other work
+(calibration), so compare ratios, not absolutes, across runs.
 
 **At 100 ms latency** calls in flight bound the rate: DISPATCH_CONCURRENCY / 0.1 s. The default of
 50 caps dispatch at 500 calls/s, 20 s for 10,000, whatever the CPU; 10,000 within 10 s needs
-DISPATCH_CONCURRENCY ≥ 200 (the bench runs 400) *and* about 1 ms of free replica CPU per call.
+DISPATCH_CONCURRENCY ≥ 200 (the bench runs 400) *and* under 1 ms of replica CPU per call.
 
-**API.** A bare FastAPI route costs ≈ 0.3–0.4 ms of CPU per request here (one core / its req/s);
-`GET /appointments/{id}` ≈ 4–5 ms: the ORM path (session, `pool_pre_ping` SELECT 1, the appointment
-query, the selectin query for its reminders, ROLLBACK) is 2.5–4 ms of it, FastAPI dependency
-solving and response validation most of the rest. Two sync dependencies (`get_settings`,
-`require_token` in service/api/deps.py) run in the anyio thread pool on every request; making
-them `async def` raised GET from 205 to 298 req/s and POST from 168 to 259 req/s in one
-side-by-side run. Next, by expected gain: `pool_pre_ping=False`, one joined query instead of the
-selectin load for GET, `uvicorn[standard]`. With any database round trip in Python the 0.5 ×
-bare-route target is out of reach on this CPU: one raw `SELECT` through SQLAlchemy Core and asyncpg
-alone costs ≈ 1.2 ms of CPU, three times the whole bare route.
+**API.** `/bare-db/{id}` — FastAPI, one joined SELECT through a plain asyncpg pool, no ORM — is the
+floor for any route with a database round trip, and it is itself below half the bare route in
+the same run: the 0.5 × bare target cannot be met by a route that reads the database on this
+machine. `GET /appointments/{id}` now reads on `Database.read_session()` (one joined SELECT on
+an autocommit connection: no BEGIN/ROLLBACK, no second selectin query; 5 round trips → 2, 301 →
+410 req/s side by side). What separates it from the floor, by profile: SQLAlchemy's ORM (cache
+key and compiled-statement lookup, greenlet hop, identity map, joined-row de-duplication),
+FastAPI dependency solving (token check, settings, the session's exit stack) and the response's
+pydantic validation. A Core query for GET would skip the ORM part. POST is two INSERTs and a
+COMMIT plus phone parsing and reminder planning.
 
 **Failover.** A graceful resign is one etcd txn plus the successor's watch: milliseconds. SIGKILL
 waits for the lease to expire on the server: between TTL − TTL/3 and TTL after the kill, depending
 on when the last keepalive landed; flat from 3 to 50 candidates. After an etcd outage the leader
 steps down on its local deadline (last acknowledged keepalive + TTL − margin), before etcd could
-let anyone else in. Two effects grow with the number of candidates:
+let anyone else in.
 
+- *recovery after an outage (fixed: service/election)*: old keys keep their leases across an etcd
+  restart and every new campaign key is younger, so the first leader waits for the slowest of the
+  N candidates' revocations. With a revoke backoff of 0.25 s doubling to 2 s that grew with N
+  (3 → 50: 1.12 → 1.91 s at TTL 3, 1.42 → 1.85 s at TTL 10, the previous run). Now a failed
+  revoke retries as soon as etcd grants the elector its next lease, its backoff is capped at
+  0.5 s, and gRPC's reconnect backoff at 0.5 s instead of 1 s: see the outage_recovery column.
 - *graceful, in-process only*: the successor watches only its predecessor (no herd in the
   election), but every `Elector` also observes the leader key; with 49 electors packed into one
   process all 49 wake in one event loop on each change. With that observer switched off (a patched
-  helper, 5 runs each) 50 candidates took a median of 8 ms, as 3 did; with it, 19 ms (6–73 ms).
-  Replicas are separate processes, so `real-3` is the figure that applies to a deployment.
-- *recovery after an outage*: every candidate ends its term or campaign when its lease is lost and
-  revokes the old lease in the background with a backoff of 0.25 s doubling to 2 s. Old keys keep
-  their leases across an etcd restart, and a new campaign's key is younger than all of them, so the
-  first leader after the outage waits for the slowest of the N revocations: the maximum of N
-  backoff phases, which approaches the 2 s cap as N grows (3 → 50: about +0.5–0.8 s). Proposed
-  (service/election/elector.py): retry pending revocations at once when a call to etcd succeeds
-  again (e.g. the next cycle's lease grant), or revoke the previous lease before campaigning anew.
+  helper, 5 runs each) 50 candidates took a median of 8 ms, as 3 did. Replicas are separate
+  processes, so `real-3` is the figure that applies to a deployment.
 """
