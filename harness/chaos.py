@@ -725,10 +725,10 @@ terms that overlapped the runs. The PostgreSQL scenario alternates a crash (`imm
    dispatcher's term check comes one or more event-loop iterations before the bytes leave (aiohttp on
    Python 3.11 writes the request from a separately scheduled task; a new connection needs a
    connect). Fixed in `service/telephony/client.py` (`may_send`: asked inside the request body
-   iterator, right before the first byte; headers are buffered until then) and `service/app.py`
-   (wired to the call task's own leader term through a ContextVar). Since: 0 of 30+ runs; the check
-   was seen refusing 5 requests on a resume.
-3. **Bad input answered 503** (input tests). A NUL character (valid JSON `\u0000`) in
+   iterator, right before the first byte; headers are buffered until then), which the dispatcher
+   passes its term's `valid` (`place_call(request, may_send=term.valid)`). Since: 0 of 30+ runs; the
+   check was seen refusing 5 requests on a resume.
+3. **Bad input answered 503** (input tests). A NUL character (valid JSON `\\u0000`) in
    `customer_name` or `notes`, in a path id or in a cursor reached PostgreSQL, which refuses it; the
    client got "503 database unavailable, try again". Now 422 naming the field (404 for a path id).
 4. **Bad settings accepted or named wrongly.** `TELEPHONY_FROM` was not validated (every call would
