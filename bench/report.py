@@ -42,11 +42,19 @@ def _conditions(result: dict[str, Any]) -> str:
             f"calibration {b.get('calibration_s', '?')} s → {a.get('calibration_s', '?')} s")
 
 
+def _spread(fig: dict[str, Any], key: str, digits: int = 0, unit: str = "") -> str:
+    """ "1,196" for one run, "1,196 [1,020–1,250] (n=3)" for the median of several."""
+    values = [v for v in fig.get(f"{key}_all") or [] if v is not None]
+    if len(values) < 2:
+        return _n(fig.get(key), digits, unit)
+    return f"{_n(fig.get(key), digits, unit)} [{_n(min(values), digits)}–{_n(max(values), digits)}] (n={len(values)})"
+
+
 def _bare_client(run: dict[str, Any]) -> str:
     bare = run.get("bare_aiohttp_client")
     if not bare:
         return "–"
-    return f"{_n(bare['calls_per_s'])}/s ({_n(bare.get('client_cpu_ms_per_call'), 2)} ms CPU per call)"
+    return f"{_spread(bare, 'calls_per_s', unit='/s')} ({_n(bare.get('client_cpu_ms_per_call'), 2)} ms CPU per call)"
 
 
 def _dispatch_runs(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
@@ -96,19 +104,19 @@ def write() -> Path:
         half = 0.5 * ceiling.get("rps", 0) if ceiling else None
         ok = None if rate is None else (rate >= 2000 and half is not None and rate >= half)
         raw = zero["raw_client"]["calls_per_s"]
-        add(f"| dispatch, 0 ms provider: end-to-end calls/s (first call → last `sent`) | {_n(rate)} "
+        add(f"| dispatch, 0 ms provider: end-to-end calls/s (first call → last `sent`) | {_spread(svc, 'calls_per_s')} "
             f"({_n(rate / ceiling['rps'] if rate and ceiling.get('rps') else None, 2)} × provider ceiling, "
             f"{_n(rate / raw if rate and raw else None, 2)} × raw client) | "
             f"≥ 2,000 and ≥ 0.5 × provider ceiling ({_n(half)}) | provider ceiling {_n(ceiling.get('rps'))} "
             f"({ceiling.get('tool')}); raw client {_n(zero['raw_client']['calls_per_s'])}; bare aiohttp client "
             f"{_n(zero.get('bare_aiohttp_client', {}).get('calls_per_s'))}; sequential "
             f"{_n(zero['sequential']['calls_per_s'])} | {_ok(ok)} |")
-        add(f"| dispatch, 0 ms: commit → all 10,000 `sent` | {_n(svc.get('commit_to_all_sent_s'), 2, ' s')} | – | "
+        add(f"| dispatch, 0 ms: commit → all 10,000 `sent` | {_spread(svc, 'commit_to_all_sent_s', 2, ' s')} | – | "
             f"sequential loop ≈ {_n(zero['sequential']['extrapolated_s_for_10000'], 0, ' s')} | – |")
     if hundred:
         svc = hundred.get("service", {})
         secs = svc.get("commit_to_all_sent_s")
-        add(f"| dispatch, 100 ms provider: commit → all 10,000 `sent` | {_n(secs, 2, ' s')} "
+        add(f"| dispatch, 100 ms provider: commit → all 10,000 `sent` | {_spread(svc, 'commit_to_all_sent_s', 2, ' s')} "
             f"({_n(svc.get('calls_per_s'))} calls/s, "
             f"{_n(svc['calls_per_s'] / hundred['raw_client']['calls_per_s'] if svc.get('calls_per_s') else None, 2)}"
             f" × raw client) | ≤ 10 s | raw client "
@@ -121,7 +129,7 @@ def write() -> Path:
     if peaks:
         idle = [r["service"].get("replica_rss_idle_mb") for r in runs.values()]
         add(f"| replica peak RSS (VmHWM) while dispatching the 10,000 | {_n(max(peaks), 1, ' MB')} | ≤ 200 MB | "
-            f"idle replica {_n(max(i for i in idle if i), 1, ' MB')} | {_ok(max(peaks) <= 200)} |")
+            f"idle replica {_n(min(i for i in idle if i), 1, ' MB')} | {_ok(max(peaks) <= 200)} |")
     figures = (failover or {}).get("figures", {})
     ttls = (failover or {}).get("ttls", [])
     for config in ("real-3", "inproc-3", "inproc-50"):
@@ -182,7 +190,10 @@ def write() -> Path:
             "claims, term checks, batched outcome writes, against the same PostgreSQL), "
             "and the naive cron job (read the due rows, then call and "
             "UPDATE one at a time with the same client; time-boxed, extrapolated to 10,000). *cores busy* = CPU "
-            "seconds each process used per wall second while the 10,000 were dispatched.")
+            "seconds each process used per wall second while the 10,000 were dispatched. The client baselines, "
+            "the dispatcher alone and the service run in rounds (raw, bare, alone, service; three unless "
+            "`--quick`): each figure is the median round's, [min–max] over the rounds beside it; the cores busy, "
+            "RSS and per-call CPU are the median service round's.")
         add("")
         add("| provider latency | service calls/s | commit → all sent | first call after commit | provider ceiling (wrk) | provider ceiling (aiohttp) | raw client | bare aiohttp client | sequential | peak RSS | cores busy (replica / provider / PostgreSQL) | exactly once |")
         add("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -192,18 +203,19 @@ def write() -> Path:
             aio = run.get("provider_ceiling_aiohttp") or (ceiling if ceiling["tool"] == "aiohttp" else None)
             wrk = ceiling if ceiling["tool"] == "wrk" else None
             cores = svc.get("cores_busy", {})
-            once = (svc["provider_calls"] == svc["distinct_keys_called"] == run["reminders"]
-                    and svc.get("statuses", {}).get("sent") == run["reminders"])
-            add(f"| {latency} ms | **{_n(svc.get('calls_per_s'))}** | {_n(svc.get('commit_to_all_sent_s'), 2, ' s')} | "
+            once = svc.get("exactly_once_every_run", (
+                svc["provider_calls"] == svc["distinct_keys_called"] == run["reminders"]
+                and svc.get("statuses", {}).get("sent") == run["reminders"]))
+            add(f"| {latency} ms | **{_spread(svc, 'calls_per_s')}** | {_spread(svc, 'commit_to_all_sent_s', 2, ' s')} | "
                 f"{_n(svc.get('commit_to_first_call_s'), 2, ' s')} | "
                 f"{_n(wrk['rps'] if wrk else None)} | {_n(aio['rps'] if aio else None)} | "
-                f"{_n(run['raw_client']['calls_per_s'])}/s ({_n(run['raw_client'].get('client_cpu_ms_per_call'), 2)} ms CPU per call) | "
+                f"{_spread(run['raw_client'], 'calls_per_s', unit='/s')} ({_n(run['raw_client'].get('client_cpu_ms_per_call'), 2)} ms CPU per call) | "
                 f"{_bare_client(run)} | "
                 f"{_n(run['sequential']['calls_per_s'])}/s (≈ {_n(run['sequential']['extrapolated_s_for_10000'])} s for 10,000) | "
                 f"{_n(svc.get('replica_peak_rss_mb'), 1, ' MB')} | "
                 f"{_n(cores.get('replica'), 2)} / {_n(cores.get('provider'), 2)} / {_n(cores.get('postgresql'), 2)} | "
                 f"{'yes' if once else 'NO'}: {svc['provider_calls']} calls, {svc['distinct_keys_called']} keys, "
-                f"{svc.get('replayed_requests', 0)} replays |")
+                f"{svc.get('replayed_requests', 0)} replays{' (median round; every round checked)' if svc.get('runs', 1) > 1 else ''} |")
         add("")
         if zero and zero.get("dispatcher_alone") and zero["service"].get("cores_busy"):
             svc = zero["service"]
