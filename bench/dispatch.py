@@ -222,11 +222,8 @@ async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, 
     from service.telephony import CallOutcome, OutcomeKind  # noqa: PLC0415
 
     class InstantClient:
-        calls = 0
-
         async def place_call(self, request: Any, *, may_send: Any = None) -> CallOutcome:
             await asyncio.sleep(0)  # one loop iteration, as the shortest real exchange takes
-            InstantClient.calls += 1
             return CallOutcome(OutcomeKind.SENT, call_id=f"instant-{request.reminder_id}", status_code=201)
 
         async def aclose(self) -> None:
