@@ -1,6 +1,6 @@
 """Benchmarks of the reminder service, each against a baseline measured in the same run.
 
 `python -m bench` (or `make bench`) runs everything and regenerates BENCHMARKS.md;
-`python -m bench dispatch|failover|api|report [--quick]` runs one part. Results are JSON files
+`python -m bench dispatch|failover|api|micro|report [--quick]` runs one part. Results are JSON files
 in bench/results/. Nothing here is part of the test suite: timings are never asserted.
 """

@@ -25,6 +25,8 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,13 +49,34 @@ CALL_BODY = json.dumps({
 # -- database helpers (each opens and disposes its own engine) ---------------------------------
 
 
+@asynccontextmanager
+async def _database(url: str, pool_size: int = 1) -> AsyncIterator[Any]:
+    """A service.db.Database for `url`, disposed on exit."""
+    from service.db import Database  # noqa: PLC0415
+
+    db = Database(url, pool_size=pool_size)
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+async def _count_sent(db: Any) -> int:
+    from sqlalchemy import func, select  # noqa: PLC0415
+
+    from service.db import Reminder  # noqa: PLC0415
+
+    async with db.session() as session:
+        return (await session.execute(
+            select(func.count()).select_from(Reminder).where(Reminder.status == "sent"))).scalar_one()
+
+
 async def _seed(url: str, count: int, due_at: datetime) -> float:
     """Insert `count` appointments with one reminder each, due at `due_at`, in ONE transaction.
     Returns time.time() right after the commit (the moment they all became visible)."""
-    from service.db import Appointment, Database, Reminder  # noqa: PLC0415
+    from service.db import Appointment, Reminder  # noqa: PLC0415
 
-    db = Database(url, pool_size=1)
-    try:
+    async with _database(url) as db:
         now = datetime.now(UTC)
         appointments, reminders = [], []
         for index in range(count):
@@ -73,68 +96,57 @@ async def _seed(url: str, count: int, due_at: datetime) -> float:
                 await connection.execute(Appointment.__table__.insert(), appointments[start : start + 2000])
                 await connection.execute(Reminder.__table__.insert(), reminders[start : start + 2000])
         return time.time()
-    finally:
-        await db.dispose()
 
 
 async def _status_counts(url: str) -> dict[str, int]:
     from sqlalchemy import func, select  # noqa: PLC0415
 
-    from service.db import Database, Reminder  # noqa: PLC0415
+    from service.db import Reminder  # noqa: PLC0415
 
-    db = Database(url, pool_size=1)
-    try:
-        async with db.session() as session:
-            rows = await session.execute(select(Reminder.status, func.count()).group_by(Reminder.status))
-            return {str(status): n for status, n in rows.all()}
-    finally:
-        await db.dispose()
+    async with _database(url) as db, db.session() as session:
+        rows = await session.execute(select(Reminder.status, func.count()).group_by(Reminder.status))
+        return {str(status): n for status, n in rows.all()}
 
 
 async def _wait_all_sent(url: str, count: int, timeout: float) -> tuple[float | None, dict[str, int]]:
     """Poll every 50 ms until `count` reminders are sent; (time.time() when seen, counts)."""
-    from sqlalchemy import func, select  # noqa: PLC0415
-
-    from service.db import Database, Reminder  # noqa: PLC0415
-
-    db = Database(url, pool_size=1)
     deadline = time.monotonic() + timeout
-    try:
+    async with _database(url) as db:
         while True:
-            async with db.session() as session:
-                sent = (await session.execute(
-                    select(func.count()).select_from(Reminder).where(Reminder.status == "sent"))).scalar_one()
+            sent = await _count_sent(db)
             if sent >= count:
                 return time.time(), {"sent": sent}
             if time.monotonic() > deadline:
                 return None, {"sent": sent}
             await asyncio.sleep(0.05)
-    finally:
-        await db.dispose()
 
 
 async def _sent_span(url: str) -> dict[str, Any]:
     """When the sent reminders were recorded: min/max of sent_at and updated_at (epoch seconds)."""
     from sqlalchemy import func, select  # noqa: PLC0415
 
-    from service.db import Database, Reminder  # noqa: PLC0415
+    from service.db import Reminder  # noqa: PLC0415
 
-    db = Database(url, pool_size=1)
-    try:
-        async with db.session() as session:
-            row = (await session.execute(
-                select(func.min(Reminder.sent_at), func.max(Reminder.sent_at), func.max(Reminder.updated_at),
-                       func.max(Reminder.attempts), func.count(func.distinct(Reminder.provider_call_id)))
-                .where(Reminder.status == "sent"))).one()
-        return {
-            "first_sent": row[0].timestamp() if row[0] else None,
-            "last_sent_at": row[1].timestamp() if row[1] else None,
-            "last_recorded": row[2].timestamp() if row[2] else None,
-            "max_attempts": row[3],
-            "distinct_call_ids": row[4],
-        }
-    finally:
-        await db.dispose()
+    async with _database(url) as db, db.session() as session:
+        row = (await session.execute(
+            select(func.min(Reminder.sent_at), func.max(Reminder.sent_at), func.max(Reminder.updated_at),
+                   func.max(Reminder.attempts), func.count(func.distinct(Reminder.provider_call_id)))
+            .where(Reminder.status == "sent"))).one()
+    return {
+        "first_sent": row[0].timestamp() if row[0] else None,
+        "last_sent_at": row[1].timestamp() if row[1] else None,
+        "last_recorded": row[2].timestamp() if row[2] else None,
+        "max_attempts": row[3],
+        "distinct_call_ids": row[4],
+    }
+
+
+async def _truncate(url: str) -> None:
+    """Empty the reminders and appointments of `url` (the fence row stays: the leader keeps its term)."""
+    from sqlalchemy import text  # noqa: PLC0415
+
+    async with _database(url) as db, db.engine.begin() as connection:
+        await connection.execute(text("TRUNCATE reminders, appointments"))
 
 
 # -- baselines -----------------------------------------------------------------------------------
@@ -214,10 +226,7 @@ async def _bare_aiohttp(base_url: str, n: int, concurrency: int) -> dict[str, An
 async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, Any]:
     """The service's Dispatcher in this process with a client that answers at once (no HTTP): what
     the claims, the term checks and the batched outcome writes cost per reminder by themselves."""
-    from sqlalchemy import func, select  # noqa: PLC0415
-
     from service.config import CallWindow  # noqa: PLC0415
-    from service.db import Database, Reminder  # noqa: PLC0415
     from service.dispatch.dispatcher import DispatchConfig, Dispatcher  # noqa: PLC0415
     from service.telephony import CallOutcome, OutcomeKind  # noqa: PLC0415
 
@@ -238,27 +247,19 @@ async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, 
         def valid(self) -> bool:
             return not self.ended.is_set()
 
-    db = Database(db_url, pool_size=min(50, max(5, concurrency // 2)))
-    await db.upgrade()
-    await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
     config = DispatchConfig(instance="bench-alone", caller_id="+15550000000", call_window=CallWindow.parse("00:00-23:59"),
                             misfire_grace=timedelta(hours=1), concurrency=concurrency)
     term = Term()
-    try:
+    async with _database(db_url, pool_size=min(50, max(5, concurrency // 2))) as db:
+        await db.upgrade()
+        await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
         started, cpu = time.perf_counter(), time.process_time()
         leading = asyncio.create_task(Dispatcher(db, InstantClient(), config).lead(term))
-        while True:
-            async with db.session() as session:
-                sent = (await session.execute(
-                    select(func.count()).select_from(Reminder).where(Reminder.status == "sent"))).scalar_one()
-            if sent >= n or leading.done():
-                break
+        while (sent := await _count_sent(db)) < n and not leading.done():
             await asyncio.sleep(0.02)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         term.ended.set()
         await leading
-    finally:
-        await db.dispose()
     return {"reminders": n, "sent": sent, "seconds": round(elapsed, 3), "reminders_per_s": round(n / elapsed, 1),
             "cpu_ms_per_reminder": round(cpu / n * 1000, 3)}
 
@@ -267,17 +268,15 @@ async def _sequential(db_url: str, base_url: str, n: int, budget: float) -> dict
     """The naive cron job: SELECT the due reminders, then for each: call, UPDATE … sent, COMMIT."""
     from sqlalchemy import select, update  # noqa: PLC0415
 
-    from service.db import Appointment, Database, Reminder  # noqa: PLC0415
+    from service.db import Appointment, Reminder  # noqa: PLC0415
     from service.dispatch.dispatcher import message_for  # noqa: PLC0415
     from service.dispatch.store import Claim  # noqa: PLC0415
     from service.telephony import CallRequest, HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
 
-    db = Database(db_url, pool_size=2)
-    await db.upgrade()
-    await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
-    client = HttpTelephonyClient(base_url)
     done = sent = 0
-    try:
+    async with _database(db_url, pool_size=2) as db, HttpTelephonyClient(base_url) as client:
+        await db.upgrade()
+        await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
         started = time.perf_counter()
         async with db.session() as session:
             rows = (await session.execute(
@@ -302,9 +301,6 @@ async def _sequential(db_url: str, base_url: str, n: int, budget: float) -> dict
             done += 1
             sent += outcome.kind is OutcomeKind.SENT
         elapsed = time.perf_counter() - started
-    finally:
-        await client.aclose()
-        await db.dispose()
     rate = done / elapsed
     return {"calls": done, "sent": sent, "seconds": round(elapsed, 3), "calls_per_s": round(rate, 1),
             "time_boxed_s": budget, "extrapolated_s_for_10000": round(N_REMINDERS / rate, 1)}
@@ -342,26 +338,9 @@ def _median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return chosen
 
 
-def _truncate(url: str) -> None:
-    """Empty the reminders and appointments of `url` (the fence row stays: the leader keeps its term)."""
-    async def work() -> None:
-        from sqlalchemy import text  # noqa: PLC0415
-
-        from service.db import Database  # noqa: PLC0415
-
-        db = Database(url, pool_size=1)
-        try:
-            async with db.engine.begin() as connection:
-                await connection.execute(text("TRUNCATE reminders, appointments"))
-        finally:
-            await db.dispose()
-
-    asyncio.run(work())
-
-
 def _service_run(pg: PostgresServer, db_url: str, replica: Any, provider: Any, latency_ms: int) -> dict[str, Any]:
     """Commit N_REMINDERS due reminders, wait until all are sent, and measure the leader doing it."""
-    _truncate(db_url)
+    asyncio.run(_truncate(db_url))
     provider.client.reset()
     rss_idle = rss_mb(replica.pid)
     due_at = datetime.now(UTC)

@@ -66,6 +66,7 @@ def write() -> Path:
     before = read_result("dispatch_before")
     failover = read_result("failover")
     api = read_result("api")
+    micro = read_result("micro")
     lines: list[str] = []
     add = lines.append
     any_result = dispatch or failover or api
@@ -75,12 +76,12 @@ def write() -> Path:
     add("")
     add("Written by `make bench` (= `.venv/bin/python -m bench`) from `bench/results/*.json`; do not edit by "
         "hand (the text lives in `bench/report.py`). One part: `python -m bench dispatch|api|failover "
-        "[--quick]`; `python -m bench report` only rewrites this file. Every figure below has its baseline "
+        "[--quick]` (and `micro`, the side-by-side measurements quoted in the last section); `python -m bench report` only rewrites this file. Every figure below has its baseline "
         "measured in the same invocation, on the same machine, against the same processes.")
     add("")
     add(f"Machine: `nproc` = {machine.get('nproc', '?')}, {machine.get('cpu', '?')}, "
         f"{machine.get('memory_gb', '?')} GB, Python {machine.get('python', '?')}, {machine.get('platform', '?')}.")
-    for name, result in (("dispatch", dispatch), ("api", api), ("failover", failover)):
+    for name, result in (("dispatch", dispatch), ("api", api), ("failover", failover), ("micro", micro)):
         if result:
             add(f"- `{result.get('command', 'python -m bench')}` — {name}: {result['machine']['date']}, "
                 f"{result.get('wall_s', '?')} s, {_conditions(result)}.")
@@ -307,6 +308,45 @@ def write() -> Path:
                 f"{r['errors']} | {_n(ratio, 3) if ratio else '–'} |")
         add("")
 
+    # ---------------------------------------------------------------- micro
+    if micro:
+        add("## Side by side: client, provider stack, one read (`python -m bench micro`)")
+        add("")
+        client, provider, read = micro["client"], micro["provider"], micro["read"]
+        add(f"CPU per call, median [min–max] over {len(next(iter(client['cpu_per_call'].values()))['rounds'])} "
+            f"interleaved rounds of {_n(client['posts'])} POSTs, {client['concurrency']} in flight, to the fake "
+            "provider at 0 ms:")
+        add("")
+        add("| client | CPU per call |")
+        add("|---|---|")
+        labels = {"httpx_async_client": "`httpx.AsyncClient` on httpx-aiohttp's transport (how the client sent before)",
+                  "telephony_client": "`HttpTelephonyClient` (straight to the transport)",
+                  "telephony_client_may_send": "`HttpTelephonyClient` with a `may_send` check (as the dispatcher calls it)",
+                  "bare_aiohttp": "bare `aiohttp.ClientSession`"}
+        for key, label in labels.items():
+            fig = client["cpu_per_call"].get(key)
+            if fig:
+                add(f"| {label} | {fig['median_ms']:.2f} ms [{fig['min_ms']:.2f}–{fig['max_ms']:.2f}] |")
+        add("")
+        add(f"The fake provider under uvicorn, POSTs/s from the load tool ({provider['connections']} connections, "
+            f"{_n(provider['duration_s'])} s per round): "
+            + "; ".join(f"{name} {_n(fig['median'])} (rounds: {', '.join(_n(r) for r in fig['rounds'])})"
+                        for name, fig in provider["rps"].items()) + ".")
+        add("")
+        add(f"CPU per read of one appointment with its reminder, PostgreSQL, in-process, {_n(read['reads'])} reads "
+            "per round, median [min–max]:")
+        add("")
+        add("| read | CPU per read |")
+        add("|---|---|")
+        labels = {"orm_and_response_model": "the API's path: ORM load (joined) + response model",
+                  "core_rows": "the same SELECT through SQLAlchemy Core, rows only",
+                  "asyncpg_rows": "the same SELECT through asyncpg on a connection of the same pool"}
+        for key, label in labels.items():
+            fig = read["cpu_per_read"].get(key)
+            if fig:
+                add(f"| {label} | {fig['median_ms']:.2f} ms [{fig['min_ms']:.2f}–{fig['max_ms']:.2f}] |")
+        add("")
+
     add(LIMITS)
     OUT.write_text("\n".join(lines) + "\n")
     return OUT
@@ -330,16 +370,16 @@ session alone, without any database, reaches the *bare aiohttp client* column.
 
 **Dispatch — the client (fixed: service/telephony/client.py).** `HttpTelephonyClient` sent through
 `httpx.AsyncClient`: its cookie jar (urllib's `cookiejar` on every response), auth and redirect
-flow, URL merge and header copies cost more CPU than the aiohttp transport beneath them (1.09 ms vs
-0.44 ms per call side by side, 5,000 POSTs, 100 in flight), and its per-phase timeouts became up
-to three aiohttp timers per call. Requests now go straight to the transport as `httpx.Request`s
+flow, URL merge and header copies cost more CPU than the aiohttp transport beneath them (the
+side-by-side table above), and its per-phase timeouts became up to three aiohttp timers per call. Requests now go straight to the transport as `httpx.Request`s
 (the interface respx and the tests' ASGI transport implement too), under one `asyncio.timeout`.
 What remains of httpx — request and header objects, the response stream wrappers — is the gap
 between the *raw client* and *bare aiohttp client* columns, about a quarter of the replica's CPU
 per call. Posting through aiohttp directly would remove it, and drop the chosen httpx stack and
 the respx-mocked tests with it: not done, left as a decision. The `may_send` check sends the body
-as a one-chunk stream so the check runs right before the first byte leaves (≈ 0.07 ms per call
-in a microbenchmark); kept: it is what stops a paused ex-leader that resumes (RELIABILITY.md).
+as a one-chunk stream so the check runs right before the first byte leaves (its price: the two
+`HttpTelephonyClient` rows above); kept: it is what stops a paused ex-leader that resumes
+(RELIABILITY.md).
 
 **Dispatch — the database (fixed earlier: service/dispatch).** Every outcome used to be recorded
 in a transaction of its own and claims loaded ORM entities for as few rows as slots had freed:
@@ -349,12 +389,12 @@ executemany UPDATE with the same fenced WHERE), and a claim reads what the calls
 statement that locks the candidates, once a quarter of the slots are free. *dispatcher alone*
 shows the remainder. Claims run one at a time; both latencies are CPU-bound now, so overlapping
 them would not raise the rate. `pool_pre_ping` (one `SELECT 1` per checkout) is kept: switching
-it off changed GET from 419 to 427 req/s, within noise, and with it a connection broken by a
-database restart is replaced before use instead of failing a request.
+it off made no difference beyond noise in a side-by-side GET run while this was built, and with
+it a connection broken by a database restart is replaced before use instead of failing a request.
 
 **Dispatch — the provider and the machine.** The fake provider is Starlette on uvicorn with
-httptools and uvloop (in pyproject.toml since this round: 2,700 → 5,500–6,000 POSTs/s at 100
-connections, side by side) and logs one INFO line per call; at 400 connections its ceiling is
+httptools and uvloop (in pyproject.toml since this round; both stacks side by side in the
+section above) and logs one INFO line per call; at 400 connections its ceiling is
 the wrk column. The relative target (≥ 0.5 × that ceiling) compares a leader that claims, fences
 and records every call to a server that only answers; the two vCPUs are shared with other work
 (calibration), so compare ratios, not absolutes, across runs.
@@ -362,22 +402,21 @@ and records every call to a server that only answers; the two vCPUs are shared w
 **At 100 ms latency** calls in flight bound the rate: DISPATCH_CONCURRENCY / 0.1 s. The default of
 50 caps dispatch at 500 calls/s, 20 s for 10,000, whatever the CPU; 10,000 within 10 s needs
 DISPATCH_CONCURRENCY ≥ 200 (the bench runs 400) *and* under ≈ 0.9 ms of replica CPU per call
-including the start, which is where this machine is: 9.0 s in a single run on a quiet machine
-this session, 10.3–11.1 s in the three rounds above (the calibration loop doubled during them).
+including the start, which is where this shared machine is: met in quiet runs (9.0 s in the
+single-round run committed as bench/results/dispatch.json at 0d33f59), missed when other work
+slows the vCPUs (the rounds above; compare the calibration before and after).
 
 **API.** `/bare-db/{id}` — FastAPI, one joined SELECT through a plain asyncpg pool, no ORM — is the
 floor for any route with a database round trip, and it is itself below half the bare route in
 the same run: the 0.5 × bare target cannot be met by a route that reads the database on this
 machine. `GET /appointments/{id}` now reads on `Database.read_session()` (one joined SELECT on
-an autocommit connection: no BEGIN/ROLLBACK, no second selectin query; 5 round trips → 2, 301 →
-410 req/s side by side). What separates it from the floor, by profile: SQLAlchemy's ORM (cache
+an autocommit connection: no BEGIN/ROLLBACK, no second selectin query; 5 round trips → 2;
+`python -m bench api` on a work tree of e3a4cac^ and of e3a4cac compares the two). What separates it from the floor, by profile: SQLAlchemy's ORM (cache
 key and compiled-statement lookup, greenlet hop, identity map, joined-row de-duplication),
 FastAPI dependency solving (token check, settings, the session's exit stack) and the response's
-pydantic validation. CPU per read in-process (1,000 reads of one appointment, this machine): the
-ORM load + response model 1.6–1.9 ms, the same joined SELECT through SQLAlchemy Core (rows only)
-1.25 ms, through asyncpg on a connection of the same pool 0.53–0.57 ms. A Core query would gain
-about a quarter on GET; the rest is SQLAlchemy's own per-statement cost, and going around it
-would give the API a second way to read the schema. Not done. POST is two INSERTs and a COMMIT
+pydantic validation. The last table above splits a read's CPU between the ORM and response model,
+SQLAlchemy Core, and asyncpg: going below SQLAlchemy would give the API a second way to read the
+schema, and a Core query would save only the ORM's share. Not done. POST is two INSERTs and a COMMIT
 plus phone parsing and reminder planning.
 
 **Failover.** A graceful resign is one etcd txn plus the successor's watch: milliseconds. SIGKILL
@@ -389,12 +428,13 @@ let anyone else in.
 - *recovery after an outage (fixed: service/election)*: old keys keep their leases across an etcd
   restart and every new campaign key is younger, so the first leader waits for the slowest of the
   N candidates' revocations. With a revoke backoff of 0.25 s doubling to 2 s that grew with N
-  (3 → 50: 1.12 → 1.91 s at TTL 3, 1.42 → 1.85 s at TTL 10, the previous run). Now a failed
+  (3 → 50: 1.12 → 1.91 s at TTL 3, 1.42 → 1.85 s at TTL 10 in bench/results/failover.json as
+  committed at 385fe59, `python -m bench failover` on that commit). Now a failed
   revoke retries as soon as etcd grants the elector its next lease, its backoff is capped at
   0.5 s, and gRPC's reconnect backoff at 0.5 s instead of 1 s: see the outage_recovery column.
 - *graceful, in-process only*: the successor watches only its predecessor (no herd in the
   election), but every `Elector` also observes the leader key; with 49 electors packed into one
-  process all 49 wake in one event loop on each change. With that observer switched off (a patched
-  helper, 5 runs each) 50 candidates took a median of 8 ms, as 3 did. Replicas are separate
-  processes, so `real-3` is the figure that applies to a deployment.
+  process all 49 wake in one event loop on each change (a run with the observer patched out, not
+  kept in bench/, put 50 candidates level with 3). Replicas are separate processes, so `real-3` is
+  the figure that applies to a deployment.
 """

@@ -737,11 +737,13 @@ terms that overlapped the runs. The PostgreSQL scenario alternates a crash (`imm
    internal field name (`endpoints: …`) instead of the variable. All now stop the process with one
    line naming the variable.
 
-Known and not fixed here (in `service/dispatch`, reported): a PostgreSQL outage longer than the
-outcome recorder's retries (≈ 12 s) leaves reminders `dispatching` under a term that is still valid;
-they are completed (with the same key: a replay, no duplicate) only when that term's own
-`stale_claim_after` (2 min) passes — measured: 5 of 500 reminders 120 s late after a 15 s outage.
-With a `MISFIRE_GRACE` under 2 min they would be recorded `skipped` although their call was placed.
+5. **A long database outage delayed outcomes by two minutes** (a manual 15 s PostgreSQL stop while
+   this suite was built; the postgres-restart scenario's stop is shorter). The outcome recorder gave
+   up after ≈ 12 s of retries and left its reminders `dispatching` under a still-valid term until
+   that term's `stale_claim_after` (2 min) passed; with a `MISFIRE_GRACE` under 2 min they would
+   have been recorded `skipped` although their call was placed. Fixed in
+   `service/dispatch/dispatcher.py` (7bbd723): while the term is valid the recorder waits the
+   outage out (tests/test_dispatch.py).
 
 ## Every run
 

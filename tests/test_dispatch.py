@@ -317,3 +317,36 @@ async def test_a_term_lost_between_check_and_send_sends_nothing(db, client, prov
     await lead_until(Dispatcher(db, client, config()), FakeTerm(4), lambda: all_final(db))
     calls, _ = await provider_state(provider)
     assert [c["idempotency_key"] for c in calls] == [f"reminder-{reminder_id}"]
+
+
+class _StoreDownFor:
+    """A ReminderStore stand-in whose outcome writes fail `failures` times, as while PostgreSQL is down."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.writes = 0
+
+    async def finish_many(self, token: int, outcomes: list) -> set[str]:
+        self.writes += 1
+        if self.writes <= self.failures:
+            raise ConnectionError("database unavailable")
+        return {reminder_id for reminder_id, _ in outcomes}
+
+
+async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given up on, an outcome leaves its reminder `dispatching` until the 2-minute stale sweep; so
+    while the term is valid the recorder keeps retrying past its retry budget (cut to 1 here)."""
+    from service.dispatch import dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "_RECORD_RETRIES", 1)
+    store = _StoreDownFor(failures=3)
+    valid = dispatcher_module._Recorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: True)
+    assert await asyncio.wait_for(valid.record("r-1", {"status": "sent"}), 30) is True
+    assert store.writes == 4
+
+    store = _StoreDownFor(failures=3)
+    ended = dispatcher_module._Recorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: False)
+    assert await asyncio.wait_for(ended.record("r-2", {"status": "sent"}), 30) is None
+    assert store.writes == 1
