@@ -420,7 +420,7 @@ class Cluster:
             "TELEPHONY_URL": f"{self.provider.url}/{name}",
             "ELECTION_PREFIX": self.election_prefix,
             "LEASE_TTL": str(self.lease_ttl),
-            "CALL_WINDOW": "00:00-23:59",
+            "CALL_WINDOW": "00:00-24:00",
             **self.env,
         }
         replica = ReplicaProcess(name, self.workdir / f"{name}.log", env, proxy)
@@ -660,6 +660,7 @@ class Cluster:
         from now, spread evenly over `spread_seconds`. Returns the reminder ids."""
         from service.db import Appointment, Reminder  # noqa: PLC0415
         from service.db.models import new_id  # noqa: PLC0415
+        from service.reminders import idempotency_key  # noqa: PLC0415
 
         async def insert(db: Any) -> list[str]:
             now = datetime.now(UTC)
@@ -674,7 +675,7 @@ class Cluster:
                     )
                     appointment.reminders = [
                         Reminder(id=reminder_id, due_at=due, next_attempt_at=due, status="pending", attempts=0,
-                                 idempotency_key=f"reminder-{reminder_id}")
+                                 idempotency_key=idempotency_key(reminder_id))
                     ]
                     session.add(appointment)
                     ids.append(reminder_id)

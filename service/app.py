@@ -24,42 +24,14 @@ from service.api import appointments, health, metrics
 from service.api.limits import BodyLimitMiddleware
 from service.config import Settings
 from service.db import Database
-from service.dispatch.dispatcher import DispatchConfig, Dispatcher
-from service.election import ElectionConfig, Elector
+from service.components import dispatch_config, election_config, pool_size, telephony_client
+from service.dispatch.dispatcher import Dispatcher
+from service.election import Elector
 from service.metrics import IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
-from service.telephony import HttpTelephonyClient
 
-__all__ = ["app", "create_app", "election_config"]
+__all__ = ["app", "create_app"]
 
 log = logging.getLogger(__name__)
-
-
-def election_config(settings: Settings) -> ElectionConfig:
-    return ElectionConfig(
-        endpoints=settings.etcd_endpoints,
-        prefix=settings.election_prefix,
-        name=settings.pod_name,
-        lease_ttl=settings.lease_ttl,
-        max_term=settings.leader_max_term,
-        username=settings.etcd_username,
-        password=settings.etcd_password.get_secret_value() if settings.etcd_password else None,
-        ca_cert=settings.etcd_ca_cert,
-        cert=settings.etcd_cert,
-        key=settings.etcd_key,
-    )
-
-
-def dispatch_config(settings: Settings) -> DispatchConfig:
-    return DispatchConfig(
-        instance=settings.pod_name,
-        caller_id=settings.telephony_from,
-        call_window=settings.call_window,
-        misfire_grace=settings.misfire_grace,
-        concurrency=settings.dispatch_concurrency,
-        calls_per_second=settings.calls_per_second,
-        max_attempts=settings.dispatch_max_attempts,
-        retry_base_delay=settings.retry_base_delay,
-    )
 
 
 async def _prepare_schema(db: Database) -> None:
@@ -79,15 +51,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool_size = settings.db_pool_size or min(50, max(5, settings.dispatch_concurrency // 2))
-        db = Database(settings.database_url, pool_size=pool_size)
+        db = Database(settings.database_url, pool_size=pool_size(settings))
         await _prepare_schema(db)
-        client = HttpTelephonyClient(
-            settings.telephony_url,
-            token=settings.telephony_token.get_secret_value() if settings.telephony_token else None,
-            timeout=settings.telephony_timeout,
-            max_connections=settings.dispatch_concurrency,
-        )
+        client = telephony_client(settings)
         dispatcher = Dispatcher(db, client, dispatch_config(settings))
 
         async def started(term) -> None:  # noqa: ANN001

@@ -16,12 +16,13 @@ from service.db import Appointment, Database, Reminder
 from service.db.models import new_id
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher, message_for
 from service.dispatch.store import ReminderStore, StaleTerm
+from service.fakes import create_fake_provider
+from service.reminders import idempotency_key
 from service.telephony import CallRequest, HttpTelephonyClient
-from service.telephony.fake import create_fake_provider
 
 pytestmark = pytest.mark.anyio
 
-ALWAYS = CallWindow.parse("00:00-23:59")
+ALWAYS = CallWindow.parse("00:00-24:00")
 
 
 class FakeTerm:
@@ -85,7 +86,7 @@ async def seed(
             reminder_id = new_id()
             appointment.reminders = [
                 Reminder(id=reminder_id, due_at=now + due_in, next_attempt_at=now + due_in, status="pending",
-                         attempts=0, idempotency_key=f"reminder-{reminder_id}")
+                         attempts=0, idempotency_key=idempotency_key(reminder_id))
             ]
             session.add(appointment)
             ids.append(reminder_id)

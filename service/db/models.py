@@ -9,6 +9,12 @@ from enum import StrEnum
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.reminders.lifecycle import ReminderStatus
+
+__all__ = [
+    "Appointment", "AppointmentStatus", "Base", "LeaderFence", "Reminder", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
+]
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes on every backend (SQLite stores naive UTC text that sorts correctly)."""
@@ -45,15 +51,6 @@ class Base(DeclarativeBase):
 class AppointmentStatus(StrEnum):
     SCHEDULED = "scheduled"
     CANCELLED = "cancelled"
-
-
-class ReminderStatus(StrEnum):
-    PENDING = "pending"
-    DISPATCHING = "dispatching"
-    SENT = "sent"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
 
 
 class Appointment(Base):

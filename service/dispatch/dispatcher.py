@@ -30,12 +30,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from service.config import CallWindow
-from service.db import Database, ReminderStatus
+from service.db import Database
 from service.dispatch.limiter import RateLimiter
-from service.dispatch.policy import decide_call
 from service.dispatch.store import Claim, ReminderStore, StaleTerm
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
+from service.reminders import CallWindow, ReminderStatus, call_message, decide_call
 from service.telephony import CallOutcome, CallRequest, OutcomeKind, TelephonyClient
 
 __all__ = ["DispatchConfig", "Dispatcher", "StaleTerm", "Term"]
@@ -84,12 +83,8 @@ class DispatchConfig:
 
 
 def message_for(claim: Claim) -> str:
-    """The words of the call: stable for a reminder, since its key stands for one body."""
-    local = claim.starts_at.astimezone(ZoneInfo(claim.timezone))
-    return (
-        f"Hello {claim.customer_name}, this is a reminder of your appointment on "
-        f"{local:%A %d %B %Y at %H:%M} ({claim.timezone})."
-    )
+    """The words of the call for a claimed reminder (the wording is the domain's)."""
+    return call_message(claim.customer_name, claim.starts_at, claim.timezone)
 
 
 _RECORD_RETRIES = 6

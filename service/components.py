@@ -1,0 +1,83 @@
+"""Each component's configuration, built in one place from Settings (used by app.py and cli.py).
+
+A value the Settings accept alone but a component refuses in combination (e.g. TLS files with
+http:// endpoints) raises `SettingError`, which names the environment variable.
+"""
+
+from __future__ import annotations
+
+from service.config import Settings
+from service.dispatch.dispatcher import DispatchConfig
+from service.election import ConfigError, ElectionConfig
+from service.telephony import HttpTelephonyClient
+
+__all__ = ["SettingError", "check", "dispatch_config", "election_config", "pool_size", "telephony_client"]
+
+
+class SettingError(ValueError):
+    """A bad setting: `variable` is the environment variable, `message` what is wrong with it."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable, self.message = variable, message
+
+
+# ElectionConfig field -> the environment variable it comes from (margin and request_timeout are
+# derived: what bounds them is the lease's TTL)
+_ELECTION_VARIABLES = {
+    "endpoints": "ETCD_ENDPOINTS", "name": "POD_NAME", "prefix": "ELECTION_PREFIX", "lease_ttl": "LEASE_TTL",
+    "margin": "LEASE_TTL", "request_timeout": "LEASE_TTL", "max_term": "LEADER_MAX_TERM",
+    "username": "ETCD_USERNAME", "password": "ETCD_PASSWORD", "ca_cert": "ETCD_CA_CERT", "cert": "ETCD_CERT",
+    "key": "ETCD_KEY",
+}
+
+
+def election_config(settings: Settings) -> ElectionConfig:
+    try:
+        return ElectionConfig(
+            endpoints=settings.etcd_endpoints,
+            prefix=settings.election_prefix,
+            name=settings.pod_name,
+            lease_ttl=settings.lease_ttl,
+            max_term=settings.leader_max_term,
+            username=settings.etcd_username,
+            password=settings.etcd_password.get_secret_value() if settings.etcd_password else None,
+            ca_cert=settings.etcd_ca_cert,
+            cert=settings.etcd_cert,
+            key=settings.etcd_key,
+        )
+    except ConfigError as error:
+        raise SettingError(_ELECTION_VARIABLES.get(error.field, error.field.upper()), error.message) from None
+
+
+def dispatch_config(settings: Settings) -> DispatchConfig:
+    return DispatchConfig(
+        instance=settings.pod_name,
+        caller_id=settings.telephony_from,
+        call_window=settings.call_window,
+        misfire_grace=settings.misfire_grace,
+        concurrency=settings.dispatch_concurrency,
+        calls_per_second=settings.calls_per_second,
+        max_attempts=settings.dispatch_max_attempts,
+        retry_base_delay=settings.retry_base_delay,
+    )
+
+
+def pool_size(settings: Settings) -> int:
+    """DB_POOL_SIZE, or enough connections for the dispatcher's batches and the API."""
+    return settings.db_pool_size or min(50, max(5, settings.dispatch_concurrency // 2))
+
+
+def telephony_client(settings: Settings) -> HttpTelephonyClient:
+    return HttpTelephonyClient(
+        settings.telephony_url,
+        token=settings.telephony_token.get_secret_value() if settings.telephony_token else None,
+        timeout=settings.telephony_timeout,
+        max_connections=settings.dispatch_concurrency,
+    )
+
+
+def check(settings: Settings) -> None:
+    """Build every component's configuration once: SettingError names the first bad variable."""
+    election_config(settings)
+    dispatch_config(settings)
