@@ -14,7 +14,6 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml ./
 COPY service/ service/
-COPY harness/ harness/
 # Every dependency ships manylinux wheels for CPython 3.11 (asyncpg, grpcio, ...): no compiler needed.
 RUN pip install --no-cache-dir .
 
