@@ -13,9 +13,10 @@ __all__ = ["E164", "E164_PATTERN", "mask_phone", "scrub"]
 # A phone number in E.164: "+", a country code (never 0), 7 to 15 digits in all.
 E164_PATTERN = r"\+[1-9][0-9]{6,14}"
 E164 = re.compile(E164_PATTERN)
-# The same number inside free text, written with or without "+", and any longer run of digits
-# (a number glued to others): whatever could be a number is masked.
-_NUMBER_IN_TEXT = re.compile(r"\+?[0-9]{7,}")
+# A number inside free text: 7 or more digits, with or without "+" (longer runs too: a number
+# glued to others), standing alone: not part of a word or a hyphenated id, so the digit groups
+# of a UUID (a reminder's id in a log line) stay readable.
+_NUMBER_IN_TEXT = re.compile(r"(?<![\w-])\+?[0-9]{7,}(?![\w-])")
 
 
 def mask_phone(number: str) -> str:

@@ -63,3 +63,8 @@ def test_one_pattern_for_valid_numbers() -> None:
 def test_scrub_masks_given_numbers_and_anything_phone_like() -> None:
     text = scrub(f"to {PHONE}, ref 4155552671, port 8080", "+1 415")
     assert PHONE not in text and "4155552671" not in text and "8080" in text
+
+
+def test_ids_stay_readable() -> None:
+    reminder_id = "123e4567-e89b-12d3-a456-426614174000"
+    assert scrub(f"reminder {reminder_id} to 4155552671") == f"reminder {reminder_id} to {mask_phone('4155552671')}"
