@@ -1,4 +1,4 @@
-"""`python -m bench [all|dispatch|failover|api|micro|report] [--quick]` — see bench/__init__.py.
+"""`python -m bench [all|dispatch|failover|api|profile|micro|report] [--quick]` — see bench/__init__.py.
 
 Each part writes bench/results/<name>.json (machine facts, load average and a CPU calibration
 before and after, the figures); every run ends by regenerating BENCHMARKS.md from the JSON files.
@@ -32,7 +32,7 @@ def _part(name: str, result_name: str, work, **options) -> None:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks against same-run baselines.")
-    parser.add_argument("part", nargs="?", default="all", choices=["all", "dispatch", "failover", "api", "micro", "report"])
+    parser.add_argument("part", nargs="?", default="all", choices=["all", "dispatch", "failover", "api", "profile", "micro", "report"])
     parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (a smoke run)")
     parser.add_argument("--concurrency", type=int, default=400,
                         help="DISPATCH_CONCURRENCY of the dispatch benchmark (and of its baselines)")
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     attempt("dispatch", "dispatch", quick=args.quick, concurrency=args.concurrency)
     attempt("api", "api", quick=args.quick)
+    attempt("profile", "profile", quick=args.quick)
     attempt("failover", "failover", quick=args.quick)
     attempt("micro", "micro", quick=args.quick)
     from . import report  # noqa: PLC0415
