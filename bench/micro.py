@@ -5,9 +5,10 @@
    directly), HttpTelephonyClient without and with a `may_send` check, a bare aiohttp session;
 2. provider — the fake provider under uvicorn on h11 + asyncio and on httptools + uvloop, each
    taking POSTs from the load tool (what adding uvloop and httptools changed);
-3. read — CPU per read of one appointment with its reminder on PostgreSQL, in this process: the
-   API's ORM load + response model, the same joined SELECT through SQLAlchemy Core, and through
-   asyncpg on a connection of the same pool.
+3. read — CPU per read of one appointment with its reminder on PostgreSQL, in this process: an
+   ORM load + response model (the API's read before issue 16), the service's read now (Core, one
+   greenlet hop) + response model, a joined SELECT through SQLAlchemy Core (AsyncConnection), and
+   through asyncpg on a connection of the same pool.
 
   python -m bench micro [--quick]
 """
@@ -139,9 +140,11 @@ def _provider(duration: float, connections: int, rounds: int) -> dict[str, Any]:
 
 async def _read_round(url: str, reads: int) -> dict[str, float]:
     from sqlalchemy import select  # noqa: PLC0415
+    from sqlalchemy.ext.asyncio import AsyncSession  # noqa: PLC0415
+    from sqlalchemy.orm import joinedload  # noqa: PLC0415
 
+    from service import appointments as service  # noqa: PLC0415
     from service.api.schemas import AppointmentOut  # noqa: PLC0415
-    from service.appointments import read  # noqa: PLC0415
     from service.db import Appointment, Reminder  # noqa: PLC0415
 
     appointments, reminders = Appointment.__table__, Reminder.__table__
@@ -155,15 +158,22 @@ async def _read_round(url: str, reads: int) -> dict[str, float]:
     async with _database(url, pool_size=2) as db:
         async with db.session() as session:
             ids = list((await session.execute(select(Appointment.id))).scalars())
+        autocommit = db.engine.execution_options(isolation_level="AUTOCOMMIT")
+        one = select(Appointment).options(joinedload(Appointment.reminders)).execution_options(populate_existing=True)
+        model = AppointmentOut.model_validate
 
-        async def orm(i: int) -> None:
-            async with db.read_session() as session:
-                AppointmentOut.of(await read(session, ids[i % len(ids)], one_statement=True))
+        async def orm(i: int) -> None:  # how GET /appointments/{id} read before issue 16
+            async with AsyncSession(autocommit, expire_on_commit=False) as session:
+                found = (await session.execute(one.where(Appointment.id == ids[i % len(ids)]))).unique().scalar_one()
+                model(found, from_attributes=True)
+
+        async def service_read(i: int) -> None:  # how it reads now: service.appointments.read + one validation
+            model(await service.read(db, ids[i % len(ids)]))
 
         async def core_rows(i: int) -> None:
-            async with db.read_session() as session:
-                (await session.execute(core.where(appointments.c.id == ids[i % len(ids)])
-                                       .order_by(reminders.c.due_at))).all()
+            async with autocommit.connect() as connection:
+                (await connection.execute(core.where(appointments.c.id == ids[i % len(ids)])
+                                          .order_by(reminders.c.due_at))).all()
 
         async def asyncpg_rows(i: int) -> None:
             async with db.engine.connect() as connection:
@@ -171,6 +181,7 @@ async def _read_round(url: str, reads: int) -> dict[str, float]:
                 await driver.fetch(raw, ids[i % len(ids)])
 
         return {"orm_and_response_model": await _timed(reads, 1, orm),
+                "service_read_and_response_model": await _timed(reads, 1, service_read),
                 "core_rows": await _timed(reads, 1, core_rows),
                 "asyncpg_rows": await _timed(reads, 1, asyncpg_rows)}
 

@@ -1,23 +1,28 @@
 """Appointments as the API uses them: create, list, read, change, cancel.
 
-The layer between the routers and the ORM: it plans reminders through the domain
-(`service.reminders`) and writes them through one session. It speaks no HTTP: a router turns
-its errors (`AppointmentNotFound`, `AppointmentCancelled`, `InvalidField`) into status codes.
+The layer between the routers and the database: it plans reminders through the domain
+(`service.reminders`) and reads and writes the ORM's tables through SQLAlchemy Core, each call
+in at most one transaction with one statement per table it touches (docs/decisions/0004). It
+returns appointments as `AppointmentView`s — plain dictionaries in the API's response shape, built
+from the rows it read or the values it wrote (nothing is read back after a write). It speaks no
+HTTP: a router turns its errors (`AppointmentNotFound`, `AppointmentCancelled`, `InvalidField`)
+into status codes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import joinedload
+from sqlalchemy import Integer, Select, and_, bindparam, insert, or_, select, update
+from sqlalchemy.engine import Connection, Row
 
+from service.db import Database
 from service.db.models import Appointment, AppointmentStatus, Reminder, new_id, utcnow
 from service.privacy import mask_phone
 from service.reminders import (
@@ -33,9 +38,11 @@ from service.reminders import (
 __all__ = [
     "AppointmentCancelled",
     "AppointmentNotFound",
+    "AppointmentView",
     "InvalidField",
     "NewAppointment",
     "Page",
+    "ReminderView",
     "cancel",
     "change",
     "create",
@@ -62,6 +69,34 @@ class InvalidField(ValueError):
         self.field, self.message, self.value = field, message, value
 
 
+class ReminderView(TypedDict):
+    id: str
+    due_at: datetime
+    status: str
+    attempts: int
+    last_error: str | None
+    skip_reason: str | None
+    sent_at: datetime | None
+    provider_call_id: str | None
+
+
+class AppointmentView(TypedDict):
+    """An appointment with its reminders (ordered by due time), as the API answers it."""
+
+    id: str
+    customer_name: str
+    phone: str
+    starts_at: datetime
+    timezone: str
+    notes: str | None
+    status: str
+    remind_at: list[datetime] | None
+    reminders: list[ReminderView]
+    unplanned: list[dict[str, str]]
+    created_at: datetime
+    updated_at: datetime
+
+
 @dataclass(frozen=True)
 class NewAppointment:
     customer_name: str
@@ -74,8 +109,81 @@ class NewAppointment:
 
 @dataclass(frozen=True)
 class Page:
-    items: list[Appointment]
+    items: list[AppointmentView]
     more: bool
+
+
+# -- statements: built once, so SQLAlchemy's cache key for each is computed once -----------------
+
+_A, _R = Appointment.__table__, Reminder.__table__
+_APPOINTMENT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "status", "remind_at",
+                        "created_at", "updated_at")
+_REMINDER_COLUMNS = ("id", "due_at", "status", "attempts", "last_error", "skip_reason", "sent_at", "provider_call_id")
+
+
+def _joined(appointments: Any) -> Select[Any]:
+    """`appointments` (the table or a page of it) LEFT JOIN their reminders, in that column order."""
+    return (
+        select(*(appointments.c[name] for name in _APPOINTMENT_COLUMNS),
+               *(_R.c[name].label(f"reminder_{name}") for name in _REMINDER_COLUMNS))
+        .select_from(appointments.outerjoin(_R, _R.c.appointment_id == appointments.c.id))
+        .order_by(appointments.c.starts_at, appointments.c.id, _R.c.due_at, _R.c.id)
+    )
+
+
+_ONE = _joined(_A).where(_A.c.id == bindparam("appointment_id"))
+# Locks the appointment row only: FOR UPDATE cannot apply to the nullable side of an outer join.
+_ONE_FOR_UPDATE = _ONE.with_for_update(of=_A)
+_INSERT_APPOINTMENT = insert(_A)
+_INSERT_REMINDERS = insert(_R)
+_CANCEL_PENDING = (
+    update(_R)
+    .where(_R.c.appointment_id == bindparam("of_appointment"), _R.c.status == ReminderStatus.PENDING)
+    .values(status=ReminderStatus.CANCELLED, skip_reason=bindparam("reason"), updated_at=bindparam("now"))
+    .returning(_R.c.id)
+)
+
+
+@functools.cache
+def _page_statement(status: bool, after: bool, before: bool, cursor: bool) -> Select[Any]:
+    """The list query for one combination of filters (16 at most, each built once)."""
+    page = select(_A).order_by(_A.c.starts_at, _A.c.id).limit(bindparam("limit", type_=Integer))
+    if status:
+        page = page.where(_A.c.status == bindparam("status"))
+    if after:
+        page = page.where(_A.c.starts_at > bindparam("starts_after"))
+    if before:
+        page = page.where(_A.c.starts_at < bindparam("starts_before"))
+    if cursor:
+        cursor_start = bindparam("cursor_starts_at", type_=_A.c.starts_at.type)
+        page = page.where(or_(_A.c.starts_at > cursor_start,
+                              and_(_A.c.starts_at == cursor_start, _A.c.id > bindparam("cursor_id"))))
+    return _joined(page.subquery("page"))
+
+
+# -- rows ⇄ views -------------------------------------------------------------------------------
+
+
+def _views(rows: Sequence[Row[Any]]) -> list[AppointmentView]:
+    """Joined rows (ordered by appointment) → one view per appointment, its reminders in row order."""
+    views: list[AppointmentView] = []
+    current: AppointmentView | None = None
+    for row in rows:
+        if current is None or current["id"] != row[0]:
+            remind_at = row[7]
+            current = {
+                "id": row[0], "customer_name": row[1], "phone": row[2], "starts_at": row[3], "timezone": row[4],
+                "notes": row[5], "status": row[6],
+                "remind_at": [datetime.fromisoformat(t) for t in remind_at] if remind_at else None,
+                "reminders": [], "unplanned": [], "created_at": row[8], "updated_at": row[9],
+            }
+            views.append(current)
+        if row[10] is not None:
+            current["reminders"].append({
+                "id": row[10], "due_at": row[11], "status": row[12], "attempts": row[13], "last_error": row[14],
+                "skip_reason": row[15], "sent_at": row[16], "provider_call_id": row[17],
+            })
+    return views
 
 
 def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> None:
@@ -84,85 +192,111 @@ def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> N
             raise InvalidField(("remind_at", index), "must be before starts_at", moment.isoformat())
 
 
-def _plan(appointment: Appointment, planning: PlanningConfig, now: datetime) -> tuple[list[Reminder], list[Unplanned]]:
-    explicit = [datetime.fromisoformat(t) for t in appointment.remind_at] if appointment.remind_at is not None else None
+def _plan(
+    appointment_id: str, starts_at: datetime, timezone: str, remind_at: list[str] | None,
+    planning: PlanningConfig, now: datetime,
+) -> tuple[list[dict[str, Any]], list[Unplanned]]:
+    """The reminder rows to insert for an appointment, and what could not be planned."""
     plan = plan_reminders(
-        starts_at=appointment.starts_at,
-        zone=ZoneInfo(appointment.timezone),
+        starts_at=starts_at,
+        zone=ZoneInfo(timezone),
         window=planning.call_window,
         now=now,
         offsets=planning.offsets,
-        explicit=explicit,
+        explicit=[datetime.fromisoformat(t) for t in remind_at] if remind_at is not None else None,
     )
-    reminders = []
+    rows = []
     for due in plan.due_times:
         reminder_id = new_id()
-        reminders.append(
-            Reminder(
-                id=reminder_id, due_at=due, next_attempt_at=due, status=ReminderStatus.PENDING, attempts=0,
-                idempotency_key=idempotency_key(reminder_id),
-            )
-        )
-    return reminders, plan.unplanned
+        rows.append({
+            "id": reminder_id, "appointment_id": appointment_id, "due_at": due, "next_attempt_at": due,
+            "status": ReminderStatus.PENDING, "attempts": 0, "idempotency_key": idempotency_key(reminder_id),
+            "created_at": now, "updated_at": now,
+        })
+    return rows, plan.unplanned
 
 
-async def _cancel_pending(session: AsyncSession, appointment_id: str, reason: str) -> None:
-    # Only `pending` ones: a reminder the dispatcher already claimed stays its, and its outcome decides.
+def _reminder_view(row: Mapping[str, Any]) -> ReminderView:
+    return {"id": row["id"], "due_at": row["due_at"], "status": row["status"], "attempts": 0, "last_error": None,
+            "skip_reason": None, "sent_at": None, "provider_call_id": None}
+
+
+def _unplanned(unplanned: Sequence[Unplanned]) -> list[dict[str, str]]:
+    return [{"rule": u.rule, "reason": u.reason} for u in unplanned]
+
+
+def _insert_reminders(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    if rows:  # one executemany: one round trip for all of them
+        connection.execute(_INSERT_REMINDERS, rows)
+
+
+def _cancel_pending(connection: Connection, view: AppointmentView, reason: str, now: datetime) -> None:
+    """Cancel the appointment's `pending` reminders (a claimed one stays the dispatcher's, its
+    outcome decides) and mark them so in `view`."""
     require(ReminderStatus.PENDING, ReminderStatus.CANCELLED)
-    await session.execute(
-        update(Reminder)
-        .where(Reminder.appointment_id == appointment_id, Reminder.status == ReminderStatus.PENDING)
-        .values(status=ReminderStatus.CANCELLED, skip_reason=reason, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    result = connection.execute(_CANCEL_PENDING, {"of_appointment": view["id"], "reason": reason, "now": now})
+    cancelled = set(result.scalars())
+    for reminder in view["reminders"]:
+        if reminder["id"] in cancelled:
+            reminder["status"], reminder["skip_reason"] = ReminderStatus.CANCELLED, reason
 
 
-async def read(
-    session: AsyncSession, appointment_id: str, *, for_update: bool = False, one_statement: bool = False
-) -> Appointment:
-    """The appointment with its reminders (AppointmentNotFound if none). `one_statement` joins the
-    reminders into the same SELECT (what a read-only session outside a transaction needs)."""
+def _select_one(connection: Connection, appointment_id: str, *, lock: bool = False) -> AppointmentView:
+    """The appointment; with `lock`, its row locked until the transaction ends (PostgreSQL; SQLite
+    locks the whole file on the first write anyway)."""
     if "\x00" in appointment_id:  # no id holds one, and PostgreSQL would refuse the query (a 503)
         raise AppointmentNotFound("appointment not found")
-    query = select(Appointment).where(Appointment.id == appointment_id).execution_options(populate_existing=True)
-    if for_update:
-        query = query.with_for_update()
-    if one_statement:
-        query = query.options(joinedload(Appointment.reminders))
-    appointment = (await session.execute(query)).unique().scalar_one_or_none()
-    if appointment is None:
+    statement = _ONE_FOR_UPDATE if lock and connection.dialect.name != "sqlite" else _ONE
+    rows = connection.execute(statement, {"appointment_id": appointment_id}).all()
+    if not rows:
         raise AppointmentNotFound(f"appointment {appointment_id} not found")
-    return appointment
+    return _views(rows)[0]
 
 
-async def create(
-    session: AsyncSession, new: NewAppointment, planning: PlanningConfig
-) -> tuple[Appointment, list[Unplanned]]:
-    """Store an appointment with its planned reminders; also what could not be planned, and why."""
+def _insert(connection: Connection, appointment: dict[str, Any], reminders: list[dict[str, Any]]) -> None:
+    connection.execute(_INSERT_APPOINTMENT, appointment)
+    _insert_reminders(connection, reminders)
+
+
+def _select_page(connection: Connection, statement: Select[Any], params: dict[str, Any]) -> list[AppointmentView]:
+    return _views(connection.execute(statement, params).all())
+
+
+# -- the operations -----------------------------------------------------------------------------
+
+
+async def read(db: Database, appointment_id: str) -> AppointmentView:
+    """The appointment with its reminders, in one SELECT outside a transaction (AppointmentNotFound if none)."""
+    return await db.read(_select_one, appointment_id)
+
+
+async def create(db: Database, new: NewAppointment, planning: PlanningConfig) -> AppointmentView:
+    """Store an appointment with its planned reminders (one transaction, one INSERT per table);
+    the view's `unplanned` says what could not be planned, and why."""
     _check_remind_at(new.remind_at, new.starts_at)
-    appointment = Appointment(
-        id=new_id(),
-        customer_name=new.customer_name,
-        phone=new.phone,
-        starts_at=new.starts_at.astimezone(UTC),  # as every later read returns it
-        timezone=new.timezone,
-        notes=new.notes,
-        remind_at=[t.isoformat() for t in new.remind_at] if new.remind_at is not None else None,
-        status=AppointmentStatus.SCHEDULED,
-    )
-    reminders, unplanned = _plan(appointment, planning, datetime.now(UTC))
-    appointment.reminders = reminders
-    session.add(appointment)
-    await session.commit()
-    log.info(
-        "appointment %s created for %s: %d reminder(s), %d unplanned",
-        appointment.id, mask_phone(appointment.phone), len(reminders), len(unplanned),
-    )
-    return appointment, unplanned
+    now = utcnow()
+    values = {
+        "id": new_id(), "customer_name": new.customer_name, "phone": new.phone,
+        "starts_at": new.starts_at.astimezone(UTC),  # as every later read returns it
+        "timezone": new.timezone, "notes": new.notes,
+        "remind_at": [t.isoformat() for t in new.remind_at] if new.remind_at is not None else None,
+        "status": AppointmentStatus.SCHEDULED, "created_at": now, "updated_at": now,
+    }
+    reminders, unplanned = _plan(values["id"], values["starts_at"], new.timezone, values["remind_at"], planning, now)
+    await db.write(_insert, values, reminders)
+    if log.isEnabledFor(logging.INFO):
+        log.info("appointment %s created for %s: %d reminder(s), %d unplanned",
+                 values["id"], mask_phone(new.phone), len(reminders), len(unplanned))
+    return {
+        "id": values["id"], "customer_name": new.customer_name, "phone": new.phone, "starts_at": values["starts_at"],
+        "timezone": new.timezone, "notes": new.notes, "status": AppointmentStatus.SCHEDULED,
+        "remind_at": new.remind_at or None, "reminders": [_reminder_view(r) for r in reminders],
+        "unplanned": _unplanned(unplanned), "created_at": now, "updated_at": now,
+    }
 
 
 async def list_page(
-    session: AsyncSession,
+    db: Database,
     *,
     limit: int,
     status: AppointmentStatus | None = None,
@@ -170,62 +304,77 @@ async def list_page(
     starts_before: datetime | None = None,
     after: tuple[datetime, str] | None = None,
 ) -> Page:
-    """Up to `limit` appointments ordered by (starts_at, id), after the (starts_at, id) `after`."""
-    query = select(Appointment).order_by(Appointment.starts_at, Appointment.id).limit(limit + 1)
-    if status is not None:
-        query = query.where(Appointment.status == status)
-    if starts_after is not None:
-        query = query.where(Appointment.starts_at > starts_after)
-    if starts_before is not None:
-        query = query.where(Appointment.starts_at < starts_before)
+    """Up to `limit` appointments ordered by (starts_at, id), after the (starts_at, id) `after`,
+    with their reminders: one SELECT outside a transaction."""
+    statement = _page_statement(status is not None, starts_after is not None, starts_before is not None,
+                                after is not None)
+    params: dict[str, Any] = {"limit": limit + 1, "status": status, "starts_after": starts_after,
+                              "starts_before": starts_before}
     if after is not None:
-        after_start, after_id = after
-        query = query.where(
-            or_(
-                Appointment.starts_at > after_start,
-                and_(Appointment.starts_at == after_start, Appointment.id > after_id),
-            )
-        )
-    rows = list((await session.execute(query)).scalars())
-    return Page(rows[:limit], len(rows) > limit)
+        params["cursor_starts_at"], params["cursor_id"] = after
+    views = await db.read(_select_page, statement, params)
+    return Page(views[:limit], len(views) > limit)
 
 
 async def change(
-    session: AsyncSession, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig
-) -> tuple[Appointment, list[Unplanned]]:
+    db: Database, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig
+) -> AppointmentView:
     """Apply `changes` (field → new value); a change to what a call says or when re-plans the
     pending reminders under new keys. AppointmentCancelled if the appointment is cancelled."""
-    locking = session.get_bind().dialect.name != "sqlite"
-    appointment = await read(session, appointment_id, for_update=locking)
-    if appointment.status == AppointmentStatus.CANCELLED:
+    view, replanned = await db.write(_change, appointment_id, changes, planning)
+    log.info("appointment %s changed (%s)%s", view["id"], ", ".join(sorted(changes)), ", re-planned" if replanned else "")
+    return view
+
+
+def _change(
+    connection: Connection, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig
+) -> tuple[AppointmentView, bool]:
+    view = _select_one(connection, appointment_id, lock=True)
+    if view["status"] == AppointmentStatus.CANCELLED:
         raise AppointmentCancelled("appointment is cancelled")
-    starts_at = changes.get("starts_at", appointment.starts_at)
+    starts_at = changes.get("starts_at", view["starts_at"]).astimezone(UTC)
     _check_remind_at(changes.get("remind_at"), starts_at)
-    replan = bool(changes.keys() & REPLAN_FIELDS)
-    for name, value in changes.items():
-        if name == "remind_at":
-            value = [t.isoformat() for t in value] if value is not None else None
-        setattr(appointment, name, value)
+    now = utcnow()
+    values = {**changes, "updated_at": now}
+    if "starts_at" in changes:
+        values["starts_at"] = starts_at
+    if "remind_at" in changes:
+        values["remind_at"] = [t.isoformat() for t in changes["remind_at"]] if changes["remind_at"] is not None else None
+    connection.execute(update(_A).where(_A.c.id == view["id"]).values(values))
+    view.update(values)  # type: ignore[typeddict-item]
+    if "remind_at" in changes:
+        view["remind_at"] = changes["remind_at"] or None
     unplanned: list[Unplanned] = []
+    replan = bool(changes.keys() & REPLAN_FIELDS)
     if replan:
-        await _cancel_pending(session, appointment.id, "re-planned")
-        reminders, unplanned = _plan(appointment, planning, datetime.now(UTC))
-        for reminder in reminders:
-            reminder.appointment_id = appointment.id
-            session.add(reminder)
-    appointment.updated_at = utcnow()
-    await session.commit()
-    log.info("appointment %s changed (%s)%s", appointment.id, ", ".join(sorted(changes)), ", re-planned" if replan else "")
-    return await read(session, appointment.id), unplanned
+        _cancel_pending(connection, view, "re-planned", now)
+        stored = values["remind_at"] if "remind_at" in values else _stored_remind_at(view)
+        reminders, unplanned = _plan(view["id"], starts_at, view["timezone"], stored, planning, now)
+        _insert_reminders(connection, reminders)
+        view["reminders"] = sorted([*view["reminders"], *map(_reminder_view, reminders)],
+                                   key=lambda r: (r["due_at"], r["id"]))
+    view["unplanned"] = _unplanned(unplanned)
+    return view, replan
 
 
-async def cancel(session: AsyncSession, appointment_id: str) -> Appointment:
+def _stored_remind_at(view: AppointmentView) -> list[str] | None:
+    return [t.isoformat() for t in view["remind_at"]] if view["remind_at"] is not None else None
+
+
+async def cancel(db: Database, appointment_id: str) -> AppointmentView:
     """Cancel an appointment and its pending reminders; cancelling twice is harmless."""
-    appointment = await read(session, appointment_id)
-    if appointment.status != AppointmentStatus.CANCELLED:
-        appointment.status = AppointmentStatus.CANCELLED
-        appointment.updated_at = utcnow()
-        await _cancel_pending(session, appointment.id, "appointment cancelled")
-        await session.commit()
-        log.info("appointment %s cancelled", appointment.id)
-    return await read(session, appointment.id)
+    view, cancelled = await db.write(_cancel, appointment_id)
+    if cancelled:
+        log.info("appointment %s cancelled", view["id"])
+    return view
+
+
+def _cancel(connection: Connection, appointment_id: str) -> tuple[AppointmentView, bool]:
+    view = _select_one(connection, appointment_id, lock=True)
+    if view["status"] == AppointmentStatus.CANCELLED:
+        return view, False
+    now = utcnow()
+    connection.execute(update(_A).where(_A.c.id == view["id"]).values(status=AppointmentStatus.CANCELLED, updated_at=now))
+    view["status"], view["updated_at"] = AppointmentStatus.CANCELLED, now
+    _cancel_pending(connection, view, "appointment cancelled", now)
+    return view, True

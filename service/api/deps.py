@@ -1,19 +1,17 @@
-"""Dependencies shared by the routers: settings, DB session, bearer auth, 422 helper."""
+"""Dependencies shared by the routers: settings, bearer auth, 422 helper."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.config import Settings
 
-__all__ = ["ReadSessionDep", "SessionDep", "SettingsDep", "invalid", "require_token"]
+__all__ = ["SettingsDep", "invalid", "require_token"]
 
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a worker thread,
@@ -22,32 +20,21 @@ async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.db.session() as session:
-        yield session
-
-
-async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.db.read_session() as session:
-        yield session
-
-
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
-# For a route whose whole read is one SELECT (Database.read_session)
-ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session)]
 
 _bearer = HTTPBearer(auto_error=False, description="Required when API_TOKEN is set.")
 
 
 async def require_token(
-    settings: SettingsDep,
+    request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """401 unless API_TOKEN is unset or the request carries it as a bearer token."""
-    if settings.api_token is None:
+    # Settings straight from the app, not as a sub-dependency: this runs on every appointment route.
+    api_token = request.app.state.settings.api_token
+    if api_token is None:
         return
-    expected = settings.api_token.get_secret_value().encode()
+    expected = api_token.get_secret_value().encode()
     given = credentials.credentials.encode() if credentials else b""
     if not secrets.compare_digest(given, expected):
         raise HTTPException(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -10,9 +9,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
 
-from service.db.models import Appointment, AppointmentStatus
+from service.db.models import AppointmentStatus
 from service.privacy import E164_PATTERN
-from service.reminders import ReminderStatus, Unplanned
+from service.reminders import ReminderStatus
 
 __all__ = [
     "AppointmentCreate",
@@ -160,24 +159,6 @@ class AppointmentOut(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
-
-    @classmethod
-    def of(cls, appointment: Appointment, unplanned: Sequence[Unplanned] = ()) -> AppointmentOut:
-        """The response body for a stored appointment (its reminders loaded)."""
-        return cls(
-            id=appointment.id,
-            customer_name=appointment.customer_name,
-            phone=appointment.phone,
-            starts_at=appointment.starts_at,
-            timezone=appointment.timezone,
-            notes=appointment.notes,
-            status=AppointmentStatus(appointment.status),
-            remind_at=[datetime.fromisoformat(t) for t in appointment.remind_at] if appointment.remind_at else None,
-            reminders=[ReminderOut.model_validate(r, from_attributes=True) for r in appointment.reminders],
-            unplanned=[UnplannedOut(rule=u.rule, reason=u.reason) for u in unplanned],
-            created_at=appointment.created_at,
-            updated_at=appointment.updated_at,
-        )
 
 
 class AppointmentList(BaseModel):

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 __all__ = ["Database", "SchemaOutOfDate", "alembic_config"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # Seconds: how long a statement may wait (PostgreSQL statement_timeout, SQLite busy wait).
 STATEMENT_TIMEOUT = 10.0
@@ -57,6 +62,42 @@ def _set_sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
     cursor.close()
 
 
+# `read` and `write` run their work, a plain function over a SQLAlchemy Connection, in ONE greenlet:
+# checkout, statements and checkin cost one hop between asyncio and SQLAlchemy instead of one per
+# call (AsyncConnection's connect, execute and close each take one). The same mechanism as
+# AsyncConnection.run_sync.
+def _on_connection(engine: Engine, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    with engine.connect() as connection:
+        return work(connection, *args, **kwargs)
+
+
+def _in_transaction(engine: Engine, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    with engine.begin() as connection:
+        return work(connection, *args, **kwargs)
+
+
+def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, **options: Any) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=STATEMENT_TIMEOUT,
+        # No pre-ping: asyncpg's costs BEGIN, a query and ROLLBACK, three round trips per checkout.
+        # A connection found dead fails its one statement, and SQLAlchemy then invalidates the
+        # whole pool (docs/decisions/0004-api-at-database-speed.md).
+        pool_pre_ping=False,
+        connect_args={
+            "timeout": STATEMENT_TIMEOUT,
+            "command_timeout": STATEMENT_TIMEOUT,
+            "server_settings": {
+                "statement_timeout": str(int(STATEMENT_TIMEOUT * 1000)),
+                "idle_in_transaction_session_timeout": str(int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)),
+            },
+        },
+        **options,
+    )
+
+
 class Database:
     """The engine, a session factory, and schema checks for one DATABASE_URL."""
 
@@ -66,38 +107,31 @@ class Database:
         if self.is_sqlite:
             self.engine: AsyncEngine = create_async_engine(url, connect_args={"timeout": STATEMENT_TIMEOUT})
             event.listen(self.engine.sync_engine, "connect", _set_sqlite_pragmas)
+            self._reads = self.engine
         else:
-            self.engine = create_async_engine(
-                url,
-                pool_size=pool_size,
-                max_overflow=pool_size,
-                pool_timeout=STATEMENT_TIMEOUT,
-                pool_pre_ping=True,
-                connect_args={
-                    "timeout": STATEMENT_TIMEOUT,
-                    "command_timeout": STATEMENT_TIMEOUT,
-                    "server_settings": {
-                        "statement_timeout": str(int(STATEMENT_TIMEOUT * 1000)),
-                        "idle_in_transaction_session_timeout": str(int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)),
-                    },
-                },
-            )
+            # Reads get a pool of their own whose connections stay in autocommit: switching a shared
+            # connection's isolation level at each checkout and back at checkin cost about as much
+            # CPU as the read itself. Together the two pools keep the documented bound: at most
+            # 2 × pool_size connections per replica.
+            read_pool = max(2, pool_size // 2)
+            self.engine = _postgres_engine(url, pool_size=pool_size, max_overflow=max(0, pool_size - read_pool))
+            self._reads = _postgres_engine(url, pool_size=read_pool, max_overflow=0, isolation_level="AUTOCOMMIT")
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        # Same pool; the connection runs without a transaction while the session holds it.
-        self._autocommit = None if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session:
             yield session
 
-    @asynccontextmanager
-    async def read_session(self) -> AsyncIterator[AsyncSession]:
-        """A session for a read that is ONE statement: on PostgreSQL it runs outside a transaction,
-        which saves the BEGIN and ROLLBACK round trips (a single statement sees one snapshot anyway).
-        Two statements in it may see two snapshots: use `session()` for those, and for any write."""
-        async with self.sessions(bind=self._autocommit) if self._autocommit is not None else self.sessions() as session:
-            yield session
+    async def read(self, work: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`work(connection, ...)` for a read that is ONE statement: on PostgreSQL it runs outside a
+        transaction, which saves the BEGIN and ROLLBACK round trips (a single statement sees one
+        snapshot anyway). Two statements in it may see two snapshots: use `write()` for those."""
+        return await greenlet_spawn(_on_connection, self._reads.sync_engine, work, *args, **kwargs)
+
+    async def write(self, work: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """`work(connection, ...)` in one transaction: committed when it returns, rolled back if it raises."""
+        return await greenlet_spawn(_in_transaction, self.engine.sync_engine, work, *args, **kwargs)
 
     async def ping(self) -> None:
         async with self.engine.connect() as connection:
@@ -140,3 +174,5 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._reads is not self.engine:
+            await self._reads.dispose()

@@ -1,0 +1,89 @@
+"""What each appointment route costs the database: statements per request, and the JSON it writes.
+
+The routes read and write through SQLAlchemy Core in one transaction at most (issue 16): a read
+is one SELECT, POST one INSERT per table, a PATCH its SELECT … FOR UPDATE and one statement per
+table it changes — nothing read back after a write. Counted on SQLite and PostgreSQL with
+SQLAlchemy's cursor events (BEGIN/COMMIT are not statements there, and neither is a pre-ping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import TypeAdapter
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from service.api.schemas import AppointmentList, AppointmentOut
+from tests.appclient import make_settings, running_app
+
+pytestmark = pytest.mark.anyio
+
+# The leader's dispatcher scans in the background; its statements are not the API's.
+_DISPATCHER_MARKS = ("leader_fence", "SKIP LOCKED", "claimed_by", "fence_token")
+
+
+@pytest.fixture
+async def api(database_url: str, etcd_endpoint: str):
+    async with running_app(make_settings(database_url, etcd_endpoint)) as client:
+        yield client
+
+
+@pytest.fixture
+def statements() -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement: str, *_args: object) -> None:  # noqa: ANN001
+        if not any(mark in statement for mark in _DISPATCHER_MARKS):
+            seen.append(" ".join(statement.split()[:3]))
+
+    event.listen(Engine, "before_cursor_execute", record)
+    yield seen
+    event.remove(Engine, "before_cursor_execute", record)
+
+
+def _starts(days: float) -> str:
+    return (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0).isoformat()
+
+
+async def test_each_route_is_one_statement_per_table(api, statements: list[str]) -> None:
+    body = {"customer_name": "Ada Lovelace", "phone": "+14155552671", "starts_at": _starts(3), "timezone": "UTC"}
+    created = await api.post("/appointments", json=body)
+    assert created.status_code == 201, created.text
+    assert statements == ["INSERT INTO appointments", "INSERT INTO reminders"]
+    appointment_id = created.json()["id"]
+
+    statements.clear()
+    assert (await api.get(f"/appointments/{appointment_id}")).status_code == 200
+    assert len(statements) == 1 and statements[0].startswith("SELECT")
+
+    statements.clear()
+    assert (await api.get("/appointments", params={"limit": 100})).status_code == 200
+    assert len(statements) == 1 and statements[0].startswith("SELECT")
+
+    statements.clear()
+    assert (await api.patch(f"/appointments/{appointment_id}", json={"notes": "x"})).status_code == 200
+    assert len(statements) == 2 and statements[0].startswith("SELECT") and statements[1] == "UPDATE appointments SET"
+
+    statements.clear()
+    replanned = await api.patch(f"/appointments/{appointment_id}", json={"starts_at": _starts(4)})
+    assert replanned.status_code == 200
+    assert statements[1:] == ["UPDATE appointments SET", "UPDATE reminders SET", "INSERT INTO reminders"]
+
+
+async def test_the_json_is_what_the_response_model_writes(api) -> None:
+    """The routes write their JSON with orjson; byte for byte what pydantic writes for the model."""
+    body = {"customer_name": "Zoë Ñandú", "phone": "+14155552671", "starts_at": _starts(3), "timezone": "Europe/Paris",
+            "notes": "ünïcode ✓", "remind_at": [(datetime.now(UTC) + timedelta(days=1, microseconds=120000))
+                                              .astimezone().isoformat()]}
+    created = await api.post("/appointments", json=body)
+    assert created.status_code == 201, created.text
+    one, page = TypeAdapter(AppointmentOut), TypeAdapter(AppointmentList)
+    for response, model in ((created, one), (await api.get(f"/appointments/{created.json()['id']}"), one),
+                            (await api.get("/appointments"), page),
+                            (await api.patch(f"/appointments/{created.json()['id']}", json={"starts_at": _starts(2)}), one),
+                            (await api.delete(f"/appointments/{created.json()['id']}"), one)):
+        assert response.status_code in (200, 201), response.text
+        assert response.content == model.dump_json(model.validate_json(response.content))
