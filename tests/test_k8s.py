@@ -306,6 +306,40 @@ def test_dockerfile_shape() -> None:
     assert "PYTHONUNBUFFERED=1" in " ".join(rest for op, rest in final if op == "ENV")
 
 
+def _dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for op, rest in _dockerfile_instructions():
+        if op == "ENV":
+            env.update(dict(shlex.split(pair)[0].split("=", 1) for pair in shlex.split(rest, posix=False)))
+    return env
+
+
+def test_image_default_database_is_writable_for_its_user() -> None:
+    """A bare `docker run` (read-only root filesystem, UID 10001) starts on SQLite: the image's
+    DATABASE_URL names a file in a declared VOLUME that a RUN creates for the image's USER."""
+    final = _dockerfile_instructions()
+    url = _dockerfile_env().get("DATABASE_URL", Settings.model_fields["database_url"].default)
+    assert url.startswith("sqlite+aiosqlite:////"), f"{url}: the image's default must be an absolute SQLite path"
+    directory = str(Path(url.removeprefix("sqlite+aiosqlite:///")).parent)
+    volumes = [v for op, rest in final if op == "VOLUME" for v in json.loads(rest)]
+    assert directory in volumes, f"{directory} is not a VOLUME: read-only under `docker run --read-only`"
+    assert directory != dict(final)["WORKDIR"].strip(), "the WORKDIR holds code and stays read-only"
+    user = dict(final)["USER"].split(":")[0]
+    runs = " ".join(rest for op, rest in final if op == "RUN")
+    assert re.search(rf"install -d -o {user} -g \d+ -m 0?7\d0 {re.escape(directory)}\b", runs), (
+        f"{directory} is not created for user {user}"
+    )
+
+
+def test_runtime_venv_carries_no_installer() -> None:
+    builder_runs = [
+        rest for op, rest in (line.split(None, 1) for line in DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")) if op == "RUN" and "pip " in rest
+    ]
+    uninstall = [r for r in builder_runs if "pip uninstall" in r]
+    assert uninstall and {"pip", "setuptools"} <= set(uninstall[-1].split()), "pip and setuptools stay in /opt/venv"
+
+
 def test_probes_use_the_served_paths_on_the_served_port() -> None:
     container = _container(_app())
     probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
