@@ -1252,8 +1252,9 @@ def test_etcd_auth_job_confines_the_app_user_to_the_election_prefix(etcd_with_au
     prefix = config["ELECTION_PREFIX"]
     inside = _etcdctl(etcd_with_auth, "put", f"{prefix}/test-key", "x", user=f"{user}:{password}")
     assert inside.returncode == 0, inside.stderr
-    outside = _etcdctl(etcd_with_auth, "put", "/elsewhere", "x", user=f"{user}:{password}")
-    assert outside.returncode != 0 and "permission denied" in outside.stderr
+    for outside_key in ("/elsewhere", prefix, f"{prefix}-sibling/x"):
+        outside = _etcdctl(etcd_with_auth, "put", outside_key, "x", user=f"{user}:{password}")
+        assert outside.returncode != 0 and "permission denied" in outside.stderr, outside_key
     anonymous = _etcdctl(etcd_with_auth, "put", f"{prefix}/test-key", "x")
     assert anonymous.returncode != 0 and "user name is empty" in anonymous.stderr
     wrong = _etcdctl(etcd_with_auth, "get", f"{prefix}/test-key", user=f"{user}:not-the-password")

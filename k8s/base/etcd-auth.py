@@ -2,7 +2,8 @@
 
 Idempotent: every run leaves etcd with
 * user `root` (password ETCD_ROOT_PASSWORD) holding the `root` role,
-* role ETCD_ROLE with read-write on ELECTION_PREFIX and everything under it, and nothing else,
+* role ETCD_ROLE with read-write on the keys under ELECTION_PREFIX + "/" (the election's keys, Go's
+  layout) and nothing else,
 * user ETCD_USERNAME (password ETCD_PASSWORD, set again on every run: rotation) holding that role,
 * authentication enabled.
 A first run finds auth disabled and works anonymously; later runs log in as root.
@@ -52,8 +53,8 @@ def main() -> int:
     root_password = os.environ["ETCD_ROOT_PASSWORD"]
     user, password = os.environ["ETCD_USERNAME"], os.environ["ETCD_PASSWORD"]
     role = os.environ.get("ETCD_ROLE") or f"{user}-election"
-    prefix = os.environ["ELECTION_PREFIX"].encode()
-    if not (root_password and password and prefix):
+    prefix = (os.environ["ELECTION_PREFIX"].rstrip("/") + "/").encode()
+    if not (root_password and password and prefix.strip(b"/")):
         print("etcd-auth: empty password or prefix", file=sys.stderr)
         return 2
 
