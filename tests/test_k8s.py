@@ -320,7 +320,8 @@ def _kubernetes_validate() -> tuple[str, dict[str, Path]]:
     assert tool.exists(), f"{tool} missing: make install (dev extra)"
     out = Path(tempfile.mkdtemp(prefix="k8s-rendered-"))
     rendered = {}
-    for name, directory in RENDERINGS.items():
+    # Without kubectl the files are still validated; the rendered targets skip (fail under CI).
+    for name, directory in RENDERINGS.items() if shutil.which("kubectl") else ():
         rendered[name] = out / f"{name}.yaml"
         rendered[name].write_text(_render(directory))
     try:
@@ -339,6 +340,8 @@ def _kubernetes_validate() -> tuple[str, dict[str, Path]]:
     "target", [*VALIDATED, *RENDERINGS], ids=lambda t: str(t.relative_to(K8S)) if isinstance(t, Path) else t
 )
 def test_manifest_passes_kubernetes_validate_strict(target: Path | str) -> None:
+    if isinstance(target, str):
+        _render(RENDERINGS[target])  # skips without kubectl (fails under CI)
     report_all, rendered = _kubernetes_validate()
     path = rendered[target] if isinstance(target, str) else target
     lines = [line for line in report_all.splitlines() if f" {path} " in f"{line} "]
