@@ -10,17 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.etcd import EtcdServer
-from harness.postgres import PostgresServer
+pytest.register_assert_rewrite("tests.support")
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from harness.etcd import EtcdServer  # noqa: E402
+from harness.postgres import PostgresServer  # noqa: E402
+from tests.support.requirements import unavailable as _unavailable  # noqa: E402
 
-
-def _unavailable(what: str, error: Exception) -> None:
-    message = f"{what} unavailable: {error}"
-    if IN_CI:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+# the `requires` marker and the CI rule; pytester runs the suite's own rule in a child pytest
+pytest_plugins = ["tests.support.requirements", "pytester"]
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,11 @@ import pytest
 
 from harness.chaos import SCENARIOS, ChaosConfig, ClusterPool
 from harness.cluster import Cluster, ReplicaProcess
+from tests.support.requirements import unavailable
 
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-IN_CI = os.environ.get("CI", "").lower() == "true"
 CONFIG = ChaosConfig()
 
 
@@ -38,9 +38,7 @@ def pool() -> Iterator[ClusterPool]:
         pool.get()
     except (FileNotFoundError, RuntimeError, TimeoutError) as error:
         pool.discard()
-        if IN_CI:
-            pytest.fail(f"chaos cluster unavailable: {error}", pytrace=False)
-        pytest.skip(f"chaos cluster unavailable: {error}")
+        unavailable("chaos cluster", error)
     yield pool
     pool.close()
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from harness.ports import free_port
-from tests.appclient import migrate
+from tests.support.appclient import migrate
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "fuzz-token"
@@ -78,7 +78,7 @@ def test_schemathesis_all_checks(replica: str) -> None:
     ]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks", "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks", "PYTHONPATH": str(ROOT)},
     )
     summary = result.stdout[-3000:]
     print(summary)
