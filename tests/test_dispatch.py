@@ -14,7 +14,7 @@ from sqlalchemy import select
 from service.config import CallWindow
 from service.db import Appointment, Database, Reminder
 from service.db.models import new_id
-from service.dispatch.dispatcher import DispatchConfig, Dispatcher, message_for
+from service.dispatch.dispatcher import DispatchConfig, Dispatcher, OutcomeRecorder, message_for
 from service.dispatch.store import ReminderStore, StaleTerm
 from service.telephony import CallRequest, HttpTelephonyClient
 from service.telephony.fake import create_fake_provider
@@ -333,20 +333,15 @@ class _StoreDownFor:
         return {reminder_id for reminder_id, _ in outcomes}
 
 
-async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid() -> None:
     """Given up on, an outcome leaves its reminder `dispatching` until the 2-minute stale sweep; so
-    while the term is valid the recorder keeps retrying past its retry budget (cut to 1 here)."""
-    from service.dispatch import dispatcher as dispatcher_module
-
-    monkeypatch.setattr(dispatcher_module, "_RECORD_RETRIES", 1)
+    while the term is valid the recorder keeps retrying past its retry budget (1 here)."""
     store = _StoreDownFor(failures=3)
-    valid = dispatcher_module._Recorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: True)
+    valid = OutcomeRecorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: True, retries=1)
     assert await asyncio.wait_for(valid.record("r-1", {"status": "sent"}), 30) is True
     assert store.writes == 4
 
     store = _StoreDownFor(failures=3)
-    ended = dispatcher_module._Recorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: False)
+    ended = OutcomeRecorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: False, retries=1)
     assert await asyncio.wait_for(ended.record("r-2", {"status": "sent"}), 30) is None
     assert store.writes == 1

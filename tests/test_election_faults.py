@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import aetcd.exceptions
 import pytest
 
 from harness.proxy import TcpProxy
-from service.election import ElectionConfig, LeaseSession, connect
+from service.election import ElectionConfig, Elector, LeaseSession, connect
 from tests.support.election import (  # the autouse fixture is imported to activate it
     grpc_events_of_closed_loops_ignored,  # noqa: F401
     TTL,
@@ -40,10 +41,11 @@ async def test_proxy_modes(proxy: TcpProxy) -> None:
     try:
         await client.put(b"/test/proxy", b"1")
         proxy.stall()
-        with pytest.raises(Exception, match="(?i)deadline|timeout"):
+        with pytest.raises(aetcd.exceptions.ConnectionTimeoutError, match="(?i)deadline|timeout"):
             await client.get(b"/test/proxy")
         proxy.reset()
-        with pytest.raises(Exception):  # noqa: B017 - UNAVAILABLE or a timeout, both fine
+        # a reset connection: UNAVAILABLE, or a timeout while gRPC reconnects, both fine
+        with pytest.raises((aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)):
             await client.get(b"/test/proxy")
         proxy.pass_through()
         got = await poll_until(lambda: _get_or_none(client), 10, "traffic again after pass_through")
@@ -163,39 +165,31 @@ async def test_session_survives_one_stalled_endpoint_of_two(proxy: TcpProxy, etc
         await client.close()
 
 
-class _HourLongBackoff:
-    def __init__(self, *_args: float) -> None:
-        pass
-
-    def next(self) -> float:
-        return 3600.0
-
-    def reset(self) -> None:
-        pass
-
-
 @pytest.mark.anyio
-async def test_a_failed_revoke_retries_as_soon_as_etcd_grants_a_lease(
-    monkeypatch: pytest.MonkeyPatch, etcd_endpoint: str
-) -> None:
+async def test_a_failed_revoke_retries_as_soon_as_etcd_grants_a_lease(etcd_endpoint: str) -> None:
     """After an outage every candidate's stale key must go before anyone is elected: a revoke that
     failed while etcd was down is retried when etcd next grants this elector a lease, not only at
-    its next backoff tick (here an hour away, so only the wake-up can retry it)."""
-    from service.election import elector as elector_module
-
+    its next backoff tick (here an hour away, so only the wake-up can retry it). The old lease is
+    the one of a term ended by `max_term`: the elector revokes it in the background."""
     attempts: list[int] = []
 
     async def revoke_failing_once(_client: object, lease_id: int, _timeout: float) -> bool:
         attempts.append(lease_id)
         return len(attempts) > 1
 
-    monkeypatch.setattr(elector_module, "revoke_lease", revoke_failing_once)
-    monkeypatch.setattr(elector_module, "Backoff", _HourLongBackoff)
-    elector = make_elector(etcd_endpoint, unique_prefix(), "a")
-    elector._revoke_in_background(0xDEAD)
-    await poll_until(lambda: attempts, 5, "the first revoke attempt")
-    assert attempts == [0xDEAD]
+    prefix = unique_prefix()
+    recorder = Recorder()
+    elector = Elector(
+        ElectionConfig((etcd_endpoint,), name="a", prefix=prefix, lease_ttl=TTL, max_term=1.0),
+        **recorder.callbacks("a"),
+        revoke=revoke_failing_once,
+        revoke_backoff=(3600.0, 3600.0),
+    )
     async with running(elector):
-        await poll_until(lambda: elector.is_leader, 10, "a leads (etcd granted its lease)")
-        await poll_until(lambda: len(attempts) >= 2, 5, "the revoke retried on etcd's answer")
-    assert attempts[:2] == [0xDEAD, 0xDEAD]
+        await poll_until(lambda: elector.is_leader, 10, "a leads")
+        first_lease = int(elector.term.key.rsplit("/", 1)[1], 16)
+        _, reason = await recorder.wait_for("a", "ended")
+        assert reason == "max_term reached"
+        await poll_until(lambda: len(attempts) >= 2, 10, "the failed revoke retried once etcd granted a new lease")
+        assert attempts[:2] == [first_lease, first_lease]
+        await poll_until(lambda: elector.is_leader, 10, "a leads again on its new lease")
