@@ -18,6 +18,8 @@ import pytest
 from harness.ports import free_port
 from tests.support.appclient import migrate
 
+pytestmark = pytest.mark.slow  # a replica process and a few hundred requests per backend
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "fuzz-token"
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 NEEDS_A_MISSING_TOOL = """
 import pytest
@@ -23,9 +19,8 @@ def test_needs_nothing():
 @pytest.mark.parametrize(("ci", "outcome"), [("true", {"errors": 1}), ("", {"skipped": 1})])
 def test_a_missing_required_tool(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str, outcome: dict) -> None:
     monkeypatch.setenv("CI", ci)
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     pytester.makepyfile(NEEDS_A_MISSING_TOOL)
-    result = pytester.runpytest_subprocess("-p", "tests.support.requirements", "-p", "no:cacheprovider", "-rfEs")
+    result = pytester.runpytest_inprocess("-p", "tests.support.requirements", "-p", "no:cacheprovider", "-rfEs")
     counts = {"passed": 1, "failed": 0, "errors": 0, "skipped": 0}  # a failure in setup counts as an error
     counts.update(outcome)
     result.assert_outcomes(**counts)

@@ -16,9 +16,13 @@ import pytest
 
 from harness.etcd import find_binary
 
-__all__ = ["IN_CI", "tool_path", "unavailable"]
+__all__ = ["in_ci", "tool_path", "unavailable"]
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+
+def in_ci() -> bool:
+    """CI=true in the environment (read when asked: tests of this rule set it)."""
+    return os.environ.get("CI", "").lower() == "true"
+
 
 # Where each tool comes from, for the message of a missing one.
 SOURCES = {
@@ -34,7 +38,7 @@ SOURCES = {
 def unavailable(what: str, reason: object) -> NoReturn:
     """Fail under CI=true, skip otherwise: the one place the CI rule lives."""
     message = f"{what} unavailable: {reason}"
-    if IN_CI:
+    if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
 
