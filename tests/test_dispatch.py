@@ -207,10 +207,13 @@ async def test_misfire_is_skipped_with_reason(db, client, provider) -> None:
 
 async def test_outside_call_window_waits_for_it(db, client, provider) -> None:
     now = datetime.now(UTC)
-    opens = (now + timedelta(hours=2)).time().replace(second=0, microsecond=0)
-    closes = (now + timedelta(hours=3)).time().replace(second=0, microsecond=0)
-    if not opens < closes:
-        pytest.skip("the test's window would wrap midnight right now")
+    # a one-hour window that opens 2 h from now, or (when that would wrap midnight) one that
+    # closed 2 h ago and opens tomorrow: never both wrap, so the test runs at any time of day
+    for start in (timedelta(hours=2), timedelta(hours=-3)):
+        opens = (now + start).time().replace(second=0, microsecond=0)
+        closes = (now + start + timedelta(hours=1)).time().replace(second=0, microsecond=0)
+        if opens < closes:
+            break
     window = CallWindow(opens, closes)
     (waits,) = await seed(db, 1, starts_in=timedelta(days=2))
     (skips,) = await seed(db, 1, starts_in=timedelta(minutes=30))
