@@ -61,8 +61,7 @@ def _dispatch_runs(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
     return {run["latency_ms"]: run for run in (result or {}).get("runs", [])}
 
 
-def render() -> str:
-    """BENCHMARKS.md's text for the results in bench/results/."""
+def write() -> Path:
     dispatch = read_result("dispatch")
     before = read_result("dispatch_before")
     failover = read_result("failover")
@@ -349,43 +348,8 @@ def render() -> str:
         add("")
 
     add(LIMITS)
-    return "\n".join(lines) + "\n"
-
-
-def write() -> Path:
-    """Rewrite BENCHMARKS.md and the README's quoted figures from bench/results/."""
-    OUT.write_text(render())
-    README.write_text(with_readme_figures(README.read_text()))
+    OUT.write_text("\n".join(lines) + "\n")
     return OUT
-
-
-README = ROOT / "README.md"
-README_BEGIN = "<!-- bench figures: written by `python -m bench report` from bench/results/dispatch.json -->"
-README_END = "<!-- end of bench figures -->"
-
-
-def readme_figures() -> str:
-    """The README's sizing sentence on dispatch throughput, in BENCHMARKS.md's own words and figures."""
-    dispatch = read_result("dispatch")
-    runs = _dispatch_runs(dispatch)
-    zero, hundred = runs.get(0), runs.get(100)
-    if not zero or not hundred:
-        return "(no dispatch results in bench/results/: run `python -m bench dispatch`)"
-    return (
-        f"on the {dispatch['machine'].get('nproc', '?')}-vCPU machine of BENCHMARKS.md one leader dispatched "
-        f"{_spread(zero['service'], 'calls_per_s', unit=' calls/s')} end-to-end with a provider that answers at once, and "
-        f"10,000 reminders due at once at 100 ms took {_spread(hundred['service'], 'commit_to_all_sent_s', 2, ' s')} "
-        f"with `DISPATCH_CONCURRENCY={hundred['concurrency']}` (median [min–max] over the rounds)"
-    )
-
-
-def with_readme_figures(text: str) -> str:
-    """`text` (the README) with the part between its bench-figure markers re-rendered."""
-    head, found, rest = text.partition(README_BEGIN)
-    _, found_end, tail = rest.partition(README_END)
-    if not found or not found_end:
-        raise ValueError(f"README.md lacks the markers {README_BEGIN!r} … {README_END!r}")
-    return f"{head}{README_BEGIN}\n{readme_figures()}\n{README_END}{tail}"
 
 
 LIMITS = """## What limits the figures
