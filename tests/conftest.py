@@ -19,10 +19,10 @@ from tests.support.requirements import unavailable as _unavailable  # noqa: E402
 # the `requires` marker and the CI rule; pytester runs the suite's own rule in a nested pytest
 pytest_plugins = ["tests.support.requirements", "pytester"]
 
-# Tests taking these fixtures start several processes at once (the k8s drift tests run the
-# manifests' own commands as 3 replicas / 3 etcd members): `slow`, like the cluster, chaos and
-# fuzz modules, so that `-m "not slow"` (make test-fast) leaves them out.
-SLOW_FIXTURES = frozenset({"processes"})
+# Tests taking these fixtures (directly or through another) start several processes at once:
+# the k8s drift tests run the manifests' own commands as 3 replicas / 3 etcd members. `slow`,
+# like the cluster, chaos and fuzz modules, so that `-m "not slow"` (make test-fast) leaves them out.
+SLOW_FIXTURES = frozenset({"processes", "local_etcd"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
