@@ -287,6 +287,9 @@ class ReplicaProcess(_Process):
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self._http.post(path, **kwargs)
 
+    def patch(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._http.patch(path, **kwargs)
+
     @property
     def live(self) -> bool:
         """Running and not SIGSTOPped: expected to answer."""

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from service.db.models import Appointment, AppointmentStatus
 from service.privacy import E164_PATTERN
@@ -114,10 +115,11 @@ class AppointmentPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    customer_name: CustomerName | None = None
-    phone: Phone | None = None
-    starts_at: FutureDatetime | None = None
-    timezone: TimeZoneName | None = None
+    # Absent means "unchanged"; null is refused (422) for these four, so the OpenAPI says so too.
+    customer_name: CustomerName | SkipJsonSchema[None] = None
+    phone: Phone | SkipJsonSchema[None] = None
+    starts_at: FutureDatetime | SkipJsonSchema[None] = None
+    timezone: TimeZoneName | SkipJsonSchema[None] = None
     notes: Notes | None = None
     remind_at: RemindAt | None = None
 

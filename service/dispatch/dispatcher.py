@@ -13,7 +13,7 @@ Guarantees, and their limits:
 - A reminder left `dispatching` by a dead or deposed term is claimed first by the next term and
   called with the same key: completed, not repeated.
 - Outcomes are recorded after the call, fenced by the token like single writes were, but in
-  batches (`_Recorder`: one transaction per few milliseconds or per `record_batch` outcomes). A
+  batches (`OutcomeRecorder`: one transaction per few milliseconds or per `record_batch` outcomes). A
   reminder's task ends only once its outcome is written (or given up on after retries, when a
   later claim completes it with the same key), and the term waits for those tasks as before; its
   concurrency slot is given back when the provider answers (DISPATCH_CONCURRENCY bounds calls).
@@ -37,7 +37,7 @@ from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DO
 from service.reminders import CallWindow, ReminderStatus, call_message, decide_call
 from service.telephony import CallOutcome, CallRequest, OutcomeKind, TelephonyClient
 
-__all__ = ["DispatchConfig", "Dispatcher", "StaleTerm", "Term"]
+__all__ = ["DispatchConfig", "Dispatcher", "OutcomeRecorder", "StaleTerm", "Term"]
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ def message_for(claim: Claim) -> str:
     return call_message(claim.customer_name, claim.starts_at, claim.timezone)
 
 
-_RECORD_RETRIES = 6
+RECORD_RETRIES = 6
 
 
-class _Recorder:
+class OutcomeRecorder:
     """Writes one term's outcomes in batches, each batch in one fenced transaction.
 
     `record()` queues an outcome and returns once it is written: True, False when another term
@@ -112,8 +112,11 @@ class _Recorder:
         max_delay: float,
         max_writers: int = 2,
         keep_trying: Callable[[], bool] = lambda: False,
+        retries: int = RECORD_RETRIES,
     ) -> None:
         self.store = store
+        # writes of a batch tried while `keep_trying` says no, before giving up on it
+        self.retries = retries
         self.token = token
         # While this says yes (the term is valid), a database outage is waited out, not given up
         # on: a given-up outcome would leave the reminder `dispatching` until a stale-claim sweep.
@@ -171,7 +174,7 @@ class _Recorder:
         """Write `batch`, retrying while the database is down: the outcomes are facts worth keeping."""
         items = [(reminder_id, values) for reminder_id, (values, _) in batch.items()]
         attempt = 0
-        while attempt < _RECORD_RETRIES or self.keep_trying():
+        while attempt < self.retries or self.keep_trying():
             attempt += 1
             try:
                 recorded = await self.store.finish_many(self.token, items)
@@ -210,7 +213,7 @@ class Dispatcher:
         token = term.fencing_token
         await self.store.raise_fence(token, self.config.instance)
         log.info("dispatching under fencing token %d", token)
-        recorder = _Recorder(
+        recorder = OutcomeRecorder(
             self.store, token, max_batch=self.config.record_batch, max_delay=self.config.record_delay,
             keep_trying=term.valid,
         )
@@ -289,7 +292,7 @@ class Dispatcher:
             log.warning("claiming reminders failed: %s: %s", type(error).__name__, error)
             return None
 
-    async def _handle(self, term: Term, claim: Claim, recorder: _Recorder) -> None:
+    async def _handle(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
         now = datetime.now(UTC)
         if claim.appointment_cancelled:
             await self._finish(recorder, claim, status=ReminderStatus.CANCELLED, skip_reason="appointment cancelled")
@@ -333,7 +336,7 @@ class Dispatcher:
             return  # as above: the next term completes it with the same key, no attempt spent
         await self._record(recorder, claim, outcome)
 
-    async def _record(self, recorder: _Recorder, claim: Claim, outcome: CallOutcome) -> None:
+    async def _record(self, recorder: OutcomeRecorder, claim: Claim, outcome: CallOutcome) -> None:
         now = datetime.now(UTC)
         attempts = claim.attempts + 1
         if outcome.kind is OutcomeKind.SENT:
@@ -358,7 +361,7 @@ class Dispatcher:
         backoff = min(self.config.retry_max_delay, self.config.retry_base_delay * 2 ** (attempts - 1))
         return max(backoff * random.uniform(0.5, 1.0), retry_after or 0.0)
 
-    async def _finish(self, recorder: _Recorder, claim: Claim, **values: object) -> None:
+    async def _finish(self, recorder: OutcomeRecorder, claim: Claim, **values: object) -> None:
         """Record an outcome under the recorder's term (batched; returns once it is written)."""
         status = values.get("status")
         recorded = await recorder.record(claim.reminder_id, values)
