@@ -15,6 +15,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
+from service.api.phone_policy import phone_refusal
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep, invalid, require_token
 from service.api.schemas import (
     AppointmentCreate,
@@ -112,6 +113,12 @@ def _out(appointment: Appointment, unplanned: list[Unplanned] = ()) -> Appointme
     )
 
 
+def _check_phone(phone: str | None, settings: Settings) -> None:
+    refusal = phone_refusal(phone, settings) if phone is not None else None
+    if refusal:
+        raise invalid(("body", "phone"), refusal)
+
+
 def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> None:
     for index, moment in enumerate(remind_at or ()):
         if moment >= starts_at:
@@ -152,6 +159,7 @@ async def _cancel_pending(session: AsyncSession, appointment_id: str, reason: st
 )
 async def create_appointment(body: AppointmentCreate, session: SessionDep, settings: SettingsDep) -> AppointmentOut:
     """Create an appointment and plan its reminders."""
+    _check_phone(body.phone, settings)
     _check_remind_at(body.remind_at, body.starts_at)
     appointment = Appointment(
         id=new_id(),
@@ -174,6 +182,22 @@ async def create_appointment(body: AppointmentCreate, session: SessionDep, setti
     return _out(appointment, unplanned)
 
 
+class _CursorRange:
+    """Start times a cursor may carry: those an appointment can have (schemas' range), with slack."""
+
+    low = datetime(1970, 1, 1, tzinfo=UTC)
+    high = datetime(9000, 1, 1, tzinfo=UTC)
+
+    def check(self, moment: datetime) -> datetime:
+        if not self.low <= moment <= self.high:
+            raise ValueError("cursor out of range")
+        return moment
+
+
+_CURSOR_RANGE = _CursorRange()
+_CURSOR_DOC = "Opaque: a `next_cursor` from the previous page, passed back unchanged (URL-safe base64)."
+
+
 def _encode_cursor(appointment: Appointment) -> str:
     raw = json.dumps([appointment.starts_at.isoformat(), appointment.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -186,8 +210,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         starts_at = datetime.fromisoformat(starts_at_text)
         if starts_at.tzinfo is None or not isinstance(appointment_id, str) or "\x00" in appointment_id:
             raise ValueError
-        return starts_at, appointment_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        # Range-checked in UTC: 0001-01-01T00:00+14:00 is before year 1 and overflows there.
+        return _CURSOR_RANGE.check(starts_at.astimezone(UTC)), appointment_id
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise invalid(("query", "cursor"), "malformed cursor: pass back a next_cursor unchanged", cursor) from None
 
 
@@ -198,7 +223,7 @@ async def list_appointments(
     starts_after: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     starts_before: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$", description=_CURSOR_DOC)] = None,
 ) -> AppointmentList:
     """Appointments ordered by start time, a page at a time."""
     query = select(Appointment).order_by(Appointment.starts_at, Appointment.id).limit(limit + 1)
@@ -238,6 +263,7 @@ async def patch_appointment(
 ) -> AppointmentOut:
     """Change an appointment; a change to what a call says or when (all fields but `notes`) re-plans its
     pending reminders under new idempotency keys."""
+    _check_phone(body.phone, settings)
     appointment = await _load(session, appointment_id, for_update=not settings.is_sqlite)
     if appointment.status == AppointmentStatus.CANCELLED:
         raise HTTPException(status.HTTP_409_CONFLICT, detail="appointment is cancelled")

@@ -106,10 +106,31 @@ class AppointmentCreate(BaseModel):
     )
 
 
+def _not_nullable_in_schema(*names: str) -> Any:
+    """json_schema_extra: document `names` as absent-or-a-value, since null is refused (422)."""
+
+    def adjust(schema: dict[str, Any]) -> None:
+        for name in names:
+            prop = schema.get("properties", {}).get(name)
+            if not prop or "anyOf" not in prop:
+                continue
+            kept = [alt for alt in prop.pop("anyOf") if alt.get("type") != "null"]
+            prop.pop("default", None)
+            if len(kept) == 1:
+                prop.update(kept[0])
+            else:
+                prop["anyOf"] = kept
+
+    return adjust
+
+
 class AppointmentPatch(BaseModel):
     """Fields to change; `remind_at: null` returns to the offsets policy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_not_nullable_in_schema("customer_name", "phone", "starts_at", "timezone"),
+    )
 
     customer_name: CustomerName | None = None
     phone: Phone | None = None

@@ -99,8 +99,9 @@ class DispatchConfig:
 def message_for(claim: Claim) -> str:
     """The words of the call: stable for a reminder, since its key stands for one body."""
     local = claim.starts_at.astimezone(ZoneInfo(claim.timezone))
+    name = " ".join(strip_control(claim.customer_name).split())  # escapes and line breaks are not spoken
     return (
-        f"Hello {claim.customer_name}, this is a reminder of your appointment on "
+        f"Hello {name}, this is a reminder of your appointment on "
         f"{local:%A %d %B %Y at %H:%M} ({claim.timezone})."
     )
 
