@@ -292,3 +292,34 @@ async def test_postgresql_stopped_is_a_503_then_200_when_it_returns(etcd_endpoin
             assert (await client.post("/appointments", json=body())).status_code == 201
     finally:
         server.close()
+
+
+# --- 4: re-plans ---------------------------------------------------------------------------------
+
+
+async def test_re_plans_do_not_grow_the_reminders(api) -> None:
+    created = (await api.post("/appointments", json=body(starts_at=future(days=5)))).json()
+    times = [future(days=1, minutes=m) for m in range(20)]
+    for round_ in range(6):
+        response = await api.patch(f"/appointments/{created['id']}", json={"remind_at": times[round_ % 2:]})
+        assert response.status_code == 200, response.text
+    reminders = (await api.get(f"/appointments/{created['id']}")).json()["reminders"]
+    assert len(reminders) == len(times[5 % 2:])  # the last plan only: nothing superseded was ever claimed
+    assert all(r["status"] == "pending" for r in reminders)
+
+
+async def test_a_re_plan_keeps_every_reminder_a_leader_claimed(api) -> None:
+    from sqlalchemy import update  # noqa: PLC0415
+
+    from service.db import Reminder  # noqa: PLC0415
+
+    created = (await api.post("/appointments", json=body(remind_at=[future(days=1), future(days=2)]))).json()
+    touched = created["reminders"][0]["id"]
+    async with api.app.state.db.session() as session:  # as a claim, then a window wait, leaves it
+        await session.execute(update(Reminder).where(Reminder.id == touched).values(fence_token=7))
+        await session.commit()
+    await api.patch(f"/appointments/{created['id']}", json={"remind_at": [future(days=1, hours=1)]})
+    reminders = {r["id"]: r for r in (await api.get(f"/appointments/{created['id']}")).json()["reminders"]}
+    assert reminders[touched]["status"] == "cancelled" and reminders[touched]["skip_reason"] == "re-planned"
+    assert created["reminders"][1]["id"] not in reminders
+    assert len(reminders) == 2

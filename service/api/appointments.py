@@ -11,7 +11,7 @@ from typing import Annotated
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
@@ -153,6 +153,29 @@ async def _cancel_pending(session: AsyncSession, appointment_id: str, reason: st
     )
 
 
+async def _prune_superseded(session: AsyncSession, appointment_id: str) -> None:
+    """Delete the reminders a re-plan supersedes that no leader ever touched (docs/decisions/0125).
+
+    Pending ones never claimed and those an earlier re-plan cancelled before any claim: nothing
+    was called, nothing is lost. A reminder ever claimed (a fence token) keeps its row, so a
+    client's re-plans cannot grow the table; the dispatcher's claim and this DELETE exclude each
+    other as the claim and `_cancel_pending` do (row locks on PostgreSQL, one writer on SQLite).
+    """
+    never_claimed = and_(
+        Reminder.appointment_id == appointment_id,
+        Reminder.attempts == 0,
+        Reminder.fence_token.is_(None),
+        Reminder.claimed_at.is_(None),
+    )
+    superseded = or_(
+        Reminder.status == ReminderStatus.PENDING,
+        and_(Reminder.status == ReminderStatus.CANCELLED, Reminder.skip_reason == "re-planned"),
+    )
+    await session.execute(
+        delete(Reminder).where(never_claimed, superseded).execution_options(synchronize_session=False)
+    )
+
+
 @router.post(
     "", status_code=status.HTTP_201_CREATED, response_model=AppointmentOut, operation_id="createAppointment",
     responses=_CREATED_LINKS,
@@ -278,6 +301,7 @@ async def patch_appointment(
         setattr(appointment, name, value)
     unplanned: list[Unplanned] = []
     if replan:
+        await _prune_superseded(session, appointment.id)
         await _cancel_pending(session, appointment.id, "re-planned")
         reminders, unplanned = _plan(appointment, settings, datetime.now(UTC))
         for reminder in reminders:
