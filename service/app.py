@@ -23,12 +23,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from service.api import appointments, health, metrics
 from service.api.auth import BearerAuthMiddleware, api_tokens
 from service.api.limits import BodyLimitMiddleware
+from service.api.readiness import ReadinessProbe
 from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, unavailable_reason
 from service.config import Settings
 from service.db import Database
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher
 from service.election import ElectionConfig, Elector
-from service.metrics import IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
+from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
 from service.telephony import HttpTelephonyClient
 
 __all__ = ["app", "create_app", "election_config"]
@@ -108,8 +109,10 @@ def create_app(settings: Settings) -> FastAPI:
             drain_timeout=settings.drain_timeout,
             on_keepalive=KEEPALIVE_RTT.observe,
             on_keepalive_failure=KEEPALIVE_FAILURES.inc,
+            on_auth_failure=ETCD_AUTH_FAILURES.inc,
         )
         app.state.db, app.state.elector = db, elector
+        app.state.readiness = ReadinessProbe(db, elector)
         shutdown_started: asyncio.Task[None] | None = None
 
         def begin_shutdown() -> asyncio.Task[None]:

@@ -23,9 +23,18 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "The database or etcd does not answer"}})
+@router.get("/readyz", responses={503: {"description": "The database does not answer"}})
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the database and etcd answer. Followers are ready too."""
+    """Readiness: the database answers (etcd's state is in the body, it does not decide; answers
+    are cached about a second). Followers are ready too."""
+    probe = getattr(request.app.state, "readiness", None)
+    if probe is not None:
+        answer = await probe.check()
+        return JSONResponse(answer.body, status_code=200 if answer.ready else 503)
+    return await _readyz_uncached(request)
+
+
+async def _readyz_uncached(request: Request) -> JSONResponse:
     problems = []
     try:
         await asyncio.wait_for(request.app.state.db.ping(), PROBE_TIMEOUT)
@@ -39,7 +48,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/leader", response_model=LeaderOut)
+@router.get("/leader", response_model=LeaderOut, response_model_exclude_unset=True)
 async def leader(request: Request, settings: SettingsDep) -> LeaderOut:
     """This replica's view of the election."""
     elector = request.app.state.elector
@@ -49,4 +58,6 @@ async def leader(request: Request, settings: SettingsDep) -> LeaderOut:
         leader=elector.leader_name if elector else None,
         fencing_token=elector.fencing_token if elector and elector.is_leader else None,
         lease_ttl=settings.lease_ttl,
+        # only while there is one: the DESIGN's five fields stay the whole answer otherwise
+        **({"etcd_error": elector.config_error} if elector and elector.config_error else {}),
     )

@@ -191,6 +191,9 @@ class LeaderOut(BaseModel):
     leader: str | None
     fencing_token: int | None
     lease_ttl: int
+    etcd_error: str | None = Field(
+        default=None, description="A configuration error etcd reported (e.g. refused credentials), while it lasts."
+    )
 
 
 class ErrorOut(BaseModel):
