@@ -199,3 +199,57 @@ async def test_tasks_in_flight_are_bounded_when_outcomes_cannot_be_written(datab
             await asyncio.wait_for(task, 20)
     finally:
         await db.dispose()
+
+
+# --- end to end: the issue's "Done when" ----------------------------------------------------------
+
+
+def poison_provider(long_id_for: str, nul_500_for: str):  # noqa: ANN201
+    """A provider that accepts every call, except: one reminder's call gets a 300-character id,
+    another's a 500 whose 10 kB body carries a NUL."""
+    from starlette.applications import Starlette  # noqa: PLC0415
+    from starlette.requests import Request  # noqa: PLC0415
+    from starlette.responses import JSONResponse, Response  # noqa: PLC0415
+    from starlette.routing import Route  # noqa: PLC0415
+
+    async def calls(request: Request) -> Response:
+        reminder = (await request.json())["metadata"]["reminder_id"]
+        if reminder == nul_500_for:
+            return Response(NUL_BODY, status_code=500, media_type="application/json")
+        call_id = LONG_ID if reminder == long_id_for else f"call-{reminder}"
+        return JSONResponse({"id": call_id, "status": "queued"}, status_code=201)
+
+    return Starlette(routes=[Route("/v1/calls", calls, methods=["POST"])])
+
+
+@pytest.mark.slow
+async def test_fifty_reminders_two_poison_answers(pg: Database) -> None:
+    import time  # noqa: PLC0415
+
+    ids = await seed(pg, 50)
+    long_id_for, nul_500_for = ids[7], ids[31]
+    client = HttpTelephonyClient(
+        "http://provider", transport=httpx.ASGITransport(app=poison_provider(long_id_for, nul_500_for))
+    )
+    dispatcher = Dispatcher(pg, client, config(concurrency=8, max_attempts=3, retry_base_delay=0.01))
+    term = FakeTerm(2_000_001)
+    started = time.monotonic()
+    task = asyncio.create_task(dispatcher.lead(term))
+
+    async def all_recorded() -> bool:
+        return all(r.status in ("sent", "failed") for r in (await rows(pg, ids)).values())
+
+    try:
+        await eventually(all_recorded, timeout=60)  # the issue's bound: within a minute
+    finally:
+        term.ended.set()
+        await asyncio.wait_for(task, 20)
+        await client.aclose()
+    print(f"50 reminders recorded in {time.monotonic() - started:.2f} s")
+    stored = await rows(pg, ids)
+    assert sum(r.status == "sent" for r in stored.values()) == 49
+    assert stored[long_id_for].status == "sent" and stored[long_id_for].provider_call_id is None
+    assert "call id refused" in stored[long_id_for].last_error
+    assert stored[nul_500_for].status == "failed" and stored[nul_500_for].attempts == 3
+    assert stored[nul_500_for].last_error.startswith("HTTP 500: boom") and "\x00" not in stored[nul_500_for].last_error
+    assert all(r.provider_call_id == f"call-{rid}" for rid, r in stored.items() if rid not in (long_id_for, nul_500_for))
