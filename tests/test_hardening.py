@@ -83,6 +83,15 @@ async def test_allowed_countries_limit_the_numbers(tmp_path, etcd_endpoint: str)
         assert accepted.status_code == 201, accepted.text
 
 
+def test_voip_numbers_only_when_allowed() -> None:
+    from service.api.phone_policy import phone_refusal  # noqa: PLC0415
+
+    voip = "+445612345678"  # GB 056: VOIP
+    assert "VOIP" in (phone_refusal(voip, Settings()) or "")
+    assert phone_refusal(voip, Settings(allow_voip=True)) is None
+    assert phone_refusal(PHONE, Settings()) is None
+
+
 def test_allowed_countries_are_validated_at_start() -> None:
     with pytest.raises(ValidationError, match="allowed_countries"):
         Settings(allowed_countries="US,XX")
