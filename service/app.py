@@ -147,6 +147,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.db = None
     app.state.elector = None
+    app.state.readiness = None
     app.include_router(appointments.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -13,9 +11,6 @@ from service.api.schemas import LeaderOut
 __all__ = ["router"]
 
 router = APIRouter(tags=["health"])
-
-PROBE_TIMEOUT = 2.0
-
 
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
@@ -31,21 +26,7 @@ async def readyz(request: Request) -> JSONResponse:
     if probe is not None:
         answer = await probe.check()
         return JSONResponse(answer.body, status_code=200 if answer.ready else 503)
-    return await _readyz_uncached(request)
-
-
-async def _readyz_uncached(request: Request) -> JSONResponse:
-    problems = []
-    try:
-        await asyncio.wait_for(request.app.state.db.ping(), PROBE_TIMEOUT)
-    except Exception as error:  # noqa: BLE001 - any failure means not ready
-        problems.append(f"database: {type(error).__name__}")
-    elector = request.app.state.elector
-    if elector is not None and not await elector.etcd_healthy(PROBE_TIMEOUT):
-        problems.append("etcd: not reachable")
-    if problems:
-        return JSONResponse({"status": "unavailable", "reasons": problems}, status_code=503)
-    return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "unavailable", "reasons": ["starting"]}, status_code=503)
 
 
 @router.get("/leader", response_model=LeaderOut, response_model_exclude_unset=True)
