@@ -20,3 +20,6 @@ DISPATCH_LAG = Histogram(
     "sent_at − due_at of sent reminders",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
 )
+ETCD_AUTH_FAILURES = Counter(
+    "reminders_etcd_auth_failures_total", "Times etcd refused this replica's credentials (a configuration error)"
+)
