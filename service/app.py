@@ -22,6 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.api import appointments, health, metrics
 from service.api.limits import BodyLimitMiddleware
+from service.backlog import watch_backlog
 from service.config import Settings
 from service.db import Database
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher
@@ -119,13 +120,15 @@ def create_app(settings: Settings) -> FastAPI:
 
         app.state.begin_shutdown = begin_shutdown
         running = asyncio.create_task(elector.run(), name="elector")
+        backlog = asyncio.create_task(watch_backlog(db), name="backlog")  # gauges for the alerts
         log.info("replica %s started (database %s)", settings.pod_name, "SQLite" if db.is_sqlite else "PostgreSQL")
         try:
             yield
         finally:
             await begin_shutdown()
             running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
+            backlog.cancel()
+            await asyncio.gather(running, backlog, return_exceptions=True)
             await client.aclose()
             await db.dispose()
             log.info("replica %s stopped", settings.pod_name)
