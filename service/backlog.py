@@ -41,7 +41,10 @@ async def count_backlog(db: Database, now: datetime) -> tuple[int, int]:
 async def refresh_backlog(db: Database, *, timeout: float = BACKLOG_TIMEOUT) -> None:
     """Count once and set the gauges; on failure they keep their last value (logged)."""
     try:
-        due, stuck = await asyncio.wait_for(count_backlog(db, datetime.now(UTC)), timeout)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that arrives as the
+        # query completes, and the app's shutdown then waits for this loop forever.
+        async with asyncio.timeout(timeout):
+            due, stuck = await count_backlog(db, datetime.now(UTC))
     except Exception as error:  # noqa: BLE001 - a DB outage must not end the loop
         log.warning("counting the reminder backlog failed: %s", type(error).__name__)
         return

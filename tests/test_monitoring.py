@@ -19,8 +19,10 @@ locally and fail under CI=true.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -42,7 +44,7 @@ from prometheus_client.metrics import MetricWrapperBase
 import service.metrics
 from harness.cluster import Cluster, wait_for
 from harness.ports import free_port, wait_for_port
-from service.backlog import STUCK_AFTER, refresh_backlog
+from service.backlog import STUCK_AFTER, refresh_backlog, watch_backlog
 from service.db import Appointment, Database, Reminder, ReminderStatus
 from service.db.models import new_id
 from service.telephony import OutcomeKind
@@ -295,3 +297,24 @@ async def test_backlog_gauges_keep_their_value_when_the_database_does_not_answer
     finally:
         await unreachable.dispose()
     assert (_gauge("reminders_due"), _gauge("reminders_stuck_dispatching")) == (7, 3)
+
+
+@pytest.mark.anyio
+async def test_backlog_watch_ends_whenever_it_is_cancelled(tmp_path: Path) -> None:
+    """The app's shutdown cancels the watch and waits for it: a cancellation must never be lost,
+    even one that arrives as a count completes (asyncio.wait_for on 3.11 loses those)."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'reminders.db'}")
+    await db.upgrade()
+    moments = random.Random(17)
+    try:
+        for _ in range(600):
+            watch = asyncio.create_task(watch_backlog(db, interval=0))
+            await asyncio.sleep(moments.uniform(0, 0.01))  # cancel at an arbitrary point of its loop
+            watch.cancel()
+            done, _ = await asyncio.wait({watch}, timeout=10)
+            if not done:
+                watch.cancel()  # once more, so that the failure does not leave it running
+            assert done, "watch_backlog kept running after it was cancelled"
+            assert watch.cancelled()
+    finally:
+        await db.dispose()
