@@ -29,8 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -502,6 +501,11 @@ class Prometheus:
         assert answer["status"] == "success", (expr, answer)
         return answer["data"]["result"]
 
+    def value(self, expr: str) -> str | None:
+        """The value of the first series `expr` returns (None for none), as Prometheus prints it."""
+        result = self.query(expr)
+        return result[0]["value"][1] if result else None
+
     def close(self) -> None:
         self.http.close()
         if self.process.poll() is None:
@@ -520,12 +524,6 @@ def prometheus_binary() -> str:
     return _tool("prometheus")
 
 
-@pytest.fixture
-def cluster(etcd_endpoint: str, postgres_url: str) -> Iterator[Cluster]:
-    with Cluster(3, database_url=postgres_url, etcd_endpoint=etcd_endpoint, lease_ttl=2) as running:
-        yield running
-
-
 def _until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
     return wait_for(check, timeout=timeout, what=what, interval=0.25)
 
@@ -533,50 +531,55 @@ def _until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_prometheus_sees_no_leader_when_the_leader_dies_and_the_others_are_cut_off(
-    cluster: Cluster, prometheus_binary: str
+    etcd_endpoint: str, postgres_url: str, prometheus_binary: str
 ) -> None:
     no_leader = _alert_expr("RemindersNoLeader")
-    prometheus = Prometheus(prometheus_binary, cluster)
-    try:
-        prometheus.wait_ready()
-        _until(lambda: len(prometheus.query('up{job="reminders"} == 1')) == 3, "all three replicas scraped")
-        leader = cluster.leader()
-        _until(lambda: prometheus.query("sum(reminders_is_leader)") and
-               prometheus.query("sum(reminders_is_leader)")[0]["value"][1] == "1", "one leader seen by Prometheus")
-        assert prometheus.query(no_leader) == []
-        # Every dashboard query and alert expression runs on the real thing.
-        for _, expr in _queries():
-            for variable, value in GRAFANA_VARIABLES.items():
-                expr = expr.replace(variable, value)
-            prometheus.query(expr)
-        for rule in _rules():
-            prometheus.query(rule["expr"])
+    # Inside the test, not a fixture: a failure inside `with` prints every replica's last log lines.
+    with Cluster(3, database_url=postgres_url, etcd_endpoint=etcd_endpoint, lease_ttl=2) as cluster:
+        prometheus = Prometheus(prometheus_binary, cluster)
+        try:
+            _no_leader_scenario(cluster, prometheus, no_leader)
+        except BaseException:
+            print(f"===== prometheus log =====\n{(prometheus.workdir / 'prometheus.log').read_text()[-3000:]}")
+            raise
+        finally:
+            prometheus.close()
 
-        # Cut the followers from etcd first (none can take over), then SIGKILL the leader.
-        followers = [r for r in cluster.replicas if r.name != leader]
-        for replica in followers:
-            replica.proxy.stall()
-        cluster.replica(leader).kill()
-        _until(lambda: prometheus.query(no_leader), "the no-leader query true")
-        # Reminders pile up meanwhile, and the followers' backlog gauge shows them.
-        cluster.seed_due_reminders(5)
-        _until(lambda: prometheus.query("max(reminders_due) >= 5"), "due reminders counted", timeout=45)
 
-        for replica in followers:
-            replica.proxy.pass_through()
-        successor = cluster.leader(exclude=[leader])
-        _until(lambda: prometheus.query(no_leader) == [], "the no-leader query false again")
-        assert prometheus.query(f'reminders_is_leader{{pod="{successor}"}} == 1')
-        _until(lambda: cluster.reminder_statuses() == {"sent": 5}, "the piled-up reminders sent")
-        _until(lambda: prometheus.query("max(reminders_due) == 0"), "due count back to 0", timeout=45)
+def _no_leader_scenario(cluster: Cluster, prometheus: Prometheus, no_leader: str) -> None:
+    prometheus.wait_ready()
+    _until(lambda: len(prometheus.query('up{job="reminders"} == 1')) == 3, "all three replicas scraped")
+    leader = cluster.leader()
+    _until(lambda: prometheus.value("sum(reminders_is_leader)") == "1", "one leader seen by Prometheus")
+    assert prometheus.query(no_leader) == []
+    # Every dashboard query and alert expression runs on the real thing.
+    for _, expr in _queries():
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        prometheus.query(expr)
+    for rule in _rules():
+        prometheus.query(rule["expr"])
 
-        # No replica left to report: sum() is empty, and absent() keeps the query true.
-        for replica in followers:
-            replica.kill()
-        _until(lambda: prometheus.query(no_leader), "the no-leader query true with no replica reporting")
-        assert prometheus.query("absent(reminders_is_leader)")
-    except BaseException:
-        print(f"===== prometheus log =====\n{(prometheus.workdir / 'prometheus.log').read_text()[-3000:]}")
-        raise
-    finally:
-        prometheus.close()
+    # Cut the followers from etcd first (none can take over), then SIGKILL the leader.
+    followers = [r for r in cluster.replicas if r.name != leader]
+    for replica in followers:
+        replica.proxy.stall()
+    cluster.replica(leader).kill()
+    _until(lambda: prometheus.query(no_leader), "the no-leader query true")
+    # Reminders pile up meanwhile, and the followers' backlog gauge shows them.
+    cluster.seed_due_reminders(5)
+    _until(lambda: prometheus.query("max(reminders_due) >= 5"), "due reminders counted", timeout=45)
+
+    for replica in followers:
+        replica.proxy.pass_through()
+    successor = cluster.leader(exclude=[leader])
+    _until(lambda: prometheus.query(no_leader) == [], "the no-leader query false again")
+    assert prometheus.value(f'reminders_is_leader{{pod="{successor}"}}') == "1"
+    _until(lambda: cluster.reminder_statuses() == {"sent": 5}, "the piled-up reminders sent")
+    _until(lambda: prometheus.query("max(reminders_due) == 0"), "due count back to 0", timeout=45)
+
+    # No replica left to report: sum() is empty, and absent() keeps the query true.
+    for replica in followers:
+        replica.kill()
+    _until(lambda: prometheus.query(no_leader), "the no-leader query true with no replica reporting")
+    assert prometheus.query("absent(reminders_is_leader)")
