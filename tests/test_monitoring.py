@@ -578,8 +578,10 @@ def _no_leader_scenario(cluster: Cluster, prometheus: Prometheus, no_leader: str
     _until(lambda: cluster.reminder_statuses() == {"sent": 5}, "the piled-up reminders sent")
     _until(lambda: prometheus.query("max(reminders_due) == 0"), "due count back to 0", timeout=45)
 
-    # No replica left to report: sum() is empty, and absent() keeps the query true.
+    # No replica left to report: once every series is gone, sum() is empty and only absent()
+    # keeps the query true. (Until the last one goes, a follower's 0 makes sum() == 0 true.)
     for replica in followers:
         replica.kill()
-    _until(lambda: prometheus.query(no_leader), "the no-leader query true with no replica reporting")
-    assert prometheus.query("absent(reminders_is_leader)")
+    _until(lambda: prometheus.query("absent(reminders_is_leader)"), "no replica reporting")
+    assert prometheus.query("sum(reminders_is_leader)") == []
+    assert prometheus.query(no_leader)
