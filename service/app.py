@@ -25,6 +25,7 @@ from service.api.auth import BearerAuthMiddleware, api_tokens
 from service.api.limits import BodyLimitMiddleware
 from service.api.readiness import ReadinessProbe
 from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, unavailable_reason
+from service.backlog import watch_backlog
 from service.config import Settings
 from service.db import Database
 from service.components import dispatch_config, election_config, pool_size, telephony_client
@@ -90,13 +91,15 @@ def create_app(settings: Settings) -> FastAPI:
 
         app.state.begin_shutdown = begin_shutdown
         running = asyncio.create_task(elector.run(), name="elector")
+        backlog = asyncio.create_task(watch_backlog(db), name="backlog")  # gauges for the alerts
         log.info("replica %s started (database %s)", settings.pod_name, "SQLite" if db.is_sqlite else "PostgreSQL")
         try:
             yield
         finally:
             await begin_shutdown()
             running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
+            backlog.cancel()
+            await asyncio.gather(running, backlog, return_exceptions=True)
             await client.aclose()
             await db.dispose()
             log.info("replica %s stopped", settings.pod_name)
@@ -117,6 +120,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(appointments.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Database trouble is a 503, bad input a 422 without echoing it, a 405 lists every method."""
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
@@ -146,8 +155,6 @@ def create_app(settings: Settings) -> FastAPI:
                     allowed |= route.methods
             error.headers = {**(error.headers or {}), "Allow": ", ".join(sorted(allowed))}
         return await http_exception_handler(request, error)
-
-    return app
 
 
 _GUARDED = ("/appointments",)
