@@ -781,8 +781,9 @@ Each picture is the first run of its scenario. Top: new calls (201, not a replay
 that led (fencing token at the band's left edge). Bottom: every POST the provider received, on
 the row of its replica: a tick for a new call, a circle for a replay (a successor completing a
 call in flight with the same key: the provider answers with the stored call), a cross for a
-refused or failed POST; the bar behind is that replica's leader term. The fault is hatched in
-red. One colour at a time in the top row is the exactly-once promise seen from the provider.
+refused or failed POST; the bar behind is that replica's leader term. The fault: a red line where
+it hit, a red strip along the top until it was undone. One colour at a time in the top row is the
+exactly-once promise seen from the provider.
 
 {describe}
 
