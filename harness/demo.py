@@ -440,6 +440,13 @@ def summary(cluster: Cluster, view: LiveView | None) -> None:
           f"{sum(p['replayed'] for p in posts)} replayed; reminders {dict(statuses)}", flush=True)
 
 
+def _screen_possible() -> bool:
+    """stdout is a terminal that can redraw in place (not TERM=dumb), as rich's Live sees it."""
+    from rich.console import Console  # noqa: PLC0415
+
+    return Console().is_interactive
+
+
 def watch(view: LiveView, deadline: float | None, title: str) -> None:
     """Redraw the screen (or print plain lines) every second and act on keys until the deadline
     or a Stop."""
@@ -507,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                 deadline = None if args.duration is None else time.monotonic() + args.duration
                 title = (f"reminders demo — {args.replicas} replicas, lease TTL {lease_ttl} s, "
                          f"{'PostgreSQL' if database_url else 'SQLite'} — Ctrl-C or q stops everything")
-                view = LiveView(cluster, echo=None if sys.stdout.isatty() else lambda line: print(line, flush=True))
+                view = LiveView(cluster, echo=None if _screen_possible() else lambda line: print(line, flush=True))
                 watch(view, deadline, title)
             except Stop as signalled:
                 if isinstance(signalled, TerminalGone):

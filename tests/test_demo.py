@@ -113,14 +113,14 @@ def demo() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Output | Non
     nothing it started is left running afterwards."""
     started: list[tuple[subprocess.Popen[bytes], set[int]]] = []
 
-    def start(*, terminal: int | None = None) -> tuple[subprocess.Popen[bytes], Output | None, set[int]]:
+    def start(*, terminal: int | None = None, **env: str) -> tuple[subprocess.Popen[bytes], Output | None, set[int]]:
         read_fd, write_fd = os.pipe() if terminal is None else (None, terminal)
         process = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "harness.demo", "--replicas", "2", "--appointments", "2", "--duration", "300"],
             cwd=ROOT, stdin=subprocess.DEVNULL if terminal is None else terminal, stdout=write_fd,
             stderr=subprocess.STDOUT,
             # the terminal's own size, not the one pytest puts in the environment
-            env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")},
+            env={**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}, **env},
         )
         if terminal is None:
             os.close(write_fd)
@@ -196,6 +196,24 @@ def test_on_a_terminal_the_screen_is_redrawn_in_place_and_q_stops_everything(dem
         _all_gone(process, children, output)
         assert process.returncode == 0
         assert "stopped (q pressed): everything the demo started is down" in output.text
+    finally:
+        os.close(master)
+
+
+@pytest.mark.timeout(180)
+def test_a_terminal_that_cannot_redraw_gets_plain_lines(demo) -> None:
+    master, slave = _terminal()
+    output = Output(master)
+    try:
+        process, _, children = demo(terminal=slave, TERM="dumb")
+        os.close(slave)
+        _up(process, output, children)
+        output.wait_for("|| sent", timeout=30)
+
+        process.send_signal(signal.SIGTERM)
+
+        _all_gone(process, children, output)
+        assert "\x1b[?1049h" not in output.text
     finally:
         os.close(master)
 
