@@ -401,7 +401,7 @@ as a one-chunk stream so the check runs right before the first byte leaves (its 
 
 **Dispatch — the database (fixed earlier: service/dispatch).** Every outcome used to be recorded
 in a transaction of its own and claims loaded ORM entities for as few rows as slots had freed:
-2.1–4.0 ms of CPU per reminder. Outcomes now go to a per-term `_Recorder` that writes up to 500
+2.1–4.0 ms of CPU per reminder. Outcomes now go to a per-term `OutcomeRecorder` that writes up to 500
 per transaction (`SELECT … FOR UPDATE` of the rows still `dispatching` under the token, one
 executemany UPDATE with the same fenced WHERE), and a claim reads what the calls need in the
 statement that locks the candidates, once a quarter of the slots are free. *dispatcher alone*

@@ -287,6 +287,9 @@ class ReplicaProcess(_Process):
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self._http.post(path, **kwargs)
 
+    def patch(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._http.patch(path, **kwargs)
+
     @property
     def live(self) -> bool:
         """Running and not SIGSTOPped: expected to answer."""
@@ -372,8 +375,11 @@ class Cluster:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:  # keep the evidence: pytest shows captured stderr of a failure
-            for replica in self.replicas:
-                print(f"===== last lines of {replica.name}.log =====\n{_tail(replica.log_path)}", file=sys.stderr)
+            try:
+                for replica in self.replicas:
+                    print(f"===== last lines of {replica.name}.log =====\n{_tail(replica.log_path)}", file=sys.stderr)
+            except OSError:
+                pass  # stderr is gone (a closed terminal): tear down all the same
         try:
             self.close(graceful=exc_type is None)
         except Exception as error:

@@ -2,7 +2,7 @@
 
 The layer between the routers and the database: it plans reminders through the domain
 (`service.reminders`) and reads and writes the ORM's tables through SQLAlchemy Core, each call
-in at most one transaction with one statement per table it touches (docs/decisions/0004). It
+in at most one transaction with one statement per table it touches (docs/decisions/0161). It
 returns appointments as `AppointmentView`s — plain dictionaries in the API's response shape, built
 from the rows it read or the values it wrote (nothing is read back after a write). It speaks no
 HTTP: a router turns its errors (`AppointmentNotFound`, `AppointmentCancelled`, `InvalidField`)
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TypedDict
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Integer, Select, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Integer, Select, and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.engine import Connection, Row
 
 from service.db import Database
@@ -31,6 +31,7 @@ from service.reminders import (
     ReminderStatus,
     Unplanned,
     idempotency_key,
+    number_refusal,
     plan_reminders,
     require,
 )
@@ -142,6 +143,18 @@ _CANCEL_PENDING = (
     .values(status=ReminderStatus.CANCELLED, skip_reason=bindparam("reason"), updated_at=bindparam("now"))
     .returning(_R.c.id)
 )
+# The reminders a re-plan supersedes that no leader ever touched (docs/decisions/0125): pending
+# ones never claimed, and those an earlier re-plan cancelled before any claim.
+_PRUNE_SUPERSEDED = (
+    delete(_R)
+    .where(
+        _R.c.appointment_id == bindparam("of_appointment"), _R.c.attempts == 0, _R.c.fence_token.is_(None),
+        _R.c.claimed_at.is_(None),
+        or_(_R.c.status == ReminderStatus.PENDING,
+            and_(_R.c.status == ReminderStatus.CANCELLED, _R.c.skip_reason == "re-planned")),
+    )
+    .returning(_R.c.id)
+)
 
 
 @functools.cache
@@ -184,6 +197,12 @@ def _views(rows: Sequence[Row[Any]]) -> list[AppointmentView]:
                 "skip_reason": row[15], "sent_at": row[16], "provider_call_id": row[17],
             })
     return views
+
+
+def _check_phone(phone: str | None, planning: PlanningConfig) -> None:
+    refusal = number_refusal(phone, planning.numbers) if phone is not None else None
+    if refusal:
+        raise InvalidField(("phone",), refusal, phone)
 
 
 def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> None:
@@ -230,6 +249,16 @@ def _insert_reminders(connection: Connection, rows: list[dict[str, Any]]) -> Non
         connection.execute(_INSERT_REMINDERS, rows)
 
 
+def _prune_superseded(connection: Connection, view: AppointmentView) -> None:
+    """Delete the reminders a re-plan supersedes that were never claimed, and drop them from `view`.
+
+    Nothing was called for them, so nothing is lost; a reminder ever claimed keeps its row, so a
+    client's re-plans cannot grow the table. The dispatcher's claim and this DELETE exclude each
+    other as the claim and `_cancel_pending` do (row locks on PostgreSQL, one writer on SQLite)."""
+    pruned = set(connection.execute(_PRUNE_SUPERSEDED, {"of_appointment": view["id"]}).scalars())
+    view["reminders"] = [r for r in view["reminders"] if r["id"] not in pruned]
+
+
 def _cancel_pending(connection: Connection, view: AppointmentView, reason: str, now: datetime) -> None:
     """Cancel the appointment's `pending` reminders (a claimed one stays the dispatcher's, its
     outcome decides) and mark them so in `view`."""
@@ -273,6 +302,7 @@ async def read(db: Database, appointment_id: str) -> AppointmentView:
 async def create(db: Database, new: NewAppointment, planning: PlanningConfig) -> AppointmentView:
     """Store an appointment with its planned reminders (one transaction, one INSERT per table);
     the view's `unplanned` says what could not be planned, and why."""
+    _check_phone(new.phone, planning)
     _check_remind_at(new.remind_at, new.starts_at)
     now = utcnow()
     values = {
@@ -321,6 +351,7 @@ async def change(
 ) -> AppointmentView:
     """Apply `changes` (field → new value); a change to what a call says or when re-plans the
     pending reminders under new keys. AppointmentCancelled if the appointment is cancelled."""
+    _check_phone(changes.get("phone"), planning)
     view, replanned = await db.write(_change, appointment_id, changes, planning)
     log.info("appointment %s changed (%s)%s", view["id"], ", ".join(sorted(changes)), ", re-planned" if replanned else "")
     return view
@@ -347,6 +378,7 @@ def _change(
     unplanned: list[Unplanned] = []
     replan = bool(changes.keys() & REPLAN_FIELDS)
     if replan:
+        _prune_superseded(connection, view)
         _cancel_pending(connection, view, "re-planned", now)
         stored = values["remind_at"] if "remind_at" in values else _stored_remind_at(view)
         reminders, unplanned = _plan(view["id"], starts_at, view["timezone"], stored, planning, now)

@@ -7,7 +7,7 @@ import binascii
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
@@ -85,7 +85,7 @@ def _planning(request: Request) -> PlanningConfig:
 # response model, then written by orjson, which writes the bytes pydantic would (same field order,
 # datetimes with `Z` for UTC) in a quarter of the time. `response_model` stays for the OpenAPI.
 # They take the Request instead of session and settings dependencies: each dependency costs a
-# solve per request (docs/decisions/0004-api-at-database-speed.md).
+# solve per request (docs/decisions/0161-api-at-database-speed.md).
 _APPOINTMENT: TypeAdapter[AppointmentOut] = TypeAdapter(AppointmentOut)
 _PAGE: TypeAdapter[AppointmentList] = TypeAdapter(AppointmentList)
 
@@ -108,6 +108,22 @@ async def create_appointment(body: AppointmentCreate, request: Request) -> Respo
     return _answer(_APPOINTMENT, created, status.HTTP_201_CREATED)
 
 
+class _CursorRange:
+    """Start times a cursor may carry: those an appointment can have (schemas' range), with slack."""
+
+    low = datetime(1970, 1, 1, tzinfo=UTC)
+    high = datetime(9000, 1, 1, tzinfo=UTC)
+
+    def check(self, moment: datetime) -> datetime:
+        if not self.low <= moment <= self.high:
+            raise ValueError("cursor out of range")
+        return moment
+
+
+_CURSOR_RANGE = _CursorRange()
+_CURSOR_DOC = "Opaque: a `next_cursor` from the previous page, passed back unchanged (URL-safe base64)."
+
+
 def _encode_cursor(appointment: AppointmentView) -> str:
     raw = json.dumps([appointment["starts_at"].isoformat(), appointment["id"]]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -120,8 +136,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         starts_at = datetime.fromisoformat(starts_at_text)
         if starts_at.tzinfo is None or not isinstance(appointment_id, str) or "\x00" in appointment_id:
             raise ValueError
-        return starts_at, appointment_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        # Range-checked in UTC: 0001-01-01T00:00+14:00 is before year 1 and overflows there.
+        return _CURSOR_RANGE.check(starts_at.astimezone(UTC)), appointment_id
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise invalid(("query", "cursor"), "malformed cursor: pass back a next_cursor unchanged", cursor) from None
 
 
@@ -132,7 +149,7 @@ async def list_appointments(
     starts_after: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     starts_before: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$", description=_CURSOR_DOC)] = None,
 ) -> Response:
     """Appointments ordered by start time, a page at a time."""
     page = await appointments.list_page(

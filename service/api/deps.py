@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.auth import api_tokens, token_accepted
 from service.config import Settings
 
 __all__ = ["SettingsDep", "invalid", "require_token"]
@@ -34,9 +34,8 @@ async def require_token(
     api_token = request.app.state.settings.api_token
     if api_token is None:
         return
-    expected = api_token.get_secret_value().encode()
     given = credentials.credentials.encode() if credentials else b""
-    if not secrets.compare_digest(given, expected):
+    if not token_accepted(given, api_tokens(api_token)):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             detail="missing or invalid bearer token",

@@ -84,7 +84,7 @@ def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, **options: 
         pool_timeout=STATEMENT_TIMEOUT,
         # No pre-ping: asyncpg's costs BEGIN, a query and ROLLBACK, three round trips per checkout.
         # A connection found dead fails its one statement, and SQLAlchemy then invalidates the
-        # whole pool (docs/decisions/0004-api-at-database-speed.md).
+        # whole pool (docs/decisions/0161-api-at-database-speed.md).
         pool_pre_ping=False,
         connect_args={
             "timeout": STATEMENT_TIMEOUT,

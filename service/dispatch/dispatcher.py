@@ -13,7 +13,7 @@ Guarantees, and their limits:
 - A reminder left `dispatching` by a dead or deposed term is claimed first by the next term and
   called with the same key: completed, not repeated.
 - Outcomes are recorded after the call, fenced by the token like single writes were, but in
-  batches (`_Recorder`: one transaction per few milliseconds or per `record_batch` outcomes). A
+  batches (`OutcomeRecorder`: one transaction per few milliseconds or per `record_batch` outcomes). A
   reminder's task ends only once its outcome is written (or given up on after retries, when a
   later claim completes it with the same key), and the term waits for those tasks as before; its
   concurrency slot is given back when the provider answers (DISPATCH_CONCURRENCY bounds calls).
@@ -32,12 +32,14 @@ from zoneinfo import ZoneInfo
 
 from service.db import Database
 from service.dispatch.limiter import RateLimiter
-from service.dispatch.store import Claim, ReminderStore, StaleTerm
+from service.dispatch.store import Claim, ReminderStore, StaleTerm, is_data_error
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.reminders import CallWindow, ReminderStatus, call_message, decide_call
 from service.telephony import CallOutcome, CallRequest, OutcomeKind, TelephonyClient
+from service.privacy import strip_control
+from service.telephony.client import usable_call_id
 
-__all__ = ["DispatchConfig", "Dispatcher", "StaleTerm", "Term"]
+__all__ = ["DispatchConfig", "Dispatcher", "OutcomeRecorder", "StaleTerm", "Term"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,10 @@ class DispatchConfig:
     # long (seconds) for a batch to fill.
     record_batch: int = 500
     record_delay: float = 0.005
+    # Reminder tasks of the term (calling, or waiting for their outcome to be written) at most;
+    # None = twice `concurrency`. Slots free up when the provider answers: without this bound a
+    # database that refuses outcomes would let claims and calls go on while tasks pile up.
+    max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -80,6 +86,13 @@ class DispatchConfig:
             raise ValueError("scan_interval must be in (0, 1] seconds")
         if self.record_batch < 1 or not 0 <= self.record_delay <= 1:
             raise ValueError("record_batch must be at least 1 and record_delay within [0, 1] seconds")
+        if self.max_in_flight is not None and self.max_in_flight < self.concurrency:
+            raise ValueError("max_in_flight must be at least concurrency")
+
+    @property
+    def in_flight_limit(self) -> int:
+        """How many reminder tasks of a term may exist at once."""
+        return self.max_in_flight if self.max_in_flight is not None else 2 * self.concurrency
 
 
 def message_for(claim: Claim) -> str:
@@ -87,10 +100,10 @@ def message_for(claim: Claim) -> str:
     return call_message(claim.customer_name, claim.starts_at, claim.timezone)
 
 
-_RECORD_RETRIES = 6
+RECORD_RETRIES = 6
 
 
-class _Recorder:
+class OutcomeRecorder:
     """Writes one term's outcomes in batches, each batch in one fenced transaction.
 
     `record()` queues an outcome and returns once it is written: True, False when another term
@@ -112,8 +125,11 @@ class _Recorder:
         max_delay: float,
         max_writers: int = 2,
         keep_trying: Callable[[], bool] = lambda: False,
+        retries: int = RECORD_RETRIES,
     ) -> None:
         self.store = store
+        # writes of a batch tried while `keep_trying` says no, before giving up on it
+        self.retries = retries
         self.token = token
         # While this says yes (the term is valid), a database outage is waited out, not given up
         # on: a given-up outcome would leave the reminder `dispatching` until a stale-claim sweep.
@@ -171,14 +187,20 @@ class _Recorder:
         """Write `batch`, retrying while the database is down: the outcomes are facts worth keeping."""
         items = [(reminder_id, values) for reminder_id, (values, _) in batch.items()]
         attempt = 0
-        while attempt < _RECORD_RETRIES or self.keep_trying():
+        while attempt < self.retries or self.keep_trying():
             attempt += 1
             try:
                 recorded = await self.store.finish_many(self.token, items)
             except Exception as error:  # noqa: BLE001
-                log.warning("recording %d outcome(s) failed (%s); retrying", len(items), type(error).__name__)
-                await asyncio.sleep(min(0.25 * 2 ** min(attempt, 5), 4.0))
-                continue
+                if not is_data_error(error):
+                    log.warning("recording %d outcome(s) failed (%s); retrying", len(items), type(error).__name__)
+                    await asyncio.sleep(min(0.25 * 2 ** min(attempt, 5), 4.0))
+                    continue
+                # Bad values, not an outage: retrying the same batch would fail forever and hold
+                # every other outcome back. Split it until the poison row is alone, record that
+                # one with what is known, and keep going.
+                await self._isolate(batch)
+                return
             for reminder_id, (_, future) in batch.items():
                 if not future.done():
                     future.set_result(reminder_id in recorded)
@@ -187,6 +209,51 @@ class _Recorder:
             log.error("could not record reminder %s; a later claim will complete it with the same key", reminder_id)
             if not future.done():
                 future.set_result(None)
+
+    async def _isolate(self, batch: dict[str, tuple[Mapping[str, object], asyncio.Future[bool | None]]]) -> None:
+        """Write `batch` after a data error: halves separately, a lone row with its values made safe."""
+        if len(batch) > 1:
+            items = list(batch.items())
+            middle = len(items) // 2
+            await self._flush(dict(items[:middle]))
+            await self._flush(dict(items[middle:]))
+            return
+        ((reminder_id, (values, future)),) = batch.items()
+        safe = salvage_outcome(values)
+        log.error("reminder %s: its outcome holds values the database refuses; recording it without them", reminder_id)
+        try:
+            recorded: bool | None = reminder_id in await self.store.finish_many(self.token, [(reminder_id, safe)])
+        except Exception as error:  # noqa: BLE001 - even the salvaged row failed: give up on this one only
+            log.error("reminder %s: its outcome could not be recorded (%s)", reminder_id, type(error).__name__)
+            recorded = None
+        if not future.done():
+            future.set_result(recorded)
+
+
+# Text columns of an outcome and how much of each is kept when the database refuses the values.
+_SALVAGE_TEXT_LIMIT = 500
+
+
+def salvage_outcome(values: Mapping[str, object]) -> dict[str, object]:
+    """`values` the database can store: control characters out, texts capped, a bad call id dropped.
+
+    What is known stays: the status (a call the provider accepted is still `sent`), and why a
+    value was dropped goes to `last_error`.
+    """
+    safe: dict[str, object] = {}
+    notes: list[str] = []
+    for name, value in values.items():
+        if name == "provider_call_id" and value is not None:
+            if usable_call_id(value) is None:
+                notes.append("provider call id refused: unusable")
+                value = None
+        elif isinstance(value, str):
+            value = strip_control(value)[:_SALVAGE_TEXT_LIMIT]
+        safe[name] = value
+    if notes:
+        previous = safe.get("last_error")
+        safe["last_error"] = "; ".join([*notes, *([str(previous)] if previous else [])])[:_SALVAGE_TEXT_LIMIT]
+    return safe
 
 
 class Dispatcher:
@@ -210,7 +277,7 @@ class Dispatcher:
         token = term.fencing_token
         await self.store.raise_fence(token, self.config.instance)
         log.info("dispatching under fencing token %d", token)
-        recorder = _Recorder(
+        recorder = OutcomeRecorder(
             self.store, token, max_batch=self.config.record_batch, max_delay=self.config.record_delay,
             keep_trying=term.valid,
         )
@@ -240,6 +307,7 @@ class Dispatcher:
     def _done(self, reminder_id: str) -> None:
         self._in_flight.pop(reminder_id, None)
         self._release(reminder_id)
+        self._slot_freed.set()  # a task slot (in_flight_limit) is free too
 
     def _release(self, reminder_id: str) -> None:
         if reminder_id in self._slots:
@@ -259,8 +327,12 @@ class Dispatcher:
             if self._room():
                 return
 
+    def _free(self) -> int:
+        """Claims that may start now: free call slots, within the bound on tasks in flight."""
+        return min(self.config.concurrency - len(self._slots), self.config.in_flight_limit - len(self._in_flight))
+
     def _room(self) -> bool:
-        free = self.config.concurrency - len(self._slots)
+        free = self._free()
         return free >= max(1, self.config.concurrency // 4) or (free > 0 and not self._slots)
 
     async def _wait(self, ended: asyncio.Future[bool], timeout: float) -> None:
@@ -272,7 +344,7 @@ class Dispatcher:
             freed.cancel()
 
     async def _claim_some(self, term: Term) -> list[Claim] | None:
-        free = self.config.concurrency - len(self._slots)
+        free = self._free()
         if free <= 0:
             return []
         try:
@@ -289,7 +361,7 @@ class Dispatcher:
             log.warning("claiming reminders failed: %s: %s", type(error).__name__, error)
             return None
 
-    async def _handle(self, term: Term, claim: Claim, recorder: _Recorder) -> None:
+    async def _handle(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
         now = datetime.now(UTC)
         if claim.appointment_cancelled:
             await self._finish(recorder, claim, status=ReminderStatus.CANCELLED, skip_reason="appointment cancelled")
@@ -333,14 +405,14 @@ class Dispatcher:
             return  # as above: the next term completes it with the same key, no attempt spent
         await self._record(recorder, claim, outcome)
 
-    async def _record(self, recorder: _Recorder, claim: Claim, outcome: CallOutcome) -> None:
+    async def _record(self, recorder: OutcomeRecorder, claim: Claim, outcome: CallOutcome) -> None:
         now = datetime.now(UTC)
         attempts = claim.attempts + 1
         if outcome.kind is OutcomeKind.SENT:
             DISPATCH_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
             await self._finish(
                 recorder, claim, status=ReminderStatus.SENT, attempts=attempts, provider_call_id=outcome.call_id,
-                sent_at=now, last_error=None,
+                sent_at=now, last_error=outcome.error,  # e.g. an unusable call id, refused by the client
             )
         elif outcome.kind is OutcomeKind.TRANSIENT and attempts < self.config.max_attempts:
             delay = self.retry_delay(attempts, outcome.retry_after)
@@ -358,7 +430,7 @@ class Dispatcher:
         backoff = min(self.config.retry_max_delay, self.config.retry_base_delay * 2 ** (attempts - 1))
         return max(backoff * random.uniform(0.5, 1.0), retry_after or 0.0)
 
-    async def _finish(self, recorder: _Recorder, claim: Claim, **values: object) -> None:
+    async def _finish(self, recorder: OutcomeRecorder, claim: Claim, **values: object) -> None:
         """Record an outcome under the recorder's term (batched; returns once it is written)."""
         status = values.get("status")
         recorded = await recorder.record(claim.reminder_id, values)

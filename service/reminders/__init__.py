@@ -1,9 +1,11 @@
-"""The reminder domain: planning, the call decision, the key rule, the wording, the lifecycle.
+"""The reminder domain: planning, the call decision, the key rule, the wording, the lifecycle,
+which numbers may be called.
 
 Pure: no database session, no HTTP. The API and the dispatcher both import it; neither owns it.
 """
 
 from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
+from service.reminders.numbers import NumberPolicy, number_refusal
 from service.reminders.lifecycle import (
     TERMINAL,
     TRANSITIONS,
@@ -31,6 +33,7 @@ __all__ = [
     "CallDecision",
     "CallWindow",
     "IllegalTransition",
+    "NumberPolicy",
     "Plan",
     "PlanningConfig",
     "ReminderOffset",
@@ -40,6 +43,7 @@ __all__ = [
     "decide_call",
     "fit_call_window",
     "idempotency_key",
+    "number_refusal",
     "parse_duration",
     "plan_reminders",
     "require",
