@@ -1,15 +1,27 @@
-"""API throughput: GET /appointments/{id} and POST /appointments on one replica (one uvicorn
-worker) against PostgreSQL, and a bare FastAPI JSON route (bench/bare.py) in the same run.
+"""API throughput: the service's routes on one replica (one uvicorn worker) against PostgreSQL,
+each beside its floor — the same database work through a plain asyncpg pool (bench/bare.py) —
+measured in the same run, in A-B-A order (replica, floor, replica) so a drifting machine shows.
 
 The replica is a full `reminders serve` (harness.cluster.Cluster with one replica: it leads and
-its dispatcher scans, idle). Load: wrk -t1 (or the aiohttp generator) with 16 connections; GET
-rotates over 1,000 appointments created beforehand; POST creates a new appointment (with its
-reminder planned 24 h before it) on every request. A short warm-up precedes each measured run.
+its dispatcher scans, idle). Load: wrk -t1 with 16 connections (a Python load generator would cap
+the floor and flatter the ratio); GET rotates over 1,000 appointments created beforehand; POST
+creates a new appointment (with its reminder planned 24 h before it) on every request; the list
+reads the first page of 100. A short warm-up precedes each measured run.
+
+| pair | replica | floor |
+|---|---|---|
+| get | GET /appointments/{id} | GET /bare-db/{id}: one joined SELECT |
+| post | POST /appointments | POST /bare-db/appointments: one transaction, two INSERTs |
+| list | GET /appointments?limit=100 | GET /bare-db/appointments?limit=100: one SELECT |
+
+Also, once each: PATCH /appointments/{id} (a `notes` change; no floor), and the bare FastAPI
+routes without a database (GET and POST /bare): what the framework alone serves.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -26,23 +38,52 @@ from .common import ROOT, log
 from .loadgen import run_load
 
 CONNECTIONS = 16
+PATCH_BODY = '{"notes": "bring the referral letter"}'
 
 
-def _body() -> str:
+def body_json() -> str:
+    """A POST /appointments body: an appointment 30 days ahead (one reminder by the default offsets)."""
     starts = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0)
     return json.dumps({"customer_name": "Bench Customer", "phone": "+14155552671",
                        "starts_at": starts.isoformat(), "timezone": "Europe/Paris"})
 
 
+def seed(base_url: str, count: int) -> list[str]:
+    """Create `count` appointments through the API; their ids."""
+    log(f"api: creating {count:,} appointments")
+    body, ids = body_json(), []
+    with httpx.Client(base_url=base_url, timeout=10) as http:
+        for _ in range(count):
+            response = http.post("/appointments", content=body, headers={"Content-Type": "application/json"})
+            response.raise_for_status()
+            ids.append(response.json()["id"])
+    return ids
+
+
 def _measure(url: str, duration: float, **options: Any) -> dict[str, Any]:
-    run_load(url, connections=CONNECTIONS, duration=2, **options)  # warm-up
-    return run_load(url, connections=CONNECTIONS, duration=duration, **options)
+    run_load(url, connections=CONNECTIONS, duration=2, tool="wrk", **options)  # warm-up
+    return run_load(url, connections=CONNECTIONS, duration=duration, tool="wrk", **options)
+
+
+def _aba(label: str, replica: dict[str, Any], floor: dict[str, Any], duration: float) -> dict[str, Any]:
+    """Replica, floor, replica: both replica runs, their mean as the figure, the ratio to the floor."""
+    log(f"api: {label}: replica, floor, replica ({duration:.0f} s each)")
+    first = _measure(duration=duration, **replica)
+    base = _measure(duration=duration, **floor)
+    second = _measure(duration=duration, **replica)
+    rps = round(statistics.mean([first["rps"], second["rps"]]), 1)
+    return {
+        "replica": [first, second],
+        "floor": base,
+        "replica_rps": rps,
+        "ratio": round(rps / base["rps"], 3) if base["rps"] else None,
+        "errors": first["errors"] + base["errors"] + second["errors"],
+    }
 
 
 def run(quick: bool = False) -> dict[str, Any]:
     duration = 4.0 if quick else 10.0
-    body = _body()
-    result: dict[str, Any] = {"connections": CONNECTIONS, "duration_s": duration}
+    result: dict[str, Any] = {"connections": CONNECTIONS, "duration_s": duration, "order": "replica, floor, replica"}
     bare_port = free_port()
     bare: subprocess.Popen[bytes] | None = None
     try:
@@ -54,7 +95,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                     [sys.executable, "-m", "bench.bare", "--port", str(bare_port), "--database-url", database_url],
                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
                 wait_for_port(bare_port, timeout=30)
-                result.update(_load_all(cluster, bare_port, body, duration))
+                cluster.leader(timeout=60)
+                result.update(_load_all(cluster.replicas[0].url, f"http://127.0.0.1:{bare_port}", duration))
     finally:
         if bare is not None:
             bare.terminate()
@@ -62,34 +104,29 @@ def run(quick: bool = False) -> dict[str, Any]:
                 bare.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 bare.kill()
-    result["get_vs_bare"] = round(result["get_appointment"]["rps"] / result["bare_get"]["rps"], 3)
-    result["get_vs_bare_db"] = round(result["get_appointment"]["rps"] / result["bare_db_get"]["rps"], 3)
-    result["post_vs_bare_post"] = round(result["post_appointment"]["rps"] / result["bare_post"]["rps"], 3)
-    result["post_vs_bare_get"] = round(result["post_appointment"]["rps"] / result["bare_get"]["rps"], 3)
+    runs = [r for pair in result["pairs"].values() for r in (*pair["replica"], pair["floor"])]
+    runs += [result["patch_appointment"], result["bare_get"], result["bare_post"]]
+    result["errors"] = sum(r["errors"] for r in runs)
     return result
 
 
-def _load_all(cluster: Cluster, bare_port: int, body: str, duration: float) -> dict[str, Any]:
-    """The measured runs: bare GET, bare GET with one SELECT, the service's GET and POST, bare POST."""
-    result: dict[str, Any] = {}
-    replica = cluster.replicas[0]
-    cluster.leader(timeout=60)
-    log("api: creating 1,000 appointments for the GET rotation")
-    ids = []
-    with httpx.Client(base_url=replica.url, timeout=10) as http:
-        for _ in range(1000):
-            response = http.post("/appointments", content=body, headers={"Content-Type": "application/json"})
-            response.raise_for_status()
-            ids.append(response.json()["id"])
-    bare_url = f"http://127.0.0.1:{bare_port}/bare"
-    log(f"api: bare GET ({duration:.0f} s)")
-    result["bare_get"] = _measure(bare_url, duration)
-    log(f"api: bare GET with one SELECT through asyncpg ({duration:.0f} s)")
-    result["bare_db_get"] = _measure(f"http://127.0.0.1:{bare_port}/bare-db/{{id}}", duration, ids=ids)
-    log(f"api: GET /appointments/{{id}} ({duration:.0f} s)")
-    result["get_appointment"] = _measure(f"{replica.url}/appointments/{{id}}", duration, ids=ids)
-    log(f"api: POST /appointments ({duration:.0f} s)")
-    result["post_appointment"] = _measure(f"{replica.url}/appointments", duration, method="POST", body=body)
-    log(f"api: bare POST ({duration:.0f} s)")
-    result["bare_post"] = _measure(bare_url, duration, method="POST", body=body)
-    return result
+def _load_all(replica: str, bare: str, duration: float) -> dict[str, Any]:
+    ids = seed(replica, 1000)
+    body = body_json()
+    pairs = {
+        "get": _aba("GET /appointments/{id}", dict(url=f"{replica}/appointments/{{id}}", ids=ids),
+                    dict(url=f"{bare}/bare-db/{{id}}", ids=ids), duration),
+        "post": _aba("POST /appointments", dict(url=f"{replica}/appointments", method="POST", body=body),
+                     dict(url=f"{bare}/bare-db/appointments", method="POST", body=body), duration),
+        "list": _aba("GET /appointments?limit=100", dict(url=f"{replica}/appointments?limit=100"),
+                     dict(url=f"{bare}/bare-db/appointments?limit=100"), duration),
+    }
+    log(f"api: PATCH /appointments/{{id}} ({duration:.0f} s)")
+    patch = _measure(f"{replica}/appointments/{{id}}", duration, method="PATCH", body=PATCH_BODY, ids=ids)
+    log(f"api: bare GET and POST, no database ({duration:.0f} s each)")
+    return {
+        "pairs": pairs,
+        "patch_appointment": patch,
+        "bare_get": _measure(f"{bare}/bare", duration),
+        "bare_post": _measure(f"{bare}/bare", duration, method="POST", body=body),
+    }

@@ -2,9 +2,14 @@
 
 GET /bare returns a JSON object about the size of an appointment; POST /bare validates a small
 pydantic body and echoes it (201). No database, no middleware.
-With --database-url, GET /bare-db/{id} also reads one appointment and its reminders in ONE
-SELECT through a plain asyncpg pool (no ORM, no transaction) and returns them: the floor for a
-route that makes one database round trip in this stack.
+With --database-url, the floors for the service's routes, each through a plain asyncpg pool (no
+ORM, no SQLAlchemy), returning the same fields the service returns:
+
+- GET /bare-db/{id}: one appointment and its reminders in ONE SELECT, outside a transaction;
+- POST /bare-db/appointments: the body validated by a pydantic model, then ONE transaction that
+  INSERTs the appointment and its reminder (one per offset, as the service plans by default);
+- GET /bare-db/appointments?limit=N: a page of N appointments by (starts_at, id) with their
+  reminders in ONE SELECT.
 
   python -m bench.bare --port 8000 [--database-url postgresql://...]
 """
@@ -12,28 +17,52 @@ route that makes one database round trip in this stack.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
-_ONE_APPOINTMENT = """
-SELECT a.id, a.customer_name, a.phone, a.starts_at, a.timezone, a.notes, a.status,
-       r.id AS reminder_id, r.due_at, r.status AS reminder_status, r.attempts, r.last_error
+_COLUMNS = """a.id, a.customer_name, a.phone, a.starts_at, a.timezone, a.notes, a.status, a.remind_at,
+       a.created_at, a.updated_at, r.id AS reminder_id, r.due_at, r.status AS reminder_status, r.attempts,
+       r.last_error, r.skip_reason, r.sent_at, r.provider_call_id"""
+_ONE_APPOINTMENT = f"""
+SELECT {_COLUMNS}
 FROM appointments a LEFT JOIN reminders r ON r.appointment_id = a.id
 WHERE a.id = $1 ORDER BY r.due_at
 """
+_PAGE = f"""
+SELECT {_COLUMNS}
+FROM (SELECT * FROM appointments ORDER BY starts_at, id LIMIT $1) a
+LEFT JOIN reminders r ON r.appointment_id = a.id
+ORDER BY a.starts_at, a.id, r.due_at
+"""
+_INSERT_APPOINTMENT = """
+INSERT INTO appointments (id, customer_name, phone, starts_at, timezone, notes, remind_at, status, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, NULL, 'scheduled', $7, $7)
+"""
+_INSERT_REMINDER = """
+INSERT INTO reminders (id, appointment_id, due_at, status, attempts, next_attempt_at, idempotency_key, created_at, updated_at)
+VALUES ($1, $2, $3, 'pending', 0, $3, $4, $5, $5)
+"""
+OFFSETS = (timedelta(hours=24),)  # the service's default REMINDER_OFFSETS
+
+
+async def _no_reset(_connection: asyncpg.Connection) -> None:
+    """asyncpg's default reset sends a query (a round trip) on every release; the service's pool
+    (SQLAlchemy's) sends none after a read outside a transaction, so neither does the floor."""
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     url = os.environ.get("BARE_DATABASE_URL")
-    app.state.pool = await asyncpg.create_pool(url, min_size=4, max_size=10) if url else None
+    app.state.pool = await asyncpg.create_pool(url, min_size=4, max_size=10, reset=_no_reset) if url else None
     try:
         yield
     finally:
@@ -61,6 +90,34 @@ class Body(BaseModel):
     phone: str
     starts_at: datetime
     timezone: str = "UTC"
+    notes: str | None = None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _appointments(rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
+    """Joined rows (appointment columns, then one reminder's or NULLs) → appointments with reminders."""
+    out: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for row in rows:
+        if current is None or current["id"] != row["id"]:
+            remind_at = json.loads(row["remind_at"]) if row["remind_at"] else None
+            current = {
+                "id": row["id"], "customer_name": row["customer_name"], "phone": row["phone"],
+                "starts_at": row["starts_at"].isoformat(), "timezone": row["timezone"], "notes": row["notes"],
+                "status": row["status"], "remind_at": remind_at, "reminders": [], "unplanned": [],
+                "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
+            }
+            out.append(current)
+        if row["reminder_id"] is not None:
+            current["reminders"].append({
+                "id": row["reminder_id"], "due_at": row["due_at"].isoformat(), "status": row["reminder_status"],
+                "attempts": row["attempts"], "last_error": row["last_error"], "skip_reason": row["skip_reason"],
+                "sent_at": _iso(row["sent_at"]), "provider_call_id": row["provider_call_id"],
+            })
+    return out
 
 
 @app.get("/bare")
@@ -73,18 +130,39 @@ async def bare_post(body: Body) -> dict:
     return {**_DOC, "customer_name": body.customer_name, "starts_at": body.starts_at.isoformat()}
 
 
+@app.get("/bare-db/appointments")
+async def bare_db_list(request: Request, limit: int = 100) -> dict[str, Any]:
+    rows = await request.app.state.pool.fetch(_PAGE, limit, timeout=10)
+    return {"items": _appointments(rows), "next_cursor": None}
+
+
 @app.get("/bare-db/{appointment_id}")
 async def bare_db(appointment_id: str, request: Request) -> dict[str, Any]:
     rows = await request.app.state.pool.fetch(_ONE_APPOINTMENT, appointment_id, timeout=10)
     if not rows:
         raise HTTPException(404, "appointment not found")
-    first = rows[0]
+    return _appointments(rows)[0]
+
+
+@app.post("/bare-db/appointments", status_code=201)
+async def bare_db_create(body: Body, request: Request) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    appointment_id = str(uuid.uuid4())
+    starts_at = body.starts_at.astimezone(UTC)
+    reminders = []
+    for offset in OFFSETS:
+        reminder_id = str(uuid.uuid4())
+        reminders.append((reminder_id, appointment_id, starts_at - offset, f"reminder-{reminder_id}", now))
+    async with request.app.state.pool.acquire(timeout=10) as connection, connection.transaction():
+        await connection.execute(_INSERT_APPOINTMENT, appointment_id, body.customer_name, body.phone, starts_at,
+                                 body.timezone, body.notes, now, timeout=10)
+        await connection.executemany(_INSERT_REMINDER, reminders, timeout=10)
     return {
-        "id": first["id"], "customer_name": first["customer_name"], "phone": first["phone"],
-        "starts_at": first["starts_at"].isoformat(), "timezone": first["timezone"], "notes": first["notes"],
-        "status": first["status"],
-        "reminders": [{"id": r["reminder_id"], "due_at": r["due_at"].isoformat(), "status": r["reminder_status"],
-                       "attempts": r["attempts"], "last_error": r["last_error"]} for r in rows if r["reminder_id"]],
+        "id": appointment_id, "customer_name": body.customer_name, "phone": body.phone,
+        "starts_at": starts_at.isoformat(), "timezone": body.timezone, "notes": body.notes, "status": "scheduled",
+        "remind_at": None, "unplanned": [], "created_at": now.isoformat(), "updated_at": now.isoformat(),
+        "reminders": [{"id": r[0], "due_at": r[2].isoformat(), "status": "pending", "attempts": 0, "last_error": None,
+                       "skip_reason": None, "sent_at": None, "provider_call_id": None} for r in reminders],
     }
 
 
@@ -94,7 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--database-url", help="PostgreSQL (postgresql://…) for GET /bare-db/{id}")
+    parser.add_argument("--database-url", help="PostgreSQL (postgresql://…) for the /bare-db floors")
     args = parser.parse_args()
     if args.database_url:
         os.environ["BARE_DATABASE_URL"] = args.database_url.replace("postgresql+asyncpg://", "postgresql://")

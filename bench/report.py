@@ -64,7 +64,8 @@ def _dispatch_runs(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
 
 def write() -> Path:
     """Render BENCHMARKS.md from the committed results; returns its path."""
-    results = {name: read_result(name) for name in ("dispatch", "dispatch_before", "failover", "api", "micro")}
+    results = {name: read_result(name) for name in
+               ("dispatch", "dispatch_before", "failover", "api", "api_profile_before", "api_profile", "micro")}
     lines: list[str] = []
     add = lines.append
     _header(add, results)
@@ -75,6 +76,8 @@ def write() -> Path:
         _failover(add, results["failover"])
     if results["api"]:
         _api(add, results["api"])
+    if results["api_profile_before"] or results["api_profile"]:
+        _profiles(add, results["api_profile_before"], results["api_profile"])
     if results["micro"]:
         _micro(add, results["micro"])
     add(LIMITS)
@@ -90,13 +93,15 @@ def _header(add: Callable[[str], None], results: dict[str, Any]) -> None:
     add("# Benchmarks")
     add("")
     add("Written by `make bench` (= `.venv/bin/python -m bench`) from `bench/results/*.json`; do not edit by "
-        "hand (the text lives in `bench/report.py`). One part: `python -m bench dispatch|api|failover "
+        "hand (the text lives in `bench/report.py`). One part: `python -m bench dispatch|api|profile|failover "
         "[--quick]` (and `micro`, the side-by-side measurements quoted in the last section); `python -m bench report` only rewrites this file. Every figure below has its baseline "
         "measured in the same invocation, on the same machine, against the same processes.")
     add("")
     add(f"Machine: `nproc` = {machine.get('nproc', '?')}, {machine.get('cpu', '?')}, "
         f"{machine.get('memory_gb', '?')} GB, Python {machine.get('python', '?')}, {machine.get('platform', '?')}.")
-    for name, result in (("dispatch", dispatch), ("api", api), ("failover", failover), ("micro", micro)):
+    named = (("dispatch", dispatch), ("api", api), ("profile", results.get("api_profile")),
+             ("profile, before", results.get("api_profile_before")), ("failover", failover), ("micro", micro))
+    for name, result in named:
         if result:
             add(f"- `{result.get('command', 'python -m bench')}` — {name}: {result['machine']['date']}, "
                 f"{result.get('wall_s', '?')} s, {_conditions(result)}.")
@@ -181,18 +186,13 @@ def _summary(
     if growth_cells:
         add(f"| 3 → 50 candidates (in-process, medians) | {'; '.join(growth_cells)} | no growth (≤ +50 ms "
             f"graceful, ≤ +0.5 s otherwise) | 3 candidates | {_ok(growth_ok)} |")
-    if api:
-        for key, base, label in (("get_appointment", "bare_get", "GET /appointments/{id}"),
-                                 ("post_appointment", "bare_post", "POST /appointments")):
-            got, ref = api[key], api[base]
-            ratio = got["rps"] / ref["rps"] if ref["rps"] else None
-            floor = api.get("bare_db_get") if key == "get_appointment" else None
-            floor_text = (f"; one-SELECT floor {_n(floor['rps'])} = {_n(floor['rps'] / ref['rps'], 3)} × bare"
-                          if floor and ref["rps"] else "")
-            add(f"| API {label}: req/s (p99), one worker, PostgreSQL | {_n(got['rps'])} ({_n(got['p99_ms'], 1)} ms) | "
-                f"≥ 0.5 × bare route | bare FastAPI {'POST' if 'post' in base else 'GET'} route {_n(ref['rps'])} "
-                f"({_n(ref['p99_ms'], 1)} ms): ratio {_n(ratio, 3)}{floor_text} | "
-                f"{_ok(None if ratio is None else ratio >= 0.5)} |")
+    for key, pair in (api or {}).get("pairs", {}).items():
+        floor = pair["floor"]
+        ok = pair["ratio"] is not None and pair["ratio"] >= 0.5 and pair["errors"] == 0
+        add(f"| API {API_PAIRS[key][0]}: req/s (p50 / p99), one worker, PostgreSQL | {_n(pair['replica_rps'])} "
+            f"({_latencies(pair['replica'])}) | ≥ 0.5 × {API_PAIRS[key][1]}, 0 errors | floor {_n(floor['rps'])} "
+            f"({_n(floor['p50_ms'], 1)} / {_n(floor['p99_ms'], 1)} ms): ratio {_n(pair['ratio'], 3)}; "
+            f"{pair['errors']} errors | {_ok(ok)} |")
     add("")
 
 
@@ -306,29 +306,80 @@ def _failover(add: Callable[[str], None], failover: dict[str, Any]) -> None:
     add("")
 
 
+API_PAIRS = {
+    "get": ("GET /appointments/{id}", "the one-query floor", "GET /bare-db/{id}: one joined SELECT"),
+    "post": ("POST /appointments", "the one-transaction floor",
+             "POST /bare-db/appointments: one transaction, the appointment and its reminder INSERTed"),
+    "list": ("GET /appointments?limit=100", "the one-query floor",
+             "GET /bare-db/appointments?limit=100: one SELECT, a page with its reminders"),
+}
+
+
+def _latencies(runs: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{_n(r['p50_ms'], 1)} / {_n(r['p99_ms'], 1)} ms" for r in runs)
+
+
 def _api(add: Callable[[str], None], api: dict[str, Any]) -> None:
     add("## API: one worker against PostgreSQL")
     add("")
-    add(f"{api['get_appointment']['tool']} with {api['connections']} connections for {_n(api['duration_s'])} s "
-        "each, after a 2 s warm-up. The service is a full `reminders serve` replica (leading, its dispatcher "
-        "idle); GET rotates over 1,000 appointments; POST creates one appointment (and plans its reminder) "
-        "per request. Baselines: `bench/bare.py`, a FastAPI app with one JSON route (GET) and one pydantic-"
-        "validated POST, served by the same uvicorn settings, in the same run; and its `/bare-db/{id}`, the "
-        "same 1,000 appointments read with one joined SELECT through a plain asyncpg pool (no ORM, no "
-        "transaction): the floor for a route with one database round trip.")
+    add(f"wrk (`-t1`) with {api['connections']} connections for {_n(api['duration_s'])} s per run, each after a 2 s "
+        "warm-up. The service is a full `reminders serve` replica (leading, its dispatcher idle); GET rotates "
+        "over 1,000 appointments; POST creates one appointment (and plans its reminder) per request; the list "
+        "reads the first page of 100 with their reminders. Each route runs beside its *floor* in A-B-A order "
+        f"({api.get('order', 'replica, floor, replica')}), so a machine that drifts shows as two different "
+        "replica runs; the replica's figure is their mean. The floors are `bench/bare.py`: FastAPI on the same "
+        "uvicorn settings, the same database work through a plain asyncpg pool (no SQLAlchemy, no reset query "
+        "on release), the same fields in the answer. *bare* routes: the same FastAPI without a database.")
     add("")
-    add("| route | req/s | p50 | p90 | p99 | errors | ratio to bare |")
+    add("| route | run | req/s | p50 | p90 | p99 | errors |")
     add("|---|---|---|---|---|---|---|")
-    for key, label, base in (("bare_get", "bare GET /bare", None), ("bare_db_get", "bare GET /bare-db/{id} (one SELECT)", "bare_get"),
-                             ("get_appointment", "GET /appointments/{id}", "bare_get"),
-                             ("bare_post", "bare POST /bare", None), ("post_appointment", "POST /appointments", "bare_post")):
-        r = api.get(key)
-        if r is None:
-            continue
-        ratio = r["rps"] / api[base]["rps"] if base else None
-        add(f"| {label} | {_n(r['rps'])} | {_n(r['p50_ms'], 1)} ms | {_n(r['p90_ms'], 1)} ms | {_n(r['p99_ms'], 1)} ms | "
-            f"{r['errors']} | {_n(ratio, 3) if ratio else '–'} |")
+
+    def row(label: str, run: str, r: dict[str, Any]) -> None:
+        add(f"| {label} | {run} | {_n(r['rps'])} | {_n(r['p50_ms'], 1)} ms | {_n(r['p90_ms'], 1)} ms | "
+            f"{_n(r['p99_ms'], 1)} ms | {r['errors']} |")
+
+    for key, pair in api.get("pairs", {}).items():
+        label, _, floor_label = API_PAIRS[key]
+        row(label, "A: replica", pair["replica"][0])
+        row(floor_label, "B: floor", pair["floor"])
+        row(label, "A: replica", pair["replica"][1])
+        add(f"| **{label}** | **ratio** | **{_n(pair['replica_rps'])} / {_n(pair['floor']['rps'])} = "
+            f"{_n(pair['ratio'], 3)}** | | | | |")
+    for key, label in (("patch_appointment", "PATCH /appointments/{id} (a `notes` change; no floor)"),
+                       ("bare_get", "bare GET /bare (no database)"), ("bare_post", "bare POST /bare (no database)")):
+        if api.get(key):
+            row(label, "once", api[key])
     add("")
+    add(f"Errors over all runs: {api.get('errors', '–')}.")
+    add("")
+
+
+def _profile_table(add: Callable[[str], None], label: str, result: dict[str, Any]) -> None:
+    routes = result.get("routes", {})
+    names = list(next(iter(routes.values()))["named_inclusive"]) if routes else []
+    add(f"**{label}** ({result['machine']['date']}, {_conditions(result)}):")
+    add("")
+    add("| route | req/s under py-spy | own time by package (top 5) | " + " | ".join(names) + " |")
+    add("|---|---|---|" + "---|" * len(names))
+    for r in routes.values():
+        own = ", ".join(f"{p} {v:.0f} %" for p, v in r["own_by_package"][:5])
+        add(f"| {r['label']} | {_n(r['load'].get('rps'))} | {own} | "
+            + " | ".join(f"{r['named_inclusive'][n]:.1f} %" for n in names) + " |")
+    add("")
+
+
+def _profiles(add: Callable[[str], None], before: dict[str, Any] | None, after: dict[str, Any] | None) -> None:
+    add("## Where a replica's CPU goes, per API route (`python -m bench profile`)")
+    add("")
+    add("py-spy (`record --format raw`, 200 Hz, 8 s) on the replica while wrk loads one route with 16 "
+        "connections; percentages of the samples. *Own time* is the function at the top of the stack, summed by "
+        "package (*event loop* is uvloop's C code; asyncpg's includes the socket writes its Cython code makes). "
+        "The named columns are inclusive: the share of samples with that function anywhere on the stack. "
+        "*Before* is this tree before issue 16's changes (commit c79d390); *after* is this tree.")
+    add("")
+    for label, result in (("Before", before), ("After", after)):
+        if result:
+            _profile_table(add, label, result)
 
 
 def _micro(add: Callable[[str], None], micro: dict[str, Any]) -> None:
@@ -360,7 +411,8 @@ def _micro(add: Callable[[str], None], micro: dict[str, Any]) -> None:
     add("")
     add("| read | CPU per read |")
     add("|---|---|")
-    labels = {"orm_and_response_model": "the API's path: ORM load (joined) + response model",
+    labels = {"orm_and_response_model": "ORM load (joined) + response model (the API's read before issue 16)",
+              "service_read_and_response_model": "`service.appointments.read` (Core, one greenlet hop) + response model",
               "core_rows": "the same SELECT through SQLAlchemy Core, rows only",
               "asyncpg_rows": "the same SELECT through asyncpg on a connection of the same pool"}
     for key, label in labels.items():
@@ -406,9 +458,10 @@ per transaction (`SELECT … FOR UPDATE` of the rows still `dispatching` under t
 executemany UPDATE with the same fenced WHERE), and a claim reads what the calls need in the
 statement that locks the candidates, once a quarter of the slots are free. *dispatcher alone*
 shows the remainder. Claims run one at a time; both latencies are CPU-bound now, so overlapping
-them would not raise the rate. `pool_pre_ping` (one `SELECT 1` per checkout) is kept: switching
-it off made no difference beyond noise in a side-by-side GET run while this was built, and with
-it a connection broken by a database restart is replaced before use instead of failing a request.
+them would not raise the rate. `pool_pre_ping` is off since issue 16 (docs/decisions/0161): its
+BEGIN, query and ROLLBACK before every checkout were 6–10 % of an API replica's samples; a
+connection broken by a database restart now fails its one statement, and SQLAlchemy then
+replaces the whole pool.
 
 **Dispatch — the provider and the machine.** The fake provider is Starlette on uvicorn with
 httptools and uvloop (in pyproject.toml since this round; both stacks side by side in the
@@ -424,18 +477,24 @@ including the start, which is where this shared machine is: met in quiet runs (9
 single-round run committed as bench/results/dispatch.json at 0d33f59), missed when other work
 slows the vCPUs (the rounds above; compare the calibration before and after).
 
-**API.** `/bare-db/{id}` — FastAPI, one joined SELECT through a plain asyncpg pool, no ORM — is the
-floor for any route with a database round trip, and it is itself below half the bare route in
-the same run: the 0.5 × bare target cannot be met by a route that reads the database on this
-machine. `GET /appointments/{id}` now reads on `Database.read_session()` (one joined SELECT on
-an autocommit connection: no BEGIN/ROLLBACK, no second selectin query; 5 round trips → 2;
-`python -m bench api` on a work tree of e3a4cac^ and of e3a4cac compares the two). What separates it from the floor, by profile: SQLAlchemy's ORM (cache
-key and compiled-statement lookup, greenlet hop, identity map, joined-row de-duplication),
-FastAPI dependency solving (token check, settings, the session's exit stack) and the response's
-pydantic validation. The last table above splits a read's CPU between the ORM and response model,
-SQLAlchemy Core, and asyncpg: going below SQLAlchemy would give the API a second way to read the
-schema, and a Core query would save only the ORM's share. Not done. POST is two INSERTs and a COMMIT
-plus phone parsing and reminder planning.
+**API (issue 16; docs/decisions/0161).** The profile before (table above) named: the pool's
+pre-ping, three round trips before every checkout; the ORM — row loading and identity map for reads,
+a second `selectin` query for every list page and PATCH, the unit-of-work flush for writes, and a
+re-read after every write; FastAPI dependency solving (session, settings, token); the response model
+built in the route and validated again by `response_model`. Now `service/appointments.py` reads and
+writes through SQLAlchemy Core with statements built once — one joined SELECT per read or page, one
+INSERT per table for a create, SELECT … FOR UPDATE plus one statement per changed table for a PATCH,
+nothing read back — each call a plain function over a `Connection` run in one greenlet hop
+(`Database.read`/`write`); reads on a pool of their own that stays in autocommit (switching a shared
+connection's isolation level at each checkout cost as much CPU as the read); no pre-ping; the routes
+take the `Request`, validate the answer once and write it with orjson (the bytes pydantic writes).
+What separates a route from its floor now, by the profile after: SQLAlchemy's execution path
+(checkout and checkin through its pool and events, execution context, result rows, the greenlet
+hop) against asyncpg's `fetch`; FastAPI's routing through included routers and the token
+dependency (kept: it is what puts the bearer scheme in the OpenAPI) against a route with none; and
+one validation of the answer against the response model, which the floors, returning untyped
+dicts, skip. POST adds the phone and number-policy checks and reminder planning; its two INSERTs and
+COMMIT are the floor's too.
 
 **Failover.** A graceful resign is one etcd txn plus the successor's watch: milliseconds. SIGKILL
 waits for the lease to expire on the server: between TTL − TTL/3 and TTL after the kill, depending
