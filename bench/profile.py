@@ -27,7 +27,7 @@ from harness.cluster import Cluster
 from harness.etcd import EtcdServer
 from harness.postgres import PostgresServer
 
-from .api import CONNECTIONS, PATCH_BODY, body_json, seed
+from .api import CONNECTIONS, PATCH_BODY, analyze, body_json, seed
 from .common import log
 from .loadgen import run_load
 
@@ -130,6 +130,7 @@ def run(quick: bool = False) -> dict[str, Any]:  # noqa: ARG001 - one length onl
             replica = cluster.replicas[0]
             cluster.leader(timeout=60)
             ids = seed(replica.url, 1000)
+            analyze(database_url)
             pid = replica.pid
             assert pid is not None
             routes = {
