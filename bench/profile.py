@@ -37,7 +37,8 @@ SECONDS, LOAD_SECONDS, RATE = 8, 11, 200
 NAMED = {
     "pool pre-ping (BEGIN; ; ROLLBACK)": r"^AsyncAdapt_asyncpg_connection\._async_ping ",
     "FastAPI dependency solving": r"^solve_dependencies ",
-    "response validation + JSON": r"^serialize_response ",
+    "FastAPI's response validation + JSON": r"^serialize_response ",
+    "one validation + orjson (`_answer`)": r"^_answer ",
     "response model built in the route": r"^AppointmentOut\.of ",
     "ORM flush (unit of work)": r"^Session\._flush ",
     "ORM row loading (instances)": r"^instances ",

@@ -65,7 +65,7 @@ def _dispatch_runs(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
 def write() -> Path:
     """Render BENCHMARKS.md from the committed results; returns its path."""
     results = {name: read_result(name) for name in
-               ("dispatch", "dispatch_before", "failover", "api", "api_profile_before", "api_profile", "micro")}
+               ("dispatch", "dispatch_before", "failover", "api", "profile_before", "profile", "micro")}
     lines: list[str] = []
     add = lines.append
     _header(add, results)
@@ -76,8 +76,8 @@ def write() -> Path:
         _failover(add, results["failover"])
     if results["api"]:
         _api(add, results["api"])
-    if results["api_profile_before"] or results["api_profile"]:
-        _profiles(add, results["api_profile_before"], results["api_profile"])
+    if results["profile_before"] or results["profile"]:
+        _profiles(add, results["profile_before"], results["profile"])
     if results["micro"]:
         _micro(add, results["micro"])
     add(LIMITS)
@@ -99,8 +99,8 @@ def _header(add: Callable[[str], None], results: dict[str, Any]) -> None:
     add("")
     add(f"Machine: `nproc` = {machine.get('nproc', '?')}, {machine.get('cpu', '?')}, "
         f"{machine.get('memory_gb', '?')} GB, Python {machine.get('python', '?')}, {machine.get('platform', '?')}.")
-    named = (("dispatch", dispatch), ("api", api), ("profile", results.get("api_profile")),
-             ("profile, before", results.get("api_profile_before")), ("failover", failover), ("micro", micro))
+    named = (("dispatch", dispatch), ("api", api), ("profile", results.get("profile")),
+             ("profile, before", results.get("profile_before")), ("failover", failover), ("micro", micro))
     for name, result in named:
         if result:
             add(f"- `{result.get('command', 'python -m bench')}` — {name}: {result['machine']['date']}, "
@@ -375,7 +375,8 @@ def _profiles(add: Callable[[str], None], before: dict[str, Any] | None, after: 
         "connections; percentages of the samples. *Own time* is the function at the top of the stack, summed by "
         "package (*event loop* is uvloop's C code; asyncpg's includes the socket writes its Cython code makes). "
         "The named columns are inclusive: the share of samples with that function anywhere on the stack. "
-        "*Before* is this tree before issue 16's changes (commit c79d390); *after* is this tree.")
+        "*Before*: `python -m bench profile --result-name profile_before` run from a work tree of commit "
+        "c79d390 (the service before issue 16's changes) with this tree's `bench/`; *after*: this tree.")
     add("")
     for label, result in (("Before", before), ("After", after)):
         if result:

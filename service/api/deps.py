@@ -1,17 +1,16 @@
-"""Dependencies shared by the routers: settings, bearer auth, 422 helper."""
+"""Dependencies shared by the routers: settings, the bearer scheme of the OpenAPI, 422 helper."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
-from service.api.auth import api_tokens, token_accepted
 from service.config import Settings
 
-__all__ = ["SettingsDep", "invalid", "require_token"]
+__all__ = ["SettingsDep", "bearer_scheme", "invalid"]
 
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` ones in a worker thread,
@@ -22,25 +21,10 @@ async def get_settings(request: Request) -> Settings:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
-_bearer = HTTPBearer(auto_error=False, description="Required when API_TOKEN is set.")
-
-
-async def require_token(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    """401 unless API_TOKEN is unset or the request carries it as a bearer token."""
-    # Settings straight from the app, not as a sub-dependency: this runs on every appointment route.
-    api_token = request.app.state.settings.api_token
-    if api_token is None:
-        return
-    given = credentials.credentials.encode() if credentials else b""
-    if not token_accepted(given, api_tokens(api_token)):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            detail="missing or invalid bearer token",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+# Documents the bearer scheme in the OpenAPI; BearerAuthMiddleware (service/api/auth.py) enforces
+# API_TOKEN before the body is read, so the routes need no dependency that checks it again: one
+# dependency fewer to solve on every request (docs/decisions/0161).
+bearer_scheme = HTTPBearer(auto_error=False, description="Required when API_TOKEN is set.")
 
 
 def invalid(loc: tuple[str | int, ...], message: str, value: object = None) -> RequestValidationError:
