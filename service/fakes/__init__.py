@@ -1,0 +1,1 @@
+"""Fake providers for tests and the demo, apart from the shipped adapters."""
