@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 from starlette.applications import Starlette
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -116,6 +117,11 @@ class _Call:
         query = dict(parse_qsl(urlsplit(self.url).query))
         return {**self.resource(account_sid), "url": self.url, "stamp": query, "heard": list(self.heard),
                 "twiml": list(self.twiml), "digits": list(self.digits)}
+
+
+async def _form(request: Request) -> FormData:
+    """An urlencoded body (all Twilio's API takes), without a multipart parser."""
+    return FormData(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
 
 
 class FakeTwilio:
@@ -326,7 +332,7 @@ class FakeTwilio:
 
         if not self._authorised(request, request.path_params["account"]):
             return done(self._error(401, 20003, "Authenticate"))
-        form = await request.form()
+        form = await _form(request)
         to, from_, url = form.get("To"), form.get("From"), form.get("Url")
         entry["to"] = to
         await self._turn()
@@ -373,7 +379,7 @@ class FakeTwilio:
             return self._error(404, 20404, "The requested resource was not found")
         await self._turn()
         if request.method == "POST":
-            wanted = (await request.form()).get("Status")
+            wanted = (await _form(request)).get("Status")
             if wanted == "canceled" and call.status in ("queued", "initiated", "ringing"):
                 call.status = "canceled"
                 call.end_time = datetime.now(UTC)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
 from starlette.datastructures import FormData
@@ -35,9 +36,11 @@ _TWIML = "application/xml"
 
 
 async def _verified(request: Request) -> FormData:
-    """The POST form, once the signature over PUBLIC_URL + path + query holds; else 403."""
+    """The POST form, once the signature over PUBLIC_URL + path + query holds; else 403.
+
+    Twilio posts `application/x-www-form-urlencoded`: parsed here, with no multipart parser."""
     signature: TwilioSignature = request.app.state.twilio_signature
-    form = await request.form()
+    form = FormData(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
     query = request.scope.get("query_string", b"").decode("latin-1")
     if not signature.valid(request.scope["path"], query, form, request.headers.get(SIGNATURE_HEADER)):
         log.warning("twilio webhook %s refused: bad or missing signature", request.scope["path"])
