@@ -1,0 +1,294 @@
+"""Calls through a provider without idempotency: attempts recorded (fenced) before they are sent,
+and attempts in doubt reconciled, never blindly repeated (DESIGN.md "Real providers").
+
+`AttemptStore` is the SQL; `reconcile()` is the rule; `StampedCalls` runs one claimed reminder
+through them for the dispatcher:
+
+1. The reminder already has a bound call, a created attempt, or an attempt some webhook spoke of:
+   it is `sent`.
+2. An attempt is unresolved (`creating` — its sender died — or `in_doubt` — a timeout or 5xx): no
+   new attempt while it is younger than RECONCILE_GRACE, nor while any call to the number created
+   since it is queued, ringing or in progress (its own webhooks will carry the stamp); the
+   reminder goes back to `pending` until the next look. Only then is it `not_created`.
+3. A new attempt: recorded under the term's fence, then sent with its stamp, then settled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, Protocol
+
+from sqlalchemy import select, update
+
+from service.db import Database
+from service.db.models import AttemptState, CallAttempt, LeaderFence, Reminder, ReminderStatus, new_id
+from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall, Provider, ProviderUnavailable
+
+__all__ = [
+    "AttemptStore",
+    "AttemptView",
+    "Reconciliation",
+    "Step",
+    "StampedCalls",
+    "reconcile",
+]
+
+log = logging.getLogger(__name__)
+
+FENCE_ROW = 1
+# A provider's clock (Twilio's date_created, to the second) against ours: a live call created up to
+# this long before an attempt still counts as possibly that attempt's.
+CLOCK_SKEW = timedelta(seconds=60)
+# How soon an unresolved attempt is looked at again (its webhooks may settle it meanwhile).
+RECHECK = timedelta(seconds=2)
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    id: str
+    state: str
+    created_at: datetime
+    provider_call_id: str | None
+    last_event_at: datetime | None
+
+    @property
+    def evidenced(self) -> bool:
+        """The provider has this call: it said so, or one of its webhooks arrived."""
+        return self.state == AttemptState.CREATED or self.provider_call_id is not None or self.last_event_at is not None
+
+    @property
+    def unresolved(self) -> bool:
+        return self.state in (AttemptState.CREATING, AttemptState.IN_DOUBT) and not self.evidenced
+
+
+class Step(StrEnum):
+    SENT = "sent"  # a call of the reminder exists: nothing more to create
+    WAIT = "wait"  # an attempt is in doubt: look again at `wait_until`
+    LIST = "list"  # an attempt in doubt is past its grace: ask the provider for live calls
+    NEW = "new"  # no call exists or can appear: make a new attempt
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    step: Step
+    call_id: str | None = None
+    wait_until: datetime | None = None
+    abandon: tuple[str, ...] = ()  # attempts now known never to have made a call
+    since: datetime | None = None  # for LIST: calls created after this may be the attempt's
+
+
+def reconcile(
+    attempts: Sequence[AttemptView],
+    *,
+    bound_call_id: str | None,
+    now: datetime,
+    grace: timedelta,
+    live: Sequence[LiveCall] | None = None,
+) -> Reconciliation:
+    """What to do with a claimed reminder, given its attempts (and, for LIST, the live calls)."""
+    if bound_call_id is not None:
+        return Reconciliation(Step.SENT, call_id=bound_call_id)
+    for attempt in attempts:
+        if attempt.evidenced:
+            return Reconciliation(Step.SENT, call_id=attempt.provider_call_id)
+    unresolved = [a for a in attempts if a.unresolved]
+    if not unresolved:
+        return Reconciliation(Step.NEW)
+    oldest = min(a.created_at for a in unresolved)
+    newest = max(a.created_at for a in unresolved)
+    if now < newest + grace:
+        return Reconciliation(Step.WAIT, wait_until=min(newest + grace, now + RECHECK))
+    since = oldest - CLOCK_SKEW
+    if live is None:
+        return Reconciliation(Step.LIST, since=since)
+    alive = [c for c in live if c.created_at is None or c.created_at >= since]
+    if alive:
+        return Reconciliation(Step.WAIT, wait_until=now + RECHECK)
+    return Reconciliation(Step.NEW, abandon=tuple(a.id for a in unresolved))
+
+
+class AttemptStore:
+    """The SQL of attempts. `begin` is fenced; settling and reading are not (an attempt id is one
+    sender's alone, and its outcome is a fact whoever records it)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def begin(self, token: int, reminder_id: str, now: datetime) -> str | None:
+        """Record a new attempt, only while the fence is `token` and the reminder is `dispatching`
+        under it; its id, or None when this term may not create calls for the reminder any more."""
+        attempt_id = new_id()
+        async with self.db.session() as session:
+            fence = select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW)
+            if not self.db.is_sqlite:
+                fence = fence.with_for_update(read=True)
+            if (await session.execute(fence)).scalar() != token:
+                await session.rollback()
+                return None
+            ours = await session.execute(
+                select(Reminder.id)
+                .where(Reminder.id == reminder_id, Reminder.fence_token == token,
+                       Reminder.status == ReminderStatus.DISPATCHING)
+                .with_for_update()
+            )
+            if ours.first() is None:
+                await session.rollback()
+                return None
+            session.add(CallAttempt(id=attempt_id, reminder_id=reminder_id, fencing_token=token,
+                                    state=AttemptState.CREATING, created_at=now, updated_at=now))
+            await session.commit()
+        return attempt_id
+
+    async def settle(self, attempt_id: str, state: AttemptState, *, call_id: str | None = None,
+                     error: str | None = None) -> None:
+        """Record what the create achieved. CREATED always holds (it is the provider's word);
+        any other state only replaces `creating` or `in_doubt`."""
+        statement = update(CallAttempt).where(CallAttempt.id == attempt_id)
+        if state != AttemptState.CREATED:
+            statement = statement.where(CallAttempt.state.in_((AttemptState.CREATING, AttemptState.IN_DOUBT)))
+        values: dict[str, Any] = {"state": state, "error": error}
+        async with self.db.session() as session:
+            await session.execute(statement.values(values))
+            if call_id is not None:
+                await session.execute(
+                    update(CallAttempt)
+                    .where(CallAttempt.id == attempt_id, CallAttempt.provider_call_id.is_(None))
+                    .values(provider_call_id=call_id)
+                )
+            await session.commit()
+
+    async def abandon(self, attempt_ids: Sequence[str]) -> None:
+        if not attempt_ids:
+            return
+        async with self.db.session() as session:
+            await session.execute(
+                update(CallAttempt)
+                .where(CallAttempt.id.in_(list(attempt_ids)),
+                       CallAttempt.state.in_((AttemptState.CREATING, AttemptState.IN_DOUBT)),
+                       CallAttempt.provider_call_id.is_(None), CallAttempt.last_event_at.is_(None))
+                .values(state=AttemptState.NOT_CREATED, error="reconciled: no event and no live call after the grace")
+            )
+            await session.commit()
+
+    async def view(self, reminder_id: str) -> tuple[str | None, list[AttemptView]]:
+        """The reminder's bound call id and its attempts, oldest first."""
+        async with self.db.session() as session:
+            bound = (await session.execute(select(Reminder.bound_call_id).where(Reminder.id == reminder_id))).scalar()
+            rows = await session.execute(
+                select(CallAttempt.id, CallAttempt.state, CallAttempt.created_at, CallAttempt.provider_call_id,
+                       CallAttempt.last_event_at)
+                .where(CallAttempt.reminder_id == reminder_id)
+                .order_by(CallAttempt.created_at)
+            )
+            return bound, [AttemptView(*row) for row in rows]
+
+
+class ClaimLike(Protocol):
+    reminder_id: str
+    appointment_id: str
+    phone: str
+    attempts: int
+
+
+# (claim, reminder column values) → written under the term (the dispatcher's batched recorder)
+Finish = Callable[..., Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StampedConfig:
+    caller_id: str
+    reconcile_grace: timedelta
+    max_attempts: int
+    retry_delay: Callable[[int, float | None], float]  # (attempts so far, Retry-After) → seconds
+
+
+class StampedCalls:
+    """One claimed reminder through a provider without idempotency (see the module docstring)."""
+
+    def __init__(self, db: Database, provider: Provider, config: StampedConfig) -> None:
+        self.store = AttemptStore(db)
+        self.provider = provider
+        self.config = config
+
+    async def handle(
+        self,
+        claim: ClaimLike,
+        *,
+        token: int,
+        may_send: Callable[[], bool],
+        now: Callable[[], datetime],
+        finish: Finish,
+        before_create: Callable[[], Awaitable[None]] | None = None,
+    ) -> CreateResult | None:
+        """Reconcile, then create if nothing exists or can appear. Returns the create's result, or
+        None when no create was sent (already sent, waiting, or not ours any more)."""
+        bound, attempts = await self.store.view(claim.reminder_id)
+        decision = reconcile(attempts, bound_call_id=bound, now=now(), grace=self.config.reconcile_grace)
+        if decision.step is Step.LIST:
+            try:
+                live = await self.provider.live_calls(claim.phone)
+            except ProviderUnavailable as error:
+                log.info("reminder %s: in doubt, calls cannot be listed (%s); looking again", claim.reminder_id, error)
+                live = None
+            if live is None:
+                decision = Reconciliation(Step.WAIT, wait_until=now() + RECHECK)
+            else:
+                decision = reconcile(attempts, bound_call_id=bound, now=now(), grace=self.config.reconcile_grace,
+                                     live=live)
+        if decision.step is Step.SENT:
+            await finish(claim, status=ReminderStatus.SENT, provider_call_id=decision.call_id, sent_at=now(),
+                         last_error=None)
+            return None
+        if decision.step is Step.WAIT:
+            await finish(claim, status=ReminderStatus.PENDING, next_attempt_at=decision.wait_until,
+                         last_error="a call attempt is in doubt: waiting for its events")
+            return None
+        if decision.abandon:
+            log.info("reminder %s: %d attempt(s) in doubt made no call; a new attempt follows",
+                     claim.reminder_id, len(decision.abandon))
+            await self.store.abandon(decision.abandon)
+        if claim.attempts >= self.config.max_attempts:
+            await finish(claim, status=ReminderStatus.FAILED, last_error="no call after the maximum number of attempts")
+            return None
+        if before_create is not None:
+            await before_create()  # the rate limiter
+        if not may_send():
+            return None
+        attempt_id = await self.store.begin(token, claim.reminder_id, now())
+        if attempt_id is None:
+            return None  # the fence moved on: the reminder is the next term's
+        spec = CallSpec(to=claim.phone, from_=self.config.caller_id, reminder_id=claim.reminder_id,
+                        appointment_id=claim.appointment_id, attempt_id=attempt_id)
+        result = await self.provider.create_call(spec, may_send=may_send)
+        await self._settle(claim, attempt_id, result, now(), finish)
+        return result
+
+    async def _settle(self, claim: ClaimLike, attempt_id: str, result: CreateResult, at: datetime,
+                      finish: Finish) -> None:
+        attempts = claim.attempts + 1
+        if result.kind is CreateKind.CREATED:
+            await self.store.settle(attempt_id, AttemptState.CREATED, call_id=result.call_id)
+            await finish(claim, status=ReminderStatus.SENT, attempts=attempts, provider_call_id=result.call_id,
+                         sent_at=at, last_error=None)
+        elif result.kind is CreateKind.NOT_SENT:
+            # Certainly no call; the reminder stays `dispatching` for the next term to take up.
+            await self.store.settle(attempt_id, AttemptState.NOT_CREATED, error=result.error)
+        elif result.kind is CreateKind.IN_DOUBT:
+            await self.store.settle(attempt_id, AttemptState.IN_DOUBT, error=result.error)
+            log.warning("reminder %s: attempt %s in doubt (%s): reconciling before any new attempt",
+                        claim.reminder_id, attempt_id, result.error)
+            await finish(claim, status=ReminderStatus.PENDING, attempts=attempts, last_error=result.error,
+                         next_attempt_at=at + min(self.config.reconcile_grace, RECHECK))
+        elif result.kind is CreateKind.NOT_CREATED and attempts < self.config.max_attempts:
+            await self.store.settle(attempt_id, AttemptState.NOT_CREATED, error=result.error)
+            delay = self.config.retry_delay(attempts, result.retry_after)
+            await finish(claim, status=ReminderStatus.PENDING, attempts=attempts, last_error=result.error,
+                         next_attempt_at=at + timedelta(seconds=delay))
+        else:
+            await self.store.settle(attempt_id, AttemptState.NOT_CREATED, error=result.error)
+            log.warning("reminder %s failed after %d attempt(s): %s", claim.reminder_id, attempts, result.error)
+            await finish(claim, status=ReminderStatus.FAILED, attempts=attempts, last_error=result.error)
