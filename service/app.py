@@ -28,8 +28,12 @@ from service.dispatch.dispatcher import DispatchConfig, Dispatcher
 from service.election import ElectionConfig, Elector
 from service.metrics import IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
 from service.telephony import HttpTelephonyClient
+from service.telephony.generic import GenericProvider
+from service.telephony.provider import Provider
+from service.telephony.twilio import TwilioProvider, TwilioSignature
+from service.webhooks import twilio_router
 
-__all__ = ["app", "create_app", "election_config"]
+__all__ = ["app", "create_app", "election_config", "provider_for"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,29 @@ def dispatch_config(settings: Settings) -> DispatchConfig:
         calls_per_second=settings.calls_per_second,
         max_attempts=settings.dispatch_max_attempts,
         retry_base_delay=settings.retry_base_delay,
+        reconcile_grace=settings.effective_reconcile_grace,
+    )
+
+
+def provider_for(settings: Settings) -> Provider:
+    """The adapter TELEPHONY_PROVIDER names, configured from `settings`."""
+    if settings.telephony_provider == "twilio":
+        assert settings.public_url and settings.twilio_account_sid and settings.twilio_auth_token
+        return TwilioProvider(
+            api_url=settings.twilio_api_url,
+            account_sid=settings.twilio_account_sid,
+            auth_token=settings.twilio_auth_token.get_secret_value(),
+            public_url=settings.public_url,
+            timeout=settings.telephony_timeout,
+            max_connections=min(settings.dispatch_concurrency, 100),
+        )
+    return GenericProvider(
+        HttpTelephonyClient(
+            settings.telephony_url,
+            token=settings.telephony_token.get_secret_value() if settings.telephony_token else None,
+            timeout=settings.telephony_timeout,
+            max_connections=settings.dispatch_concurrency,
+        )
     )
 
 
@@ -82,13 +109,8 @@ def create_app(settings: Settings) -> FastAPI:
         pool_size = settings.db_pool_size or min(50, max(5, settings.dispatch_concurrency // 2))
         db = Database(settings.database_url, pool_size=pool_size)
         await _prepare_schema(db)
-        client = HttpTelephonyClient(
-            settings.telephony_url,
-            token=settings.telephony_token.get_secret_value() if settings.telephony_token else None,
-            timeout=settings.telephony_timeout,
-            max_connections=settings.dispatch_concurrency,
-        )
-        dispatcher = Dispatcher(db, client, dispatch_config(settings))
+        provider = provider_for(settings)
+        dispatcher = Dispatcher(db, provider, dispatch_config(settings))
 
         async def started(term) -> None:  # noqa: ANN001
             IS_LEADER.set(1)
@@ -107,7 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
             on_keepalive=KEEPALIVE_RTT.observe,
             on_keepalive_failure=KEEPALIVE_FAILURES.inc,
         )
-        app.state.db, app.state.elector = db, elector
+        app.state.db, app.state.elector, app.state.provider = db, elector, provider
         shutdown_started: asyncio.Task[None] | None = None
 
         def begin_shutdown() -> asyncio.Task[None]:
@@ -126,7 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
             await begin_shutdown()
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
-            await client.aclose()
+            await provider.aclose()
             await db.dispose()
             log.info("replica %s stopped", settings.pod_name)
 
@@ -143,6 +165,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(appointments.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    if settings.telephony_provider == "twilio":
+        # Twilio's webhooks, on every replica; signed, so not behind API_TOKEN.
+        assert settings.twilio_auth_token and settings.public_url
+        app.state.twilio_signature = TwilioSignature(settings.twilio_auth_token.get_secret_value(), settings.public_url)
+        app.include_router(twilio_router)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

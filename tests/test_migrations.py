@@ -81,7 +81,9 @@ def test_serve_refuses_an_out_of_date_postgres_schema(postgres_url: str) -> None
     ("variable", "value"),
     [("LEASE_TTL", "abc"), ("LEASE_TTL", "1"), ("CALL_WINDOW", "21:00-08:00"), ("REMINDER_OFFSETS", "soon"),
      ("MISFIRE_GRACE", "-3"), ("DATABASE_URL", "mysql://x"), ("ETCD_ENDPOINTS", "no port"),
-     ("DISPATCH_CONCURRENCY", "0"), ("CALLS_PER_SECOND", "-1"), ("LOG_FORMAT", "xml"), ("TELEPHONY_URL", "ftp://x")],
+     ("DISPATCH_CONCURRENCY", "0"), ("CALLS_PER_SECOND", "-1"), ("LOG_FORMAT", "xml"), ("TELEPHONY_URL", "ftp://x"),
+     ("TELEPHONY_PROVIDER", "twilio"), ("TELEPHONY_PROVIDER", "vonage"), ("PUBLIC_URL", "reminders.example.com"),
+     ("RECONCILE_GRACE", "-5"), ("TWILIO_API_URL", "api.twilio.com")],
 )
 def test_bad_settings_stop_with_one_line(variable: str, value: str) -> None:
     result = run_cli("serve", env={variable: value})

@@ -135,6 +135,10 @@ class ReminderOut(BaseModel):
     skip_reason: str | None = Field(description="Why the reminder was skipped or cancelled, if it was.")
     sent_at: datetime | None
     provider_call_id: str | None
+    outcome: str | None = Field(
+        default=None, description="Real providers: what the call achieved (`answered`); null until known, and for `generic`."
+    )
+    answered_at: datetime | None = Field(default=None, description="When the reminder's bound call was answered.")
 
 
 class UnplannedOut(BaseModel):

@@ -3,6 +3,10 @@
 The only place that joins a term, the database and the provider. Data flows one way:
 DB (fenced claim) → provider (one idempotency key per reminder) → DB (fenced record).
 
+That is the `generic` provider, which dedupes creates by key. A provider without idempotency
+(Twilio) goes through `service.dispatch.attempts`: each create is an attempt recorded under the
+fence before it is sent, and an attempt in doubt is reconciled, never repeated blindly.
+
 Guarantees, and their limits:
 - Nothing is claimed unless the database's fence equals this term's token; the fence is raised
   when the term starts, so a deposed leader claims nothing once its successor has started.
@@ -36,7 +40,10 @@ from service.dispatch.limiter import RateLimiter
 from service.dispatch.policy import decide_call
 from service.dispatch.store import Claim, ReminderStore, StaleTerm
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
-from service.telephony import CallOutcome, CallRequest, OutcomeKind, TelephonyClient
+from service.dispatch.attempts import StampedCalls, StampedConfig
+from service.telephony import TelephonyClient
+from service.telephony.generic import GenericProvider
+from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider
 
 __all__ = ["DispatchConfig", "Dispatcher", "StaleTerm", "Term"]
 
@@ -71,6 +78,8 @@ class DispatchConfig:
     # long (seconds) for a batch to fill.
     record_batch: int = 500
     record_delay: float = 0.005
+    # Providers without idempotency: how long an attempt in doubt waits for its events (RECONCILE_GRACE).
+    reconcile_grace: timedelta = timedelta(seconds=60)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -197,10 +206,14 @@ class _Recorder:
 class Dispatcher:
     """Calls due reminders for the length of a term; `lead(term)` is the elector's callback."""
 
-    def __init__(self, db: Database, client: TelephonyClient, config: DispatchConfig) -> None:
+    def __init__(self, db: Database, client: Provider | TelephonyClient, config: DispatchConfig) -> None:
         self.store = ReminderStore(db)
-        self.client = client
+        # A bare TelephonyClient (place_call) is the generic provider.
+        self.provider: Provider = client if hasattr(client, "create_call") else GenericProvider(client)  # type: ignore[assignment]
         self.config = config
+        self._stamped = None if self.provider.dedupes_creation else StampedCalls(
+            db, self.provider, StampedConfig(caller_id=config.caller_id, reconcile_grace=config.reconcile_grace,
+                                             max_attempts=config.max_attempts, retry_delay=self.retry_delay))
         self._limiter = RateLimiter(config.calls_per_second)
         # Every reminder task of the term until its outcome is written (waited for at term end).
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -314,40 +327,65 @@ class Dispatcher:
         if decision.wait_until:
             await self._finish(recorder, claim, status=ReminderStatus.PENDING, next_attempt_at=decision.wait_until)
             return
+        if self._stamped is not None:
+            await self._handle_stamped(term, claim, recorder)
+            return
         await self._limiter.acquire()
         if not term.valid():
             return  # stays `dispatching` under this token: the next term completes it with the same key
-        request = CallRequest(
+        spec = CallSpec(
             to=claim.phone,
             from_=self.config.caller_id,
-            message=message_for(claim),
-            appointment_id=claim.appointment_id,
             reminder_id=claim.reminder_id,
+            appointment_id=claim.appointment_id,
+            attempt_id="",
+            message=message_for(claim),
             idempotency_key=claim.idempotency_key,
         )
         IN_FLIGHT.inc()
         try:
             # checked again right before the first byte leaves: a process frozen since the check
             # above must not call on resume
-            outcome = await self.client.place_call(request, may_send=term.valid)
+            result = await self.provider.create_call(spec, may_send=term.valid)
         finally:
             IN_FLIGHT.dec()
             self._release(claim.reminder_id)
-        CALL_ATTEMPTS.labels(outcome.kind.value).inc()
-        if outcome.kind is OutcomeKind.NOT_SENT:
+        CALL_ATTEMPTS.labels(result.kind.value).inc()
+        if result.kind is CreateKind.NOT_SENT:
             return  # as above: the next term completes it with the same key, no attempt spent
-        await self._record(recorder, claim, outcome)
+        await self._record(recorder, claim, result)
 
-    async def _record(self, recorder: _Recorder, claim: Claim, outcome: CallOutcome) -> None:
+    async def _handle_stamped(self, term: Term, claim: Claim, recorder: _Recorder) -> None:
+        """A provider without idempotency: reconcile earlier attempts, then at most one new one."""
+        assert self._stamped is not None
+
+        async def finish(done: Claim, **values: object) -> None:
+            if values.get("status") == ReminderStatus.SENT and "attempts" in values:
+                DISPATCH_LAG.observe(max(0.0, (datetime.now(UTC) - done.due_at).total_seconds()))
+            await self._finish(recorder, done, **values)
+
+        IN_FLIGHT.inc()
+        try:
+            result = await self._stamped.handle(
+                claim, token=term.fencing_token, may_send=term.valid, now=lambda: datetime.now(UTC), finish=finish,
+                before_create=self._limiter.acquire,
+            )
+        finally:
+            IN_FLIGHT.dec()
+            self._release(claim.reminder_id)
+        if result is not None:
+            CALL_ATTEMPTS.labels(result.kind.value).inc()
+
+    async def _record(self, recorder: _Recorder, claim: Claim, outcome: CreateResult) -> None:
         now = datetime.now(UTC)
         attempts = claim.attempts + 1
-        if outcome.kind is OutcomeKind.SENT:
+        if outcome.kind is CreateKind.CREATED:
             DISPATCH_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
             await self._finish(
                 recorder, claim, status=ReminderStatus.SENT, attempts=attempts, provider_call_id=outcome.call_id,
                 sent_at=now, last_error=None,
             )
-        elif outcome.kind is OutcomeKind.TRANSIENT and attempts < self.config.max_attempts:
+        elif outcome.kind in (CreateKind.NOT_CREATED, CreateKind.IN_DOUBT) and attempts < self.config.max_attempts:
             delay = self.retry_delay(attempts, outcome.retry_after)
             log.info("reminder %s: attempt %d failed (%s), retry in %.1fs", claim.reminder_id, attempts, outcome.error, delay)
             await self._finish(

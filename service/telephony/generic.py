@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .client import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind
+from .client import CallOutcome, CallRequest, OutcomeKind, TelephonyClient
 from .provider import CallSpec, CreateKind, CreateResult, LiveCall
 
 __all__ = ["GenericProvider", "result_of"]
@@ -32,12 +32,12 @@ def result_of(outcome: CallOutcome) -> CreateResult:
 
 
 class GenericProvider:
-    """`Provider` over `HttpTelephonyClient`."""
+    """`Provider` over a `TelephonyClient` (`HttpTelephonyClient`, or a test's stand-in)."""
 
     name = "generic"
     dedupes_creation = True
 
-    def __init__(self, client: HttpTelephonyClient) -> None:
+    def __init__(self, client: TelephonyClient) -> None:
         self.client = client
 
     async def create_call(self, spec: CallSpec, *, may_send: Callable[[], bool] | None = None) -> CreateResult:
