@@ -296,14 +296,20 @@ class FakeTwilio:
             transport = self._webhook_transport or httpx.AsyncHTTPTransport()
             self._http = httpx.AsyncClient(transport=transport, timeout=self._webhook_timeout)
         headers = {"X-Twilio-Signature": self.sign(url, params), "User-Agent": "TwilioProxy/1.1"}
+        response: httpx.Response | None = None
         for attempt in range(tries):
             try:
-                return await self._http.post(url, data=params, headers=headers)
+                response = await self._http.post(url, data=params, headers=headers)
             except httpx.HTTPError as error:
                 log.info("fake twilio: webhook %s failed (%s), try %d", urlsplit(url).path, type(error).__name__,
                          attempt + 1)
-                await asyncio.sleep(0.2 * (attempt + 1))
-        return None
+            else:
+                if response.status_code < 500:
+                    return response
+                log.info("fake twilio: webhook %s answered %d, try %d", urlsplit(url).path, response.status_code,
+                         attempt + 1)
+            await asyncio.sleep(0.2 * (attempt + 1))
+        return response
 
     # -- the REST API ----------------------------------------------------------------------------
 
