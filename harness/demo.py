@@ -8,7 +8,12 @@ the calls each replica placed and the reminders sent. Kill the leader with the p
 set, makes leaders step down in turn; LEASE_TTL (default 3) sets how long a dead leader is waited
 for. Ctrl-C or SIGTERM stops everything it started.
 
-    .venv/bin/python -m harness.demo [--replicas N] [--duration SECONDS] [--appointments N]
+`--provider twilio` (or TELEPHONY_PROVIDER=twilio in the demo's environment) runs the replicas in
+Twilio mode against the Twilio-shaped fake (calls queued at 2 per second, webhooks through a
+prefix-stripping proxy): the view then shows what each call heard and that every reminder's
+message is heard once, whoever leads.
+
+    .venv/bin/python -m harness.demo [--replicas N] [--duration SECONDS] [--appointments N] [--provider P]
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+
+from service.telephony.client import mask_phone
 
 from .cluster import Cluster
 
@@ -91,6 +98,7 @@ class LiveView:
         self.leader_lost_at: float | None = None
         self.down: set[str] = set()
         self.calls_seen = 0
+        self.finished_seen: set[str] = set()
         self.events: list[str] = []
 
     def event(self, text: str) -> None:
@@ -138,6 +146,9 @@ class LiveView:
             calls = cluster.provider.client.calls()
         except httpx.HTTPError:
             calls = []
+        if cluster.telephony_provider == "twilio":
+            self.twilio_tick(roles, calls)
+            return
         for call in calls[self.calls_seen:]:
             self.event(f"   call {call['id'][:13]}… placed by {call['placed_by']} (key {call['idempotency_key'][:17]}…)")
         self.calls_seen = max(self.calls_seen, len(calls))
@@ -145,12 +156,28 @@ class LiveView:
         statuses = cluster.reminder_statuses()
         self.render(roles, per_replica, statuses, len(calls), len({c["idempotency_key"] for c in calls}))
 
-    def render(self, roles: dict, per_replica: Counter, statuses: Counter, calls: int, keys: int) -> None:
+    def twilio_tick(self, roles: dict, calls: list[dict[str, Any]]) -> None:
+        """Twilio mode: a line per finished call (what it heard), messages heard per reminder."""
+        finished = [c for c in calls if c["status"] in ("completed", "canceled", "busy", "no-answer", "failed")]
+        for call in finished:
+            if call["sid"] not in self.finished_seen:
+                self.finished_seen.add(call["sid"])
+                words = f"heard: {call['heard'][0][:48]}…" if call["heard"] else "heard nothing"
+                self.event(f"   call {call['sid'][:10]}… to {mask_phone(call['to'])} {call['status']}, {words}")
+        heard = Counter(c["stamp"].get("r") for c in calls if c["heard"])
+        statuses = self.cluster.reminder_statuses()
+        twice = sum(1 for n in heard.values() if n > 1)
+        self.render(roles, Counter(), statuses, len(calls), len(heard),
+                    provider_line=f"provider: {len(calls)} calls, {len(heard)} reminders heard, "
+                                  f"{twice} heard twice, {len(calls) - len(heard)} calls without a message")
+
+    def render(self, roles: dict, per_replica: Counter, statuses: Counter, calls: int, keys: int,
+               provider_line: str | None = None) -> None:
         elapsed = time.monotonic() - self.started
         total = sum(statuses.values())
         summary = (f"reminders: sent {statuses['sent']}, pending {statuses['pending']}, dispatching "
                    f"{statuses['dispatching']}, other {total - statuses['sent'] - statuses['pending'] - statuses['dispatching']}"
-                   f" of {total} | provider: {calls} calls, {keys} distinct idempotency keys")
+                   f" of {total} | " + (provider_line or f"provider: {calls} calls, {keys} distinct idempotency keys"))
         leader = self.cluster.replica(self.leader) if self.leader else None
         hint = (f"to watch a failover, in another shell: kill -9 {leader.pid}   ({leader.name}, the leader)"
                 if leader else "no leader right now: a follower takes over once the old lease expires")
@@ -184,6 +211,12 @@ def summary(cluster: Cluster, view: LiveView | None) -> None:
         return
     if view is not None and view.tty:
         print("\n".join(view.events[-8:]))
+    if cluster.telephony_provider == "twilio":
+        heard = Counter(c["stamp"].get("r") for c in calls if c["heard"])
+        print(f"summary (Twilio mode): {len(posts)} creates, {len(calls)} calls, {len(heard)} reminders heard "
+              f"(at most {max(heard.values(), default=0)} time(s) each), {len(calls) - len(heard)} calls without a "
+              f"message; reminders {dict(statuses)}", flush=True)
+        return
     per_replica = dict(Counter(c["placed_by"] for c in calls))
     print(f"summary: calls placed per replica {per_replica}; {len(calls)} calls for "
           f"{len({c['idempotency_key'] for c in calls})} distinct idempotency keys; {len(posts)} POSTs, "
@@ -196,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
     parser.add_argument("--appointments", type=int, default=16)
     parser.add_argument("--latency-ms", type=float, default=150.0, help="fake provider latency")
+    parser.add_argument("--provider", choices=("generic", "twilio"),
+                        default=os.environ.get("TELEPHONY_PROVIDER", "generic"))
     args = parser.parse_args(argv)
     if args.replicas < 1 or args.appointments < 1:
         parser.error("--replicas and --appointments must be at least 1")
@@ -206,13 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         env["LEADER_MAX_TERM"] = os.environ["LEADER_MAX_TERM"]
     database_url = os.environ.get("DEMO_DATABASE_URL") or None
     lease_ttl = int(os.environ.get("LEASE_TTL", "3"))
-    print(f"starting etcd, the fake provider ({args.latency_ms:.0f} ms) and {args.replicas} replicas on "
+    print(f"starting etcd, the {'Twilio-shaped ' if args.provider == 'twilio' else ''}fake provider ({args.latency_ms:.0f} ms) and {args.replicas} replicas on "
           f"{'PostgreSQL' if database_url else 'SQLite (one file, WAL)'}, lease TTL {lease_ttl} s"
           f"{', LEADER_MAX_TERM ' + env['LEADER_MAX_TERM'] + ' s' if env else ''} …", flush=True)
     reason = "duration reached"
     try:
+        if args.provider == "twilio":
+            env["RECONCILE_GRACE"] = "10s"
         with Cluster(args.replicas, database_url=database_url, provider_latency_ms=args.latency_ms,
-                     lease_ttl=lease_ttl, env=env) as cluster:
+                     lease_ttl=lease_ttl, env=env, telephony_provider=args.provider,
+                     twilio_calls_per_second=2) as cluster:
             view = None
             try:
                 for replica in cluster.replicas:
