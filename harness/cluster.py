@@ -546,7 +546,7 @@ class Cluster:
             assert self.webhook_proxy is not None
             env.update({
                 "TELEPHONY_PROVIDER": "twilio",
-                "TWILIO_API_URL": self.provider.url,
+                "TWILIO_API_URL": f"{self.provider.url}/{name}",  # the fake records it as placed_by
                 "TWILIO_ACCOUNT_SID": TWILIO_SID,
                 "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
                 "PUBLIC_URL": self.webhook_proxy.public_url,

@@ -152,6 +152,7 @@ async def test_scripted_callees(world) -> None:  # noqa: ANN001
     assert by_number["+14155550004"]["answered_by"] == "human"
     assert by_number["+14155550004"]["heard"] == ["Press 1", "Thanks"] and by_number["+14155550004"]["digits"] == ["1"]
     assert by_number["+14155550004"]["stamp"] == {"r": "x", "a": "y"}
+    assert by_number["+14155550004"]["placed_by"] is None
     gathers = [form for path, form, _ in sink.requests if path.endswith("/gather")]
     assert [g["Digits"] for g in gathers] == ["1"]
 
@@ -164,3 +165,13 @@ async def test_injected_429_creates_nothing_and_500_after_create_does(world) -> 
     await client.post("/_fake/control", json={"reject_rate": 0, "fail_after_create_rate": 1})
     failed = await create(client, create_form())
     assert failed.status_code == 500 and len(fake.calls) == 1  # the call exists: the create was in doubt
+
+
+async def test_a_path_prefix_is_served_and_recorded(world) -> None:  # noqa: ANN001
+    fake, _, client = world
+    for prefix in ("/replica-1", "/api/laml"):
+        response = await client.post(f"{prefix}{BASE}/Calls.json", content=urlencode(create_form()),
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 201
+    assert [r["placed_by"] for r in fake.requests] == ["replica-1", "api/laml"]
+    assert sorted(c.placed_by for c in fake.calls.values()) == ["api/laml", "replica-1"]

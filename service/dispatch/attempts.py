@@ -123,12 +123,10 @@ class AttemptStore:
         under it; its id, or None when this term may not create calls for the reminder any more."""
         attempt_id = new_id()
         async with self.db.session() as session:
-            fence = select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW)
-            if not self.db.is_sqlite:
-                fence = fence.with_for_update(read=True)
-            if (await session.execute(fence)).scalar() != token:
-                await session.rollback()
-                return None
+            # The reminder's row is locked (a successor's claim of it waits, then sees this
+            # attempt); the fence is read, not locked: a lock per attempt on the one fence row
+            # would let a leader frozen inside this transaction hold up its successor's fence
+            # raise. A raise that commits meanwhile is caught by `may_send` before the create.
             ours = await session.execute(
                 select(Reminder.id)
                 .where(Reminder.id == reminder_id, Reminder.fence_token == token,
@@ -136,6 +134,10 @@ class AttemptStore:
                 .with_for_update()
             )
             if ours.first() is None:
+                await session.rollback()
+                return None
+            fence = select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW)
+            if (await session.execute(fence)).scalar() != token:
                 await session.rollback()
                 return None
             session.add(CallAttempt(id=attempt_id, reminder_id=reminder_id, fencing_token=token,

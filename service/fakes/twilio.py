@@ -96,6 +96,7 @@ class _Call:
     hang_up: asyncio.Event = field(default_factory=asyncio.Event)
     start_time: datetime | None = None
     end_time: datetime | None = None
+    placed_by: str | None = None
 
     def resource(self, account_sid: str) -> dict[str, Any]:
         return {
@@ -115,8 +116,15 @@ class _Call:
 
     def inspect(self, account_sid: str) -> dict[str, Any]:
         query = dict(parse_qsl(urlsplit(self.url).query))
-        return {**self.resource(account_sid), "url": self.url, "stamp": query, "heard": list(self.heard),
+        return {**self.resource(account_sid), "url": self.url, "stamp": query, "placed_by": self.placed_by,
+                "heard": list(self.heard),
                 "twiml": list(self.twiml), "digits": list(self.digits)}
+
+
+def _placed_by(request: Request) -> str | None:
+    """The path prefix the REST request came under (None without one)."""
+    parts = [request.path_params.get(name) for name in ("prefix", "prefix2")]
+    return "/".join(p for p in parts if p) or None
 
 
 async def _form(request: Request) -> FormData:
@@ -329,7 +337,8 @@ class FakeTwilio:
                              "status": status}, status_code=status, headers=headers)
 
     async def _create(self, request: Request) -> JSONResponse:
-        entry: dict[str, Any] = {"received_at": time.time(), "status": None, "sid": None}
+        entry: dict[str, Any] = {"received_at": time.time(), "status": None, "sid": None,
+                                 "placed_by": _placed_by(request)}
         self.requests.append(entry)
 
         def done(response: JSONResponse, sid: str | None = None) -> JSONResponse:
@@ -360,6 +369,7 @@ class FakeTwilio:
             events={str(e) for e in form.getlist("StatusCallbackEvent")} or {"completed"},
             machine_detection=form.get("MachineDetection") in ("Enable", "DetectMessageEnd"),
             date_created=datetime.now(UTC),
+            placed_by=entry["placed_by"],
         )
         self.calls[call.sid] = call
         self._ensure_dialer().put_nowait(call)
@@ -469,9 +479,10 @@ class FakeTwilio:
             Route("/_fake/control", self._control, methods=["GET", "POST"]),
             Route("/_fake/reset", self._reset, methods=["POST"]),
         ]
-        # Each app prefix-less: a path prefix (SignalWire's /api/laml) is served too.
-        routes += [Route("/{prefix}/{prefix2}" + r.path, r.endpoint, methods=list(r.methods or []))
-                   for r in routes[:3]]
+        # The REST API under a path prefix of one or two segments too (SignalWire's /api/laml; the
+        # harness gives each replica its own, recorded as `placed_by`).
+        routes += [Route(prefix + r.path, r.endpoint, methods=list(r.methods or []))
+                   for prefix in ("/{prefix}", "/{prefix}/{prefix2}") for r in routes[:3]]
         return Starlette(routes=routes)
 
 
