@@ -1,5 +1,6 @@
 # Reminder service image: `reminders serve` on port 8080, runs as UID 10001.
-# Build: docker build -t reminders:latest .   (k8s/setup.sh builds it inside minikube's Docker)
+# Build: docker build -t reminders:0.1.0 .   (the pyproject version; k8s/setup.sh builds it in minikube)
+# Run on the embedded default (SQLite in the /data volume): docker run -p 8080:8080 reminders:0.1.0
 
 # --- builder: a self-contained venv with the service and its dependencies -------------------
 FROM python:3.11-slim AS builder
@@ -14,19 +15,25 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml ./
 COPY service/ service/
-COPY harness/ harness/
 # Every dependency ships manylinux wheels for CPython 3.11 (asyncpg, grpcio, ...): no compiler needed.
-RUN pip install --no-cache-dir .
+# Then the installers go: not needed at run time (~23 MB, and tools for whoever gets a shell).
+RUN pip install --no-cache-dir . \
+    && pip uninstall --yes pip setuptools
 
 # --- runtime: the venv, the migrations, nothing else ----------------------------------------
 FROM python:3.11-slim
 
+# DATABASE_URL: the embedded default of a bare `docker run`, a SQLite file in the /data volume
+# (the service's own default, ./reminders.db, would land in the read-only /app). Kubernetes sets
+# DATABASE_URL from a Secret (PostgreSQL).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    DATABASE_URL=sqlite+aiosqlite:////data/reminders.db
 
 RUN groupadd --system --gid 10001 reminders \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin reminders
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin reminders \
+    && install -d -o 10001 -g 10001 -m 0750 /data
 
 COPY --from=builder /opt/venv /opt/venv
 
@@ -39,6 +46,8 @@ COPY migrations/ migrations/
 USER 10001:10001
 
 EXPOSE 8080
+# Writable even with a read-only root filesystem (`docker run --read-only` gets an anonymous volume).
+VOLUME ["/data"]
 
 # Kubernetes ignores this (it uses the Deployment's probes); plain `docker run` uses it.
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s --retries=3 \

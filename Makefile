@@ -1,12 +1,30 @@
-# make install | make test | make run | make bench | make chaos
+# make install | make test | make test-fast | make run | make bench | make chaos
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test run bench chaos lint clean
+.PHONY: install system-tools test test-fast run bench chaos lint clean
 
-install: $(STAMP)
+install: $(STAMP) system-tools
+
+# What only Debian packages give: promtool (prometheus, for the alert-rule tests) and wrk (bench).
+# As root they are installed with apt-get; otherwise the one command that would is printed (under
+# CI=true a test that needs a missing one fails, so a failed apt-get only warns). Checked on every
+# run: cheap when present.
+SYSTEM_TOOLS := promtool:prometheus wrk:wrk
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	command="apt-get update && apt-get install -y --no-install-recommends$$missing"; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing$$missing: $$command"; \
+		sh -c "$$command" || echo "apt-get failed (tests needing$$missing fail under CI=true): $$command"; \
+	else \
+		echo "missing Debian package(s)$$missing; to install them run as root: $$command"; \
+	fi
 
 # Reinstalled whenever pyproject.toml changes; idempotent otherwise.
 $(STAMP): pyproject.toml
@@ -18,6 +36,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Local work: everything but the multi-process and long tests (marked `slow`); under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 run: install
 	$(BIN)/python -m harness.demo

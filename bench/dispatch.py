@@ -75,6 +75,7 @@ async def _seed(url: str, count: int, due_at: datetime) -> float:
     """Insert `count` appointments with one reminder each, due at `due_at`, in ONE transaction.
     Returns time.time() right after the commit (the moment they all became visible)."""
     from service.db import Appointment, Reminder  # noqa: PLC0415
+    from service.reminders import idempotency_key  # noqa: PLC0415
 
     async with _database(url) as db:
         now = datetime.now(UTC)
@@ -88,7 +89,7 @@ async def _seed(url: str, count: int, due_at: datetime) -> float:
             })
             reminders.append({
                 "id": reminder_id, "appointment_id": appointment_id, "due_at": due_at, "status": "pending",
-                "attempts": 0, "next_attempt_at": due_at, "idempotency_key": f"reminder-{reminder_id}",
+                "attempts": 0, "next_attempt_at": due_at, "idempotency_key": idempotency_key(reminder_id),
                 "created_at": now, "updated_at": now,
             })
         async with db.engine.begin() as connection:
@@ -247,7 +248,7 @@ async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, 
         def valid(self) -> bool:
             return not self.ended.is_set()
 
-    config = DispatchConfig(instance="bench-alone", caller_id="+15550000000", call_window=CallWindow.parse("00:00-23:59"),
+    config = DispatchConfig(instance="bench-alone", caller_id="+15550000000", call_window=CallWindow.parse("00:00-24:00"),
                             misfire_grace=timedelta(hours=1), concurrency=concurrency)
     term = Term()
     async with _database(db_url, pool_size=min(50, max(5, concurrency // 2))) as db:

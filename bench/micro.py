@@ -109,7 +109,7 @@ def _client(n: int, concurrency: int, rounds: int) -> dict[str, Any]:
 
 
 _PROVIDER = (
-    "import uvicorn; from service.telephony.fake import create_fake_provider; "
+    "import uvicorn; from service.fakes import create_fake_provider; "
     "uvicorn.run(create_fake_provider(), host='127.0.0.1', port={port}, log_level='warning', "
     "access_log=False, lifespan='off', loop='{loop}', http='{http}')"
 )
@@ -140,7 +140,8 @@ def _provider(duration: float, connections: int, rounds: int) -> dict[str, Any]:
 async def _read_round(url: str, reads: int) -> dict[str, float]:
     from sqlalchemy import select  # noqa: PLC0415
 
-    from service.api.appointments import _load, _out  # noqa: PLC0415
+    from service.api.schemas import AppointmentOut  # noqa: PLC0415
+    from service.appointments import read  # noqa: PLC0415
     from service.db import Appointment, Reminder  # noqa: PLC0415
 
     appointments, reminders = Appointment.__table__, Reminder.__table__
@@ -157,7 +158,7 @@ async def _read_round(url: str, reads: int) -> dict[str, float]:
 
         async def orm(i: int) -> None:
             async with db.read_session() as session:
-                _out(await _load(session, ids[i % len(ids)], one_statement=True))
+                AppointmentOut.of(await read(session, ids[i % len(ids)], one_statement=True))
 
         async def core_rows(i: int) -> None:
             async with db.read_session() as session:

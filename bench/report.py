@@ -7,6 +7,7 @@ here, next to the numbers they explain.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,27 @@ def _dispatch_runs(result: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
 
 
 def write() -> Path:
-    dispatch = read_result("dispatch")
-    before = read_result("dispatch_before")
-    failover = read_result("failover")
-    api = read_result("api")
-    micro = read_result("micro")
+    """Render BENCHMARKS.md from the committed results; returns its path."""
+    results = {name: read_result(name) for name in ("dispatch", "dispatch_before", "failover", "api", "micro")}
     lines: list[str] = []
     add = lines.append
+    _header(add, results)
+    _summary(add, results["dispatch"], results["failover"], results["api"])
+    if results["dispatch"]:
+        _dispatch(add, results["dispatch"], results["dispatch_before"])
+    if results["failover"]:
+        _failover(add, results["failover"])
+    if results["api"]:
+        _api(add, results["api"])
+    if results["micro"]:
+        _micro(add, results["micro"])
+    add(LIMITS)
+    OUT.write_text("\n".join(lines) + "\n")
+    return OUT
+
+
+def _header(add: Callable[[str], None], results: dict[str, Any]) -> None:
+    dispatch, failover, api, micro = (results[k] for k in ("dispatch", "failover", "api", "micro"))
     any_result = dispatch or failover or api
     machine = (any_result or {}).get("machine") or machine_info()
 
@@ -92,7 +107,11 @@ def write() -> Path:
         "same-run baselines are the figures to compare.")
     add("")
 
-    # ---------------------------------------------------------------- summary
+
+def _summary(
+    add: Callable[[str], None], dispatch: dict[str, Any] | None, failover: dict[str, Any] | None,
+    api: dict[str, Any] | None,
+) -> None:
     runs = _dispatch_runs(dispatch)
     zero, hundred = runs.get(0), runs.get(100)
     add("## Summary against the targets")
@@ -176,180 +195,179 @@ def write() -> Path:
                 f"{_ok(None if ratio is None else ratio >= 0.5)} |")
     add("")
 
-    # ---------------------------------------------------------------- dispatch
-    if dispatch:
-        add("## Dispatch: 10,000 reminders due at once")
-        add("")
-        add(f"One `reminders serve` replica leads (harness.cluster.Cluster, PostgreSQL 15 with fsync off, "
-            f"`DISPATCH_CONCURRENCY={dispatch['runs'][0]['concurrency']}`); the 10,000 reminders are committed "
-            "in one transaction. End-to-end = first call received by the provider → last reminder recorded "
-            "`sent`. Baselines, same provider process, same concurrency: the provider's own ceiling (a load "
-            "tool that is not our client, POSTing new calls for a few seconds), the raw client ceiling (10,000 "
-            "`HttpTelephonyClient.place_call` with a `may_send` check, as the dispatcher calls it, no DB), the same "
-            "10,000 POSTs through a bare `aiohttp.ClientSession` (what the exchange costs without httpx's layer), "
-            "the service's `Dispatcher` in the bench process with a client that answers at once (*dispatcher alone*: "
-            "claims, term checks, batched outcome writes, against the same PostgreSQL), "
-            "and the naive cron job (read the due rows, then call and "
-            "UPDATE one at a time with the same client; time-boxed, extrapolated to 10,000). *cores busy* = CPU "
-            "seconds each process used per wall second while the 10,000 were dispatched. The client baselines, "
-            "the dispatcher alone and the service run in rounds (raw, bare, alone, service; three unless "
-            "`--quick`): each figure is the median round's, [min–max] over the rounds beside it; the cores busy, "
-            "RSS and per-call CPU are the median service round's.")
-        add("")
-        add("| provider latency | service calls/s | commit → all sent | first call after commit | provider ceiling (wrk) | provider ceiling (aiohttp) | raw client | bare aiohttp client | sequential | peak RSS | cores busy (replica / provider / PostgreSQL) | exactly once |")
-        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for latency, run in sorted(runs.items()):
-            svc = run["service"]
-            ceiling = run["provider_ceiling"]
-            aio = run.get("provider_ceiling_aiohttp") or (ceiling if ceiling["tool"] == "aiohttp" else None)
-            wrk = ceiling if ceiling["tool"] == "wrk" else None
-            cores = svc.get("cores_busy", {})
-            once = svc.get("exactly_once_every_run", (
-                svc["provider_calls"] == svc["distinct_keys_called"] == run["reminders"]
-                and svc.get("statuses", {}).get("sent") == run["reminders"]))
-            add(f"| {latency} ms | **{_spread(svc, 'calls_per_s')}** | {_spread(svc, 'commit_to_all_sent_s', 2, ' s')} | "
-                f"{_n(svc.get('commit_to_first_call_s'), 2, ' s')} | "
-                f"{_n(wrk['rps'] if wrk else None)} | {_n(aio['rps'] if aio else None)} | "
-                f"{_spread(run['raw_client'], 'calls_per_s', unit='/s')} ({_n(run['raw_client'].get('client_cpu_ms_per_call'), 2)} ms CPU per call) | "
-                f"{_bare_client(run)} | "
-                f"{_n(run['sequential']['calls_per_s'])}/s (≈ {_n(run['sequential']['extrapolated_s_for_10000'])} s for 10,000) | "
-                f"{_n(svc.get('replica_peak_rss_mb'), 1, ' MB')} | "
-                f"{_n(cores.get('replica'), 2)} / {_n(cores.get('provider'), 2)} / {_n(cores.get('postgresql'), 2)} | "
-                f"{'yes' if once else 'NO'}: {svc['provider_calls']} calls, {svc['distinct_keys_called']} keys, "
-                f"{svc.get('replayed_requests', 0)} replays{' (median round; every round checked)' if svc.get('runs', 1) > 1 else ''} |")
-        add("")
-        if zero and zero.get("dispatcher_alone") and zero["service"].get("cores_busy"):
-            svc = zero["service"]
-            per_call = svc["cores_busy"]["replica"] * svc["commit_to_all_sent_observed_s"] / zero["reminders"] * 1000
-            client = zero["raw_client"]["client_cpu_ms_per_call"]
-            alone = zero["dispatcher_alone"]["cpu_ms_per_reminder"]
-            bare = zero.get("bare_aiohttp_client", {}).get("client_cpu_ms_per_call")
-            add(f"**Where a call's CPU goes (0 ms, this run).** The replica used {per_call:.2f} ms of CPU per "
-                f"reminder (cores busy × commit → all sent ÷ 10,000); the client alone needs {client:.2f} ms per "
-                f"call (*raw client*) and the dispatcher with a client that answers at once "
-                f"{alone:.2f} ms per reminder ({_n(zero['dispatcher_alone']['reminders_per_s'])} reminders/s, "
-                f"*dispatcher alone*): {client + alone:.2f} ms together. The same exchange through a bare aiohttp "
-                f"session costs {_n(bare, 2)} ms. One core at 2,000 calls/s leaves 0.5 ms per call.")
-            add("")
-        befores = [(label, result) for label, result in (
-            ("dispatcher: before", before), ("client: before", read_result("dispatch_client_before"))) if result]
-        if befores:
-            add("### Before and after")
-            add("")
-            add("Each row is a separate invocation of `python -m bench dispatch` with its own same-run baselines, "
-                "run from a work tree of the commit before the change (`--result-name dispatch_before` / "
-                "`dispatch_client_before`). *dispatcher: before* = `service/dispatch/{dispatcher,store}.py` before "
-                "batched outcome writes and one-statement claims (one UPDATE transaction per outcome, claims sized "
-                "by each freed slot, ORM entities per claim); *client: before* = `HttpTelephonyClient` sending through "
-                "`httpx.AsyncClient` with per-phase timeouts (commit 385fe59, uvloop and httptools installed); "
-                "*now* = this tree.")
-            add("")
-            add("| provider latency | version | service calls/s | commit → all sent | replica cores busy | replica CPU ms per reminder | raw client (same run) | provider ceiling (same run) | date |")
-            add("|---|---|---|---|---|---|---|---|---|")
-            for label, result in [*befores, ("now", dispatch)]:
-                for latency, run in sorted(_dispatch_runs(result).items()):
-                    svc = run["service"]
-                    cores = svc.get("cores_busy", {}).get("replica")
-                    wall = svc.get("commit_to_all_sent_observed_s")
-                    per = cores * wall / run["reminders"] * 1000 if cores is not None and wall else None
-                    add(f"| {latency} ms | {label} | {_n(svc.get('calls_per_s'))} | "
-                        f"{_n(svc.get('commit_to_all_sent_s'), 2, ' s')}{'' if svc.get('all_sent') else ' (not all sent)'} | "
-                        f"{_n(cores, 2)} | {_n(per, 2)} | {_n(run['raw_client']['calls_per_s'])} | "
-                        f"{_n(run['provider_ceiling']['rps'])} | {result['machine']['date']} |")
-            add("")
 
-    # ---------------------------------------------------------------- failover
-    if failover:
-        add("## Failover")
+def _dispatch(add: Callable[[str], None], dispatch: dict[str, Any], before: dict[str, Any] | None) -> None:
+    runs = _dispatch_runs(dispatch)
+    zero = runs.get(0)
+    add("## Dispatch: 10,000 reminders due at once")
+    add("")
+    add(f"One `reminders serve` replica leads (harness.cluster.Cluster, PostgreSQL 15 with fsync off, "
+        f"`DISPATCH_CONCURRENCY={dispatch['runs'][0]['concurrency']}`); the 10,000 reminders are committed "
+        "in one transaction. End-to-end = first call received by the provider → last reminder recorded "
+        "`sent`. Baselines, same provider process, same concurrency: the provider's own ceiling (a load "
+        "tool that is not our client, POSTing new calls for a few seconds), the raw client ceiling (10,000 "
+        "`HttpTelephonyClient.place_call` with a `may_send` check, as the dispatcher calls it, no DB), the same "
+        "10,000 POSTs through a bare `aiohttp.ClientSession` (what the exchange costs without httpx's layer), "
+        "the service's `Dispatcher` in the bench process with a client that answers at once (*dispatcher alone*: "
+        "claims, term checks, batched outcome writes, against the same PostgreSQL), "
+        "and the naive cron job (read the due rows, then call and "
+        "UPDATE one at a time with the same client; time-boxed, extrapolated to 10,000). *cores busy* = CPU "
+        "seconds each process used per wall second while the 10,000 were dispatched. The client baselines, "
+        "the dispatcher alone and the service run in rounds (raw, bare, alone, service; three unless "
+        "`--quick`): each figure is the median round's, [min–max] over the rounds beside it; the cores busy, "
+        "RSS and per-call CPU are the median service round's.")
+    add("")
+    add("| provider latency | service calls/s | commit → all sent | first call after commit | provider ceiling (wrk) | provider ceiling (aiohttp) | raw client | bare aiohttp client | sequential | peak RSS | cores busy (replica / provider / PostgreSQL) | exactly once |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for latency, run in sorted(runs.items()):
+        svc = run["service"]
+        ceiling = run["provider_ceiling"]
+        aio = run.get("provider_ceiling_aiohttp") or (ceiling if ceiling["tool"] == "aiohttp" else None)
+        wrk = ceiling if ceiling["tool"] == "wrk" else None
+        cores = svc.get("cores_busy", {})
+        once = svc.get("exactly_once_every_run", (
+            svc["provider_calls"] == svc["distinct_keys_called"] == run["reminders"]
+            and svc.get("statuses", {}).get("sent") == run["reminders"]))
+        add(f"| {latency} ms | **{_spread(svc, 'calls_per_s')}** | {_spread(svc, 'commit_to_all_sent_s', 2, ' s')} | "
+            f"{_n(svc.get('commit_to_first_call_s'), 2, ' s')} | "
+            f"{_n(wrk['rps'] if wrk else None)} | {_n(aio['rps'] if aio else None)} | "
+            f"{_spread(run['raw_client'], 'calls_per_s', unit='/s')} ({_n(run['raw_client'].get('client_cpu_ms_per_call'), 2)} ms CPU per call) | "
+            f"{_bare_client(run)} | "
+            f"{_n(run['sequential']['calls_per_s'])}/s (≈ {_n(run['sequential']['extrapolated_s_for_10000'])} s for 10,000) | "
+            f"{_n(svc.get('replica_peak_rss_mb'), 1, ' MB')} | "
+            f"{_n(cores.get('replica'), 2)} / {_n(cores.get('provider'), 2)} / {_n(cores.get('postgresql'), 2)} | "
+            f"{'yes' if once else 'NO'}: {svc['provider_calls']} calls, {svc['distinct_keys_called']} keys, "
+            f"{svc.get('replayed_requests', 0)} replays{' (median round; every round checked)' if svc.get('runs', 1) > 1 else ''} |")
+    add("")
+    if zero and zero.get("dispatcher_alone") and zero["service"].get("cores_busy"):
+        svc = zero["service"]
+        per_call = svc["cores_busy"]["replica"] * svc["commit_to_all_sent_observed_s"] / zero["reminders"] * 1000
+        client = zero["raw_client"]["client_cpu_ms_per_call"]
+        alone = zero["dispatcher_alone"]["cpu_ms_per_reminder"]
+        bare = zero.get("bare_aiohttp_client", {}).get("client_cpu_ms_per_call")
+        add(f"**Where a call's CPU goes (0 ms, this run).** The replica used {per_call:.2f} ms of CPU per "
+            f"reminder (cores busy × commit → all sent ÷ 10,000); the client alone needs {client:.2f} ms per "
+            f"call (*raw client*) and the dispatcher with a client that answers at once "
+            f"{alone:.2f} ms per reminder ({_n(zero['dispatcher_alone']['reminders_per_s'])} reminders/s, "
+            f"*dispatcher alone*): {client + alone:.2f} ms together. The same exchange through a bare aiohttp "
+            f"session costs {_n(bare, 2)} ms. One core at 2,000 calls/s leaves 0.5 ms per call.")
         add("")
-        add("Seconds, median [min–max] (n runs). `real-3`: three `reminders serve` processes "
-            "(harness.cluster.Cluster, each behind its own TCP proxy to etcd), timed from the signal to the "
-            "successor's `leads: term` log line (millisecond timestamps). `inproc-3` / `inproc-50`: "
-            "`service.election.Elector` objects in helper processes (`python -m bench.electors`) — the leader "
-            "alone in one process so it can be signalled, the other 2 or 49 candidates together in a second "
-            "process; each candidate has its own etcd client and lease, as a replica would. The 50-candidate "
-            "figures therefore come from in-process electors, not 50 replicas. graceful = SIGTERM (resign); "
-            "sigkill = SIGKILL (the lease must expire on the server); outage = etcd SIGKILLed for "
-            f"{_n(failover.get('outage_seconds'))} s and restarted with its data: *step-down* = outage start → the "
-            "old leader ends its term, *recovery* = etcd healthy again → a leader elected, *leaderless* = step-down "
-            "→ next leader. All configurations go through the same outages together (one etcd). The default "
-            "margin is max(1 s, 20 % of the TTL).")
+    befores = [(label, result) for label, result in (
+        ("dispatcher: before", before), ("client: before", read_result("dispatch_client_before"))) if result]
+    if befores:
+        add("### Before and after")
         add("")
-        scenarios = ("graceful", "sigkill", "outage_step_down", "outage_recovery", "outage_leaderless")
-        add("| candidates | TTL | " + " | ".join(scenarios) + " |")
-        add("|---|---|" + "---|" * len(scenarios))
-        for ttl in ttls:
-            for config in ("real-3", "inproc-3", "inproc-50"):
-                add(f"| {config} | {ttl} s | " + " | ".join(_span(figures.get(f"{config}/ttl{ttl}/{s}")) for s in scenarios) + " |")
+        add("Each row is a separate invocation of `python -m bench dispatch` with its own same-run baselines, "
+            "run from a work tree of the commit before the change (`--result-name dispatch_before` / "
+            "`dispatch_client_before`). *dispatcher: before* = `service/dispatch/{dispatcher,store}.py` before "
+            "batched outcome writes and one-statement claims (one UPDATE transaction per outcome, claims sized "
+            "by each freed slot, ORM entities per claim); *client: before* = `HttpTelephonyClient` sending through "
+            "`httpx.AsyncClient` with per-phase timeouts (commit 385fe59, uvloop and httptools installed); "
+            "*now* = this tree.")
+        add("")
+        add("| provider latency | version | service calls/s | commit → all sent | replica cores busy | replica CPU ms per reminder | raw client (same run) | provider ceiling (same run) | date |")
+        add("|---|---|---|---|---|---|---|---|---|")
+        for label, result in [*befores, ("now", dispatch)]:
+            for latency, run in sorted(_dispatch_runs(result).items()):
+                svc = run["service"]
+                cores = svc.get("cores_busy", {}).get("replica")
+                wall = svc.get("commit_to_all_sent_observed_s")
+                per = cores * wall / run["reminders"] * 1000 if cores is not None and wall else None
+                add(f"| {latency} ms | {label} | {_n(svc.get('calls_per_s'))} | "
+                    f"{_n(svc.get('commit_to_all_sent_s'), 2, ' s')}{'' if svc.get('all_sent') else ' (not all sent)'} | "
+                    f"{_n(cores, 2)} | {_n(per, 2)} | {_n(run['raw_client']['calls_per_s'])} | "
+                    f"{_n(run['provider_ceiling']['rps'])} | {result['machine']['date']} |")
         add("")
 
-    # ---------------------------------------------------------------- API
-    if api:
-        add("## API: one worker against PostgreSQL")
-        add("")
-        add(f"{api['get_appointment']['tool']} with {api['connections']} connections for {_n(api['duration_s'])} s "
-            "each, after a 2 s warm-up. The service is a full `reminders serve` replica (leading, its dispatcher "
-            "idle); GET rotates over 1,000 appointments; POST creates one appointment (and plans its reminder) "
-            "per request. Baselines: `bench/bare.py`, a FastAPI app with one JSON route (GET) and one pydantic-"
-            "validated POST, served by the same uvicorn settings, in the same run; and its `/bare-db/{id}`, the "
-            "same 1,000 appointments read with one joined SELECT through a plain asyncpg pool (no ORM, no "
-            "transaction): the floor for a route with one database round trip.")
-        add("")
-        add("| route | req/s | p50 | p90 | p99 | errors | ratio to bare |")
-        add("|---|---|---|---|---|---|---|")
-        for key, label, base in (("bare_get", "bare GET /bare", None), ("bare_db_get", "bare GET /bare-db/{id} (one SELECT)", "bare_get"),
-                                 ("get_appointment", "GET /appointments/{id}", "bare_get"),
-                                 ("bare_post", "bare POST /bare", None), ("post_appointment", "POST /appointments", "bare_post")):
-            r = api.get(key)
-            if r is None:
-                continue
-            ratio = r["rps"] / api[base]["rps"] if base else None
-            add(f"| {label} | {_n(r['rps'])} | {_n(r['p50_ms'], 1)} ms | {_n(r['p90_ms'], 1)} ms | {_n(r['p99_ms'], 1)} ms | "
-                f"{r['errors']} | {_n(ratio, 3) if ratio else '–'} |")
-        add("")
 
-    # ---------------------------------------------------------------- micro
-    if micro:
-        add("## Side by side: client, provider stack, one read (`python -m bench micro`)")
-        add("")
-        client, provider, read = micro["client"], micro["provider"], micro["read"]
-        add(f"CPU per call, median [min–max] over {len(next(iter(client['cpu_per_call'].values()))['rounds'])} "
-            f"interleaved rounds of {_n(client['posts'])} POSTs, {client['concurrency']} in flight, to the fake "
-            "provider at 0 ms:")
-        add("")
-        add("| client | CPU per call |")
-        add("|---|---|")
-        labels = {"httpx_async_client": "`httpx.AsyncClient` on httpx-aiohttp's transport (how the client sent before)",
-                  "telephony_client": "`HttpTelephonyClient` (straight to the transport)",
-                  "telephony_client_may_send": "`HttpTelephonyClient` with a `may_send` check (as the dispatcher calls it)",
-                  "bare_aiohttp": "bare `aiohttp.ClientSession`"}
-        for key, label in labels.items():
-            fig = client["cpu_per_call"].get(key)
-            if fig:
-                add(f"| {label} | {fig['median_ms']:.2f} ms [{fig['min_ms']:.2f}–{fig['max_ms']:.2f}] |")
-        add("")
-        add(f"The fake provider under uvicorn, POSTs/s from the load tool ({provider['connections']} connections, "
-            f"{_n(provider['duration_s'])} s per round): "
-            + "; ".join(f"{name} {_n(fig['median'])} (rounds: {', '.join(_n(r) for r in fig['rounds'])})"
-                        for name, fig in provider["rps"].items()) + ".")
-        add("")
-        add(f"CPU per read of one appointment with its reminder, PostgreSQL, in-process, {_n(read['reads'])} reads "
-            "per round, median [min–max]:")
-        add("")
-        add("| read | CPU per read |")
-        add("|---|---|")
-        labels = {"orm_and_response_model": "the API's path: ORM load (joined) + response model",
-                  "core_rows": "the same SELECT through SQLAlchemy Core, rows only",
-                  "asyncpg_rows": "the same SELECT through asyncpg on a connection of the same pool"}
-        for key, label in labels.items():
-            fig = read["cpu_per_read"].get(key)
-            if fig:
-                add(f"| {label} | {fig['median_ms']:.2f} ms [{fig['min_ms']:.2f}–{fig['max_ms']:.2f}] |")
-        add("")
+def _failover(add: Callable[[str], None], failover: dict[str, Any]) -> None:
+    figures, ttls = failover.get("figures", {}), failover.get("ttls", [])
+    add("## Failover")
+    add("")
+    add("Seconds, median [min–max] (n runs). `real-3`: three `reminders serve` processes "
+        "(harness.cluster.Cluster, each behind its own TCP proxy to etcd), timed from the signal to the "
+        "successor's `leads: term` log line (millisecond timestamps). `inproc-3` / `inproc-50`: "
+        "`service.election.Elector` objects in helper processes (`python -m bench.electors`) — the leader "
+        "alone in one process so it can be signalled, the other 2 or 49 candidates together in a second "
+        "process; each candidate has its own etcd client and lease, as a replica would. The 50-candidate "
+        "figures therefore come from in-process electors, not 50 replicas. graceful = SIGTERM (resign); "
+        "sigkill = SIGKILL (the lease must expire on the server); outage = etcd SIGKILLed for "
+        f"{_n(failover.get('outage_seconds'))} s and restarted with its data: *step-down* = outage start → the "
+        "old leader ends its term, *recovery* = etcd healthy again → a leader elected, *leaderless* = step-down "
+        "→ next leader. All configurations go through the same outages together (one etcd). The default "
+        "margin is max(1 s, 20 % of the TTL).")
+    add("")
+    scenarios = ("graceful", "sigkill", "outage_step_down", "outage_recovery", "outage_leaderless")
+    add("| candidates | TTL | " + " | ".join(scenarios) + " |")
+    add("|---|---|" + "---|" * len(scenarios))
+    for ttl in ttls:
+        for config in ("real-3", "inproc-3", "inproc-50"):
+            add(f"| {config} | {ttl} s | " + " | ".join(_span(figures.get(f"{config}/ttl{ttl}/{s}")) for s in scenarios) + " |")
+    add("")
 
-    add(LIMITS)
-    OUT.write_text("\n".join(lines) + "\n")
-    return OUT
+
+def _api(add: Callable[[str], None], api: dict[str, Any]) -> None:
+    add("## API: one worker against PostgreSQL")
+    add("")
+    add(f"{api['get_appointment']['tool']} with {api['connections']} connections for {_n(api['duration_s'])} s "
+        "each, after a 2 s warm-up. The service is a full `reminders serve` replica (leading, its dispatcher "
+        "idle); GET rotates over 1,000 appointments; POST creates one appointment (and plans its reminder) "
+        "per request. Baselines: `bench/bare.py`, a FastAPI app with one JSON route (GET) and one pydantic-"
+        "validated POST, served by the same uvicorn settings, in the same run; and its `/bare-db/{id}`, the "
+        "same 1,000 appointments read with one joined SELECT through a plain asyncpg pool (no ORM, no "
+        "transaction): the floor for a route with one database round trip.")
+    add("")
+    add("| route | req/s | p50 | p90 | p99 | errors | ratio to bare |")
+    add("|---|---|---|---|---|---|---|")
+    for key, label, base in (("bare_get", "bare GET /bare", None), ("bare_db_get", "bare GET /bare-db/{id} (one SELECT)", "bare_get"),
+                             ("get_appointment", "GET /appointments/{id}", "bare_get"),
+                             ("bare_post", "bare POST /bare", None), ("post_appointment", "POST /appointments", "bare_post")):
+        r = api.get(key)
+        if r is None:
+            continue
+        ratio = r["rps"] / api[base]["rps"] if base else None
+        add(f"| {label} | {_n(r['rps'])} | {_n(r['p50_ms'], 1)} ms | {_n(r['p90_ms'], 1)} ms | {_n(r['p99_ms'], 1)} ms | "
+            f"{r['errors']} | {_n(ratio, 3) if ratio else '–'} |")
+    add("")
+
+
+def _micro(add: Callable[[str], None], micro: dict[str, Any]) -> None:
+    add("## Side by side: client, provider stack, one read (`python -m bench micro`)")
+    add("")
+    client, provider, read = micro["client"], micro["provider"], micro["read"]
+    add(f"CPU per call, median [min–max] over {len(next(iter(client['cpu_per_call'].values()))['rounds'])} "
+        f"interleaved rounds of {_n(client['posts'])} POSTs, {client['concurrency']} in flight, to the fake "
+        "provider at 0 ms:")
+    add("")
+    add("| client | CPU per call |")
+    add("|---|---|")
+    labels = {"httpx_async_client": "`httpx.AsyncClient` on httpx-aiohttp's transport (how the client sent before)",
+              "telephony_client": "`HttpTelephonyClient` (straight to the transport)",
+              "telephony_client_may_send": "`HttpTelephonyClient` with a `may_send` check (as the dispatcher calls it)",
+              "bare_aiohttp": "bare `aiohttp.ClientSession`"}
+    for key, label in labels.items():
+        fig = client["cpu_per_call"].get(key)
+        if fig:
+            add(f"| {label} | {fig['median_ms']:.2f} ms [{fig['min_ms']:.2f}–{fig['max_ms']:.2f}] |")
+    add("")
+    add(f"The fake provider under uvicorn, POSTs/s from the load tool ({provider['connections']} connections, "
+        f"{_n(provider['duration_s'])} s per round): "
+        + "; ".join(f"{name} {_n(fig['median'])} (rounds: {', '.join(_n(r) for r in fig['rounds'])})"
+                    for name, fig in provider["rps"].items()) + ".")
+    add("")
+    add(f"CPU per read of one appointment with its reminder, PostgreSQL, in-process, {_n(read['reads'])} reads "
+        "per round, median [min–max]:")
+    add("")
+    add("| read | CPU per read |")
+    add("|---|---|")
+    labels = {"orm_and_response_model": "the API's path: ORM load (joined) + response model",
+              "core_rows": "the same SELECT through SQLAlchemy Core, rows only",
+              "asyncpg_rows": "the same SELECT through asyncpg on a connection of the same pool"}
+    for key, label in labels.items():
+        fig = read["cpu_per_read"].get(key)
+        if fig:
+            add(f"| {label} | {fig['median_ms']:.2f} ms [{fig['min_ms']:.2f}–{fig['max_ms']:.2f}] |")
+    add("")
 
 
 LIMITS = """## What limits the figures
@@ -383,7 +401,7 @@ as a one-chunk stream so the check runs right before the first byte leaves (its 
 
 **Dispatch — the database (fixed earlier: service/dispatch).** Every outcome used to be recorded
 in a transaction of its own and claims loaded ORM entities for as few rows as slots had freed:
-2.1–4.0 ms of CPU per reminder. Outcomes now go to a per-term `_Recorder` that writes up to 500
+2.1–4.0 ms of CPU per reminder. Outcomes now go to a per-term `OutcomeRecorder` that writes up to 500
 per transaction (`SELECT … FOR UPDATE` of the rows still `dispatching` under the token, one
 executemany UPDATE with the same fenced WHERE), and a claim reads what the calls need in the
 statement that locks the candidates, once a quarter of the slots are free. *dispatcher alone*

@@ -389,6 +389,9 @@ class ReplicaProcess(_Process):
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
         return self._http.post(path, **kwargs)
 
+    def patch(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._http.patch(path, **kwargs)
+
     @property
     def live(self) -> bool:
         """Running and not SIGSTOPped: expected to answer."""
@@ -540,7 +543,7 @@ class Cluster:
             "TELEPHONY_URL": f"{self.provider.url}/{name}",
             "ELECTION_PREFIX": self.election_prefix,
             "LEASE_TTL": str(self.lease_ttl),
-            "CALL_WINDOW": "00:00-23:59",
+            "CALL_WINDOW": "00:00-24:00",
         }
         if self.telephony_provider == "twilio":
             assert self.webhook_proxy is not None
@@ -804,6 +807,7 @@ class Cluster:
         function of the index (each reminder its own number)."""
         from service.db import Appointment, Reminder  # noqa: PLC0415
         from service.db.models import new_id  # noqa: PLC0415
+        from service.reminders import idempotency_key  # noqa: PLC0415
 
         async def insert(db: Any) -> list[str]:
             now = datetime.now(UTC)
@@ -819,7 +823,7 @@ class Cluster:
                     )
                     appointment.reminders = [
                         Reminder(id=reminder_id, due_at=due, next_attempt_at=due, status="pending", attempts=0,
-                                 idempotency_key=f"reminder-{reminder_id}")
+                                 idempotency_key=idempotency_key(reminder_id))
                     ]
                     session.add(appointment)
                     ids.append(reminder_id)

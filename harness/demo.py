@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from service.telephony.client import mask_phone
+from service.privacy import mask_phone
 
 from .cluster import Cluster
 

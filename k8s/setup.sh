@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# One-shot minikube bring-up of the reminder service:
-#   minikube -> image built in minikube's Docker -> etcd (3) + PostgreSQL -> migration Job ->
-#   fake provider + 3 replicas -> how to watch the logs, find the leader and kill it.
+# One-shot minikube bring-up of the reminder service (the demo overlay, k8s/overlays/demo):
+#   minikube with a NetworkPolicy-enforcing CNI (Calico) -> image built in minikube's Docker ->
+#   Secrets with random values + etcd's TLS certificates (k8s/etcd-certs.sh) -> NetworkPolicies ->
+#   etcd (3, TLS) + PostgreSQL -> etcd-auth Job -> migration Job -> fake provider + 3 replicas ->
+#   how to watch the logs, find the leader and kill it.
 # Environment: NAMESPACE (default reminders), MINIKUBE_PROFILE (default minikube),
-#              MINIKUBE_START_ARGS (default "--cpus=2 --memory=4096"), IMAGE (default reminders:latest).
-# Tear down with k8s/cleanup.sh.
+#              MINIKUBE_START_ARGS (default "--cpus=2 --memory=4096 --cni=calico"),
+#              IMAGE (default reminders:<version in pyproject.toml>, the tag the manifests pin),
+#              CERT_DIR (default ~/.local/state/reminders/etcd-certs/<profile>-<namespace>: the CA).
+# Existing Secrets are kept (re-running does not change passwords). Tear down with k8s/cleanup.sh.
 set -euo pipefail
 
 NAMESPACE=${NAMESPACE:-reminders}
 PROFILE=${MINIKUBE_PROFILE:-minikube}
-START_ARGS=${MINIKUBE_START_ARGS:---cpus=2 --memory=4096}
-IMAGE=${IMAGE:-reminders:latest}
+START_ARGS=${MINIKUBE_START_ARGS:---cpus=2 --memory=4096 --cni=calico}
 TIMEOUT=${TIMEOUT:-300s}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
+VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml")
+PINNED=reminders:$VERSION # what the manifests name
+IMAGE=${IMAGE:-$PINNED}
+CERT_DIR=${CERT_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/reminders/etcd-certs/$PROFILE-$NAMESPACE}
 
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'setup.sh: %s\n' "$*" >&2; exit 1; }
@@ -22,6 +29,8 @@ need() { command -v "$1" >/dev/null 2>&1 || die "$1 not found on PATH ($2)"; }
 
 need minikube "https://minikube.sigs.k8s.io/docs/start/"
 need kubectl "https://kubernetes.io/docs/tasks/tools/"
+need openssl "random passwords and etcd's certificates"
+[[ -n $VERSION ]] || die "no version in $ROOT/pyproject.toml"
 
 kc() { kubectl --context "$PROFILE" --namespace "$NAMESPACE" "$@"; }
 
@@ -31,6 +40,10 @@ if minikube status --profile "$PROFILE" >/dev/null 2>&1; then
 else
     # shellcheck disable=SC2086 # START_ARGS is a list of flags on purpose
     minikube start --profile "$PROFILE" $START_ARGS
+fi
+if ! kubectl --context "$PROFILE" -n kube-system get pods -l k8s-app=calico-node -o name 2>/dev/null | grep -q .; then
+    echo "WARNING: no Calico in this cluster: its NetworkPolicies are not enforced." >&2
+    echo "         Recreate it with a policy-enforcing CNI: minikube delete -p $PROFILE; then run this again." >&2
 fi
 
 say "building $IMAGE inside minikube's Docker"
@@ -46,34 +59,68 @@ say "namespace $NAMESPACE"
 kubectl --context "$PROFILE" create namespace "$NAMESPACE" --dry-run=client -o yaml \
     | kubectl --context "$PROFILE" apply -f -
 
-# Everything comes from one rendering of the kustomization; each step applies a slice of it
-# selected by the app.kubernetes.io/component label.
-MANIFESTS=$(kubectl kustomize "$HERE")
+say "secrets (random values; existing ones are kept)"
+random() { openssl rand -hex 24; }
+has_secret() { kc get secret "$1" >/dev/null 2>&1; }
+if ! has_secret reminders-postgres; then
+    # The database password goes into both Secrets at once, so they always match.
+    db_password=$(random)
+    kc create secret generic reminders-postgres --from-literal=POSTGRES_USER=reminders \
+        --from-literal=POSTGRES_PASSWORD="$db_password" --from-literal=POSTGRES_DB=reminders
+    kc create secret generic reminders-db \
+        --from-literal=DATABASE_URL="postgresql+asyncpg://reminders:$db_password@postgres:5432/reminders"
+fi
+has_secret reminders-db || die "Secret reminders-db is missing but reminders-postgres exists: delete reminders-postgres and re-run"
+has_secret reminders-secrets || kc create secret generic reminders-secrets \
+    --from-literal=TELEPHONY_TOKEN="$(random)" --from-literal=API_TOKEN="$(random)"
+has_secret reminders-etcd || kc create secret generic reminders-etcd --from-literal=ETCD_PASSWORD="$(random)"
+has_secret etcd-root || kc create secret generic etcd-root --from-literal=ETCD_ROOT_PASSWORD="$(random)"
+if ! has_secret etcd-tls || ! has_secret etcd-ca; then
+    "$HERE/etcd-certs.sh" "$NAMESPACE" "$CERT_DIR"
+    kc delete secret etcd-tls etcd-ca --ignore-not-found
+    kc create secret generic etcd-tls --from-file="$CERT_DIR/etcd-tls"
+    kc create secret generic etcd-ca --from-file="$CERT_DIR/etcd-ca"
+    echo "etcd's CA key stays in $CERT_DIR/ca (not in the cluster)"
+fi
+
+# Everything comes from one rendering of the demo overlay; each step applies a slice of it
+# selected by the app.kubernetes.io/component label. The overlay's fixed demo Secrets
+# (component demo-secrets) are never selected: the random ones above are used.
+MANIFESTS=$(kubectl kustomize "$HERE/overlays/demo")
+if [[ $IMAGE != "$PINNED" ]]; then
+    MANIFESTS=${MANIFESTS//"image: $PINNED"/"image: $IMAGE"}
+fi
 apply_slice() { printf '%s\n' "$MANIFESTS" | kc apply -f - --selector "app.kubernetes.io/component in ($1)"; }
 
-say "settings, secrets, etcd and PostgreSQL"
-apply_slice "config,etcd,database"
+# Runs a Job afresh (a Job's pod template is immutable and a finished Job does not run again).
+run_job() {
+    local job=$1 component=$2
+    kc delete job "$job" --ignore-not-found --wait=true
+    apply_slice "$component"
+    local deadline=$((SECONDS + 300)) complete failed
+    while :; do
+        complete=$(kc get job "$job" -o jsonpath='{.status.conditions[?(@.type=="Complete")].status}')
+        failed=$(kc get job "$job" -o jsonpath='{.status.conditions[?(@.type=="Failed")].status}')
+        [[ $complete == True ]] && break
+        if [[ $failed == True ]] || ((SECONDS > deadline)); then
+            kc logs "job/$job" --tail=50 || true
+            die "the Job $job did not complete"
+        fi
+        sleep 2
+    done
+    kc logs "job/$job" --tail=5 || true
+}
+
+say "network policies (default deny), settings, etcd and PostgreSQL"
+apply_slice "network-policy,config,etcd,database"
 kc rollout status statefulset/etcd --timeout="$TIMEOUT"
 kc rollout status statefulset/postgres --timeout="$TIMEOUT"
 
+say "etcd users, role and auth (Job etcd-auth)"
+run_job etcd-auth etcd-auth
+
 say "migrating the database (Job reminders-migrate)"
-# A Job's pod template is immutable and a finished Job does not run again: start afresh.
-kc delete job reminders-migrate --ignore-not-found --wait=true
-apply_slice "migration"
-deadline=$((SECONDS + 300))
-while :; do
-    complete=$(kc get job reminders-migrate -o jsonpath='{.status.conditions[?(@.type=="Complete")].status}')
-    failed=$(kc get job reminders-migrate -o jsonpath='{.status.conditions[?(@.type=="Failed")].status}')
-    if [[ $complete == True ]]; then
-        break
-    fi
-    if [[ $failed == True ]] || ((SECONDS > deadline)); then
-        kc logs job/reminders-migrate --tail=50 || true
-        die "the migration Job did not complete"
-    fi
-    sleep 2
-done
-kc logs job/reminders-migrate --tail=5 || true
+run_job reminders-migrate migration
 
 say "fake telephony provider and the service (3 replicas)"
 apply_slice "telephony,app"
@@ -112,9 +159,10 @@ Fail over: delete the leader pod and ask again; another replica leads within mom
 (it resigns on SIGTERM), and the Deployment starts a replacement:
   kubectl -n $NAMESPACE delete pod ${leader:-<leader pod>}
 
-Create an appointment with a reminder a minute from now (API_TOKEN is demo-api-token, see
-k8s/secrets.yaml; calls are placed 08:00-21:00 in the appointment's timezone, CALL_WINDOW):
-  curl -s -X POST localhost:8080/appointments -H 'Authorization: Bearer demo-api-token' \\
+Create an appointment with a reminder a minute from now (calls are placed 08:00-21:00 in the
+appointment's timezone, CALL_WINDOW); the API token is random, in Secret reminders-secrets:
+  API_TOKEN=\$(kubectl -n $NAMESPACE get secret reminders-secrets -o jsonpath='{.data.API_TOKEN}' | base64 -d)
+  curl -s -X POST localhost:8080/appointments -H "Authorization: Bearer \$API_TOKEN" \\
     -H 'Content-Type: application/json' \\
     -d '{"customer_name": "Ada", "phone": "+14155550123", "starts_at": "$(date -u -d '+2 hours' +%Y-%m-%dT%H:%M:%SZ 2>/dev/null || echo 2030-01-01T12:00:00Z)", "remind_at": ["$(date -u -d '+1 minute' +%Y-%m-%dT%H:%M:%SZ 2>/dev/null || echo 2030-01-01T11:00:00Z)"]}'
 Calls the leader placed (fake provider):

@@ -24,69 +24,15 @@ from service.api import appointments, health, metrics
 from service.api.limits import BodyLimitMiddleware
 from service.config import Settings
 from service.db import Database
-from service.dispatch.dispatcher import DispatchConfig, Dispatcher
-from service.election import ElectionConfig, Elector
+from service.components import dispatch_config, election_config, pool_size, provider, twilio_signature
+from service.dispatch.dispatcher import Dispatcher
+from service.election import Elector
 from service.metrics import IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
-from service.telephony import HttpTelephonyClient
-from service.telephony.generic import GenericProvider
-from service.telephony.provider import Provider
-from service.telephony.twilio import TwilioProvider, TwilioSignature
 from service.webhooks import twilio_router
 
-__all__ = ["app", "create_app", "election_config", "provider_for"]
+__all__ = ["app", "create_app"]
 
 log = logging.getLogger(__name__)
-
-
-def election_config(settings: Settings) -> ElectionConfig:
-    return ElectionConfig(
-        endpoints=settings.etcd_endpoints,
-        prefix=settings.election_prefix,
-        name=settings.pod_name,
-        lease_ttl=settings.lease_ttl,
-        max_term=settings.leader_max_term,
-        username=settings.etcd_username,
-        password=settings.etcd_password.get_secret_value() if settings.etcd_password else None,
-        ca_cert=settings.etcd_ca_cert,
-        cert=settings.etcd_cert,
-        key=settings.etcd_key,
-    )
-
-
-def dispatch_config(settings: Settings) -> DispatchConfig:
-    return DispatchConfig(
-        instance=settings.pod_name,
-        caller_id=settings.telephony_from,
-        call_window=settings.call_window,
-        misfire_grace=settings.misfire_grace,
-        concurrency=settings.dispatch_concurrency,
-        calls_per_second=settings.calls_per_second,
-        max_attempts=settings.dispatch_max_attempts,
-        retry_base_delay=settings.retry_base_delay,
-        reconcile_grace=settings.effective_reconcile_grace,
-    )
-
-
-def provider_for(settings: Settings) -> Provider:
-    """The adapter TELEPHONY_PROVIDER names, configured from `settings`."""
-    if settings.telephony_provider == "twilio":
-        assert settings.public_url and settings.twilio_account_sid and settings.twilio_auth_token
-        return TwilioProvider(
-            api_url=settings.twilio_api_url,
-            account_sid=settings.twilio_account_sid,
-            auth_token=settings.twilio_auth_token.get_secret_value(),
-            public_url=settings.public_url,
-            timeout=settings.telephony_timeout,
-            max_connections=min(settings.dispatch_concurrency, 100),
-        )
-    return GenericProvider(
-        HttpTelephonyClient(
-            settings.telephony_url,
-            token=settings.telephony_token.get_secret_value() if settings.telephony_token else None,
-            timeout=settings.telephony_timeout,
-            max_connections=settings.dispatch_concurrency,
-        )
-    )
 
 
 async def _prepare_schema(db: Database) -> None:
@@ -106,11 +52,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool_size = settings.db_pool_size or min(50, max(5, settings.dispatch_concurrency // 2))
-        db = Database(settings.database_url, pool_size=pool_size)
+        db = Database(settings.database_url, pool_size=pool_size(settings))
         await _prepare_schema(db)
-        provider = provider_for(settings)
-        dispatcher = Dispatcher(db, provider, dispatch_config(settings))
+        calls = provider(settings)
+        dispatcher = Dispatcher(db, calls, dispatch_config(settings))
 
         async def started(term) -> None:  # noqa: ANN001
             IS_LEADER.set(1)
@@ -129,7 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
             on_keepalive=KEEPALIVE_RTT.observe,
             on_keepalive_failure=KEEPALIVE_FAILURES.inc,
         )
-        app.state.db, app.state.elector, app.state.provider = db, elector, provider
+        app.state.db, app.state.elector, app.state.provider = db, elector, calls
         shutdown_started: asyncio.Task[None] | None = None
 
         def begin_shutdown() -> asyncio.Task[None]:
@@ -148,7 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
             await begin_shutdown()
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
-            await provider.aclose()
+            await calls.aclose()
             await db.dispose()
             log.info("replica %s stopped", settings.pod_name)
 
@@ -167,8 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(metrics.router)
     if settings.telephony_provider == "twilio":
         # Twilio's webhooks, on every replica; signed, so not behind API_TOKEN.
-        assert settings.twilio_auth_token and settings.public_url
-        app.state.twilio_signature = TwilioSignature(settings.twilio_auth_token.get_secret_value(), settings.public_url)
+        app.state.twilio_signature = twilio_signature(settings)
         app.include_router(twilio_router)
 
     @app.exception_handler(OperationalError)

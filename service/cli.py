@@ -25,31 +25,19 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
-# ElectionConfig field -> the environment variable it comes from
-_ELECTION_VARIABLES = {
-    "endpoints": "ETCD_ENDPOINTS", "name": "POD_NAME", "prefix": "ELECTION_PREFIX", "lease_ttl": "LEASE_TTL",
-    "max_term": "LEADER_MAX_TERM", "username": "ETCD_USERNAME", "password": "ETCD_PASSWORD",
-    "ca_cert": "ETCD_CA_CERT", "cert": "ETCD_CERT", "key": "ETCD_KEY",
-}
-
-
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings()
     import uvicorn  # noqa: PLC0415
 
-    from service.app import create_app, dispatch_config, election_config  # noqa: PLC0415
+    from service.app import create_app  # noqa: PLC0415
+    from service.components import SettingError, check  # noqa: PLC0415
     from service.db import Database, SchemaOutOfDate  # noqa: PLC0415
     from service.logs import configure_logging  # noqa: PLC0415
 
     try:
-        election_config(settings)
-        dispatch_config(settings)
-    except ValueError as error:
-        # ElectionConfig names its own fields ("endpoints: …"): name the variable instead
-        field, sep, message = str(error).partition(": ")
-        if sep and field in _ELECTION_VARIABLES:
-            error = f"{_ELECTION_VARIABLES[field]}: {message}"
-        print(f"reminders: invalid setting {error}", file=sys.stderr)
+        check(settings)
+    except SettingError as error:
+        print(f"reminders: invalid setting {error.variable}: {error.message}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level, settings.pod_name)
     if not settings.is_sqlite:
@@ -120,13 +108,13 @@ def _migrate(_args: argparse.Namespace) -> int:
 
 def _fake_provider(args: argparse.Namespace) -> int:
     from service.logs import configure_logging  # noqa: PLC0415
-    from service.telephony.fake import run_fake_provider  # noqa: PLC0415
+    from service.fakes import run_fake_provider  # noqa: PLC0415
 
     if not 0 <= args.fail_rate <= 1:
         print("reminders: --fail-rate must be between 0 and 1", file=sys.stderr)
         return 2
     configure_logging("text", "info")
-    run_fake_provider(args.host, args.port, latency_ms=args.latency_ms, fail_rate=args.fail_rate, token=args.token)
+    run_fake_provider(args.host, args.port, latency_ms=args.latency_ms, fail_rate=args.fail_rate)
     return 0
 
 
@@ -139,12 +127,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
     migrate = commands.add_parser("migrate", help="alembic upgrade head for DATABASE_URL")
     migrate.set_defaults(run=_migrate)
-    fake = commands.add_parser("fake-provider", help="the fake telephony provider API")
+    fake = commands.add_parser(
+        "fake-provider", help="the fake telephony provider API (requires TELEPHONY_TOKEN as bearer token when set)"
+    )
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)
     fake.add_argument("--latency-ms", type=float, default=0.0)
     fake.add_argument("--fail-rate", type=float, default=0.0)
-    fake.add_argument("--token", default=None, help="require this bearer token")
     fake.set_defaults(run=_fake_provider)
     return parser
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import socket
-from dataclasses import dataclass
 from datetime import time, timedelta
 from functools import cached_property
 from typing import Annotated, Literal
@@ -12,77 +11,11 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.privacy import E164
+from service.reminders.planning import PlanningConfig
+from service.reminders.rules import CallWindow, ReminderOffset, parse_duration
+
 __all__ = ["CallWindow", "ReminderOffset", "Settings", "parse_duration", "setting_error_line"]
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> timedelta:
-    """`90m`, `24h`, `1h30m`, `45s`, `2d` → timedelta. A bare number means seconds."""
-    text = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return timedelta(seconds=float(text))
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90m, 24h, 1h30m)")
-    return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
-
-
-def _parse_clock(text: str) -> time:
-    match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text.strip())
-    if not match:
-        raise ValueError(f"not a time of day: {text!r} (use HH:MM)")
-    return time(int(match[1]), int(match[2]))
-
-
-@dataclass(frozen=True)
-class ReminderOffset:
-    """One reminder rule: a duration before the appointment, or a local time on a day relative to it."""
-
-    before: timedelta | None = None
-    day: int | None = None
-    at: time | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> ReminderOffset:
-        text = text.strip()
-        match = re.fullmatch(r"([+-]?\d+)d@(.+)", text)
-        if match:
-            day = int(match[1])
-            if day > 0:
-                raise ValueError(f"{text!r}: a reminder day must not be after the appointment's day")
-            return cls(day=day, at=_parse_clock(match[2]))
-        before = parse_duration(text)
-        if before <= timedelta(0):
-            raise ValueError(f"{text!r}: an offset must be a positive duration before the appointment")
-        return cls(before=before)
-
-    def __str__(self) -> str:
-        if self.before is not None:
-            return f"{int(self.before.total_seconds())}s"
-        return f"{self.day}d@{self.at:%H:%M}"
-
-
-@dataclass(frozen=True)
-class CallWindow:
-    """Local times of day (inclusive) between which calls may be placed."""
-
-    start: time
-    end: time
-
-    @classmethod
-    def parse(cls, text: str) -> CallWindow:
-        start_text, sep, end_text = text.partition("-")
-        if not sep:
-            raise ValueError(f"not a window: {text!r} (use HH:MM-HH:MM)")
-        window = cls(_parse_clock(start_text), _parse_clock(end_text))
-        if window.start >= window.end:
-            raise ValueError(f"{text!r}: the window must start before it ends, within one day")
-        return window
-
-    def contains(self, moment: time) -> bool:
-        return self.start <= moment <= self.end
 
 
 def _split(value: object) -> object:
@@ -175,7 +108,7 @@ class Settings(BaseSettings):
     @classmethod
     def _caller_id(cls, value: str) -> str:
         # the provider refuses any other caller id, which would fail every reminder at its first call
-        if not re.fullmatch(r"\+[1-9][0-9]{1,14}", value):
+        if not E164.fullmatch(value):
             raise ValueError("must be an E.164 number, e.g. +15550000000")
         return value
 
@@ -260,6 +193,9 @@ class Settings(BaseSettings):
         if bool(self.etcd_cert) != bool(self.etcd_key):
             raise ValueError("ETCD_CERT and ETCD_KEY go together")
         return self
+
+    def planning_config(self) -> PlanningConfig:
+        return PlanningConfig(call_window=self.call_window, offsets=self.reminder_offsets)
 
     @cached_property
     def is_sqlite(self) -> bool:

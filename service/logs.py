@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from datetime import UTC, datetime
 
-from service.telephony import mask_phone
+from service.privacy import scrub
 
-__all__ = ["configure_logging"]
+__all__ = ["MaskPhoneNumbers", "configure_logging"]
 
-# E.164-looking digit runs anywhere in a message, whatever the code logged.
-_PHONE = re.compile(r"\+\d{7,15}\b")
+_TRACEBACKS = logging.Formatter()
 
 
 class MaskPhoneNumbers(logging.Filter):
-    """Rewrites each record's message with phone numbers masked."""
+    """Rewrites each record's message, traceback and stack with phone numbers masked."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        masked = _PHONE.sub(lambda m: mask_phone(m.group(0)), message)
+        masked = scrub(message)
         if masked != message or record.args:
             record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            # formatters print exc_text when it is set: the scrubbed text replaces the raw one
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
         return True
 
 
@@ -35,8 +40,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 

@@ -10,17 +10,25 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.etcd import EtcdServer
-from harness.postgres import PostgresServer
+pytest.register_assert_rewrite("tests.support")
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from harness.etcd import EtcdServer  # noqa: E402
+from harness.postgres import PostgresServer  # noqa: E402
+from tests.support.requirements import unavailable as _unavailable  # noqa: E402
+
+# the `requires` marker and the CI rule; pytester runs the suite's own rule in a nested pytest
+pytest_plugins = ["tests.support.requirements", "pytester"]
+
+# Tests taking these fixtures (directly or through another) start several processes at once:
+# the k8s drift tests run the manifests' own commands as 3 replicas / 3 etcd members. `slow`,
+# like the cluster, chaos and fuzz modules, so that `-m "not slow"` (make test-fast) leaves them out.
+SLOW_FIXTURES = frozenset({"processes", "local_etcd"})
 
 
-def _unavailable(what: str, error: Exception) -> None:
-    message = f"{what} unavailable: {error}"
-    if IN_CI:
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.appclient import make_settings, running_app
+from tests.support.appclient import make_settings, running_app
 
 pytestmark = pytest.mark.anyio
 

@@ -12,18 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from service.db import CallAttempt, Database, Reminder
-from service.dispatch.attempts import (
-    RECHECK,
-    AttemptStore,
-    AttemptView,
-    StampedCalls,
-    StampedConfig,
-    Step,
-    reconcile,
-)
+from service.dispatch.attempts import AttemptStore, StampedCalls, StampedConfig
+from service.reminders.attempts import RECHECK, AttemptView, Step, reconcile
 from service.dispatch.store import Claim, ReminderStore
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall
-from tests.twilio_rig import FROM, Rig, make_rig
+from tests.support.twilio_rig import FROM, Rig, make_rig
 
 pytestmark = pytest.mark.anyio
 
@@ -37,8 +30,9 @@ def attempt(state: str = "creating", *, at: datetime = T0, call_id: str | None =
                        last_event_at=event_at)
 
 
-def live(created_at: datetime | None) -> LiveCall:
-    return LiveCall(call_id="CA1", status="queued", to="+1", created_at=created_at)
+def live(created_at: datetime | None) -> datetime | None:
+    """A live call to the number, as the rule sees it: when it was created (None for unknown)."""
+    return created_at
 
 
 # --- the rule ---------------------------------------------------------------------------------
@@ -68,14 +62,14 @@ def test_an_attempt_in_doubt_waits_out_its_grace_then_asks_for_live_calls() -> N
 def test_a_live_call_since_the_attempt_blocks_a_new_one_even_queued_without_a_date() -> None:
     now = T0 + GRACE * 3
     for call in (live(T0 + timedelta(seconds=5)), live(None), live(T0 - timedelta(seconds=30))):
-        decision = reconcile([attempt("in_doubt")], bound_call_id=None, now=now, grace=GRACE, live=[call])
+        decision = reconcile([attempt("in_doubt")], bound_call_id=None, now=now, grace=GRACE, live_created=[call])
         assert decision.step is Step.WAIT and decision.wait_until == now + RECHECK
 
 
 def test_no_live_call_after_the_grace_abandons_and_creates_anew() -> None:
     unresolved = [attempt("creating"), attempt("in_doubt", at=T0 + timedelta(seconds=3))]
     ancient = live(T0 - timedelta(hours=1))  # a call to the same number long before: not this attempt's
-    decision = reconcile(unresolved, bound_call_id=None, now=T0 + GRACE * 3, grace=GRACE, live=[ancient])
+    decision = reconcile(unresolved, bound_call_id=None, now=T0 + GRACE * 3, grace=GRACE, live_created=[ancient])
     assert decision.step is Step.NEW and set(decision.abandon) == {a.id for a in unresolved}
 
 

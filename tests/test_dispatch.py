@@ -14,14 +14,15 @@ from sqlalchemy import select
 from service.config import CallWindow
 from service.db import Appointment, Database, Reminder
 from service.db.models import new_id
-from service.dispatch.dispatcher import DispatchConfig, Dispatcher, message_for
+from service.dispatch.dispatcher import DispatchConfig, Dispatcher, OutcomeRecorder, message_for
 from service.dispatch.store import ReminderStore, StaleTerm
+from service.fakes import create_fake_provider
+from service.reminders import idempotency_key
 from service.telephony import CallRequest, HttpTelephonyClient
-from service.telephony.fake import create_fake_provider
 
 pytestmark = pytest.mark.anyio
 
-ALWAYS = CallWindow.parse("00:00-23:59")
+ALWAYS = CallWindow.parse("00:00-24:00")
 
 
 class FakeTerm:
@@ -85,7 +86,7 @@ async def seed(
             reminder_id = new_id()
             appointment.reminders = [
                 Reminder(id=reminder_id, due_at=now + due_in, next_attempt_at=now + due_in, status="pending",
-                         attempts=0, idempotency_key=f"reminder-{reminder_id}")
+                         attempts=0, idempotency_key=idempotency_key(reminder_id))
             ]
             session.add(appointment)
             ids.append(reminder_id)
@@ -207,10 +208,13 @@ async def test_misfire_is_skipped_with_reason(db, client, provider) -> None:
 
 async def test_outside_call_window_waits_for_it(db, client, provider) -> None:
     now = datetime.now(UTC)
-    opens = (now + timedelta(hours=2)).time().replace(second=0, microsecond=0)
-    closes = (now + timedelta(hours=3)).time().replace(second=0, microsecond=0)
-    if not opens < closes:
-        pytest.skip("the test's window would wrap midnight right now")
+    # a one-hour window that opens 2 h from now, or (when that would wrap midnight) one that
+    # closed 2 h ago and opens tomorrow: never both wrap, so the test runs at any time of day
+    for start in (timedelta(hours=2), timedelta(hours=-3)):
+        opens = (now + start).time().replace(second=0, microsecond=0)
+        closes = (now + start + timedelta(hours=1)).time().replace(second=0, microsecond=0)
+        if opens < closes:
+            break
     window = CallWindow(opens, closes)
     (waits,) = await seed(db, 1, starts_in=timedelta(days=2))
     (skips,) = await seed(db, 1, starts_in=timedelta(minutes=30))
@@ -252,14 +256,31 @@ async def test_transient_then_success(db, provider, client) -> None:
 
         await eventually(retry_pending)
         (row,) = await reminders(db)
-        # 429 carried Retry-After: 1, so the retry waits at least that long.
-        assert row.next_attempt_at - row.updated_at >= timedelta(seconds=0.9)
+        planned = row.next_attempt_at.timestamp()
+        (refused,) = (await http.get("/v1/requests")).json()["requests"]
+        # 429 carried Retry-After: 1: the retry is planned at least 1 s after the refused request
+        # arrived. Both stamps come from this process's clock and the dispatcher computes its time
+        # after the answer, so a slow machine only widens the gap (no margin needed).
+        assert refused["status"] == 429 and planned >= refused["received_at"] + 1.0
         await http.post("/v1/control", json={"fail_rate": 0.0})
         await eventually(lambda: all_final(db))
         term.ended.set()
         await task
+        retried = (await http.get("/v1/requests")).json()["requests"][1]
     (row,) = await reminders(db)
     assert row.status == "sent" and row.attempts == 2
+    assert retried["status"] == 201 and retried["received_at"] >= planned  # not sent before its time
+
+
+def test_retry_delay_honours_retry_after_and_backs_off_within_its_bounds() -> None:
+    """The value the dispatcher plans a retry with: never before Retry-After; else base * 2^(n-1)
+    jittered to [half, whole], capped."""
+    dispatcher = Dispatcher(None, None, config(retry_base_delay=0.01, retry_max_delay=8.0))  # type: ignore[arg-type]
+    assert dispatcher.retry_delay(1, 1.0) == 1.0  # backoff (≤ 0.01 s) is below Retry-After
+    for attempts, whole in ((1, 0.01), (4, 0.08), (20, 8.0)):
+        for _ in range(50):
+            assert whole / 2 <= dispatcher.retry_delay(attempts, None) <= whole
+    assert dispatcher.retry_delay(20, 30.0) == 30.0  # Retry-After beats the cap
 
 
 async def test_permanent_failure_fails_at_once(db, client, provider) -> None:
@@ -333,20 +354,15 @@ class _StoreDownFor:
         return {reminder_id for reminder_id, _ in outcomes}
 
 
-async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid() -> None:
     """Given up on, an outcome leaves its reminder `dispatching` until the 2-minute stale sweep; so
-    while the term is valid the recorder keeps retrying past its retry budget (cut to 1 here)."""
-    from service.dispatch import dispatcher as dispatcher_module
-
-    monkeypatch.setattr(dispatcher_module, "_RECORD_RETRIES", 1)
+    while the term is valid the recorder keeps retrying past its retry budget (1 here)."""
     store = _StoreDownFor(failures=3)
-    valid = dispatcher_module._Recorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: True)
+    valid = OutcomeRecorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: True, retries=1)
     assert await asyncio.wait_for(valid.record("r-1", {"status": "sent"}), 30) is True
     assert store.writes == 4
 
     store = _StoreDownFor(failures=3)
-    ended = dispatcher_module._Recorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: False)
+    ended = OutcomeRecorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: False, retries=1)
     assert await asyncio.wait_for(ended.record("r-2", {"status": "sent"}), 30) is None
     assert store.writes == 1

@@ -12,14 +12,15 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from service.app import create_app, provider_for
+from service.app import create_app
+from service.components import provider as provider_for
 from service.config import Settings
 from service.db import CallAttempt, Database, Reminder
 from service.dispatch.dispatcher import Dispatcher
 from service.telephony.generic import GenericProvider
 from service.telephony.twilio import TwilioProvider
 from tests.test_dispatch import FakeTerm, config, eventually, lead_until, seed
-from tests.twilio_rig import Rig, make_rig
+from tests.support.twilio_rig import Rig, make_rig
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ from service.election import (
     Term,
     connect,
 )
-from test_election_support import (  # the autouse fixture is imported to activate it
+from tests.support.election import (  # the autouse fixture is imported to activate it
     grpc_events_of_closed_loops_ignored,  # noqa: F401
     TTL,
     Recorder,

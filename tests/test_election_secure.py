@@ -13,14 +13,12 @@ import pytest
 from harness.etcd import find_binary
 from harness.ports import free_port, wait_for_port
 from service.election import ElectionConfig, Elector, EtcdError, connect
-from test_election_support import grpc_events_of_closed_loops_ignored  # noqa: F401
-from test_election_support import TTL, Recorder, poll_until, running, single_leader, unique_prefix
+from tests.support.election import grpc_events_of_closed_loops_ignored  # noqa: F401
+from tests.support.election import TTL, Recorder, poll_until, running, single_leader, unique_prefix
 
 OPENSSL = shutil.which("openssl")
 ETCD, ETCDCTL = find_binary("etcd"), find_binary("etcdctl")
-pytestmark = pytest.mark.skipif(
-    OPENSSL is None or ETCD is None or ETCDCTL is None, reason="needs openssl, etcd and etcdctl"
-)
+pytestmark = pytest.mark.requires("openssl", "etcd", "etcdctl")
 
 
 def _make_certs(directory: str) -> None:

@@ -13,8 +13,8 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
+from service.fakes import create_fake_provider
 from service.telephony import CallRequest, HttpTelephonyClient, OutcomeKind
-from service.telephony.fake import create_fake_provider
 
 TO = "+15551234567"
 FROM = "+15550000000"
@@ -375,3 +375,69 @@ async def test_end_to_end_connection_refused_is_transient() -> None:
     assert outcome.status_code is None
     # httpx-aiohttp reports a refused connection as httpx.ConnectTimeout; the client does not
     assert outcome.error is not None and outcome.error.startswith("network: ClientConnectorError")
+
+
+@pytest.mark.anyio
+async def test_stores_are_bounded_oldest_forgotten() -> None:
+    from service.fakes import FakeProvider
+
+    fake = FakeProvider(max_entries=3)
+    async with client_for(fake.app) as c:
+        for index in range(5):
+            body = {**BODY, "metadata": {"appointment_id": "a", "reminder_id": f"r-{index}"}}
+            assert (await post_call(c, key=f"k-{index}", body=body)).status_code == 201
+        listed = (await c.get("/v1/calls")).json()
+        assert [call["idempotency_key"] for call in listed["calls"]] == ["k-2", "k-3", "k-4"]
+        assert listed["dropped"] == 2
+        requests = (await c.get("/v1/requests")).json()
+        assert len(requests["requests"]) == 3 and requests["dropped"] == 2
+        assert list(fake.keys) == ["k-2", "k-3", "k-4"]
+        # a remembered key still replays; a forgotten one is new again
+        assert (await post_call(c, key="k-4", body={**BODY, "metadata": {"appointment_id": "a", "reminder_id": "r-4"}})
+                ).headers.get("Idempotent-Replayed") == "true"
+
+
+@pytest.mark.anyio
+async def test_a_key_in_progress_is_never_forgotten() -> None:
+    from service.fakes import FakeProvider
+
+    fake = FakeProvider(max_entries=1)
+    async with client_for(fake.app) as c:
+        await c.post("/v1/control", json={"hang": True})
+        hung = asyncio.create_task(post_call(c, key="slow"))
+        await wait_until(lambda: _has_key(fake, "slow"))
+        await c.post("/v1/control", json={"hang": False})
+        assert (await hung).status_code == 201
+        assert (await post_call(c, key="next", body={**BODY, "message": "other"})).status_code == 201
+        assert list(fake.keys) == ["next"]
+
+
+async def _has_key(fake: Any, key: str) -> bool:
+    return key in fake.keys
+
+
+def test_token_comes_from_the_environment_not_argv() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from harness.ports import free_port, wait_for_port
+    from service.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fake-provider", "--token", "s3cret"])  # argv is visible to every user: no such flag
+    port = free_port()
+    env = {**os.environ, "TELEPHONY_TOKEN": "s3cret"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "fake-provider", "--port", str(port)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, timeout=20)
+        url = f"http://127.0.0.1:{port}/v1/calls"
+        assert httpx.post(url, json=BODY, headers={"Idempotency-Key": "k"}, timeout=5).status_code == 401
+        right = httpx.post(url, json=BODY, headers={"Idempotency-Key": "k", "Authorization": "Bearer s3cret"}, timeout=5)
+        assert right.status_code == 201
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

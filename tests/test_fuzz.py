@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from harness.ports import free_port
-from tests.appclient import migrate
+from tests.support.appclient import migrate
+
+pytestmark = pytest.mark.slow  # a replica process and a few hundred requests per backend
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "fuzz-token"
@@ -65,6 +67,7 @@ def replica(database_url: str, etcd_endpoint: str, tmp_path: Path, anyio_backend
 
 
 def test_schemathesis_all_checks(replica: str) -> None:
+    seed = os.environ.get("FUZZ_SEED", "1")  # the hooks draw from the same seed
     command = [
         str(Path(sys.executable).parent / "st"), "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
         "run", f"{replica}/openapi.json",
@@ -73,12 +76,13 @@ def test_schemathesis_all_checks(replica: str) -> None:
         "--exclude-checks", "use_after_free",
         "-H", f"Authorization: Bearer {TOKEN}",
         "--max-examples", os.environ.get("FUZZ_EXAMPLES", "40"),
-        "--seed", os.environ.get("FUZZ_SEED", "1"),
+        "--seed", seed,
+        "--workers", "1",  # one order of requests for a seed
         "--no-color",
     ]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks", "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks", "PYTHONPATH": str(ROOT), "FUZZ_SEED": seed},
     )
     summary = result.stdout[-3000:]
     print(summary)

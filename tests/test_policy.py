@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from service.config import CallWindow, ReminderOffset, parse_duration
-from service.dispatch.policy import decide_call, fit_call_window, plan_reminders
+from service.reminders import decide_call, fit_call_window, plan_reminders
 
 NY = ZoneInfo("America/New_York")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -117,7 +117,7 @@ def test_dst_fall_back_day_has_25_hours() -> None:
 
 
 def test_dst_gap_local_time_is_normalised() -> None:
-    window = CallWindow.parse("00:00-23:59")
+    window = CallWindow.parse("00:00-24:00")
     starts = datetime(2030, 3, 10, 12, 0, tzinfo=NY)
     result = plan_reminders(starts_at=starts, zone=NY, window=window, now=LONG_AGO, offsets=offsets("0d@02:30"))
     # 02:30 does not exist that day; it comes out as 03:30 EDT (07:30 UTC).
@@ -162,3 +162,28 @@ def test_decide_outside_window_waits_or_skips() -> None:
     assert waits.wait_until == datetime(2030, 6, 13, 8, 0, tzinfo=UTC)
     skips = decide(now, now - timedelta(minutes=1), now + timedelta(hours=2))
     assert "window" in skips.skip_reason
+
+
+def test_all_day_window_ends_exclusive_at_midnight() -> None:
+    window = CallWindow.parse("00:00-24:00")
+    assert str(window) == "00:00-24:00"
+    # the last minute of the day is inside ("00:00-23:59" stalled there: 23:59:30 was outside)
+    assert window.contains(datetime(2030, 1, 1, 23, 59, 30).time())
+    late = datetime(2030, 1, 1, 23, 59, 30, tzinfo=UTC)
+    decision = decide_call(
+        scheduled_at=late, starts_at=late + timedelta(hours=1), zone=ZoneInfo("UTC"), window=window,
+        grace=timedelta(minutes=5), now=late,
+    )
+    assert decision.call
+
+
+def test_window_until_midnight_moves_an_early_time_to_the_evening_before() -> None:
+    window = CallWindow.parse("08:00-24:00")
+    early = datetime(2030, 1, 2, 5, 0, tzinfo=BERLIN)
+    assert fit_call_window(early.astimezone(UTC), BERLIN, window) == datetime(2030, 1, 1, 23, 59, 59, tzinfo=BERLIN)
+
+
+@pytest.mark.parametrize("text", ["00:00-24:01", "24:00-24:00", "08:00-25:00", "24:00-08:00"])
+def test_24_is_only_an_end(text: str) -> None:
+    with pytest.raises(ValueError):
+        CallWindow.parse(text)

@@ -19,9 +19,9 @@ from service.telephony import (
     HttpTelephonyClient,
     OutcomeKind,
     TelephonyClient,
-    mask_phone,
     parse_retry_after,
 )
+from service.privacy import mask_phone
 
 BASE = "http://provider.test"
 URL = f"{BASE}/v1/calls"

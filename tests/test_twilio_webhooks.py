@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from service.db import CallAttempt, Database, Reminder
 from service.db.models import new_id
-from tests.twilio_rig import PUBLIC, Rig, make_rig
+from tests.support.twilio_rig import PUBLIC, Rig, make_rig
 
 pytestmark = pytest.mark.anyio
 

@@ -1,20 +1,18 @@
-"""Appointments: create, list, read, change and cancel; reminders are planned here."""
+"""Appointments over HTTP: create, list, read, change and cancel (service.appointments does the work)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
-import logging
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from typing import Annotated
-from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import joinedload
 
+from service import appointments
 from service.api.deps import ReadSessionDep, SessionDep, SettingsDep, invalid, require_token
 from service.api.schemas import (
     AppointmentCreate,
@@ -23,17 +21,10 @@ from service.api.schemas import (
     AppointmentPatch,
     AwareDatetime,
     ErrorOut,
-    ReminderOut,
-    UnplannedOut,
 )
-from service.config import Settings
-from service.db.models import Appointment, AppointmentStatus, Reminder, ReminderStatus, new_id, utcnow
-from service.dispatch.policy import Unplanned, plan_reminders
-from service.telephony import mask_phone
+from service.db.models import Appointment, AppointmentStatus
 
 __all__ = ["router"]
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(
     prefix="/appointments",
@@ -47,10 +38,6 @@ router = APIRouter(
         503: {"model": ErrorOut, "description": "The database is unavailable"},
     },
 )
-
-# Fields a call is made of (who, to which number, what it says, when): changing one re-plans, so that
-# an idempotency key always stands for one and the same request body.
-_CALL_FIELDS = {"customer_name", "phone", "starts_at", "timezone", "remind_at"}
 
 _NOT_FOUND = {404: {"model": ErrorOut, "description": "No appointment with this id"}}
 
@@ -68,82 +55,17 @@ _CREATED_LINKS = {
 }
 
 
-def _plan(appointment: Appointment, settings: Settings, now: datetime) -> tuple[list[Reminder], list[Unplanned]]:
-    explicit = [datetime.fromisoformat(t) for t in appointment.remind_at] if appointment.remind_at is not None else None
-    plan = plan_reminders(
-        starts_at=appointment.starts_at,
-        zone=ZoneInfo(appointment.timezone),
-        window=settings.call_window,
-        now=now,
-        offsets=settings.reminder_offsets,
-        explicit=explicit,
-    )
-    reminders = []
-    for due in plan.due_times:
-        reminder_id = new_id()
-        reminders.append(
-            Reminder(
-                id=reminder_id,
-                due_at=due,
-                next_attempt_at=due,
-                status=ReminderStatus.PENDING,
-                attempts=0,
-                # One key per reminder, never per attempt or replica: the provider collapses retries.
-                idempotency_key=f"reminder-{reminder_id}",
-            )
-        )
-    return reminders, plan.unplanned
-
-
-def _out(appointment: Appointment, unplanned: list[Unplanned] = ()) -> AppointmentOut:  # type: ignore[assignment]
-    return AppointmentOut(
-        id=appointment.id,
-        customer_name=appointment.customer_name,
-        phone=appointment.phone,
-        starts_at=appointment.starts_at,
-        timezone=appointment.timezone,
-        notes=appointment.notes,
-        status=AppointmentStatus(appointment.status),
-        remind_at=[datetime.fromisoformat(t) for t in appointment.remind_at] if appointment.remind_at else None,
-        reminders=[ReminderOut.model_validate(r, from_attributes=True) for r in appointment.reminders],
-        unplanned=[UnplannedOut(rule=u.rule, reason=u.reason) for u in unplanned],
-        created_at=appointment.created_at,
-        updated_at=appointment.updated_at,
-    )
-
-
-def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> None:
-    for index, moment in enumerate(remind_at or ()):
-        if moment >= starts_at:
-            raise invalid(("body", "remind_at", index), "must be before starts_at", moment.isoformat())
-
-
-async def _load(
-    session: AsyncSession, appointment_id: str, *, for_update: bool = False, one_statement: bool = False
-) -> Appointment:
-    """The appointment with its reminders, or 404. `one_statement` joins the reminders into the same
-    SELECT (what a ReadSessionDep needs) instead of loading them with a second one."""
-    if "\x00" in appointment_id:  # no id holds one, and PostgreSQL would refuse the query (a 503)
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="appointment not found")
-    query = select(Appointment).where(Appointment.id == appointment_id).execution_options(populate_existing=True)
-    if for_update:
-        query = query.with_for_update()
-    if one_statement:
-        query = query.options(joinedload(Appointment.reminders))
-    appointment = (await session.execute(query)).unique().scalar_one_or_none()
-    if appointment is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"appointment {appointment_id} not found")
-    return appointment
-
-
-async def _cancel_pending(session: AsyncSession, appointment_id: str, reason: str) -> None:
-    # A single UPDATE … WHERE status = 'pending': a reminder the dispatcher already claimed stays its.
-    await session.execute(
-        update(Reminder)
-        .where(Reminder.appointment_id == appointment_id, Reminder.status == ReminderStatus.PENDING)
-        .values(status=ReminderStatus.CANCELLED, skip_reason=reason, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+@contextmanager
+def _as_http() -> Iterator[None]:
+    """The service layer's errors as HTTP answers: 404, 409, 422 naming the body field."""
+    try:
+        yield
+    except appointments.AppointmentNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(error)) from None
+    except appointments.AppointmentCancelled as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=str(error)) from None
+    except appointments.InvalidField as error:
+        raise invalid(("body", *error.field), error.message, error.value) from None
 
 
 @router.post(
@@ -152,26 +74,11 @@ async def _cancel_pending(session: AsyncSession, appointment_id: str, reason: st
 )
 async def create_appointment(body: AppointmentCreate, session: SessionDep, settings: SettingsDep) -> AppointmentOut:
     """Create an appointment and plan its reminders."""
-    _check_remind_at(body.remind_at, body.starts_at)
-    appointment = Appointment(
-        id=new_id(),
-        customer_name=body.customer_name,
-        phone=body.phone,
-        starts_at=body.starts_at.astimezone(UTC),  # as every later read returns it
-        timezone=body.timezone,
-        notes=body.notes,
-        remind_at=[t.isoformat() for t in body.remind_at] if body.remind_at is not None else None,
-        status=AppointmentStatus.SCHEDULED,
-    )
-    reminders, unplanned = _plan(appointment, settings, datetime.now(UTC))
-    appointment.reminders = reminders
-    session.add(appointment)
-    await session.commit()
-    log.info(
-        "appointment %s created for %s: %d reminder(s), %d unplanned",
-        appointment.id, mask_phone(appointment.phone), len(reminders), len(unplanned),
-    )
-    return _out(appointment, unplanned)
+    with _as_http():
+        created, unplanned = await appointments.create(
+            session, appointments.NewAppointment(**body.model_dump()), settings.planning_config()
+        )
+    return AppointmentOut.of(created, unplanned)
 
 
 def _encode_cursor(appointment: Appointment) -> str:
@@ -201,30 +108,21 @@ async def list_appointments(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> AppointmentList:
     """Appointments ordered by start time, a page at a time."""
-    query = select(Appointment).order_by(Appointment.starts_at, Appointment.id).limit(limit + 1)
-    if status_ is not None:
-        query = query.where(Appointment.status == status_)
-    if starts_after is not None:
-        query = query.where(Appointment.starts_at > starts_after)
-    if starts_before is not None:
-        query = query.where(Appointment.starts_at < starts_before)
-    if cursor is not None:
-        after_start, after_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(
-                Appointment.starts_at > after_start,
-                and_(Appointment.starts_at == after_start, Appointment.id > after_id),
-            )
-        )
-    rows = list((await session.execute(query)).scalars())
-    page, more = rows[:limit], len(rows) > limit
-    return AppointmentList(items=[_out(a) for a in page], next_cursor=_encode_cursor(page[-1]) if more else None)
+    page = await appointments.list_page(
+        session, limit=limit, status=status_, starts_after=starts_after, starts_before=starts_before,
+        after=_decode_cursor(cursor) if cursor is not None else None,
+    )
+    return AppointmentList(
+        items=[AppointmentOut.of(a) for a in page.items],
+        next_cursor=_encode_cursor(page.items[-1]) if page.more else None,
+    )
 
 
 @router.get("/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND, operation_id="getAppointment")
 async def get_appointment(appointment_id: str, session: ReadSessionDep) -> AppointmentOut:
     """One appointment with its reminders."""
-    return _out(await _load(session, appointment_id, one_statement=True))
+    with _as_http():
+        return AppointmentOut.of(await appointments.read(session, appointment_id, one_statement=True))
 
 
 @router.patch(
@@ -238,29 +136,11 @@ async def patch_appointment(
 ) -> AppointmentOut:
     """Change an appointment; a change to what a call says or when (all fields but `notes`) re-plans its
     pending reminders under new idempotency keys."""
-    appointment = await _load(session, appointment_id, for_update=not settings.is_sqlite)
-    if appointment.status == AppointmentStatus.CANCELLED:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail="appointment is cancelled")
-    changes = body.model_dump(exclude_unset=True)
-    starts_at = changes.get("starts_at", appointment.starts_at)
-    remind_at = changes["remind_at"] if "remind_at" in changes else None
-    _check_remind_at(remind_at, starts_at)
-    replan = bool(changes.keys() & _CALL_FIELDS)
-    for name, value in changes.items():
-        if name == "remind_at":
-            value = [t.isoformat() for t in value] if value is not None else None
-        setattr(appointment, name, value)
-    unplanned: list[Unplanned] = []
-    if replan:
-        await _cancel_pending(session, appointment.id, "re-planned")
-        reminders, unplanned = _plan(appointment, settings, datetime.now(UTC))
-        for reminder in reminders:
-            reminder.appointment_id = appointment.id
-            session.add(reminder)
-    appointment.updated_at = utcnow()
-    await session.commit()
-    log.info("appointment %s changed (%s)%s", appointment.id, ", ".join(sorted(changes)), ", re-planned" if replan else "")
-    return _out(await _load(session, appointment.id), unplanned)
+    with _as_http():
+        changed, unplanned = await appointments.change(
+            session, appointment_id, body.model_dump(exclude_unset=True), settings.planning_config()
+        )
+    return AppointmentOut.of(changed, unplanned)
 
 
 @router.delete(
@@ -268,11 +148,5 @@ async def patch_appointment(
 )
 async def cancel_appointment(appointment_id: str, session: SessionDep) -> AppointmentOut:
     """Cancel an appointment: its pending reminders become `cancelled`. Cancelling twice is harmless."""
-    appointment = await _load(session, appointment_id)
-    if appointment.status != AppointmentStatus.CANCELLED:
-        appointment.status = AppointmentStatus.CANCELLED
-        appointment.updated_at = utcnow()
-        await _cancel_pending(session, appointment.id, "appointment cancelled")
-        await session.commit()
-        log.info("appointment %s cancelled", appointment.id)
-    return _out(await _load(session, appointment.id))
+    with _as_http():
+        return AppointmentOut.of(await appointments.cancel(session, appointment_id))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from service.db.models import AppointmentStatus, ReminderStatus
+from service.db.models import Appointment, AppointmentStatus
+from service.privacy import E164_PATTERN
+from service.reminders import ReminderStatus, Unplanned
 
 __all__ = [
     "AppointmentCreate",
@@ -82,7 +86,7 @@ def _no_nul(value: str) -> str:
 
 Phone = Annotated[
     StrictStr,
-    Field(pattern=r"^\+[1-9][0-9]{6,14}$", examples=["+14155552671"], description="E.164, a valid number"),
+    Field(pattern=f"^{E164_PATTERN}$", examples=["+14155552671"], description="E.164, a valid number"),
     AfterValidator(_valid_phone),
 ]
 TimeZoneName = Annotated[
@@ -111,10 +115,11 @@ class AppointmentPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    customer_name: CustomerName | None = None
-    phone: Phone | None = None
-    starts_at: FutureDatetime | None = None
-    timezone: TimeZoneName | None = None
+    # Absent means "unchanged"; null is refused (422) for these four, so the OpenAPI says so too.
+    customer_name: CustomerName | SkipJsonSchema[None] = None
+    phone: Phone | SkipJsonSchema[None] = None
+    starts_at: FutureDatetime | SkipJsonSchema[None] = None
+    timezone: TimeZoneName | SkipJsonSchema[None] = None
     notes: Notes | None = None
     remind_at: RemindAt | None = None
 
@@ -161,6 +166,24 @@ class AppointmentOut(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
+
+    @classmethod
+    def of(cls, appointment: Appointment, unplanned: Sequence[Unplanned] = ()) -> AppointmentOut:
+        """The response body for a stored appointment (its reminders loaded)."""
+        return cls(
+            id=appointment.id,
+            customer_name=appointment.customer_name,
+            phone=appointment.phone,
+            starts_at=appointment.starts_at,
+            timezone=appointment.timezone,
+            notes=appointment.notes,
+            status=AppointmentStatus(appointment.status),
+            remind_at=[datetime.fromisoformat(t) for t in appointment.remind_at] if appointment.remind_at else None,
+            reminders=[ReminderOut.model_validate(r, from_attributes=True) for r in appointment.reminders],
+            unplanned=[UnplannedOut(rule=u.rule, reason=u.reason) for u in unplanned],
+            created_at=appointment.created_at,
+            updated_at=appointment.updated_at,
+        )
 
 
 class AppointmentList(BaseModel):

@@ -9,6 +9,14 @@ from enum import StrEnum
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.reminders.attempts import AttemptState, ReminderOutcome
+from service.reminders.lifecycle import ReminderStatus
+
+__all__ = [
+    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "LeaderFence", "Reminder",
+    "ReminderOutcome", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
+]
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes on every backend (SQLite stores naive UTC text that sorts correctly)."""
@@ -45,15 +53,6 @@ class Base(DeclarativeBase):
 class AppointmentStatus(StrEnum):
     SCHEDULED = "scheduled"
     CANCELLED = "cancelled"
-
-
-class ReminderStatus(StrEnum):
-    PENDING = "pending"
-    DISPATCHING = "dispatching"
-    SENT = "sent"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
 
 
 class Appointment(Base):
@@ -109,17 +108,6 @@ class Reminder(Base):
 
     # The dispatcher's due query: status + next_attempt_at, never a full scan.
     __table_args__ = (Index("ix_reminders_status_next_attempt_at", "status", "next_attempt_at"),)
-
-
-class AttemptState(StrEnum):
-    CREATING = "creating"  # recorded, the create request is (or was) on its way
-    CREATED = "created"  # the provider accepted it, or one of its webhooks arrived
-    NOT_CREATED = "not_created"  # certainly no call: refused, never sent, or reconciled as never made
-    IN_DOUBT = "in_doubt"  # the create's result is unknown: reconciled before any new attempt
-
-
-class ReminderOutcome(StrEnum):
-    ANSWERED = "answered"
 
 
 class CallAttempt(Base):

@@ -1,1 +1,1 @@
-"""Leader-only reminder dispatch and the reminder policy."""
+"""Leader-only reminder dispatch: fenced claims and outcome writes, the dispatch loop, the rate limiter."""

@@ -1,8 +1,8 @@
 """Calls through a provider without idempotency: attempts recorded (fenced) before they are sent,
 and attempts in doubt reconciled, never blindly repeated (DESIGN.md "Real providers").
 
-`AttemptStore` is the SQL; `reconcile()` is the rule; `StampedCalls` runs one claimed reminder
-through them for the dispatcher:
+`AttemptStore` is the SQL; the rule is `service.reminders.attempts.reconcile`; `StampedCalls` runs
+one claimed reminder through them for the dispatcher:
 
 1. The reminder already has a bound call, a created attempt, or an attempt some webhook spoke of:
    it is `sent`.
@@ -19,96 +19,21 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any, Protocol
 
 from sqlalchemy import select, update
 
 from service.db import Database
-from service.db.models import AttemptState, CallAttempt, LeaderFence, Reminder, ReminderStatus, new_id
-from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall, Provider, ProviderUnavailable
+from service.db.models import CallAttempt, LeaderFence, Reminder, new_id
+from service.reminders import ReminderStatus
+from service.reminders.attempts import RECHECK, AttemptState, AttemptView, Reconciliation, Step, reconcile
+from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider, ProviderUnavailable
 
-__all__ = [
-    "AttemptStore",
-    "AttemptView",
-    "Reconciliation",
-    "Step",
-    "StampedCalls",
-    "reconcile",
-]
+__all__ = ["AttemptStore", "StampedCalls", "StampedConfig"]
 
 log = logging.getLogger(__name__)
 
 FENCE_ROW = 1
-# A provider's clock (Twilio's date_created, to the second) against ours: a live call created up to
-# this long before an attempt still counts as possibly that attempt's.
-CLOCK_SKEW = timedelta(seconds=60)
-# How soon an unresolved attempt is looked at again (its webhooks may settle it meanwhile).
-RECHECK = timedelta(seconds=2)
-
-
-@dataclass(frozen=True)
-class AttemptView:
-    id: str
-    state: str
-    created_at: datetime
-    provider_call_id: str | None
-    last_event_at: datetime | None
-
-    @property
-    def evidenced(self) -> bool:
-        """The provider has this call: it said so, or one of its webhooks arrived."""
-        return self.state == AttemptState.CREATED or self.provider_call_id is not None or self.last_event_at is not None
-
-    @property
-    def unresolved(self) -> bool:
-        return self.state in (AttemptState.CREATING, AttemptState.IN_DOUBT) and not self.evidenced
-
-
-class Step(StrEnum):
-    SENT = "sent"  # a call of the reminder exists: nothing more to create
-    WAIT = "wait"  # an attempt is in doubt: look again at `wait_until`
-    LIST = "list"  # an attempt in doubt is past its grace: ask the provider for live calls
-    NEW = "new"  # no call exists or can appear: make a new attempt
-
-
-@dataclass(frozen=True)
-class Reconciliation:
-    step: Step
-    call_id: str | None = None
-    wait_until: datetime | None = None
-    abandon: tuple[str, ...] = ()  # attempts now known never to have made a call
-    since: datetime | None = None  # for LIST: calls created after this may be the attempt's
-
-
-def reconcile(
-    attempts: Sequence[AttemptView],
-    *,
-    bound_call_id: str | None,
-    now: datetime,
-    grace: timedelta,
-    live: Sequence[LiveCall] | None = None,
-) -> Reconciliation:
-    """What to do with a claimed reminder, given its attempts (and, for LIST, the live calls)."""
-    if bound_call_id is not None:
-        return Reconciliation(Step.SENT, call_id=bound_call_id)
-    for attempt in attempts:
-        if attempt.evidenced:
-            return Reconciliation(Step.SENT, call_id=attempt.provider_call_id)
-    unresolved = [a for a in attempts if a.unresolved]
-    if not unresolved:
-        return Reconciliation(Step.NEW)
-    oldest = min(a.created_at for a in unresolved)
-    newest = max(a.created_at for a in unresolved)
-    if now < newest + grace:
-        return Reconciliation(Step.WAIT, wait_until=min(newest + grace, now + RECHECK))
-    since = oldest - CLOCK_SKEW
-    if live is None:
-        return Reconciliation(Step.LIST, since=since)
-    alive = [c for c in live if c.created_at is None or c.created_at >= since]
-    if alive:
-        return Reconciliation(Step.WAIT, wait_until=now + RECHECK)
-    return Reconciliation(Step.NEW, abandon=tuple(a.id for a in unresolved))
 
 
 class AttemptStore:
@@ -240,7 +165,7 @@ class StampedCalls:
                 decision = Reconciliation(Step.WAIT, wait_until=now() + RECHECK)
             else:
                 decision = reconcile(attempts, bound_call_id=bound, now=now(), grace=self.config.reconcile_grace,
-                                     live=live)
+                                     live_created=[call.created_at for call in live])
         if decision.step is Step.SENT:
             await finish(claim, status=ReminderStatus.SENT, provider_call_id=decision.call_id, sent_at=now(),
                          last_error=None)

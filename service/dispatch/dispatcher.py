@@ -17,7 +17,7 @@ Guarantees, and their limits:
 - A reminder left `dispatching` by a dead or deposed term is claimed first by the next term and
   called with the same key: completed, not repeated.
 - Outcomes are recorded after the call, fenced by the token like single writes were, but in
-  batches (`_Recorder`: one transaction per few milliseconds or per `record_batch` outcomes). A
+  batches (`OutcomeRecorder`: one transaction per few milliseconds or per `record_batch` outcomes). A
   reminder's task ends only once its outcome is written (or given up on after retries, when a
   later claim completes it with the same key), and the term waits for those tasks as before; its
   concurrency slot is given back when the provider answers (DISPATCH_CONCURRENCY bounds calls).
@@ -34,18 +34,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from service.config import CallWindow
-from service.db import Database, ReminderStatus
+from service.db import Database
 from service.dispatch.limiter import RateLimiter
-from service.dispatch.policy import decide_call
 from service.dispatch.store import Claim, ReminderStore, StaleTerm
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.dispatch.attempts import StampedCalls, StampedConfig
+from service.reminders import CallWindow, ReminderStatus, call_message, decide_call
 from service.telephony import TelephonyClient
 from service.telephony.generic import GenericProvider
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider
 
-__all__ = ["DispatchConfig", "Dispatcher", "StaleTerm", "Term"]
+__all__ = ["DispatchConfig", "Dispatcher", "OutcomeRecorder", "StaleTerm", "Term"]
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +92,14 @@ class DispatchConfig:
 
 
 def message_for(claim: Claim) -> str:
-    """The words of the call: stable for a reminder, since its key stands for one body."""
-    local = claim.starts_at.astimezone(ZoneInfo(claim.timezone))
-    return (
-        f"Hello {claim.customer_name}, this is a reminder of your appointment on "
-        f"{local:%A %d %B %Y at %H:%M} ({claim.timezone})."
-    )
+    """The words of the call for a claimed reminder (the wording is the domain's)."""
+    return call_message(claim.customer_name, claim.starts_at, claim.timezone)
 
 
-_RECORD_RETRIES = 6
+RECORD_RETRIES = 6
 
 
-class _Recorder:
+class OutcomeRecorder:
     """Writes one term's outcomes in batches, each batch in one fenced transaction.
 
     `record()` queues an outcome and returns once it is written: True, False when another term
@@ -126,8 +121,11 @@ class _Recorder:
         max_delay: float,
         max_writers: int = 2,
         keep_trying: Callable[[], bool] = lambda: False,
+        retries: int = RECORD_RETRIES,
     ) -> None:
         self.store = store
+        # writes of a batch tried while `keep_trying` says no, before giving up on it
+        self.retries = retries
         self.token = token
         # While this says yes (the term is valid), a database outage is waited out, not given up
         # on: a given-up outcome would leave the reminder `dispatching` until a stale-claim sweep.
@@ -185,7 +183,7 @@ class _Recorder:
         """Write `batch`, retrying while the database is down: the outcomes are facts worth keeping."""
         items = [(reminder_id, values) for reminder_id, (values, _) in batch.items()]
         attempt = 0
-        while attempt < _RECORD_RETRIES or self.keep_trying():
+        while attempt < self.retries or self.keep_trying():
             attempt += 1
             try:
                 recorded = await self.store.finish_many(self.token, items)
@@ -228,7 +226,7 @@ class Dispatcher:
         token = term.fencing_token
         await self.store.raise_fence(token, self.config.instance)
         log.info("dispatching under fencing token %d", token)
-        recorder = _Recorder(
+        recorder = OutcomeRecorder(
             self.store, token, max_batch=self.config.record_batch, max_delay=self.config.record_delay,
             keep_trying=term.valid,
         )
@@ -307,7 +305,7 @@ class Dispatcher:
             log.warning("claiming reminders failed: %s: %s", type(error).__name__, error)
             return None
 
-    async def _handle(self, term: Term, claim: Claim, recorder: _Recorder) -> None:
+    async def _handle(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
         now = datetime.now(UTC)
         if claim.appointment_cancelled:
             await self._finish(recorder, claim, status=ReminderStatus.CANCELLED, skip_reason="appointment cancelled")
@@ -355,7 +353,7 @@ class Dispatcher:
             return  # as above: the next term completes it with the same key, no attempt spent
         await self._record(recorder, claim, result)
 
-    async def _handle_stamped(self, term: Term, claim: Claim, recorder: _Recorder) -> None:
+    async def _handle_stamped(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
         """A provider without idempotency: reconcile earlier attempts, then at most one new one."""
         assert self._stamped is not None
 
@@ -376,7 +374,7 @@ class Dispatcher:
         if result is not None:
             CALL_ATTEMPTS.labels(result.kind.value).inc()
 
-    async def _record(self, recorder: _Recorder, claim: Claim, outcome: CreateResult) -> None:
+    async def _record(self, recorder: OutcomeRecorder, claim: Claim, outcome: CreateResult) -> None:
         now = datetime.now(UTC)
         attempts = claim.attempts + 1
         if outcome.kind is CreateKind.CREATED:
@@ -401,7 +399,7 @@ class Dispatcher:
         backoff = min(self.config.retry_max_delay, self.config.retry_base_delay * 2 ** (attempts - 1))
         return max(backoff * random.uniform(0.5, 1.0), retry_after or 0.0)
 
-    async def _finish(self, recorder: _Recorder, claim: Claim, **values: object) -> None:
+    async def _finish(self, recorder: OutcomeRecorder, claim: Claim, **values: object) -> None:
         """Record an outcome under the recorder's term (batched; returns once it is written)."""
         status = values.get("status")
         recorded = await recorder.record(claim.reminder_id, values)

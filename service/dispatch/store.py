@@ -15,10 +15,12 @@ from functools import lru_cache
 
 from sqlalchemy import String, and_, any_, bindparam, case, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
 from sqlalchemy.sql.dml import Update
 
 from service.db import Database
-from service.db.models import Appointment, LeaderFence, Reminder, ReminderStatus, utcnow
+from service.db.models import Appointment, LeaderFence, Reminder, utcnow
+from service.reminders import ReminderStatus, require, sources_of
 
 __all__ = ["Claim", "ReminderStore", "StaleTerm"]
 
@@ -69,6 +71,25 @@ def _update_by_id(columns: tuple[str, ...]) -> Update:
     )
 
 
+def _claim_of(row: Row) -> Claim:
+    """The Claim for a row read before the claiming UPDATE (its status is the one it had)."""
+    was_orphan = row.status == ReminderStatus.DISPATCHING
+    return Claim(
+        reminder_id=row.id,
+        appointment_id=row.appointment_id,
+        idempotency_key=row.idempotency_key,
+        due_at=row.due_at,
+        scheduled_at=(row.claimed_at or row.next_attempt_at) if was_orphan else row.next_attempt_at,
+        attempts=row.attempts,
+        orphaned=was_orphan,
+        phone=row.phone,
+        customer_name=row.customer_name,
+        starts_at=row.starts_at,
+        timezone=row.timezone,
+        appointment_cancelled=row.appointment_status != "scheduled",
+    )
+
+
 class ReminderStore:
     """Fenced reads and writes of reminders for one leader term's token."""
 
@@ -113,7 +134,7 @@ class ReminderStore:
                 and_(Reminder.fence_token == token, Reminder.claimed_at < now - stale_after),
             ),
         )
-        due = and_(Reminder.status == ReminderStatus.PENDING, Reminder.next_attempt_at <= now)
+        due = and_(Reminder.status.in_(sorted(sources_of(ReminderStatus.DISPATCHING))), Reminder.next_attempt_at <= now)
         candidates = (
             select(Reminder.id)
             .where(or_(orphaned, due))
@@ -179,27 +200,7 @@ class ReminderStore:
                 if not await self._fence_is(session, token):
                     raise StaleTerm(f"the fence moved past token {token}")
                 return []
-            claims = []
-            for old in before:
-                if old.id not in claimed:
-                    continue
-                was_orphan = old.status == ReminderStatus.DISPATCHING
-                claims.append(
-                    Claim(
-                        reminder_id=old.id,
-                        appointment_id=old.appointment_id,
-                        idempotency_key=old.idempotency_key,
-                        due_at=old.due_at,
-                        scheduled_at=(old.claimed_at or old.next_attempt_at) if was_orphan else old.next_attempt_at,
-                        attempts=old.attempts,
-                        orphaned=was_orphan,
-                        phone=old.phone,
-                        customer_name=old.customer_name,
-                        starts_at=old.starts_at,
-                        timezone=old.timezone,
-                        appointment_cancelled=old.appointment_status != "scheduled",
-                    )
-                )
+            claims = [_claim_of(old) for old in before if old.id in claimed]
             await session.commit()
         claims.sort(key=lambda c: (not c.orphaned, c.scheduled_at))
         return claims
@@ -218,6 +219,8 @@ class ReminderStore:
         """
         if not outcomes:
             return set()
+        for _, values in outcomes:  # each outcome ends this term's claim: dispatching → its status
+            require(ReminderStatus.DISPATCHING, values.get("status"))  # type: ignore[arg-type]
         ids = [reminder_id for reminder_id, _ in outcomes]
         if len(set(ids)) != len(ids):
             raise ValueError("finish_many: reminder ids must be distinct")

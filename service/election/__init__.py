@@ -11,7 +11,7 @@ Knows nothing of reminders: it hands a `Term` (fencing token + local validity) t
 """
 
 from .client import connect
-from .config import ElectionConfig
+from .config import ConfigError, ElectionConfig
 from .election import Election, LeaderInfo
 from .elector import Elector
 from .errors import CompactedError, ElectionError, EtcdError, NotLeader, SessionLost
@@ -21,6 +21,7 @@ from .term import Term
 __all__ = [
     "CompactedError",
     "Election",
+    "ConfigError",
     "ElectionConfig",
     "ElectionError",
     "Elector",

@@ -24,8 +24,16 @@ from urllib.parse import urlsplit
 MIN_TTL = 2  # etcd rounds smaller TTLs up to its minimum lease TTL (2 s with default timings)
 
 
+class ConfigError(ValueError):
+    """An invalid ElectionConfig value; `field` names the field, `message` says what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 def _fail(field: str, message: str) -> None:
-    raise ValueError(f"{field}: {message}")
+    raise ConfigError(field, message)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import aetcd
 from aetcd import rpc
 
 from .aio import cancel_and_wait, close_quietly, raise_if_cancelling
@@ -67,8 +68,13 @@ class Elector:
         on_keepalive_failure: Callable[[], None] | None = None,
         on_transition: Callable[[bool], None] | None = None,
         on_error: Callable[[], None] | None = None,
+        revoke: Callable[[aetcd.Client, int, float], Awaitable[bool]] = revoke_lease,
+        revoke_backoff: tuple[float, float] = (0.1, 0.5),
     ) -> None:
         self.config = config
+        # How an old lease is revoked, and the (first, longest) delay between failed attempts.
+        self._revoke = revoke
+        self._revoke_backoff = revoke_backoff
         self.drain_timeout = drain_timeout
         self._on_started = on_started_leading
         self._on_stopped = on_stopped_leading
@@ -323,8 +329,8 @@ class Elector:
         # Every candidate's stale key must go before anyone is elected after an outage, so the
         # election waits for the *slowest* revoke: a short cap keeps that from growing with the
         # number of candidates (a revoke is one small RPC; failing ones fail fast).
-        backoff = Backoff(0.1, 0.5)
-        while not await revoke_lease(self._client, lease_id, self.config.request_timeout):
+        backoff = Backoff(*self._revoke_backoff)
+        while not await self._revoke(self._client, lease_id, self.config.request_timeout):
             raise_if_cancelling()
             answered = self._etcd_answered
             try:

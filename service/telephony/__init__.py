@@ -6,7 +6,6 @@ from .client import (
     HttpTelephonyClient,
     OutcomeKind,
     TelephonyClient,
-    mask_phone,
     parse_retry_after,
 )
 
@@ -16,6 +15,5 @@ __all__ = [
     "HttpTelephonyClient",
     "OutcomeKind",
     "TelephonyClient",
-    "mask_phone",
     "parse_retry_after",
 ]

@@ -21,13 +21,14 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from service.privacy import mask_phone, scrub
+
 __all__ = [
     "CallOutcome",
     "CallRequest",
     "HttpTelephonyClient",
     "OutcomeKind",
     "TelephonyClient",
-    "mask_phone",
     "parse_retry_after",
 ]
 
@@ -36,35 +37,12 @@ logger = logging.getLogger(__name__)
 _CALLS_PATH = "/v1/calls"
 _USER_AGENT = "reminders-telephony-client"
 _MAX_ERROR_LEN = 160
-# Anything that looks like a phone number inside free text (provider messages, exceptions).
-_PHONE_LIKE = re.compile(r"\+?\d{7,}")
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
-
-
-def mask_phone(number: str) -> str:
-    """Return `number` with its middle digits hidden, e.g. "+15551234567" -> "+1555*****67".
-
-    At least one character (three whenever the number is long enough) is always hidden, so the
-    result never equals the full number.
-    """
-    sign = "+" if number.startswith("+") else ""
-    body = number[len(sign) :]
-    n = len(body)
-    if n == 0:
-        return sign
-    tail = 2 if n >= 6 else 0
-    head = max(0, min(4, n - tail - 3))
-    hidden = n - head - tail
-    return f"{sign}{body[:head]}{'*' * hidden}{body[n - tail :] if tail else ''}"
 
 
 def _scrub(text: str, *numbers: str) -> str:
     """Short, single-line text with the given numbers and anything phone-like masked."""
-    for number in numbers:
-        if number:
-            text = text.replace(number, mask_phone(number))
-    text = _PHONE_LIKE.sub(lambda m: mask_phone(m.group(0)), text)
-    text = " ".join(text.split())
+    text = " ".join(scrub(text, *numbers).split())
     return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 1] + "…"
 
 

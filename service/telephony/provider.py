@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from .client import mask_phone
+from service.privacy import mask_phone
 
 __all__ = [
     "CallSpec",

@@ -26,7 +26,9 @@ from httpx_aiohttp import AiohttpTransport
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
-from .client import _scrub, mask_phone, parse_retry_after
+from service.privacy import mask_phone, scrub
+
+from .client import parse_retry_after
 from .provider import LIVE_STATUSES, CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable
 
 __all__ = [
@@ -149,7 +151,7 @@ class TwilioProvider:
                 return CreateResult(CreateKind.NOT_SENT, error="not sent: the sender may no longer send")
             if isinstance(error, httpx.HTTPError | TimeoutError):
                 what = "timeout" if isinstance(error, httpx.TimeoutException | TimeoutError) else "network"
-                return CreateResult(CreateKind.IN_DOUBT, error=_scrub(f"{what}: {type(error).__name__}", spec.to))
+                return CreateResult(CreateKind.IN_DOUBT, error=_error_text(f"{what}: {type(error).__name__}", spec.to))
             raise
         result = _classify_create(response, spec)
         log.debug("twilio create to %s (attempt %s): %s %s", mask_phone(spec.to), spec.attempt_id,
@@ -207,6 +209,15 @@ class TwilioProvider:
         await self._http.aclose()
 
 
+_MAX_ERROR_LEN = 160
+
+
+def _error_text(text: str, *numbers: str) -> str:
+    """One short line with the given numbers and anything phone-like masked (it may be logged or stored)."""
+    text = " ".join(scrub(text, *numbers).split())
+    return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 1] + "…"
+
+
 class _NotSent(Exception):
     """Raised inside the request body when `may_send` refuses: the request never leaves."""
 
@@ -235,7 +246,7 @@ def _classify_create(response: httpx.Response, spec: CallSpec) -> CreateResult:
         return CreateResult(CreateKind.IN_DOUBT, status_code=status, error=f"HTTP {status} without a call sid")
     message = body.get("message") if isinstance(body.get("message"), str) else None
     code = body.get("code")
-    error = _scrub(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {message}" if message else ""), spec.to)
+    error = _error_text(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {message}" if message else ""), spec.to)
     if status == 429:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return CreateResult(CreateKind.NOT_CREATED, status_code=status, error=error,

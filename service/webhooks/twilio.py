@@ -20,11 +20,11 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
 from starlette.datastructures import FormData
 
-from service.telephony.client import mask_phone
+from service.privacy import mask_phone
 from service.telephony.provider import Stamp
 from service.telephony.twilio import SIGNATURE_HEADER, WEBHOOK_PATHS, TwilioSignature, hangup_twiml, say_twiml
 from service.webhooks import calls
-from service.webhooks.wording import message_for
+from service.reminders import call_message
 
 __all__ = ["router"]
 
@@ -65,6 +65,10 @@ async def _cancel(request: Request, call_ids: list[str]) -> None:
         log.info("cancelled call %s of a reminder already answered: %s", call_id, cancelled)
 
 
+def _wording(row: Any) -> str:
+    return call_message(row.customer_name, row.starts_at, row.timezone)
+
+
 def _twiml(body: str) -> Response:
     return Response(body, media_type=_TWIML)
 
@@ -77,7 +81,7 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
     if stamp is None or call_sid is None:
         return _twiml(hangup_twiml())
     try:
-        result = await calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), message_for)
+        result = await calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), _wording)
     except Exception as error:  # noqa: BLE001 - an unknown state must not speak; Twilio must hear TwiML
         log.warning("voice webhook for reminder %s: database unavailable (%s); hanging up",
                     stamp.reminder_id, type(error).__name__)

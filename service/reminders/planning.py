@@ -1,4 +1,4 @@
-"""Reminder policy: when reminders are planned, and whether a due one may be called now.
+"""Planning: when an appointment's reminders are due, and whether a due one may be called now.
 
 All arithmetic is done on aware datetimes; local times go through the appointment's IANA zone,
 so a day with a DST change has its real length.
@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from service.config import CallWindow, ReminderOffset
+from service.reminders.rules import CallWindow, ReminderOffset
 
-__all__ = ["CallDecision", "Plan", "Unplanned", "decide_call", "fit_call_window", "plan_reminders"]
+__all__ = ["CallDecision", "Plan", "PlanningConfig", "Unplanned", "decide_call", "fit_call_window", "plan_reminders"]
+
+
+@dataclass(frozen=True)
+class PlanningConfig:
+    """What planning takes from the settings: the call window and the default offset rules."""
+
+    call_window: CallWindow
+    offsets: tuple[ReminderOffset, ...]
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,8 @@ def fit_call_window(due: datetime, zone: ZoneInfo, window: CallWindow) -> dateti
     local = _local(due, zone)
     if window.contains(local.time().replace(tzinfo=None)):
         return due.astimezone(UTC)
+    if window.end is None:  # open until midnight: the last second of the day before
+        return _at_local(local, time(0, 0), zone) - timedelta(seconds=1)
     if local.time() > window.end:
         return _at_local(local, window.end, zone)
     return _at_local(local - timedelta(days=1), window.end, zone)

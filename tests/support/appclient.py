@@ -30,7 +30,7 @@ def make_settings(database_url: str, etcd_endpoint: str, **overrides: object) ->
         "pod_name": "test-replica",
         "lease_ttl": 3,
         "telephony_url": "http://127.0.0.1:9",
-        "call_window": "00:00-23:59",
+        "call_window": "00:00-24:00",
     }
     values.update(overrides)
     return Settings(**values)

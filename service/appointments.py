@@ -1,0 +1,231 @@
+"""Appointments as the API uses them: create, list, read, change, cancel.
+
+The layer between the routers and the ORM: it plans reminders through the domain
+(`service.reminders`) and writes them through one session. It speaks no HTTP: a router turns
+its errors (`AppointmentNotFound`, `AppointmentCancelled`, `InvalidField`) into status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import joinedload
+
+from service.db.models import Appointment, AppointmentStatus, Reminder, new_id, utcnow
+from service.privacy import mask_phone
+from service.reminders import (
+    REPLAN_FIELDS,
+    PlanningConfig,
+    ReminderStatus,
+    Unplanned,
+    idempotency_key,
+    plan_reminders,
+    require,
+)
+
+__all__ = [
+    "AppointmentCancelled",
+    "AppointmentNotFound",
+    "InvalidField",
+    "NewAppointment",
+    "Page",
+    "cancel",
+    "change",
+    "create",
+    "list_page",
+    "read",
+]
+
+log = logging.getLogger(__name__)
+
+
+class AppointmentNotFound(LookupError):
+    """No appointment has this id."""
+
+
+class AppointmentCancelled(RuntimeError):
+    """The appointment is cancelled: it cannot be changed."""
+
+
+class InvalidField(ValueError):
+    """A value that passed its own checks but not the appointment's (e.g. a reminder after the start)."""
+
+    def __init__(self, field: tuple[str | int, ...], message: str, value: object = None) -> None:
+        super().__init__(f"{'.'.join(map(str, field))}: {message}")
+        self.field, self.message, self.value = field, message, value
+
+
+@dataclass(frozen=True)
+class NewAppointment:
+    customer_name: str
+    phone: str
+    starts_at: datetime
+    timezone: str = "UTC"
+    notes: str | None = None
+    remind_at: list[datetime] | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Appointment]
+    more: bool
+
+
+def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> None:
+    for index, moment in enumerate(remind_at or ()):
+        if moment >= starts_at:
+            raise InvalidField(("remind_at", index), "must be before starts_at", moment.isoformat())
+
+
+def _plan(appointment: Appointment, planning: PlanningConfig, now: datetime) -> tuple[list[Reminder], list[Unplanned]]:
+    explicit = [datetime.fromisoformat(t) for t in appointment.remind_at] if appointment.remind_at is not None else None
+    plan = plan_reminders(
+        starts_at=appointment.starts_at,
+        zone=ZoneInfo(appointment.timezone),
+        window=planning.call_window,
+        now=now,
+        offsets=planning.offsets,
+        explicit=explicit,
+    )
+    reminders = []
+    for due in plan.due_times:
+        reminder_id = new_id()
+        reminders.append(
+            Reminder(
+                id=reminder_id, due_at=due, next_attempt_at=due, status=ReminderStatus.PENDING, attempts=0,
+                idempotency_key=idempotency_key(reminder_id),
+            )
+        )
+    return reminders, plan.unplanned
+
+
+async def _cancel_pending(session: AsyncSession, appointment_id: str, reason: str) -> None:
+    # Only `pending` ones: a reminder the dispatcher already claimed stays its, and its outcome decides.
+    require(ReminderStatus.PENDING, ReminderStatus.CANCELLED)
+    await session.execute(
+        update(Reminder)
+        .where(Reminder.appointment_id == appointment_id, Reminder.status == ReminderStatus.PENDING)
+        .values(status=ReminderStatus.CANCELLED, skip_reason=reason, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def read(
+    session: AsyncSession, appointment_id: str, *, for_update: bool = False, one_statement: bool = False
+) -> Appointment:
+    """The appointment with its reminders (AppointmentNotFound if none). `one_statement` joins the
+    reminders into the same SELECT (what a read-only session outside a transaction needs)."""
+    if "\x00" in appointment_id:  # no id holds one, and PostgreSQL would refuse the query (a 503)
+        raise AppointmentNotFound("appointment not found")
+    query = select(Appointment).where(Appointment.id == appointment_id).execution_options(populate_existing=True)
+    if for_update:
+        query = query.with_for_update()
+    if one_statement:
+        query = query.options(joinedload(Appointment.reminders))
+    appointment = (await session.execute(query)).unique().scalar_one_or_none()
+    if appointment is None:
+        raise AppointmentNotFound(f"appointment {appointment_id} not found")
+    return appointment
+
+
+async def create(
+    session: AsyncSession, new: NewAppointment, planning: PlanningConfig
+) -> tuple[Appointment, list[Unplanned]]:
+    """Store an appointment with its planned reminders; also what could not be planned, and why."""
+    _check_remind_at(new.remind_at, new.starts_at)
+    appointment = Appointment(
+        id=new_id(),
+        customer_name=new.customer_name,
+        phone=new.phone,
+        starts_at=new.starts_at.astimezone(UTC),  # as every later read returns it
+        timezone=new.timezone,
+        notes=new.notes,
+        remind_at=[t.isoformat() for t in new.remind_at] if new.remind_at is not None else None,
+        status=AppointmentStatus.SCHEDULED,
+    )
+    reminders, unplanned = _plan(appointment, planning, datetime.now(UTC))
+    appointment.reminders = reminders
+    session.add(appointment)
+    await session.commit()
+    log.info(
+        "appointment %s created for %s: %d reminder(s), %d unplanned",
+        appointment.id, mask_phone(appointment.phone), len(reminders), len(unplanned),
+    )
+    return appointment, unplanned
+
+
+async def list_page(
+    session: AsyncSession,
+    *,
+    limit: int,
+    status: AppointmentStatus | None = None,
+    starts_after: datetime | None = None,
+    starts_before: datetime | None = None,
+    after: tuple[datetime, str] | None = None,
+) -> Page:
+    """Up to `limit` appointments ordered by (starts_at, id), after the (starts_at, id) `after`."""
+    query = select(Appointment).order_by(Appointment.starts_at, Appointment.id).limit(limit + 1)
+    if status is not None:
+        query = query.where(Appointment.status == status)
+    if starts_after is not None:
+        query = query.where(Appointment.starts_at > starts_after)
+    if starts_before is not None:
+        query = query.where(Appointment.starts_at < starts_before)
+    if after is not None:
+        after_start, after_id = after
+        query = query.where(
+            or_(
+                Appointment.starts_at > after_start,
+                and_(Appointment.starts_at == after_start, Appointment.id > after_id),
+            )
+        )
+    rows = list((await session.execute(query)).scalars())
+    return Page(rows[:limit], len(rows) > limit)
+
+
+async def change(
+    session: AsyncSession, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig
+) -> tuple[Appointment, list[Unplanned]]:
+    """Apply `changes` (field → new value); a change to what a call says or when re-plans the
+    pending reminders under new keys. AppointmentCancelled if the appointment is cancelled."""
+    locking = session.get_bind().dialect.name != "sqlite"
+    appointment = await read(session, appointment_id, for_update=locking)
+    if appointment.status == AppointmentStatus.CANCELLED:
+        raise AppointmentCancelled("appointment is cancelled")
+    starts_at = changes.get("starts_at", appointment.starts_at)
+    _check_remind_at(changes.get("remind_at"), starts_at)
+    replan = bool(changes.keys() & REPLAN_FIELDS)
+    for name, value in changes.items():
+        if name == "remind_at":
+            value = [t.isoformat() for t in value] if value is not None else None
+        setattr(appointment, name, value)
+    unplanned: list[Unplanned] = []
+    if replan:
+        await _cancel_pending(session, appointment.id, "re-planned")
+        reminders, unplanned = _plan(appointment, planning, datetime.now(UTC))
+        for reminder in reminders:
+            reminder.appointment_id = appointment.id
+            session.add(reminder)
+    appointment.updated_at = utcnow()
+    await session.commit()
+    log.info("appointment %s changed (%s)%s", appointment.id, ", ".join(sorted(changes)), ", re-planned" if replan else "")
+    return await read(session, appointment.id), unplanned
+
+
+async def cancel(session: AsyncSession, appointment_id: str) -> Appointment:
+    """Cancel an appointment and its pending reminders; cancelling twice is harmless."""
+    appointment = await read(session, appointment_id)
+    if appointment.status != AppointmentStatus.CANCELLED:
+        appointment.status = AppointmentStatus.CANCELLED
+        appointment.updated_at = utcnow()
+        await _cancel_pending(session, appointment.id, "appointment cancelled")
+        await session.commit()
+        log.info("appointment %s cancelled", appointment.id)
+    return await read(session, appointment.id)

@@ -1,0 +1,52 @@
+"""The reminder domain: planning, the call decision, the key rule, the wording, the lifecycle, and
+for real providers the attempt states, the outcome and the reconciliation of attempts in doubt.
+
+Pure: no database session, no HTTP. The API and the dispatcher both import it; neither owns it.
+"""
+
+from service.reminders.attempts import AttemptState, ReminderOutcome, reconcile
+from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
+from service.reminders.lifecycle import (
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    ReminderStatus,
+    require,
+    sources_of,
+)
+from service.reminders.planning import (
+    CallDecision,
+    Plan,
+    PlanningConfig,
+    Unplanned,
+    decide_call,
+    fit_call_window,
+    plan_reminders,
+)
+from service.reminders.rules import ALWAYS, CallWindow, ReminderOffset, parse_duration
+
+__all__ = [
+    "AttemptState",
+    "ReminderOutcome",
+    "reconcile",
+    "ALWAYS",
+    "REPLAN_FIELDS",
+    "TERMINAL",
+    "TRANSITIONS",
+    "CallDecision",
+    "CallWindow",
+    "IllegalTransition",
+    "Plan",
+    "PlanningConfig",
+    "ReminderOffset",
+    "ReminderStatus",
+    "Unplanned",
+    "call_message",
+    "decide_call",
+    "fit_call_window",
+    "idempotency_key",
+    "parse_duration",
+    "plan_reminders",
+    "require",
+    "sources_of",
+]

@@ -1,0 +1,60 @@
+"""The reminder lifecycle: its states and the one table of allowed transitions.
+
+Every write that changes a reminder's status checks it here (`require`) or selects its rows with
+`sources_of` (`UPDATE … WHERE status IN sources_of(target)`), so a transition missing from the
+table is refused instead of written.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["TERMINAL", "TRANSITIONS", "IllegalTransition", "ReminderStatus", "require", "sources_of"]
+
+
+class ReminderStatus(StrEnum):
+    PENDING = "pending"
+    DISPATCHING = "dispatching"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+_S = ReminderStatus
+
+# source -> the statuses it may become. A reminder is created `pending`.
+# A newer term taking over an orphaned `dispatching` claim keeps the status (only the fence
+# token changes): that is a re-claim, not a transition.
+TRANSITIONS: dict[ReminderStatus, frozenset[ReminderStatus]] = {
+    # claimed by the leader; cancelled by DELETE or a re-planning PATCH
+    _S.PENDING: frozenset({_S.DISPATCHING, _S.CANCELLED}),
+    # the call's outcome: placed, given up, skipped (misfire, appointment started), the appointment
+    # was cancelled meanwhile; or back to pending for a retry or to wait for the call window
+    _S.DISPATCHING: frozenset({_S.SENT, _S.FAILED, _S.SKIPPED, _S.CANCELLED, _S.PENDING}),
+    _S.SENT: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.CANCELLED: frozenset(),
+    _S.SKIPPED: frozenset(),
+}
+
+TERMINAL = frozenset(status for status, targets in TRANSITIONS.items() if not targets)
+
+
+class IllegalTransition(ValueError):
+    """A write asked for a status change the lifecycle table does not allow: a bug, never input."""
+
+
+def sources_of(target: ReminderStatus) -> frozenset[ReminderStatus]:
+    """The statuses from which a reminder may become `target`."""
+    return frozenset(source for source, targets in TRANSITIONS.items() if target in targets)
+
+
+def require(source: ReminderStatus | str, target: ReminderStatus | str) -> None:
+    """Raise IllegalTransition unless `source` → `target` is in the table."""
+    try:
+        allowed = ReminderStatus(target) in TRANSITIONS[ReminderStatus(source)]
+    except ValueError:
+        allowed = False
+    if not allowed:
+        raise IllegalTransition(f"reminder status {source!s} -> {target!s} is not an allowed transition")
