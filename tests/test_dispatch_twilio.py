@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -148,3 +148,25 @@ def test_twilio_mode_needs_its_settings() -> None:
     assert twilio_settings(calls_per_second="1", dispatch_concurrency="50").effective_reconcile_grace == timedelta(
         seconds=100)
     assert twilio_settings(reconcile_grace="90s").effective_reconcile_grace == timedelta(seconds=90)
+
+
+async def test_the_api_shows_outcome_and_answered_at(database_url: str, etcd_endpoint: str) -> None:
+    from sqlalchemy import update  # noqa: PLC0415
+
+    from tests.support.appclient import make_settings, running_app  # noqa: PLC0415
+
+    async with running_app(make_settings(database_url, etcd_endpoint)) as api:
+        starts = datetime.now(UTC) + timedelta(days=30)
+        body = {"customer_name": "Ann", "phone": "+14155552671", "starts_at": starts.isoformat(),
+                "remind_at": [(starts - timedelta(hours=1)).isoformat()]}
+        created = (await api.post("/appointments", json=body)).json()
+        (reminder,) = created["reminders"]
+        assert (reminder["outcome"], reminder["answered_at"]) == (None, None)
+        async with api.app.state.db.session() as session:
+            await session.execute(update(Reminder).where(Reminder.id == reminder["id"]).values(
+                outcome="answered", answered_at=datetime(2030, 1, 1, 9, 0, 5, tzinfo=UTC)))
+            await session.commit()
+        (reminder,) = (await api.get(f"/appointments/{created['id']}")).json()["reminders"]
+        assert reminder["outcome"] == "answered" and reminder["answered_at"].startswith("2030-01-01T09:00:05")
+        schema = (await api.get("/openapi.json")).json()["components"]["schemas"]
+        assert "answered" in str(schema["ReminderOut"]["properties"]["outcome"])

@@ -13,7 +13,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from service.db.models import Appointment, AppointmentStatus
 from service.privacy import E164_PATTERN
-from service.reminders import ReminderStatus, Unplanned
+from service.reminders import ReminderOutcome, ReminderStatus, Unplanned
 
 __all__ = [
     "AppointmentCreate",
@@ -140,7 +140,7 @@ class ReminderOut(BaseModel):
     skip_reason: str | None = Field(description="Why the reminder was skipped or cancelled, if it was.")
     sent_at: datetime | None
     provider_call_id: str | None
-    outcome: str | None = Field(
+    outcome: ReminderOutcome | None = Field(
         default=None, description="Real providers: what the call achieved (`answered`); null until known, and for `generic`."
     )
     answered_at: datetime | None = Field(default=None, description="When the reminder's bound call was answered.")
