@@ -24,11 +24,18 @@ from service.api import appointments, health, metrics
 from service.api.limits import BodyLimitMiddleware
 from service.config import Settings
 from service.db import Database
-from service.components import dispatch_config, election_config, pool_size, provider, twilio_signature
+from service.components import (
+    dispatch_config,
+    election_config,
+    pool_size,
+    provider,
+    telnyx_signature,
+    twilio_signature,
+)
 from service.dispatch.dispatcher import Dispatcher
 from service.election import Elector
 from service.metrics import IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
-from service.webhooks import twilio_router
+from service.webhooks import telnyx_router, twilio_router
 
 __all__ = ["app", "create_app"]
 
@@ -114,6 +121,10 @@ def create_app(settings: Settings) -> FastAPI:
         # Twilio's webhooks, on every replica; signed, so not behind API_TOKEN.
         app.state.twilio_signature = twilio_signature(settings)
         app.include_router(twilio_router)
+    if settings.telephony_provider == "telnyx":
+        # Telnyx's events, on every replica; signed (Ed25519), so not behind API_TOKEN.
+        app.state.telnyx_signature = telnyx_signature(settings)
+        app.include_router(telnyx_router)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

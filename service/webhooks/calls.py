@@ -33,10 +33,26 @@ from service.db.models import (
 )
 from service.telephony.provider import Stamp
 
-__all__ = ["Answer", "EventResult", "PRE_ANSWER_STATUSES", "answer", "record_event"]
+__all__ = ["Answer", "EventResult", "PRE_ANSWER_STATUSES", "SPEAKING", "SPOKEN", "answer", "record_event"]
 
 # Statuses of a call that has not been answered yet: it can still be cancelled.
 PRE_ANSWER_STATUSES = ("queued", "initiated", "ringing")
+# Providers whose speech is a command (Telnyx): the bound call's message has begun / ended.
+SPEAKING, SPOKEN = "speaking", "spoken"
+# A call's state never goes back: a status applies only if it ranks at least as high as the
+# recorded one (then the provider's order decides: Twilio's SequenceNumber, Telnyx's occurred_at).
+# Any status not listed here is a final one (completed, busy, no-answer, canceled, failed).
+_RANK = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3, SPEAKING: 4, SPOKEN: 5}
+_FINAL_RANK = 9
+
+
+def _newer(status: str, order: int | None, current: str | None, current_order: int | None) -> bool:
+    """Whether an event (`status`, `order`) moves the call past the recorded (`current`, `current_order`)."""
+    if current is not None:
+        rank, current_rank = _RANK.get(status, _FINAL_RANK), _RANK.get(current, _FINAL_RANK)
+        if rank != current_rank:
+            return rank > current_rank
+    return order is None or current_order is None or order > current_order
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,8 @@ async def _attempt_for(session: Any, stamp: Stamp, call_id: str) -> Any | None:
     """The attempt row, locked (PostgreSQL), if the stamp is consistent and the call id matches."""
     row = (
         await session.execute(
-            select(CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id, CallAttempt.last_sequence)
+            select(CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id, CallAttempt.last_sequence,
+                   CallAttempt.call_status)
             .where(CallAttempt.id == stamp.attempt_id)
             .with_for_update()
         )
@@ -70,16 +87,17 @@ async def _attempt_for(session: Any, stamp: Stamp, call_id: str) -> Any | None:
 
 
 async def record_event(
-    db: Database, stamp: Stamp, call_id: str, status: str, sequence: int | None, now: datetime
+    db: Database, stamp: Stamp, call_id: str, status: str | None, sequence: int | None, now: datetime
 ) -> EventResult:
-    """Apply one status event of call `call_id`; returns what else to do."""
+    """Apply one status event of call `call_id` (`status` None: an event that moves no state, e.g.
+    digits gathered); `sequence` orders events of one status. Returns what else to do."""
     async with db.session() as session:
         attempt = await _attempt_for(session, stamp, call_id)
         if attempt is None:
             await session.rollback()
             return EventResult(known=False)
         values: dict[str, object] = {"last_event_at": now, "provider_call_id": call_id}
-        newer = sequence is None or attempt.last_sequence is None or sequence > attempt.last_sequence
+        newer = status is not None and _newer(status, sequence, attempt.call_status, attempt.last_sequence)
         if newer:
             values["call_status"] = status
             if sequence is not None:
