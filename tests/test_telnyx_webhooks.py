@@ -247,3 +247,78 @@ async def test_the_app_serves_signed_events_only_in_telnyx_mode() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as client:
             response = await client.post("/telephony/telnyx/events", content=b"{}")
             assert response.status_code == expected
+
+
+async def test_a_bound_call_that_ends_unheard_is_released_and_called_again(db: Database) -> None:
+    rig = make_telnyx_rig(db)
+    rig.fake._webhook_tries = 1  # noqa: SLF001 - Telnyx gave up redelivering
+    rig.fake.controls.patience_ms = 100.0  # the callee hangs up in the silence
+    real_speak = rig.provider.speak
+    refusals = {"left": 1}
+
+    async def speak_failing_once(*args: object, **kwargs: object) -> bool:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            return False
+        return await real_speak(*args, **kwargs)  # type: ignore[arg-type]
+
+    rig.provider.speak = speak_failing_once  # type: ignore[method-assign]
+    try:
+        (reminder_id,) = await seed(db, 1)
+        term = FakeTerm(1)
+        dispatcher = Dispatcher(db, rig.provider, config(speech_confirm_after=timedelta(milliseconds=300),
+                                                         speech_sweep_interval=0.1))
+        task = asyncio.create_task(dispatcher.lead(term))
+        try:
+            async def heard_and_answered() -> bool:
+                row = (await _rows(db))[0]
+                return row.outcome == "answered" and any(c.heard for c in rig.fake.calls.values())
+
+            await eventually(heard_and_answered)
+        finally:
+            term.ended.set()
+            await asyncio.wait_for(task, 10)
+        await eventually(over(rig, *rig.fake.calls))
+        first, second = sorted(rig.fake.calls.values(), key=lambda c: c.created)
+        assert first.heard == [] and first.status == "completed"  # bound, then the callee hung up in silence
+        assert len(second.heard) == 1  # the new call spoke
+        row = (await _rows(db))[0]
+        assert row.status == "sent" and row.bound_call_id == second.call_id
+        released = (await attempt_rows(db))[Stamp.decode(first.client_state).attempt_id]  # type: ignore[union-attr]
+        assert released.error.startswith("released")
+    finally:
+        await rig.aclose()
+
+
+async def test_a_late_answer_of_an_ended_call_binds_nothing(db: Database, rig: TelnyxRig) -> None:
+    rig.fake.controls.patience_ms = 50.0
+    rig.fake._webhook_tries = 1  # noqa: SLF001
+    reminder_id, (attempt_id,) = await seeded(rig)
+    rig.app.state.provider = _Mute(rig.provider)  # the service never speaks: the callee hangs up
+    call_id = await place(rig, reminder_id, attempt_id)
+    await eventually(over(rig, call_id))
+    await eventually(lambda: _status(db, attempt_id, "completed"))
+    async with db.session() as session:  # as the sweep's release would leave it
+        from sqlalchemy import update  # noqa: PLC0415
+
+        await session.execute(update(Reminder).where(Reminder.id == reminder_id)
+                              .values(bound_call_id=None, bound_attempt_id=None))
+        await session.commit()
+    answered = {"record_type": "event", "event_type": "call.answered", "id": "late",
+                "occurred_at": datetime.now(UTC).isoformat(), "payload": {
+                    "call_control_id": call_id, "client_state": Stamp(reminder_id, attempt_id).encode()}}
+    assert await rig.fake._post_event(rig.fake.calls[call_id].webhook_url, answered)  # noqa: SLF001
+    assert (await reminder_row(db, reminder_id)).bound_call_id is None
+
+
+class _Mute:
+    """The provider with a speak command that Telnyx never receives."""
+
+    def __init__(self, inner: TelnyxProvider) -> None:
+        self.inner = inner
+
+    async def speak(self, *args: object, **kwargs: object) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)

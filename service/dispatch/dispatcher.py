@@ -274,7 +274,7 @@ class Dispatcher:
         assert self._speech is not None
         while term.valid() and not ended.done():
             try:
-                await self._speech.once(datetime.now(UTC))
+                await self._speech.once(datetime.now(UTC), term.fencing_token)
             except Exception as error:  # noqa: BLE001 - a DB or provider outage must not end the term
                 log.warning("speech sweep failed: %s", type(error).__name__)
             await asyncio.wait({ended}, timeout=self.config.speech_sweep_interval)

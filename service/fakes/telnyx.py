@@ -9,7 +9,8 @@
   `machine`, `no-answer`, `busy`, optionally pressing `digits`): `call.answered` and the call waits
   for commands; a callee left in silence hangs up after `patience_ms`. Every event is signed with
   Ed25519 over `"{timestamp}|{body}"` (a fixed test key pair unless given another), carries the
-  call's `client_state`, and is delivered in order per call, again until acknowledged (2xx).
+  call's `client_state`, and is delivered in order per call, again until acknowledged (2xx); an
+  event not answered within `webhook_timeout` (5 s) is sent again (to whichever replica).
 - `POST /v2/calls/{id}/actions/speak|gather_using_speak|hangup` (each deduped by `command_id` for
   60 s): speech is queued and logged as heard (`call.speak.started` / `.ended`, or
   `call.gather.ended` with the callee's digits); hangup ends the call (`call.hangup`); any command
@@ -142,7 +143,7 @@ class FakeTelnyx:
         ring_ms: float = 200.0,
         speak_ms: float = 100.0,
         webhook_transport: httpx.AsyncBaseTransport | None = None,
-        webhook_timeout: float = 15.0,
+        webhook_timeout: float = 5.0,
         webhook_tries: int = 8,
         seed: int | None = None,
     ) -> None:

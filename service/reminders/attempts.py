@@ -29,6 +29,8 @@ __all__ = [
 CLOCK_SKEW = timedelta(seconds=60)
 # How soon an unresolved attempt is looked at again (its webhooks may settle it meanwhile).
 RECHECK = timedelta(seconds=2)
+# A call in one of these states is over.
+FINAL_CALL_STATES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 
 
 class AttemptState(StrEnum):
@@ -51,6 +53,12 @@ class AttemptView:
     created_at: datetime
     provider_call_id: str | None
     last_event_at: datetime | None
+    call_status: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Its call ended (the reminder was not bound to it: no answer, busy, failed, cancelled)."""
+        return self.call_status in FINAL_CALL_STATES
 
     @property
     def evidenced(self) -> bool:
@@ -91,6 +99,8 @@ def reconcile(
     as for a queued call)."""
     if bound_call_id is not None:
         return Reconciliation(Step.SENT, call_id=bound_call_id)
+    # A call that ended unbound (nobody answered) is over: a no-answer retry makes a new attempt.
+    attempts = [attempt for attempt in attempts if not attempt.finished]
     for attempt in attempts:
         if attempt.evidenced:
             return Reconciliation(Step.SENT, call_id=attempt.provider_call_id)

@@ -33,7 +33,10 @@ from service.db.models import (
 )
 from service.telephony.provider import Stamp
 
-__all__ = ["Answer", "EventResult", "PRE_ANSWER_STATUSES", "SPEAKING", "SPOKEN", "answer", "record_event"]
+__all__ = [
+    "Answer", "EventResult", "PRE_ANSWER_STATUSES", "SPEAKING", "SPOKEN", "answer", "is_final", "mark_heard",
+    "record_event",
+]
 
 # Statuses of a call that has not been answered yet: it can still be cancelled.
 PRE_ANSWER_STATUSES = ("queued", "initiated", "ringing")
@@ -44,6 +47,11 @@ SPEAKING, SPOKEN = "speaking", "spoken"
 # Any status not listed here is a final one (completed, busy, no-answer, canceled, failed).
 _RANK = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3, SPEAKING: 4, SPOKEN: 5}
 _FINAL_RANK = 9
+
+
+def is_final(status: str | None) -> bool:
+    """The call is over (completed, busy, no-answer, canceled, failed, …)."""
+    return status is not None and status not in _RANK
 
 
 def _newer(status: str, order: int | None, current: str | None, current_order: int | None) -> bool:
@@ -110,15 +118,18 @@ async def record_event(
 
 
 async def answer(
-    db: Database, stamp: Stamp, call_id: str, now: datetime, wording: Callable[[Any], str]
+    db: Database, stamp: Stamp, call_id: str, now: datetime, wording: Callable[[Any], str],
+    *, outcome: str | None = ReminderOutcome.ANSWERED,
 ) -> Answer:
     """Bind `call_id` to its reminder if none is bound yet; say whether it may speak, and what.
 
     `wording(row)` makes the message from a row with `customer_name`, `starts_at`, `timezone`.
+    `outcome` is set with the binding; None where the message is a later command (Telnyx), whose
+    start `mark_heard` records. A call already over is never bound (a late, repeated answer).
     """
     async with db.session() as session:
         attempt = await _attempt_for(session, stamp, call_id)
-        if attempt is None:
+        if attempt is None or is_final(attempt.call_status):
             await session.rollback()
             return Answer(speak=False)
         await session.execute(
@@ -140,7 +151,7 @@ async def answer(
             .values(
                 bound_call_id=call_id,
                 bound_attempt_id=stamp.attempt_id,
-                outcome=ReminderOutcome.ANSWERED,
+                outcome=outcome,
                 answered_at=now,
             )
             .execution_options(synchronize_session=False)
@@ -167,3 +178,18 @@ async def answer(
             cancel = [other for (other,) in others]
         await session.commit()
     return Answer(speak=speak, message=wording(row) if speak else None, newly_bound=newly_bound, cancel=cancel)
+
+
+async def mark_heard(db: Database, stamp: Stamp, call_id: str) -> bool:
+    """The bound call's message has begun (Telnyx's `call.speak.started` / `.ended`, in either
+    order): the reminder's outcome is `answered`. False if the call is not the bound one."""
+    async with db.session() as session:
+        result = await session.execute(
+            update(Reminder)
+            .where(Reminder.id == stamp.reminder_id, Reminder.bound_call_id == call_id,
+                   Reminder.bound_attempt_id == stamp.attempt_id)
+            .values(outcome=ReminderOutcome.ANSWERED)
+            .execution_options(synchronize_session=False)
+        )
+        await session.commit()
+    return result.rowcount == 1

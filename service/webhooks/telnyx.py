@@ -97,7 +97,10 @@ async def answered(request: Request, event: TelnyxEvent, background: BackgroundT
     assert event.stamp is not None and event.call_id is not None
     provider: Any = request.app.state.provider
     await _record(request, event, background, "in-progress")
-    result = await calls.answer(request.app.state.db, event.stamp, event.call_id, datetime.now(UTC), _wording)
+    # bound without an outcome: `answered` comes with the speech (mark_heard), and a bound call
+    # that ends before its message is released by the leader's sweep for a new call
+    result = await calls.answer(request.app.state.db, event.stamp, event.call_id, datetime.now(UTC), _wording,
+                                outcome=None)
     if result.cancel:
         background.add_task(_hang_up_all, request, result.cancel)
     if not result.speak:
@@ -121,7 +124,9 @@ def _retry_later(command: str) -> Response:
 
 
 async def speak_started(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> Response | None:
-    await _record(request, event, background, calls.SPEAKING)
+    assert event.stamp is not None and event.call_id is not None
+    if await _record(request, event, background, calls.SPEAKING):
+        await calls.mark_heard(request.app.state.db, event.stamp, event.call_id)
     return None
 
 
@@ -129,6 +134,7 @@ async def speak_ended(request: Request, event: TelnyxEvent, background: Backgrou
     """The message was spoken: the call ends (the keypad flow replaces this with a gather)."""
     assert event.stamp is not None and event.call_id is not None
     if await _record(request, event, background, calls.SPOKEN):
+        await calls.mark_heard(request.app.state.db, event.stamp, event.call_id)  # if `.started` was lost
         background.add_task(request.app.state.provider.hang_up, event.call_id,
                             command_id=hangup_command_id(event.stamp.attempt_id), stamp=event.stamp)
     return None
