@@ -322,3 +322,26 @@ class _Mute:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
+
+
+async def test_events_apply_by_state_then_occurred_at_never_back(db: Database, rig: TelnyxRig) -> None:
+    from service.webhooks import calls  # noqa: PLC0415
+    from service.webhooks.telnyx import hangup_status  # noqa: PLC0415
+
+    reminder_id, (attempt_id,) = await seeded(rig)
+    stamp, now = Stamp(reminder_id, attempt_id), datetime.now(UTC)
+
+    async def apply(status: str | None, order: int) -> str:
+        await calls.record_event(db, stamp, "v3:call", status, order, now)
+        return (await attempt_rows(db))[attempt_id].call_status
+
+    assert await apply("in-progress", 200) == "in-progress"
+    assert await apply("initiated", 300) == "in-progress"  # a later-stamped earlier state: never back
+    assert await apply(calls.SPOKEN, 400) == calls.SPOKEN
+    assert await apply(calls.SPEAKING, 350) == calls.SPOKEN  # out of order: ignored
+    assert await apply(None, 999) == calls.SPOKEN  # digits, machine detection: no state
+    assert await apply(hangup_status({"hangup_cause": "normal_clearing"}), 500) == "completed"
+    assert await apply("in-progress", 900) == "completed"
+    assert (await attempt_rows(db))[attempt_id].last_sequence == 500
+    assert [hangup_status({"hangup_cause": c}) for c in ("user_busy", "timeout", "originator_cancel", "x")] == [
+        "busy", "no-answer", "canceled", "completed"]
