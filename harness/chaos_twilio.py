@@ -129,6 +129,11 @@ def _calls_over(cluster: Cluster, config: ChaosConfig) -> list[str]:
     client = cluster.provider.client
 
     def over() -> bool:
+        # A reminder `sent` without an outcome still has a call to come (Telnyx: a bound call that
+        # ended before its message is released and called again).
+        if any(r["status"] in ("pending", "dispatching") or (r["status"] == "sent" and r["outcome"] is None)
+               for r in cluster.reminders()):
+            return False
         return all(c["status"] in ("completed", "canceled", "busy", "no-answer", "failed") for c in client.calls())
 
     try:

@@ -128,10 +128,15 @@ async def test_commands_wire_format(respx_mock: respx.MockRouter) -> None:
 
 
 @respx.mock(using="httpx")
-async def test_a_command_to_an_ended_call_is_not_spoken(respx_mock: respx.MockRouter) -> None:
-    respx_mock.post(f"{API}/v2/calls/v3:abc/actions/speak").mock(return_value=httpx.Response(
-        422, json={"errors": [{"code": "90018"}]}))
+async def test_speak_to_an_ended_call_is_done_and_other_refusals_are_not(respx_mock: respx.MockRouter) -> None:
+    route = respx_mock.post(f"{API}/v2/calls/v3:abc/actions/speak")
     telnyx = provider()
+    route.mock(return_value=httpx.Response(422, json={"errors": [{"code": "90018"}]}))
+    assert await telnyx.speak("v3:abc", "Hello", command_id="s", stamp=Stamp("r", "a"))  # over: nothing more to do
+    for refusal in (httpx.Response(422, json={"errors": [{"code": "90034"}]}), httpx.Response(503)):
+        route.mock(return_value=refusal)
+        assert not await telnyx.speak("v3:abc", "Hello", command_id="s", stamp=Stamp("r", "a"))
+    route.mock(side_effect=httpx.ConnectError("down"))
     assert not await telnyx.speak("v3:abc", "Hello", command_id="s", stamp=Stamp("r", "a"))
     await telnyx.aclose()
 

@@ -174,7 +174,8 @@ class SpeechCommands(Protocol):
     answer (Twilio's TwiML). Each command carries a `command_id`: a repeat is not spoken twice."""
 
     async def speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp) -> bool:
-        """Speak `message` on the call; True once the provider accepted the command."""
+        """Speak `message` on the call; True once the provider accepted the command, or when the
+        call is already over (nothing more to do for it); False: try again later."""
         ...
 
     async def hang_up(self, call_id: str, *, command_id: str | None = None, stamp: Stamp | None = None) -> bool:

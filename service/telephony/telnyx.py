@@ -279,11 +279,12 @@ class TelnyxProvider:
             raise ProviderUnavailable(f"listing active calls: {type(error).__name__}") from None
 
     async def speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp) -> bool:
-        """`actions/speak`; True when Telnyx accepted the command (a deduped repeat counts)."""
+        """`actions/speak`; True when Telnyx accepted the command (a deduped repeat counts) or the
+        call is already over (nothing more can be done for it: its hangup event follows)."""
         return await self._command(call_id, "speak", {
             "payload": message, "payload_type": "text", "voice": self._voice, "language": self._language,
             "command_id": command_id, "client_state": stamp.encode(),
-        })
+        }, ended_is_done=True)
 
     async def gather_using_speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp,
                                  valid_digits: str = "12", maximum_digits: int = 1) -> bool:
