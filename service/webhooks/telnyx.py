@@ -10,8 +10,10 @@ Speech is a command, not the answer to the webhook: on `call.answered` of the re
 call the message is spoken (`actions/speak`, `command_id` from the attempt) *before* the event is
 acknowledged, so that a replica dying in between leaves the event unacknowledged and Telnyx
 delivers it again (to any replica: the repeat is deduped by the `command_id`). A command Telnyx
-did not accept is answered 503 for the same reason; the leader's sweep (service.dispatch.speech)
-is the backstop. Any other answered call is hung up without a word.
+did not accept is answered 503 for the same reason (a call already over is acknowledged: its
+hangup follows); the leader's sweep (service.dispatch.speech) is the backstop. Any other answered
+call is hung up without a word. The bound call's outcome (`answered`) is recorded when its speech
+begins; one that ends before is released by the sweep for a new call.
 
 `HANDLERS` maps an event type to what it does; the keypad and machine-detection flows plug in
 there (`call.gather.ended`, `call.machine.detection.ended` are acknowledged and recorded today).
