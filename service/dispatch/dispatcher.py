@@ -39,6 +39,7 @@ from service.dispatch.limiter import RateLimiter
 from service.dispatch.store import Claim, ReminderStore, StaleTerm
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.dispatch.attempts import StampedCalls, StampedConfig
+from service.reminders.attempts import RECHECK
 from service.reminders import CallWindow, ReminderStatus, call_message, decide_call
 from service.telephony import TelephonyClient
 from service.telephony.generic import GenericProvider
@@ -368,6 +369,16 @@ class Dispatcher:
                 claim, token=term.fencing_token, may_send=term.valid, now=lambda: datetime.now(UTC), finish=finish,
                 before_create=self._limiter.acquire,
             )
+        except Exception as error:  # noqa: BLE001 - a database or provider failure mid-way
+            # Not left `dispatching` until the stale-claim sweep: looked at again shortly, and an
+            # attempt recorded but not settled is reconciled then, never repeated blindly.
+            log.warning("reminder %s: %s during its call; looking again shortly", claim.reminder_id,
+                        type(error).__name__)
+            result = None
+            if term.valid():
+                await self._finish(recorder, claim, status=ReminderStatus.PENDING,
+                                   next_attempt_at=datetime.now(UTC) + RECHECK,
+                                   last_error=f"interrupted: {type(error).__name__}")
         finally:
             IN_FLIGHT.dec()
             self._release(claim.reminder_id)
