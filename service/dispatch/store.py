@@ -16,15 +16,29 @@ from functools import lru_cache
 from sqlalchemy import String, and_, any_, bindparam, case, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.sql.dml import Update
 
 from service.db import Database
 from service.db.models import Appointment, LeaderFence, Reminder, utcnow
 from service.reminders import ReminderStatus, require, sources_of
 
-__all__ = ["Claim", "ReminderStore", "StaleTerm"]
+__all__ = ["Claim", "ReminderStore", "StaleTerm", "is_data_error"]
 
 FENCE_ROW = 1
+
+
+def is_data_error(error: BaseException) -> bool:
+    """True when the database refused the VALUES (too long, a NUL, out of range), not the connection.
+
+    SQLAlchemy's asyncpg adapter raises these as plain DBAPIError: SQLSTATE class 22 tells them apart.
+    """
+    if isinstance(error, DataError):
+        return True
+    if isinstance(error, DBAPIError):
+        code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+        return isinstance(code, str) and code.startswith("22")
+    return False
 
 
 class StaleTerm(RuntimeError):
