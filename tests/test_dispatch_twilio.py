@@ -150,6 +150,20 @@ def test_twilio_mode_needs_its_settings() -> None:
     assert twilio_settings(reconcile_grace="90s").effective_reconcile_grace == timedelta(seconds=90)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [({"twilio_api_url": "http://twilio.internal"}, "TWILIO_API_URL"),
+     ({"public_url": "http://reminders.example.com/edge"}, "PUBLIC_URL")],
+)
+def test_no_token_or_personal_data_over_plain_remote_http(overrides: dict[str, str], variable: str) -> None:
+    with pytest.raises(ValueError, match=variable):
+        twilio_settings(**overrides)
+    assert twilio_settings(**overrides, allow_insecure_transport="true")
+    loopback = {name: value.replace("twilio.internal", "127.0.0.1").replace("reminders.example.com", "localhost")
+                for name, value in overrides.items()}
+    assert twilio_settings(**loopback)
+
+
 async def test_the_api_shows_outcome_and_answered_at(database_url: str, etcd_endpoint: str) -> None:
     from sqlalchemy import update  # noqa: PLC0415
 
