@@ -24,10 +24,10 @@ from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
 from starlette.datastructures import FormData
 
 from service.privacy import mask_phone
+from service.reminders import call_message
 from service.telephony.provider import Stamp
 from service.telephony.twilio import SIGNATURE_HEADER, WEBHOOK_PATHS, TwilioSignature, hangup_twiml, say_twiml
 from service.webhooks import calls
-from service.reminders import call_message
 
 __all__ = ["router"]
 
