@@ -1,11 +1,13 @@
-"""The reminder domain: planning, the call decision, the key rule, the wording, the lifecycle, and
-for real providers the attempt states, the outcome and the reconciliation of attempts in doubt.
+"""The reminder domain: planning, the call decision, the key rule, the wording, the lifecycle,
+which numbers may be called; for real providers the attempt states, the outcome and the
+reconciliation of attempts in doubt.
 
 Pure: no database session, no HTTP. The API and the dispatcher both import it; neither owns it.
 """
 
 from service.reminders.attempts import AttemptState, ReminderOutcome, reconcile
 from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
+from service.reminders.numbers import NumberPolicy, number_refusal
 from service.reminders.lifecycle import (
     TERMINAL,
     TRANSITIONS,
@@ -36,6 +38,7 @@ __all__ = [
     "CallDecision",
     "CallWindow",
     "IllegalTransition",
+    "NumberPolicy",
     "Plan",
     "PlanningConfig",
     "ReminderOffset",
@@ -45,6 +48,7 @@ __all__ = [
     "decide_call",
     "fit_call_window",
     "idempotency_key",
+    "number_refusal",
     "parse_duration",
     "plan_reminders",
     "require",

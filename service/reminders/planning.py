@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from service.reminders.numbers import NumberPolicy
 from service.reminders.rules import CallWindow, ReminderOffset
 
 __all__ = ["CallDecision", "Plan", "PlanningConfig", "Unplanned", "decide_call", "fit_call_window", "plan_reminders"]
@@ -18,10 +19,12 @@ __all__ = ["CallDecision", "Plan", "PlanningConfig", "Unplanned", "decide_call",
 
 @dataclass(frozen=True)
 class PlanningConfig:
-    """What planning takes from the settings: the call window and the default offset rules."""
+    """What planning takes from the settings: the call window, the default offset rules, and
+    which numbers may be called at all."""
 
     call_window: CallWindow
     offsets: tuple[ReminderOffset, ...]
+    numbers: NumberPolicy = NumberPolicy()
 
 
 @dataclass(frozen=True)

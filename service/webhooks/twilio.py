@@ -12,7 +12,10 @@ The app provides `app.state.db`, `app.state.twilio_signature` (`TwilioSignature`
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -21,10 +24,10 @@ from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
 from starlette.datastructures import FormData
 
 from service.privacy import mask_phone
+from service.reminders import call_message
 from service.telephony.provider import Stamp
 from service.telephony.twilio import SIGNATURE_HEADER, WEBHOOK_PATHS, TwilioSignature, hangup_twiml, say_twiml
 from service.webhooks import calls
-from service.reminders import call_message
 
 __all__ = ["router"]
 
@@ -33,6 +36,11 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
 
 _TWIML = "application/xml"
+# Seconds a webhook keeps trying a database that fails (a restart, a failover) before it gives up:
+# the voice request well inside Twilio's 15 s, so that a call answered during a short outage still
+# hears its message; a status event a little less (Twilio does not send it again).
+VOICE_DATABASE_BUDGET = 8.0
+STATUS_DATABASE_BUDGET = 5.0
 
 
 async def _verified(request: Request) -> FormData:
@@ -46,6 +54,23 @@ async def _verified(request: Request) -> FormData:
         log.warning("twilio webhook %s refused: bad or missing signature", request.scope["path"])
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="invalid signature")
     return form
+
+
+async def _with_retries(work: Callable[[], Awaitable[Any]], budget: float, what: str) -> Any:
+    """`work()`, tried again after a failure (the database down or failing over) until `budget`
+    seconds have passed; the last failure is raised."""
+    deadline = time.monotonic() + budget
+    delay = 0.1
+    while True:
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                return await work()
+        except Exception as error:  # noqa: BLE001 - retried within the budget, then raised
+            if time.monotonic() + delay >= deadline:
+                raise
+            log.info("%s: %s, trying again", what, type(error).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _sequence(form: FormData) -> int | None:
@@ -81,7 +106,10 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
     if stamp is None or call_sid is None:
         return _twiml(hangup_twiml())
     try:
-        result = await calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), _wording)
+        result = await _with_retries(
+            lambda: calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), _wording),
+            VOICE_DATABASE_BUDGET, f"voice webhook for reminder {stamp.reminder_id}",
+        )
     except Exception as error:  # noqa: BLE001 - an unknown state must not speak; Twilio must hear TwiML
         log.warning("voice webhook for reminder %s: database unavailable (%s); hanging up",
                     stamp.reminder_id, type(error).__name__)
@@ -104,8 +132,10 @@ async def status_event(request: Request, background: BackgroundTasks) -> Respons
     stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
     call_status = form.get("CallStatus")
     if stamp is not None and call_sid is not None and isinstance(call_status, str) and len(call_status) <= 32:
-        result = await calls.record_event(
-            request.app.state.db, stamp, call_sid, call_status, _sequence(form), datetime.now(UTC)
+        sequence = _sequence(form)
+        result = await _with_retries(
+            lambda: calls.record_event(request.app.state.db, stamp, call_sid, call_status, sequence, datetime.now(UTC)),
+            STATUS_DATABASE_BUDGET, f"status webhook for reminder {stamp.reminder_id}",
         )
         if result.cancel:
             background.add_task(_cancel, request, result.cancel)
