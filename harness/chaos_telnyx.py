@@ -82,6 +82,13 @@ outage: 429 (nothing created), 500 after creating the call, a hang past the clie
 
 {verdict}
 
+What the Telnyx-mode runs found, and what was fixed: a call answered while its `call.answered`
+event sat on a frozen (SIGSTOP) or overloaded replica could be hung up by a callee tired of the
+silence before the redelivery spoke; the reminder was then bound to a call that never spoke (a
+miss). Now the outcome `answered` comes with the speech, and the leader's sweep releases a bound
+call that ended unheard, for a new call. A speak refused because the call had ended was answered
+503, which held up that call's hangup event behind the redeliveries; it is acknowledged now.
+
 Every run:
 
 {runs}
