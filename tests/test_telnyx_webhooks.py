@@ -177,7 +177,7 @@ async def test_the_sweep_speaks_a_bound_call_that_never_spoke(db: Database) -> N
     try:
         reminder_id, (attempt_id,) = await seeded(rig)
         call_id = await place(rig, reminder_id, attempt_id)
-        await eventually(lambda: _status(db, attempt_id, "in-progress"))
+        await eventually(lambda: _async(refusals["left"] == 0))  # bound, and its speak refused
         sweep = SpeechSweep(db, rig.provider, wording=_wording, confirm_after=timedelta(seconds=5))
         assert await sweep.once(datetime.now(UTC)) == 0  # too early: the answer may still be speaking
         assert rig.fake.calls[call_id].heard == []
