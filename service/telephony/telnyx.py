@@ -178,6 +178,7 @@ class TelnyxProvider:
         transport: httpx.AsyncBaseTransport | None = None,
         voice: str = "female",
         language: str = "en-US",
+        machine_detection: bool = False,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -192,6 +193,7 @@ class TelnyxProvider:
         self._events_url = f"{public_url.rstrip('/')}{EVENTS_PATH}"
         self._timeout = timeout
         self._voice, self._language = voice, language
+        self._machine_detection = machine_detection
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         if transport is None:
             limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
@@ -209,8 +211,9 @@ class TelnyxProvider:
         return f"{self._api}/connections/{self._connection_id}/active_calls"
 
     def dial_body(self, spec: CallSpec) -> dict[str, Any]:
-        """The Dial's JSON: the stamp as `client_state`, the attempt id as `command_id`."""
-        return {
+        """The Dial's JSON: the stamp as `client_state`, the attempt id as `command_id`; with
+        `machine_detection`, `answering_machine_detection` (`call.machine.detection.ended` follows)."""
+        body = {
             "connection_id": self._connection_id,
             "to": spec.to,
             "from": spec.from_,
@@ -219,6 +222,9 @@ class TelnyxProvider:
             "client_state": spec.stamp.encode(),
             "command_id": spec.attempt_id,
         }
+        if self._machine_detection:
+            body["answering_machine_detection"] = "detect"
+        return body
 
     async def create_call(self, spec: CallSpec, *, may_send: Callable[[], bool] | None = None) -> CreateResult:
         """POST /v2/calls; 2xx → CREATED, 429 → NOT_CREATED, other 4xx → REJECTED, anything
