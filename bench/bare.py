@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 _COLUMNS = """a.id, a.customer_name, a.phone, a.starts_at, a.timezone, a.notes, a.status, a.remind_at,
        a.created_at, a.updated_at, r.id AS reminder_id, r.due_at, r.status AS reminder_status, r.attempts,
-       r.last_error, r.skip_reason, r.sent_at, r.provider_call_id"""
+       r.last_error, r.skip_reason, r.sent_at, r.provider_call_id, r.outcome, r.answered_at"""
 _ONE_APPOINTMENT = f"""
 SELECT {_COLUMNS}
 FROM appointments a LEFT JOIN reminders r ON r.appointment_id = a.id
@@ -116,6 +116,7 @@ def _appointments(rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
                 "id": row["reminder_id"], "due_at": row["due_at"].isoformat(), "status": row["reminder_status"],
                 "attempts": row["attempts"], "last_error": row["last_error"], "skip_reason": row["skip_reason"],
                 "sent_at": _iso(row["sent_at"]), "provider_call_id": row["provider_call_id"],
+                "outcome": row["outcome"], "answered_at": _iso(row["answered_at"]),
             })
     return out
 
@@ -162,7 +163,8 @@ async def bare_db_create(body: Body, request: Request) -> dict[str, Any]:
         "starts_at": starts_at.isoformat(), "timezone": body.timezone, "notes": body.notes, "status": "scheduled",
         "remind_at": None, "unplanned": [], "created_at": now.isoformat(), "updated_at": now.isoformat(),
         "reminders": [{"id": r[0], "due_at": r[2].isoformat(), "status": "pending", "attempts": 0, "last_error": None,
-                       "skip_reason": None, "sent_at": None, "provider_call_id": None} for r in reminders],
+                       "skip_reason": None, "sent_at": None, "provider_call_id": None, "outcome": None,
+                       "answered_at": None} for r in reminders],
     }
 
 

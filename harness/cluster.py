@@ -47,7 +47,18 @@ from .ports import free_port, wait_for_port
 from .postgres import PostgresServer
 from .proxy import TcpProxy
 
-__all__ = ["Cluster", "LeaderTerm", "ProviderClient", "ProviderProcess", "ReplicaProcess", "wait_for"]
+__all__ = [
+    "Cluster",
+    "LeaderTerm",
+    "ProviderClient",
+    "ProviderProcess",
+    "ReplicaProcess",
+    "TwilioFakeClient",
+    "TelnyxFakeProcess",
+    "TwilioFakeProcess",
+    "WebhookProxyProcess",
+    "wait_for",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -242,6 +253,124 @@ class ProviderProcess(_Process):
             self.client.close()
 
 
+TWILIO_SID = "AC" + "5" * 32
+TWILIO_TOKEN = "cluster-twilio-token"
+WEBHOOK_PREFIX = "/edge"
+
+
+class TwilioFakeClient:
+    """Sync client of the Twilio-shaped fake's inspection and control endpoints (`/_fake/...`)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._http = httpx.Client(base_url=base_url, timeout=5.0)
+
+    def calls(self, placed_by: str | None = None) -> list[dict[str, Any]]:
+        """Every call with what it heard (`heard`), its stamp (`stamp`: r, a) and status."""
+        return self._http.get("/_fake/calls").raise_for_status().json()["calls"]
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every create received, in arrival order (status None while still running)."""
+        return self._http.get("/_fake/requests").raise_for_status().json()["requests"]
+
+    def control(self, **settings: Any) -> dict[str, Any]:
+        """`latency_ms`, `calls_per_second`, `ring_ms`, `reject_rate`, `fail_after_create_rate`,
+        `hang`; the generic fake's `fail_rate` means a 500 after the call was created."""
+        if "fail_rate" in settings:
+            settings["fail_after_create_rate"] = settings.pop("fail_rate")
+        settings.pop("fail_status", None)
+        return self._http.post("/_fake/control", json=settings).raise_for_status().json()
+
+    def callees(self, scripts: dict[str, dict[str, Any]]) -> None:
+        """Script the callee per number: {"+1…": {"behaviour": "answer|machine|no-answer|busy", "digits": "1"}}."""
+        self._http.post("/_fake/callees", json=scripts).raise_for_status()
+
+    def reset(self) -> None:
+        self._http.post("/_fake/reset").raise_for_status()
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class TwilioFakeProcess(ProviderProcess):
+    """`python -m service.fakes.twilio` on a free port (the account TWILIO_SID / TWILIO_TOKEN)."""
+
+    def __init__(self, log_path: Path, *, latency_ms: float = 0.0, calls_per_second: float = 1.0,
+                 ring_ms: float = 200.0) -> None:
+        super().__init__(log_path, latency_ms=latency_ms)
+        self.name = "twilio-fake"
+        self.calls_per_second = calls_per_second
+        self.ring_ms = ring_ms
+        self.client = TwilioFakeClient(self.url)  # type: ignore[assignment]
+
+    def start(self, timeout: float = 30.0) -> TwilioFakeProcess:
+        argv = [sys.executable, "-m", "service.fakes.twilio", "--port", str(self.port), "--latency-ms",
+                str(self.latency_ms), "--cps", str(self.calls_per_second), "--ring-ms", str(self.ring_ms),
+                "--account-sid", TWILIO_SID, "--auth-token", TWILIO_TOKEN]
+        self._spawn(argv, _child_env({}))
+        wait_for_port(self.port, timeout=timeout)
+        wait_for(self._answers, timeout=timeout, what="Twilio fake answering")
+        return self
+
+
+TELNYX_KEY = "cluster-telnyx-key"
+TELNYX_CONNECTION = "1494404757140276705"
+
+
+class TelnyxFakeProcess(ProviderProcess):
+    """`python -m service.fakes.telnyx` on a free port (TELNYX_KEY, TELNYX_CONNECTION; events signed
+    with the fake's fixed test key pair). Its inspection endpoints are the Twilio fake's."""
+
+    def __init__(self, log_path: Path, *, latency_ms: float = 0.0, calls_per_second: float = 30.0,
+                 ring_ms: float = 200.0) -> None:
+        super().__init__(log_path, latency_ms=latency_ms)
+        self.name = "telnyx-fake"
+        self.calls_per_second = calls_per_second
+        self.ring_ms = ring_ms
+        self.client = TwilioFakeClient(self.url)  # type: ignore[assignment]
+
+    def start(self, timeout: float = 30.0) -> TelnyxFakeProcess:
+        argv = [sys.executable, "-m", "service.fakes.telnyx", "--port", str(self.port), "--latency-ms",
+                str(self.latency_ms), "--cps", str(self.calls_per_second), "--ring-ms", str(self.ring_ms),
+                "--api-key", TELNYX_KEY, "--connection-id", TELNYX_CONNECTION]
+        self._spawn(argv, _child_env({}))
+        wait_for_port(self.port, timeout=timeout)
+        wait_for(self._answers, timeout=timeout, what="Telnyx fake answering")
+        return self
+
+
+class WebhookProxyProcess(_Process):
+    """`python -m harness.webhook_proxy`: the Ingress in front of the replicas' webhook routes."""
+
+    def __init__(self, log_path: Path, prefix: str = WEBHOOK_PREFIX) -> None:
+        super().__init__("webhook-proxy", log_path)
+        self.prefix = prefix
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.public_url = self.url + prefix
+        self._http = httpx.Client(base_url=self.url, timeout=5.0)
+
+    def start(self, timeout: float = 30.0) -> WebhookProxyProcess:
+        argv = [sys.executable, "-m", "harness.webhook_proxy", "--port", str(self.port), "--prefix", self.prefix]
+        self._spawn(argv, _child_env({}))
+        wait_for_port(self.port, timeout=timeout)
+        return self
+
+    def set_upstreams(self, urls: list[str]) -> None:
+        self._http.put("/_proxy/upstreams", json=urls).raise_for_status()
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        """POST under the public prefix, as the provider would (`path` starts with /telephony/…)."""
+        return self._http.post(self.prefix + path, **kwargs)
+
+    def close(self) -> None:
+        try:
+            if self.alive:
+                self.terminate(timeout=5)
+        finally:
+            self._http.close()
+
+
 class ReplicaProcess(_Process):
     """One `reminders serve` process; `restart()` starts it again with the same name, port and env."""
 
@@ -339,6 +468,9 @@ class Cluster:
         start_timeout: float = 45.0,
         keep_logs: bool | None = None,
         own_postgres: bool = False,
+        telephony_provider: str = "generic",
+        twilio_calls_per_second: float = 1.0,
+        twilio_ring_ms: float = 200.0,
     ) -> None:
         if own_postgres and database_url is not None:
             raise ValueError("own_postgres and database_url exclude each other")
@@ -357,7 +489,14 @@ class Cluster:
         self.own_postgres = own_postgres
         self.postgres: PostgresServer | None = None
         self.postgres_running = False
+        if telephony_provider not in ("generic", "twilio", "telnyx"):
+            raise ValueError("telephony_provider must be generic, twilio or telnyx")
+        self.telephony_provider = telephony_provider
+        self.twilio_calls_per_second = twilio_calls_per_second
+        self.twilio_ring_ms = twilio_ring_ms
         self.provider: ProviderProcess | None = None
+        # Twilio mode: webhooks reach the replicas through this proxy; PUBLIC_URL carries its prefix.
+        self.webhook_proxy: WebhookProxyProcess | None = None
         self.replicas: list[ReplicaProcess] = []
         self.retired: set[str] = set()
         self._next_index = 0
@@ -403,9 +542,24 @@ class Cluster:
                 "-v", "ON_ERROR_STOP=1", "-c", "ALTER DATABASE reminders SET synchronous_commit = on",
             )
         self.migrate()
-        self.provider = ProviderProcess(self.workdir / "provider.log", latency_ms=self.provider_latency_ms).start()
+        if self.telephony_provider == "twilio":
+            self.provider = TwilioFakeProcess(
+                self.workdir / "provider.log", latency_ms=self.provider_latency_ms,
+                calls_per_second=self.twilio_calls_per_second, ring_ms=self.twilio_ring_ms,
+            ).start()
+            self.webhook_proxy = WebhookProxyProcess(self.workdir / "webhook-proxy.log").start()
+        elif self.telephony_provider == "telnyx":
+            # `twilio_calls_per_second` is the fake's Dial rate here (over it: 429, code 90103)
+            self.provider = TelnyxFakeProcess(
+                self.workdir / "provider.log", latency_ms=self.provider_latency_ms,
+                calls_per_second=self.twilio_calls_per_second, ring_ms=self.twilio_ring_ms,
+            ).start()
+            self.webhook_proxy = WebhookProxyProcess(self.workdir / "webhook-proxy.log").start()
+        else:
+            self.provider = ProviderProcess(self.workdir / "provider.log", latency_ms=self.provider_latency_ms).start()
         for _ in range(self.size):
             self._new_replica()
+        self._route_webhooks()
         for replica in self.replicas:  # start all, then wait: they boot in parallel
             replica.start()
         for replica in self.replicas:
@@ -427,18 +581,46 @@ class Cluster:
             "ELECTION_PREFIX": self.election_prefix,
             "LEASE_TTL": str(self.lease_ttl),
             "CALL_WINDOW": "00:00-24:00",
-            **self.env,
         }
+        if self.telephony_provider == "twilio":
+            assert self.webhook_proxy is not None
+            env.update({
+                "TELEPHONY_PROVIDER": "twilio",
+                "TWILIO_API_URL": f"{self.provider.url}/{name}",  # the fake records it as placed_by
+                "TWILIO_ACCOUNT_SID": TWILIO_SID,
+                "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+                "PUBLIC_URL": self.webhook_proxy.public_url,
+            })
+        if self.telephony_provider == "telnyx":
+            from service.fakes.telnyx import TEST_PUBLIC_KEY  # noqa: PLC0415
+
+            assert self.webhook_proxy is not None
+            env.update({
+                "TELEPHONY_PROVIDER": "telnyx",
+                "TELNYX_API_URL": f"{self.provider.url}/{name}",  # the fake records it as placed_by
+                "TELNYX_API_KEY": TELNYX_KEY,
+                "TELNYX_CONNECTION_ID": TELNYX_CONNECTION,
+                "TELNYX_PUBLIC_KEY": TEST_PUBLIC_KEY,
+                "PUBLIC_URL": self.webhook_proxy.public_url,
+            })
+        env.update(self.env)
         replica = ReplicaProcess(name, self.workdir / f"{name}.log", env, proxy)
         self.replicas.append(replica)
         return replica
 
     def add_replica(self, *, wait: bool = True) -> ReplicaProcess:
         """Start one more replica (a rolling update's new pod) and, with `wait`, wait until ready."""
-        replica = self._new_replica().start()
+        replica = self._new_replica()
+        self._route_webhooks()
+        replica.start()
         if wait:
             replica.wait_ready(self.start_timeout)
         return replica
+
+    def _route_webhooks(self) -> None:
+        """Twilio mode: the proxy spreads webhooks over every replica (dead ones are skipped)."""
+        if self.webhook_proxy is not None:
+            self.webhook_proxy.set_upstreams([replica.url for replica in self.replicas])
 
     def retire(self, name: str, timeout: float = 20.0) -> int:
         """SIGTERM a replica for good (a rolling update's old pod): `recover()` will not restart it."""
@@ -499,6 +681,9 @@ class Cluster:
         if not self.provider.alive:
             self.provider.start()
         self.provider.client.control(latency_ms=self.provider_latency_ms, fail_rate=0, hang=False)
+        if self.webhook_proxy is not None and not self.webhook_proxy.alive:
+            self.webhook_proxy.start()
+            self._route_webhooks()
         for replica in self.active_replicas:
             if replica.paused:
                 replica.cont()
@@ -515,10 +700,11 @@ class Cluster:
         the provider's calls, keys and request log."""
         from sqlalchemy import delete  # noqa: PLC0415
 
-        from service.db import Appointment, Reminder  # noqa: PLC0415
+        from service.db import Appointment, CallAttempt, Reminder  # noqa: PLC0415
 
         async def wipe(db: Any) -> None:
             async with db.session() as session:
+                await session.execute(delete(CallAttempt))
                 await session.execute(delete(Reminder))
                 await session.execute(delete(Appointment))
                 await session.commit()
@@ -582,6 +768,9 @@ class Cluster:
             attempt(replica.close)
         if self.provider is not None:
             attempt(self.provider.close if graceful else lambda: (self.provider.kill(), self.provider.close()))
+        if self.webhook_proxy is not None:
+            attempt(self.webhook_proxy.close if graceful
+                    else lambda: (self.webhook_proxy.kill(), self.webhook_proxy.close()))
         if self._db_loop is not None:
             if self._db is not None:
                 attempt(lambda: self._db_loop.run(self._db.dispose(), timeout=10))
@@ -660,10 +849,11 @@ class Cluster:
 
     def seed_due_reminders(
         self, count: int, *, due_in_seconds: float = 0.0, spread_seconds: float = 0.0,
-        starts_in_seconds: float = 7200.0, timezone: str = "UTC",
+        starts_in_seconds: float = 7200.0, timezone: str = "UTC", phone: str | Callable[[int], str] = "+14155552671",
     ) -> list[str]:
         """Insert `count` appointments with one pending reminder each, due from `due_in_seconds`
-        from now, spread evenly over `spread_seconds`. Returns the reminder ids."""
+        from now, spread evenly over `spread_seconds`. Returns the reminder ids. `phone` may be a
+        function of the index (each reminder its own number)."""
         from service.db import Appointment, Reminder  # noqa: PLC0415
         from service.db.models import new_id  # noqa: PLC0415
         from service.reminders import idempotency_key  # noqa: PLC0415
@@ -676,7 +866,8 @@ class Cluster:
                     due = now + timedelta(seconds=due_in_seconds + spread_seconds * index / max(1, count))
                     reminder_id = new_id()
                     appointment = Appointment(
-                        id=new_id(), customer_name=f"Customer {index}", phone="+14155552671",
+                        id=new_id(), customer_name=f"Customer {index}",
+                        phone=phone(index) if callable(phone) else phone,
                         starts_at=now + timedelta(seconds=starts_in_seconds), timezone=timezone, status="scheduled",
                     )
                     appointment.reminders = [
@@ -699,6 +890,18 @@ class Cluster:
         async def rows(db: Any) -> list[dict[str, Any]]:
             async with db.session() as session:
                 return [dict(row._mapping) for row in await session.execute(select(Reminder.__table__))]
+
+        return self._run_db(rows)
+
+    def call_attempts(self) -> list[dict[str, Any]]:
+        """Every call_attempts row (Twilio mode), as dicts."""
+        from sqlalchemy import select  # noqa: PLC0415
+
+        from service.db import CallAttempt  # noqa: PLC0415
+
+        async def rows(db: Any) -> list[dict[str, Any]]:
+            async with db.session() as session:
+                return [dict(row._mapping) for row in await session.execute(select(CallAttempt.__table__))]
 
         return self._run_db(rows)
 

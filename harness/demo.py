@@ -11,7 +11,12 @@ the `kill -9 <pid>` that kills the leader). LEADER_MAX_TERM (seconds), if set, m
 down in turn; LEASE_TTL (default 3) sets how long a dead leader is waited for. Ctrl-C, q,
 SIGTERM, SIGHUP (the terminal closed) stop everything it started.
 
-    .venv/bin/python -m harness.demo [--replicas N] [--duration SECONDS] [--appointments N]
+`--provider twilio` (or TELEPHONY_PROVIDER=twilio in the demo's environment) runs the replicas in
+Twilio mode against the Twilio-shaped fake (calls queued at 2 per second, webhooks through a
+prefix-stripping proxy): the calls' key column then shows what each call heard, and the count of
+keys becomes the reminders heard, each once whoever leads.
+
+    .venv/bin/python -m harness.demo [--replicas N] [--duration SECONDS] [--appointments N] [--provider P]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -38,7 +44,7 @@ from .cluster import Cluster
 
 __all__ = [
     "Controller", "FailoverClock", "KeyReader", "LiveView", "Snapshot", "Stop", "TerminalGone", "main",
-    "plain_status", "screen",
+    "plain_status", "provider_calls", "screen",
 ]
 
 PEOPLE = [
@@ -181,6 +187,22 @@ class FailoverClock:
         return f"{self.leader} leads for {now - self.since:.0f} s{last}"
 
 
+def provider_calls(cluster: Cluster) -> list[dict[str, Any]]:
+    """The fake provider's calls in the generic fake's shape (id, to, placed_by, created_at,
+    idempotency_key). Twilio mode: the key column says what the call heard, and "keys" count the
+    reminders heard (a call that heard nothing counts as one key of its own)."""
+    calls = cluster.provider.client.calls()  # type: ignore[union-attr]
+    if cluster.telephony_provider != "twilio":
+        return calls
+    shaped = []
+    for call in calls:
+        created = parsedate_to_datetime(call["date_created"]).astimezone(UTC).isoformat()
+        words = f"heard #{call['stamp'].get('r', '?')[:8]}" if call["heard"] else f"silent {call['sid'][-6:]}"
+        shaped.append({"id": call["sid"], "to": call["to"], "placed_by": call.get("placed_by") or "?",
+                       "created_at": created, "idempotency_key": words if call["status"] != "queued" else "queued"})
+    return shaped
+
+
 class LiveView:
     """Polls the cluster once per tick into a Snapshot, and keeps the events since the start."""
 
@@ -240,7 +262,7 @@ class LiveView:
         roles = self._roles()
         leader = self._notice(roles, now)
         try:
-            calls = self.cluster.provider.client.calls()  # type: ignore[union-attr]
+            calls = provider_calls(self.cluster)
         except httpx.HTTPError:
             calls = []
         for call in calls[self.calls_seen:]:
@@ -426,7 +448,7 @@ def screen(snapshot: Snapshot, *, title: str, keys: bool) -> Any:
 def summary(cluster: Cluster, view: LiveView | None) -> None:
     """What happened: leader changes, calls per replica, keys vs calls (exactly once), reminders."""
     try:
-        calls = cluster.provider.client.calls()  # type: ignore[union-attr]
+        calls = provider_calls(cluster)
         posts = cluster.provider.client.requests()  # type: ignore[union-attr]
         statuses = cluster.reminder_statuses()
     except Exception as error:  # noqa: BLE001 - a summary must not stop the teardown
@@ -435,6 +457,12 @@ def summary(cluster: Cluster, view: LiveView | None) -> None:
     if view is not None and view.echo is None:  # the screen is gone: repeat what happened but the calls
         print("\n".join([e for e in view.events if "   call " not in e][-15:]))
     per_replica = dict(Counter(c["placed_by"] for c in calls))
+    if cluster.telephony_provider == "twilio":
+        heard = Counter(c["idempotency_key"] for c in calls if c["idempotency_key"].startswith("heard"))
+        print(f"summary (Twilio mode): calls placed per replica {per_replica}; {len(posts)} creates, {len(calls)} "
+              f"calls, {len(heard)} reminders heard (at most {max(heard.values(), default=0)} time(s) each), "
+              f"{len(calls) - sum(heard.values())} calls without a message; reminders {dict(statuses)}", flush=True)
+        return
     print(f"summary: calls placed per replica {per_replica}; {len(calls)} calls for "
           f"{len({c['idempotency_key'] for c in calls})} distinct idempotency keys; {len(posts)} POSTs, "
           f"{sum(p['replayed'] for p in posts)} replayed; reminders {dict(statuses)}", flush=True)
@@ -487,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C or q)")
     parser.add_argument("--appointments", type=int, default=16)
     parser.add_argument("--latency-ms", type=float, default=150.0, help="fake provider latency")
+    parser.add_argument("--provider", choices=("generic", "twilio"),
+                        default=os.environ.get("TELEPHONY_PROVIDER", "generic"))
     args = parser.parse_args(argv)
     if args.replicas < 1 or args.appointments < 1:
         parser.error("--replicas and --appointments must be at least 1")
@@ -497,13 +527,16 @@ def main(argv: list[str] | None = None) -> int:
         env["LEADER_MAX_TERM"] = os.environ["LEADER_MAX_TERM"]
     database_url = os.environ.get("DEMO_DATABASE_URL") or None
     lease_ttl = int(os.environ.get("LEASE_TTL", "3"))
-    print(f"starting etcd, the fake provider ({args.latency_ms:.0f} ms) and {args.replicas} replicas on "
+    if args.provider == "twilio":
+        env["RECONCILE_GRACE"] = "10s"
+    print(f"starting etcd, the {'Twilio-shaped ' if args.provider == 'twilio' else ''}fake provider ({args.latency_ms:.0f} ms) and {args.replicas} replicas on "
           f"{'PostgreSQL' if database_url else 'SQLite (one file, WAL)'}, lease TTL {lease_ttl} s"
-          f"{', LEADER_MAX_TERM ' + env['LEADER_MAX_TERM'] + ' s' if env else ''} …", flush=True)
+          f"{', LEADER_MAX_TERM ' + env['LEADER_MAX_TERM'] + ' s' if 'LEADER_MAX_TERM' in env else ''} …", flush=True)
     reason = "duration reached"
     try:
         with Cluster(args.replicas, database_url=database_url, provider_latency_ms=args.latency_ms,
-                     lease_ttl=lease_ttl, env=env) as cluster:
+                     lease_ttl=lease_ttl, env=env, telephony_provider=args.provider,
+                     twilio_calls_per_second=2) as cluster:
             view = None
             try:
                 for replica in cluster.replicas:

@@ -28,10 +28,18 @@ from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, 
 from service.backlog import watch_backlog
 from service.config import Settings
 from service.db import Database
-from service.components import dispatch_config, election_config, pool_size, telephony_client
+from service.components import (
+    dispatch_config,
+    election_config,
+    pool_size,
+    provider,
+    telnyx_signature,
+    twilio_signature,
+)
 from service.dispatch.dispatcher import Dispatcher
 from service.election import Elector
 from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
+from service.webhooks import telnyx_router, twilio_router
 
 __all__ = ["app", "create_app"]
 
@@ -57,8 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url, pool_size=pool_size(settings))
         await _prepare_schema(db)
-        client = telephony_client(settings)
-        dispatcher = Dispatcher(db, client, dispatch_config(settings))
+        calls = provider(settings)
+        dispatcher = Dispatcher(db, calls, dispatch_config(settings))
 
         async def started(term) -> None:  # noqa: ANN001
             IS_LEADER.set(1)
@@ -78,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
             on_keepalive_failure=KEEPALIVE_FAILURES.inc,
             on_auth_failure=ETCD_AUTH_FAILURES.inc,
         )
-        app.state.db, app.state.elector = db, elector
+        app.state.db, app.state.elector, app.state.provider = db, elector, calls
         app.state.readiness = ReadinessProbe(db, elector)
         shutdown_started: asyncio.Task[None] | None = None
 
@@ -100,7 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             running.cancel()
             backlog.cancel()
             await asyncio.gather(running, backlog, return_exceptions=True)
-            await client.aclose()
+            await calls.aclose()
             await db.dispose()
             log.info("replica %s stopped", settings.pod_name)
 
@@ -120,6 +128,14 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(appointments.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    if settings.telephony_provider == "twilio":
+        # Twilio's webhooks, on every replica; signed, so not behind API_TOKEN.
+        app.state.twilio_signature = twilio_signature(settings)
+        app.include_router(twilio_router)
+    if settings.telephony_provider == "telnyx":
+        # Telnyx's events, on every replica; signed (Ed25519), so not behind API_TOKEN.
+        app.state.telnyx_signature = telnyx_signature(settings)
+        app.include_router(telnyx_router)
     _install_error_handlers(app)
     return app
 

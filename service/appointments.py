@@ -79,6 +79,8 @@ class ReminderView(TypedDict):
     skip_reason: str | None
     sent_at: datetime | None
     provider_call_id: str | None
+    outcome: str | None
+    answered_at: datetime | None
 
 
 class AppointmentView(TypedDict):
@@ -119,7 +121,8 @@ class Page:
 _A, _R = Appointment.__table__, Reminder.__table__
 _APPOINTMENT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "status", "remind_at",
                         "created_at", "updated_at")
-_REMINDER_COLUMNS = ("id", "due_at", "status", "attempts", "last_error", "skip_reason", "sent_at", "provider_call_id")
+_REMINDER_COLUMNS = ("id", "due_at", "status", "attempts", "last_error", "skip_reason", "sent_at", "provider_call_id",
+                     "outcome", "answered_at")
 
 
 def _joined(appointments: Any) -> Select[Any]:
@@ -194,7 +197,8 @@ def _views(rows: Sequence[Row[Any]]) -> list[AppointmentView]:
         if row[10] is not None:
             current["reminders"].append({
                 "id": row[10], "due_at": row[11], "status": row[12], "attempts": row[13], "last_error": row[14],
-                "skip_reason": row[15], "sent_at": row[16], "provider_call_id": row[17],
+                "skip_reason": row[15], "sent_at": row[16], "provider_call_id": row[17], "outcome": row[18],
+                "answered_at": row[19],
             })
     return views
 
@@ -237,7 +241,7 @@ def _plan(
 
 def _reminder_view(row: Mapping[str, Any]) -> ReminderView:
     return {"id": row["id"], "due_at": row["due_at"], "status": row["status"], "attempts": 0, "last_error": None,
-            "skip_reason": None, "sent_at": None, "provider_call_id": None}
+            "skip_reason": None, "sent_at": None, "provider_call_id": None, "outcome": None, "answered_at": None}
 
 
 def _unplanned(unplanned: Sequence[Unplanned]) -> list[dict[str, str]]:

@@ -10,8 +10,22 @@ from service.config import Settings
 from service.dispatch.dispatcher import DispatchConfig
 from service.election import ConfigError, ElectionConfig
 from service.telephony import HttpTelephonyClient
+from service.telephony.generic import GenericProvider
+from service.telephony.provider import Provider
+from service.telephony.telnyx import TelnyxProvider, TelnyxSignature
+from service.telephony.twilio import TwilioProvider, TwilioSignature
 
-__all__ = ["SettingError", "check", "dispatch_config", "election_config", "pool_size", "telephony_client"]
+__all__ = [
+    "SettingError",
+    "check",
+    "dispatch_config",
+    "election_config",
+    "pool_size",
+    "provider",
+    "telephony_client",
+    "telnyx_signature",
+    "twilio_signature",
+]
 
 
 class SettingError(ValueError):
@@ -60,6 +74,7 @@ def dispatch_config(settings: Settings) -> DispatchConfig:
         calls_per_second=settings.calls_per_second,
         max_attempts=settings.dispatch_max_attempts,
         retry_base_delay=settings.retry_base_delay,
+        reconcile_grace=settings.effective_reconcile_grace,
     )
 
 
@@ -75,6 +90,43 @@ def telephony_client(settings: Settings) -> HttpTelephonyClient:
         timeout=settings.telephony_timeout,
         max_connections=settings.dispatch_concurrency,
     )
+
+
+def provider(settings: Settings) -> Provider:
+    """The adapter TELEPHONY_PROVIDER names (Settings has checked that its settings are there)."""
+    if settings.telephony_provider == "twilio":
+        assert settings.public_url and settings.twilio_account_sid and settings.twilio_auth_token
+        return TwilioProvider(
+            api_url=settings.twilio_api_url,
+            account_sid=settings.twilio_account_sid,
+            auth_token=settings.twilio_auth_token.get_secret_value(),
+            public_url=settings.public_url,
+            timeout=settings.telephony_timeout,
+            max_connections=min(settings.dispatch_concurrency, 100),
+        )
+    if settings.telephony_provider == "telnyx":
+        assert settings.public_url and settings.telnyx_api_key and settings.telnyx_connection_id
+        return TelnyxProvider(
+            api_url=settings.telnyx_api_url,
+            api_key=settings.telnyx_api_key.get_secret_value(),
+            connection_id=settings.telnyx_connection_id,
+            public_url=settings.public_url,
+            timeout=settings.telephony_timeout,
+            max_connections=min(settings.dispatch_concurrency, 100),
+        )
+    return GenericProvider(telephony_client(settings))
+
+
+def twilio_signature(settings: Settings) -> TwilioSignature:
+    """The webhook signature check: the auth token over PUBLIC_URL + path + query."""
+    assert settings.twilio_auth_token and settings.public_url
+    return TwilioSignature(settings.twilio_auth_token.get_secret_value(), settings.public_url)
+
+
+def telnyx_signature(settings: Settings) -> TelnyxSignature:
+    """The event signature check: Ed25519 with TELNYX_PUBLIC_KEY over "{timestamp}|{body}"."""
+    assert settings.telnyx_public_key
+    return TelnyxSignature(settings.telnyx_public_key)
 
 
 def check(settings: Settings) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import socket
@@ -45,6 +47,17 @@ class Settings(BaseSettings):
     election_prefix: str = "/reminders/leader"
     lease_ttl: int = Field(default=10, ge=2, le=300)
     leader_max_term: float | None = Field(default=None, gt=0)
+    telephony_provider: Literal["generic", "twilio", "telnyx"] = "generic"
+    public_url: str | None = None
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_api_url: str = "https://api.twilio.com"
+    telnyx_api_key: SecretStr | None = None
+    telnyx_connection_id: str | None = None
+    telnyx_public_key: str | None = None
+    telnyx_api_url: str = "https://api.telnyx.com"
+    # None: derived (`effective_reconcile_grace`)
+    reconcile_grace: Annotated[timedelta | None, NoDecode] = None
     telephony_url: str = "http://127.0.0.1:8090"
     telephony_token: SecretStr | None = None
     telephony_from: str = "+15550000000"
@@ -135,12 +148,88 @@ class Settings(BaseSettings):
             raise ValueError("must be sqlite+aiosqlite://… or postgresql+asyncpg://…")
         return value
 
-    @field_validator("telephony_url")
+    @field_validator("telephony_url", "twilio_api_url", "telnyx_api_url")
     @classmethod
     def _telephony_url(cls, value: str) -> str:
         if not re.match(r"https?://[^/\s]+", value):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        # the base of every webhook signature check: a query or fragment would never match
+        if value is not None and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value):
+            raise ValueError("must be an http(s) URL without query or fragment, e.g. https://reminders.example.com")
+        return value.rstrip("/") if value is not None else None
+
+    @field_validator("twilio_account_sid")
+    @classmethod
+    def _account_sid(cls, value: str | None) -> str | None:
+        # it becomes a path segment of the REST URL (SignalWire's project ids carry dashes)
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9-]{2,64}", value):
+            raise ValueError("must be the account SID (e.g. AC… , letters and digits)")
+        return value
+
+    @field_validator("telnyx_connection_id")
+    @classmethod
+    def _connection_id(cls, value: str | None) -> str | None:
+        # it becomes a path segment of the active-calls URL
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+            raise ValueError("must be the Call Control connection (application) id, e.g. 1494404757140276705")
+        return value
+
+    @field_validator("telnyx_public_key")
+    @classmethod
+    def _telnyx_public_key(cls, value: str | None) -> str | None:
+        # a key that cannot verify anything would refuse every event: refused at start instead
+        if value is None:
+            return None
+        try:
+            raw = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be the base64 Ed25519 public key of the Telnyx portal (32 bytes, 44 characters)")
+        return value.strip()
+
+    @field_validator("reconcile_grace", mode="before")
+    @classmethod
+    def _reconcile_grace(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = parse_duration(value)
+        if isinstance(value, timedelta) and value <= timedelta(0):
+            raise ValueError("must be a positive duration (e.g. 2m)")
+        return value
+
+    @model_validator(mode="after")
+    def _provider_settings(self) -> Settings:
+        if self.telephony_provider == "twilio":
+            missing = [name for name, value in (("PUBLIC_URL", self.public_url),
+                                                ("TWILIO_ACCOUNT_SID", self.twilio_account_sid),
+                                                ("TWILIO_AUTH_TOKEN", self.twilio_auth_token)) if not value]
+            if missing:
+                raise ValueError(f"TELEPHONY_PROVIDER=twilio requires {', '.join(missing)}")
+        if self.telephony_provider == "telnyx":
+            missing = [name for name, value in (("PUBLIC_URL", self.public_url),
+                                                ("TELNYX_API_KEY", self.telnyx_api_key),
+                                                ("TELNYX_CONNECTION_ID", self.telnyx_connection_id),
+                                                ("TELNYX_PUBLIC_KEY", self.telnyx_public_key)) if not value]
+            if missing:
+                raise ValueError(f"TELEPHONY_PROVIDER=telnyx requires {', '.join(missing)}")
+        return self
+
+    @property
+    def effective_reconcile_grace(self) -> timedelta:
+        """RECONCILE_GRACE, or a default that covers a create still on its way (twice the request
+        timeout), Twilio's queue at CALLS_PER_SECOND (twice DISPATCH_CONCURRENCY calls' worth),
+        and at least a minute."""
+        if self.reconcile_grace is not None:
+            return self.reconcile_grace
+        seconds = max(60.0, 2 * self.telephony_timeout)
+        if self.calls_per_second > 0:
+            seconds = max(seconds, 2 * self.dispatch_concurrency / self.calls_per_second)
+        return timedelta(seconds=seconds)
 
     @field_validator("allowed_countries", mode="before")
     @classmethod
@@ -173,6 +262,21 @@ class Settings(BaseSettings):
                     "ETCD_ENDPOINTS: ETCD_PASSWORD would be sent over plain http:// to a non-loopback host "
                     f"({remote[0]}); use https:// with ETCD_CA_CERT (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
                 )
+        if self.twilio_auth_token is not None and _plain_remote(self.twilio_api_url):
+            raise ValueError(
+                "TWILIO_API_URL: TWILIO_AUTH_TOKEN would be sent over plain http:// to a non-loopback host; "
+                "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+            )
+        if self.telnyx_api_key is not None and _plain_remote(self.telnyx_api_url):
+            raise ValueError(
+                "TELNYX_API_URL: TELNYX_API_KEY would be sent over plain http:// to a non-loopback host; "
+                "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+            )
+        if self.telephony_provider != "generic" and self.public_url and _plain_remote(self.public_url):
+            raise ValueError(
+                "PUBLIC_URL: the provider would post call events and fetch the message (names, times) over plain "
+                "http:// from a non-loopback host; use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+            )
         return self
 
     @model_validator(mode="after")

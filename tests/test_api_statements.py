@@ -22,7 +22,7 @@ from tests.support.appclient import make_settings, running_app
 pytestmark = pytest.mark.anyio
 
 # The leader's dispatcher and the backlog gauges query in the background: not the API's statements.
-_BACKGROUND_MARKS = ("leader_fence", "SKIP LOCKED", "claimed_by", "next_attempt_at <", "count(*)")
+_BACKGROUND_MARKS = ("leader_fence", "SKIP LOCKED", "claimed_by", "next_attempt_at <", "count(*)", "lock_timeout")
 
 
 @pytest.fixture

@@ -13,12 +13,34 @@ from service.db import Database, SchemaOutOfDate
 
 pytestmark = pytest.mark.anyio
 
-TABLES = {"appointments", "reminders", "leader_fence", "alembic_version"}
+TABLES = {"appointments", "reminders", "leader_fence", "call_attempts", "alembic_version"}
+REMINDER_CALL_COLUMNS = {"outcome", "answered_at", "bound_attempt_id", "bound_call_id"}
 
 
 async def tables(db: Database) -> set[str]:
     async with db.engine.connect() as connection:
         return set(await connection.run_sync(lambda c: inspect(c).get_table_names()))
+
+
+async def reminder_columns(db: Database) -> set[str]:
+    async with db.engine.connect() as connection:
+        return {c["name"] for c in await connection.run_sync(lambda c: inspect(c).get_columns("reminders"))}
+
+
+async def test_call_attempts_migration_steps_down_and_up(database_url: str) -> None:
+    db = Database(database_url)
+    try:
+        await db.upgrade()
+        assert REMINDER_CALL_COLUMNS <= await reminder_columns(db)
+        await db.downgrade("0001")
+        assert "call_attempts" not in await tables(db)
+        assert not REMINDER_CALL_COLUMNS & await reminder_columns(db)
+        assert {"appointments", "reminders", "leader_fence"} <= await tables(db)
+        await db.upgrade()
+        await db.check_schema()
+        assert REMINDER_CALL_COLUMNS <= await reminder_columns(db)
+    finally:
+        await db.dispose()
 
 
 async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
@@ -59,7 +81,9 @@ def test_serve_refuses_an_out_of_date_postgres_schema(postgres_url: str) -> None
     ("variable", "value"),
     [("LEASE_TTL", "abc"), ("LEASE_TTL", "1"), ("CALL_WINDOW", "21:00-08:00"), ("REMINDER_OFFSETS", "soon"),
      ("MISFIRE_GRACE", "-3"), ("DATABASE_URL", "mysql://x"), ("ETCD_ENDPOINTS", "no port"),
-     ("DISPATCH_CONCURRENCY", "0"), ("CALLS_PER_SECOND", "-1"), ("LOG_FORMAT", "xml"), ("TELEPHONY_URL", "ftp://x")],
+     ("DISPATCH_CONCURRENCY", "0"), ("CALLS_PER_SECOND", "-1"), ("LOG_FORMAT", "xml"), ("TELEPHONY_URL", "ftp://x"),
+     ("TELEPHONY_PROVIDER", "twilio"), ("TELEPHONY_PROVIDER", "vonage"), ("PUBLIC_URL", "reminders.example.com"),
+     ("RECONCILE_GRACE", "-5"), ("TWILIO_API_URL", "api.twilio.com")],
 )
 def test_bad_settings_stop_with_one_line(variable: str, value: str) -> None:
     result = run_cli("serve", env={variable: value})

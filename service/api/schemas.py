@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from service.db.models import AppointmentStatus
 from service.privacy import E164_PATTERN
-from service.reminders import ReminderStatus
+from service.reminders import ReminderOutcome, ReminderStatus
 
 __all__ = [
     "AppointmentCreate",
@@ -160,6 +160,10 @@ class ReminderOut(BaseModel):
     skip_reason: str | None = Field(description="Why the reminder was skipped or cancelled, if it was.")
     sent_at: datetime | None
     provider_call_id: str | None
+    outcome: ReminderOutcome | None = Field(
+        default=None, description="Real providers: what the call achieved (`answered`); null until known, and for `generic`."
+    )
+    answered_at: datetime | None = Field(default=None, description="When the reminder's bound call was answered.")
 
 
 class UnplannedOut(BaseModel):

@@ -1,4 +1,4 @@
-"""Tables: appointments, their reminders (one row each), and the leader fence."""
+"""Tables: appointments, their reminders (one row each), call attempts (real providers), and the leader fence."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from enum import StrEnum
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.reminders.attempts import AttemptState, ReminderOutcome
 from service.reminders.lifecycle import ReminderStatus
 
 __all__ = [
-    "Appointment", "AppointmentStatus", "Base", "LeaderFence", "Reminder", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
+    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "LeaderFence", "Reminder",
+    "ReminderOutcome", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
 ]
 
 
@@ -93,6 +95,12 @@ class Reminder(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Real providers: what the call achieved (`answered`, …) and the call that speaks the message,
+    # bound when it is answered (first answer wins; DESIGN.md "Real providers").
+    outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    bound_attempt_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    bound_call_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -100,6 +108,26 @@ class Reminder(Base):
 
     # The dispatcher's due query: status + next_attempt_at, never a full scan.
     __table_args__ = (Index("ix_reminders_status_next_attempt_at", "status", "next_attempt_at"),)
+
+
+class CallAttempt(Base):
+    """One create request of a real provider, recorded (fenced) before it is sent."""
+
+    __tablename__ = "call_attempts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    reminder_id: Mapped[str] = mapped_column(ForeignKey("reminders.id", ondelete="CASCADE"), index=True)
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), default=AttemptState.CREATING)
+    # From the create's response or from the first webhook, whichever comes first.
+    provider_call_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    # The newest status a webhook reported, ordered by the provider's sequence (never goes back).
+    call_status: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    last_sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
 class LeaderFence(Base):

@@ -3,6 +3,10 @@
 The only place that joins a term, the database and the provider. Data flows one way:
 DB (fenced claim) → provider (one idempotency key per reminder) → DB (fenced record).
 
+That is the `generic` provider, which dedupes creates by key. A provider without idempotency
+(Twilio) goes through `service.dispatch.attempts`: each create is an attempt recorded under the
+fence before it is sent, and an attempt in doubt is reconciled, never repeated blindly.
+
 Guarantees, and their limits:
 - Nothing is claimed unless the database's fence equals this term's token; the fence is raised
   when the term starts, so a deposed leader claims nothing once its successor has started.
@@ -34,10 +38,15 @@ from service.db import Database
 from service.dispatch.limiter import RateLimiter
 from service.dispatch.store import Claim, ReminderStore, StaleTerm, is_data_error
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
+from service.dispatch.attempts import StampedCalls, StampedConfig
+from service.dispatch.speech import SpeechSweep
+from service.reminders.attempts import RECHECK
 from service.reminders import CallWindow, ReminderStatus, call_message, decide_call
-from service.telephony import CallOutcome, CallRequest, OutcomeKind, TelephonyClient
 from service.privacy import strip_control
+from service.telephony import TelephonyClient
 from service.telephony.client import usable_call_id
+from service.telephony.generic import GenericProvider
+from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider, SpeechCommands
 
 __all__ = ["DispatchConfig", "Dispatcher", "OutcomeRecorder", "StaleTerm", "Term"]
 
@@ -76,6 +85,12 @@ class DispatchConfig:
     # None = twice `concurrency`. Slots free up when the provider answers: without this bound a
     # database that refuses outcomes would let claims and calls go on while tasks pile up.
     max_in_flight: int | None = None
+    # Providers without idempotency: how long an attempt in doubt waits for its events (RECONCILE_GRACE).
+    reconcile_grace: timedelta = timedelta(seconds=60)
+    # Providers whose speech is a command (Telnyx): a bound call that has not begun its message
+    # this long after its last event gets it again (service.dispatch.speech), looked for this often.
+    speech_confirm_after: timedelta = timedelta(seconds=10)
+    speech_sweep_interval: float = 2.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -98,6 +113,11 @@ class DispatchConfig:
 def message_for(claim: Claim) -> str:
     """The words of the call for a claimed reminder (the wording is the domain's)."""
     return call_message(claim.customer_name, claim.starts_at, claim.timezone)
+
+
+def _wording(row: object) -> str:
+    """The words for a row with `customer_name`, `starts_at`, `timezone` (the speech sweep's)."""
+    return call_message(row.customer_name, row.starts_at, row.timezone)  # type: ignore[attr-defined]
 
 
 RECORD_RETRIES = 6
@@ -256,13 +276,30 @@ def salvage_outcome(values: Mapping[str, object]) -> dict[str, object]:
     return safe
 
 
+# reminders_call_attempts_total's `outcome` label, as the alerts and the dashboard know it: a create
+# that failed and may be retried (refused with 429, or in doubt) is `transient`.
+_ATTEMPT_LABEL = {
+    CreateKind.CREATED: "sent",
+    CreateKind.NOT_CREATED: "transient",
+    CreateKind.IN_DOUBT: "transient",
+    CreateKind.REJECTED: "permanent",
+    CreateKind.NOT_SENT: "not_sent",
+}
+
+
 class Dispatcher:
     """Calls due reminders for the length of a term; `lead(term)` is the elector's callback."""
 
-    def __init__(self, db: Database, client: TelephonyClient, config: DispatchConfig) -> None:
+    def __init__(self, db: Database, client: Provider | TelephonyClient, config: DispatchConfig) -> None:
         self.store = ReminderStore(db)
-        self.client = client
+        # A bare TelephonyClient (place_call) is the generic provider.
+        self.provider: Provider = client if hasattr(client, "create_call") else GenericProvider(client)  # type: ignore[assignment]
         self.config = config
+        self._stamped = None if self.provider.dedupes_creation else StampedCalls(
+            db, self.provider, StampedConfig(caller_id=config.caller_id, reconcile_grace=config.reconcile_grace,
+                                             max_attempts=config.max_attempts, retry_delay=self.retry_delay))
+        self._speech = SpeechSweep(db, self.provider, wording=_wording, confirm_after=config.speech_confirm_after) \
+            if isinstance(self.provider, SpeechCommands) else None
         self._limiter = RateLimiter(config.calls_per_second)
         # Every reminder task of the term until its outcome is written (waited for at term end).
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -282,6 +319,7 @@ class Dispatcher:
             keep_trying=term.valid,
         )
         ended = asyncio.ensure_future(term.ended.wait())
+        sweep = asyncio.create_task(self._sweep_speech(term, ended), name="speech-sweep") if self._speech else None
         try:
             while term.valid():
                 claimed = await self._claim_some(term)
@@ -299,10 +337,23 @@ class Dispatcher:
                 await self._wait_for_room(ended, self.config.scan_interval)
         finally:
             ended.cancel()
+            if sweep is not None:
+                sweep.cancel()
+                await asyncio.gather(sweep, return_exceptions=True)
             if self._in_flight:
                 log.info("term %d over: waiting for %d call(s) in flight", token, len(self._in_flight))
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
             log.info("stopped dispatching under fencing token %d", token)
+
+    async def _sweep_speech(self, term: Term, ended: asyncio.Future[bool]) -> None:
+        """While the term lasts: bound calls that owe their message get it (SpeechSweep)."""
+        assert self._speech is not None
+        while term.valid() and not ended.done():
+            try:
+                await self._speech.once(datetime.now(UTC), term.fencing_token)
+            except Exception as error:  # noqa: BLE001 - a DB or provider outage must not end the term
+                log.warning("speech sweep failed: %s", type(error).__name__)
+            await asyncio.wait({ended}, timeout=self.config.speech_sweep_interval)
 
     def _done(self, reminder_id: str) -> None:
         self._in_flight.pop(reminder_id, None)
@@ -381,40 +432,75 @@ class Dispatcher:
         if decision.wait_until:
             await self._finish(recorder, claim, status=ReminderStatus.PENDING, next_attempt_at=decision.wait_until)
             return
+        if self._stamped is not None:
+            await self._handle_stamped(term, claim, recorder)
+            return
         await self._limiter.acquire()
         if not term.valid():
             return  # stays `dispatching` under this token: the next term completes it with the same key
-        request = CallRequest(
+        spec = CallSpec(
             to=claim.phone,
             from_=self.config.caller_id,
-            message=message_for(claim),
-            appointment_id=claim.appointment_id,
             reminder_id=claim.reminder_id,
+            appointment_id=claim.appointment_id,
+            attempt_id="",
+            message=message_for(claim),
             idempotency_key=claim.idempotency_key,
         )
         IN_FLIGHT.inc()
         try:
             # checked again right before the first byte leaves: a process frozen since the check
             # above must not call on resume
-            outcome = await self.client.place_call(request, may_send=term.valid)
+            result = await self.provider.create_call(spec, may_send=term.valid)
         finally:
             IN_FLIGHT.dec()
             self._release(claim.reminder_id)
-        CALL_ATTEMPTS.labels(outcome.kind.value).inc()
-        if outcome.kind is OutcomeKind.NOT_SENT:
+        CALL_ATTEMPTS.labels(_ATTEMPT_LABEL[result.kind]).inc()
+        if result.kind is CreateKind.NOT_SENT:
             return  # as above: the next term completes it with the same key, no attempt spent
-        await self._record(recorder, claim, outcome)
+        await self._record(recorder, claim, result)
 
-    async def _record(self, recorder: OutcomeRecorder, claim: Claim, outcome: CallOutcome) -> None:
+    async def _handle_stamped(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
+        """A provider without idempotency: reconcile earlier attempts, then at most one new one."""
+        assert self._stamped is not None
+
+        async def finish(done: Claim, **values: object) -> None:
+            if values.get("status") == ReminderStatus.SENT and "attempts" in values:
+                DISPATCH_LAG.observe(max(0.0, (datetime.now(UTC) - done.due_at).total_seconds()))
+            await self._finish(recorder, done, **values)
+
+        IN_FLIGHT.inc()
+        try:
+            result = await self._stamped.handle(
+                claim, token=term.fencing_token, may_send=term.valid, now=lambda: datetime.now(UTC), finish=finish,
+                before_create=self._limiter.acquire,
+            )
+        except Exception as error:  # noqa: BLE001 - a database or provider failure mid-way
+            # Not left `dispatching` until the stale-claim sweep: looked at again shortly, and an
+            # attempt recorded but not settled is reconciled then, never repeated blindly.
+            log.warning("reminder %s: %s during its call; looking again shortly", claim.reminder_id,
+                        type(error).__name__)
+            result = None
+            if term.valid():
+                await self._finish(recorder, claim, status=ReminderStatus.PENDING,
+                                   next_attempt_at=datetime.now(UTC) + RECHECK,
+                                   last_error=f"interrupted: {type(error).__name__}")
+        finally:
+            IN_FLIGHT.dec()
+            self._release(claim.reminder_id)
+        if result is not None:
+            CALL_ATTEMPTS.labels(_ATTEMPT_LABEL[result.kind]).inc()
+
+    async def _record(self, recorder: OutcomeRecorder, claim: Claim, outcome: CreateResult) -> None:
         now = datetime.now(UTC)
         attempts = claim.attempts + 1
-        if outcome.kind is OutcomeKind.SENT:
+        if outcome.kind is CreateKind.CREATED:
             DISPATCH_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
             await self._finish(
                 recorder, claim, status=ReminderStatus.SENT, attempts=attempts, provider_call_id=outcome.call_id,
                 sent_at=now, last_error=outcome.error,  # e.g. an unusable call id, refused by the client
             )
-        elif outcome.kind is OutcomeKind.TRANSIENT and attempts < self.config.max_attempts:
+        elif outcome.kind in (CreateKind.NOT_CREATED, CreateKind.IN_DOUBT) and attempts < self.config.max_attempts:
             delay = self.retry_delay(attempts, outcome.retry_after)
             log.info("reminder %s: attempt %d failed (%s), retry in %.1fs", claim.reminder_id, attempts, outcome.error, delay)
             await self._finish(

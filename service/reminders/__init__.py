@@ -1,9 +1,11 @@
 """The reminder domain: planning, the call decision, the key rule, the wording, the lifecycle,
-which numbers may be called.
+which numbers may be called; for real providers the attempt states, the outcome and the
+reconciliation of attempts in doubt.
 
 Pure: no database session, no HTTP. The API and the dispatcher both import it; neither owns it.
 """
 
+from service.reminders.attempts import AttemptState, ReminderOutcome, reconcile
 from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
 from service.reminders.numbers import NumberPolicy, number_refusal
 from service.reminders.lifecycle import (
@@ -26,6 +28,9 @@ from service.reminders.planning import (
 from service.reminders.rules import ALWAYS, CallWindow, ReminderOffset, parse_duration
 
 __all__ = [
+    "AttemptState",
+    "ReminderOutcome",
+    "reconcile",
     "ALWAYS",
     "REPLAN_FIELDS",
     "TERMINAL",

@@ -1,0 +1,153 @@
+"""Twilio's webhooks: `POST /telephony/twilio/{voice,status,gather}`, on every replica.
+
+Each request's `X-Twilio-Signature` is checked against PUBLIC_URL + path + query before anything
+is read from or written to the database: a bad or missing one is a 403 and nothing happens.
+Every validly signed request gets a 2xx; an event for an unknown, finished or already bound call
+changes nothing. The voice route always answers TwiML: the message for the reminder's bound call,
+`<Hangup/>` for any other.
+
+The app provides `app.state.db`, `app.state.twilio_signature` (`TwilioSignature`) and
+`app.state.provider` (to cancel a bound reminder's other calls, after the response is sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
+from starlette.datastructures import FormData
+
+from service.privacy import mask_phone
+from service.reminders import call_message
+from service.telephony.provider import Stamp
+from service.telephony.twilio import SIGNATURE_HEADER, WEBHOOK_PATHS, TwilioSignature, hangup_twiml, say_twiml
+from service.webhooks import calls
+
+__all__ = ["router"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
+
+_TWIML = "application/xml"
+# Seconds a webhook keeps trying a database that fails (a restart, a failover) before it gives up:
+# the voice request well inside Twilio's 15 s, so that a call answered during a short outage still
+# hears its message; a status event a little less (Twilio does not send it again).
+VOICE_DATABASE_BUDGET = 8.0
+STATUS_DATABASE_BUDGET = 5.0
+_MIN_TRY = 2.0
+
+
+async def _verified(request: Request) -> FormData:
+    """The POST form, once the signature over PUBLIC_URL + path + query holds; else 403.
+
+    Twilio posts `application/x-www-form-urlencoded`: parsed here, with no multipart parser."""
+    signature: TwilioSignature = request.app.state.twilio_signature
+    form = FormData(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    if not signature.valid(request.scope["path"], query, form, request.headers.get(SIGNATURE_HEADER)):
+        log.warning("twilio webhook %s refused: bad or missing signature", request.scope["path"])
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="invalid signature")
+    return form
+
+
+async def _with_retries(work: Callable[[], Awaitable[Any]], budget: float, what: str) -> Any:
+    """`work()`, tried again after a failure (the database down or failing over) until `budget`
+    seconds have passed; the last failure is raised."""
+    deadline = time.monotonic() + budget
+    delay = 0.1
+    while True:
+        try:
+            # Every try gets a fair chance, even one begun past the deadline (a process frozen
+            # while it held the request resumes late: trying beats hanging up unheard).
+            async with asyncio.timeout(max(_MIN_TRY, deadline - time.monotonic())):
+                return await work()
+        except Exception as error:  # noqa: BLE001 - retried within the budget, then raised
+            if time.monotonic() + delay >= deadline:
+                raise
+            log.info("%s: %s, trying again", what, type(error).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _sequence(form: FormData) -> int | None:
+    value = form.get("SequenceNumber")
+    return int(value) if isinstance(value, str) and value.isdigit() and len(value) < 18 else None
+
+
+def _call_sid(form: FormData) -> str | None:
+    value = form.get("CallSid")
+    return value if isinstance(value, str) and value.isalnum() and len(value) <= 64 else None
+
+
+async def _cancel(request: Request, call_ids: list[str]) -> None:
+    provider: Any = request.app.state.provider
+    for call_id in call_ids:
+        cancelled = await provider.cancel(call_id)
+        log.info("cancelled call %s of a reminder already answered: %s", call_id, cancelled)
+
+
+def _wording(row: Any) -> str:
+    return call_message(row.customer_name, row.starts_at, row.timezone)
+
+
+def _twiml(body: str) -> Response:
+    return Response(body, media_type=_TWIML)
+
+
+@router.post(WEBHOOK_PATHS["voice"])
+async def voice(request: Request, background: BackgroundTasks) -> Response:
+    """An answered call asks what to do: the message if it is (or becomes) the bound call."""
+    form = await _verified(request)
+    stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
+    if stamp is None or call_sid is None:
+        return _twiml(hangup_twiml())
+    try:
+        result = await _with_retries(
+            lambda: calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), _wording),
+            getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
+            f"voice webhook for reminder {stamp.reminder_id}",
+        )
+    except Exception as error:  # noqa: BLE001 - an unknown state must not speak; Twilio must hear TwiML
+        log.warning("voice webhook for reminder %s: database unavailable (%s); hanging up",
+                    stamp.reminder_id, type(error).__name__)
+        return _twiml(hangup_twiml())
+    if result.cancel:
+        background.add_task(_cancel, request, result.cancel)
+    if not result.speak:
+        log.info("call %s to %s answered, reminder %s is bound to another call: hang up",
+                 call_sid, mask_phone(str(form.get("To", ""))), stamp.reminder_id)
+        return _twiml(hangup_twiml())
+    if result.newly_bound:
+        log.info("reminder %s bound to call %s (attempt %s)", stamp.reminder_id, call_sid, stamp.attempt_id)
+    return _twiml(say_twiml(result.message or ""))
+
+
+@router.post(WEBHOOK_PATHS["status"], status_code=status.HTTP_204_NO_CONTENT)
+async def status_event(request: Request, background: BackgroundTasks) -> Response:
+    """A call's progress (initiated, ringing, answered, completed, …), applied in sequence order."""
+    form = await _verified(request)
+    stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
+    call_status = form.get("CallStatus")
+    if stamp is not None and call_sid is not None and isinstance(call_status, str) and len(call_status) <= 32:
+        sequence = _sequence(form)
+        result = await _with_retries(
+            lambda: calls.record_event(request.app.state.db, stamp, call_sid, call_status, sequence, datetime.now(UTC)),
+            STATUS_DATABASE_BUDGET, f"status webhook for reminder {stamp.reminder_id}",
+        )
+        if result.cancel:
+            background.add_task(_cancel, request, result.cancel)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(WEBHOOK_PATHS["gather"])
+async def gather(request: Request) -> Response:
+    """Digits pressed after the message (the keypad flow of the outcomes issue): acknowledged."""
+    await _verified(request)
+    return _twiml(hangup_twiml())

@@ -1,0 +1,224 @@
+"""The dispatcher in Twilio mode against the Twilio-shaped fake (in process, webhooks through a
+prefix-stripping proxy), on SQLite and PostgreSQL; and the app's wiring of TELEPHONY_PROVIDER."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from service.app import create_app
+from service.components import provider as provider_for
+from service.config import Settings
+from service.db import CallAttempt, Database, Reminder
+from service.dispatch.dispatcher import Dispatcher
+from service.telephony.generic import GenericProvider
+from service.telephony.twilio import TwilioProvider
+from tests.test_dispatch import FakeTerm, config, eventually, lead_until, seed
+from tests.support.twilio_rig import Rig, make_rig
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    await database.upgrade()
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+async def rig(db: Database) -> AsyncIterator[Rig]:
+    rig = make_rig(db, calls_per_second=20, ring_ms=20)
+    yield rig
+    await rig.aclose()
+
+
+async def rows(db: Database) -> list:
+    async with db.session() as session:
+        return list(await session.execute(select(Reminder.__table__)))
+
+
+async def attempts(db: Database) -> list:
+    async with db.session() as session:
+        return list(await session.execute(select(CallAttempt.__table__)))
+
+
+async def test_each_reminder_is_heard_once_and_sent_answered(db: Database, rig: Rig) -> None:
+    ids = await seed(db, 12)  # all to one number: several reminders may share it
+
+    async def all_answered() -> bool:
+        found = await rows(db)
+        return all(r.status == "sent" and r.outcome == "answered" for r in found)
+
+    await lead_until(Dispatcher(db, rig.provider, config(reconcile_grace=timedelta(seconds=5))), FakeTerm(2),
+                     all_answered)
+    await eventually(lambda: _calls_over(rig))
+    heard = Counter(call.inspect(rig.fake.account_sid)["stamp"]["r"] for call in rig.fake.calls.values() if call.heard)
+    assert heard == Counter({reminder_id: 1 for reminder_id in ids})
+    assert len(rig.fake.calls) == 12
+    assert {r.bound_call_id for r in await rows(db)} == {r.provider_call_id for r in await rows(db)}
+    assert {a.state for a in await attempts(db)} == {"created"}
+    assert {a.fencing_token for a in await attempts(db)} == {2}
+
+
+async def _calls_over(rig: Rig) -> bool:
+    return all(c.status in ("completed", "canceled") for c in rig.fake.calls.values())
+
+
+async def test_in_doubt_creates_are_reconciled_not_repeated(db: Database, rig: Rig) -> None:
+    rig.fake.controls.fail_after_create_rate = 1.0  # every create makes a call and answers 500
+    ids = await seed(db, 4)
+
+    async def all_sent() -> bool:
+        return all(r.status == "sent" for r in await rows(db))
+
+    await lead_until(Dispatcher(db, rig.provider, config(reconcile_grace=timedelta(seconds=1))), FakeTerm(1),
+                     all_sent)
+    await eventually(lambda: _calls_over(rig))
+    assert len(rig.fake.calls) == 4  # one create each: the calls' webhooks settled the doubt
+    assert sorted(call.inspect("")["stamp"]["r"] for call in rig.fake.calls.values() if call.heard) == sorted(ids)
+    assert {a.state for a in await attempts(db)} == {"in_doubt"}
+    assert all(a.provider_call_id for a in await attempts(db))
+
+
+async def test_429_is_not_a_creation_and_is_retried(db: Database, rig: Rig) -> None:
+    rig.fake.controls.reject_rate = 1.0
+    (reminder_id,) = await seed(db, 1)
+    term = FakeTerm(1)
+    task = asyncio.create_task(Dispatcher(db, rig.provider, config(max_attempts=10)).lead(term))
+    try:
+        async def refused_once() -> bool:
+            return any(a.state == "not_created" for a in await attempts(db))
+
+        await eventually(refused_once)
+        assert rig.fake.calls == {}
+        rig.fake.controls.reject_rate = 0.0
+
+        async def sent() -> bool:
+            return (await rows(db))[0].status == "sent"
+
+        await eventually(sent)
+    finally:
+        term.ended.set()
+        await asyncio.wait_for(task, 10)
+    assert len(rig.fake.calls) == 1
+    (row,) = await rows(db)
+    assert row.attempts >= 2 and row.last_error is None
+
+
+def twilio_settings(**overrides: str) -> Settings:
+    values = {"telephony_provider": "twilio", "public_url": "https://reminders.example.test/edge",
+              "twilio_account_sid": "AC" + "9" * 32, "twilio_auth_token": "token"}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def test_provider_follows_the_setting() -> None:
+    assert isinstance(provider_for(Settings()), GenericProvider)
+    assert isinstance(provider_for(twilio_settings()), TwilioProvider)
+
+
+async def test_the_app_serves_signed_webhooks_only_in_twilio_mode() -> None:
+    generic = create_app(Settings())
+    twilio = create_app(twilio_settings())
+    for app, expected in ((generic, 404), (twilio, 403)):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as client:
+            response = await client.post("/telephony/twilio/voice?r=a&a=b", data={"CallSid": "CA1"})
+            assert response.status_code == expected
+    assert "/telephony/twilio/voice" not in (await _openapi(twilio))
+
+
+async def _openapi(app) -> str:  # noqa: ANN001
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as client:
+        return (await client.get("/openapi.json")).text
+
+
+def test_twilio_mode_needs_its_settings() -> None:
+    with pytest.raises(ValueError, match="PUBLIC_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN"):
+        Settings(telephony_provider="twilio")
+    with pytest.raises(ValueError, match="public_url"):
+        twilio_settings(public_url="https://x.test/?a=1")
+    assert twilio_settings(calls_per_second="1", dispatch_concurrency="50").effective_reconcile_grace == timedelta(
+        seconds=100)
+    assert twilio_settings(reconcile_grace="90s").effective_reconcile_grace == timedelta(seconds=90)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [({"twilio_api_url": "http://twilio.internal"}, "TWILIO_API_URL"),
+     ({"public_url": "http://reminders.example.com/edge"}, "PUBLIC_URL")],
+)
+def test_no_token_or_personal_data_over_plain_remote_http(overrides: dict[str, str], variable: str) -> None:
+    with pytest.raises(ValueError, match=variable):
+        twilio_settings(**overrides)
+    assert twilio_settings(**overrides, allow_insecure_transport="true")
+    loopback = {name: value.replace("twilio.internal", "127.0.0.1").replace("reminders.example.com", "localhost")
+                for name, value in overrides.items()}
+    assert twilio_settings(**loopback)
+
+
+async def test_the_api_shows_outcome_and_answered_at(database_url: str, etcd_endpoint: str) -> None:
+    from sqlalchemy import update  # noqa: PLC0415
+
+    from tests.support.appclient import make_settings, running_app  # noqa: PLC0415
+
+    async with running_app(make_settings(database_url, etcd_endpoint)) as api:
+        starts = datetime.now(UTC) + timedelta(days=30)
+        body = {"customer_name": "Ann", "phone": "+14155552671", "starts_at": starts.isoformat(),
+                "remind_at": [(starts - timedelta(hours=1)).isoformat()]}
+        created = (await api.post("/appointments", json=body)).json()
+        (reminder,) = created["reminders"]
+        assert (reminder["outcome"], reminder["answered_at"]) == (None, None)
+        async with api.app.state.db.session() as session:
+            await session.execute(update(Reminder).where(Reminder.id == reminder["id"]).values(
+                outcome="answered", answered_at=datetime(2030, 1, 1, 9, 0, 5, tzinfo=UTC)))
+            await session.commit()
+        (reminder,) = (await api.get(f"/appointments/{created['id']}")).json()["reminders"]
+        assert reminder["outcome"] == "answered" and reminder["answered_at"].startswith("2030-01-01T09:00:05")
+        schema = (await api.get("/openapi.json")).json()["components"]["schemas"]
+        assert "answered" in str(schema["ReminderOut"]["properties"]["outcome"])
+
+
+class BreaksOnce:
+    """The Twilio adapter, whose first create raises what no adapter should (a bug, a lost
+    database connection mid-way): the reminder must not wait for the stale-claim sweep."""
+
+    def __init__(self, inner: TwilioProvider) -> None:
+        self.inner, self.name, self.dedupes_creation, self.broken = inner, "twilio", False, False
+
+    async def create_call(self, spec, *, may_send=None):  # noqa: ANN001, ANN201
+        if not self.broken:
+            self.broken = True
+            raise RuntimeError("broken mid-way")
+        return await self.inner.create_call(spec, may_send=may_send)
+
+    async def live_calls(self, to: str):  # noqa: ANN201
+        return await self.inner.live_calls(to)
+
+    async def cancel(self, call_id: str) -> bool:
+        return await self.inner.cancel(call_id)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_failure_mid_call_is_looked_at_again_not_left_dispatching(db: Database, rig: Rig) -> None:
+    await seed(db, 1)
+
+    async def answered() -> bool:
+        (row,) = await rows(db)
+        return row.status == "sent" and row.outcome == "answered"
+
+    provider = BreaksOnce(rig.provider)
+    # stale_claim_after is two minutes: only the dispatcher's own recovery can finish within the deadline
+    await lead_until(Dispatcher(db, provider, config(reconcile_grace=timedelta(seconds=1))), FakeTerm(1), answered)
+    assert provider.broken and len(rig.fake.calls) == 1
+    # the broken attempt: no event and no live call after the grace, so judged never made
+    assert sorted(a.state for a in await attempts(db)) == ["created", "not_created"]

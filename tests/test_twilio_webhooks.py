@@ -1,0 +1,270 @@
+"""The Twilio webhook routes on SQLite and PostgreSQL, driven by the Twilio-shaped fake through a
+proxy that strips PUBLIC_URL's path prefix: signature first, first answer wins, others hang up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlencode
+
+import pytest
+from sqlalchemy import select
+
+from service.db import CallAttempt, Database, Reminder
+from service.db.models import new_id
+from tests.support.twilio_rig import PUBLIC, Rig, make_rig
+
+pytestmark = pytest.mark.anyio
+
+
+async def eventually(check: Callable[[], Awaitable[object]], timeout: float = 15.0) -> object:
+    deadline = time.monotonic() + timeout
+    while not (value := await check()):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        await asyncio.sleep(0.02)
+    return value
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    await database.upgrade()
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture
+async def rig(db: Database) -> AsyncIterator[Rig]:
+    rig = make_rig(db)
+    yield rig
+    await rig.aclose()
+
+
+async def reminder_row(db: Database, reminder_id: str):  # noqa: ANN201
+    async with db.session() as session:
+        return (await session.execute(select(Reminder.__table__).where(Reminder.id == reminder_id))).one()
+
+
+async def attempt_rows(db: Database, reminder_id: str) -> list:
+    async with db.session() as session:
+        return list(await session.execute(select(CallAttempt.__table__).where(CallAttempt.reminder_id == reminder_id)))
+
+
+def ended(rig: Rig, *sids: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return all(rig.fake.calls[sid].status in ("completed", "canceled", "busy", "no-answer") for sid in sids)
+
+    return check
+
+
+async def test_answered_call_hears_the_message_and_binds_the_reminder(rig: Rig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    sid = await rig.place(reminder_id, attempt_id)
+    await eventually(ended(rig, sid))
+
+    async def completed_recorded() -> bool:  # the fake ends the call, then posts `completed`
+        return [a.call_status for a in await attempt_rows(rig.db, reminder_id)] == ["completed"]
+
+    await eventually(completed_recorded)
+    call = rig.fake.calls[sid]
+    assert len(call.heard) == 1 and "Ann Example" in call.heard[0]
+    row = await reminder_row(rig.db, reminder_id)
+    assert (row.bound_call_id, row.bound_attempt_id, row.outcome) == (sid, attempt_id, "answered")
+    assert row.answered_at is not None
+    (attempt,) = await attempt_rows(rig.db, reminder_id)
+    assert attempt.call_status == "completed" and attempt.last_sequence is not None
+
+
+async def test_first_answer_wins_the_others_hang_up_silently(rig: Rig) -> None:
+    reminder_id, attempt_ids = await rig.seed(attempts=3)
+    sids = [await rig.place(reminder_id, attempt_id) for attempt_id in attempt_ids]
+    await eventually(ended(rig, *sids))
+
+    heard = {sid: rig.fake.calls[sid].heard for sid in sids}
+    speakers = [sid for sid, words in heard.items() if words]
+    assert len(speakers) == 1, heard
+    row = await reminder_row(rig.db, reminder_id)
+    assert row.bound_call_id == speakers[0]
+    for sid in sids:
+        if sid != speakers[0] and rig.fake.calls[sid].twiml:
+            assert rig.fake.calls[sid].twiml[-1].endswith("<Response><Hangup /></Response>")
+
+
+async def test_the_binder_cancels_the_reminders_queued_calls(db: Database) -> None:
+    rig = make_rig(db, calls_per_second=1.0, ring_ms=50)  # the second call waits in Twilio's queue
+    try:
+        reminder_id, (first, second) = await rig.seed(attempts=2)
+        sid_1 = await rig.place(reminder_id, first)
+        sid_2 = await rig.place(reminder_id, second)
+        await eventually(ended(rig, sid_1, sid_2))
+        assert rig.fake.calls[sid_1].heard and rig.fake.calls[sid_2].status == "canceled"
+        assert rig.fake.calls[sid_2].heard == [] and rig.fake.calls[sid_2].twiml == []
+    finally:
+        await rig.aclose()
+
+
+async def test_each_reminder_is_heard_once_when_several_share_a_number(rig: Rig) -> None:
+    seeded = [await rig.seed(phone="+14155550100", attempts=2) for _ in range(3)]
+    sids = {reminder_id: [await rig.place(reminder_id, a, "+14155550100") for a in attempts]
+            for reminder_id, attempts in seeded}
+    await eventually(ended(rig, *[sid for pair in sids.values() for sid in pair]))
+    for reminder_id, pair in sids.items():
+        assert sum(bool(rig.fake.calls[sid].heard) for sid in pair) == 1
+        assert (await reminder_row(rig.db, reminder_id)).bound_call_id in pair
+
+
+def signed_post(rig: Rig, route: str, query: dict[str, str], form: dict[str, str]) -> tuple[str, dict, dict]:
+    path = f"/telephony/twilio/{route}" + (f"?{urlencode(query)}" if query else "")
+    signature = rig.signature.sign(PUBLIC + path, form)
+    return path, form, {"X-Twilio-Signature": signature}
+
+
+async def test_bad_or_missing_signature_is_403_and_writes_nothing(rig: Rig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    query = {"r": reminder_id, "a": attempt_id}
+    form = {"CallSid": "CA" + "f" * 32, "CallStatus": "in-progress", "To": "+14155552671", "SequenceNumber": "1"}
+    path, _, headers = signed_post(rig, "voice", query, form)
+    # Signed for the URL the request arrives at, not PUBLIC_URL: what a replay past the ingress would carry.
+    arrival = rig.signature.sign("http://replica" + path, form)
+    async with rig.client() as client:
+        for route in ("voice", "status", "gather"):
+            route_path = path.replace("/voice", f"/{route}")
+            for bad in ({}, {"X-Twilio-Signature": "forged"}, {"X-Twilio-Signature": arrival},
+                        {"X-Twilio-Signature": headers["X-Twilio-Signature"] if route != "voice" else "x"}):
+                response = await client.post(route_path, data=form, headers=bad)
+                assert response.status_code == 403, (route, bad)
+            tampered = await client.post(path, data={**form, "CallSid": "CA" + "e" * 32}, headers=headers)
+            assert tampered.status_code == 403
+    row = await reminder_row(rig.db, reminder_id)
+    assert row.bound_call_id is None and row.outcome is None and row.answered_at is None
+    (attempt,) = await attempt_rows(rig.db, reminder_id)
+    assert attempt.provider_call_id is None and attempt.call_status is None and attempt.last_event_at is None
+
+
+async def test_repeated_voice_request_of_the_bound_call_speaks_again_others_hang_up(rig: Rig) -> None:
+    reminder_id, (first, second) = await rig.seed(attempts=2)
+    bound_sid, other_sid = "CA" + "1" * 32, "CA" + "2" * 32
+    async with rig.client() as client:
+        answers = []
+        for sid, attempt_id in ((bound_sid, first), (bound_sid, first), (other_sid, second)):
+            path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
+                                              {"CallSid": sid, "CallStatus": "in-progress"})
+            response = await client.post(path, data=form, headers=headers)
+            assert response.status_code == 200 and response.headers["content-type"].startswith("application/xml")
+            answers.append(response.text)
+        # the bound call's id must match its attempt: another sid on that stamp is refused
+        path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": first},
+                                          {"CallSid": other_sid, "CallStatus": "in-progress"})
+        answers.append((await client.post(path, data=form, headers=headers)).text)
+    assert "<Say>" in answers[0] and answers[0] == answers[1]
+    assert answers[2].endswith("<Response><Hangup /></Response>") and "<Say>" not in answers[2]
+    assert "<Say>" not in answers[3]
+    assert (await reminder_row(rig.db, reminder_id)).bound_call_id == bound_sid
+
+
+async def test_unknown_or_malformed_events_are_acknowledged_and_change_nothing(rig: Rig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    sid = "CA" + "3" * 32
+    cases = [
+        ("status", {"r": new_id(), "a": new_id()}, {"CallSid": sid, "CallStatus": "ringing"}),
+        ("status", {"r": new_id(), "a": attempt_id}, {"CallSid": sid, "CallStatus": "ringing"}),  # stamp mismatch
+        ("status", {}, {"CallSid": sid, "CallStatus": "ringing"}),
+        ("status", {"r": reminder_id, "a": attempt_id}, {"CallStatus": "ringing"}),
+        ("voice", {"r": new_id(), "a": new_id()}, {"CallSid": sid, "CallStatus": "in-progress"}),
+        ("voice", {}, {"CallSid": sid}),
+        ("gather", {"r": reminder_id, "a": attempt_id}, {"CallSid": sid, "Digits": "1"}),
+    ]
+    async with rig.client() as client:
+        for route, query, form in cases:
+            path, form, headers = signed_post(rig, route, query, form)
+            response = await client.post(path, data=form, headers=headers)
+            assert response.status_code in (200, 204), (route, query, response.status_code)
+            if route != "status":
+                assert "<Say>" not in response.text
+    row = await reminder_row(rig.db, reminder_id)
+    assert row.bound_call_id is None and row.outcome is None
+    (attempt,) = await attempt_rows(rig.db, reminder_id)
+    assert attempt.provider_call_id is None and attempt.call_status is None
+
+
+async def test_status_events_apply_in_sequence_order_not_arrival(rig: Rig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    sid = "CA" + "4" * 32
+    async with rig.client() as client:
+        for status, sequence in (("completed", "3"), ("ringing", "1"), ("completed", "3"), ("initiated", "0")):
+            path, form, headers = signed_post(rig, "status", {"r": reminder_id, "a": attempt_id},
+                                              {"CallSid": sid, "CallStatus": status, "SequenceNumber": sequence})
+            assert (await client.post(path, data=form, headers=headers)).status_code == 204
+    (attempt,) = await attempt_rows(rig.db, reminder_id)
+    assert (attempt.provider_call_id, attempt.call_status, attempt.last_sequence) == (sid, "completed", 3)
+
+
+class DownFor:
+    """The database, failing its first `failures` sessions as during a restart or failover."""
+
+    def __init__(self, db: Database, failures: int) -> None:
+        self.db, self.failures, self.is_sqlite = db, failures, db.is_sqlite
+
+    def session(self):  # noqa: ANN201
+        if self.failures > 0:
+            self.failures -= 1
+            from sqlalchemy.exc import OperationalError  # noqa: PLC0415
+
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database restarting"))
+        return self.db.session()
+
+
+async def test_an_answer_during_a_short_database_outage_still_hears_the_message(rig: Rig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    rig.app.state.db = DownFor(rig.db, failures=3)
+    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
+                                      {"CallSid": "CA" + "5" * 32, "CallStatus": "in-progress"})
+    async with rig.client() as client:
+        response = await client.post(path, data=form, headers=headers)
+    assert "<Say>" in response.text and rig.app.state.db.failures == 0
+    assert (await reminder_row(rig.db, reminder_id)).bound_call_id == "CA" + "5" * 32
+
+
+async def test_a_longer_outage_hangs_up_without_a_word_and_binds_nothing(rig: Rig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    rig.app.state.db = DownFor(rig.db, failures=10_000)
+    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
+                                      {"CallSid": "CA" + "6" * 32, "CallStatus": "in-progress"})
+    async with rig.client() as client:
+        response = await client.post(path, data=form, headers=headers)
+    assert response.status_code == 200 and response.text.endswith("<Response><Hangup /></Response>")
+    assert (await reminder_row(rig.db, reminder_id)).bound_call_id is None
+
+
+class SlowFirst:
+    """The database, whose first session opens only after `pause` seconds: a replica frozen
+    (SIGSTOP) while it held the voice request, resumed past the webhook's retry budget."""
+
+    def __init__(self, db: Database, pause: float) -> None:
+        self.db, self.pause, self.is_sqlite = db, pause, db.is_sqlite
+
+    def session(self):  # noqa: ANN201
+        from contextlib import asynccontextmanager  # noqa: PLC0415
+
+        @asynccontextmanager
+        async def opened():  # noqa: ANN202
+            if self.pause:
+                pause, self.pause = self.pause, 0.0
+                await asyncio.sleep(pause)
+            async with self.db.session() as session:
+                yield session
+
+        return opened()
+
+
+async def test_a_voice_request_resumed_past_its_budget_still_tries_once(rig: Rig) -> None:
+    rig.app.state.voice_database_budget = 0.5
+    reminder_id, (attempt_id,) = await rig.seed()
+    rig.app.state.db = SlowFirst(rig.db, pause=1.0)  # past the budget before the first try is done
+    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
+                                      {"CallSid": "CA" + "7" * 32, "CallStatus": "in-progress"})
+    async with rig.client() as client:
+        response = await client.post(path, data=form, headers=headers)
+    assert "<Say>" in response.text
