@@ -491,10 +491,11 @@ connection's isolation level at each checkout cost as much CPU as the read); no 
 take the `Request`, validate the answer once and write it with orjson (the bytes pydantic writes).
 What separates a route from its floor now, by the profile after: SQLAlchemy's execution path
 (checkout and checkin through its pool and events, execution context, result rows, the greenlet
-hop) against asyncpg's `fetch`; FastAPI's routing through included routers and the token
-dependency (kept: it is what puts the bearer scheme in the OpenAPI) against a route with none; and
-one validation of the answer against the response model, which the floors, returning untyped
-dicts, skip. POST adds the phone and number-policy checks and reminder planning; its two INSERTs and
+hop) against asyncpg's `fetch`; FastAPI's routing through included routers and the bearer-scheme
+dependency (no check: issue 12's middleware enforces the token before the body; the dependency is
+what puts the scheme in the OpenAPI), and the pure-ASGI middlewares issue 12 added (request
+deadline, auth), against a route with none; and one validation of the answer against the
+response model, which the floors, returning untyped dicts, skip. POST adds the phone and number-policy checks and reminder planning; its two INSERTs and
 COMMIT are the floor's too.
 
 **Failover.** A graceful resign is one etcd txn plus the successor's watch: milliseconds. SIGKILL
