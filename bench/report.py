@@ -460,7 +460,7 @@ executemany UPDATE with the same fenced WHERE), and a claim reads what the calls
 statement that locks the candidates, once a quarter of the slots are free. *dispatcher alone*
 shows the remainder. Claims run one at a time; both latencies are CPU-bound now, so overlapping
 them would not raise the rate. `pool_pre_ping` is off since issue 16 (docs/decisions/0161): its
-BEGIN, query and ROLLBACK before every checkout were 6–10 % of an API replica's samples; a
+BEGIN, query and ROLLBACK before every checkout were up to 8 % of an API replica's samples (GET, profile before); a
 connection broken by a database restart now fails its one statement, and SQLAlchemy then
 replaces the whole pool.
 
