@@ -844,7 +844,8 @@ class Cluster:
             from service.db import Database  # noqa: PLC0415
 
             self._db_loop = _LoopThread()
-            self._db = Database(self.database_url, pool_size=2)
+            # pre_ping: chaos restarts PostgreSQL under this pool; the service retries, this helper does not
+            self._db = Database(self.database_url, pool_size=2, pre_ping=True)
         return self._db_loop.run(work(self._db), timeout)
 
     def seed_due_reminders(

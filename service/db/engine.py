@@ -76,16 +76,16 @@ def _in_transaction(engine: Engine, work: Callable[..., T], *args: Any, **kwargs
         return work(connection, *args, **kwargs)
 
 
-def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, **options: Any) -> AsyncEngine:
+def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, pre_ping: bool, **options: Any) -> AsyncEngine:
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=STATEMENT_TIMEOUT,
-        # No pre-ping: asyncpg's costs BEGIN, a query and ROLLBACK, three round trips per checkout.
-        # A connection found dead fails its one statement, and SQLAlchemy then invalidates the
-        # whole pool (docs/decisions/0161-api-at-database-speed.md).
-        pool_pre_ping=False,
+        # The service runs without pre-ping: asyncpg's costs BEGIN, a query and ROLLBACK, three
+        # round trips per checkout. A connection found dead fails its one statement, and
+        # SQLAlchemy then invalidates the whole pool (docs/decisions/0161-api-at-database-speed.md).
+        pool_pre_ping=pre_ping,
         connect_args={
             "timeout": STATEMENT_TIMEOUT,
             "command_timeout": STATEMENT_TIMEOUT,
@@ -101,7 +101,8 @@ def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, **options: 
 class Database:
     """The engine, a session factory, and schema checks for one DATABASE_URL."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, pre_ping: bool = False) -> None:
+        """`pre_ping`: test tooling that restarts PostgreSQL under a pool it keeps and cannot retry."""
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
@@ -114,8 +115,10 @@ class Database:
             # CPU as the read itself. Together the two pools keep the documented bound: at most
             # 2 × pool_size connections per replica.
             read_pool = max(2, pool_size // 2)
-            self.engine = _postgres_engine(url, pool_size=pool_size, max_overflow=max(0, pool_size - read_pool))
-            self._reads = _postgres_engine(url, pool_size=read_pool, max_overflow=0, isolation_level="AUTOCOMMIT")
+            self.engine = _postgres_engine(url, pool_size=pool_size, max_overflow=max(0, pool_size - read_pool),
+                                           pre_ping=pre_ping)
+            self._reads = _postgres_engine(url, pool_size=read_pool, max_overflow=0, pre_ping=pre_ping,
+                                          isolation_level="AUTOCOMMIT")
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @asynccontextmanager
