@@ -26,15 +26,17 @@ S = ReminderStatus
 def test_the_table_is_the_documented_lifecycle() -> None:
     assert TRANSITIONS[S.PENDING] == {S.DISPATCHING, S.CANCELLED}
     assert TRANSITIONS[S.DISPATCHING] == {S.SENT, S.FAILED, S.SKIPPED, S.CANCELLED, S.PENDING}
+    assert TRANSITIONS[S.SENT] == {S.PENDING}  # a real provider's call nobody answered, retried
     assert TERMINAL == {S.SENT, S.FAILED, S.CANCELLED, S.SKIPPED}
     assert set(TRANSITIONS) == set(ReminderStatus)
     assert sources_of(S.DISPATCHING) == {S.PENDING}
     assert sources_of(S.CANCELLED) == {S.PENDING, S.DISPATCHING}
+    assert sources_of(S.PENDING) == {S.DISPATCHING, S.SENT}
 
 
 @pytest.mark.parametrize(
     ("source", "target"),
-    [(S.SENT, S.PENDING), (S.CANCELLED, S.PENDING), (S.PENDING, S.SENT), (S.DISPATCHING, S.DISPATCHING),
+    [(S.SENT, S.DISPATCHING), (S.CANCELLED, S.PENDING), (S.PENDING, S.SENT), (S.DISPATCHING, S.DISPATCHING),
      (S.SKIPPED, S.DISPATCHING), (S.PENDING, "bogus"), (S.DISPATCHING, None)],
 )
 def test_a_transition_outside_the_table_is_refused(source, target) -> None:  # noqa: ANN001

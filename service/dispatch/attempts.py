@@ -107,7 +107,7 @@ class AttemptStore:
             bound = (await session.execute(select(Reminder.bound_call_id).where(Reminder.id == reminder_id))).scalar()
             rows = await session.execute(
                 select(CallAttempt.id, CallAttempt.state, CallAttempt.created_at, CallAttempt.provider_call_id,
-                       CallAttempt.last_event_at)
+                       CallAttempt.last_event_at, CallAttempt.call_status)
                 .where(CallAttempt.reminder_id == reminder_id)
                 .order_by(CallAttempt.created_at)
             )

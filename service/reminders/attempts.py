@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from service.reminders.outcomes import FINAL_CALL_STATES, ReminderOutcome
+
 __all__ = [
     "CLOCK_SKEW",
     "RECHECK",
@@ -38,12 +40,6 @@ class AttemptState(StrEnum):
     IN_DOUBT = "in_doubt"  # the create's result is unknown: reconciled before any new attempt
 
 
-class ReminderOutcome(StrEnum):
-    """What a real provider's call of the reminder achieved (null until known)."""
-
-    ANSWERED = "answered"
-
-
 @dataclass(frozen=True)
 class AttemptView:
     id: str
@@ -51,6 +47,12 @@ class AttemptView:
     created_at: datetime
     provider_call_id: str | None
     last_event_at: datetime | None
+    call_status: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Its call ended (the reminder was not bound to it: no answer, busy, failed, cancelled)."""
+        return self.call_status in FINAL_CALL_STATES
 
     @property
     def evidenced(self) -> bool:
@@ -91,6 +93,8 @@ def reconcile(
     as for a queued call)."""
     if bound_call_id is not None:
         return Reconciliation(Step.SENT, call_id=bound_call_id)
+    # A call that ended unbound (nobody answered) is over: a no-answer retry makes a new attempt.
+    attempts = [attempt for attempt in attempts if not attempt.finished]
     for attempt in attempts:
         if attempt.evidenced:
             return Reconciliation(Step.SENT, call_id=attempt.provider_call_id)

@@ -32,13 +32,16 @@ TRANSITIONS: dict[ReminderStatus, frozenset[ReminderStatus]] = {
     # the call's outcome: placed, given up, skipped (misfire, appointment started), the appointment
     # was cancelled meanwhile; or back to pending for a retry or to wait for the call window
     _S.DISPATCHING: frozenset({_S.SENT, _S.FAILED, _S.SKIPPED, _S.CANCELLED, _S.PENDING}),
-    _S.SENT: frozenset(),
+    # real providers: nobody answered (no_answer / busy) and a retry is due (NO_ANSWER_RETRIES)
+    _S.SENT: frozenset({_S.PENDING}),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
     _S.SKIPPED: frozenset(),
 }
 
-TERMINAL = frozenset(status for status, targets in TRANSITIONS.items() if not targets)
+# Final: nothing more happens to the reminder. `sent` is final except for the no-answer retry of a
+# real provider (then the reminder is `pending` again with its next time).
+TERMINAL = frozenset({_S.SENT, _S.FAILED, _S.CANCELLED, _S.SKIPPED})
 
 
 class IllegalTransition(ValueError):
