@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
-from service.db.models import Appointment, AppointmentStatus, Reminder, new_id, utcnow
+from service.db.cancellation import cancel_pending_reminders
+from service.db.models import Appointment, AppointmentStatus, Confirmation, Reminder, new_id, utcnow
 from service.privacy import mask_phone
 from service.reminders import (
     REPLAN_FIELDS,
@@ -27,7 +28,6 @@ from service.reminders import (
     Unplanned,
     idempotency_key,
     plan_reminders,
-    require,
 )
 
 __all__ = [
@@ -70,6 +70,7 @@ class NewAppointment:
     timezone: str = "UTC"
     notes: str | None = None
     remind_at: list[datetime] | None = None
+    language: str | None = None  # None: DEFAULT_LANGUAGE
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> N
             raise InvalidField(("remind_at", index), "must be before starts_at", moment.isoformat())
 
 
+def _check_language(language: str, planning: PlanningConfig) -> None:
+    if not planning.templates.supports(language):
+        known = ", ".join(planning.templates.languages)
+        raise InvalidField(("language",), f"no message template for this language (templates: {known})", language)
+
+
 def _plan(appointment: Appointment, planning: PlanningConfig, now: datetime) -> tuple[list[Reminder], list[Unplanned]]:
     explicit = [datetime.fromisoformat(t) for t in appointment.remind_at] if appointment.remind_at is not None else None
     plan = plan_reminders(
@@ -94,27 +101,20 @@ def _plan(appointment: Appointment, planning: PlanningConfig, now: datetime) -> 
         offsets=planning.offsets,
         explicit=explicit,
     )
+    # the words are fixed now: every call of these reminders says the same, whatever changes later
+    wording = planning.templates.render(
+        appointment.language, appointment.customer_name, appointment.starts_at, appointment.timezone
+    ).to_json()
     reminders = []
     for due in plan.due_times:
         reminder_id = new_id()
         reminders.append(
             Reminder(
                 id=reminder_id, due_at=due, next_attempt_at=due, status=ReminderStatus.PENDING, attempts=0,
-                idempotency_key=idempotency_key(reminder_id),
+                idempotency_key=idempotency_key(reminder_id), wording=wording, no_answer_retries=0,
             )
         )
     return reminders, plan.unplanned
-
-
-async def _cancel_pending(session: AsyncSession, appointment_id: str, reason: str) -> None:
-    # Only `pending` ones: a reminder the dispatcher already claimed stays its, and its outcome decides.
-    require(ReminderStatus.PENDING, ReminderStatus.CANCELLED)
-    await session.execute(
-        update(Reminder)
-        .where(Reminder.appointment_id == appointment_id, Reminder.status == ReminderStatus.PENDING)
-        .values(status=ReminderStatus.CANCELLED, skip_reason=reason, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
 
 
 async def read(
@@ -140,6 +140,8 @@ async def create(
 ) -> tuple[Appointment, list[Unplanned]]:
     """Store an appointment with its planned reminders; also what could not be planned, and why."""
     _check_remind_at(new.remind_at, new.starts_at)
+    language = new.language or planning.templates.default_language
+    _check_language(language, planning)
     appointment = Appointment(
         id=new_id(),
         customer_name=new.customer_name,
@@ -149,6 +151,7 @@ async def create(
         notes=new.notes,
         remind_at=[t.isoformat() for t in new.remind_at] if new.remind_at is not None else None,
         status=AppointmentStatus.SCHEDULED,
+        language=language,
     )
     reminders, unplanned = _plan(appointment, planning, datetime.now(UTC))
     appointment.reminders = reminders
@@ -166,6 +169,7 @@ async def list_page(
     *,
     limit: int,
     status: AppointmentStatus | None = None,
+    confirmation: Confirmation | None = None,
     starts_after: datetime | None = None,
     starts_before: datetime | None = None,
     after: tuple[datetime, str] | None = None,
@@ -174,6 +178,8 @@ async def list_page(
     query = select(Appointment).order_by(Appointment.starts_at, Appointment.id).limit(limit + 1)
     if status is not None:
         query = query.where(Appointment.status == status)
+    if confirmation is not None:
+        query = query.where(Appointment.confirmation == confirmation)
     if starts_after is not None:
         query = query.where(Appointment.starts_at > starts_after)
     if starts_before is not None:
@@ -201,6 +207,10 @@ async def change(
         raise AppointmentCancelled("appointment is cancelled")
     starts_at = changes.get("starts_at", appointment.starts_at)
     _check_remind_at(changes.get("remind_at"), starts_at)
+    if "language" in changes:
+        _check_language(changes["language"], planning)
+    if "starts_at" in changes and starts_at != appointment.starts_at:
+        appointment.confirmation = None  # a confirmation was for the old time
     replan = bool(changes.keys() & REPLAN_FIELDS)
     for name, value in changes.items():
         if name == "remind_at":
@@ -208,7 +218,7 @@ async def change(
         setattr(appointment, name, value)
     unplanned: list[Unplanned] = []
     if replan:
-        await _cancel_pending(session, appointment.id, "re-planned")
+        await cancel_pending_reminders(session, appointment.id, "re-planned")
         reminders, unplanned = _plan(appointment, planning, datetime.now(UTC))
         for reminder in reminders:
             reminder.appointment_id = appointment.id
@@ -225,7 +235,7 @@ async def cancel(session: AsyncSession, appointment_id: str) -> Appointment:
     if appointment.status != AppointmentStatus.CANCELLED:
         appointment.status = AppointmentStatus.CANCELLED
         appointment.updated_at = utcnow()
-        await _cancel_pending(session, appointment.id, "appointment cancelled")
+        await cancel_pending_reminders(session, appointment.id, "appointment cancelled")
         await session.commit()
         log.info("appointment %s cancelled", appointment.id)
     return await read(session, appointment.id)

@@ -22,7 +22,7 @@ from service.api.schemas import (
     AwareDatetime,
     ErrorOut,
 )
-from service.db.models import Appointment, AppointmentStatus
+from service.db.models import Appointment, AppointmentStatus, Confirmation
 
 __all__ = ["router"]
 
@@ -102,6 +102,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 async def list_appointments(
     session: SessionDep,
     status_: Annotated[AppointmentStatus | None, Query(alias="status")] = None,
+    confirmation: Annotated[Confirmation | None, Query(description="The customer's keypad answer")] = None,
     starts_after: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     starts_before: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -109,7 +110,7 @@ async def list_appointments(
 ) -> AppointmentList:
     """Appointments ordered by start time, a page at a time."""
     page = await appointments.list_page(
-        session, limit=limit, status=status_, starts_after=starts_after, starts_before=starts_before,
+        session, limit=limit, status=status_, confirmation=confirmation, starts_after=starts_after, starts_before=starts_before,
         after=_decode_cursor(cursor) if cursor is not None else None,
     )
     return AppointmentList(

@@ -13,7 +13,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from service.db.models import Appointment, AppointmentStatus
 from service.privacy import E164_PATTERN
-from service.reminders import ReminderOutcome, ReminderStatus, Unplanned
+from service.reminders import Confirmation, ReminderOutcome, ReminderStatus, Unplanned, normalize_language
 
 __all__ = [
     "AppointmentCreate",
@@ -94,6 +94,12 @@ TimeZoneName = Annotated[
 ]
 CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
 Notes = Annotated[StrictStr, Field(max_length=2000), AfterValidator(_no_nul)]
+Language = Annotated[
+    StrictStr,
+    Field(min_length=2, max_length=35, examples=["en-US", "de-DE"],
+          description="BCP 47 tag of the calls' language; needs a message template (MESSAGE_TEMPLATES)"),
+    AfterValidator(normalize_language),
+]
 RemindAt = Annotated[list[FutureDatetime], Field(min_length=1, max_length=MAX_REMINDERS)]
 
 
@@ -108,6 +114,7 @@ class AppointmentCreate(BaseModel):
     remind_at: RemindAt | None = Field(
         default=None, description="Explicit reminder times; when absent the REMINDER_OFFSETS policy applies."
     )
+    language: Language | None = Field(default=None, description="When absent: DEFAULT_LANGUAGE.")
 
 
 class AppointmentPatch(BaseModel):
@@ -115,15 +122,16 @@ class AppointmentPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Absent means "unchanged"; null is refused (422) for these four, so the OpenAPI says so too.
+    # Absent means "unchanged"; null is refused (422) for these five, so the OpenAPI says so too.
     customer_name: CustomerName | SkipJsonSchema[None] = None
     phone: Phone | SkipJsonSchema[None] = None
     starts_at: FutureDatetime | SkipJsonSchema[None] = None
     timezone: TimeZoneName | SkipJsonSchema[None] = None
+    language: Language | SkipJsonSchema[None] = None
     notes: Notes | None = None
     remind_at: RemindAt | None = None
 
-    @field_validator("customer_name", "phone", "starts_at", "timezone", mode="before")
+    @field_validator("customer_name", "phone", "starts_at", "timezone", "language", mode="before")
     @classmethod
     def _not_null(cls, value: Any) -> Any:
         if value is None:
@@ -141,7 +149,9 @@ class ReminderOut(BaseModel):
     sent_at: datetime | None
     provider_call_id: str | None
     outcome: ReminderOutcome | None = Field(
-        default=None, description="Real providers: what the call achieved (`answered`); null until known, and for `generic`."
+        default=None,
+        description="Real providers: what the reminder's call achieved (`answered`, `voicemail`, `no_answer`, `busy`, "
+                    "`failed`); null until known, and for `generic`.",
     )
     answered_at: datetime | None = Field(default=None, description="When the reminder's bound call was answered.")
 
@@ -159,6 +169,11 @@ class AppointmentOut(BaseModel):
     timezone: str
     notes: str | None
     status: AppointmentStatus
+    language: str = Field(description="BCP 47 tag of the calls' language.")
+    confirmation: Confirmation | None = Field(
+        description="The customer's keypad answer: `confirmed` (1), `declined` (2: the appointment is then "
+                    "cancelled); null until one is given."
+    )
     remind_at: list[datetime] | None
     reminders: list[ReminderOut]
     unplanned: list[UnplannedOut] = Field(
@@ -178,6 +193,8 @@ class AppointmentOut(BaseModel):
             timezone=appointment.timezone,
             notes=appointment.notes,
             status=AppointmentStatus(appointment.status),
+            language=appointment.language,
+            confirmation=Confirmation(appointment.confirmation) if appointment.confirmation else None,
             remind_at=[datetime.fromisoformat(t) for t in appointment.remind_at] if appointment.remind_at else None,
             reminders=[ReminderOut.model_validate(r, from_attributes=True) for r in appointment.reminders],
             unplanned=[UnplannedOut(rule=u.rule, reason=u.reason) for u in unplanned],

@@ -39,7 +39,7 @@ from service.dispatch.limiter import RateLimiter
 from service.dispatch.store import Claim, ReminderStore, StaleTerm
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.dispatch.attempts import StampedCalls, StampedConfig
-from service.reminders import CallWindow, ReminderStatus, call_message, decide_call
+from service.reminders import CallWindow, ReminderStatus, Wording, call_message, decide_call
 from service.telephony import TelephonyClient
 from service.telephony.generic import GenericProvider
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider
@@ -92,7 +92,10 @@ class DispatchConfig:
 
 
 def message_for(claim: Claim) -> str:
-    """The words of the call for a claimed reminder (the wording is the domain's)."""
+    """The words of the call for a claimed reminder: fixed when it was planned (the domain's
+    wording); reminders planned before wording was stored are worded as they were then."""
+    if claim.wording:
+        return Wording.from_json(claim.wording).message
     return call_message(claim.customer_name, claim.starts_at, claim.timezone)
 
 
