@@ -113,6 +113,8 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.telephony_provider == "twilio":
         # Twilio's webhooks, on every replica; signed, so not behind API_TOKEN.
         app.state.twilio_signature = twilio_signature(settings)
+        app.state.no_answer_policy = settings.no_answer_policy()
+        app.state.templates = settings.templates
         app.include_router(twilio_router)
 
     @app.exception_handler(OperationalError)

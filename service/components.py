@@ -101,6 +101,8 @@ def provider(settings: Settings) -> Provider:
             public_url=settings.public_url,
             timeout=settings.telephony_timeout,
             max_connections=min(settings.dispatch_concurrency, 100),
+            # a machine gets the short voicemail, not the keypad question (AnsweredBy on the voice request)
+            machine_detection=True,
         )
     return GenericProvider(telephony_client(settings))
 

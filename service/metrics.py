@@ -20,3 +20,12 @@ DISPATCH_LAG = Histogram(
     "sent_at − due_at of sent reminders",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
 )
+CALL_OUTCOMES = Counter(
+    "reminders_call_outcomes_total",
+    "What real providers' reminder calls achieved (answered, voicemail, no_answer, busy, failed), one per call "
+    "round of a reminder",
+    ["outcome"],
+)
+CONFIRMATIONS = Counter(
+    "reminders_confirmations_total", "Keypad answers recorded on appointments (confirmed, declined)", ["answer"]
+)
