@@ -49,6 +49,7 @@ bench: install
 
 chaos: install
 	$(BIN)/python -m harness.chaos
+	$(BIN)/python -m harness.chaos_twilio
 
 clean:
 	rm -rf $(VENV) .pytest_cache reminders.db reminders.db-*

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -40,10 +41,14 @@ from typing import Any
 
 import httpx
 
+from .chaos_plot import BIN_SECONDS, Timeline, bands, draw_timeline
 from .cluster import Cluster, LeaderTerm, wait_for
 from .machine import cpu_model
 
-__all__ = ["SCENARIOS", "ChaosConfig", "ClusterPool", "Fault", "Result", "chaos_cluster", "evidence", "run_scenario", "verify"]
+__all__ = [
+    "SCENARIOS", "ChaosConfig", "ClusterPool", "Fault", "Result", "chaos_cluster", "draw_pictures", "evidence",
+    "keep_other_sections", "run_scenario", "run_timeline", "verify",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +92,7 @@ class Fault:
     """What a scenario did, for the checks."""
 
     started: float = 0.0  # epoch seconds of the fault
+    healed: float | None = None  # epoch seconds it was undone (None: an instant, e.g. a kill)
     in_flight: int = 0  # reminders `dispatching` (claimed, outcome unrecorded) when it hit
     provider_in_flight: int = 0  # POSTs the provider was still answering when it hit
     expected_term_ends: int = 0  # leader terms the fault itself ends
@@ -116,6 +122,7 @@ class Result:
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     evidence: str = ""
+    timeline: Timeline | None = None  # what the run looked like, for its picture
 
     @property
     def ok(self) -> bool:
@@ -196,6 +203,7 @@ def leader_sigkill(cluster: Cluster, config: ChaosConfig, total: int) -> Fault:
     successor = new_leader(cluster, {leader}, timeout=config.lease_ttl * 10 + 20)
     fault.notes.append(f"{leader} killed, {successor} took over")
     cluster.replica(leader).restart()
+    fault.healed = time.time()
     return fault
 
 
@@ -211,7 +219,7 @@ def leader_sigstop(cluster: Cluster, config: ChaosConfig, total: int) -> Fault:
     fault.provider_in_flight = _provider_in_flight(cluster)
     successor = new_leader(cluster, {leader}, timeout=config.lease_ttl * 10 + 20)
     wait_first_call(cluster, successor)  # the successor is dispatching when the old leader wakes up
-    fault.silent_after[leader] = time.time()
+    fault.silent_after[leader] = fault.healed = time.time()
     replica.cont()
     paused = fault.silent_after[leader] - fault.started
     fault.notes.append(f"{leader} paused {paused:.1f}s, {successor} took over")
@@ -231,6 +239,7 @@ def etcd_partition(cluster: Cluster, config: ChaosConfig, total: int) -> Fault:
     successor = new_leader(cluster, {leader}, timeout=config.lease_ttl * 10 + 20)
     wait_first_call(cluster, successor)
     replica.proxy.pass_through()
+    fault.healed = time.time()
     fault.notes.append(f"{leader} cut off {time.time() - fault.started:.1f}s, {successor} took over")
     return fault
 
@@ -251,6 +260,7 @@ def etcd_restart(cluster: Cluster, config: ChaosConfig, total: int) -> Fault:
     wait_for(nobody_leads, timeout=config.lease_ttl * 10 + 20, what="the leader steps down without etcd")
     down = time.time() - fault.started
     cluster.start_etcd()
+    fault.healed = time.time()
     successor = cluster.leader(timeout=60)
     fault.notes.append(f"etcd down {down:.1f}s, {leader} -> {successor}")
     return fault
@@ -275,6 +285,7 @@ def postgres_restart(cluster: Cluster, config: ChaosConfig, total: int, mode: st
 
     wait_for(unready, timeout=30, what=f"{leader} reports the database unavailable")
     cluster.start_postgres()
+    fault.healed = time.time()
     fault.notes.append(f"PostgreSQL {mode} stop, down {time.time() - fault.started:.1f}s")
     return fault
 
@@ -298,6 +309,7 @@ def rolling_restart(cluster: Cluster, config: ChaosConfig, total: int) -> Fault:
             fault.notes.append(f"{name} exited with {code}")
         successor = cluster.leader(timeout=30)
         steps.append(f"{name}->{new.name}" + (f" (leader, {successor} took over)" if leader == name else ""))
+    fault.healed = time.time()
     fault.notes.append("; ".join(steps))
     return fault
 
@@ -325,6 +337,7 @@ def provider_outage(cluster: Cluster, config: ChaosConfig, total: int) -> Fault:
     wait_for(answered(409, 1), timeout=30, what="a retry after a client timeout meets its key in progress (409)")
     client.control(hang=False)
     fault.outage = (fault.started, time.time())
+    fault.healed = fault.outage[1]
     statuses = Counter(p["status"] for p in client.requests())
     fault.notes.append(
         f"outage {fault.outage[1] - fault.outage[0]:.1f}s: {statuses[500]}x500 {statuses[429]}x429 {statuses[409]}x409"
@@ -341,6 +354,17 @@ SCENARIOS: dict[str, tuple[Callable[[Cluster, ChaosConfig, int], Fault], float]]
     "postgres-restart": (postgres_restart, 1.0),
     "rolling-restart": (rolling_restart, 3.0),
     "provider-outage": (provider_outage, 1.0),
+}
+
+# what the picture's fault marker says (the run's own note follows it)
+FAULT_LABELS = {
+    "leader-sigkill": "SIGKILL the leader … restarted",
+    "leader-sigstop": "SIGSTOP the leader … SIGCONT",
+    "etcd-partition": "leader cut from etcd … healed",
+    "etcd-restart": "etcd killed … started again",
+    "postgres-restart": "PostgreSQL stopped … started again",
+    "rolling-restart": "rolling restart (surge 1)",
+    "provider-outage": "provider 500, 429, hangs … recovers",
 }
 
 DESCRIPTIONS = {name: (fn.__doc__ or "").strip().replace("\n", " ") for name, (fn, _) in SCENARIOS.items()}
@@ -364,7 +388,23 @@ def run_scenario(cluster: Cluster, name: str, config: ChaosConfig, **options: An
     result = verify(cluster, name, config, fault, window_start)
     result.violations[:0] = quiet_problems
     result.seconds = time.monotonic() - begun
+    result.timeline = run_timeline(cluster, result, fault, window_start)
     return result
+
+
+def run_timeline(cluster: Cluster, result: Result, fault: Fault, window_start: float) -> Timeline:
+    """The run as its picture shows it: every POST, the leader terms, the fault's span."""
+    assert cluster.provider is not None
+    end = time.time()
+    gap = "–" if result.min_handover_gap is None else f"{result.min_handover_gap:.2f} s"
+    return Timeline(
+        scenario=result.scenario, origin=window_start, end=end, posts=cluster.provider.client.requests(),
+        terms=bands(cluster.terms(), end, window_start), fault=(fault.started, fault.healed or fault.started),
+        fault_label="\n".join([FAULT_LABELS[result.scenario], *(_shorten(n) for n in fault.notes[:1])]),
+        caption=(f"{result.calls} calls for {result.reminders} reminders, {result.duplicates} duplicates, "
+                 f"{result.misses} misses; min gap deposed → successor {gap}"),
+        replicas=[r.name for r in cluster.active_replicas],
+    )
 
 
 def settle(cluster: Cluster, config: ChaosConfig) -> list[str]:
@@ -407,6 +447,10 @@ def _unfinished_terms(cluster: Cluster) -> list[int]:
         if term.replica in started_at and term.started >= started_at[term.replica] - 0.01
         and term.ended is not None and term.dispatch_started is not None and term.dispatch_stopped is None
     ]
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _collapse(items: list[str]) -> list[str]:
@@ -651,14 +695,55 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}; {load}"
 
 
+def draw_pictures(results: list[Result], folder: Path) -> dict[str, Path]:
+    """One PNG per scenario, of its first run that got as far as a timeline: `folder/<name>.png`."""
+    pictures: dict[str, Path] = {}
+    for result in results:
+        if result.timeline is not None and result.scenario not in pictures:
+            pictures[result.scenario] = draw_timeline(result.timeline, folder / f"{result.scenario}.png")
+    return pictures
+
+
+def _describe(name: str, picture: Path | None, report: Path) -> str:
+    text = f"### {name}\n\n{DESCRIPTIONS[name]}"
+    if picture is not None:
+        text += f"\n\n![{name}: calls over time by replica, leader terms, the fault]({os.path.relpath(picture, report.parent)})"
+    return text
+
+
+def _sections(text: str) -> list[tuple[str, str]]:
+    """(heading line, or "" for what precedes the first `## `; the section's text)."""
+    return [(chunk.splitlines()[0] if chunk.startswith("## ") else "", chunk)
+            for chunk in re.split(r"(?m)^(?=## )", text) if chunk]
+
+
+def keep_other_sections(new: str, old: str) -> str:
+    """`new`, plus every `## ` section of `old` that `new` does not write (another author's, e.g. a
+    table of bad values), each kept after the section it followed in `old`."""
+    written = _sections(new)
+    owned = {heading for heading, _ in written}
+    kept: dict[str, list[str]] = {}
+    anchor = ""
+    for heading, chunk in _sections(old):
+        if heading in owned:
+            anchor = heading
+        else:
+            kept.setdefault(anchor, []).append(chunk)
+    out = []
+    for heading, chunk in written:
+        out += [chunk, *kept.get(heading, [])]
+    return "\n\n".join(chunk.strip("\n") for chunk in out) + "\n"
+
+
 def _write_report(path: Path, command: str, config: ChaosConfig, rounds: int, results: list[Result],
-                  started: datetime, seconds: float, machine: str) -> None:
-    describe = "\n".join(f"- **{name}** — {DESCRIPTIONS[name]}" for name in SCENARIOS)
+                  started: datetime, seconds: float, machine: str, pictures: dict[str, Path]) -> None:
+    describe = "\n\n".join(_describe(name, pictures.get(name), path) for name in SCENARIOS)
     runs = "\n".join(f"    {r.line()}" for r in results)
     failures = [r for r in results if not r.ok]
     verdict = ("Every run passed every check: zero duplicates, zero misses." if not failures else
                f"{len(failures)} run(s) FAILED:\n\n" + "\n".join(f"- {r.scenario}: {'; '.join(r.violations)}" for r in failures))
-    path.write_text(f"""# Reliability: exactly-once under failure
+    old = path.read_text() if path.exists() else ""
+    path.write_text(keep_other_sections(f"""# Reliability: exactly-once under failure
 
 Produced by `make chaos` (`{command}`) on {started:%Y-%m-%d %H:%M} UTC, {seconds / 60:.1f} min, on {machine}.
 
@@ -690,6 +775,15 @@ terms that overlapped the runs. The PostgreSQL scenario alternates a crash (`imm
 1, 3, …) and a clean stop (`fast`).
 
 ## The scenarios
+
+Each picture is the first run of its scenario. Top: new calls (201, not a replay) per
+{BIN_SECONDS:g} s, stacked by the replica that placed them, over bands in the colour of the replica
+that led (fencing token at the band's left edge). Bottom: every POST the provider received, on
+the row of its replica: a tick for a new call, a circle for a replay (a successor completing a
+call in flight with the same key: the provider answers with the stored call), a cross for a
+refused or failed POST; the bar behind is that replica's leader term. The fault: a red line where
+it hit, a red strip along the top until it was undone. One colour at a time in the top row is the
+exactly-once promise seen from the provider.
 
 {describe}
 
@@ -748,7 +842,7 @@ terms that overlapped the runs. The PostgreSQL scenario alternates a crash (`imm
 ## Every run
 
 {runs}
-""")
+""", old))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -759,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 500 reminders: the test suite's size")
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="only these (repeatable)")
     parser.add_argument("--output", default=str(ROOT / "RELIABILITY.md"), help="report file ('-': none)")
+    parser.add_argument("--pictures", default=str(ROOT / "docs" / "chaos"),
+                        help="folder for one PNG per scenario ('-': none)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.reminders = 1, 500
@@ -789,8 +885,12 @@ def main(argv: list[str] | None = None) -> int:
         pool.close()
     seconds = time.monotonic() - begun
     print("\n" + _table(results), flush=True)
+    pictures = draw_pictures(results, Path(args.pictures)) if args.pictures != "-" else {}
+    for picture in pictures.values():
+        print(f"drawn: {picture}", flush=True)
     if args.output != "-":
-        _write_report(Path(args.output), command.strip(), config, args.rounds, results, started, seconds, machine)
+        _write_report(Path(args.output), command.strip(), config, args.rounds, results, started, seconds, machine,
+                      pictures)
         print(f"\nwritten: {args.output}", flush=True)
     return 0 if all(r.ok for r in results) else 1
 

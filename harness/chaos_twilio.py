@@ -22,6 +22,7 @@ runs a short form.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -52,8 +53,7 @@ TWILIO_CPS = 50.0  # the fake's queue: a burst of hundreds of calls waits second
 # proxy: at the chaos suite's rates that load ends terms on a 2-core machine at LEASE_TTL=2.
 LEASE_TTL = 5
 RECONCILE_GRACE = "5s"
-SECTION_START = "<!-- twilio-mode: written by python -m harness.chaos_twilio -->"
-SECTION_END = "<!-- /twilio-mode -->"
+SECTION_HEADING = "## Twilio mode: every message heard exactly once"
 
 
 def number(index: int) -> str:
@@ -259,14 +259,14 @@ def twilio_table(results: list[Result]) -> str:
 
 
 def write_section(path: Path, command: str, config: ChaosConfig, rounds: int, results: list[Result]) -> None:
-    """Replace (or append) the Twilio-mode section of RELIABILITY.md."""
+    """Replace (or append) the Twilio-mode section of RELIABILITY.md (a `## ` section, which
+`python -m harness.chaos` keeps when it rewrites the rest)."""
     failures = [r for r in results if not r.ok]
     verdict = ("Every run passed every check: every message heard exactly once, no miss, every extra call silent."
                if not failures else f"{len(failures)} run(s) FAILED:\n\n"
                + "\n".join(f"- {r.scenario}: {'; '.join(r.violations)}" for r in failures))
     runs = "\n".join(f"    {r.line()}" for r in results)
-    section = f"""{SECTION_START}
-## Twilio mode: every message heard exactly once
+    section = f"""{SECTION_HEADING}
 
 `{command}`: the same faults against the Twilio-shaped fake ({config.latency_ms:.0f} ms per REST request, calls
 leave its queue at {TWILIO_CPS:g} per second, every callee answers), webhooks through a proxy that strips
@@ -284,16 +284,15 @@ client's timeout.
 Every run:
 
 {runs}
-{SECTION_END}
 """
     text = path.read_text() if path.exists() else ""
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        tail = rest.split(SECTION_END, 1)[1]
-        text = head + section.rstrip("\n") + tail
+    # The section runs from its heading to the next `## ` heading (harness.chaos keeps it there).
+    match = re.search(rf"(?ms)^{re.escape(SECTION_HEADING)}$.*?(?=^## |\Z)", text)
+    if match:
+        text = text[: match.start()] + section + "\n" + text[match.end():].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -487,8 +487,11 @@ class Cluster:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:  # keep the evidence: pytest shows captured stderr of a failure
-            for replica in self.replicas:
-                print(f"===== last lines of {replica.name}.log =====\n{_tail(replica.log_path)}", file=sys.stderr)
+            try:
+                for replica in self.replicas:
+                    print(f"===== last lines of {replica.name}.log =====\n{_tail(replica.log_path)}", file=sys.stderr)
+            except OSError:
+                pass  # stderr is gone (a closed terminal): tear down all the same
         try:
             self.close(graceful=exc_type is None)
         except Exception as error:

@@ -1,17 +1,20 @@
-"""`make run`: a local cluster you can watch fail over.
+"""`make run`: a local cluster you can watch fail over, and make fail over with one key.
 
 Starts etcd, the fake provider (150 ms latency) and 3 replicas on one SQLite file (WAL), or on
 PostgreSQL when DEMO_DATABASE_URL is set; books a few appointments through the real HTTP API
-with reminders due over the next minute; then shows, every second, who leads, the fencing token,
-the calls each replica placed and the reminders sent. Kill the leader with the printed
-`kill -9 <pid>` and watch a follower take over and keep calling. LEADER_MAX_TERM (seconds), if
-set, makes leaders step down in turn; LEASE_TTL (default 3) sets how long a dead leader is waited
-for. Ctrl-C or SIGTERM stops everything it started.
+with reminders due over the next minute; then shows, redrawn in place every second, the
+replicas (role, leader term, fencing token, calls placed), the last calls, a failover timer and
+what happened. Keys: k kills the leader (SIGKILL: the seed's "delete the leader pod"), s stops it
+(SIGSTOP: a frozen process that still holds its sockets), c resumes it (SIGCONT), r restarts the
+killed ones, q quits. When stdout is not a terminal it prints plain lines instead (and prints
+the `kill -9 <pid>` that kills the leader). LEADER_MAX_TERM (seconds), if set, makes leaders step
+down in turn; LEASE_TTL (default 3) sets how long a dead leader is waited for. Ctrl-C, q,
+SIGTERM, SIGHUP (the terminal closed) stop everything it started.
 
 `--provider twilio` (or TELEPHONY_PROVIDER=twilio in the demo's environment) runs the replicas in
 Twilio mode against the Twilio-shaped fake (calls queued at 2 per second, webhooks through a
-prefix-stripping proxy): the view then shows what each call heard and that every reminder's
-message is heard once, whoever leads.
+prefix-stripping proxy): the calls' key column then shows what each call heard, and the count of
+keys becomes the reminders heard, each once whoever leads.
 
     .venv/bin/python -m harness.demo [--replicas N] [--duration SECONDS] [--appointments N] [--provider P]
 """
@@ -20,11 +23,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
+import termios
 import time
+import tty
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -32,6 +41,11 @@ import httpx
 from service.privacy import mask_phone
 
 from .cluster import Cluster
+
+__all__ = [
+    "Controller", "FailoverClock", "KeyReader", "LiveView", "Snapshot", "Stop", "TerminalGone", "main",
+    "plain_status", "provider_calls", "screen",
+]
 
 PEOPLE = [
     ("Ada Lovelace", "+442071838750", "Europe/London"),
@@ -43,24 +57,45 @@ PEOPLE = [
     ("Barbara Liskov", "+61293744000", "Australia/Sydney"),
     ("Leslie Lamport", "+81335811111", "Asia/Tokyo"),
 ]
+KEYS_HELP = "k kill the leader (SIGKILL) · s stop it (SIGSTOP) · c continue (SIGCONT) · r restart killed · q quit"
 
 
 class Stop(Exception):
-    """SIGTERM (or SIGINT) asked the demo to stop."""
+    """A signal (SIGINT, SIGTERM, SIGHUP), the q key or a closed terminal asked the demo to stop."""
+
+
+class TerminalGone(Stop):
+    """The terminal the keys came from went away: nobody is watching any more."""
+
+
+def _detach_from_terminal() -> None:
+    """The terminal is gone (SIGHUP): what is still written (teardown, summary) goes nowhere
+    instead of failing with EIO half-way through the teardown."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        try:
+            os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
 
 
 def _install_signal_handlers() -> dict[str, bool]:
-    """SIGINT/SIGTERM raise Stop once; set the returned state's "stopping" to ignore them after."""
+    """SIGINT/SIGTERM/SIGHUP raise Stop once; set the returned state's "stopping" to ignore them
+    after. The replicas, etcd and the provider run in sessions of their own (a Ctrl-C or a hangup
+    does not reach them): only this process's teardown stops them."""
     state = {"stopping": False}
 
     def handler(signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            _detach_from_terminal()
         if state["stopping"]:
             return  # already tearing down: let it finish (every step is bounded)
         state["stopping"] = True
         raise Stop(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
     return state
 
 
@@ -87,146 +122,397 @@ def book_appointments(cluster: Cluster, count: int, first_in: float, last_in: fl
     return reminders
 
 
-class LiveView:
-    """Polls the cluster once per tick and prints the view and the events since the last tick."""
+# -- what one tick sees --------------------------------------------------------------------------
 
-    def __init__(self, cluster: Cluster, *, tty: bool) -> None:
+
+@dataclass(frozen=True)
+class ReplicaRow:
+    name: str
+    pid: int | None
+    role: str  # LEADER, follower, paused, down, no answer
+    term: int | None  # ordinal of the leader term it holds (1 = the first leader)
+    token: int | None  # that term's fencing token
+    calls: int  # new calls it placed at the provider
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    elapsed: float
+    rows: list[ReplicaRow]
+    leader: str | None
+    failover: str  # the failover timer's line
+    leaderless: bool
+    statuses: Counter[str]
+    calls: int
+    keys: int
+    last_calls: list[dict[str, Any]]  # newest first
+    events: list[str]
+
+
+@dataclass
+class FailoverClock:
+    """Times the stretch without a leader: from the moment it was lost (a key press knows it
+    before the next poll does) until a replica leads again."""
+
+    leader: str | None = None
+    since: float = field(default_factory=time.monotonic)  # the current leader's (or vacancy's) start
+    lost_at: float | None = None
+    lost_from: str | None = None  # who led before the vacancy
+    last: tuple[float, str | None, str] | None = None  # (seconds, from, to) of the last failover
+
+    def lost(self, now: float) -> None:
+        if self.lost_at is None:
+            self.lost_at, self.since, self.lost_from = now, now, self.leader
+
+    def observe(self, leader: str | None, now: float) -> float | None:
+        """The leader this poll saw; returns the failover's length when one just ended."""
+        if leader == self.leader:
+            return None
+        if leader is None:
+            self.lost(now)
+            self.leader = None
+            return None
+        self.leader = leader
+        gap = None if self.lost_at is None else now - self.lost_at
+        if gap is not None:
+            self.last = (gap, self.lost_from, leader)
+        self.lost_at, self.since = None, now
+        return gap
+
+    def line(self, now: float) -> str:
+        last = f" · last failover {self.last[0]:.1f} s ({self.last[1] or '?'} → {self.last[2]})" if self.last else ""
+        if self.leader is None:
+            since = self.lost_at if self.lost_at is not None else self.since
+            return f"NO LEADER for {now - since:.1f} s{last}"
+        return f"{self.leader} leads for {now - self.since:.0f} s{last}"
+
+
+def provider_calls(cluster: Cluster) -> list[dict[str, Any]]:
+    """The fake provider's calls in the generic fake's shape (id, to, placed_by, created_at,
+    idempotency_key). Twilio mode: the key column says what the call heard, and "keys" count the
+    reminders heard (a call that heard nothing counts as one key of its own)."""
+    calls = cluster.provider.client.calls()  # type: ignore[union-attr]
+    if cluster.telephony_provider != "twilio":
+        return calls
+    shaped = []
+    for call in calls:
+        created = parsedate_to_datetime(call["date_created"]).astimezone(UTC).isoformat()
+        words = f"heard #{call['stamp'].get('r', '?')[:8]}" if call["heard"] else f"silent {call['sid'][-6:]}"
+        shaped.append({"id": call["sid"], "to": call["to"], "placed_by": call.get("placed_by") or "?",
+                       "created_at": created, "idempotency_key": words if call["status"] != "queued" else "queued"})
+    return shaped
+
+
+class LiveView:
+    """Polls the cluster once per tick into a Snapshot, and keeps the events since the start."""
+
+    def __init__(self, cluster: Cluster, *, echo: Callable[[str], None] | None = None) -> None:
         self.cluster = cluster
-        self.tty = tty
+        self.echo = echo  # plain mode prints each event as it happens
         self.started = time.monotonic()
-        self.leader: str | None = None
-        self.leader_lost_at: float | None = None
+        self.clock = FailoverClock()
         self.down: set[str] = set()
         self.calls_seen = 0
-        self.finished_seen: set[str] = set()
         self.events: list[str] = []
 
     def event(self, text: str) -> None:
         line = f"{datetime.now():%H:%M:%S} {text}"
-        self.events = [*self.events, line][-12:]
-        if not self.tty:
-            print(line, flush=True)
+        self.events = [*self.events, line][-50:]
+        if self.echo is not None:
+            self.echo(line)
 
-    def roles(self) -> dict[str, tuple[str, dict[str, Any] | None]]:
+    def _roles(self) -> dict[str, tuple[str, dict[str, Any] | None]]:
         roles: dict[str, tuple[str, dict[str, Any] | None]] = {}
         for replica in self.cluster.replicas:
             if not replica.alive:
                 roles[replica.name] = ("down", None)
-                continue
-            try:
-                view = replica.status()
-            except httpx.HTTPError:
-                roles[replica.name] = ("no answer", None)
-                continue
-            roles[replica.name] = ("LEADER" if view["is_leader"] else "follower", view)
+            elif replica.paused:  # a frozen process does not answer: do not wait for it
+                roles[replica.name] = ("paused", None)
+            else:
+                try:
+                    view = replica.status()
+                except httpx.HTTPError:
+                    roles[replica.name] = ("no answer", None)
+                    continue
+                roles[replica.name] = ("LEADER" if view["is_leader"] else "follower", view)
         return roles
 
-    def tick(self) -> None:
-        cluster = self.cluster
-        roles = self.roles()
-        for replica in cluster.replicas:
+    def _notice(self, roles: dict[str, tuple[str, dict[str, Any] | None]], now: float) -> str | None:
+        for replica in self.cluster.replicas:
             if not replica.alive and replica.name not in self.down:
                 self.down.add(replica.name)
                 self.event(f"!! {replica.name} (pid {replica.pid}) is down, exit status {replica.returncode}")
+            elif replica.alive:
+                self.down.discard(replica.name)
         leaders = [name for name, (role, _) in roles.items() if role == "LEADER"]
         leader = leaders[0] if len(leaders) == 1 else None
-        if leader != self.leader:
-            now = time.monotonic()
+        was = self.clock.leader
+        gap = self.clock.observe(leader, now)
+        if leader != was:
             if leader is None:
-                self.leader_lost_at = now
-                self.event(f"** no leader (was {self.leader})")
+                self.event(f"** no leader (was {was})")
             else:
                 token = roles[leader][1]["fencing_token"]  # type: ignore[index]
-                gap = f" after {now - self.leader_lost_at:.1f} s without one" if self.leader_lost_at else ""
-                was = f"{self.leader} → " if self.leader else ""
-                self.event(f"** LEADER: {was}{leader} (fencing token {token}){gap}")
-                self.leader_lost_at = None
-            self.leader = leader
+                after = f" after {gap:.1f} s without one" if gap is not None else ""
+                self.event(f"** LEADER: {f'{was} → ' if was else ''}{leader} (fencing token {token}){after}")
+        return leader
+
+    def tick(self) -> Snapshot:
+        now = time.monotonic()
+        roles = self._roles()
+        leader = self._notice(roles, now)
         try:
-            calls = cluster.provider.client.calls()
+            calls = provider_calls(self.cluster)
         except httpx.HTTPError:
             calls = []
-        if cluster.telephony_provider == "twilio":
-            self.twilio_tick(roles, calls)
-            return
         for call in calls[self.calls_seen:]:
-            self.event(f"   call {call['id'][:13]}… placed by {call['placed_by']} (key {call['idempotency_key'][:17]}…)")
+            self.event(f"   call {call['id'][:13]}… to {mask_phone(call['to'])} placed by {call['placed_by']}")
         self.calls_seen = max(self.calls_seen, len(calls))
+        ordinal = {term.token: index + 1 for index, term in enumerate(self.cluster.terms())}
         per_replica = Counter(call["placed_by"] for call in calls)
-        statuses = cluster.reminder_statuses()
-        self.render(roles, per_replica, statuses, len(calls), len({c["idempotency_key"] for c in calls}))
-
-    def twilio_tick(self, roles: dict, calls: list[dict[str, Any]]) -> None:
-        """Twilio mode: a line per finished call (what it heard), messages heard per reminder."""
-        finished = [c for c in calls if c["status"] in ("completed", "canceled", "busy", "no-answer", "failed")]
-        for call in finished:
-            if call["sid"] not in self.finished_seen:
-                self.finished_seen.add(call["sid"])
-                words = f"heard: {call['heard'][0][:48]}…" if call["heard"] else "heard nothing"
-                self.event(f"   call {call['sid'][:10]}… to {mask_phone(call['to'])} {call['status']}, {words}")
-        heard = Counter(c["stamp"].get("r") for c in calls if c["heard"])
-        statuses = self.cluster.reminder_statuses()
-        twice = sum(1 for n in heard.values() if n > 1)
-        self.render(roles, Counter(), statuses, len(calls), len(heard),
-                    provider_line=f"provider: {len(calls)} calls, {len(heard)} reminders heard, "
-                                  f"{twice} heard twice, {len(calls) - len(heard)} calls without a message")
-
-    def render(self, roles: dict, per_replica: Counter, statuses: Counter, calls: int, keys: int,
-               provider_line: str | None = None) -> None:
-        elapsed = time.monotonic() - self.started
-        total = sum(statuses.values())
-        summary = (f"reminders: sent {statuses['sent']}, pending {statuses['pending']}, dispatching "
-                   f"{statuses['dispatching']}, other {total - statuses['sent'] - statuses['pending'] - statuses['dispatching']}"
-                   f" of {total} | " + (provider_line or f"provider: {calls} calls, {keys} distinct idempotency keys"))
-        leader = self.cluster.replica(self.leader) if self.leader else None
-        hint = (f"to watch a failover, in another shell: kill -9 {leader.pid}   ({leader.name}, the leader)"
-                if leader else "no leader right now: a follower takes over once the old lease expires")
-        if not self.tty:
-            parts = " | ".join(
-                f"{name} {role}{' t' + str(view['fencing_token']) if view and view['is_leader'] else ''} "
-                f"{per_replica[name]} calls" for name, (role, view) in roles.items()
-            )
-            print(f"[{elapsed:5.1f}s] {parts} || sent {statuses['sent']}/{total} || "
-                  f"{'kill -9 ' + str(leader.pid) if leader else 'no leader'}", flush=True)
-            return
-        lines = [f"reminders demo — {len(roles)} replicas — {elapsed:.0f} s — Ctrl-C stops everything", ""]
-        lines.append(f"  {'replica':<11}{'pid':>8}  {'role':<10}{'token':>7}  {'calls placed':>12}")
+        rows = []
         for replica in self.cluster.replicas:
             role, view = roles[replica.name]
-            token = view["fencing_token"] if view and view["fencing_token"] is not None else ""
-            lines.append(f"  {replica.name:<11}{replica.pid or '':>8}  {role:<10}{token!s:>7}  {per_replica[replica.name]:>12}")
-        lines += ["", f"  {summary}", "", f"  >>> {hint}", "", *[f"  {e}" for e in self.events]]
-        sys.stdout.write("\033[H\033[J" + "\n".join(lines) + "\n")
-        sys.stdout.flush()
+            token = view["fencing_token"] if view and view["is_leader"] else None
+            rows.append(ReplicaRow(replica.name, replica.pid, role, ordinal.get(token) if token else None, token,
+                                   per_replica[replica.name]))
+        return Snapshot(
+            elapsed=now - self.started, rows=rows, leader=leader, failover=self.clock.line(now),
+            leaderless=leader is None, statuses=self.cluster.reminder_statuses(), calls=len(calls),
+            keys=len({c["idempotency_key"] for c in calls}), last_calls=calls[-8:][::-1], events=list(self.events),
+        )
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+class Controller:
+    """What each key does to the cluster; returns what happened (also logged as an event)."""
+
+    def __init__(self, cluster: Cluster, view: LiveView) -> None:
+        self.cluster = cluster
+        self.view = view
+
+    def press(self, key: str) -> str | None:
+        action = {"k": self.kill_leader, "s": self.stop_leader, "c": self.resume, "r": self.restart}.get(key)
+        if key == "q":
+            raise Stop("q pressed")
+        if action is None:
+            return None
+        outcome = action()
+        self.view.event(f">> [{key}] {outcome}")
+        return outcome
+
+    def _leader(self) -> Any:
+        name = self.view.clock.leader
+        replica = self.cluster.replica(name) if name else None
+        return replica if replica is not None and replica.live else None
+
+    def kill_leader(self) -> str:
+        replica = self._leader()
+        if replica is None:
+            return "no leader to kill right now"
+        replica.kill()
+        self.view.clock.lost(time.monotonic())
+        return f"SIGKILL {replica.name} (pid {replica.pid}), the leader: a follower takes over once its lease expires"
+
+    def stop_leader(self) -> str:
+        replica = self._leader()
+        if replica is None:
+            return "no leader to stop right now"
+        replica.stop()
+        self.view.clock.lost(time.monotonic())
+        return f"SIGSTOP {replica.name} (pid {replica.pid}), the leader: frozen, its lease runs out; c resumes it"
+
+    def resume(self) -> str:
+        paused = [r for r in self.cluster.replicas if r.alive and r.paused]
+        for replica in paused:
+            replica.cont()
+        return f"SIGCONT {', '.join(r.name for r in paused)}" if paused else "nothing is stopped"
+
+    def restart(self) -> str:
+        dead = [r for r in self.cluster.replicas if not r.alive]
+        for replica in dead:
+            replica.start()
+        return f"restarted {', '.join(r.name for r in dead)} (they rejoin as followers)" if dead else "nothing is down"
+
+
+class KeyReader:
+    """Single key presses from a terminal on stdin (cbreak mode: Ctrl-C still signals), restored
+    on exit. Without a terminal `read` just waits. A terminal that went away (end of input or an
+    I/O error) raises TerminalGone: nobody is watching, so the demo cleans up and ends."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = sys.stdin.fileno() if fd is None else fd
+        self.enabled = os.isatty(self.fd)
+        self._saved: list[Any] | None = None
+
+    def __enter__(self) -> KeyReader:
+        if self.enabled:
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+            except (termios.error, OSError):
+                pass  # the terminal is gone
+
+    def read(self, timeout: float) -> str:
+        """Keys pressed within `timeout` s (returns at the first one), "" when none."""
+        if not self.enabled:
+            time.sleep(timeout)
+            return ""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return ""
+        try:
+            data = os.read(self.fd, 64)
+        except OSError as error:
+            raise TerminalGone(f"terminal gone ({error.strerror})") from None
+        if not data:
+            raise TerminalGone("terminal gone (end of input)")
+        text = data.decode(errors="ignore")
+        return "" if "\x1b" in text else text  # arrow keys and the like: not commands
+
+
+# -- drawing -------------------------------------------------------------------------------------
+
+
+def plain_status(snapshot: Snapshot, cluster: Cluster) -> str:
+    """One line per tick for a log or a pipe."""
+    parts = " | ".join(
+        f"{row.name} {row.role}{f' term {row.term} token {row.token}' if row.token else ''} {row.calls} calls"
+        for row in snapshot.rows
+    )
+    total = sum(snapshot.statuses.values())
+    leader = cluster.replica(snapshot.leader) if snapshot.leader else None
+    hint = f"kill -9 {leader.pid}" if leader else snapshot.failover
+    return f"[{snapshot.elapsed:5.1f}s] {parts} || sent {snapshot.statuses['sent']}/{total} || {hint}"
+
+
+_ROLE_STYLE = {"LEADER": "bold green", "follower": "cyan", "paused": "bold yellow", "down": "bold red",
+               "no answer": "red"}
+
+
+def screen(snapshot: Snapshot, *, title: str, keys: bool) -> Any:
+    """The live screen: replicas, failover timer and counts, the last calls, events, keys."""
+    from rich.console import Group  # noqa: PLC0415 - only the terminal view needs rich
+    from rich.layout import Layout  # noqa: PLC0415
+    from rich.panel import Panel  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
+
+    replicas = Table(expand=True, box=None, header_style="bold")
+    for column, justify in (("replica", "left"), ("pid", "right"), ("role", "left"), ("term", "right"),
+                            ("fencing token", "right"), ("calls placed", "right")):
+        replicas.add_column(column, justify=justify)  # type: ignore[arg-type]
+    busiest = max([row.calls for row in snapshot.rows] + [1])
+    for row in snapshot.rows:
+        bar = "█" * round(10 * row.calls / busiest)
+        replicas.add_row(row.name, str(row.pid or ""), Text(row.role, style=_ROLE_STYLE.get(row.role, "")),
+                         str(row.term or ""), str(row.token or ""), f"{row.calls:>4} {bar:<10}")
+    statuses, total = snapshot.statuses, sum(snapshot.statuses.values())
+    duplicates = snapshot.calls - snapshot.keys
+    counts = Text.assemble(
+        (snapshot.failover + "\n\n", "bold red" if snapshot.leaderless else "bold green"),
+        f"reminders  sent {statuses['sent']} of {total} · pending {statuses['pending']} · "
+        f"dispatching {statuses['dispatching']}\nprovider   {snapshot.calls} calls for {snapshot.keys} reminder keys · ",
+        (f"{duplicates} duplicates", "bold red" if duplicates else "green"),
+    )
+    calls = Table(expand=True, box=None, header_style="bold")
+    for column in ("created", "call", "placed by", "to", "idempotency key"):
+        calls.add_column(column, no_wrap=True)
+    for call in snapshot.last_calls:
+        calls.add_row(call["created_at"][11:19], call["id"][:18] + "…", call["placed_by"], mask_phone(call["to"]),
+                      call["idempotency_key"][:24] + "…")
+    layout = Layout()
+    layout.split_column(
+        Layout(Text(title, style="bold"), size=1),
+        Layout(name="top", size=len(snapshot.rows) + 4),
+        Layout(Panel(calls, title="last calls"), size=len(snapshot.last_calls) + 3 if snapshot.last_calls else 4),
+        Layout(Panel(Group(*[Text(e) for e in snapshot.events[-12:]]), title="what happened")),
+        Layout(Text(KEYS_HELP if keys else "keys need a terminal on stdin · Ctrl-C stops everything",
+                    style="reverse"), size=1),
+    )
+    layout["top"].split_row(Layout(Panel(replicas, title="replicas"), ratio=3),
+                            Layout(Panel(counts, title="failover"), ratio=2))
+    return layout
+
+
+# -- the demo ------------------------------------------------------------------------------------
 
 
 def summary(cluster: Cluster, view: LiveView | None) -> None:
     """What happened: leader changes, calls per replica, keys vs calls (exactly once), reminders."""
     try:
-        calls = cluster.provider.client.calls()
-        posts = cluster.provider.client.requests()
+        calls = provider_calls(cluster)
+        posts = cluster.provider.client.requests()  # type: ignore[union-attr]
         statuses = cluster.reminder_statuses()
     except Exception as error:  # noqa: BLE001 - a summary must not stop the teardown
         print(f"(no summary: {type(error).__name__}: {error})")
         return
-    if view is not None and view.tty:
-        print("\n".join(view.events[-8:]))
-    if cluster.telephony_provider == "twilio":
-        heard = Counter(c["stamp"].get("r") for c in calls if c["heard"])
-        print(f"summary (Twilio mode): {len(posts)} creates, {len(calls)} calls, {len(heard)} reminders heard "
-              f"(at most {max(heard.values(), default=0)} time(s) each), {len(calls) - len(heard)} calls without a "
-              f"message; reminders {dict(statuses)}", flush=True)
-        return
+    if view is not None and view.echo is None:  # the screen is gone: repeat what happened but the calls
+        print("\n".join([e for e in view.events if "   call " not in e][-15:]))
     per_replica = dict(Counter(c["placed_by"] for c in calls))
+    if cluster.telephony_provider == "twilio":
+        heard = Counter(c["idempotency_key"] for c in calls if c["idempotency_key"].startswith("heard"))
+        print(f"summary (Twilio mode): calls placed per replica {per_replica}; {len(posts)} creates, {len(calls)} "
+              f"calls, {len(heard)} reminders heard (at most {max(heard.values(), default=0)} time(s) each), "
+              f"{len(calls) - sum(heard.values())} calls without a message; reminders {dict(statuses)}", flush=True)
+        return
     print(f"summary: calls placed per replica {per_replica}; {len(calls)} calls for "
           f"{len({c['idempotency_key'] for c in calls})} distinct idempotency keys; {len(posts)} POSTs, "
           f"{sum(p['replayed'] for p in posts)} replayed; reminders {dict(statuses)}", flush=True)
 
 
+def _screen_possible() -> bool:
+    """stdout is a terminal that can redraw in place (not TERM=dumb), as rich's Live sees it."""
+    from rich.console import Console  # noqa: PLC0415
+
+    return Console().is_interactive
+
+
+def watch(view: LiveView, deadline: float | None, title: str) -> None:
+    """Redraw the screen (or print plain lines) every second and act on keys until the deadline
+    or a Stop."""
+    cluster, terminal = view.cluster, view.echo is None
+    controller = Controller(cluster, view)
+    with KeyReader() as keys:
+        live = None
+        if terminal:
+            from rich.live import Live  # noqa: PLC0415
+
+            live = Live(screen=True, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
+        try:
+            if live is not None:
+                live.start()
+            next_tick = time.monotonic()
+            while deadline is None or time.monotonic() < deadline:
+                snapshot = view.tick()
+                if live is not None:
+                    live.update(screen(snapshot, title=title, keys=keys.enabled), refresh=True)
+                else:
+                    print(plain_status(snapshot, cluster), flush=True)
+                next_tick += 1.0
+                while (left := next_tick - time.monotonic()) > 0:
+                    if any([controller.press(key) for key in keys.read(left)]):
+                        break  # redraw at once
+                next_tick = max(next_tick, time.monotonic())
+        finally:
+            if live is not None:
+                try:
+                    live.stop()
+                except OSError:
+                    pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C or q)")
     parser.add_argument("--appointments", type=int, default=16)
     parser.add_argument("--latency-ms", type=float, default=150.0, help="fake provider latency")
     parser.add_argument("--provider", choices=("generic", "twilio"),
@@ -241,13 +527,13 @@ def main(argv: list[str] | None = None) -> int:
         env["LEADER_MAX_TERM"] = os.environ["LEADER_MAX_TERM"]
     database_url = os.environ.get("DEMO_DATABASE_URL") or None
     lease_ttl = int(os.environ.get("LEASE_TTL", "3"))
+    if args.provider == "twilio":
+        env["RECONCILE_GRACE"] = "10s"
     print(f"starting etcd, the {'Twilio-shaped ' if args.provider == 'twilio' else ''}fake provider ({args.latency_ms:.0f} ms) and {args.replicas} replicas on "
           f"{'PostgreSQL' if database_url else 'SQLite (one file, WAL)'}, lease TTL {lease_ttl} s"
-          f"{', LEADER_MAX_TERM ' + env['LEADER_MAX_TERM'] + ' s' if env else ''} …", flush=True)
+          f"{', LEADER_MAX_TERM ' + env['LEADER_MAX_TERM'] + ' s' if 'LEADER_MAX_TERM' in env else ''} …", flush=True)
     reason = "duration reached"
     try:
-        if args.provider == "twilio":
-            env["RECONCILE_GRACE"] = "10s"
         with Cluster(args.replicas, database_url=database_url, provider_latency_ms=args.latency_ms,
                      lease_ttl=lease_ttl, env=env, telephony_provider=args.provider,
                      twilio_calls_per_second=2) as cluster:
@@ -258,14 +544,18 @@ def main(argv: list[str] | None = None) -> int:
                 booked = book_appointments(cluster, args.appointments, first_in=4, last_in=60)
                 print(f"booked {args.appointments} appointments through POST /appointments on replica-0: "
                       f"{booked} reminders due over the next minute", flush=True)
-                view = LiveView(cluster, tty=sys.stdout.isatty())
                 deadline = None if args.duration is None else time.monotonic() + args.duration
-                while deadline is None or time.monotonic() < deadline:
-                    tick = time.monotonic()
-                    view.tick()
-                    time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+                title = (f"reminders demo — {args.replicas} replicas, lease TTL {lease_ttl} s, "
+                         f"{'PostgreSQL' if database_url else 'SQLite'} — Ctrl-C or q stops everything")
+                view = LiveView(cluster, echo=None if _screen_possible() else lambda line: print(line, flush=True))
+                watch(view, deadline, title)
             except Stop as signalled:
+                if isinstance(signalled, TerminalGone):
+                    _detach_from_terminal()
                 reason = str(signalled)
+            except OSError as error:  # writing to a terminal that went away (EIO)
+                _detach_from_terminal()
+                reason = f"terminal gone ({error})"
             signals["stopping"] = True  # from here on every step is bounded: no interrupting it
             summary(cluster, view)
             print("stopping the replicas, the provider and etcd …", flush=True)

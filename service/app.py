@@ -21,13 +21,17 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.api import appointments, health, metrics
+from service.api.auth import BearerAuthMiddleware, api_tokens
 from service.api.limits import BodyLimitMiddleware
+from service.api.readiness import ReadinessProbe
+from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, unavailable_reason
+from service.backlog import watch_backlog
 from service.config import Settings
 from service.db import Database
 from service.components import dispatch_config, election_config, pool_size, provider, twilio_signature
 from service.dispatch.dispatcher import Dispatcher
 from service.election import Elector
-from service.metrics import IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
+from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
 from service.webhooks import twilio_router
 
 __all__ = ["app", "create_app"]
@@ -73,8 +77,10 @@ def create_app(settings: Settings) -> FastAPI:
             drain_timeout=settings.drain_timeout,
             on_keepalive=KEEPALIVE_RTT.observe,
             on_keepalive_failure=KEEPALIVE_FAILURES.inc,
+            on_auth_failure=ETCD_AUTH_FAILURES.inc,
         )
         app.state.db, app.state.elector, app.state.provider = db, elector, calls
+        app.state.readiness = ReadinessProbe(db, elector)
         shutdown_started: asyncio.Task[None] | None = None
 
         def begin_shutdown() -> asyncio.Task[None]:
@@ -86,13 +92,15 @@ def create_app(settings: Settings) -> FastAPI:
 
         app.state.begin_shutdown = begin_shutdown
         running = asyncio.create_task(elector.run(), name="elector")
+        backlog = asyncio.create_task(watch_backlog(db), name="backlog")  # gauges for the alerts
         log.info("replica %s started (database %s)", settings.pod_name, "SQLite" if db.is_sqlite else "PostgreSQL")
         try:
             yield
         finally:
             await begin_shutdown()
             running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
+            backlog.cancel()
+            await asyncio.gather(running, backlog, return_exceptions=True)
             await calls.aclose()
             await db.dispose()
             log.info("replica %s stopped", settings.pod_name)
@@ -102,11 +110,14 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         summary="Appointments with reminder calls placed exactly once by the elected leader.",
         lifespan=lifespan,
+        **_docs_urls(settings),
     )
     app.add_middleware(BodyLimitMiddleware)
+    _harden(app, settings)
     app.state.settings = settings
     app.state.db = None
     app.state.elector = None
+    app.state.readiness = None
     app.include_router(appointments.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
@@ -116,6 +127,12 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.no_answer_policy = settings.no_answer_policy()
         app.state.templates = settings.templates
         app.include_router(twilio_router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Database trouble is a 503, bad input a 422 without echoing it, a 405 lists every method."""
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
@@ -124,6 +141,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def database_unavailable(_request: Request, error: Exception) -> JSONResponse:
         log.warning("database unavailable: %s", type(error).__name__)
         return JSONResponse({"detail": "database unavailable, try again"}, status_code=503)
+
+    for error_type in DATABASE_ERRORS:
+        app.add_exception_handler(error_type, _database_unreachable)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -143,7 +163,48 @@ def create_app(settings: Settings) -> FastAPI:
             error.headers = {**(error.headers or {}), "Allow": ", ".join(sorted(allowed))}
         return await http_exception_handler(request, error)
 
-    return app
+
+_GUARDED = ("/appointments",)
+
+
+def _docs_urls(settings: Settings) -> dict[str, str | None]:
+    """API_DOCS=false: no /docs, /redoc or /openapi.json."""
+    if settings.api_docs:
+        return {}
+    return {"docs_url": None, "redoc_url": None, "openapi_url": None}
+
+
+async def _database_unreachable(_request: Request, error: Exception) -> JSONResponse:
+    """503 for a database that cannot be reached (refused, unknown host, wrong password, timeout)."""
+    reason = unavailable_reason(error)
+    log.warning("database unavailable: %s (%s)", reason, type(error).__name__)
+    return JSONResponse({"detail": f"database unavailable: {reason}, try again"}, status_code=503,
+                        headers={"Retry-After": "1"})
+
+
+def _harden(app: FastAPI, settings: Settings) -> None:
+    """Issue 12's outer layers: auth before the body, a bound on every API request, a truthful OpenAPI."""
+    tokens = api_tokens(settings.api_token)
+    app.add_middleware(RequestDeadlineMiddleware, prefixes=_GUARDED)
+    app.add_middleware(BearerAuthMiddleware, tokens=tokens, prefixes=_GUARDED)  # outermost: runs first
+    if not tokens:
+        log.warning("API_TOKEN is unset: the appointments API is open to anyone who can reach this replica")
+        original = app.openapi
+
+        def openapi_without_auth() -> dict:
+            # No security requirement where none is enforced (schemathesis' ST401/ST201/ST203).
+            if app.openapi_schema is None:
+                schema = original()
+                for operations in schema.get("paths", {}).values():
+                    for operation in operations.values():
+                        if isinstance(operation, dict):
+                            operation.pop("security", None)
+                            operation.get("responses", {}).pop("401", None)
+                schema.get("components", {}).pop("securitySchemes", None)
+                app.openapi_schema = schema
+            return app.openapi_schema
+
+        app.openapi = openapi_without_auth  # type: ignore[method-assign]
 
 
 def __getattr__(name: str) -> object:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
@@ -27,6 +27,7 @@ from service.reminders import (
     ReminderStatus,
     Unplanned,
     idempotency_key,
+    number_refusal,
     plan_reminders,
 )
 
@@ -77,6 +78,12 @@ class NewAppointment:
 class Page:
     items: list[Appointment]
     more: bool
+
+
+def _check_phone(phone: str | None, planning: PlanningConfig) -> None:
+    refusal = number_refusal(phone, planning.numbers) if phone is not None else None
+    if refusal:
+        raise InvalidField(("phone",), refusal, phone)
 
 
 def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> None:
@@ -139,6 +146,7 @@ async def create(
     session: AsyncSession, new: NewAppointment, planning: PlanningConfig
 ) -> tuple[Appointment, list[Unplanned]]:
     """Store an appointment with its planned reminders; also what could not be planned, and why."""
+    _check_phone(new.phone, planning)
     _check_remind_at(new.remind_at, new.starts_at)
     language = new.language or planning.templates.default_language
     _check_language(language, planning)
@@ -201,6 +209,7 @@ async def change(
 ) -> tuple[Appointment, list[Unplanned]]:
     """Apply `changes` (field → new value); a change to what a call says or when re-plans the
     pending reminders under new keys. AppointmentCancelled if the appointment is cancelled."""
+    _check_phone(changes.get("phone"), planning)
     locking = session.get_bind().dialect.name != "sqlite"
     appointment = await read(session, appointment_id, for_update=locking)
     if appointment.status == AppointmentStatus.CANCELLED:
@@ -218,6 +227,7 @@ async def change(
         setattr(appointment, name, value)
     unplanned: list[Unplanned] = []
     if replan:
+        await _prune_superseded(session, appointment.id)
         await cancel_pending_reminders(session, appointment.id, "re-planned")
         reminders, unplanned = _plan(appointment, planning, datetime.now(UTC))
         for reminder in reminders:
@@ -227,6 +237,29 @@ async def change(
     await session.commit()
     log.info("appointment %s changed (%s)%s", appointment.id, ", ".join(sorted(changes)), ", re-planned" if replan else "")
     return await read(session, appointment.id), unplanned
+
+
+async def _prune_superseded(session: AsyncSession, appointment_id: str) -> None:
+    """Delete the reminders a re-plan supersedes that no leader ever touched (docs/decisions/0125).
+
+    Pending ones never claimed and those an earlier re-plan cancelled before any claim: nothing
+    was called, nothing is lost. A reminder ever claimed (a fence token) keeps its row, so a
+    client's re-plans cannot grow the table; the dispatcher's claim and this DELETE exclude each
+    other as the claim and `cancel_pending_reminders` do (row locks on PostgreSQL, one writer on SQLite).
+    """
+    never_claimed = and_(
+        Reminder.appointment_id == appointment_id,
+        Reminder.attempts == 0,
+        Reminder.fence_token.is_(None),
+        Reminder.claimed_at.is_(None),
+    )
+    superseded = or_(
+        Reminder.status == ReminderStatus.PENDING,
+        and_(Reminder.status == ReminderStatus.CANCELLED, Reminder.skip_reason == "re-planned"),
+    )
+    await session.execute(
+        delete(Reminder).where(never_claimed, superseded).execution_options(synchronize_session=False)
+    )
 
 
 async def cancel(session: AsyncSession, appointment_id: str) -> Appointment:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from datetime import time, timedelta
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.privacy import E164
+from service.reminders.numbers import NumberPolicy
 from service.reminders.outcomes import NoAnswerPolicy
 from service.reminders.planning import PlanningConfig
 from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, normalize_language
@@ -71,6 +74,11 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Hardening (issue 12): see README's settings table.
+    allowed_countries: Annotated[frozenset[str] | None, NoDecode] = None
+    allow_voip: bool = False
+    allow_insecure_transport: bool = False
+    api_docs: bool = True
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod
@@ -215,6 +223,49 @@ class Settings(BaseSettings):
             seconds = max(seconds, 2 * self.dispatch_concurrency / self.calls_per_second)
         return timedelta(seconds=seconds)
 
+    @field_validator("allowed_countries", mode="before")
+    @classmethod
+    def _countries(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        codes = [part.strip().upper() for part in value.split(",") if part.strip()]
+        if not codes:
+            return None  # empty: every country
+        unknown = [code for code in codes if code not in _region_codes()]
+        if unknown:
+            raise ValueError(f"not ISO 3166 alpha-2 country codes with a phone plan: {', '.join(unknown)} (e.g. US,DE)")
+        return frozenset(codes)
+
+    @model_validator(mode="after")
+    def _secrets_over_plain_http(self) -> Settings:
+        # A token or password sent in clear text can be read by anything on the path; loopback
+        # never leaves the machine. ALLOW_INSECURE_TRANSPORT is for demos on a private network.
+        if self.allow_insecure_transport:
+            return self
+        if self.telephony_token is not None and _plain_remote(self.telephony_url):
+            raise ValueError(
+                "TELEPHONY_URL: a TELEPHONY_TOKEN would be sent over plain http:// to a non-loopback host; "
+                "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+            )
+        if self.etcd_password is not None and not self.etcd_ca_cert:
+            remote = [e for e in self.etcd_endpoints if not e.startswith("https://") and _plain_remote(e)]
+            if remote:
+                raise ValueError(
+                    "ETCD_ENDPOINTS: ETCD_PASSWORD would be sent over plain http:// to a non-loopback host "
+                    f"({remote[0]}); use https:// with ETCD_CA_CERT (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+                )
+        if self.twilio_auth_token is not None and _plain_remote(self.twilio_api_url):
+            raise ValueError(
+                "TWILIO_API_URL: TWILIO_AUTH_TOKEN would be sent over plain http:// to a non-loopback host; "
+                "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+            )
+        if self.telephony_provider != "generic" and self.public_url and _plain_remote(self.public_url):
+            raise ValueError(
+                "PUBLIC_URL: the provider would post call events and fetch the message (names, times) over plain "
+                "http:// from a non-loopback host; use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if bool(self.etcd_cert) != bool(self.etcd_key):
@@ -227,8 +278,12 @@ class Settings(BaseSettings):
         return MessageTemplates.parse(self.message_templates, self.default_language)
 
     def planning_config(self) -> PlanningConfig:
-        return PlanningConfig(call_window=self.call_window, offsets=self.reminder_offsets,
-                              templates=self.templates)
+        return PlanningConfig(
+            call_window=self.call_window,
+            offsets=self.reminder_offsets,
+            numbers=NumberPolicy(allow_voip=self.allow_voip, allowed_countries=self.allowed_countries),
+            templates=self.templates,
+        )
 
     def no_answer_policy(self) -> NoAnswerPolicy:
         return NoAnswerPolicy(retries=self.no_answer_retries, delay=self.no_answer_retry_delay,
@@ -237,6 +292,26 @@ class Settings(BaseSettings):
     @cached_property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def _region_codes() -> frozenset[str]:
+    import phonenumbers  # noqa: PLC0415
+
+    return frozenset(phonenumbers.SUPPORTED_REGIONS)
+
+
+def _plain_remote(url: str) -> bool:
+    """True for an http:// (or scheme-less) URL whose host is not loopback."""
+    if url.startswith("https://"):
+        return False
+    host = urlsplit(url if "://" in url else f"http://{url}").hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
 
 
 def setting_error_line(error: Exception) -> str:

@@ -20,6 +20,16 @@ DISPATCH_LAG = Histogram(
     "sent_at − due_at of sent reminders",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
 )
+ETCD_AUTH_FAILURES = Counter(
+    "reminders_etcd_auth_failures_total", "Times etcd refused this replica's credentials (a configuration error)"
+)
+# Refreshed by service.backlog on every replica (a count query every BACKLOG_INTERVAL seconds), so
+# they keep reporting while no replica leads: read them with max(), not sum().
+REMINDERS_DUE = Gauge("reminders_due", "Pending reminders whose time has come (not yet claimed)")
+REMINDERS_STUCK_DISPATCHING = Gauge(
+    "reminders_stuck_dispatching",
+    "Reminders left `dispatching` longer than service.backlog.STUCK_AFTER (no term completed them)",
+)
 CALL_OUTCOMES = Counter(
     "reminders_call_outcomes_total",
     "What real providers' reminder calls achieved (answered, voicemail, no_answer, busy, failed), one per call "

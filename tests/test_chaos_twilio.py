@@ -11,10 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from harness.chaos import ChaosConfig
-from harness.chaos_twilio import LEASE_TTL, TwilioClusterPool
-
-pytestmark = [pytest.mark.slow]
+from harness.chaos import ChaosConfig, Result, keep_other_sections
+from harness.chaos_twilio import LEASE_TTL, SECTION_HEADING, TwilioClusterPool, write_section
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 CONFIG = replace(ChaosConfig(), reminders=150, lease_ttl=LEASE_TTL)
@@ -34,6 +32,7 @@ def pool() -> Iterator[TwilioClusterPool]:
     pool.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("scenario", ["leader-sigkill", "leader-sigstop", "provider-outage"])
 def test_every_message_heard_exactly_once_under(pool: TwilioClusterPool, scenario: str) -> None:
@@ -41,3 +40,16 @@ def test_every_message_heard_exactly_once_under(pool: TwilioClusterPool, scenari
     print(f"\n{result.line()}")
     assert result.ok, "\n".join(["", *result.violations, "", result.evidence])
     assert result.reminders == CONFIG.reminders and result.duplicates == 0 and result.misses == 0
+
+
+def test_the_twilio_section_is_replaced_in_place_and_kept_by_the_generic_report(tmp_path) -> None:  # noqa: ANN001
+    report = tmp_path / "RELIABILITY.md"
+    report.write_text("# Reliability\n\n## Result\n\ngeneric table\n\n## Bad values\n\nanother author's\n")
+    runs = [Result(scenario="leader-sigkill", reminders=5, posts=5, calls=5)]
+    write_section(report, "first run", CONFIG, 1, runs)
+    write_section(report, "second run", CONFIG, 1, runs)
+    text = report.read_text()
+    assert text.count(SECTION_HEADING) == 1 and "second run" in text and "first run" not in text
+    assert "another author's" in text and "generic table" in text
+    rewritten = keep_other_sections("# Reliability\n\n## Result\n\nnew generic table\n", text)
+    assert SECTION_HEADING in rewritten and "second run" in rewritten and "new generic table" in rewritten

@@ -150,6 +150,20 @@ def test_twilio_mode_needs_its_settings() -> None:
     assert twilio_settings(reconcile_grace="90s").effective_reconcile_grace == timedelta(seconds=90)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [({"twilio_api_url": "http://twilio.internal"}, "TWILIO_API_URL"),
+     ({"public_url": "http://reminders.example.com/edge"}, "PUBLIC_URL")],
+)
+def test_no_token_or_personal_data_over_plain_remote_http(overrides: dict[str, str], variable: str) -> None:
+    with pytest.raises(ValueError, match=variable):
+        twilio_settings(**overrides)
+    assert twilio_settings(**overrides, allow_insecure_transport="true")
+    loopback = {name: value.replace("twilio.internal", "127.0.0.1").replace("reminders.example.com", "localhost")
+                for name, value in overrides.items()}
+    assert twilio_settings(**loopback)
+
+
 async def test_the_api_shows_outcome_and_answered_at(database_url: str, etcd_endpoint: str) -> None:
     from sqlalchemy import update  # noqa: PLC0415
 
@@ -170,3 +184,41 @@ async def test_the_api_shows_outcome_and_answered_at(database_url: str, etcd_end
         assert reminder["outcome"] == "answered" and reminder["answered_at"].startswith("2030-01-01T09:00:05")
         schema = (await api.get("/openapi.json")).json()["components"]["schemas"]
         assert "answered" in str(schema["ReminderOut"]["properties"]["outcome"])
+
+
+class BreaksOnce:
+    """The Twilio adapter, whose first create raises what no adapter should (a bug, a lost
+    database connection mid-way): the reminder must not wait for the stale-claim sweep."""
+
+    def __init__(self, inner: TwilioProvider) -> None:
+        self.inner, self.name, self.dedupes_creation, self.broken = inner, "twilio", False, False
+
+    async def create_call(self, spec, *, may_send=None):  # noqa: ANN001, ANN201
+        if not self.broken:
+            self.broken = True
+            raise RuntimeError("broken mid-way")
+        return await self.inner.create_call(spec, may_send=may_send)
+
+    async def live_calls(self, to: str):  # noqa: ANN201
+        return await self.inner.live_calls(to)
+
+    async def cancel(self, call_id: str) -> bool:
+        return await self.inner.cancel(call_id)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_failure_mid_call_is_looked_at_again_not_left_dispatching(db: Database, rig: Rig) -> None:
+    await seed(db, 1)
+
+    async def answered() -> bool:
+        (row,) = await rows(db)
+        return row.status == "sent" and row.outcome == "answered"
+
+    provider = BreaksOnce(rig.provider)
+    # stale_claim_after is two minutes: only the dispatcher's own recovery can finish within the deadline
+    await lead_until(Dispatcher(db, provider, config(reconcile_grace=timedelta(seconds=1))), FakeTerm(1), answered)
+    assert provider.broken and len(rig.fake.calls) == 1
+    # the broken attempt: no event and no live call after the grace, so judged never made
+    assert sorted(a.state for a in await attempts(db)) == ["created", "not_created"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import httpx
@@ -238,3 +239,16 @@ def test_stamp_round_trips_and_refuses_junk() -> None:
     assert Stamp.from_query({"r": "x"}) is None
     assert Stamp.from_query({"r": "a b", "a": "c"}) is None
     assert Stamp.decode("not base64!") is None
+
+
+async def test_no_callee_number_reaches_the_logs(router: respx.MockRouter, caplog: pytest.LogCaptureFixture) -> None:
+    router.post(CALLS).mock(return_value=httpx.Response(500))
+    router.get(CALLS).mock(return_value=httpx.Response(200, json={"calls": []}))
+    router.post(f"{API}/2010-04-01/Accounts/{SID}/Calls/{'CA' + 'c' * 32}.json").mock(return_value=httpx.Response(404))
+    provider = provider_for(router)
+    with caplog.at_level(logging.DEBUG):
+        await provider.create_call(SPEC)
+        await provider.live_calls(TO)
+        await provider.cancel("CA" + "c" * 32)
+    await provider.aclose()
+    assert TO.removeprefix("+") not in caplog.text

@@ -202,3 +202,40 @@ async def test_status_events_apply_in_sequence_order_not_arrival(rig: Rig) -> No
             assert (await client.post(path, data=form, headers=headers)).status_code == 204
     (attempt,) = await attempt_rows(rig.db, reminder_id)
     assert (attempt.provider_call_id, attempt.call_status, attempt.last_sequence) == (sid, "completed", 3)
+
+
+class DownFor:
+    """The database, failing its first `failures` sessions as during a restart or failover."""
+
+    def __init__(self, db: Database, failures: int) -> None:
+        self.db, self.failures, self.is_sqlite = db, failures, db.is_sqlite
+
+    def session(self):  # noqa: ANN201
+        if self.failures > 0:
+            self.failures -= 1
+            from sqlalchemy.exc import OperationalError  # noqa: PLC0415
+
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database restarting"))
+        return self.db.session()
+
+
+async def test_an_answer_during_a_short_database_outage_still_hears_the_message(rig: Rig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    rig.app.state.db = DownFor(rig.db, failures=3)
+    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
+                                      {"CallSid": "CA" + "5" * 32, "CallStatus": "in-progress"})
+    async with rig.client() as client:
+        response = await client.post(path, data=form, headers=headers)
+    assert "<Say>" in response.text and rig.app.state.db.failures == 0
+    assert (await reminder_row(rig.db, reminder_id)).bound_call_id == "CA" + "5" * 32
+
+
+async def test_a_longer_outage_hangs_up_without_a_word_and_binds_nothing(rig: Rig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    rig.app.state.db = DownFor(rig.db, failures=10_000)
+    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
+                                      {"CallSid": "CA" + "6" * 32, "CallStatus": "in-progress"})
+    async with rig.client() as client:
+        response = await client.post(path, data=form, headers=headers)
+    assert response.status_code == 200 and response.text.endswith("<Response><Hangup /></Response>")
+    assert (await reminder_row(rig.db, reminder_id)).bound_call_id is None

@@ -7,7 +7,7 @@ import binascii
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
@@ -68,6 +68,8 @@ def _as_http() -> Iterator[None]:
         raise invalid(("body", *error.field), error.message, error.value) from None
 
 
+
+
 @router.post(
     "", status_code=status.HTTP_201_CREATED, response_model=AppointmentOut, operation_id="createAppointment",
     responses=_CREATED_LINKS,
@@ -79,6 +81,22 @@ async def create_appointment(body: AppointmentCreate, session: SessionDep, setti
             session, appointments.NewAppointment(**body.model_dump()), settings.planning_config()
         )
     return AppointmentOut.of(created, unplanned)
+
+
+class _CursorRange:
+    """Start times a cursor may carry: those an appointment can have (schemas' range), with slack."""
+
+    low = datetime(1970, 1, 1, tzinfo=UTC)
+    high = datetime(9000, 1, 1, tzinfo=UTC)
+
+    def check(self, moment: datetime) -> datetime:
+        if not self.low <= moment <= self.high:
+            raise ValueError("cursor out of range")
+        return moment
+
+
+_CURSOR_RANGE = _CursorRange()
+_CURSOR_DOC = "Opaque: a `next_cursor` from the previous page, passed back unchanged (URL-safe base64)."
 
 
 def _encode_cursor(appointment: Appointment) -> str:
@@ -93,8 +111,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         starts_at = datetime.fromisoformat(starts_at_text)
         if starts_at.tzinfo is None or not isinstance(appointment_id, str) or "\x00" in appointment_id:
             raise ValueError
-        return starts_at, appointment_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        # Range-checked in UTC: 0001-01-01T00:00+14:00 is before year 1 and overflows there.
+        return _CURSOR_RANGE.check(starts_at.astimezone(UTC)), appointment_id
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise invalid(("query", "cursor"), "malformed cursor: pass back a next_cursor unchanged", cursor) from None
 
 
@@ -106,7 +125,7 @@ async def list_appointments(
     starts_after: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     starts_before: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$", description=_CURSOR_DOC)] = None,
 ) -> AppointmentList:
     """Appointments ordered by start time, a page at a time."""
     page = await appointments.list_page(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -11,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.api.auth import api_tokens, token_accepted
 from service.config import Settings
 
 __all__ = ["ReadSessionDep", "SessionDep", "SettingsDep", "invalid", "require_token"]
@@ -47,9 +47,8 @@ async def require_token(
     """401 unless API_TOKEN is unset or the request carries it as a bearer token."""
     if settings.api_token is None:
         return
-    expected = settings.api_token.get_secret_value().encode()
     given = credentials.credentials.encode() if credentials else b""
-    if not secrets.compare_digest(given, expected):
+    if not token_accepted(given, api_tokens(settings.api_token)):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             detail="missing or invalid bearer token",

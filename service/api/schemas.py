@@ -117,10 +117,31 @@ class AppointmentCreate(BaseModel):
     language: Language | None = Field(default=None, description="When absent: DEFAULT_LANGUAGE.")
 
 
+def _not_nullable_in_schema(*names: str) -> Any:
+    """json_schema_extra: document `names` as absent-or-a-value, since null is refused (422)."""
+
+    def adjust(schema: dict[str, Any]) -> None:
+        for name in names:
+            prop = schema.get("properties", {}).get(name)
+            if not prop or "anyOf" not in prop:
+                continue
+            kept = [alt for alt in prop.pop("anyOf") if alt.get("type") != "null"]
+            prop.pop("default", None)
+            if len(kept) == 1:
+                prop.update(kept[0])
+            else:
+                prop["anyOf"] = kept
+
+    return adjust
+
+
 class AppointmentPatch(BaseModel):
     """Fields to change; `remind_at: null` returns to the offsets policy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra=_not_nullable_in_schema("customer_name", "phone", "starts_at", "timezone"),
+    )
 
     # Absent means "unchanged"; null is refused (422) for these five, so the OpenAPI says so too.
     customer_name: CustomerName | SkipJsonSchema[None] = None
@@ -214,6 +235,9 @@ class LeaderOut(BaseModel):
     leader: str | None
     fencing_token: int | None
     lease_ttl: int
+    etcd_error: str | None = Field(
+        default=None, description="A configuration error etcd reported (e.g. refused credentials), while it lasts."
+    )
 
 
 class ErrorOut(BaseModel):

@@ -36,11 +36,14 @@ from zoneinfo import ZoneInfo
 
 from service.db import Database
 from service.dispatch.limiter import RateLimiter
-from service.dispatch.store import Claim, ReminderStore, StaleTerm
+from service.dispatch.store import Claim, ReminderStore, StaleTerm, is_data_error
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.dispatch.attempts import StampedCalls, StampedConfig
+from service.reminders.attempts import RECHECK
 from service.reminders import CallWindow, ReminderStatus, Wording, call_message, decide_call
+from service.privacy import strip_control
 from service.telephony import TelephonyClient
+from service.telephony.client import usable_call_id
 from service.telephony.generic import GenericProvider
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider
 
@@ -77,6 +80,10 @@ class DispatchConfig:
     # long (seconds) for a batch to fill.
     record_batch: int = 500
     record_delay: float = 0.005
+    # Reminder tasks of the term (calling, or waiting for their outcome to be written) at most;
+    # None = twice `concurrency`. Slots free up when the provider answers: without this bound a
+    # database that refuses outcomes would let claims and calls go on while tasks pile up.
+    max_in_flight: int | None = None
     # Providers without idempotency: how long an attempt in doubt waits for its events (RECONCILE_GRACE).
     reconcile_grace: timedelta = timedelta(seconds=60)
 
@@ -89,6 +96,13 @@ class DispatchConfig:
             raise ValueError("scan_interval must be in (0, 1] seconds")
         if self.record_batch < 1 or not 0 <= self.record_delay <= 1:
             raise ValueError("record_batch must be at least 1 and record_delay within [0, 1] seconds")
+        if self.max_in_flight is not None and self.max_in_flight < self.concurrency:
+            raise ValueError("max_in_flight must be at least concurrency")
+
+    @property
+    def in_flight_limit(self) -> int:
+        """How many reminder tasks of a term may exist at once."""
+        return self.max_in_flight if self.max_in_flight is not None else 2 * self.concurrency
 
 
 def message_for(claim: Claim) -> str:
@@ -191,9 +205,15 @@ class OutcomeRecorder:
             try:
                 recorded = await self.store.finish_many(self.token, items)
             except Exception as error:  # noqa: BLE001
-                log.warning("recording %d outcome(s) failed (%s); retrying", len(items), type(error).__name__)
-                await asyncio.sleep(min(0.25 * 2 ** min(attempt, 5), 4.0))
-                continue
+                if not is_data_error(error):
+                    log.warning("recording %d outcome(s) failed (%s); retrying", len(items), type(error).__name__)
+                    await asyncio.sleep(min(0.25 * 2 ** min(attempt, 5), 4.0))
+                    continue
+                # Bad values, not an outage: retrying the same batch would fail forever and hold
+                # every other outcome back. Split it until the poison row is alone, record that
+                # one with what is known, and keep going.
+                await self._isolate(batch)
+                return
             for reminder_id, (_, future) in batch.items():
                 if not future.done():
                     future.set_result(reminder_id in recorded)
@@ -202,6 +222,62 @@ class OutcomeRecorder:
             log.error("could not record reminder %s; a later claim will complete it with the same key", reminder_id)
             if not future.done():
                 future.set_result(None)
+
+    async def _isolate(self, batch: dict[str, tuple[Mapping[str, object], asyncio.Future[bool | None]]]) -> None:
+        """Write `batch` after a data error: halves separately, a lone row with its values made safe."""
+        if len(batch) > 1:
+            items = list(batch.items())
+            middle = len(items) // 2
+            await self._flush(dict(items[:middle]))
+            await self._flush(dict(items[middle:]))
+            return
+        ((reminder_id, (values, future)),) = batch.items()
+        safe = salvage_outcome(values)
+        log.error("reminder %s: its outcome holds values the database refuses; recording it without them", reminder_id)
+        try:
+            recorded: bool | None = reminder_id in await self.store.finish_many(self.token, [(reminder_id, safe)])
+        except Exception as error:  # noqa: BLE001 - even the salvaged row failed: give up on this one only
+            log.error("reminder %s: its outcome could not be recorded (%s)", reminder_id, type(error).__name__)
+            recorded = None
+        if not future.done():
+            future.set_result(recorded)
+
+
+# Text columns of an outcome and how much of each is kept when the database refuses the values.
+_SALVAGE_TEXT_LIMIT = 500
+
+
+def salvage_outcome(values: Mapping[str, object]) -> dict[str, object]:
+    """`values` the database can store: control characters out, texts capped, a bad call id dropped.
+
+    What is known stays: the status (a call the provider accepted is still `sent`), and why a
+    value was dropped goes to `last_error`.
+    """
+    safe: dict[str, object] = {}
+    notes: list[str] = []
+    for name, value in values.items():
+        if name == "provider_call_id" and value is not None:
+            if usable_call_id(value) is None:
+                notes.append("provider call id refused: unusable")
+                value = None
+        elif isinstance(value, str):
+            value = strip_control(value)[:_SALVAGE_TEXT_LIMIT]
+        safe[name] = value
+    if notes:
+        previous = safe.get("last_error")
+        safe["last_error"] = "; ".join([*notes, *([str(previous)] if previous else [])])[:_SALVAGE_TEXT_LIMIT]
+    return safe
+
+
+# reminders_call_attempts_total's `outcome` label, as the alerts and the dashboard know it: a create
+# that failed and may be retried (refused with 429, or in doubt) is `transient`.
+_ATTEMPT_LABEL = {
+    CreateKind.CREATED: "sent",
+    CreateKind.NOT_CREATED: "transient",
+    CreateKind.IN_DOUBT: "transient",
+    CreateKind.REJECTED: "permanent",
+    CreateKind.NOT_SENT: "not_sent",
+}
 
 
 class Dispatcher:
@@ -259,6 +335,7 @@ class Dispatcher:
     def _done(self, reminder_id: str) -> None:
         self._in_flight.pop(reminder_id, None)
         self._release(reminder_id)
+        self._slot_freed.set()  # a task slot (in_flight_limit) is free too
 
     def _release(self, reminder_id: str) -> None:
         if reminder_id in self._slots:
@@ -278,8 +355,12 @@ class Dispatcher:
             if self._room():
                 return
 
+    def _free(self) -> int:
+        """Claims that may start now: free call slots, within the bound on tasks in flight."""
+        return min(self.config.concurrency - len(self._slots), self.config.in_flight_limit - len(self._in_flight))
+
     def _room(self) -> bool:
-        free = self.config.concurrency - len(self._slots)
+        free = self._free()
         return free >= max(1, self.config.concurrency // 4) or (free > 0 and not self._slots)
 
     async def _wait(self, ended: asyncio.Future[bool], timeout: float) -> None:
@@ -291,7 +372,7 @@ class Dispatcher:
             freed.cancel()
 
     async def _claim_some(self, term: Term) -> list[Claim] | None:
-        free = self.config.concurrency - len(self._slots)
+        free = self._free()
         if free <= 0:
             return []
         try:
@@ -351,7 +432,7 @@ class Dispatcher:
         finally:
             IN_FLIGHT.dec()
             self._release(claim.reminder_id)
-        CALL_ATTEMPTS.labels(result.kind.value).inc()
+        CALL_ATTEMPTS.labels(_ATTEMPT_LABEL[result.kind]).inc()
         if result.kind is CreateKind.NOT_SENT:
             return  # as above: the next term completes it with the same key, no attempt spent
         await self._record(recorder, claim, result)
@@ -371,11 +452,21 @@ class Dispatcher:
                 claim, token=term.fencing_token, may_send=term.valid, now=lambda: datetime.now(UTC), finish=finish,
                 before_create=self._limiter.acquire,
             )
+        except Exception as error:  # noqa: BLE001 - a database or provider failure mid-way
+            # Not left `dispatching` until the stale-claim sweep: looked at again shortly, and an
+            # attempt recorded but not settled is reconciled then, never repeated blindly.
+            log.warning("reminder %s: %s during its call; looking again shortly", claim.reminder_id,
+                        type(error).__name__)
+            result = None
+            if term.valid():
+                await self._finish(recorder, claim, status=ReminderStatus.PENDING,
+                                   next_attempt_at=datetime.now(UTC) + RECHECK,
+                                   last_error=f"interrupted: {type(error).__name__}")
         finally:
             IN_FLIGHT.dec()
             self._release(claim.reminder_id)
         if result is not None:
-            CALL_ATTEMPTS.labels(result.kind.value).inc()
+            CALL_ATTEMPTS.labels(_ATTEMPT_LABEL[result.kind]).inc()
 
     async def _record(self, recorder: OutcomeRecorder, claim: Claim, outcome: CreateResult) -> None:
         now = datetime.now(UTC)
@@ -384,7 +475,7 @@ class Dispatcher:
             DISPATCH_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
             await self._finish(
                 recorder, claim, status=ReminderStatus.SENT, attempts=attempts, provider_call_id=outcome.call_id,
-                sent_at=now, last_error=None,
+                sent_at=now, last_error=outcome.error,  # e.g. an unusable call id, refused by the client
             )
         elif outcome.kind in (CreateKind.NOT_CREATED, CreateKind.IN_DOUBT) and attempts < self.config.max_attempts:
             delay = self.retry_delay(attempts, outcome.retry_after)

@@ -8,23 +8,50 @@ concurrent raise waits for the claim to commit and every later claim sees the ne
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 
-from sqlalchemy import String, and_, any_, bindparam, case, exists, or_, select, update
+from sqlalchemy import String, and_, any_, bindparam, case, exists, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.sql.dml import Update
 
 from service.db import Database
 from service.db.models import Appointment, LeaderFence, Reminder, utcnow
 from service.reminders import ReminderStatus, require, sources_of
 
-__all__ = ["Claim", "ReminderStore", "StaleTerm"]
+__all__ = ["Claim", "ReminderStore", "StaleTerm", "is_data_error"]
+
+log = logging.getLogger(__name__)
 
 FENCE_ROW = 1
+# A fence raise waits this long for the row lock before it ends the sessions holding it.
+_FENCE_LOCK_WAIT_MS = 2000
+_FENCE_ROUNDS = 3
+
+
+def _lock_not_available(error: DBAPIError) -> bool:
+    """PostgreSQL's lock_not_available (55P03): lock_timeout passed."""
+    cause = error.orig
+    return getattr(cause, "sqlstate", None) == "55P03" or "55P03" in str(getattr(cause, "pgcode", "")) or (
+        "lock timeout" in str(error).lower())
+
+
+def is_data_error(error: BaseException) -> bool:
+    """True when the database refused the VALUES (too long, a NUL, out of range), not the connection.
+
+    SQLAlchemy's asyncpg adapter raises these as plain DBAPIError: SQLSTATE class 22 tells them apart.
+    """
+    if isinstance(error, DataError):
+        return True
+    if isinstance(error, DBAPIError):
+        code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+        return isinstance(code, str) and code.startswith("22")
+    return False
 
 
 class StaleTerm(RuntimeError):
@@ -111,11 +138,35 @@ class ReminderStore:
             )
             .returning(LeaderFence.token)
         )
-        async with self.db.session() as session:
-            accepted = (await session.execute(statement)).scalar_one_or_none()
-            await session.commit()
+        for round_ in range(_FENCE_ROUNDS):
+            try:
+                async with self.db.session() as session:
+                    if not self.db.is_sqlite:
+                        await session.execute(text(f"SET LOCAL lock_timeout = '{_FENCE_LOCK_WAIT_MS}ms'"))
+                    accepted = (await session.execute(statement)).scalar_one_or_none()
+                    await session.commit()
+                break
+            except DBAPIError as error:
+                if not _lock_not_available(error) or round_ == _FENCE_ROUNDS - 1:
+                    raise
+            # Only a leader's claim holds the fence row (FOR SHARE); a predecessor frozen in the
+            # middle of one (SIGSTOP, a stuck VM: not "idle in transaction", so no server timeout
+            # ends it) would hold it for as long as the freeze lasts. Its term is over: end its
+            # session, which releases the row, and raise again.
+            await self._end_fence_holders()
         if accepted is None:
             raise StaleTerm(f"the database holds a fencing token newer than {token}")
+
+    async def _end_fence_holders(self) -> None:
+        """Terminate the other sessions holding the fence row FOR SHARE (PostgreSQL)."""
+        async with self.db.session() as session:
+            ended = (await session.execute(text(
+                "SELECT pid, pg_terminate_backend(pid) FROM pg_locks "
+                "WHERE relation = 'leader_fence'::regclass AND mode = 'RowShareLock' AND granted "
+                "AND pid <> pg_backend_pid()"
+            ))).all()
+            await session.commit()
+        log.warning("fence raise blocked: ended %d session(s) of a deposed leader holding the fence row", len(ended))
 
     async def current_fence(self) -> int | None:
         async with self.db.session() as session:

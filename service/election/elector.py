@@ -49,6 +49,21 @@ T = TypeVar("T")
 _NO_RESIGN_PREFIXES = ("lease lost", "election key deleted")
 
 
+# Seconds between attempts while etcd refuses this replica's credentials.
+AUTH_RETRY_DELAY = 30.0
+_AUTH_FAILURE_TEXTS = ("authentication failed", "invalid user ID or password", "user name is empty")
+
+
+def is_auth_failure(error: BaseException) -> bool:
+    """True when etcd refused the credentials (not an expired token, which a new client fixes)."""
+    if not isinstance(error, EtcdError):
+        return False
+    text = str(error)
+    return any(marker in text for marker in _AUTH_FAILURE_TEXTS) or (
+        error.code is not None and error.code.name == "PERMISSION_DENIED"
+    )
+
+
 class Elector:
     """Keeps one replica in the election for as long as `run()` runs.
 
@@ -68,6 +83,7 @@ class Elector:
         on_keepalive_failure: Callable[[], None] | None = None,
         on_transition: Callable[[bool], None] | None = None,
         on_error: Callable[[], None] | None = None,
+        on_auth_failure: Callable[[], None] | None = None,
         revoke: Callable[[aetcd.Client, int, float], Awaitable[bool]] = revoke_lease,
         revoke_backoff: tuple[float, float] = (0.1, 0.5),
     ) -> None:
@@ -75,6 +91,11 @@ class Elector:
         # How an old lease is revoked, and the (first, longest) delay between failed attempts.
         self._revoke = revoke
         self._revoke_backoff = revoke_backoff
+        self._on_auth_failure = on_auth_failure
+        # A configuration error (etcd refused the credentials), named for /leader and /readyz;
+        # None once etcd grants a lease again.
+        self.config_error: str | None = None
+        self.last_retry_delay: float | None = None
         self.drain_timeout = drain_timeout
         self._on_started = on_started_leading
         self._on_stopped = on_stopped_leading
@@ -157,8 +178,12 @@ class Elector:
                 if await self._cycle():
                     backoff.reset()
                     delay = random.uniform(0, 0.05)
+                elif self.config_error is not None:
+                    # wrong credentials do not fix themselves: retry slowly, not every 2 s forever
+                    delay = AUTH_RETRY_DELAY * random.uniform(0.8, 1.0)
                 else:
                     delay = backoff.next()
+                self.last_retry_delay = delay
                 if self._stopping:
                     break
                 self._state = "backoff"
@@ -194,6 +219,7 @@ class Elector:
                 on_keepalive_failure=self._on_keepalive_failure,
             )
             self._heard_from_etcd()
+            self.config_error = None
             term = await self._until_stopped(self._election.campaign(session, self.config.name))
             if term is not None:
                 await self._lead(term)
@@ -202,6 +228,13 @@ class Elector:
             cancelled = True
             raise
         except ElectionError as error:
+            if is_auth_failure(error):
+                self.config_error = "etcd refused the credentials: check ETCD_USERNAME and ETCD_PASSWORD"
+                log.error("configuration error: %s (%s); retrying in about %.0f s",
+                          self.config_error, error, AUTH_RETRY_DELAY)
+                self._hook(self._on_auth_failure)
+                self._hook(self._on_error)
+                return False
             log.warning("election cycle for %s failed: %s: %s", self.instance, type(error).__name__, error)
             self._hook(self._on_error)
             if isinstance(error, EtcdError) and error.code is not None and error.code.name == "UNAUTHENTICATED":

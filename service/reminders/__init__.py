@@ -1,5 +1,6 @@
-"""The reminder domain: planning, the call decision, the key rule, the wording, the lifecycle, and
-for real providers the attempt states, the outcome and the reconciliation of attempts in doubt.
+"""The reminder domain: planning, the call decision, the key rule, the wording, the lifecycle,
+which numbers may be called; for real providers the attempt states, the outcome and the
+reconciliation of attempts in doubt.
 
 The outcome of a real provider's call, the keypad answer, the no-answer retry (`outcomes.py`) and
 the words of the call per language (`wording.py`) live here too. Pure: no database session, no HTTP. The API and the dispatcher both import it; neither owns it.
@@ -18,6 +19,7 @@ from service.reminders.outcomes import (
 )
 from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, Wording, normalize_language
 from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
+from service.reminders.numbers import NumberPolicy, number_refusal
 from service.reminders.lifecycle import (
     TERMINAL,
     TRANSITIONS,
@@ -59,6 +61,7 @@ __all__ = [
     "CallDecision",
     "CallWindow",
     "IllegalTransition",
+    "NumberPolicy",
     "Plan",
     "PlanningConfig",
     "ReminderOffset",
@@ -68,6 +71,7 @@ __all__ = [
     "decide_call",
     "fit_call_window",
     "idempotency_key",
+    "number_refusal",
     "parse_duration",
     "plan_reminders",
     "require",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from service.privacy import strip_control
+
 __all__ = ["REPLAN_FIELDS", "call_message", "idempotency_key"]
 
 # Fields a call is made of (who, to which number, what it says, when): changing one re-plans the
@@ -22,7 +24,8 @@ def idempotency_key(reminder_id: str) -> str:
 def call_message(customer_name: str, starts_at: datetime, timezone: str) -> str:
     """The words of the call: stable for a reminder, since its key stands for one body."""
     local = starts_at.astimezone(ZoneInfo(timezone))
+    name = " ".join(strip_control(customer_name).split())  # escapes and line breaks are not spoken
     return (
-        f"Hello {customer_name}, this is a reminder of your appointment on "
+        f"Hello {name}, this is a reminder of your appointment on "
         f"{local:%A %d %B %Y at %H:%M} ({timezone})."
     )

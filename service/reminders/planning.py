@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from service.reminders.numbers import NumberPolicy
 from service.reminders.rules import CallWindow, ReminderOffset
 from service.reminders.wording import MessageTemplates
 
@@ -19,11 +20,13 @@ __all__ = ["CallDecision", "Plan", "PlanningConfig", "Unplanned", "decide_call",
 
 @dataclass(frozen=True)
 class PlanningConfig:
-    """What planning takes from the settings: the call window, the default offset rules, and the
-    message templates a reminder's wording is rendered from when it is planned."""
+    """What planning takes from the settings: the call window, the default offset rules, which
+    numbers may be called at all, and the message templates a reminder's wording is rendered from
+    when it is planned."""
 
     call_window: CallWindow
     offsets: tuple[ReminderOffset, ...]
+    numbers: NumberPolicy = NumberPolicy()
     templates: MessageTemplates = field(default_factory=lambda: MessageTemplates.parse(None))
 
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from service.privacy import mask_phone, scrub
+from service.privacy import mask_phone, scrub, strip_control
 
 __all__ = [
     "CallOutcome",
@@ -30,6 +30,7 @@ __all__ = [
     "OutcomeKind",
     "TelephonyClient",
     "parse_retry_after",
+    "usable_call_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -37,13 +38,23 @@ logger = logging.getLogger(__name__)
 _CALLS_PATH = "/v1/calls"
 _USER_AGENT = "reminders-telephony-client"
 _MAX_ERROR_LEN = 160
+# The provider's answer is read up to this many bytes: a call's JSON is a few hundred.
+MAX_RESPONSE_BYTES = 64 * 1024
+# A call id is stored (String(128)) and sent back to the provider: bounded, printable, no spaces.
+MAX_CALL_ID_LEN = 128
+_CALL_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_CALL_ID_LEN)
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def _scrub(text: str, *numbers: str) -> str:
     """Short, single-line text with the given numbers and anything phone-like masked."""
-    text = " ".join(scrub(text, *numbers).split())
+    text = " ".join(strip_control(scrub(text, *numbers)).split())
     return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 1] + "…"
+
+
+def usable_call_id(value: object) -> str | None:
+    """`value` when it can serve as a call id (1-128 printable ASCII characters), else None."""
+    return value if isinstance(value, str) and _CALL_ID.fullmatch(value) else None
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -174,7 +185,8 @@ class HttpTelephonyClient:
             raise ValueError("base_url must be an absolute http(s) URL")
         self._url = httpx.URL(base_url.rstrip("/") + _CALLS_PATH)
         self._timeout = timeout
-        self._headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+        # identity: a compressed answer could expand far past MAX_RESPONSE_BYTES once decoded
+        self._headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": _USER_AGENT}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         if transport is None:
@@ -239,7 +251,7 @@ class HttpTelephonyClient:
             async with asyncio.timeout(self._timeout):
                 response = await self._transport.handle_async_request(http_request)
                 try:
-                    await response.aread()
+                    response = await _read_capped(response)
                 finally:
                     await response.aclose()
         except Exception as exc:  # noqa: BLE001 - classified below; anything unexpected re-raised
@@ -262,6 +274,42 @@ class HttpTelephonyClient:
                 " (replayed)" if outcome.replayed else "",
             )
         return outcome
+
+
+async def _read_capped(response: httpx.Response) -> httpx.Response:
+    """The response with its body read up to MAX_RESPONSE_BYTES; reading stops past the cap.
+
+    A longer body is cut at the cap (its JSON then does not parse: no call id, no error text) and
+    the returned response carries `extensions["truncated"] = True`.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    truncated = False
+    try:
+        already = response.content  # a transport that hands over a read response (tests' mocks)
+    except httpx.ResponseNotRead:
+        stream = response.aiter_raw()
+    else:
+        stream = _one(already)
+    async for chunk in stream:
+        if size + len(chunk) > MAX_RESPONSE_BYTES:
+            chunks.append(chunk[: MAX_RESPONSE_BYTES - size])
+            truncated = True
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    # Raw bytes as sent (we asked for identity); a Content-Encoding we did not ask for is not decoded.
+    headers = [(k, v) for k, v in response.headers.multi_items() if k.lower() != "content-encoding"]
+    capped = httpx.Response(
+        response.status_code, headers=headers, content=b"".join(chunks), request=response._request,
+        extensions={**response.extensions, "truncated": truncated},
+    )
+    await response.aclose()
+    return capped
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 class _NotSent(Exception):
@@ -308,6 +356,15 @@ def _classify(response: httpx.Response, request: CallRequest) -> CallOutcome:
             body = None
         if isinstance(body, dict) and isinstance(body.get("id"), str) and body["id"]:
             call_id = body["id"]
+            if usable_call_id(call_id) is None:
+                # The provider accepted the call: it is sent, whatever its id looks like. The id
+                # itself is refused (it could not be stored) and the refusal noted.
+                return CallOutcome(
+                    OutcomeKind.SENT,
+                    status_code=status,
+                    error=f"provider call id refused: {len(call_id)} characters, not 1-{MAX_CALL_ID_LEN} printable",
+                    replayed=replayed,
+                )
         if call_id is None:
             return CallOutcome(
                 OutcomeKind.PERMANENT,
@@ -319,6 +376,8 @@ def _classify(response: httpx.Response, request: CallRequest) -> CallOutcome:
 
     provider_error = _body_error(response)
     error = f"HTTP {status}" + (f": {provider_error}" if provider_error else "")
+    if response.extensions.get("truncated"):
+        error += f" (answer over {MAX_RESPONSE_BYTES} bytes, not read)"
     error = _scrub(error, request.to, request.from_)
     # 409: the first request with this key is still running; 408: the provider gave up waiting.
     transient = status >= 500 or status in (408, 409, 429)

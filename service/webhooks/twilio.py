@@ -14,7 +14,10 @@ optionally `app.state.no_answer_policy` (`NoAnswerPolicy`; absent: no retries) a
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -43,6 +46,11 @@ router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
 
 _TWIML = "application/xml"
 _ROUND = "n"  # on the gather URL: which time the keypad question is asked (1, 2)
+# Seconds a webhook keeps trying a database that fails (a restart, a failover) before it gives up:
+# the voice request well inside Twilio's 15 s, so that a call answered during a short outage still
+# hears its message; a status event a little less (Twilio does not send it again).
+VOICE_DATABASE_BUDGET = 8.0
+STATUS_DATABASE_BUDGET = 5.0
 
 
 async def _verified(request: Request) -> FormData:
@@ -56,6 +64,23 @@ async def _verified(request: Request) -> FormData:
         log.warning("twilio webhook %s refused: bad or missing signature", request.scope["path"])
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="invalid signature")
     return form
+
+
+async def _with_retries(work: Callable[[], Awaitable[Any]], budget: float, what: str) -> Any:
+    """`work()`, tried again after a failure (the database down or failing over) until `budget`
+    seconds have passed; the last failure is raised."""
+    deadline = time.monotonic() + budget
+    delay = 0.1
+    while True:
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                return await work()
+        except Exception as error:  # noqa: BLE001 - retried within the budget, then raised
+            if time.monotonic() + delay >= deadline:
+                raise
+            log.info("%s: %s, trying again", what, type(error).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _sequence(form: FormData) -> int | None:
@@ -106,8 +131,11 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
         return _twiml(hangup_twiml())
     machine = is_machine(form.get("AnsweredBy") if isinstance(form.get("AnsweredBy"), str) else None)  # type: ignore[arg-type]
     try:
-        result = await calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), machine=machine,
-                                    fallback=_fallback(request))
+        result = await _with_retries(
+            lambda: calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), machine=machine,
+                                 fallback=_fallback(request)),
+            VOICE_DATABASE_BUDGET, f"voice webhook for reminder {stamp.reminder_id}",
+        )
     except Exception as error:  # noqa: BLE001 - an unknown state must not speak; Twilio must hear TwiML
         log.warning("voice webhook for reminder %s: database unavailable (%s); hanging up",
                     stamp.reminder_id, type(error).__name__)
@@ -136,9 +164,11 @@ async def status_event(request: Request, background: BackgroundTasks) -> Respons
     stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
     call_status = form.get("CallStatus")
     if stamp is not None and call_sid is not None and isinstance(call_status, str) and len(call_status) <= 32:
-        result = await calls.record_event(
-            request.app.state.db, stamp, call_sid, call_status, _sequence(form), datetime.now(UTC),
-            getattr(request.app.state, "no_answer_policy", None),
+        sequence, policy = _sequence(form), getattr(request.app.state, "no_answer_policy", None)
+        result = await _with_retries(
+            lambda: calls.record_event(request.app.state.db, stamp, call_sid, call_status, sequence, datetime.now(UTC),
+                                       policy),
+            STATUS_DATABASE_BUDGET, f"status webhook for reminder {stamp.reminder_id}",
         )
         if result.cancel:
             background.add_task(_cancel, request, result.cancel)
@@ -159,8 +189,11 @@ async def gather(request: Request) -> Response:
     digits = form.get("Digits")
     round_ = request.query_params.get(_ROUND, "1")
     try:
-        result = await calls.keypad(request.app.state.db, stamp, call_sid, digits if isinstance(digits, str) else None,
-                                    datetime.now(UTC), fallback=_fallback(request))
+        result = await _with_retries(
+            lambda: calls.keypad(request.app.state.db, stamp, call_sid, digits if isinstance(digits, str) else None,
+                                 datetime.now(UTC), fallback=_fallback(request)),
+            VOICE_DATABASE_BUDGET, f"gather webhook for reminder {stamp.reminder_id}",
+        )
     except Exception as error:  # noqa: BLE001 - Twilio must hear TwiML; the customer can answer next time
         log.warning("gather webhook for reminder %s: database unavailable (%s)", stamp.reminder_id,
                     type(error).__name__)
