@@ -281,6 +281,15 @@ client's timeout.
 
 {verdict}
 
+What the Twilio-mode runs found, and what was fixed: a successor's fence raise waited behind a
+leader frozen inside a claim (the raise now ends that session after 2 s: leader-sigstop); the
+attempt record locked the fence row per attempt (now it only reads it); a database error in the
+middle of a reminder's call left it `dispatching` until the two-minute stale-claim sweep (now it is
+looked at again after 2 s: provider-outage); calls answered during a 1-2 s PostgreSQL restart were
+hung up without their message (the voice webhook now keeps trying for 8 s: postgres-restart).
+Lateness here is CPU: every call also brings five signed webhooks through the proxy to the
+replicas, on the same 2 cores.
+
 Every run:
 
 {runs}
