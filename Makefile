@@ -50,6 +50,7 @@ bench: install
 chaos: install
 	$(BIN)/python -m harness.chaos
 	$(BIN)/python -m harness.chaos_twilio
+	$(BIN)/python -m harness.chaos_telnyx
 
 clean:
 	rm -rf $(VENV) .pytest_cache reminders.db reminders.db-*

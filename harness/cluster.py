@@ -54,6 +54,7 @@ __all__ = [
     "ProviderProcess",
     "ReplicaProcess",
     "TwilioFakeClient",
+    "TelnyxFakeProcess",
     "TwilioFakeProcess",
     "WebhookProxyProcess",
     "wait_for",
@@ -312,6 +313,32 @@ class TwilioFakeProcess(ProviderProcess):
         return self
 
 
+TELNYX_KEY = "cluster-telnyx-key"
+TELNYX_CONNECTION = "1494404757140276705"
+
+
+class TelnyxFakeProcess(ProviderProcess):
+    """`python -m service.fakes.telnyx` on a free port (TELNYX_KEY, TELNYX_CONNECTION; events signed
+    with the fake's fixed test key pair). Its inspection endpoints are the Twilio fake's."""
+
+    def __init__(self, log_path: Path, *, latency_ms: float = 0.0, calls_per_second: float = 30.0,
+                 ring_ms: float = 200.0) -> None:
+        super().__init__(log_path, latency_ms=latency_ms)
+        self.name = "telnyx-fake"
+        self.calls_per_second = calls_per_second
+        self.ring_ms = ring_ms
+        self.client = TwilioFakeClient(self.url)  # type: ignore[assignment]
+
+    def start(self, timeout: float = 30.0) -> TelnyxFakeProcess:
+        argv = [sys.executable, "-m", "service.fakes.telnyx", "--port", str(self.port), "--latency-ms",
+                str(self.latency_ms), "--cps", str(self.calls_per_second), "--ring-ms", str(self.ring_ms),
+                "--api-key", TELNYX_KEY, "--connection-id", TELNYX_CONNECTION]
+        self._spawn(argv, _child_env({}))
+        wait_for_port(self.port, timeout=timeout)
+        wait_for(self._answers, timeout=timeout, what="Telnyx fake answering")
+        return self
+
+
 class WebhookProxyProcess(_Process):
     """`python -m harness.webhook_proxy`: the Ingress in front of the replicas' webhook routes."""
 
@@ -462,8 +489,8 @@ class Cluster:
         self.own_postgres = own_postgres
         self.postgres: PostgresServer | None = None
         self.postgres_running = False
-        if telephony_provider not in ("generic", "twilio"):
-            raise ValueError("telephony_provider must be generic or twilio")
+        if telephony_provider not in ("generic", "twilio", "telnyx"):
+            raise ValueError("telephony_provider must be generic, twilio or telnyx")
         self.telephony_provider = telephony_provider
         self.twilio_calls_per_second = twilio_calls_per_second
         self.twilio_ring_ms = twilio_ring_ms
@@ -521,6 +548,13 @@ class Cluster:
                 calls_per_second=self.twilio_calls_per_second, ring_ms=self.twilio_ring_ms,
             ).start()
             self.webhook_proxy = WebhookProxyProcess(self.workdir / "webhook-proxy.log").start()
+        elif self.telephony_provider == "telnyx":
+            # `twilio_calls_per_second` is the fake's Dial rate here (over it: 429, code 90103)
+            self.provider = TelnyxFakeProcess(
+                self.workdir / "provider.log", latency_ms=self.provider_latency_ms,
+                calls_per_second=self.twilio_calls_per_second, ring_ms=self.twilio_ring_ms,
+            ).start()
+            self.webhook_proxy = WebhookProxyProcess(self.workdir / "webhook-proxy.log").start()
         else:
             self.provider = ProviderProcess(self.workdir / "provider.log", latency_ms=self.provider_latency_ms).start()
         for _ in range(self.size):
@@ -555,6 +589,18 @@ class Cluster:
                 "TWILIO_API_URL": f"{self.provider.url}/{name}",  # the fake records it as placed_by
                 "TWILIO_ACCOUNT_SID": TWILIO_SID,
                 "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+                "PUBLIC_URL": self.webhook_proxy.public_url,
+            })
+        if self.telephony_provider == "telnyx":
+            from service.fakes.telnyx import TEST_PUBLIC_KEY  # noqa: PLC0415
+
+            assert self.webhook_proxy is not None
+            env.update({
+                "TELEPHONY_PROVIDER": "telnyx",
+                "TELNYX_API_URL": f"{self.provider.url}/{name}",  # the fake records it as placed_by
+                "TELNYX_API_KEY": TELNYX_KEY,
+                "TELNYX_CONNECTION_ID": TELNYX_CONNECTION,
+                "TELNYX_PUBLIC_KEY": TEST_PUBLIC_KEY,
                 "PUBLIC_URL": self.webhook_proxy.public_url,
             })
         env.update(self.env)

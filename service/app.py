@@ -28,11 +28,18 @@ from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, 
 from service.backlog import watch_backlog
 from service.config import Settings
 from service.db import Database
-from service.components import dispatch_config, election_config, pool_size, provider, twilio_signature
+from service.components import (
+    dispatch_config,
+    election_config,
+    pool_size,
+    provider,
+    telnyx_signature,
+    twilio_signature,
+)
 from service.dispatch.dispatcher import Dispatcher
 from service.election import Elector
 from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
-from service.webhooks import twilio_router
+from service.webhooks import telnyx_router, twilio_router
 
 __all__ = ["app", "create_app"]
 
@@ -127,6 +134,12 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.no_answer_policy = settings.no_answer_policy()
         app.state.templates = settings.templates
         app.include_router(twilio_router)
+    if settings.telephony_provider == "telnyx":
+        # Telnyx's events, on every replica; signed (Ed25519), so not behind API_TOKEN.
+        app.state.telnyx_signature = telnyx_signature(settings)
+        app.state.no_answer_policy = settings.no_answer_policy()
+        app.state.templates = settings.templates
+        app.include_router(telnyx_router)
     _install_error_handlers(app)
     return app
 

@@ -12,6 +12,7 @@ from service.election import ConfigError, ElectionConfig
 from service.telephony import HttpTelephonyClient
 from service.telephony.generic import GenericProvider
 from service.telephony.provider import Provider
+from service.telephony.telnyx import TelnyxProvider, TelnyxSignature
 from service.telephony.twilio import TwilioProvider, TwilioSignature
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "pool_size",
     "provider",
     "telephony_client",
+    "telnyx_signature",
     "twilio_signature",
 ]
 
@@ -104,6 +106,16 @@ def provider(settings: Settings) -> Provider:
             # a machine gets the short voicemail, not the keypad question (AnsweredBy on the voice request)
             machine_detection=True,
         )
+    if settings.telephony_provider == "telnyx":
+        assert settings.public_url and settings.telnyx_api_key and settings.telnyx_connection_id
+        return TelnyxProvider(
+            api_url=settings.telnyx_api_url,
+            api_key=settings.telnyx_api_key.get_secret_value(),
+            connection_id=settings.telnyx_connection_id,
+            public_url=settings.public_url,
+            timeout=settings.telephony_timeout,
+            max_connections=min(settings.dispatch_concurrency, 100),
+        )
     return GenericProvider(telephony_client(settings))
 
 
@@ -111,6 +123,12 @@ def twilio_signature(settings: Settings) -> TwilioSignature:
     """The webhook signature check: the auth token over PUBLIC_URL + path + query."""
     assert settings.twilio_auth_token and settings.public_url
     return TwilioSignature(settings.twilio_auth_token.get_secret_value(), settings.public_url)
+
+
+def telnyx_signature(settings: Settings) -> TelnyxSignature:
+    """The event signature check: Ed25519 with TELNYX_PUBLIC_KEY over "{timestamp}|{body}"."""
+    assert settings.telnyx_public_key
+    return TelnyxSignature(settings.telnyx_public_key)
 
 
 def check(settings: Settings) -> None:

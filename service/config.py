@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import socket
@@ -47,11 +49,15 @@ class Settings(BaseSettings):
     election_prefix: str = "/reminders/leader"
     lease_ttl: int = Field(default=10, ge=2, le=300)
     leader_max_term: float | None = Field(default=None, gt=0)
-    telephony_provider: Literal["generic", "twilio"] = "generic"
+    telephony_provider: Literal["generic", "twilio", "telnyx"] = "generic"
     public_url: str | None = None
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
     twilio_api_url: str = "https://api.twilio.com"
+    telnyx_api_key: SecretStr | None = None
+    telnyx_connection_id: str | None = None
+    telnyx_public_key: str | None = None
+    telnyx_api_url: str = "https://api.telnyx.com"
     # None: derived (`effective_reconcile_grace`)
     reconcile_grace: Annotated[timedelta | None, NoDecode] = None
     telephony_url: str = "http://127.0.0.1:8090"
@@ -169,7 +175,7 @@ class Settings(BaseSettings):
             raise ValueError("must be sqlite+aiosqlite://… or postgresql+asyncpg://…")
         return value
 
-    @field_validator("telephony_url", "twilio_api_url")
+    @field_validator("telephony_url", "twilio_api_url", "telnyx_api_url")
     @classmethod
     def _telephony_url(cls, value: str) -> str:
         if not re.match(r"https?://[^/\s]+", value):
@@ -192,6 +198,28 @@ class Settings(BaseSettings):
             raise ValueError("must be the account SID (e.g. AC… , letters and digits)")
         return value
 
+    @field_validator("telnyx_connection_id")
+    @classmethod
+    def _connection_id(cls, value: str | None) -> str | None:
+        # it becomes a path segment of the active-calls URL
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+            raise ValueError("must be the Call Control connection (application) id, e.g. 1494404757140276705")
+        return value
+
+    @field_validator("telnyx_public_key")
+    @classmethod
+    def _telnyx_public_key(cls, value: str | None) -> str | None:
+        # a key that cannot verify anything would refuse every event: refused at start instead
+        if value is None:
+            return None
+        try:
+            raw = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be the base64 Ed25519 public key of the Telnyx portal (32 bytes, 44 characters)")
+        return value.strip()
+
     @field_validator("reconcile_grace", mode="before")
     @classmethod
     def _reconcile_grace(cls, value: object) -> object:
@@ -209,6 +237,13 @@ class Settings(BaseSettings):
                                                 ("TWILIO_AUTH_TOKEN", self.twilio_auth_token)) if not value]
             if missing:
                 raise ValueError(f"TELEPHONY_PROVIDER=twilio requires {', '.join(missing)}")
+        if self.telephony_provider == "telnyx":
+            missing = [name for name, value in (("PUBLIC_URL", self.public_url),
+                                                ("TELNYX_API_KEY", self.telnyx_api_key),
+                                                ("TELNYX_CONNECTION_ID", self.telnyx_connection_id),
+                                                ("TELNYX_PUBLIC_KEY", self.telnyx_public_key)) if not value]
+            if missing:
+                raise ValueError(f"TELEPHONY_PROVIDER=telnyx requires {', '.join(missing)}")
         return self
 
     @property

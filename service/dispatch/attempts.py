@@ -164,6 +164,9 @@ class StampedCalls:
             if live is None:
                 decision = Reconciliation(Step.WAIT, wait_until=now() + RECHECK)
             else:
+                # A listing that returns stamps (Telnyx's client_state) names each call's reminder:
+                # only this reminder's calls count. Without one (Twilio), every call to the number does.
+                live = [call for call in live if call.stamp is None or call.stamp.reminder_id == claim.reminder_id]
                 decision = reconcile(attempts, bound_call_id=bound, now=now(), grace=self.config.reconcile_grace,
                                      live_created=[call.created_at for call in live])
         if decision.step is Step.SENT:

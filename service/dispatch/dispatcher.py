@@ -39,13 +39,14 @@ from service.dispatch.limiter import RateLimiter
 from service.dispatch.store import Claim, ReminderStore, StaleTerm, is_data_error
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.dispatch.attempts import StampedCalls, StampedConfig
+from service.dispatch.speech import SpeechSweep
 from service.reminders.attempts import RECHECK
 from service.reminders import CallWindow, ReminderStatus, Wording, call_message, decide_call
 from service.privacy import strip_control
 from service.telephony import TelephonyClient
 from service.telephony.client import usable_call_id
 from service.telephony.generic import GenericProvider
-from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider
+from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider, SpeechCommands
 
 __all__ = ["DispatchConfig", "Dispatcher", "OutcomeRecorder", "StaleTerm", "Term"]
 
@@ -86,6 +87,10 @@ class DispatchConfig:
     max_in_flight: int | None = None
     # Providers without idempotency: how long an attempt in doubt waits for its events (RECONCILE_GRACE).
     reconcile_grace: timedelta = timedelta(seconds=60)
+    # Providers whose speech is a command (Telnyx): a bound call that has not begun its message
+    # this long after its last event gets it again (service.dispatch.speech), looked for this often.
+    speech_confirm_after: timedelta = timedelta(seconds=10)
+    speech_sweep_interval: float = 2.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -111,6 +116,11 @@ def message_for(claim: Claim) -> str:
     if claim.wording:
         return Wording.from_json(claim.wording).message
     return call_message(claim.customer_name, claim.starts_at, claim.timezone)
+
+
+def _wording(row: object) -> str:
+    """The words for a row with `customer_name`, `starts_at`, `timezone` (the speech sweep's)."""
+    return call_message(row.customer_name, row.starts_at, row.timezone)  # type: ignore[attr-defined]
 
 
 RECORD_RETRIES = 6
@@ -291,6 +301,8 @@ class Dispatcher:
         self._stamped = None if self.provider.dedupes_creation else StampedCalls(
             db, self.provider, StampedConfig(caller_id=config.caller_id, reconcile_grace=config.reconcile_grace,
                                              max_attempts=config.max_attempts, retry_delay=self.retry_delay))
+        self._speech = SpeechSweep(db, self.provider, wording=_wording, confirm_after=config.speech_confirm_after) \
+            if isinstance(self.provider, SpeechCommands) else None
         self._limiter = RateLimiter(config.calls_per_second)
         # Every reminder task of the term until its outcome is written (waited for at term end).
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -310,6 +322,7 @@ class Dispatcher:
             keep_trying=term.valid,
         )
         ended = asyncio.ensure_future(term.ended.wait())
+        sweep = asyncio.create_task(self._sweep_speech(term, ended), name="speech-sweep") if self._speech else None
         try:
             while term.valid():
                 claimed = await self._claim_some(term)
@@ -327,10 +340,23 @@ class Dispatcher:
                 await self._wait_for_room(ended, self.config.scan_interval)
         finally:
             ended.cancel()
+            if sweep is not None:
+                sweep.cancel()
+                await asyncio.gather(sweep, return_exceptions=True)
             if self._in_flight:
                 log.info("term %d over: waiting for %d call(s) in flight", token, len(self._in_flight))
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
             log.info("stopped dispatching under fencing token %d", token)
+
+    async def _sweep_speech(self, term: Term, ended: asyncio.Future[bool]) -> None:
+        """While the term lasts: bound calls that owe their message get it (SpeechSweep)."""
+        assert self._speech is not None
+        while term.valid() and not ended.done():
+            try:
+                await self._speech.once(datetime.now(UTC), term.fencing_token)
+            except Exception as error:  # noqa: BLE001 - a DB or provider outage must not end the term
+                log.warning("speech sweep failed: %s", type(error).__name__)
+            await asyncio.wait({ended}, timeout=self.config.speech_sweep_interval)
 
     def _done(self, reminder_id: str) -> None:
         self._in_flight.pop(reminder_id, None)

@@ -16,6 +16,8 @@ from service.reminders.planning import decide_call
 from service.reminders.rules import CallWindow
 
 __all__ = [
+    "CALL_SPEAKING",
+    "CALL_SPOKEN",
     "FINAL_CALL_STATES",
     "Confirmation",
     "NoAnswerPolicy",
@@ -47,10 +49,13 @@ class Confirmation(StrEnum):
 
 _KEYS = {"1": Confirmation.CONFIRMED, "2": Confirmation.DECLINED}
 
+# Providers whose speech is a command (Telnyx): the bound call's message has begun / ended.
+CALL_SPEAKING, CALL_SPOKEN = "speaking", "spoken"
 # A call's states in the order they happen; a final one is never followed by another.
-_RANK = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3, "answered": 3}
+_RANK = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3, "answered": 3, CALL_SPEAKING: 4,
+         CALL_SPOKEN: 5}
 FINAL_CALL_STATES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
-_FINAL_RANK = 4
+_FINAL_RANK = 6
 
 # Twilio's AnsweredBy for a machine (MachineDetection=Enable gives machine_start; the others come
 # with DetectMessageEnd); `human` and `unknown` are spoken to as a person.

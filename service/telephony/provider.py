@@ -30,6 +30,7 @@ __all__ = [
     "LIVE_STATUSES",
     "Provider",
     "ProviderUnavailable",
+    "SpeechCommands",
     "Stamp",
 ]
 
@@ -165,3 +166,18 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SpeechCommands(Protocol):
+    """A provider whose speech is a command sent to an answered call (Telnyx), not the webhook's
+    answer (Twilio's TwiML). Each command carries a `command_id`: a repeat is not spoken twice."""
+
+    async def speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp) -> bool:
+        """Speak `message` on the call; True once the provider accepted the command, or when the
+        call is already over (nothing more to do for it); False: try again later."""
+        ...
+
+    async def hang_up(self, call_id: str, *, command_id: str | None = None, stamp: Stamp | None = None) -> bool:
+        """End the call in any state; True if done (or the call was already over)."""
+        ...

@@ -52,7 +52,7 @@ from service.reminders import (
     retry_time,
 )
 from service.reminders.lifecycle import sources_of
-from service.reminders.outcomes import FINAL_CALL_STATES
+from service.reminders.outcomes import CALL_SPEAKING, CALL_SPOKEN, FINAL_CALL_STATES
 from service.telephony.provider import Stamp
 
 __all__ = [
@@ -61,14 +61,20 @@ __all__ = [
     "EventResult",
     "KeypadResult",
     "PRE_ANSWER_STATUSES",
+    "SPEAKING",
+    "SPOKEN",
     "answer",
+    "is_final",
     "keypad",
+    "mark_heard",
     "record_event",
 ]
 
 # Statuses of a call that has not been answered yet: it can still be cancelled.
 PRE_ANSWER_STATUSES = ("queued", "initiated", "ringing")
 DECLINED_REASON = "declined by customer"
+# Providers whose speech is a command (Telnyx): the bound call's message has begun / ended.
+SPEAKING, SPOKEN = CALL_SPEAKING, CALL_SPOKEN
 
 # (row with customer_name, starts_at, timezone, language) → the words, for a reminder planned
 # before its wording was stored
@@ -118,19 +124,25 @@ async def _attempt_for(session: Any, stamp: Stamp, call_id: str) -> Any | None:
     return row
 
 
+def is_final(status: str | None) -> bool:
+    """The call is over (completed, busy, no-answer, canceled, failed)."""
+    return status in FINAL_CALL_STATES
+
+
 async def record_event(
-    db: Database, stamp: Stamp, call_id: str, status: str, order: int | None, now: datetime,
+    db: Database, stamp: Stamp, call_id: str, status: str | None, order: int | None, now: datetime,
     policy: NoAnswerPolicy | None = None,
 ) -> EventResult:
-    """Apply one status event of call `call_id` (`order`: the provider's order of the call's
-    events, if it gives one); returns what else to do. `policy` None: no retries."""
+    """Apply one status event of call `call_id` (`status` None: an event that moves no state, e.g.
+    digits gathered; `order`: the provider's order of the call's events, if it gives one); returns
+    what else to do. `policy` None: no retries."""
     async with db.session() as session:
         attempt = await _attempt_for(session, stamp, call_id)
         if attempt is None:
             await session.rollback()
             return EventResult(known=False)
         values: dict[str, object] = {"last_event_at": now, "provider_call_id": call_id}
-        applies = advances(attempt.call_status, attempt.last_sequence, status, order)
+        applies = status is not None and advances(attempt.call_status, attempt.last_sequence, status, order)
         if applies:
             values["call_status"] = status
             if order is not None:
@@ -201,14 +213,17 @@ def _wording(row: Any, fallback: Fallback) -> Wording:
 
 async def answer(
     db: Database, stamp: Stamp, call_id: str, now: datetime, *, machine: bool = False,
-    fallback: Fallback,
+    fallback: Fallback, heard_later: bool = False,
 ) -> Answer:
     """Bind `call_id` to its reminder if none is bound yet; say whether it may speak, and what.
 
-    `machine`: the provider detected an answering machine (the outcome is then `voicemail`)."""
+    `machine`: the provider detected an answering machine (the outcome is then `voicemail`).
+    `heard_later`: the message is a later command (Telnyx): bound without an outcome, which
+    `mark_heard` records when the speech begins. A call already over is never bound (a late,
+    repeated answer)."""
     async with db.session() as session:
         attempt = await _attempt_for(session, stamp, call_id)
-        if attempt is None:
+        if attempt is None or is_final(attempt.call_status):
             await session.rollback()
             return Answer(speak=False)
         await session.execute(
@@ -228,7 +243,8 @@ async def answer(
                 Reminder.status.not_in((ReminderStatus.CANCELLED, ReminderStatus.SKIPPED)),
                 scheduled,
             )
-            .values(bound_call_id=call_id, bound_attempt_id=stamp.attempt_id, outcome=outcome, answered_at=now)
+            .values(bound_call_id=call_id, bound_attempt_id=stamp.attempt_id,
+                    outcome=None if heard_later else outcome, answered_at=now)
             .execution_options(synchronize_session=False)
         )
         newly_bound = bound.rowcount == 1
@@ -253,7 +269,7 @@ async def answer(
             )
             cancel = [other for (other,) in others]
         await session.commit()
-    if newly_bound:
+    if newly_bound and not heard_later:
         CALL_OUTCOMES.labels(outcome.value).inc()
     if not speak:
         return Answer(speak=False, newly_bound=newly_bound, cancel=cancel)
@@ -296,3 +312,22 @@ async def keypad(
         CONFIRMATIONS.labels(answer_.value).inc()  # type: ignore[union-attr]
     return KeypadResult(bound=True, answer=answer_, confirmation=now_confirmation, wording=_wording(row, fallback),
                         changed=changed)
+
+
+async def mark_heard(db: Database, stamp: Stamp, call_id: str, *, machine: bool = False) -> bool:
+    """The bound call's message has begun (Telnyx's `call.speak.started` / `.ended`, the gather's
+    speech accepted; in any order): the reminder's outcome is `answered` (`voicemail` for a
+    machine), recorded once. False if the call is not the bound one."""
+    outcome = ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED
+    bound_here = (Reminder.id == stamp.reminder_id, Reminder.bound_call_id == call_id,
+                  Reminder.bound_attempt_id == stamp.attempt_id)
+    async with db.session() as session:
+        first = await session.execute(
+            update(Reminder).where(*bound_here, Reminder.outcome.is_(None)).values(outcome=outcome)
+            .execution_options(synchronize_session=False)
+        )
+        bound = (await session.execute(select(Reminder.id).where(*bound_here))).first() is not None
+        await session.commit()
+    if first.rowcount == 1:
+        CALL_OUTCOMES.labels(outcome.value).inc()
+    return bound

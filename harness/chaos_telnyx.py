@@ -1,0 +1,135 @@
+"""The chaos scenarios in Telnyx mode: Twilio mode's faults and measures (harness/chaos_twilio.py)
+against the Telnyx-shaped fake.
+
+The measures are the same, checked by `verify_twilio` (the fakes share their inspection shape):
+*messages heard per reminder* must be exactly 1, *extra calls* are counted, each silent and within
+the attempts nobody settled; every reminder `sent` with outcome `answered`. What differs is the
+provider: Dials over its rate are refused (429, code 90103) instead of queued, speech is a command
+sent after `call.answered` (a replica killed between binding and speaking leaves the event
+unacknowledged: Telnyx delivers it again), and an in-doubt Dial is reconciled through the
+connection's active calls and their `client_state`.
+
+`python -m harness.chaos_telnyx` runs the scenarios and writes its section of RELIABILITY.md
+(after `python -m harness.chaos` and `python -m harness.chaos_twilio`, which write theirs);
+`tests/test_chaos_telnyx.py` runs a short form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .chaos import ChaosConfig, Result
+from .chaos_twilio import LEASE_TTL, RECONCILE_GRACE, TWILIO_SCENARIOS, TwilioClusterPool, twilio_table
+from .cluster import Cluster
+
+__all__ = ["TELNYX_SCENARIOS", "TelnyxClusterPool", "telnyx_chaos_cluster"]
+
+ROOT = Path(__file__).resolve().parents[1]
+# Telnyx's default Dial rate per connection; the replicas' CALLS_PER_SECOND matches it, as an
+# operator would set it, so the fake's 429s come at the edges of a burst and in the outage.
+TELNYX_DIALS_PER_SECOND = 30.0
+# The same faults; "provider-outage" is 429 (nothing created), 500 after creating, then a hang.
+TELNYX_SCENARIOS = TWILIO_SCENARIOS
+SECTION_START = "<!-- telnyx-mode: written by python -m harness.chaos_telnyx -->"
+SECTION_END = "<!-- /telnyx-mode -->"
+
+
+def telnyx_chaos_cluster(config: ChaosConfig, **options: Any) -> Cluster:
+    env = {**config.env(), "RECONCILE_GRACE": RECONCILE_GRACE, "CALLS_PER_SECOND": str(TELNYX_DIALS_PER_SECOND)}
+    return Cluster(3, own_postgres=True, provider_latency_ms=config.latency_ms,
+                   lease_ttl=max(config.lease_ttl, LEASE_TTL), env=env, telephony_provider="telnyx",
+                   twilio_calls_per_second=TELNYX_DIALS_PER_SECOND, twilio_ring_ms=100, **options)
+
+
+class TelnyxClusterPool(TwilioClusterPool):
+    """The Twilio-mode pool over a Telnyx-mode cluster (same scenarios, same verification)."""
+
+    def get(self) -> Cluster:
+        if self.cluster is None:
+            cluster = telnyx_chaos_cluster(self.config)
+            try:
+                cluster.start()
+            except BaseException:
+                cluster.close(graceful=False)
+                raise
+            self.cluster = cluster
+        return self.cluster
+
+
+def write_section(path: Path, command: str, config: ChaosConfig, rounds: int, results: list[Result]) -> None:
+    """Replace (or append) the Telnyx-mode section of RELIABILITY.md."""
+    failures = [r for r in results if not r.ok]
+    verdict = ("Every run passed every check: every message heard exactly once, no miss, every extra call silent."
+               if not failures else f"{len(failures)} run(s) FAILED:\n\n"
+               + "\n".join(f"- {r.scenario}: {'; '.join(r.violations)}" for r in failures))
+    runs = "\n".join(f"    {r.line()}" for r in results)
+    section = f"""{SECTION_START}
+## Telnyx mode: every message heard exactly once
+
+`{command}`: the same faults against the Telnyx-shaped fake ({config.latency_ms:.0f} ms per REST request,
+Dials over {TELNYX_DIALS_PER_SECOND:g} per second refused with 429 / 90103, every callee answering, speech a
+command after `call.answered`), signed events through a proxy that strips `PUBLIC_URL`'s path prefix, each
+reminder its own number, `CALLS_PER_SECOND={TELNYX_DIALS_PER_SECOND:g}`, `RECONCILE_GRACE={RECONCILE_GRACE}`;
+{config.reminders} reminders per run, {rounds} round(s). The measures are Twilio mode's: *messages heard per
+reminder* (exactly 1) and *extra calls* (counted, each silent, at most the attempts nobody settled). The provider
+outage: 429 (nothing created), 500 after creating the call, a hang past the client's timeout.
+
+{twilio_table(results)}
+
+{verdict}
+
+Every run:
+
+{runs}
+{SECTION_END}
+"""
+    text = path.read_text() if path.exists() else ""
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        text = head + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.chaos_telnyx",
+                                     description="Chaos scenarios in Telnyx mode; writes its section of RELIABILITY.md.")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--reminders", type=int, default=300)
+    parser.add_argument("--scenario", action="append", choices=list(TELNYX_SCENARIOS))
+    parser.add_argument("--output", default=str(ROOT / "RELIABILITY.md"), help="report file ('-': none)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.reminders < 1:
+        parser.error("--rounds and --reminders must be at least 1")
+    config = replace(ChaosConfig(), lease_ttl=LEASE_TTL, reminders=args.reminders, spread=max(4.0, args.reminders / 75),
+                     settle_timeout=max(90.0, args.reminders / 5))
+    command = "python -m harness.chaos_telnyx " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: list[Result] = []
+    pool = TelnyxClusterPool(config)
+    try:
+        for round_no in range(1, args.rounds + 1):
+            for name in args.scenario or list(TELNYX_SCENARIOS):
+                options = {"mode": "immediate" if round_no % 2 else "fast"} if name == "postgres-restart" else {}
+                result = pool.run(name, **options)
+                results.append(result)
+                print(f"round {round_no} (telnyx): {result.line()}", flush=True)
+                for violation in result.violations:
+                    print(f"    VIOLATION: {violation}", flush=True)
+                if result.evidence:
+                    print(result.evidence, flush=True)
+    finally:
+        pool.close()
+    print("\n" + twilio_table(results), flush=True)
+    if args.output != "-":
+        write_section(Path(args.output), command.strip(), config, args.rounds, results)
+        print(f"\nwritten: {args.output}", flush=True)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Telnyx Call Control as a `Provider`: Dial, the speak / gather / hangup commands, the
+connection's active calls, the Ed25519 webhook signature, and the event envelope.
+
+Calls are placed with an httpx JSON POST (Bearer key), one deadline per request and no retry: a
+Dial's `command_id` dedupes for 60 s only, so a repeated Dial after that is a second call. The
+stamp travels as `client_state` (base64; Telnyx echoes it in every event of the call and returns
+it with the active-calls list) and the attempt id as the Dial's `command_id`. Speech is a command
+sent after `call.answered`, with a `command_id` derived from the attempt, so a retried command
+(another replica, the leader's sweep) is not spoken twice. Nothing here knows the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from httpx_aiohttp import AiohttpTransport
+
+from service.privacy import mask_phone, scrub
+
+from .client import parse_retry_after
+from .provider import CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable, Stamp
+
+__all__ = [
+    "CALL_ENDED_CODE",
+    "EVENTS_PATH",
+    "RATE_LIMIT_CODE",
+    "SIGNATURE_HEADER",
+    "SIGNATURE_TOLERANCE",
+    "TIMESTAMP_HEADER",
+    "TelnyxEvent",
+    "TelnyxProvider",
+    "TelnyxSignature",
+    "hangup_command_id",
+    "parse_event",
+    "speak_command_id",
+]
+
+log = logging.getLogger(__name__)
+
+# The route Telnyx posts every event of a call to, under PUBLIC_URL (the webhooks package serves it).
+EVENTS_PATH = "/telephony/telnyx/events"
+SIGNATURE_HEADER = "telnyx-signature-ed25519"
+TIMESTAMP_HEADER = "telnyx-timestamp"
+# Events signed longer ago than this are refused (a replay); Telnyx's own libraries use 5 minutes.
+SIGNATURE_TOLERANCE = 300.0
+RATE_LIMIT_CODE = "90103"  # 429: over the dials-per-second limit, nothing created
+CALL_ENDED_CODE = "90018"  # 422: a command to a call that has already ended
+# The dials-per-second window: a 429 without Retry-After is retried after it.
+DEFAULT_RETRY_AFTER = 1.0
+_MAX_PAGES = 40
+_PAGE_SIZE = 250
+_MAX_ERROR_LEN = 160
+
+
+def speak_command_id(attempt_id: str) -> str:
+    """The `command_id` of the bound call's message: one per attempt, whoever sends it."""
+    return f"speak-{attempt_id}"
+
+
+def hangup_command_id(attempt_id: str) -> str:
+    return f"hangup-{attempt_id}"
+
+
+class TelnyxSignature:
+    """Ed25519 over `"{telnyx-timestamp}|{raw body}"` with TELNYX_PUBLIC_KEY (base64, 32 bytes);
+    timestamps further than `tolerance` seconds from now (either way) are refused."""
+
+    def __init__(self, public_key: str, *, tolerance: float = SIGNATURE_TOLERANCE) -> None:
+        self._key = Ed25519PublicKey.from_public_bytes(decode_public_key(public_key))
+        self._tolerance = tolerance
+
+    def valid(self, body: bytes, signature: str | None, timestamp: str | None, *, now: float | None = None) -> bool:
+        if not signature or not timestamp or not timestamp.isdigit() or len(timestamp) > 12:
+            return False
+        current = time.time() if now is None else now
+        if abs(current - int(timestamp)) > self._tolerance:
+            return False
+        try:
+            raw = base64.b64decode(signature, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        if len(raw) != 64:
+            return False
+        try:
+            self._key.verify(raw, timestamp.encode() + b"|" + body)
+        except InvalidSignature:
+            return False
+        return True
+
+
+def decode_public_key(text: str) -> bytes:
+    """The 32 raw bytes of a base64 Ed25519 public key; ValueError if it is not one."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+    if len(raw) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes (44 base64 characters)")
+    return raw
+
+
+@dataclass(frozen=True)
+class TelnyxEvent:
+    """One webhook's envelope: `data.event_type`, `data.id`, `data.occurred_at`, `data.payload`."""
+
+    event_type: str
+    event_id: str
+    occurred_at: datetime
+    call_id: str | None
+    stamp: Stamp | None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def order(self) -> int:
+        """`occurred_at` in microseconds: events carry no sequence number, this orders them."""
+        return int(self.occurred_at.timestamp() * 1_000_000)
+
+
+def parse_event(body: bytes) -> TelnyxEvent | None:
+    """The event in a (verified) webhook body; None if it is not a call event we can read."""
+    try:
+        envelope = json.loads(body)
+        data = envelope["data"]
+        event_type, payload = data["event_type"], data.get("payload") or {}
+        occurred = datetime.fromisoformat(str(data["occurred_at"]).replace("Z", "+00:00"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(event_type, str) or not isinstance(payload, dict) or len(event_type) > 64:
+        return None
+    if occurred.tzinfo is None:
+        occurred = occurred.replace(tzinfo=UTC)
+    call_id = payload.get("call_control_id")
+    if not isinstance(call_id, str) or not 0 < len(call_id) <= 128:
+        call_id = None
+    state = payload.get("client_state")
+    return TelnyxEvent(
+        event_type=event_type,
+        event_id=str(data.get("id") or ""),
+        occurred_at=occurred,
+        call_id=call_id,
+        stamp=Stamp.decode(state) if isinstance(state, str) else None,
+        payload=payload,
+    )
+
+
+class TelnyxProvider:
+    """`Provider` for Telnyx Call Control on one connection (Call Control application).
+
+    `api_url` may carry a path prefix. `public_url` is where Telnyx reaches this service's events
+    route. `timeout` bounds each request as a whole. `transport` replaces the aiohttp-backed one
+    (tests hand in respx's router or the Telnyx-shaped fake).
+    """
+
+    name = "telnyx"
+    dedupes_creation = False
+
+    def __init__(
+        self,
+        *,
+        api_url: str,
+        api_key: str,
+        connection_id: str,
+        public_url: str,
+        timeout: float = 10.0,
+        max_connections: int = 20,
+        transport: httpx.AsyncBaseTransport | None = None,
+        voice: str = "female",
+        language: str = "en-US",
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if not api_key or not connection_id:
+            raise ValueError("api_key and connection_id are required")
+        for what, url in (("api_url", api_url), ("public_url", public_url)):
+            parsed = httpx.URL(url)
+            if parsed.scheme not in ("http", "https") or not parsed.host:
+                raise ValueError(f"{what} must be an absolute http(s) URL")
+        self._api = f"{api_url.rstrip('/')}/v2"
+        self._connection_id = connection_id
+        self._events_url = f"{public_url.rstrip('/')}{EVENTS_PATH}"
+        self._timeout = timeout
+        self._voice, self._language = voice, language
+        headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        if transport is None:
+            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                  keepalive_expiry=4.0)
+            transport = AiohttpTransport(limits=limits)
+        self._http = httpx.AsyncClient(transport=transport, headers=headers)
+
+    @property
+    def calls_url(self) -> str:
+        return f"{self._api}/calls"
+
+    def active_calls_url(self) -> str:
+        return f"{self._api}/connections/{self._connection_id}/active_calls"
+
+    def dial_body(self, spec: CallSpec) -> dict[str, Any]:
+        """The Dial's JSON: the stamp as `client_state`, the attempt id as `command_id`."""
+        return {
+            "connection_id": self._connection_id,
+            "to": spec.to,
+            "from": spec.from_,
+            "webhook_url": self._events_url,
+            "webhook_url_method": "POST",
+            "client_state": spec.stamp.encode(),
+            "command_id": spec.attempt_id,
+        }
+
+    async def create_call(self, spec: CallSpec, *, may_send: Callable[[], bool] | None = None) -> CreateResult:
+        """POST /v2/calls; 2xx → CREATED, 429 → NOT_CREATED, other 4xx → REJECTED, anything
+        unknown (5xx, timeout, lost connection) → IN_DOUBT."""
+        body = json.dumps(self.dial_body(spec), separators=(",", ":")).encode()
+        refused = False
+
+        async def last_moment() -> AsyncIterator[bytes]:
+            nonlocal refused
+            if may_send is not None and not may_send():
+                refused = True
+                raise _NotSent
+            yield body
+
+        request = self._http.build_request(
+            "POST", self.calls_url,
+            headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
+            content=body if may_send is None else last_moment(),
+        )
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._http.send(request)
+        except Exception as error:  # noqa: BLE001 - classified here; anything else re-raised
+            if refused:
+                return CreateResult(CreateKind.NOT_SENT, error="not sent: the sender may no longer send")
+            if isinstance(error, httpx.HTTPError | TimeoutError):
+                what = "timeout" if isinstance(error, httpx.TimeoutException | TimeoutError) else "network"
+                return CreateResult(CreateKind.IN_DOUBT, error=_error_text(f"{what}: {type(error).__name__}", spec.to))
+            raise
+        result = _classify_dial(response, spec)
+        log.debug("telnyx dial to %s (attempt %s): %s %s", mask_phone(spec.to), spec.attempt_id, result.kind,
+                  result.status_code)
+        return result
+
+    async def live_calls(self, to: str) -> list[LiveCall]:
+        """The connection's active calls that carry a stamp (ours), with it. The list has no
+        number and no state: the stamp says whose call it is, any listed call may still speak."""
+        calls: list[LiveCall] = []
+        params: dict[str, str] = {"page[size]": str(_PAGE_SIZE)}
+        try:
+            async with asyncio.timeout(self._timeout):
+                for _ in range(_MAX_PAGES):
+                    response = await self._http.get(self.active_calls_url(), params=params)
+                    if response.status_code != 200:
+                        raise ProviderUnavailable(f"listing active calls: HTTP {response.status_code}")
+                    page = response.json()
+                    for item in page.get("data") or []:
+                        stamp = Stamp.decode(item.get("client_state"))
+                        if stamp is not None:
+                            calls.append(LiveCall(call_id=str(item.get("call_control_id")), status="active", to="",
+                                                  stamp=stamp))
+                    after = ((page.get("meta") or {}).get("cursors") or {}).get("after")
+                    if not after or not page.get("data"):
+                        return calls
+                    params = {"page[size]": str(_PAGE_SIZE), "page[after]": str(after)}
+                raise ProviderUnavailable("listing active calls: too many pages")
+        except ProviderUnavailable:
+            raise
+        except (httpx.HTTPError, TimeoutError, ValueError, AttributeError, TypeError) as error:
+            raise ProviderUnavailable(f"listing active calls: {type(error).__name__}") from None
+
+    async def speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp) -> bool:
+        """`actions/speak`; True when Telnyx accepted the command (a deduped repeat counts) or the
+        call is already over (nothing more can be done for it: its hangup event follows)."""
+        return await self._command(call_id, "speak", {
+            "payload": message, "payload_type": "text", "voice": self._voice, "language": self._language,
+            "command_id": command_id, "client_state": stamp.encode(),
+        }, ended_is_done=True)
+
+    async def gather_using_speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp,
+                                 valid_digits: str = "12", maximum_digits: int = 1) -> bool:
+        """`actions/gather_using_speak`: speak, then collect digits (`call.gather.ended`)."""
+        return await self._command(call_id, "gather_using_speak", {
+            "payload": message, "voice": self._voice, "language": self._language, "valid_digits": valid_digits,
+            "minimum_digits": 1, "maximum_digits": maximum_digits, "command_id": command_id,
+            "client_state": stamp.encode(),
+        })
+
+    async def hang_up(self, call_id: str, *, command_id: str | None = None, stamp: Stamp | None = None) -> bool:
+        """`actions/hangup`: ends a call in any state; True if done or already over."""
+        body: dict[str, Any] = {}
+        if command_id:
+            body["command_id"] = command_id
+        if stamp is not None:
+            body["client_state"] = stamp.encode()
+        return await self._command(call_id, "hangup", body, ended_is_done=True)
+
+    async def cancel(self, call_id: str) -> bool:
+        """Telnyx has no separate cancel: a hangup ends a ringing call too."""
+        return await self.hang_up(call_id)
+
+    async def _command(self, call_id: str, action: str, body: dict[str, Any], *, ended_is_done: bool = False) -> bool:
+        if not call_id or "/" in call_id or len(call_id) > 128:
+            raise ValueError("not a call control id")
+        url = f"{self._api}/calls/{call_id}/actions/{action}"
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._http.post(url, json=body)
+        except (httpx.HTTPError, TimeoutError) as error:
+            log.warning("telnyx: %s on call %s failed: %s", action, call_id, type(error).__name__)
+            return False
+        if response.status_code < 300:
+            return True
+        ended = response.status_code == 422 and CALL_ENDED_CODE in _error_codes(response)
+        log.info("telnyx: %s on call %s answered HTTP %d%s", action, call_id, response.status_code,
+                 " (call already ended)" if ended else "")
+        return ended and ended_is_done
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class _NotSent(Exception):
+    """Raised inside the request body when `may_send` refuses: the request never leaves."""
+
+
+def _error_text(text: str, *numbers: str) -> str:
+    text = " ".join(scrub(text, *numbers).split())
+    return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 1] + "…"
+
+
+def _error_codes(response: httpx.Response) -> list[str]:
+    try:
+        errors = response.json().get("errors") or []
+        return [str(e.get("code")) for e in errors if isinstance(e, dict)]
+    except (ValueError, AttributeError):
+        return []
+
+
+def _classify_dial(response: httpx.Response, spec: CallSpec) -> CreateResult:
+    status = response.status_code
+    if 200 <= status < 300:
+        try:
+            call_id = response.json()["data"]["call_control_id"]
+        except (ValueError, KeyError, TypeError):
+            call_id = None
+        if isinstance(call_id, str) and call_id:
+            return CreateResult(CreateKind.CREATED, call_id=call_id, status_code=status)
+        return CreateResult(CreateKind.IN_DOUBT, status_code=status, error=f"HTTP {status} without a call_control_id")
+    try:
+        first = (response.json().get("errors") or [{}])[0]
+        code, title = str(first.get("code") or ""), str(first.get("title") or first.get("detail") or "")
+    except (ValueError, AttributeError, IndexError, TypeError):
+        code, title = "", ""
+    error = _error_text(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {title}" if title else ""), spec.to)
+    if status == 429:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return CreateResult(CreateKind.NOT_CREATED, status_code=status, error=error,
+                            retry_after=DEFAULT_RETRY_AFTER if retry_after is None else retry_after)
+    if status >= 500 or status == 408:
+        return CreateResult(CreateKind.IN_DOUBT, status_code=status, error=error)
+    return CreateResult(CreateKind.REJECTED, status_code=status, error=error)
