@@ -115,6 +115,9 @@ def provider(settings: Settings) -> Provider:
             public_url=settings.public_url,
             timeout=settings.telephony_timeout,
             max_connections=min(settings.dispatch_concurrency, 100),
+            # a machine gets the short voicemail (`call.machine.detection.ended` decides what is said)
+            machine_detection=True,
+            language=settings.default_language,
         )
     return GenericProvider(telephony_client(settings))
 

@@ -119,7 +119,10 @@ def message_for(claim: Claim) -> str:
 
 
 def _wording(row: object) -> str:
-    """The words for a row with `customer_name`, `starts_at`, `timezone` (the speech sweep's)."""
+    """The message for a row with `wording` (fixed at planning), or for a reminder planned before
+    with `customer_name`, `starts_at`, `timezone` (the speech sweep's)."""
+    if getattr(row, "wording", None):
+        return Wording.from_json(row.wording).message  # type: ignore[attr-defined]
     return call_message(row.customer_name, row.starts_at, row.timezone)  # type: ignore[attr-defined]
 
 

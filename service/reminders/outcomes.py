@@ -57,9 +57,11 @@ _RANK = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3, "answered"
 FINAL_CALL_STATES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 _FINAL_RANK = 6
 
-# Twilio's AnsweredBy for a machine (MachineDetection=Enable gives machine_start; the others come
-# with DetectMessageEnd); `human` and `unknown` are spoken to as a person.
-_MACHINE = frozenset({"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax"})
+# A machine: Twilio's AnsweredBy (MachineDetection=Enable gives machine_start; the others come with
+# DetectMessageEnd), Telnyx's `call.machine.detection.ended` result (`machine`). `human`, `unknown`
+# (Twilio) and `not_sure` (Telnyx) are spoken to as a person.
+_MACHINE = frozenset({"machine", "machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other",
+                      "fax"})
 
 _OUTCOME_OF_FINAL = {
     "no-answer": ReminderOutcome.NO_ANSWER,
