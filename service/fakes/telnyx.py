@@ -6,7 +6,9 @@
   the same Dial is a second call. Over `calls_per_second` in a one-second window: 429 with error
   code 90103, nothing created. Optional injected 429 and 500 *after* creating the call (in doubt).
 - Each call: `call.initiated`, ringing, then the scripted callee of the number acts (`answer`,
-  `machine`, `no-answer`, `busy`, optionally pressing `digits`): `call.answered` and the call waits
+  `machine`, `no-answer`, `busy`, optionally pressing `digits`, per gather when a list):
+  `call.answered` (then `call.machine.detection.ended` when the Dial asked for
+  `answering_machine_detection`: `machine` or `human`) and the call waits
   for commands; a callee left in silence hangs up after `patience_ms`. Every event is signed with
   Ed25519 over `"{timestamp}|{body}"` (a fixed test key pair unless given another), carries the
   call's `client_state`, and is delivered in order per call, again until acknowledged (2xx); an
