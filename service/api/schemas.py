@@ -96,7 +96,7 @@ CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterVa
 Notes = Annotated[StrictStr, Field(max_length=2000), AfterValidator(_no_nul)]
 Language = Annotated[
     StrictStr,
-    Field(min_length=2, max_length=35, examples=["en-US", "de-DE"],
+    Field(min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", examples=["en-US", "de-DE"],
           description="BCP 47 tag of the calls' language; needs a message template (MESSAGE_TEMPLATES)"),
     AfterValidator(normalize_language),
 ]
