@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
-from tests.support.appclient import make_settings, running_app
+from tests.support.appclient import PHONE, body, future, make_settings, running_app
 
 pytestmark = pytest.mark.anyio
 
-PHONE = "+14155552671"
-
-
-def future(**delta: float) -> str:
-    return (datetime.now(UTC) + timedelta(**delta)).replace(microsecond=0).isoformat()
-
-
-def body(**overrides: object) -> dict:
-    data = {"customer_name": "Ada Lovelace", "phone": PHONE, "starts_at": future(days=3), "timezone": "UTC"}
-    data.update(overrides)
-    return data
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path

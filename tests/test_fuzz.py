@@ -9,14 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from harness.ports import free_port
 from tests.support.appclient import migrate
+from tests.support.replica import serve_replica
 
 pytestmark = pytest.mark.slow  # a replica process and a few hundred requests per backend
 
@@ -30,40 +28,9 @@ def replica(database_url: str, etcd_endpoint: str, tmp_path: Path, anyio_backend
 
     if not database_url.startswith("sqlite"):
         anyio.run(migrate, database_url)
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "ETCD_ENDPOINTS": etcd_endpoint,
-        "ELECTION_PREFIX": f"/fuzz/{port}",
-        "POD_NAME": "fuzz-replica",
-        "API_TOKEN": TOKEN,
-        "LEASE_TTL": "3",
-    }
-    log = open(tmp_path / "replica.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "replica.log").read_text()
-        time.sleep(0.05)
-    yield url
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    text = (tmp_path / "replica.log").read_text()
-    assert "Traceback" not in text, text
+    env = {"DATABASE_URL": database_url, "ETCD_ENDPOINTS": etcd_endpoint, "POD_NAME": "fuzz-replica", "API_TOKEN": TOKEN}
+    with serve_replica(env, tmp_path) as url:
+        yield url
 
 
 def test_schemathesis_all_checks(replica: str) -> None:

@@ -10,7 +10,7 @@ import logging
 import os
 import subprocess
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
@@ -21,22 +21,11 @@ from service.config import Settings
 from service.db import Database
 from service.dispatch.dispatcher import message_for
 from service.dispatch.store import Claim
-from tests.support.appclient import make_settings, running_app
+from tests.support.appclient import PHONE, body, future, make_settings, running_app
 from tests.support.requirements import unavailable
 
 pytestmark = pytest.mark.anyio
 
-PHONE = "+14155552671"  # FIXED_LINE_OR_MOBILE
-
-
-def future(**delta: float) -> str:
-    return (datetime.now(UTC) + timedelta(**delta)).replace(microsecond=0).isoformat()
-
-
-def body(**overrides: object) -> dict:
-    data = {"customer_name": "Ada Lovelace", "phone": PHONE, "starts_at": future(days=3), "timezone": "UTC"}
-    data.update(overrides)
-    return data
 
 
 def locs(response) -> list[list]:  # noqa: ANN001

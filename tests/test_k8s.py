@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +140,6 @@ def _secret_value(name: str, key: str) -> str:
     secret = _find("Secret", name)
     if key in (secret.get("stringData") or {}):
         return str(secret["stringData"][key])
-    import base64  # noqa: PLC0415
 
     return base64.b64decode(secret["data"][key]).decode()
 

@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +16,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.core.failures import FailureGroup
 
-from harness.ports import free_port
+from tests.support.replica import serve_replica
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "truth-token"
@@ -34,6 +30,7 @@ INEXPRESSIBLE = {
     "an IANA zone that exists": re.compile(r"unknown IANA time zone"),
     "reminders before the appointment's start": re.compile(r"must be before starts_at"),
     "a cursor this service issued": re.compile(r"malformed cursor"),
+    "a language with a message template (MESSAGE_TEMPLATES)": re.compile(r"unknown language|no message template"),
 }
 
 
@@ -50,43 +47,16 @@ def _inexpressible(response) -> bool:  # noqa: ANN001
 
 @pytest.fixture(scope="module", params=["open", "token"])
 def replica(request: pytest.FixtureRequest, etcd_server, tmp_path_factory):  # noqa: ANN001
-    port = free_port()
     directory = tmp_path_factory.mktemp("truth")
     env = {
-        **os.environ,
         "DATABASE_URL": f"sqlite+aiosqlite:///{directory}/truth.db",
         "ETCD_ENDPOINTS": etcd_server.endpoint,
-        "ELECTION_PREFIX": f"/truth/{port}",
         "POD_NAME": "truth-replica",
-        "LEASE_TTL": "3",
     }
-    env.pop("API_TOKEN", None)
     if request.param == "token":
         env["API_TOKEN"] = TOKEN
-    log = open(directory / "replica.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, (directory / "replica.log").read_text()
-        time.sleep(0.05)
-    yield url, request.param
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
-    text = (directory / "replica.log").read_text()
-    assert "Traceback" not in text, text
+    with serve_replica(env, directory) as url:
+        yield url, request.param
 
 
 def _run(url: str, mode: str, generation: GenerationMode) -> list[str]:
@@ -106,7 +76,7 @@ def _run(url: str, mode: str, generation: GenerationMode) -> list[str]:
             except FailureGroup as group:
                 for failure in group.exceptions:
                     if not ("Schema-valid request rejected" in failure.title and _inexpressible(response)):
-                        problems.append(f"{operation.label}: {failure.title}: {response.status_code} {response.text[:300]}")
+                        problems.append(f"{operation.label}: {failure.title}: {response.status_code} {response.text[:1200]}")
 
         try:
             check()

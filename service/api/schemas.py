@@ -9,7 +9,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
-from pydantic.json_schema import SkipJsonSchema
 
 from service.db.models import Appointment, AppointmentStatus
 from service.privacy import E164_PATTERN
@@ -140,15 +139,16 @@ class AppointmentPatch(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra=_not_nullable_in_schema("customer_name", "phone", "starts_at", "timezone"),
+        json_schema_extra=_not_nullable_in_schema("customer_name", "phone", "starts_at", "timezone", "language"),
     )
 
-    # Absent means "unchanged"; null is refused (422) for these five, so the OpenAPI says so too.
-    customer_name: CustomerName | SkipJsonSchema[None] = None
-    phone: Phone | SkipJsonSchema[None] = None
-    starts_at: FutureDatetime | SkipJsonSchema[None] = None
-    timezone: TimeZoneName | SkipJsonSchema[None] = None
-    language: Language | SkipJsonSchema[None] = None
+    # Absent means "unchanged"; null is refused (422) for these five, and the OpenAPI says so
+    # (json_schema_extra above): typed `| None` only so that absence can default.
+    customer_name: CustomerName | None = None
+    phone: Phone | None = None
+    starts_at: FutureDatetime | None = None
+    timezone: TimeZoneName | None = None
+    language: Language | None = None
     notes: Notes | None = None
     remind_at: RemindAt | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 
 import httpx
 
@@ -46,3 +47,18 @@ async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+PHONE = "+14155552671"  # FIXED_LINE_OR_MOBILE: a number the service calls
+
+
+def future(**delta: float) -> str:
+    """An ISO 8601 instant `delta` from now, whole seconds, UTC offset."""
+    return (datetime.now(UTC) + timedelta(**delta)).replace(microsecond=0).isoformat()
+
+
+def body(**overrides: object) -> dict:
+    """A valid POST /appointments body three days ahead, with `overrides` applied."""
+    data = {"customer_name": "Ada Lovelace", "phone": PHONE, "starts_at": future(days=3), "timezone": "UTC"}
+    data.update(overrides)
+    return data
