@@ -17,6 +17,7 @@ connection's active calls and their `client_state`.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -34,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TELNYX_DIALS_PER_SECOND = 30.0
 # The same faults; "provider-outage" is 429 (nothing created), 500 after creating, then a hang.
 TELNYX_SCENARIOS = TWILIO_SCENARIOS
-SECTION_START = "<!-- telnyx-mode: written by python -m harness.chaos_telnyx -->"
-SECTION_END = "<!-- /telnyx-mode -->"
+SECTION_HEADING = "## Telnyx mode: every message heard exactly once"
 
 
 def telnyx_chaos_cluster(config: ChaosConfig, **options: Any) -> Cluster:
@@ -61,14 +61,14 @@ class TelnyxClusterPool(TwilioClusterPool):
 
 
 def write_section(path: Path, command: str, config: ChaosConfig, rounds: int, results: list[Result]) -> None:
-    """Replace (or append) the Telnyx-mode section of RELIABILITY.md."""
+    """Replace (or append) the Telnyx-mode section of RELIABILITY.md (a `## ` section, which
+    `python -m harness.chaos` keeps when it rewrites the rest)."""
     failures = [r for r in results if not r.ok]
     verdict = ("Every run passed every check: every message heard exactly once, no miss, every extra call silent."
                if not failures else f"{len(failures)} run(s) FAILED:\n\n"
                + "\n".join(f"- {r.scenario}: {'; '.join(r.violations)}" for r in failures))
     runs = "\n".join(f"    {r.line()}" for r in results)
-    section = f"""{SECTION_START}
-## Telnyx mode: every message heard exactly once
+    section = f"""{SECTION_HEADING}
 
 `{command}`: the same faults against the Telnyx-shaped fake ({config.latency_ms:.0f} ms per REST request,
 Dials over {TELNYX_DIALS_PER_SECOND:g} per second refused with 429 / 90103, every callee answering, speech a
@@ -82,15 +82,21 @@ outage: 429 (nothing created), 500 after creating the call, a hang past the clie
 
 {verdict}
 
+What the Telnyx-mode runs found, and what was fixed: a call answered while its `call.answered`
+event sat on a frozen (SIGSTOP) or overloaded replica could be hung up by a callee tired of the
+silence before the redelivery spoke; the reminder was then bound to a call that never spoke (a
+miss). Now the outcome `answered` comes with the speech, and the leader's sweep releases a bound
+call that ended unheard, for a new call. A speak refused because the call had ended was answered
+503, which held up that call's hangup event behind the redeliveries; it is acknowledged now.
+
 Every run:
 
 {runs}
-{SECTION_END}
 """
     text = path.read_text() if path.exists() else ""
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + section.rstrip("\n") + rest.split(SECTION_END, 1)[1]
+    match = re.search(rf"(?ms)^{re.escape(SECTION_HEADING)}$.*?(?=^## |\Z)", text)
+    if match:
+        text = text[: match.start()] + section + "\n" + text[match.end():].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)

@@ -294,6 +294,11 @@ class Settings(BaseSettings):
                 "TWILIO_API_URL: TWILIO_AUTH_TOKEN would be sent over plain http:// to a non-loopback host; "
                 "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
             )
+        if self.telnyx_api_key is not None and _plain_remote(self.telnyx_api_url):
+            raise ValueError(
+                "TELNYX_API_URL: TELNYX_API_KEY would be sent over plain http:// to a non-loopback host; "
+                "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+            )
         if self.telephony_provider != "generic" and self.public_url and _plain_remote(self.public_url):
             raise ValueError(
                 "PUBLIC_URL: the provider would post call events and fetch the message (names, times) over plain "

@@ -11,9 +11,11 @@ from dataclasses import replace
 
 import pytest
 
-from harness.chaos import ChaosConfig
-from harness.chaos_telnyx import TelnyxClusterPool
+from harness.chaos import ChaosConfig, Result, keep_other_sections
+from harness.chaos_telnyx import SECTION_HEADING, TelnyxClusterPool, write_section
 from harness.chaos_twilio import LEASE_TTL
+from harness.chaos_twilio import SECTION_HEADING as TWILIO_HEADING
+from harness.chaos_twilio import write_section as write_twilio
 
 pytestmark = [pytest.mark.slow]
 
@@ -42,3 +44,17 @@ def test_every_message_heard_exactly_once_under(pool: TelnyxClusterPool, scenari
     print(f"\n{result.line()}")
     assert result.ok, "\n".join(["", *result.violations, "", result.evidence])
     assert result.reminders == CONFIG.reminders and result.duplicates == 0 and result.misses == 0
+
+
+def test_the_telnyx_section_is_replaced_in_place_beside_twilio(tmp_path) -> None:  # noqa: ANN001
+    report = tmp_path / "RELIABILITY.md"
+    report.write_text("# Reliability\n\n## Result\n\ngeneric table\n")
+    runs = [Result(scenario="leader-sigkill", reminders=5, posts=5, calls=5)]
+    write_section(report, "first telnyx run", CONFIG, 1, runs)
+    write_twilio(report, "twilio run", CONFIG, 1, runs)
+    write_section(report, "second telnyx run", CONFIG, 1, runs)
+    text = report.read_text()
+    assert text.count(SECTION_HEADING) == 1 and "second telnyx run" in text and "first telnyx run" not in text
+    assert TWILIO_HEADING in text and "twilio run" in text and "generic table" in text
+    rewritten = keep_other_sections("# Reliability\n\n## Result\n\nnew generic table\n", text)
+    assert SECTION_HEADING in rewritten and TWILIO_HEADING in rewritten and "new generic table" in rewritten

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 
 import httpx
 import pytest
@@ -24,10 +25,16 @@ BODY = b'{"data":{"event_type":"call.initiated"}}'
 SIGNATURE = "5GPDO05ZUz31EEYtPbKkdRHh15XB2EUAjjH2qKXJw5y5a/eLTRpZO32WC0nCyuGMw289GwU2pyJtTIIZzd0nAw=="
 
 
-def provider(**options: object) -> TelnyxProvider:
+@pytest.fixture
+def respx_mock() -> respx.MockRouter:
+    return respx.MockRouter(assert_all_called=False)
+
+
+def provider(router: respx.MockRouter) -> TelnyxProvider:
+    """The adapter with respx's router as its transport (it sends straight to the transport)."""
     return TelnyxProvider(api_url=API, api_key="KEY123", connection_id="conn-7",
-                          public_url="https://reminders.example.test/edge", transport=httpx.AsyncHTTPTransport(),
-                          **options)  # type: ignore[arg-type]
+                          public_url="https://reminders.example.test/edge",
+                          transport=httpx.MockTransport(router.async_handler))
 
 
 def test_the_fixed_key_pair_and_its_signature() -> None:
@@ -50,12 +57,11 @@ def test_the_fixed_key_pair_and_its_signature() -> None:
         TelnyxSignature(base64.b64encode(b"short").decode())
 
 
-@respx.mock(using="httpx")
 async def test_dial_wire_format(respx_mock: respx.MockRouter) -> None:
     route = respx_mock.post(f"{API}/v2/calls").mock(return_value=httpx.Response(
         200, json={"data": {"call_control_id": "v3:abc", "call_leg_id": "l", "call_session_id": "s",
                             "is_alive": False, "record_type": "call"}}))
-    telnyx = provider()
+    telnyx = provider(respx_mock)
     result = await telnyx.create_call(SPEC)
     await telnyx.aclose()
     assert result.kind is CreateKind.CREATED and result.call_id == "v3:abc"
@@ -87,34 +93,32 @@ async def test_dial_wire_format(respx_mock: respx.MockRouter) -> None:
         (httpx.Response(401, json={"errors": [{"code": "10009"}]}), CreateKind.REJECTED, None),
     ],
 )
-async def test_dial_answers_are_classified(response: httpx.Response, kind: CreateKind, retry_after: float | None) -> None:
-    with respx.mock(using="httpx") as mock:
-        mock.post(f"{API}/v2/calls").mock(return_value=response)
-        telnyx = provider()
-        result = await telnyx.create_call(SPEC)
-        await telnyx.aclose()
+async def test_dial_answers_are_classified(respx_mock: respx.MockRouter, response: httpx.Response, kind: CreateKind,
+                                           retry_after: float | None) -> None:
+    respx_mock.post(f"{API}/v2/calls").mock(return_value=response)
+    telnyx = provider(respx_mock)
+    result = await telnyx.create_call(SPEC)
+    await telnyx.aclose()
     assert result.kind is kind and result.retry_after == retry_after
     assert "4155552671" not in (result.error or "")  # the number never lands in an error text
 
 
-async def test_a_timeout_is_in_doubt_and_a_refusal_sends_nothing() -> None:
-    with respx.mock(using="httpx") as mock:
-        route = mock.post(f"{API}/v2/calls").mock(side_effect=httpx.ReadTimeout("slow"))
-        telnyx = provider()
-        assert (await telnyx.create_call(SPEC)).kind is CreateKind.IN_DOUBT
-        assert (await telnyx.create_call(SPEC, may_send=lambda: False)).kind is CreateKind.NOT_SENT
-        await telnyx.aclose()
+async def test_a_timeout_is_in_doubt_and_a_refusal_sends_nothing(respx_mock: respx.MockRouter) -> None:
+    route = respx_mock.post(f"{API}/v2/calls").mock(side_effect=httpx.ReadTimeout("slow"))
+    telnyx = provider(respx_mock)
+    assert (await telnyx.create_call(SPEC)).kind is CreateKind.IN_DOUBT
+    assert (await telnyx.create_call(SPEC, may_send=lambda: False)).kind is CreateKind.NOT_SENT
+    await telnyx.aclose()
     assert route.call_count == 1
 
 
-@respx.mock(using="httpx")
 async def test_commands_wire_format(respx_mock: respx.MockRouter) -> None:
     speak = respx_mock.post(f"{API}/v2/calls/v3:abc/actions/speak").mock(return_value=httpx.Response(200, json={}))
     hangup = respx_mock.post(f"{API}/v2/calls/v3:abc/actions/hangup").mock(return_value=httpx.Response(
         422, json={"errors": [{"code": "90018", "title": "Call has already ended"}]}))
     gather = respx_mock.post(f"{API}/v2/calls/v3:abc/actions/gather_using_speak").mock(
         return_value=httpx.Response(200, json={}))
-    telnyx = provider()
+    telnyx = provider(respx_mock)
     stamp = Stamp("r-1", "a-1")
     assert await telnyx.speak("v3:abc", "Hello", command_id=speak_command_id("a-1"), stamp=stamp)
     assert await telnyx.hang_up("v3:abc", command_id="h-1")  # already ended: done
@@ -129,10 +133,9 @@ async def test_commands_wire_format(respx_mock: respx.MockRouter) -> None:
     assert gathered["client_state"] == stamp.encode()
 
 
-@respx.mock(using="httpx")
 async def test_speak_to_an_ended_call_is_done_and_other_refusals_are_not(respx_mock: respx.MockRouter) -> None:
     route = respx_mock.post(f"{API}/v2/calls/v3:abc/actions/speak")
-    telnyx = provider()
+    telnyx = provider(respx_mock)
     route.mock(return_value=httpx.Response(422, json={"errors": [{"code": "90018"}]}))
     assert await telnyx.speak("v3:abc", "Hello", command_id="s", stamp=Stamp("r", "a"))  # over: nothing more to do
     for refusal in (httpx.Response(422, json={"errors": [{"code": "90034"}]}), httpx.Response(503)):
@@ -143,7 +146,6 @@ async def test_speak_to_an_ended_call_is_done_and_other_refusals_are_not(respx_m
     await telnyx.aclose()
 
 
-@respx.mock(using="httpx")
 async def test_active_calls_follow_the_cursor_and_keep_only_stamped_calls(respx_mock: respx.MockRouter) -> None:
     ours, other = Stamp("r-1", "a-1").encode(), base64.b64encode(b"not ours").decode()
     url = f"{API}/v2/connections/conn-7/active_calls"
@@ -152,17 +154,16 @@ async def test_active_calls_follow_the_cursor_and_keep_only_stamped_calls(respx_
     first = respx_mock.get(url).mock(return_value=httpx.Response(200, json={
         "data": [{"call_control_id": "v3:1", "client_state": other}, {"call_control_id": "v3:0", "client_state": None}],
         "meta": {"cursors": {"after": "c2"}}}))
-    telnyx = provider()
+    telnyx = provider(respx_mock)
     calls = await telnyx.live_calls("+14155552671")
     await telnyx.aclose()
     assert [(c.call_id, c.stamp) for c in calls] == [("v3:2", Stamp("r-1", "a-1"))]
     assert first.calls[0].request.url.params["page[size]"] == "250"
 
 
-@respx.mock(using="httpx")
 async def test_an_unlistable_connection_is_unavailable(respx_mock: respx.MockRouter) -> None:
     respx_mock.get(f"{API}/v2/connections/conn-7/active_calls").mock(return_value=httpx.Response(502))
-    telnyx = provider()
+    telnyx = provider(respx_mock)
     with pytest.raises(ProviderUnavailable):
         await telnyx.live_calls("+14155552671")
     await telnyx.aclose()
@@ -181,3 +182,12 @@ def test_the_event_envelope() -> None:
     assert parse_event(b"not json") is None and parse_event(b'{"data": {}}') is None
     foreign = parse_event(body.replace(Stamp("r-1", "a-1").encode().encode(), b"aGVsbG8="))
     assert foreign is not None and foreign.stamp is None
+
+
+async def test_no_request_url_reaches_the_logs(respx_mock: respx.MockRouter, caplog: pytest.LogCaptureFixture) -> None:
+    respx_mock.post(f"{API}/v2/calls").mock(return_value=httpx.Response(200, json={"data": {"call_control_id": "v3:x"}}))
+    telnyx = provider(respx_mock)
+    with caplog.at_level(logging.DEBUG):
+        await telnyx.create_call(SPEC)
+    await telnyx.aclose()
+    assert "4155552671" not in caplog.text and "KEY123" not in caplog.text

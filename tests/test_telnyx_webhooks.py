@@ -254,6 +254,13 @@ def test_telnyx_mode_needs_its_settings() -> None:
     assert Settings().telephony_provider == "generic"
 
 
+def test_no_key_over_plain_remote_http() -> None:
+    with pytest.raises(ValueError, match="TELNYX_API_URL"):
+        telnyx_settings(telnyx_api_url="http://telnyx.internal")
+    assert telnyx_settings(telnyx_api_url="http://telnyx.internal", allow_insecure_transport="true")
+    assert telnyx_settings(telnyx_api_url="http://127.0.0.1:8092")
+
+
 async def test_the_app_serves_signed_events_only_in_telnyx_mode() -> None:
     for app, expected in ((create_app(Settings()), 404), (create_app(telnyx_settings()), 403)):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as client:
