@@ -83,7 +83,9 @@ def test_serve_refuses_an_out_of_date_postgres_schema(postgres_url: str) -> None
      ("MISFIRE_GRACE", "-3"), ("DATABASE_URL", "mysql://x"), ("ETCD_ENDPOINTS", "no port"),
      ("DISPATCH_CONCURRENCY", "0"), ("CALLS_PER_SECOND", "-1"), ("LOG_FORMAT", "xml"), ("TELEPHONY_URL", "ftp://x"),
      ("TELEPHONY_PROVIDER", "twilio"), ("TELEPHONY_PROVIDER", "vonage"), ("PUBLIC_URL", "reminders.example.com"),
-     ("RECONCILE_GRACE", "-5"), ("TWILIO_API_URL", "api.twilio.com")],
+     ("RECONCILE_GRACE", "-5"), ("TWILIO_API_URL", "api.twilio.com"), ("NO_ANSWER_RETRIES", "-1"),
+     ("NO_ANSWER_RETRY_DELAY", "0"), ("DEFAULT_LANGUAGE", "klingon!"), ("DEFAULT_LANGUAGE", "de-DE"),
+     ("MESSAGE_TEMPLATES", '{"en-US": "Hi {nam}"}'), ("MESSAGE_TEMPLATES", "/no/such/templates.json")],
 )
 def test_bad_settings_stop_with_one_line(variable: str, value: str) -> None:
     result = run_cli("serve", env={variable: value})
