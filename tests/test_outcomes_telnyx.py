@@ -17,12 +17,12 @@ from service.fakes.telnyx import TEST_SIGNING_SEED, CalleeScript, sign
 from service.reminders import NoAnswerPolicy
 from service.telephony.provider import Stamp
 from tests.support.telnyx_rig import TelnyxRig, make_telnyx_rig
-from tests.test_dispatch import FakeTerm, config, eventually, lead_until
+from tests.test_dispatch import FakeTerm, config, lead_until
 from tests.test_outcomes_twilio import (
     PROMPT,
     RETRY_DELAY,
     TEMPLATES,
-    _seeded_attempts,
+    seeded_attempts,
     appointment_row,
     book,
     reminder_row,
@@ -144,7 +144,7 @@ async def test_duplicated_and_out_of_order_events_change_nothing_twice(db: Datab
     """Telnyx events have no sequence number: applied by state, then `occurred_at`."""
     phone = "+14155550206"
     appointment_id, (reminder_id,) = await book(db, phone)
-    reminder_id, (attempt,) = await _seeded_attempts(rig, appointment_id, 1)  # type: ignore[arg-type]
+    reminder_id, (attempt,) = await seeded_attempts(rig, appointment_id, 1)
     state = Stamp(reminder_id, attempt).encode()
     start = datetime.now(UTC)
 

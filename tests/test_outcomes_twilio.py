@@ -4,19 +4,22 @@ by the Twilio-shaped fake's scripted callee per number, webhooks through a prefi
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service import appointments
 from service.db import Appointment, CallAttempt, Database, Reminder
+from service.db.models import new_id
 from service.dispatch.dispatcher import Dispatcher
 from service.fakes.twilio import CalleeScript
 from service.reminders import ALWAYS, MessageTemplates, NoAnswerPolicy, PlanningConfig
+from tests.support.telnyx_rig import TelnyxRig
 from tests.support.twilio_rig import Rig, make_rig
 from tests.test_dispatch import FakeTerm, config, eventually, lead_until
 from tests.test_twilio_webhooks import signed_post
@@ -196,8 +199,6 @@ async def test_busy_then_answered_hears_the_message_once(db: Database, rig: Rig)
         return (await reminder_row(db, reminder_id)).outcome == "answered" and await over(rig, phone, 2)()
 
     dispatcher = Dispatcher(db, rig.provider, config(reconcile_grace=timedelta(seconds=5)))
-    import asyncio  # noqa: PLC0415
-
     task = asyncio.create_task(dispatcher.lead(term))
     try:
         await eventually(retry_planned)
@@ -227,7 +228,7 @@ async def test_the_words_are_the_appointments_language(db: Database, rig: Rig) -
 
 async def test_a_digit_from_a_call_that_is_not_the_bound_call_changes_nothing(rig: Rig) -> None:
     appointment_id, _ = await book(rig.db, "+14155550109")
-    reminder_id, (bound_attempt, other_attempt) = await _seeded_attempts(rig, appointment_id, 2)
+    reminder_id, (bound_attempt, other_attempt) = await seeded_attempts(rig, appointment_id, 2)
     bound_sid, other_sid = "CA" + "1" * 32, "CA" + "2" * 32
     async with rig.client() as client:
         path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": bound_attempt},
@@ -245,7 +246,7 @@ async def test_a_digit_from_a_call_that_is_not_the_bound_call_changes_nothing(ri
 
 async def test_a_repeated_keypad_request_is_recorded_once(rig: Rig) -> None:
     appointment_id, _ = await book(rig.db, "+14155550110")
-    reminder_id, (attempt,) = await _seeded_attempts(rig, appointment_id, 1)
+    reminder_id, (attempt,) = await seeded_attempts(rig, appointment_id, 1)
     sid = "CA" + "3" * 32
     before = metric("reminders_confirmations_total", answer="confirmed")
     async with rig.client() as client:
@@ -263,7 +264,7 @@ async def test_a_repeated_keypad_request_is_recorded_once(rig: Rig) -> None:
 
 async def test_duplicated_and_out_of_order_status_events_retry_once(rig: Rig) -> None:
     appointment_id, _ = await book(rig.db, "+14155550111")
-    reminder_id, (attempt,) = await _seeded_attempts(rig, appointment_id, 1)
+    reminder_id, (attempt,) = await seeded_attempts(rig, appointment_id, 1)
     sid = "CA" + "4" * 32
     events = [("no-answer", "3"), ("initiated", "0"), ("no-answer", "3"), ("ringing", "1"), ("no-answer", "3")]
     async with rig.client() as client:
@@ -280,7 +281,7 @@ async def test_duplicated_and_out_of_order_status_events_retry_once(rig: Rig) ->
 
 async def test_no_retry_while_another_call_of_the_reminder_may_still_be_answered(rig: Rig) -> None:
     appointment_id, _ = await book(rig.db, "+14155550112")
-    reminder_id, (first, second) = await _seeded_attempts(rig, appointment_id, 2)
+    reminder_id, (first, second) = await seeded_attempts(rig, appointment_id, 2)
     async with rig.client() as client:
         for attempt, sid, status in ((second, "CA" + "6" * 32, "ringing"), (first, "CA" + "5" * 32, "busy")):
             path, form, headers = signed_post(rig, "status", {"r": reminder_id, "a": attempt},
@@ -295,12 +296,8 @@ async def test_no_retry_while_another_call_of_the_reminder_may_still_be_answered
     assert (row.status, row.outcome, row.no_answer_retries) == ("pending", "no_answer", 1)
 
 
-async def _seeded_attempts(rig: Rig, appointment_id: str, count: int) -> tuple[str, list[str]]:
+async def seeded_attempts(rig: Rig | TelnyxRig, appointment_id: str, count: int) -> tuple[str, list[str]]:
     """The appointment's first reminder, made `sent` with `count` created attempts (as the dispatcher leaves it)."""
-    from sqlalchemy import update  # noqa: PLC0415
-
-    from service.db.models import new_id  # noqa: PLC0415
-
     attempt_ids = [new_id() for _ in range(count)]
     async with rig.db.session() as session:
         reminder_id = (await session.execute(
