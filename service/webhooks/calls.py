@@ -96,6 +96,7 @@ class Answer:
     machine: bool = False  # the bound call was answered by a machine: the voicemail, no prompt
     newly_bound: bool = False
     cancel: list[str] = field(default_factory=list)  # the reminder's other calls, still pre-answer
+    over: bool = False  # the call had already ended (a late or repeated answer): nothing to hang up
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ async def answer(
         attempt = await _attempt_for(session, stamp, call_id)
         if attempt is None or is_final(attempt.call_status):
             await session.rollback()
-            return Answer(speak=False)
+            return Answer(speak=False, over=attempt is not None)
         await session.execute(
             update(CallAttempt)
             .where(CallAttempt.id == attempt.id)

@@ -113,9 +113,10 @@ async def answered(request: Request, event: TelnyxEvent, background: BackgroundT
     before the acknowledgement."""
     assert event.stamp is not None and event.call_id is not None
     await _record(request, event, background, "in-progress")
-    if getattr(request.app.state.provider, "machine_detection", False):
-        return None  # `call.machine.detection.ended` follows: it binds (if still needed) and greets
-    return await _greet(request, event, background, machine=False)
+    # with machine detection, bound now (other calls hung up at once) and greeted when
+    # `call.machine.detection.ended` says who answered; should it never come, the sweep speaks
+    waiting = getattr(request.app.state.provider, "machine_detection", False)
+    return await _greet(request, event, background, machine=None if waiting else False)
 
 
 async def machine_detection_ended(request: Request, event: TelnyxEvent,
@@ -127,9 +128,11 @@ async def machine_detection_ended(request: Request, event: TelnyxEvent,
     return await _greet(request, event, background, machine=is_machine(str(event.payload.get("result"))))
 
 
-async def _greet(request: Request, event: TelnyxEvent, background: BackgroundTasks, *, machine: bool) -> Response | None:
+async def _greet(request: Request, event: TelnyxEvent, background: BackgroundTasks,
+                 *, machine: bool | None) -> Response | None:
     """The bound call's first words: the voicemail (a machine), or the message with the keypad
-    question (`gather_using_speak`); any other call of the reminder is hung up without a word."""
+    question (`gather_using_speak`); `machine` None: bind only, who answered is not known yet. Any
+    other call of the reminder is hung up without a word."""
     assert event.stamp is not None and event.call_id is not None
     provider: Any = request.app.state.provider
     db, stamp, call_id = request.app.state.db, event.stamp, event.call_id
@@ -139,6 +142,8 @@ async def _greet(request: Request, event: TelnyxEvent, background: BackgroundTas
                                 heard_later=True)
     if result.cancel:
         background.add_task(_hang_up_all, request, result.cancel)
+    if result.over:
+        return None  # a late answer of a call already over: nothing to say, nothing to end
     if not result.speak or result.wording is None:
         log.info("call %s answered, reminder %s is bound to another call (or unknown): hang up", call_id,
                  stamp.reminder_id)
@@ -147,6 +152,8 @@ async def _greet(request: Request, event: TelnyxEvent, background: BackgroundTas
     if result.newly_bound:
         log.info("reminder %s bound to call %s (attempt %s)", stamp.reminder_id, call_id, stamp.attempt_id)
     wording = result.wording
+    if machine is None:
+        return None
     if machine:
         await calls.mark_heard(db, stamp, call_id, machine=True)  # voicemail, whatever the speech's events say
         spoken = await provider.speak(call_id, wording.voicemail, command_id=speak_command_id(stamp.attempt_id),
