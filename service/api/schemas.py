@@ -91,8 +91,10 @@ Phone = Annotated[
 TimeZoneName = Annotated[
     StrictStr, Field(min_length=1, max_length=64, examples=["Europe/Berlin"]), AfterValidator(_valid_zone)
 ]
-CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
-Notes = Annotated[StrictStr, Field(max_length=2000), AfterValidator(_no_nul)]
+# No NUL, said in the OpenAPI too (a pattern), so that a schema-valid text is never refused.
+_NO_NUL = r"^[^\x00]*$"
+CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=_NO_NUL), AfterValidator(_no_nul)]
+Notes = Annotated[StrictStr, Field(max_length=2000, pattern=_NO_NUL), AfterValidator(_no_nul)]
 Language = Annotated[
     StrictStr,
     Field(min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", examples=["en-US", "de-DE"],
