@@ -64,6 +64,10 @@ async def test_answered_call_hears_the_message_and_binds_the_reminder(rig: Rig) 
     sid = await rig.place(reminder_id, attempt_id)
     await eventually(ended(rig, sid))
 
+    async def completed_recorded() -> bool:  # the fake ends the call, then posts `completed`
+        return [a.call_status for a in await attempt_rows(rig.db, reminder_id)] == ["completed"]
+
+    await eventually(completed_recorded)
     call = rig.fake.calls[sid]
     # nobody pressed a key: the message with the question, the question once more, goodbye
     assert "Ann Example" in call.heard[0] and call.heard[0].endswith("Press 1 to confirm, press 2 to cancel.")
@@ -239,3 +243,35 @@ async def test_a_longer_outage_hangs_up_without_a_word_and_binds_nothing(rig: Ri
         response = await client.post(path, data=form, headers=headers)
     assert response.status_code == 200 and response.text.endswith("<Response><Hangup /></Response>")
     assert (await reminder_row(rig.db, reminder_id)).bound_call_id is None
+
+
+class SlowFirst:
+    """The database, whose first session opens only after `pause` seconds: a replica frozen
+    (SIGSTOP) while it held the voice request, resumed past the webhook's retry budget."""
+
+    def __init__(self, db: Database, pause: float) -> None:
+        self.db, self.pause, self.is_sqlite = db, pause, db.is_sqlite
+
+    def session(self):  # noqa: ANN201
+        from contextlib import asynccontextmanager  # noqa: PLC0415
+
+        @asynccontextmanager
+        async def opened():  # noqa: ANN202
+            if self.pause:
+                pause, self.pause = self.pause, 0.0
+                await asyncio.sleep(pause)
+            async with self.db.session() as session:
+                yield session
+
+        return opened()
+
+
+async def test_a_voice_request_resumed_past_its_budget_still_tries_once(rig: Rig) -> None:
+    rig.app.state.voice_database_budget = 0.5
+    reminder_id, (attempt_id,) = await rig.seed()
+    rig.app.state.db = SlowFirst(rig.db, pause=1.0)  # past the budget before the first try is done
+    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
+                                      {"CallSid": "CA" + "7" * 32, "CallStatus": "in-progress"})
+    async with rig.client() as client:
+        response = await client.post(path, data=form, headers=headers)
+    assert "<Say" in response.text

@@ -51,6 +51,7 @@ _ROUND = "n"  # on the gather URL: which time the keypad question is asked (1, 2
 # hears its message; a status event a little less (Twilio does not send it again).
 VOICE_DATABASE_BUDGET = 8.0
 STATUS_DATABASE_BUDGET = 5.0
+_MIN_TRY = 2.0
 
 
 async def _verified(request: Request) -> FormData:
@@ -73,7 +74,9 @@ async def _with_retries(work: Callable[[], Awaitable[Any]], budget: float, what:
     delay = 0.1
     while True:
         try:
-            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+            # Every try gets a fair chance, even one begun past the deadline (a process frozen
+            # while it held the request resumes late: trying beats hanging up unheard).
+            async with asyncio.timeout(max(_MIN_TRY, deadline - time.monotonic())):
                 return await work()
         except Exception as error:  # noqa: BLE001 - retried within the budget, then raised
             if time.monotonic() + delay >= deadline:
@@ -134,7 +137,8 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
         result = await _with_retries(
             lambda: calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), machine=machine,
                                  fallback=_fallback(request)),
-            VOICE_DATABASE_BUDGET, f"voice webhook for reminder {stamp.reminder_id}",
+            getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
+            f"voice webhook for reminder {stamp.reminder_id}",
         )
     except Exception as error:  # noqa: BLE001 - an unknown state must not speak; Twilio must hear TwiML
         log.warning("voice webhook for reminder %s: database unavailable (%s); hanging up",
@@ -192,7 +196,8 @@ async def gather(request: Request) -> Response:
         result = await _with_retries(
             lambda: calls.keypad(request.app.state.db, stamp, call_sid, digits if isinstance(digits, str) else None,
                                  datetime.now(UTC), fallback=_fallback(request)),
-            VOICE_DATABASE_BUDGET, f"gather webhook for reminder {stamp.reminder_id}",
+            getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
+            f"gather webhook for reminder {stamp.reminder_id}",
         )
     except Exception as error:  # noqa: BLE001 - Twilio must hear TwiML; the customer can answer next time
         log.warning("gather webhook for reminder %s: database unavailable (%s)", stamp.reminder_id,
