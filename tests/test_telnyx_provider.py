@@ -75,6 +75,10 @@ async def test_dial_wire_format(respx_mock: respx.MockRouter) -> None:
         "client_state": Stamp("r-1", "a-1").encode(), "command_id": "a-1",
     }
     assert Stamp.decode(body["client_state"]) == Stamp("r-1", "a-1")
+    detecting = TelnyxProvider(api_url=API, api_key="K", connection_id="conn-7", public_url="https://x.test",
+                               transport=httpx.MockTransport(respx_mock.async_handler), machine_detection=True)
+    assert detecting.dial_body(SPEC)["answering_machine_detection"] == "detect"
+    await detecting.aclose()
     assert base64.b64decode(body["client_state"]) == b'["r-1","a-1"]'
 
 

@@ -144,8 +144,9 @@ async def _async(value: bool) -> bool:
     return value
 
 
-def _greeting_fails_once(rig: TelnyxRig) -> None:
-    """The first greeting command (the message with the keypad question) is not accepted."""
+def _greeting_fails_once(rig: TelnyxRig) -> dict[str, int]:
+    """The first greeting command (the message with the keypad question) is not accepted; the
+    returned {"left": n} counts the refusals still to come."""
     real_gather = rig.provider.gather_using_speak
     refusals = {"left": 1}
 
@@ -156,6 +157,7 @@ def _greeting_fails_once(rig: TelnyxRig) -> None:
         return await real_gather(*args, **kwargs)  # type: ignore[arg-type]
 
     rig.provider.gather_using_speak = gather_failing_once  # type: ignore[method-assign]
+    return refusals
 
 
 async def test_forged_stale_and_unsigned_events_are_refused_and_change_nothing(db: Database, rig: TelnyxRig) -> None:
@@ -185,11 +187,11 @@ async def test_forged_stale_and_unsigned_events_are_refused_and_change_nothing(d
 async def test_the_sweep_speaks_a_bound_call_that_never_spoke(db: Database) -> None:
     rig = make_telnyx_rig(db)
     rig.fake._webhook_tries = 1  # noqa: SLF001 - Telnyx gave up redelivering
-    _greeting_fails_once(rig)
+    refusals = _greeting_fails_once(rig)
     try:
         reminder_id, (attempt_id,) = await seeded(rig)
         call_id = await place(rig, reminder_id, attempt_id)
-        await eventually(lambda: _status(db, attempt_id, "in-progress"))
+        await eventually(lambda: _async(refusals["left"] == 0))  # bound, and its greeting refused
         sweep = SpeechSweep(db, rig.provider, wording=_wording, confirm_after=timedelta(seconds=5))
         assert await sweep.once(datetime.now(UTC)) == 0  # too early: the answer may still be speaking
         assert rig.fake.calls[call_id].heard == []

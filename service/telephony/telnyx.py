@@ -218,8 +218,9 @@ class TelnyxProvider:
         return f"{self._api}/connections/{self._connection_id}/active_calls"
 
     def dial_body(self, spec: CallSpec) -> dict[str, Any]:
-        """The Dial's JSON: the stamp as `client_state`, the attempt id as `command_id`."""
-        return {
+        """The Dial's JSON: the stamp as `client_state`, the attempt id as `command_id`; with
+        `machine_detection`, `answering_machine_detection` (`call.machine.detection.ended` follows)."""
+        body = {
             "connection_id": self._connection_id,
             "to": spec.to,
             "from": spec.from_,
@@ -227,8 +228,10 @@ class TelnyxProvider:
             "webhook_url_method": "POST",
             "client_state": spec.stamp.encode(),
             "command_id": spec.attempt_id,
-            **({"answering_machine_detection": "detect"} if self.machine_detection else {}),
         }
+        if self.machine_detection:
+            body["answering_machine_detection"] = "detect"
+        return body
 
     async def create_call(self, spec: CallSpec, *, may_send: Callable[[], bool] | None = None) -> CreateResult:
         """POST /v2/calls; 2xx → CREATED, 429 → NOT_CREATED, other 4xx → REJECTED, anything
