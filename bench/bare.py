@@ -29,7 +29,8 @@ import asyncpg
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel
 
-_COLUMNS = """a.id, a.customer_name, a.phone, a.starts_at, a.timezone, a.notes, a.status, a.remind_at,
+_COLUMNS = """a.id, a.customer_name, a.phone, a.starts_at, a.timezone, a.notes, a.status, a.language,
+       a.confirmation, a.remind_at,
        a.created_at, a.updated_at, r.id AS reminder_id, r.due_at, r.status AS reminder_status, r.attempts,
        r.last_error, r.skip_reason, r.sent_at, r.provider_call_id, r.outcome, r.answered_at"""
 _ONE_APPOINTMENT = f"""
@@ -107,7 +108,8 @@ def _appointments(rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
             current = {
                 "id": row["id"], "customer_name": row["customer_name"], "phone": row["phone"],
                 "starts_at": row["starts_at"].isoformat(), "timezone": row["timezone"], "notes": row["notes"],
-                "status": row["status"], "remind_at": remind_at, "reminders": [], "unplanned": [],
+                "status": row["status"], "language": row["language"], "confirmation": row["confirmation"],
+                "remind_at": remind_at, "reminders": [], "unplanned": [],
                 "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
             }
             out.append(current)

@@ -919,5 +919,23 @@ class Cluster:
 
         return self._run_db(counts)
 
+    def outcomes(self) -> Counter[str]:
+        """Real providers: reminders by `outcome` and appointments by `confirmation` (keys
+        `answered`, `voicemail`, `no_answer`, …, `confirmed`, `declined`); unknown ones left out."""
+        from sqlalchemy import func, select  # noqa: PLC0415
+
+        from service.db import Appointment, Reminder  # noqa: PLC0415
+
+        async def counts(db: Any) -> Counter[str]:
+            async with db.session() as session:
+                found: Counter[str] = Counter()
+                for column in (Reminder.outcome, Appointment.confirmation):
+                    result = await session.execute(select(column, func.count()).where(column.is_not(None))
+                                                   .group_by(column))
+                    found.update({str(value): n for value, n in result.all()})
+                return found
+
+        return self._run_db(counts)
+
     def wait_for(self, check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1) -> T:
         return wait_for(check, timeout=timeout, what=what, interval=interval)

@@ -13,7 +13,9 @@ SIGTERM, SIGHUP (the terminal closed) stop everything it started.
 
 `--provider twilio` (or TELEPHONY_PROVIDER=twilio in the demo's environment) runs the replicas in
 Twilio mode against the Twilio-shaped fake (calls queued at 2 per second, webhooks through a
-prefix-stripping proxy): the calls' key column then shows what each call heard, and the count of
+prefix-stripping proxy), with a scripted callee per number (`TWILIO_CALLEES`: press 1, press 2, a
+machine, nobody answering then retried after 20 s, a German speaker …) and shows the reminders'
+outcomes and the appointments' confirmations: the calls' key column then shows what each call heard, and the count of
 keys becomes the reminders heard, each once whoever leads.
 
     .venv/bin/python -m harness.demo [--replicas N] [--duration SECONDS] [--appointments N] [--provider P]
@@ -22,6 +24,7 @@ keys becomes the reminders heard, each once whoever leads.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import select
 import signal
@@ -57,6 +60,20 @@ PEOPLE = [
     ("Barbara Liskov", "+61293744000", "Australia/Sydney"),
     ("Leslie Lamport", "+81335811111", "Asia/Tokyo"),
 ]
+# Twilio mode: what the person at each number does (the fake's scripted callee), and in which
+# language the appointment is booked: every flow of the outcomes issue in one run.
+TWILIO_CALLEES = {
+    "+442071838750": ({"behaviour": "answer", "digits": "1"}, "en-GB"),  # confirms
+    "+14155552671": ({"behaviour": "answer", "digits": "2"}, "en-US"),  # declines: appointment cancelled
+    "+12125550123": ({"behaviour": "machine"}, "en-US"),  # voicemail, no question
+    "+33142685300": ({"behaviour": "no-answer"}, "fr-FR"),  # retried after NO_ANSWER_RETRY_DELAY
+    "+4930901820": ({"behaviour": "answer", "digits": ["9", "1"]}, "de-DE"),  # a wrong key, the question again, 1
+    "+34915550100": ({"behaviour": "busy"}, "es-ES"),  # busy: retried too
+    "+61293744000": ({"behaviour": "answer"}, "en-US"),  # presses nothing: question twice, goodbye
+    "+81335811111": ({"behaviour": "answer", "digits": "1"}, "en-US"),
+}
+# Built-in phrases for these languages (MESSAGE_TEMPLATES: each an empty object of phrases).
+DEMO_TEMPLATES = {"en-US": {}, "en-GB": {}, "de-DE": {}, "fr-FR": {}, "es-ES": {}}
 KEYS_HELP = "k kill the leader (SIGKILL) · s stop it (SIGSTOP) · c continue (SIGCONT) · r restart killed · q quit"
 
 
@@ -100,7 +117,8 @@ def _install_signal_handlers() -> dict[str, bool]:
 
 
 def book_appointments(cluster: Cluster, count: int, first_in: float, last_in: float) -> int:
-    """POST /appointments on replica-0; reminders spread from `first_in` to `last_in` s ahead."""
+    """POST /appointments on replica-0; reminders spread from `first_in` to `last_in` s ahead (in
+    Twilio mode each in its callee's language)."""
     entry = cluster.replicas[0]
     now = datetime.now(UTC)
     reminders = 0
@@ -115,6 +133,8 @@ def book_appointments(cluster: Cluster, count: int, first_in: float, last_in: fl
             "remind_at": [due.isoformat()],
             "notes": "booked by the demo",
         }
+        if cluster.telephony_provider == "twilio":
+            body["language"] = TWILIO_CALLEES[phone][1]
         response = entry.post("/appointments", json=body)
         if response.status_code != 201:
             raise RuntimeError(f"POST /appointments answered {response.status_code}: {response.text}")
@@ -145,6 +165,7 @@ class Snapshot:
     statuses: Counter[str]
     calls: int
     keys: int
+    outcomes: Counter[str]  # Twilio mode: reminders' outcomes and appointments' confirmations
     last_calls: list[dict[str, Any]]  # newest first
     events: list[str]
 
@@ -280,6 +301,7 @@ class LiveView:
             elapsed=now - self.started, rows=rows, leader=leader, failover=self.clock.line(now),
             leaderless=leader is None, statuses=self.cluster.reminder_statuses(), calls=len(calls),
             keys=len({c["idempotency_key"] for c in calls}), last_calls=calls[-8:][::-1], events=list(self.events),
+            outcomes=self.cluster.outcomes() if self.cluster.telephony_provider == "twilio" else Counter(),
         )
 
 
@@ -390,7 +412,18 @@ def plain_status(snapshot: Snapshot, cluster: Cluster) -> str:
     total = sum(snapshot.statuses.values())
     leader = cluster.replica(snapshot.leader) if snapshot.leader else None
     hint = f"kill -9 {leader.pid}" if leader else snapshot.failover
-    return f"[{snapshot.elapsed:5.1f}s] {parts} || sent {snapshot.statuses['sent']}/{total} || {hint}"
+    outcomes = f" || {outcome_line(snapshot.outcomes)}" if snapshot.outcomes else ""
+    return f"[{snapshot.elapsed:5.1f}s] {parts} || sent {snapshot.statuses['sent']}/{total}{outcomes} || {hint}"
+
+
+_OUTCOME_KEYS = ("answered", "voicemail", "no_answer", "busy", "failed")
+
+
+def outcome_line(outcomes: Counter[str]) -> str:
+    """`outcomes answered 4 · voicemail 1 · no_answer 1 | confirmed 3 · declined 1`."""
+    calls = " · ".join(f"{key} {outcomes[key]}" for key in _OUTCOME_KEYS if outcomes[key])
+    answers = " · ".join(f"{key} {outcomes[key]}" for key in ("confirmed", "declined") if outcomes[key])
+    return f"outcomes {calls or 'none yet'} | keypad {answers or 'none yet'}"
 
 
 _ROLE_STYLE = {"LEADER": "bold green", "follower": "cyan", "paused": "bold yellow", "down": "bold red",
@@ -421,6 +454,7 @@ def screen(snapshot: Snapshot, *, title: str, keys: bool) -> Any:
         f"reminders  sent {statuses['sent']} of {total} · pending {statuses['pending']} · "
         f"dispatching {statuses['dispatching']}\nprovider   {snapshot.calls} calls for {snapshot.keys} reminder keys · ",
         (f"{duplicates} duplicates", "bold red" if duplicates else "green"),
+        f"\n{outcome_line(snapshot.outcomes)}" if snapshot.outcomes else "",
     )
     calls = Table(expand=True, box=None, header_style="bold")
     for column in ("created", "call", "placed by", "to", "idempotency key"):
@@ -461,7 +495,8 @@ def summary(cluster: Cluster, view: LiveView | None) -> None:
         heard = Counter(c["idempotency_key"] for c in calls if c["idempotency_key"].startswith("heard"))
         print(f"summary (Twilio mode): calls placed per replica {per_replica}; {len(posts)} creates, {len(calls)} "
               f"calls, {len(heard)} reminders heard (at most {max(heard.values(), default=0)} time(s) each), "
-              f"{len(calls) - sum(heard.values())} calls without a message; reminders {dict(statuses)}", flush=True)
+              f"{len(calls) - sum(heard.values())} calls without a message; reminders {dict(statuses)}; "
+              f"{outcome_line(cluster.outcomes())}", flush=True)
         return
     print(f"summary: calls placed per replica {per_replica}; {len(calls)} calls for "
           f"{len({c['idempotency_key'] for c in calls})} distinct idempotency keys; {len(posts)} POSTs, "
@@ -529,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     lease_ttl = int(os.environ.get("LEASE_TTL", "3"))
     if args.provider == "twilio":
         env["RECONCILE_GRACE"] = "10s"
+        env["NO_ANSWER_RETRY_DELAY"] = "20s"  # the retry of an unanswered call within the demo's minute or so
+        env["MESSAGE_TEMPLATES"] = json.dumps(DEMO_TEMPLATES)
     print(f"starting etcd, the {'Twilio-shaped ' if args.provider == 'twilio' else ''}fake provider ({args.latency_ms:.0f} ms) and {args.replicas} replicas on "
           f"{'PostgreSQL' if database_url else 'SQLite (one file, WAL)'}, lease TTL {lease_ttl} s"
           f"{', LEADER_MAX_TERM ' + env['LEADER_MAX_TERM'] + ' s' if 'LEADER_MAX_TERM' in env else ''} …", flush=True)
@@ -541,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for replica in cluster.replicas:
                     print(f"  {replica.name}: pid {replica.pid}, {replica.url}", flush=True)
+                if args.provider == "twilio":
+                    cluster.provider.client.callees(  # type: ignore[union-attr]
+                        {phone: script for phone, (script, _) in TWILIO_CALLEES.items()})
                 booked = book_appointments(cluster, args.appointments, first_in=4, last_in=60)
                 print(f"booked {args.appointments} appointments through POST /appointments on replica-0: "
                       f"{booked} reminders due over the next minute", flush=True)

@@ -131,10 +131,14 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.telephony_provider == "twilio":
         # Twilio's webhooks, on every replica; signed, so not behind API_TOKEN.
         app.state.twilio_signature = twilio_signature(settings)
+        app.state.no_answer_policy = settings.no_answer_policy()
+        app.state.templates = settings.templates
         app.include_router(twilio_router)
     if settings.telephony_provider == "telnyx":
         # Telnyx's events, on every replica; signed (Ed25519), so not behind API_TOKEN.
         app.state.telnyx_signature = telnyx_signature(settings)
+        app.state.no_answer_policy = settings.no_answer_policy()
+        app.state.templates = settings.templates
         app.include_router(telnyx_router)
     _install_error_handlers(app)
     return app

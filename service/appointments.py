@@ -23,7 +23,7 @@ from sqlalchemy import Integer, Select, and_, bindparam, delete, insert, or_, se
 from sqlalchemy.engine import Connection, Row
 
 from service.db import Database
-from service.db.models import Appointment, AppointmentStatus, Reminder, new_id, utcnow
+from service.db.models import Appointment, AppointmentStatus, Confirmation, Reminder, new_id, utcnow
 from service.privacy import mask_phone
 from service.reminders import (
     REPLAN_FIELDS,
@@ -93,6 +93,8 @@ class AppointmentView(TypedDict):
     timezone: str
     notes: str | None
     status: str
+    language: str
+    confirmation: str | None
     remind_at: list[datetime] | None
     reminders: list[ReminderView]
     unplanned: list[dict[str, str]]
@@ -108,6 +110,7 @@ class NewAppointment:
     timezone: str = "UTC"
     notes: str | None = None
     remind_at: list[datetime] | None = None
+    language: str | None = None  # None: DEFAULT_LANGUAGE
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,8 @@ class Page:
 # -- statements: built once, so SQLAlchemy's cache key for each is computed once -----------------
 
 _A, _R = Appointment.__table__, Reminder.__table__
-_APPOINTMENT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "status", "remind_at",
-                        "created_at", "updated_at")
+_APPOINTMENT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "status", "language",
+                        "confirmation", "remind_at", "created_at", "updated_at")
 _REMINDER_COLUMNS = ("id", "due_at", "status", "attempts", "last_error", "skip_reason", "sent_at", "provider_call_id",
                      "outcome", "answered_at")
 
@@ -161,11 +164,13 @@ _PRUNE_SUPERSEDED = (
 
 
 @functools.cache
-def _page_statement(status: bool, after: bool, before: bool, cursor: bool) -> Select[Any]:
-    """The list query for one combination of filters (16 at most, each built once)."""
+def _page_statement(status: bool, confirmation: bool, after: bool, before: bool, cursor: bool) -> Select[Any]:
+    """The list query for one combination of filters (32 at most, each built once)."""
     page = select(_A).order_by(_A.c.starts_at, _A.c.id).limit(bindparam("limit", type_=Integer))
     if status:
         page = page.where(_A.c.status == bindparam("status"))
+    if confirmation:
+        page = page.where(_A.c.confirmation == bindparam("confirmation"))
     if after:
         page = page.where(_A.c.starts_at > bindparam("starts_after"))
     if before:
@@ -186,19 +191,19 @@ def _views(rows: Sequence[Row[Any]]) -> list[AppointmentView]:
     current: AppointmentView | None = None
     for row in rows:
         if current is None or current["id"] != row[0]:
-            remind_at = row[7]
+            remind_at = row[9]
             current = {
                 "id": row[0], "customer_name": row[1], "phone": row[2], "starts_at": row[3], "timezone": row[4],
-                "notes": row[5], "status": row[6],
+                "notes": row[5], "status": row[6], "language": row[7], "confirmation": row[8],
                 "remind_at": [datetime.fromisoformat(t) for t in remind_at] if remind_at else None,
-                "reminders": [], "unplanned": [], "created_at": row[8], "updated_at": row[9],
+                "reminders": [], "unplanned": [], "created_at": row[10], "updated_at": row[11],
             }
             views.append(current)
-        if row[10] is not None:
+        if row[12] is not None:
             current["reminders"].append({
-                "id": row[10], "due_at": row[11], "status": row[12], "attempts": row[13], "last_error": row[14],
-                "skip_reason": row[15], "sent_at": row[16], "provider_call_id": row[17], "outcome": row[18],
-                "answered_at": row[19],
+                "id": row[12], "due_at": row[13], "status": row[14], "attempts": row[15], "last_error": row[16],
+                "skip_reason": row[17], "sent_at": row[18], "provider_call_id": row[19], "outcome": row[20],
+                "answered_at": row[21],
             })
     return views
 
@@ -215,11 +220,17 @@ def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> N
             raise InvalidField(("remind_at", index), "must be before starts_at", moment.isoformat())
 
 
+def _check_language(language: str, planning: PlanningConfig) -> None:
+    if not planning.templates.supports(language):
+        known = ", ".join(planning.templates.languages)
+        raise InvalidField(("language",), f"no message template for this language (templates: {known})", language)
+
+
 def _plan(
-    appointment_id: str, starts_at: datetime, timezone: str, remind_at: list[str] | None,
-    planning: PlanningConfig, now: datetime,
+    appointment: Mapping[str, Any], remind_at: list[str] | None, planning: PlanningConfig, now: datetime,
 ) -> tuple[list[dict[str, Any]], list[Unplanned]]:
     """The reminder rows to insert for an appointment, and what could not be planned."""
+    appointment_id, starts_at, timezone = appointment["id"], appointment["starts_at"], appointment["timezone"]
     plan = plan_reminders(
         starts_at=starts_at,
         zone=ZoneInfo(timezone),
@@ -228,13 +239,17 @@ def _plan(
         offsets=planning.offsets,
         explicit=[datetime.fromisoformat(t) for t in remind_at] if remind_at is not None else None,
     )
+    # the words are fixed now: every call of these reminders says the same, whatever changes later
+    wording = planning.templates.render(
+        appointment["language"], appointment["customer_name"], starts_at, timezone
+    ).to_json()
     rows = []
     for due in plan.due_times:
         reminder_id = new_id()
         rows.append({
             "id": reminder_id, "appointment_id": appointment_id, "due_at": due, "next_attempt_at": due,
             "status": ReminderStatus.PENDING, "attempts": 0, "idempotency_key": idempotency_key(reminder_id),
-            "created_at": now, "updated_at": now,
+            "wording": wording, "no_answer_retries": 0, "created_at": now, "updated_at": now,
         })
     return rows, plan.unplanned
 
@@ -308,15 +323,17 @@ async def create(db: Database, new: NewAppointment, planning: PlanningConfig) ->
     the view's `unplanned` says what could not be planned, and why."""
     _check_phone(new.phone, planning)
     _check_remind_at(new.remind_at, new.starts_at)
+    language = new.language or planning.templates.default_language
+    _check_language(language, planning)
     now = utcnow()
     values = {
         "id": new_id(), "customer_name": new.customer_name, "phone": new.phone,
         "starts_at": new.starts_at.astimezone(UTC),  # as every later read returns it
         "timezone": new.timezone, "notes": new.notes,
         "remind_at": [t.isoformat() for t in new.remind_at] if new.remind_at is not None else None,
-        "status": AppointmentStatus.SCHEDULED, "created_at": now, "updated_at": now,
+        "status": AppointmentStatus.SCHEDULED, "language": language, "created_at": now, "updated_at": now,
     }
-    reminders, unplanned = _plan(values["id"], values["starts_at"], new.timezone, values["remind_at"], planning, now)
+    reminders, unplanned = _plan(values, values["remind_at"], planning, now)
     await db.write(_insert, values, reminders)
     if log.isEnabledFor(logging.INFO):
         log.info("appointment %s created for %s: %d reminder(s), %d unplanned",
@@ -324,7 +341,7 @@ async def create(db: Database, new: NewAppointment, planning: PlanningConfig) ->
     return {
         "id": values["id"], "customer_name": new.customer_name, "phone": new.phone, "starts_at": values["starts_at"],
         "timezone": new.timezone, "notes": new.notes, "status": AppointmentStatus.SCHEDULED,
-        "remind_at": new.remind_at or None, "reminders": [_reminder_view(r) for r in reminders],
+        "language": language, "confirmation": None, "remind_at": new.remind_at or None, "reminders": [_reminder_view(r) for r in reminders],
         "unplanned": _unplanned(unplanned), "created_at": now, "updated_at": now,
     }
 
@@ -334,16 +351,17 @@ async def list_page(
     *,
     limit: int,
     status: AppointmentStatus | None = None,
+    confirmation: Confirmation | None = None,
     starts_after: datetime | None = None,
     starts_before: datetime | None = None,
     after: tuple[datetime, str] | None = None,
 ) -> Page:
     """Up to `limit` appointments ordered by (starts_at, id), after the (starts_at, id) `after`,
     with their reminders: one SELECT outside a transaction."""
-    statement = _page_statement(status is not None, starts_after is not None, starts_before is not None,
-                                after is not None)
-    params: dict[str, Any] = {"limit": limit + 1, "status": status, "starts_after": starts_after,
-                              "starts_before": starts_before}
+    statement = _page_statement(status is not None, confirmation is not None, starts_after is not None,
+                                starts_before is not None, after is not None)
+    params: dict[str, Any] = {"limit": limit + 1, "status": status, "confirmation": confirmation,
+                              "starts_after": starts_after, "starts_before": starts_before}
     if after is not None:
         params["cursor_starts_at"], params["cursor_id"] = after
     views = await db.read(_select_page, statement, params)
@@ -369,10 +387,14 @@ def _change(
         raise AppointmentCancelled("appointment is cancelled")
     starts_at = changes.get("starts_at", view["starts_at"]).astimezone(UTC)
     _check_remind_at(changes.get("remind_at"), starts_at)
+    if "language" in changes:
+        _check_language(changes["language"], planning)
     now = utcnow()
     values = {**changes, "updated_at": now}
     if "starts_at" in changes:
         values["starts_at"] = starts_at
+        if starts_at != view["starts_at"]:
+            values["confirmation"] = None  # a confirmation was for the old time
     if "remind_at" in changes:
         values["remind_at"] = [t.isoformat() for t in changes["remind_at"]] if changes["remind_at"] is not None else None
     connection.execute(update(_A).where(_A.c.id == view["id"]).values(values))
@@ -385,7 +407,7 @@ def _change(
         _prune_superseded(connection, view)
         _cancel_pending(connection, view, "re-planned", now)
         stored = values["remind_at"] if "remind_at" in values else _stored_remind_at(view)
-        reminders, unplanned = _plan(view["id"], starts_at, view["timezone"], stored, planning, now)
+        reminders, unplanned = _plan(view, stored, planning, now)
         _insert_reminders(connection, reminders)
         view["reminders"] = sorted([*view["reminders"], *map(_reminder_view, reminders)],
                                    key=lambda r: (r["due_at"], r["id"]))

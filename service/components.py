@@ -103,6 +103,8 @@ def provider(settings: Settings) -> Provider:
             public_url=settings.public_url,
             timeout=settings.telephony_timeout,
             max_connections=min(settings.dispatch_concurrency, 100),
+            # a machine gets the short voicemail, not the keypad question (AnsweredBy on the voice request)
+            machine_detection=True,
         )
     if settings.telephony_provider == "telnyx":
         assert settings.public_url and settings.telnyx_api_key and settings.telnyx_connection_id
@@ -113,6 +115,9 @@ def provider(settings: Settings) -> Provider:
             public_url=settings.public_url,
             timeout=settings.telephony_timeout,
             max_connections=min(settings.dispatch_concurrency, 100),
+            # a machine gets the short voicemail (`call.machine.detection.ended` decides what is said)
+            machine_detection=True,
+            language=settings.default_language,
         )
     return GenericProvider(telephony_client(settings))
 

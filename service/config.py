@@ -12,12 +12,14 @@ from functools import cached_property, lru_cache
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.privacy import E164
 from service.reminders.numbers import NumberPolicy
+from service.reminders.outcomes import NoAnswerPolicy
 from service.reminders.planning import PlanningConfig
+from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, normalize_language
 from service.reminders.rules import CallWindow, ReminderOffset, parse_duration
 
 __all__ = ["CallWindow", "ReminderOffset", "Settings", "parse_duration", "setting_error_line"]
@@ -69,6 +71,11 @@ class Settings(BaseSettings):
     reminder_offsets: Annotated[tuple[ReminderOffset, ...], NoDecode] = (ReminderOffset(before=timedelta(hours=24)),)
     call_window: Annotated[CallWindow, NoDecode] = CallWindow(time(8, 0), time(21, 0))
     misfire_grace: Annotated[timedelta, NoDecode] = timedelta(minutes=30)
+    no_answer_retries: int = Field(default=1, ge=0, le=10)
+    no_answer_retry_delay: Annotated[timedelta, NoDecode] = timedelta(minutes=30)
+    default_language: str = DEFAULT_LANGUAGE
+    # inline JSON or a file path; None: the built-in English. Parsed and checked at start (`templates`).
+    message_templates: str | None = None
     drain_timeout: float = Field(default=10.0, gt=0, le=600)
     api_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
@@ -116,6 +123,26 @@ class Settings(BaseSettings):
         # 0 would skip every reminder as a misfire: none is ever called at the exact instant it is due
         if value <= timedelta(0):
             raise ValueError("must be a positive duration (e.g. 30m)")
+        return value
+
+    @field_validator("no_answer_retry_delay", mode="before")
+    @classmethod
+    def _retry_delay(cls, value: object) -> object:
+        value = parse_duration(value) if isinstance(value, str) else value
+        if isinstance(value, timedelta) and value <= timedelta(0):
+            raise ValueError("must be a positive duration (e.g. 30m)")
+        return value
+
+    @field_validator("default_language")
+    @classmethod
+    def _default_language(cls, value: str) -> str:
+        return normalize_language(value)
+
+    @field_validator("message_templates")
+    @classmethod
+    def _message_templates(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if "default_language" in info.data:  # else DEFAULT_LANGUAGE itself was refused
+            MessageTemplates.parse(value, info.data["default_language"])
         return value
 
     @field_validator("telephony_from")
@@ -285,12 +312,22 @@ class Settings(BaseSettings):
             raise ValueError("ETCD_CERT and ETCD_KEY go together")
         return self
 
+    @cached_property
+    def templates(self) -> MessageTemplates:
+        """MESSAGE_TEMPLATES parsed (checked at start: a bad one stops the process)."""
+        return MessageTemplates.parse(self.message_templates, self.default_language)
+
     def planning_config(self) -> PlanningConfig:
         return PlanningConfig(
             call_window=self.call_window,
             offsets=self.reminder_offsets,
             numbers=NumberPolicy(allow_voip=self.allow_voip, allowed_countries=self.allowed_countries),
+            templates=self.templates,
         )
+
+    def no_answer_policy(self) -> NoAnswerPolicy:
+        return NoAnswerPolicy(retries=self.no_answer_retries, delay=self.no_answer_retry_delay,
+                              window=self.call_window)
 
     @cached_property
     def is_sqlite(self) -> bool:

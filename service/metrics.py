@@ -30,3 +30,12 @@ REMINDERS_STUCK_DISPATCHING = Gauge(
     "reminders_stuck_dispatching",
     "Reminders left `dispatching` longer than service.backlog.STUCK_AFTER (no term completed them)",
 )
+CALL_OUTCOMES = Counter(
+    "reminders_call_outcomes_total",
+    "What real providers' reminder calls achieved (answered, voicemail, no_answer, busy, failed), one per call "
+    "round of a reminder",
+    ["outcome"],
+)
+CONFIRMATIONS = Counter(
+    "reminders_confirmations_total", "Keypad answers recorded on appointments (confirmed, declined)", ["answer"]
+)

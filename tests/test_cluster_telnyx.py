@@ -62,7 +62,8 @@ def test_leader_sigkilled_mid_dial_every_message_spoken_once(etcd_endpoint: str,
               f"429={sum(r['status'] == 429 for r in requests)} calls={len(calls)} extra calls={extra} "
               f"in flight at kill={len(in_flight)} statuses={dict(Counter(c['status'] for c in calls))}")
         assert heard == Counter({reminder_id: 1 for reminder_id in ids})  # every message spoken, once
-        assert all(len(c["heard"]) <= 1 for c in calls)
+        # the message once at most per call (then the keypad question again and goodbye: nobody presses)
+        assert all(sum(words.startswith("Hello") for words in c["heard"]) <= 1 for c in calls)
         assert sum(1 for c in calls if c["heard"]) == REMINDERS  # no extra call heard a word
         assert 0 <= extra <= MAX_EXTRA_CALLS
         rows = {r["id"]: r for r in cluster.reminders()}

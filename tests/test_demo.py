@@ -18,6 +18,7 @@ import subprocess
 import sys
 import termios
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -345,3 +346,15 @@ def test_without_a_terminal_there_are_no_keys() -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_twilio_mode_shows_outcomes_and_keypad_answers() -> None:
+    from harness.demo import TWILIO_CALLEES, outcome_line  # noqa: PLC0415
+
+    assert outcome_line(Counter()) == "outcomes none yet | keypad none yet"
+    line = outcome_line(Counter({"answered": 4, "voicemail": 1, "no_answer": 1, "confirmed": 3, "declined": 1}))
+    assert line == "outcomes answered 4 · voicemail 1 · no_answer 1 | keypad confirmed 3 · declined 1"
+    behaviours = {script["behaviour"] for script, _ in TWILIO_CALLEES.values()}
+    assert behaviours == {"answer", "machine", "no-answer", "busy"}  # every flow of the outcomes issue
+    presses = [script.get("digits") for script, _ in TWILIO_CALLEES.values()]
+    assert "1" in presses and "2" in presses and None in presses and ["9", "1"] in presses

@@ -83,10 +83,55 @@ def test_serve_refuses_an_out_of_date_postgres_schema(postgres_url: str) -> None
      ("MISFIRE_GRACE", "-3"), ("DATABASE_URL", "mysql://x"), ("ETCD_ENDPOINTS", "no port"),
      ("DISPATCH_CONCURRENCY", "0"), ("CALLS_PER_SECOND", "-1"), ("LOG_FORMAT", "xml"), ("TELEPHONY_URL", "ftp://x"),
      ("TELEPHONY_PROVIDER", "twilio"), ("TELEPHONY_PROVIDER", "vonage"), ("PUBLIC_URL", "reminders.example.com"),
-     ("RECONCILE_GRACE", "-5"), ("TWILIO_API_URL", "api.twilio.com")],
+     ("RECONCILE_GRACE", "-5"), ("TWILIO_API_URL", "api.twilio.com"), ("NO_ANSWER_RETRIES", "-1"),
+     ("NO_ANSWER_RETRY_DELAY", "0"), ("DEFAULT_LANGUAGE", "klingon!"), ("DEFAULT_LANGUAGE", "de-DE"),
+     ("MESSAGE_TEMPLATES", '{"en-US": "Hi {nam}"}'), ("MESSAGE_TEMPLATES", "/no/such/templates.json")],
 )
 def test_bad_settings_stop_with_one_line(variable: str, value: str) -> None:
     result = run_cli("serve", env={variable: value})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and variable in lines[0], result.stderr
+
+
+OUTCOME_COLUMNS = {"appointments": {"language", "confirmation"}, "reminders": {"wording", "no_answer_retries"}}
+
+
+async def columns(db: Database, table: str) -> set[str]:
+    async with db.engine.connect() as connection:
+        return {c["name"] for c in await connection.run_sync(lambda c: inspect(c).get_columns(table))}
+
+
+async def test_outcomes_migration_keeps_rows_and_steps_down_and_up(database_url: str) -> None:
+    from sqlalchemy import text  # noqa: PLC0415
+
+    db = Database(database_url)
+    try:
+        await db.upgrade()
+        await db.downgrade("0002")
+        for table, names in OUTCOME_COLUMNS.items():
+            assert not names & await columns(db, table)
+        async with db.engine.begin() as connection:  # a row written before the revision
+            await connection.execute(text(
+                "INSERT INTO appointments (id, customer_name, phone, starts_at, timezone, status, created_at, "
+                "updated_at) VALUES ('a1', 'Ann', '+14155552671', '2030-01-01 09:00:00', 'UTC', 'scheduled', "
+                "'2029-12-01 09:00:00', '2029-12-01 09:00:00')"))
+            await connection.execute(text(
+                "INSERT INTO reminders (id, appointment_id, due_at, status, attempts, next_attempt_at, "
+                "idempotency_key, created_at, updated_at) VALUES ('r1', 'a1', '2029-12-31 09:00:00', 'pending', 0, "
+                "'2029-12-31 09:00:00', 'reminder-r1', '2029-12-01 09:00:00', '2029-12-01 09:00:00')"))
+        await db.upgrade()
+        await db.check_schema()
+        for table, names in OUTCOME_COLUMNS.items():
+            assert names <= await columns(db, table)
+        async with db.engine.connect() as connection:
+            appointment = (await connection.execute(text("SELECT language, confirmation FROM appointments"))).one()
+            reminder = (await connection.execute(text("SELECT wording, no_answer_retries FROM reminders"))).one()
+        assert tuple(appointment) == ("en-US", None) and tuple(reminder) == (None, 0)
+        await db.downgrade("0002")
+        for table, names in OUTCOME_COLUMNS.items():
+            assert not names & await columns(db, table)
+        await db.upgrade()
+        await db.check_schema()
+    finally:
+        await db.dispose()

@@ -191,8 +191,8 @@ def test_every_panel_query_names_an_exported_metric(panel: dict[str, Any]) -> No
 
 
 def test_dashboard_shows_every_service_metric() -> None:
-    """Each metric of service/metrics.py has a panel (the issue's list; confirmations have no
-    metric yet and so no panel)."""
+    """Each metric of service/metrics.py has a panel (the issue's list, and the call outcomes and
+    keypad answers of the outcomes issue)."""
     used = {name for _, expr in _queries() for name, _ in _selectors(expr)}
     for metric in _service_metrics():
         samples = {n for n in EXPORTED if n.startswith(metric._name)}  # noqa: SLF001

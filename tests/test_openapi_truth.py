@@ -30,6 +30,7 @@ INEXPRESSIBLE = {
     "an IANA zone that exists": re.compile(r"unknown IANA time zone"),
     "reminders before the appointment's start": re.compile(r"must be before starts_at"),
     "a cursor this service issued": re.compile(r"malformed cursor"),
+    "a language with a message template (MESSAGE_TEMPLATES)": re.compile(r"unknown language|no message template"),
 }
 
 

@@ -132,7 +132,9 @@ async def test_commands_wire_format(respx_mock: respx.MockRouter) -> None:
         "payload": "Hello", "payload_type": "text", "voice": "female", "language": "en-US",
         "command_id": "speak-a-1", "client_state": stamp.encode()}
     assert json.loads(hangup.calls.last.request.content) == {"command_id": "h-1"}
-    assert json.loads(gather.calls.last.request.content)["valid_digits"] == "12"
+    gathered = json.loads(gather.calls.last.request.content)
+    assert gathered["valid_digits"] == "0123456789*#" and gathered["maximum_digits"] == 1  # any key: 1, 2 or "again"
+    assert gathered["client_state"] == stamp.encode()
 
 
 async def test_speak_to_an_ended_call_is_done_and_other_refusals_are_not(respx_mock: respx.MockRouter) -> None:

@@ -22,7 +22,7 @@ from service.config import Settings
 from service.db import CallAttempt, Database, Reminder
 from service.dispatch.dispatcher import Dispatcher, _wording
 from service.dispatch.speech import SpeechSweep
-from service.fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, sign
+from service.fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, CalleeScript, sign
 from service.telephony.provider import CallSpec, Stamp
 from service.telephony.telnyx import TelnyxProvider
 from tests.support.telnyx_rig import FROM, TelnyxRig, make_telnyx_rig
@@ -30,6 +30,8 @@ from tests.support.twilio_rig import Rig
 from tests.test_dispatch import FakeTerm, config, lead_until, seed
 
 pytestmark = pytest.mark.anyio
+
+PROMPT = "Press 1 to confirm, press 2 to cancel."
 
 PHONE = "+14155552671"
 
@@ -92,9 +94,12 @@ async def test_the_bound_call_speaks_once_then_hangs_up(db: Database, rig: Telny
     call_id = await place(rig, reminder_id, attempt_id)
     await eventually(over(rig, call_id))
     call = rig.fake.calls[call_id]
-    assert len(call.heard) == 1 and call.heard[0].startswith("Hello Ann Example")
-    assert call.commands == ["speak", "hangup"]  # spoken, then ended by us
-    assert call.events == ["call.initiated", "call.answered", "call.speak.started", "call.speak.ended", "call.hangup"]
+    # the message with the keypad question; no key: the question once more, then goodbye; ended by us
+    assert call.heard[0].startswith("Hello Ann Example") and call.heard[0].endswith(PROMPT)
+    assert call.heard[1:] == [PROMPT, "Thank you. Goodbye."]
+    assert call.commands == ["gather_using_speak", "gather_using_speak", "speak", "hangup"]
+    assert call.events == ["call.initiated", "call.answered", "call.gather.ended", "call.gather.ended",
+                           "call.speak.started", "call.speak.ended", "call.hangup"]
     row = await reminder_row(db, reminder_id)
     assert (row.outcome, row.bound_call_id, row.bound_attempt_id) == ("answered", call_id, attempt_id)
     attempt = (await attempt_rows(db))[attempt_id]
@@ -121,6 +126,7 @@ async def test_only_the_first_answered_call_speaks(db: Database, rig: TelnyxRig)
 
 async def test_a_redelivered_answer_is_not_spoken_twice(db: Database, rig: TelnyxRig) -> None:
     reminder_id, (attempt_id,) = await seeded(rig)
+    rig.fake.callees["+14155552671"] = CalleeScript("answer", digits="1")
     rig.fake.controls.speak_ms = 300.0  # still speaking when the answer comes again
     call_id = await place(rig, reminder_id, attempt_id)
     call = rig.fake.calls[call_id]
@@ -130,11 +136,28 @@ async def test_a_redelivered_answer_is_not_spoken_twice(db: Database, rig: Telny
                     "call_control_id": call_id, "client_state": Stamp(reminder_id, attempt_id).encode()}}
     assert await rig.fake._post_event(call.webhook_url, answered)  # noqa: SLF001 - Telnyx's redelivery
     await eventually(over(rig, call_id))
-    assert call.commands.count("speak") == 2 and len(call.heard) == 1  # sent again, deduped by command_id
+    assert call.commands.count("gather_using_speak") == 2  # sent again, deduped by command_id
+    assert len(call.heard) == 2 and call.heard[1].startswith("Thank you, your appointment is confirmed")
 
 
 async def _async(value: bool) -> bool:
     return value
+
+
+def _greeting_fails_once(rig: TelnyxRig) -> dict[str, int]:
+    """The first greeting command (the message with the keypad question) is not accepted; the
+    returned {"left": n} counts the refusals still to come."""
+    real_gather = rig.provider.gather_using_speak
+    refusals = {"left": 1}
+
+    async def gather_failing_once(*args: object, **kwargs: object) -> bool:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            return False
+        return await real_gather(*args, **kwargs)  # type: ignore[arg-type]
+
+    rig.provider.gather_using_speak = gather_failing_once  # type: ignore[method-assign]
+    return refusals
 
 
 async def test_forged_stale_and_unsigned_events_are_refused_and_change_nothing(db: Database, rig: TelnyxRig) -> None:
@@ -164,20 +187,11 @@ async def test_forged_stale_and_unsigned_events_are_refused_and_change_nothing(d
 async def test_the_sweep_speaks_a_bound_call_that_never_spoke(db: Database) -> None:
     rig = make_telnyx_rig(db)
     rig.fake._webhook_tries = 1  # noqa: SLF001 - Telnyx gave up redelivering
-    refusals = {"left": 1}
-    real_speak = rig.provider.speak
-
-    async def speak_failing_once(*args: object, **kwargs: object) -> bool:
-        if refusals["left"]:
-            refusals["left"] -= 1
-            return False
-        return await real_speak(*args, **kwargs)  # type: ignore[arg-type]
-
-    rig.provider.speak = speak_failing_once  # type: ignore[method-assign]
+    refusals = _greeting_fails_once(rig)
     try:
         reminder_id, (attempt_id,) = await seeded(rig)
         call_id = await place(rig, reminder_id, attempt_id)
-        await eventually(lambda: _async(refusals["left"] == 0))  # bound, and its speak refused
+        await eventually(lambda: _async(refusals["left"] == 0))  # bound, and its greeting refused
         sweep = SpeechSweep(db, rig.provider, wording=_wording, confirm_after=timedelta(seconds=5))
         assert await sweep.once(datetime.now(UTC)) == 0  # too early: the answer may still be speaking
         assert rig.fake.calls[call_id].heard == []
@@ -260,16 +274,7 @@ async def test_a_bound_call_that_ends_unheard_is_released_and_called_again(db: D
     rig = make_telnyx_rig(db)
     rig.fake._webhook_tries = 1  # noqa: SLF001 - Telnyx gave up redelivering
     rig.fake.controls.patience_ms = 100.0  # the callee hangs up in the silence
-    real_speak = rig.provider.speak
-    refusals = {"left": 1}
-
-    async def speak_failing_once(*args: object, **kwargs: object) -> bool:
-        if refusals["left"]:
-            refusals["left"] -= 1
-            return False
-        return await real_speak(*args, **kwargs)  # type: ignore[arg-type]
-
-    rig.provider.speak = speak_failing_once  # type: ignore[method-assign]
+    _greeting_fails_once(rig)
     try:
         (reminder_id,) = await seed(db, 1)
         term = FakeTerm(1)
@@ -288,7 +293,7 @@ async def test_a_bound_call_that_ends_unheard_is_released_and_called_again(db: D
         await eventually(over(rig, *rig.fake.calls))
         first, second = sorted(rig.fake.calls.values(), key=lambda c: c.created)
         assert first.heard == [] and first.status == "completed"  # bound, then the callee hung up in silence
-        assert len(second.heard) == 1  # the new call spoke
+        assert second.heard[0].startswith("Hello")  # the new call spoke
         row = (await _rows(db))[0]
         assert row.status == "sent" and row.bound_call_id == second.call_id
         released = (await attempt_rows(db))[Stamp.decode(first.client_state).attempt_id]  # type: ignore[union-attr]

@@ -26,7 +26,7 @@ from service.api.schemas import (
 )
 from service.appointments import AppointmentView
 from service.db import Database
-from service.db.models import AppointmentStatus
+from service.db.models import AppointmentStatus, Confirmation
 from service.reminders import PlanningConfig
 
 __all__ = ["router"]
@@ -146,6 +146,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 async def list_appointments(
     request: Request,
     status_: Annotated[AppointmentStatus | None, Query(alias="status")] = None,
+    confirmation: Annotated[Confirmation | None, Query(description="The customer's keypad answer")] = None,
     starts_after: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     starts_before: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -153,7 +154,8 @@ async def list_appointments(
 ) -> Response:
     """Appointments ordered by start time, a page at a time."""
     page = await appointments.list_page(
-        _db(request), limit=limit, status=status_, starts_after=starts_after, starts_before=starts_before,
+        _db(request), limit=limit, status=status_, confirmation=confirmation, starts_after=starts_after,
+        starts_before=starts_before,
         after=_decode_cursor(cursor) if cursor is not None else None,
     )
     return _answer(_PAGE, {"items": page.items, "next_cursor": _encode_cursor(page.items[-1]) if page.more else None})

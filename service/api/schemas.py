@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from service.db.models import AppointmentStatus
 from service.privacy import E164_PATTERN
-from service.reminders import ReminderOutcome, ReminderStatus
+from service.reminders import Confirmation, ReminderOutcome, ReminderStatus, normalize_language
 
 __all__ = [
     "AppointmentCreate",
@@ -90,8 +90,16 @@ Phone = Annotated[
 TimeZoneName = Annotated[
     StrictStr, Field(min_length=1, max_length=64, examples=["Europe/Berlin"]), AfterValidator(_valid_zone)
 ]
-CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
-Notes = Annotated[StrictStr, Field(max_length=2000), AfterValidator(_no_nul)]
+# No NUL, said in the OpenAPI too (a pattern), so that a schema-valid text is never refused.
+_NO_NUL = r"^[^\x00]*$"
+CustomerName = Annotated[StrictStr, Field(min_length=1, max_length=200, pattern=_NO_NUL), AfterValidator(_no_nul)]
+Notes = Annotated[StrictStr, Field(max_length=2000, pattern=_NO_NUL), AfterValidator(_no_nul)]
+Language = Annotated[
+    StrictStr,
+    Field(min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", examples=["en-US", "de-DE"],
+          description="BCP 47 tag of the calls' language; needs a message template (MESSAGE_TEMPLATES)"),
+    AfterValidator(normalize_language),
+]
 RemindAt = Annotated[list[FutureDatetime], Field(min_length=1, max_length=MAX_REMINDERS)]
 
 
@@ -106,6 +114,7 @@ class AppointmentCreate(BaseModel):
     remind_at: RemindAt | None = Field(
         default=None, description="Explicit reminder times; when absent the REMINDER_OFFSETS policy applies."
     )
+    language: Language | None = Field(default=None, description="When absent: DEFAULT_LANGUAGE.")
 
 
 def _not_nullable_in_schema(*names: str) -> Any:
@@ -131,19 +140,20 @@ class AppointmentPatch(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra=_not_nullable_in_schema("customer_name", "phone", "starts_at", "timezone"),
+        json_schema_extra=_not_nullable_in_schema("customer_name", "phone", "starts_at", "timezone", "language"),
     )
 
-    # Absent means "unchanged"; null is refused (422) for these four, and the OpenAPI says so
+    # Absent means "unchanged"; null is refused (422) for these five, and the OpenAPI says so
     # (json_schema_extra above): typed `| None` only so that absence can default.
     customer_name: CustomerName | None = None
     phone: Phone | None = None
     starts_at: FutureDatetime | None = None
     timezone: TimeZoneName | None = None
+    language: Language | None = None
     notes: Notes | None = None
     remind_at: RemindAt | None = None
 
-    @field_validator("customer_name", "phone", "starts_at", "timezone", mode="before")
+    @field_validator("customer_name", "phone", "starts_at", "timezone", "language", mode="before")
     @classmethod
     def _not_null(cls, value: Any) -> Any:
         if value is None:
@@ -161,7 +171,9 @@ class ReminderOut(BaseModel):
     sent_at: datetime | None
     provider_call_id: str | None
     outcome: ReminderOutcome | None = Field(
-        default=None, description="Real providers: what the call achieved (`answered`); null until known, and for `generic`."
+        default=None,
+        description="Real providers: what the reminder's call achieved (`answered`, `voicemail`, `no_answer`, `busy`, "
+                    "`failed`); null until known, and for `generic`.",
     )
     answered_at: datetime | None = Field(default=None, description="When the reminder's bound call was answered.")
 
@@ -179,6 +191,11 @@ class AppointmentOut(BaseModel):
     timezone: str
     notes: str | None
     status: AppointmentStatus
+    language: str = Field(description="BCP 47 tag of the calls' language.")
+    confirmation: Confirmation | None = Field(
+        description="The customer's keypad answer: `confirmed` (1), `declined` (2: the appointment is then "
+                    "cancelled); null until one is given."
+    )
     remind_at: list[datetime] | None
     reminders: list[ReminderOut]
     unplanned: list[UnplannedOut] = Field(

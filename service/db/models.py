@@ -9,11 +9,13 @@ from enum import StrEnum
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from service.reminders.attempts import AttemptState, ReminderOutcome
+from service.reminders.attempts import AttemptState
+from service.reminders.outcomes import Confirmation, ReminderOutcome
+from service.reminders.wording import DEFAULT_LANGUAGE
 from service.reminders.lifecycle import ReminderStatus
 
 __all__ = [
-    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "LeaderFence", "Reminder",
+    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "Confirmation", "LeaderFence", "Reminder",
     "ReminderOutcome", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
 ]
 
@@ -67,6 +69,9 @@ class Appointment(Base):
     # The explicit reminder times asked for (ISO strings), or NULL when the offsets policy applies.
     remind_at: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default=AppointmentStatus.SCHEDULED)
+    # BCP 47 tag of the calls' words; the customer's keypad answer (null, confirmed, declined)
+    language: Mapped[str] = mapped_column(String(35), default=DEFAULT_LANGUAGE, server_default=DEFAULT_LANGUAGE)
+    confirmation: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -101,6 +106,10 @@ class Reminder(Base):
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     bound_attempt_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     bound_call_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # The words of its calls, rendered when it was planned (`Wording` as JSON; null for reminders
+    # planned before wording was stored), and how many no-answer retries it has had.
+    wording: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    no_answer_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 

@@ -41,7 +41,7 @@ from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DO
 from service.dispatch.attempts import StampedCalls, StampedConfig
 from service.dispatch.speech import SpeechSweep
 from service.reminders.attempts import RECHECK
-from service.reminders import CallWindow, ReminderStatus, call_message, decide_call
+from service.reminders import CallWindow, ReminderStatus, Wording, call_message, decide_call
 from service.privacy import strip_control
 from service.telephony import TelephonyClient
 from service.telephony.client import usable_call_id
@@ -111,12 +111,18 @@ class DispatchConfig:
 
 
 def message_for(claim: Claim) -> str:
-    """The words of the call for a claimed reminder (the wording is the domain's)."""
+    """The words of the call for a claimed reminder: fixed when it was planned (the domain's
+    wording); reminders planned before wording was stored are worded as they were then."""
+    if claim.wording:
+        return Wording.from_json(claim.wording).message
     return call_message(claim.customer_name, claim.starts_at, claim.timezone)
 
 
 def _wording(row: object) -> str:
-    """The words for a row with `customer_name`, `starts_at`, `timezone` (the speech sweep's)."""
+    """The message for a row with `wording` (fixed at planning), or for a reminder planned before
+    with `customer_name`, `starts_at`, `timezone` (the speech sweep's)."""
+    if getattr(row, "wording", None):
+        return Wording.from_json(row.wording).message  # type: ignore[attr-defined]
     return call_message(row.customer_name, row.starts_at, row.timezone)  # type: ignore[attr-defined]
 
 

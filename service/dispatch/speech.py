@@ -56,7 +56,7 @@ class SpeechSweep:
         """Bound calls answered at least `confirm_after` ago whose speech never started."""
         async with self.db.session() as session:
             rows = await session.execute(
-                select(CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id,
+                select(CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id, Reminder.wording,
                        Appointment.customer_name, Appointment.starts_at, Appointment.timezone)
                 .join(Reminder, Reminder.bound_attempt_id == CallAttempt.id)
                 .join(Appointment, Appointment.id == Reminder.appointment_id)

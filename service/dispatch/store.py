@@ -74,6 +74,7 @@ class Claim:
     starts_at: datetime
     timezone: str
     appointment_cancelled: bool
+    wording: Mapping[str, str] | None = None  # the words fixed when the reminder was planned
 
 
 _REMINDERS = Reminder.__table__
@@ -114,6 +115,7 @@ def _claim_of(row: Row) -> Claim:
         starts_at=row.starts_at,
         timezone=row.timezone,
         appointment_cancelled=row.appointment_status != "scheduled",
+        wording=row.wording,
     )
 
 
@@ -215,6 +217,7 @@ class ReminderStore:
                         Reminder.idempotency_key,
                         Reminder.due_at,
                         Reminder.attempts,
+                        Reminder.wording,
                         Appointment.phone,
                         Appointment.customer_name,
                         Appointment.starts_at,

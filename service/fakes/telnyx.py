@@ -6,7 +6,9 @@
   the same Dial is a second call. Over `calls_per_second` in a one-second window: 429 with error
   code 90103, nothing created. Optional injected 429 and 500 *after* creating the call (in doubt).
 - Each call: `call.initiated`, ringing, then the scripted callee of the number acts (`answer`,
-  `machine`, `no-answer`, `busy`, optionally pressing `digits`): `call.answered` and the call waits
+  `machine`, `no-answer`, `busy`, optionally pressing `digits`, per gather when a list):
+  `call.answered` (then `call.machine.detection.ended` when the Dial asked for
+  `answering_machine_detection`: `machine` or `human`) and the call waits
   for commands; a callee left in silence hangs up after `patience_ms`. Every event is signed with
   Ed25519 over `"{timestamp}|{body}"` (a fixed test key pair unless given another), carries the
   call's `client_state`, and is delivered in order per call, again until acknowledged (2xx); an
@@ -98,6 +100,9 @@ class _Call:
     status: str = "initiated"  # initiated, ringing, in-progress, then one of _ENDED
     heard: list[str] = field(default_factory=list)
     digits: list[str] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)  # the `language` of each speech heard
+    gathers: int = 0
+    machine_detection: bool = False
     commands: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     seen_commands: dict[str, float] = field(default_factory=dict)
@@ -116,7 +121,8 @@ class _Call:
         return {"sid": self.call_id, "call_control_id": self.call_id, "to": self.to, "from": self.from_,
                 "status": self.status, "placed_by": self.placed_by, "created": self.created.isoformat(),
                 "stamp": {"r": stamp.reminder_id, "a": stamp.attempt_id} if stamp else {},
-                "heard": list(self.heard), "digits": list(self.digits), "commands": list(self.commands),
+                "heard": list(self.heard), "digits": list(self.digits), "languages": list(self.languages),
+                "commands": list(self.commands),
                 "events": list(self.events)}
 
 
@@ -191,6 +197,9 @@ class FakeTelnyx:
             call.status = "in-progress"
             call.quiet_since = time.monotonic()
             self._emit(call, "call.answered", {"state": "answered", "start_time": _now()})
+            if call.machine_detection:  # Telnyx's AMD ("detect") reports after the answer
+                result = "machine" if script.behaviour == "machine" else "human"
+                self._emit(call, "call.machine.detection.ended", {"result": result})
             while call.alive:  # the callee waits for words, and hangs up after a silence
                 if await self._ended_within(call, 0.05):
                     return
@@ -215,7 +224,8 @@ class FakeTelnyx:
         self._emit(call, "call.hangup", {"state": "hangup", "hangup_cause": cause, "hangup_source": source,
                                          "end_time": _now()})
 
-    async def _speak(self, call: _Call, payload: str, gather: bool, script: CalleeScript) -> None:
+    async def _speak(self, call: _Call, payload: str, gather: bool, script: CalleeScript,
+                     language: str | None = None) -> None:
         async with call.speech:  # Telnyx queues speech commands: one after the other
             if not call.alive:
                 return
@@ -225,11 +235,13 @@ class FakeTelnyx:
                 if not gather:
                     self._emit(call, "call.speak.started", {})
                 call.heard.append(payload)
+                call.languages.append(language or "")
                 interrupted = await self._ended_within(call, self.controls.speak_ms / 1000)
                 if gather:
                     if interrupted:
                         return
-                    digits = script.digits or ""
+                    digits = script.press(call.gathers) or ""
+                    call.gathers += 1
                     if digits:
                         call.digits.append(digits)
                     self._emit(call, f"{kind}.ended", {"digits": digits, "status": "valid" if digits else "timeout"})
@@ -341,7 +353,9 @@ class FakeTelnyx:
         call = _Call(call_id="v3:" + base64.urlsafe_b64encode(self._rng.randbytes(24)).decode().rstrip("="),
                      leg_id=str(uuid.uuid4()), session_id=str(uuid.uuid4()), to=to, from_=from_, webhook_url=url,
                      client_state=state if isinstance(state, str) else None, created=datetime.now(UTC),
-                     placed_by=entry["placed_by"])
+                     placed_by=entry["placed_by"],
+                     machine_detection=body.get("answering_machine_detection") in ("detect", "detect_beep",
+                                                                                   "detect_words", "greeting_end"))
         self.calls[call.call_id] = call
         self._spawn(self._run_call(call), f"fake-telnyx-{call.call_id}")
         self._spawn(self._deliver(call), f"fake-telnyx-events-{call.call_id}")
@@ -392,7 +406,9 @@ class FakeTelnyx:
             return _errors(422, "10015", "payload is required")
         script = self.callees.get(call.to, CalleeScript())
         call.quiet_since = time.monotonic()
-        self._spawn(self._speak(call, payload, action == "gather_using_speak", script), f"fake-telnyx-speak-{call.call_id}")
+        language = body.get("language") if isinstance(body.get("language"), str) else None
+        self._spawn(self._speak(call, payload, action == "gather_using_speak", script, language),
+                    f"fake-telnyx-speak-{call.call_id}")
         return JSONResponse({"data": {"result": "ok"}})
 
     async def _active_calls(self, request: Request) -> JSONResponse:

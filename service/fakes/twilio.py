@@ -60,11 +60,23 @@ class CalleeScript:
     """What the person (or machine) at a number does when called."""
 
     behaviour: str = "answer"
-    digits: str | None = None  # pressed when a <Gather> asks
+    # pressed when a <Gather> asks: a string at every one; a list, the n-th entry at the n-th one
+    # ("" or past its end: nothing pressed, the <Gather> times out)
+    digits: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.behaviour not in _BEHAVIOURS:
             raise ValueError(f"behaviour must be one of {_BEHAVIOURS}")
+        if self.digits is not None and not isinstance(self.digits, str | list):
+            raise ValueError("digits must be a string or a list of strings")
+
+    def press(self, gather: int) -> str | None:
+        """The keys pressed at the `gather`-th <Gather> of a call (0-based), if any."""
+        if isinstance(self.digits, list):
+            keys = self.digits[gather] if gather < len(self.digits) else None
+        else:
+            keys = self.digits
+        return keys or None
 
 
 @dataclass
@@ -93,6 +105,7 @@ class _Call:
     twiml: list[str] = field(default_factory=list)
     answered_by: str | None = None
     digits: list[str] = field(default_factory=list)
+    gathers: int = 0
     hang_up: asyncio.Event = field(default_factory=asyncio.Event)
     start_time: datetime | None = None
     end_time: datetime | None = None
@@ -258,10 +271,12 @@ class FakeTwilio:
                 for inner in verb:
                     if inner.tag == "Say":
                         call.heard.append(inner.text or "")
-                if script.digits:
-                    call.digits.append(script.digits)
+                keys = script.press(call.gathers)
+                call.gathers += 1
+                if keys:
+                    call.digits.append(keys)
                     action = verb.get("action") or url
-                    await self._follow(call, action, script, {"Digits": script.digits}, depth + 1)
+                    await self._follow(call, action, script, {"Digits": keys}, depth + 1)
                     return
             elif verb.tag == "Redirect" and verb.text:
                 await self._follow(call, verb.text.strip(), script, {}, depth + 1)

@@ -2,10 +2,22 @@
 which numbers may be called; for real providers the attempt states, the outcome and the
 reconciliation of attempts in doubt.
 
-Pure: no database session, no HTTP. The API and the dispatcher both import it; neither owns it.
+The outcome of a real provider's call, the keypad answer, the no-answer retry (`outcomes.py`) and
+the words of the call per language (`wording.py`) live here too. Pure: no database session, no HTTP. The API and the dispatcher both import it; neither owns it.
 """
 
-from service.reminders.attempts import AttemptState, ReminderOutcome, reconcile
+from service.reminders.attempts import AttemptState, reconcile
+from service.reminders.outcomes import (
+    Confirmation,
+    NoAnswerPolicy,
+    ReminderOutcome,
+    advances,
+    is_machine,
+    keypad_answer,
+    outcome_of_final,
+    retry_time,
+)
+from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, Wording, normalize_language
 from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
 from service.reminders.numbers import NumberPolicy, number_refusal
 from service.reminders.lifecycle import (
@@ -29,8 +41,19 @@ from service.reminders.rules import ALWAYS, CallWindow, ReminderOffset, parse_du
 
 __all__ = [
     "AttemptState",
+    "Confirmation",
+    "DEFAULT_LANGUAGE",
+    "MessageTemplates",
+    "NoAnswerPolicy",
     "ReminderOutcome",
+    "Wording",
+    "advances",
+    "is_machine",
+    "keypad_answer",
+    "normalize_language",
+    "outcome_of_final",
     "reconcile",
+    "retry_time",
     "ALWAYS",
     "REPLAN_FIELDS",
     "TERMINAL",

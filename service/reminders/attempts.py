@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from service.reminders.outcomes import FINAL_CALL_STATES, ReminderOutcome
+
 __all__ = [
     "CLOCK_SKEW",
     "RECHECK",
@@ -29,8 +31,6 @@ __all__ = [
 CLOCK_SKEW = timedelta(seconds=60)
 # How soon an unresolved attempt is looked at again (its webhooks may settle it meanwhile).
 RECHECK = timedelta(seconds=2)
-# A call in one of these states is over.
-FINAL_CALL_STATES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 
 
 class AttemptState(StrEnum):
@@ -38,12 +38,6 @@ class AttemptState(StrEnum):
     CREATED = "created"  # the provider accepted it
     NOT_CREATED = "not_created"  # certainly no call: refused, never sent, or reconciled as never made
     IN_DOUBT = "in_doubt"  # the create's result is unknown: reconciled before any new attempt
-
-
-class ReminderOutcome(StrEnum):
-    """What a real provider's call of the reminder achieved (null until known)."""
-
-    ANSWERED = "answered"
 
 
 @dataclass(frozen=True)

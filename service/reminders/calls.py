@@ -11,7 +11,7 @@ __all__ = ["REPLAN_FIELDS", "call_message", "idempotency_key"]
 
 # Fields a call is made of (who, to which number, what it says, when): changing one re-plans the
 # pending reminders under new keys, so that a key always stands for one and the same request body.
-REPLAN_FIELDS = frozenset({"customer_name", "phone", "starts_at", "timezone", "remind_at"})
+REPLAN_FIELDS = frozenset({"customer_name", "phone", "starts_at", "timezone", "remind_at", "language"})
 
 _KEY_PREFIX = "reminder-"
 

@@ -7,24 +7,27 @@ so a day with a DST change has its real length.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from service.reminders.numbers import NumberPolicy
 from service.reminders.rules import CallWindow, ReminderOffset
+from service.reminders.wording import MessageTemplates
 
 __all__ = ["CallDecision", "Plan", "PlanningConfig", "Unplanned", "decide_call", "fit_call_window", "plan_reminders"]
 
 
 @dataclass(frozen=True)
 class PlanningConfig:
-    """What planning takes from the settings: the call window, the default offset rules, and
-    which numbers may be called at all."""
+    """What planning takes from the settings: the call window, the default offset rules, which
+    numbers may be called at all, and the message templates a reminder's wording is rendered from
+    when it is planned."""
 
     call_window: CallWindow
     offsets: tuple[ReminderOffset, ...]
     numbers: NumberPolicy = NumberPolicy()
+    templates: MessageTemplates = field(default_factory=lambda: MessageTemplates.parse(None))
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,13 @@ class Stamp:
         except (KeyError, ValueError, TypeError):
             return None
 
-    def encode(self) -> str:
-        """Base64 text (Telnyx `client_state`)."""
-        raw = json.dumps([self.reminder_id, self.attempt_id], separators=(",", ":")).encode()
+    def encode(self, round_: int | None = None) -> str:
+        """Base64 text (Telnyx `client_state`); `round_` > 1 rides along (which time the keypad
+        question is asked: Telnyx echoes it in the gather's events)."""
+        values: list[object] = [self.reminder_id, self.attempt_id]
+        if round_ is not None and round_ > 1:
+            values.append(round_)
+        raw = json.dumps(values, separators=(",", ":")).encode()
         return base64.b64encode(raw).decode()
 
     @classmethod
@@ -77,10 +81,22 @@ class Stamp:
         if not text:
             return None
         try:
-            reminder_id, attempt_id = json.loads(base64.b64decode(text, validate=True))
-            return cls(str(reminder_id), str(attempt_id))
+            values = json.loads(base64.b64decode(text, validate=True))
+            if not isinstance(values, list) or len(values) not in (2, 3):
+                return None
+            return cls(str(values[0]), str(values[1]))
         except (ValueError, TypeError, binascii.Error):
             return None
+
+    @staticmethod
+    def round_in(text: str | None) -> int:
+        """The keypad round `encode` put in `text` (1 when none)."""
+        try:
+            values = json.loads(base64.b64decode(text or "", validate=True))
+            round_ = values[2] if isinstance(values, list) and len(values) == 3 else 1
+            return round_ if isinstance(round_, int) and 1 <= round_ <= 9 else 1
+        except (ValueError, TypeError, binascii.Error):
+            return 1
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ __all__ = [
     "TelnyxEvent",
     "TelnyxProvider",
     "TelnyxSignature",
+    "gather_command_id",
     "hangup_command_id",
     "parse_event",
     "speak_command_id",
@@ -71,6 +72,11 @@ def speak_command_id(attempt_id: str) -> str:
 
 def hangup_command_id(attempt_id: str) -> str:
     return f"hangup-{attempt_id}"
+
+
+def gather_command_id(attempt_id: str, round_: int) -> str:
+    """The `command_id` of the keypad question on the bound call, asked the `round_`-th time."""
+    return f"gather-{round_}-{attempt_id}"
 
 
 class TelnyxSignature:
@@ -193,7 +199,8 @@ class TelnyxProvider:
         self._events_url = f"{public_url.rstrip('/')}{EVENTS_PATH}"
         self._timeout = timeout
         self._voice, self._language = voice, language
-        self._machine_detection = machine_detection
+        # Telnyx's answering machine detection: `call.machine.detection.ended` follows `call.answered`
+        self.machine_detection = machine_detection
         self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         if transport is None:
             limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
@@ -222,7 +229,7 @@ class TelnyxProvider:
             "client_state": spec.stamp.encode(),
             "command_id": spec.attempt_id,
         }
-        if self._machine_detection:
+        if self.machine_detection:
             body["answering_machine_detection"] = "detect"
         return body
 
@@ -287,21 +294,26 @@ class TelnyxProvider:
         except (httpx.HTTPError, TimeoutError, ValueError, AttributeError, TypeError) as error:
             raise ProviderUnavailable(f"listing active calls: {type(error).__name__}") from None
 
-    async def speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp) -> bool:
-        """`actions/speak`; True when Telnyx accepted the command (a deduped repeat counts) or the
-        call is already over (nothing more can be done for it: its hangup event follows)."""
+    async def speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp,
+                    language: str | None = None) -> bool:
+        """`actions/speak` (in `language`, default the provider's); True when Telnyx accepted the
+        command (a deduped repeat counts) or the call is already over (nothing more can be done
+        for it: its hangup event follows)."""
         return await self._command(call_id, "speak", {
-            "payload": message, "payload_type": "text", "voice": self._voice, "language": self._language,
+            "payload": message, "payload_type": "text", "voice": self._voice, "language": language or self._language,
             "command_id": command_id, "client_state": stamp.encode(),
         }, ended_is_done=True)
 
     async def gather_using_speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp,
-                                 valid_digits: str = "12", maximum_digits: int = 1) -> bool:
-        """`actions/gather_using_speak`: speak, then collect digits (`call.gather.ended`)."""
+                                 language: str | None = None, round_: int = 1, valid_digits: str = "0123456789*#",
+                                 maximum_digits: int = 1, timeout_millis: int = 8000) -> bool:
+        """`actions/gather_using_speak`: speak, then collect one key (`call.gather.ended`, whose
+        `client_state` carries `round_`). Any key is valid: 1 and 2 answer, another one gets the
+        question again, as no key does."""
         return await self._command(call_id, "gather_using_speak", {
-            "payload": message, "voice": self._voice, "language": self._language, "valid_digits": valid_digits,
-            "minimum_digits": 1, "maximum_digits": maximum_digits, "command_id": command_id,
-            "client_state": stamp.encode(),
+            "payload": message, "voice": self._voice, "language": language or self._language,
+            "valid_digits": valid_digits, "minimum_digits": 1, "maximum_digits": maximum_digits,
+            "timeout_millis": timeout_millis, "command_id": command_id, "client_state": stamp.encode(round_),
         })
 
     async def hang_up(self, call_id: str, *, command_id: str | None = None, stamp: Stamp | None = None) -> bool:

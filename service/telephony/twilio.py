@@ -37,6 +37,7 @@ __all__ = [
     "TwilioProvider",
     "TwilioSignature",
     "WEBHOOK_PATHS",
+    "gather_twiml",
     "hangup_twiml",
     "say_twiml",
 ]
@@ -301,6 +302,24 @@ def say_twiml(message: str, *, language: str | None = None) -> str:
     else:
         response.say(message)
     response.hangup()
+    return str(response)
+
+
+# How long <Gather> waits for the first digit after the words end.
+GATHER_TIMEOUT_SECONDS = 8
+
+
+def gather_twiml(text: str, *, language: str | None, action: str) -> str:
+    """TwiML that speaks `text` while listening for one key, posting it to `action`; with no key
+    pressed, Twilio goes on to the <Redirect>: the same `action` without `Digits`."""
+    response = VoiceResponse()
+    gather = response.gather(input="dtmf", num_digits=1, timeout=GATHER_TIMEOUT_SECONDS, action=action,
+                             method="POST")
+    if language:
+        gather.say(text, language=language)
+    else:
+        gather.say(text)
+    response.redirect(action, method="POST")
     return str(response)
 
 

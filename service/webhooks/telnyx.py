@@ -15,8 +15,13 @@ hangup follows); the leader's sweep (service.dispatch.speech) is the backstop. A
 call is hung up without a word. The bound call's outcome (`answered`) is recorded when its speech
 begins; one that ends before is released by the sweep for a new call.
 
-`HANDLERS` maps an event type to what it does; the keypad and machine-detection flows plug in
-there (`call.gather.ended`, `call.machine.detection.ended` are acknowledged and recorded today).
+`HANDLERS` maps an event type to what it does. Outcomes and the keypad: the Dial asks for machine
+detection; `call.machine.detection.ended` greets the bound call — a machine with the short
+voicemail (`speak`), a person with the message and the keypad question (`gather_using_speak`,
+one key). `call.gather.ended` applies the key of the bound call only (1 confirms, 2 declines);
+nothing usable asks the question once more (its round rides in `client_state`), then goodbye; the
+last words' `call.speak.ended` hangs up. `call.hangup`'s cause gives the final status (`timeout` →
+no-answer, `user_busy` → busy), from which the reminder's outcome and no-answer retry follow.
 
 The app provides `app.state.db`, `app.state.telnyx_signature` (`TelnyxSignature`) and
 `app.state.provider` (a `TelnyxProvider`, or anything with `speak`, `hang_up` and `cancel`).
@@ -31,13 +36,15 @@ from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
 
-from service.reminders import call_message
+from service.reminders import Confirmation, MessageTemplates, Wording, is_machine
+from service.telephony.provider import Stamp
 from service.telephony.telnyx import (
     EVENTS_PATH,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     TelnyxEvent,
     TelnyxSignature,
+    gather_command_id,
     hangup_command_id,
     parse_event,
     speak_command_id,
@@ -71,7 +78,7 @@ async def _record(request: Request, event: TelnyxEvent, background: BackgroundTa
     """Apply the event's status; hang up the call if its reminder is bound to another. Known?"""
     assert event.stamp is not None and event.call_id is not None
     result = await calls.record_event(request.app.state.db, event.stamp, event.call_id, status_, event.order,
-                                      datetime.now(UTC))
+                                      datetime.now(UTC), getattr(request.app.state, "no_answer_policy", None))
     if result.cancel:
         background.add_task(_hang_up_all, request, result.cancel)
     return result.known
@@ -84,8 +91,15 @@ async def _hang_up_all(request: Request, call_ids: list[str]) -> None:
         log.info("hung up call %s of a reminder bound to another call: %s", call_id, done)
 
 
-def _wording(row: Any) -> str:
-    return call_message(row.customer_name, row.starts_at, row.timezone)
+def _fallback(request: Request) -> calls.Fallback:
+    """The words for a reminder planned before wording was stored: rendered now, as then."""
+    templates: MessageTemplates = getattr(request.app.state, "templates", None) or MessageTemplates.parse(None)
+
+    def wording(row: Any) -> Wording:
+        language = row.language if templates.supports(row.language) else templates.default_language
+        return templates.render(language, row.customer_name, row.starts_at, row.timezone)
+
+    return wording
 
 
 async def initiated(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> Response | None:
@@ -94,28 +108,96 @@ async def initiated(request: Request, event: TelnyxEvent, background: Background
 
 
 async def answered(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> Response | None:
-    """Bind the call if its reminder has none (first answer wins); speak on the bound call, hang up
-    any other — both before the acknowledgement."""
+    """Bind the call if its reminder has none (first answer wins) and greet on the bound call —
+    once the machine detection said who answered, when it is on; hang up any other call. Both
+    before the acknowledgement."""
+    assert event.stamp is not None and event.call_id is not None
+    await _record(request, event, background, "in-progress")
+    # with machine detection, bound now (other calls hung up at once) and greeted when
+    # `call.machine.detection.ended` says who answered; should it never come, the sweep speaks
+    waiting = getattr(request.app.state.provider, "machine_detection", False)
+    return await _greet(request, event, background, machine=None if waiting else False)
+
+
+async def machine_detection_ended(request: Request, event: TelnyxEvent,
+                                  background: BackgroundTasks) -> Response | None:
+    """Who answered: a machine gets the short voicemail, a person (or `not_sure`) the message and
+    the keypad question. It may come before `call.answered` is applied: it binds the call too."""
+    assert event.stamp is not None and event.call_id is not None
+    await _record(request, event, background, None)
+    return await _greet(request, event, background, machine=is_machine(str(event.payload.get("result"))))
+
+
+async def _greet(request: Request, event: TelnyxEvent, background: BackgroundTasks,
+                 *, machine: bool | None) -> Response | None:
+    """The bound call's first words: the voicemail (a machine), or the message with the keypad
+    question (`gather_using_speak`); `machine` None: bind only, who answered is not known yet. Any
+    other call of the reminder is hung up without a word."""
     assert event.stamp is not None and event.call_id is not None
     provider: Any = request.app.state.provider
-    await _record(request, event, background, "in-progress")
-    # bound without an outcome: `answered` comes with the speech (mark_heard), and a bound call
-    # that ends before its message is released by the leader's sweep for a new call
-    result = await calls.answer(request.app.state.db, event.stamp, event.call_id, datetime.now(UTC), _wording,
-                                outcome=None)
+    db, stamp, call_id = request.app.state.db, event.stamp, event.call_id
+    # bound without an outcome: it comes with the speech (mark_heard), and a bound call that ends
+    # before its message is released by the leader's sweep for a new call
+    result = await calls.answer(db, stamp, call_id, datetime.now(UTC), fallback=_fallback(request),
+                                heard_later=True)
     if result.cancel:
         background.add_task(_hang_up_all, request, result.cancel)
-    if not result.speak:
-        log.info("call %s answered, reminder %s is bound to another call (or unknown): hang up", event.call_id,
-                 event.stamp.reminder_id)
-        done = await provider.hang_up(event.call_id, command_id=hangup_command_id(event.stamp.attempt_id),
-                                      stamp=event.stamp)
+    if result.over:
+        return None  # a late answer of a call already over: nothing to say, nothing to end
+    if not result.speak or result.wording is None:
+        log.info("call %s answered, reminder %s is bound to another call (or unknown): hang up", call_id,
+                 stamp.reminder_id)
+        done = await provider.hang_up(call_id, command_id=hangup_command_id(stamp.attempt_id), stamp=stamp)
         return None if done else _retry_later("hangup")
     if result.newly_bound:
-        log.info("reminder %s bound to call %s (attempt %s)", event.stamp.reminder_id, event.call_id,
-                 event.stamp.attempt_id)
-    spoken = await provider.speak(event.call_id, result.message or "",
-                                  command_id=speak_command_id(event.stamp.attempt_id), stamp=event.stamp)
+        log.info("reminder %s bound to call %s (attempt %s)", stamp.reminder_id, call_id, stamp.attempt_id)
+    wording = result.wording
+    if machine is None:
+        return None
+    if machine:
+        await calls.mark_heard(db, stamp, call_id, machine=True)  # voicemail, whatever the speech's events say
+        spoken = await provider.speak(call_id, wording.voicemail, command_id=speak_command_id(stamp.attempt_id),
+                                      stamp=stamp, language=wording.language)
+        return None if spoken else _retry_later("speak")
+    asked = await provider.gather_using_speak(call_id, f"{wording.message} {wording.prompt}",
+                                              command_id=gather_command_id(stamp.attempt_id, 1), stamp=stamp,
+                                              language=wording.language, round_=1)
+    if not asked:
+        return _retry_later("gather_using_speak")
+    # the message is under way (a gather has no speak events): heard, and the sweep leaves it be
+    await calls.record_event(db, stamp, call_id, calls.SPEAKING, None, datetime.now(UTC))
+    await calls.mark_heard(db, stamp, call_id)
+    return None
+
+
+async def gather_ended(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> Response | None:
+    """The keypad: 1 confirms, 2 declines; nothing usable → the question once more (round 2, in
+    the gather's `client_state`), then goodbye. Only the reminder's bound call is heard."""
+    assert event.stamp is not None and event.call_id is not None
+    provider: Any = request.app.state.provider
+    db, stamp, call_id = request.app.state.db, event.stamp, event.call_id
+    if not await _record(request, event, background, None) or event.payload.get("status") == "call_hangup":
+        return None
+    digits = event.payload.get("digits")
+    result = await calls.keypad(db, stamp, call_id, digits if isinstance(digits, str) else None, datetime.now(UTC),
+                                fallback=_fallback(request))
+    if not result.bound or result.wording is None:
+        done = await provider.hang_up(call_id, command_id=hangup_command_id(stamp.attempt_id), stamp=stamp)
+        return None if done else _retry_later("hangup")
+    wording = result.wording
+    round_ = Stamp.round_in(event.payload.get("client_state"))
+    if result.answer is not None:
+        words = {Confirmation.CONFIRMED: wording.confirmed, Confirmation.DECLINED: wording.declined}
+        said = words[result.answer] if result.confirmation == result.answer else wording.goodbye
+    elif round_ == 1:  # the question once more (not the message)
+        asked = await provider.gather_using_speak(call_id, wording.prompt, command_id=gather_command_id(stamp.attempt_id, 2),
+                                                  stamp=stamp, language=wording.language, round_=2)
+        return None if asked else _retry_later("gather_using_speak")
+    else:
+        said = wording.goodbye
+    # its `call.speak.ended` hangs up
+    spoken = await provider.speak(call_id, said, command_id=f"last-{stamp.attempt_id}", stamp=stamp,
+                                  language=wording.language)
     return None if spoken else _retry_later("speak")
 
 
@@ -159,8 +241,8 @@ HANDLERS: dict[str, Handler] = {
     "call.speak.started": speak_started,
     "call.speak.ended": speak_ended,
     "call.hangup": hangup,
-    "call.gather.ended": recorded,
-    "call.machine.detection.ended": recorded,
+    "call.gather.ended": gather_ended,
+    "call.machine.detection.ended": machine_detection_ended,
 }
 
 

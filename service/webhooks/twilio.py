@@ -6,8 +6,10 @@ Every validly signed request gets a 2xx; an event for an unknown, finished or al
 changes nothing. The voice route always answers TwiML: the message for the reminder's bound call,
 `<Hangup/>` for any other.
 
-The app provides `app.state.db`, `app.state.twilio_signature` (`TwilioSignature`) and
-`app.state.provider` (to cancel a bound reminder's other calls, after the response is sent).
+The app provides `app.state.db`, `app.state.twilio_signature` (`TwilioSignature`),
+`app.state.provider` (to cancel a bound reminder's other calls, after the response is sent), and
+optionally `app.state.no_answer_policy` (`NoAnswerPolicy`; absent: no retries) and
+`app.state.templates` (`MessageTemplates`, for reminders planned before wording was stored).
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
 from starlette.datastructures import FormData
 
 from service.privacy import mask_phone
-from service.reminders import call_message
+from service.reminders import Confirmation, MessageTemplates, Wording, is_machine
 from service.telephony.provider import Stamp
-from service.telephony.twilio import SIGNATURE_HEADER, WEBHOOK_PATHS, TwilioSignature, hangup_twiml, say_twiml
+from service.telephony.twilio import (
+    SIGNATURE_HEADER,
+    WEBHOOK_PATHS,
+    TwilioSignature,
+    gather_twiml,
+    hangup_twiml,
+    say_twiml,
+)
 from service.webhooks import calls
 
 __all__ = ["router"]
@@ -36,6 +45,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
 
 _TWIML = "application/xml"
+_ROUND = "n"  # on the gather URL: which time the keypad question is asked (1, 2)
 # Seconds a webhook keeps trying a database that fails (a restart, a failover) before it gives up:
 # the voice request well inside Twilio's 15 s, so that a call answered during a short outage still
 # hears its message; a status event a little less (Twilio does not send it again).
@@ -93,8 +103,21 @@ async def _cancel(request: Request, call_ids: list[str]) -> None:
         log.info("cancelled call %s of a reminder already answered: %s", call_id, cancelled)
 
 
-def _wording(row: Any) -> str:
-    return call_message(row.customer_name, row.starts_at, row.timezone)
+def _fallback(request: Request) -> calls.Fallback:
+    """The words for a reminder planned before wording was stored: rendered now, as then."""
+    templates: MessageTemplates = getattr(request.app.state, "templates", None) or MessageTemplates.parse(None)
+
+    def wording(row: Any) -> Wording:
+        language = row.language if templates.supports(row.language) else templates.default_language
+        return templates.render(language, row.customer_name, row.starts_at, row.timezone)
+
+    return wording
+
+
+def _gather_url(request: Request, stamp: Stamp, round_: int) -> str:
+    """Where the keypad's digits go: PUBLIC_URL + the gather route + the stamp + the question's round."""
+    signature: TwilioSignature = request.app.state.twilio_signature
+    return signature.signed_url(WEBHOOK_PATHS["gather"], urlencode({**stamp.query(), _ROUND: str(round_)}))
 
 
 def _twiml(body: str) -> Response:
@@ -103,14 +126,17 @@ def _twiml(body: str) -> Response:
 
 @router.post(WEBHOOK_PATHS["voice"])
 async def voice(request: Request, background: BackgroundTasks) -> Response:
-    """An answered call asks what to do: the message if it is (or becomes) the bound call."""
+    """An answered call asks what to do: the message and the keypad question if it is (or becomes)
+    the bound call and a person answered; the short voicemail if a machine did; else hang up."""
     form = await _verified(request)
     stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
     if stamp is None or call_sid is None:
         return _twiml(hangup_twiml())
+    machine = is_machine(form.get("AnsweredBy") if isinstance(form.get("AnsweredBy"), str) else None)  # type: ignore[arg-type]
     try:
         result = await _with_retries(
-            lambda: calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), _wording),
+            lambda: calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), machine=machine,
+                                 fallback=_fallback(request)),
             getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
             f"voice webhook for reminder {stamp.reminder_id}",
         )
@@ -120,34 +146,74 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
         return _twiml(hangup_twiml())
     if result.cancel:
         background.add_task(_cancel, request, result.cancel)
-    if not result.speak:
+    if not result.speak or result.wording is None:
         log.info("call %s to %s answered, reminder %s is bound to another call: hang up",
                  call_sid, mask_phone(str(form.get("To", ""))), stamp.reminder_id)
         return _twiml(hangup_twiml())
     if result.newly_bound:
-        log.info("reminder %s bound to call %s (attempt %s)", stamp.reminder_id, call_sid, stamp.attempt_id)
-    return _twiml(say_twiml(result.message or ""))
+        log.info("reminder %s bound to call %s (attempt %s)%s", stamp.reminder_id, call_sid, stamp.attempt_id,
+                 ", a machine: voicemail" if result.machine else "")
+    wording = result.wording
+    if result.machine:
+        return _twiml(say_twiml(wording.voicemail, language=wording.language))
+    text = f"{wording.message} {wording.prompt}"
+    return _twiml(gather_twiml(text, language=wording.language, action=_gather_url(request, stamp, 1)))
 
 
 @router.post(WEBHOOK_PATHS["status"], status_code=status.HTTP_204_NO_CONTENT)
 async def status_event(request: Request, background: BackgroundTasks) -> Response:
-    """A call's progress (initiated, ringing, answered, completed, …), applied in sequence order."""
+    """A call's progress (initiated, ringing, answered, completed, no-answer, busy, …), applied by
+    state and SequenceNumber; the reminder's last call ending unanswered records its outcome."""
     form = await _verified(request)
     stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
     call_status = form.get("CallStatus")
     if stamp is not None and call_sid is not None and isinstance(call_status, str) and len(call_status) <= 32:
-        sequence = _sequence(form)
+        sequence, policy = _sequence(form), getattr(request.app.state, "no_answer_policy", None)
         result = await _with_retries(
-            lambda: calls.record_event(request.app.state.db, stamp, call_sid, call_status, sequence, datetime.now(UTC)),
+            lambda: calls.record_event(request.app.state.db, stamp, call_sid, call_status, sequence, datetime.now(UTC),
+                                       policy),
             STATUS_DATABASE_BUDGET, f"status webhook for reminder {stamp.reminder_id}",
         )
         if result.cancel:
             background.add_task(_cancel, request, result.cancel)
+        if result.retry_at is not None:
+            log.info("reminder %s: %s, calling again at %s", stamp.reminder_id, result.outcome,
+                     result.retry_at.isoformat(timespec="seconds"))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(WEBHOOK_PATHS["gather"])
 async def gather(request: Request) -> Response:
-    """Digits pressed after the message (the keypad flow of the outcomes issue): acknowledged."""
-    await _verified(request)
-    return _twiml(hangup_twiml())
+    """The keypad: 1 confirms, 2 declines; nothing usable → the question once more, then goodbye.
+    Only the reminder's bound call is heard; any other gets <Hangup/> and changes nothing."""
+    form = await _verified(request)
+    stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
+    if stamp is None or call_sid is None:
+        return _twiml(hangup_twiml())
+    digits = form.get("Digits")
+    round_ = request.query_params.get(_ROUND, "1")
+    try:
+        result = await _with_retries(
+            lambda: calls.keypad(request.app.state.db, stamp, call_sid, digits if isinstance(digits, str) else None,
+                                 datetime.now(UTC), fallback=_fallback(request)),
+            getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
+            f"gather webhook for reminder {stamp.reminder_id}",
+        )
+    except Exception as error:  # noqa: BLE001 - Twilio must hear TwiML; the customer can answer next time
+        log.warning("gather webhook for reminder %s: database unavailable (%s)", stamp.reminder_id,
+                    type(error).__name__)
+        return _twiml(hangup_twiml())
+    if not result.bound or result.wording is None:
+        return _twiml(hangup_twiml())
+    wording = result.wording
+    if result.changed:
+        log.info("reminder %s: the customer %s the appointment", stamp.reminder_id, result.answer)
+    if result.answer is not None:
+        words = {Confirmation.CONFIRMED: wording.confirmed, Confirmation.DECLINED: wording.declined}
+        # a repeat of an answer already recorded hears it again; an answer too late (the appointment
+        # was cancelled meanwhile) hears goodbye
+        said = words[result.answer] if result.confirmation == result.answer else wording.goodbye
+        return _twiml(say_twiml(said, language=wording.language))
+    if round_ == "1":  # the question once more (not the message)
+        return _twiml(gather_twiml(wording.prompt, language=wording.language, action=_gather_url(request, stamp, 2)))
+    return _twiml(say_twiml(wording.goodbye, language=wording.language))

@@ -3,7 +3,7 @@ say, so that tests/schemathesis.toml can demand a 2xx for it (404 only for an un
 for changing a cancelled appointment).
 
 What JSON Schema cannot express, and the API checks: a phone number that is a real number
-(phonenumbers), an IANA time zone, a start in the future and at most 10 years ahead, explicit
+(phonenumbers), an IANA time zone, a language with a message template (the default en-US only), a start in the future and at most 10 years ahead, explicit
 reminders before the start, no NUL in text, a cursor that a previous page handed out. Cases
 generated to be invalid (negative) are left alone.
 
@@ -26,6 +26,7 @@ import schemathesis
 from schemathesis.core.parameters import ParameterLocation
 
 PHONES = ["+14155552671", "+4930901820", "+442071838750", "+33142685300"]
+LANGUAGES = ["en-US", "en-us", "EN-US"]  # the built-in template, tags in any case
 ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe"]
 # Days ahead of today's start for a start time: always in the future, far from the 10-year bound.
 START_DAYS = (2, 300)
@@ -63,6 +64,8 @@ def _valid_body(body: dict[str, Any], method: str, rng: random.Random) -> dict[s
         body["starts_at"] = _later(days=rng.randint(*START_DAYS), minutes=rng.randint(0, 1439))
     if "timezone" in body:
         body["timezone"] = rng.choice(ZONES)
+    if "language" in body:
+        body["language"] = rng.choice(LANGUAGES)
     if body.get("remind_at"):  # before any start the hooks give (>= 2 days ahead), in the future
         body["remind_at"] = [_later(days=1, hours=rng.randint(1, 23))]
     for name in TEXT_FIELDS:

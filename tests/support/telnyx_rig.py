@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from service.db import Database
 from service.fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
+from service.reminders import MessageTemplates, NoAnswerPolicy
 from service.telephony.telnyx import TelnyxProvider, TelnyxSignature
 from service.webhooks import telnyx_router
 from tests.support.twilio_rig import FROM, StripPrefix
@@ -39,12 +40,16 @@ class TelnyxRig:
 
 
 def make_telnyx_rig(db: Database, *, calls_per_second: float = 0.0, ring_ms: float = 30.0,
-                    speak_ms: float = 30.0) -> TelnyxRig:
+                    speak_ms: float = 30.0, machine_detection: bool = False, no_answer: NoAnswerPolicy | None = None,
+                    templates: MessageTemplates | None = None) -> TelnyxRig:
+    """`machine_detection`: Dials ask for it (the greeting waits for its event); `no_answer`: the
+    retry policy of the events route (None: no retries); `templates`: for reminders without wording."""
     app = FastAPI()
     app.include_router(telnyx_router)
     fake = FakeTelnyx(api_key=KEY, connection_id=CONNECTION, calls_per_second=calls_per_second, ring_ms=ring_ms,
                       speak_ms=speak_ms, webhook_transport=StripPrefix(httpx.ASGITransport(app), "/edge"))
     provider = TelnyxProvider(api_url=API, api_key=KEY, connection_id=CONNECTION, public_url=PUBLIC,
-                              transport=httpx.ASGITransport(fake.app))
+                              transport=httpx.ASGITransport(fake.app), machine_detection=machine_detection)
     app.state.db, app.state.telnyx_signature, app.state.provider = db, TelnyxSignature(TEST_PUBLIC_KEY), provider
+    app.state.no_answer_policy, app.state.templates = no_answer, templates
     return TelnyxRig(db=db, fake=fake, provider=provider, app=app)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from service.db import Appointment, CallAttempt, Database, Reminder
 from service.db.models import new_id
 from service.fakes.twilio import FakeTwilio
+from service.reminders import MessageTemplates, NoAnswerPolicy
 from service.telephony.provider import CallSpec
 from service.telephony.twilio import TwilioProvider, TwilioSignature
 from service.webhooks import twilio_router
@@ -83,13 +84,17 @@ class Rig:
         return result.call_id
 
 
-def make_rig(db: Database, *, calls_per_second: float = 0.0, ring_ms: float = 50.0) -> Rig:
+def make_rig(db: Database, *, calls_per_second: float = 0.0, ring_ms: float = 50.0,
+             no_answer: NoAnswerPolicy | None = None, templates: MessageTemplates | None = None) -> Rig:
+    """`no_answer`: the retry policy of the status route (None: no retries); `templates`: for
+    reminders seeded without wording."""
     app = FastAPI()
     app.include_router(twilio_router)
     signature = TwilioSignature(TOKEN, PUBLIC)
     fake = FakeTwilio(account_sid=SID, auth_token=TOKEN, calls_per_second=calls_per_second, ring_ms=ring_ms,
                       webhook_transport=StripPrefix(httpx.ASGITransport(app), "/edge"))
     provider = TwilioProvider(api_url=API, account_sid=SID, auth_token=TOKEN, public_url=PUBLIC,
-                              transport=httpx.ASGITransport(fake.app))
+                              transport=httpx.ASGITransport(fake.app), machine_detection=True)
     app.state.db, app.state.twilio_signature, app.state.provider = db, signature, provider
+    app.state.no_answer_policy, app.state.templates = no_answer, templates
     return Rig(db=db, fake=fake, provider=provider, app=app, signature=signature)

@@ -1,0 +1,136 @@
+"""What a real provider's call achieved and what follows from it: the order of a call's states
+(applied by state, never backwards), the reminder's outcome, the keypad answer, machine answers,
+and when a call nobody answered is tried again (NO_ANSWER_RETRIES, NO_ANSWER_RETRY_DELAY).
+
+Call states use Twilio's names; other adapters map theirs onto them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from zoneinfo import ZoneInfo
+
+from service.reminders.planning import decide_call
+from service.reminders.rules import CallWindow
+
+__all__ = [
+    "CALL_SPEAKING",
+    "CALL_SPOKEN",
+    "FINAL_CALL_STATES",
+    "Confirmation",
+    "NoAnswerPolicy",
+    "ReminderOutcome",
+    "advances",
+    "is_machine",
+    "keypad_answer",
+    "outcome_of_final",
+    "retry_time",
+]
+
+
+class ReminderOutcome(StrEnum):
+    """What a real provider's call of the reminder achieved (null until known)."""
+
+    ANSWERED = "answered"  # a person answered: the message was spoken
+    VOICEMAIL = "voicemail"  # a machine answered: the short voicemail message was left; no retry
+    NO_ANSWER = "no_answer"  # it rang out (retried while NO_ANSWER_RETRIES last)
+    BUSY = "busy"  # the line was busy (retried like no_answer)
+    FAILED = "failed"  # the call could not be completed, or ended without anything spoken
+
+
+class Confirmation(StrEnum):
+    """The customer's keypad answer: 1 confirms the appointment, 2 declines (cancels) it."""
+
+    CONFIRMED = "confirmed"
+    DECLINED = "declined"
+
+
+_KEYS = {"1": Confirmation.CONFIRMED, "2": Confirmation.DECLINED}
+
+# Providers whose speech is a command (Telnyx): the bound call's message has begun / ended.
+CALL_SPEAKING, CALL_SPOKEN = "speaking", "spoken"
+# A call's states in the order they happen; a final one is never followed by another.
+_RANK = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3, "answered": 3, CALL_SPEAKING: 4,
+         CALL_SPOKEN: 5}
+FINAL_CALL_STATES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
+_FINAL_RANK = 6
+
+# A machine: Twilio's AnsweredBy (MachineDetection=Enable gives machine_start; the others come with
+# DetectMessageEnd), Telnyx's `call.machine.detection.ended` result (`machine`). `human`, `unknown`
+# (Twilio) and `not_sure` (Telnyx) are spoken to as a person.
+_MACHINE = frozenset({"machine", "machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other",
+                      "fax"})
+
+_OUTCOME_OF_FINAL = {
+    "no-answer": ReminderOutcome.NO_ANSWER,
+    "busy": ReminderOutcome.BUSY,
+    "failed": ReminderOutcome.FAILED,
+    # ended without ever being bound (answered while the database was unreachable, or cancelled
+    # by someone else): nothing was spoken
+    "completed": ReminderOutcome.FAILED,
+    "canceled": ReminderOutcome.FAILED,
+}
+
+
+def _rank(status: str | None) -> int:
+    if status is None:
+        return -1
+    return _FINAL_RANK if status in FINAL_CALL_STATES else _RANK.get(status, -1)
+
+
+def advances(current: str | None, current_order: int | None, new: str, new_order: int | None) -> bool:
+    """Whether event `new` moves a call on from `current`: by state (a call's state never goes
+    back), then by the provider's order (Twilio's SequenceNumber, Telnyx's occurred_at); a final
+    state is never replaced, a duplicate never applies twice."""
+    if current in FINAL_CALL_STATES or _rank(new) < 0:
+        return False
+    if _rank(new) != _rank(current):
+        return _rank(new) > _rank(current)
+    return new_order is not None and (current_order is None or new_order > current_order) and new != current
+
+
+def outcome_of_final(status: str) -> ReminderOutcome | None:
+    """The outcome of a call that ended in `status` without being the reminder's bound call."""
+    return _OUTCOME_OF_FINAL.get(status)
+
+
+def keypad_answer(digits: str | None) -> Confirmation | None:
+    """1 → confirmed, 2 → declined; anything else (or nothing) → no answer."""
+    return _KEYS.get((digits or "").strip())
+
+
+def is_machine(answered_by: str | None) -> bool:
+    return (answered_by or "").strip().lower() in _MACHINE
+
+
+@dataclass(frozen=True)
+class NoAnswerPolicy:
+    """NO_ANSWER_RETRIES further calls after NO_ANSWER_RETRY_DELAY, inside CALL_WINDOW."""
+
+    retries: int = 1
+    delay: timedelta = timedelta(minutes=30)
+    window: CallWindow | None = None  # None: any time of day
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.delay <= timedelta(0):
+            raise ValueError("retries must be ≥ 0 and the delay positive")
+
+
+def retry_time(
+    policy: NoAnswerPolicy, *, outcome: ReminderOutcome, retries_used: int, now: datetime,
+    starts_at: datetime, timezone: str,
+) -> datetime | None:
+    """When to call again after `outcome`, or None: only no_answer / busy, while retries last, at
+    `now + delay` or the next opening of the call window, and only before the appointment."""
+    if outcome not in (ReminderOutcome.NO_ANSWER, ReminderOutcome.BUSY) or retries_used >= policy.retries:
+        return None
+    at = now + policy.delay
+    if policy.window is None:
+        return at if at < starts_at else None
+    decision = decide_call(scheduled_at=at, starts_at=starts_at, zone=ZoneInfo(timezone), window=policy.window,
+                           grace=timedelta.max, now=at)
+    if decision.call:
+        return at
+    return decision.wait_until  # the window's next opening before the appointment, or None (skip)
