@@ -52,14 +52,13 @@ async def book(db: Database, phone: str, *, language: str = "en-US", later: bool
     now = datetime.now(UTC)
     starts = now + timedelta(hours=2)
     remind_at = [now + timedelta(milliseconds=100)] + ([starts - timedelta(minutes=30)] if later else [])
-    async with db.session() as session:
-        appointment, _ = await appointments.create(
-            session,
-            appointments.NewAppointment(customer_name="Ann Example", phone=phone, starts_at=starts,
-                                        timezone="Europe/Berlin", remind_at=remind_at, language=language),
-            PlanningConfig(call_window=ALWAYS, offsets=(), templates=TEMPLATES),
-        )
-        return appointment.id, [r.id for r in sorted(appointment.reminders, key=lambda r: r.due_at)]
+    view = await appointments.create(
+        db,
+        appointments.NewAppointment(customer_name="Ann Example", phone=phone, starts_at=starts,
+                                    timezone="Europe/Berlin", remind_at=remind_at, language=language),
+        PlanningConfig(call_window=ALWAYS, offsets=(), templates=TEMPLATES),
+    )
+    return view["id"], [r["id"] for r in sorted(view["reminders"], key=lambda r: r["due_at"])]
 
 
 async def appointment_row(db: Database, appointment_id: str):  # noqa: ANN201
