@@ -9,6 +9,7 @@ successor's raise would wait for as long as the freeze lasts. Found by the Twili
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 import pytest
@@ -30,7 +31,7 @@ async def test_a_frozen_claim_holding_the_fence_is_ended_by_the_successor(postgr
         await frozen.fetchval("SELECT token FROM leader_fence WHERE id = 1 FOR SHARE")
         # Active, not idle in transaction: as a client frozen in the middle of its next statement.
         holding = asyncio.ensure_future(frozen.fetchval("SELECT pg_sleep(120)"))
-        await asyncio.sleep(0.2)
+        await _until_running(postgres_url, frozen.get_server_pid())
         assert not holding.done()
         await asyncio.wait_for(store.raise_fence(2, "successor"), timeout=30)
         assert await store.current_fence() == 2
@@ -39,3 +40,16 @@ async def test_a_frozen_claim_holding_the_fence_is_ended_by_the_successor(postgr
     finally:
         frozen.terminate()
         await db.dispose()
+
+
+async def _until_running(postgres_url: str, pid: int, timeout: float = 10.0) -> None:
+    """Wait (deadline-bounded poll) until backend `pid` is active inside its pg_sleep."""
+    watcher = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        deadline = time.monotonic() + timeout
+        query = "SELECT state = 'active' AND query LIKE 'SELECT pg_sleep%' FROM pg_stat_activity WHERE pid = $1"
+        while not await watcher.fetchval(query, pid):
+            assert time.monotonic() < deadline, "the frozen session never started its statement"
+            await asyncio.sleep(0.01)  # poll interval
+    finally:
+        await watcher.close()

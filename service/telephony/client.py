@@ -24,12 +24,15 @@ from httpx_aiohttp import AiohttpTransport
 from service.privacy import mask_phone, scrub, strip_control
 
 __all__ = [
+    "MAX_RESPONSE_BYTES",
     "CallOutcome",
     "CallRequest",
     "HttpTelephonyClient",
     "OutcomeKind",
     "TelephonyClient",
+    "error_text",
     "parse_retry_after",
+    "read_capped",
     "usable_call_id",
 ]
 
@@ -46,7 +49,7 @@ _CALL_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_CALL_ID_LEN)
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
-def _scrub(text: str, *numbers: str) -> str:
+def error_text(text: str, *numbers: str) -> str:
     """Short, single-line text with the given numbers and anything phone-like masked."""
     text = " ".join(strip_control(scrub(text, *numbers)).split())
     return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 1] + "…"
@@ -251,7 +254,7 @@ class HttpTelephonyClient:
             async with asyncio.timeout(self._timeout):
                 response = await self._transport.handle_async_request(http_request)
                 try:
-                    response = await _read_capped(response)
+                    response = await read_capped(response)
                 finally:
                     await response.aclose()
         except Exception as exc:  # noqa: BLE001 - classified below; anything unexpected re-raised
@@ -276,7 +279,7 @@ class HttpTelephonyClient:
         return outcome
 
 
-async def _read_capped(response: httpx.Response) -> httpx.Response:
+async def read_capped(response: httpx.Response) -> httpx.Response:
     """The response with its body read up to MAX_RESPONSE_BYTES; reading stops past the cap.
 
     A longer body is cut at the cap (its JSON then does not parse: no call id, no error text) and
@@ -327,7 +330,7 @@ def _describe(exc: BaseException, request: CallRequest) -> str:
     what = "timeout" if isinstance(root, httpx.TimeoutException | TimeoutError) else "network"
     detail = str(root)
     text = f"{what}: {type(root).__name__}" + (f": {detail}" if detail else "")
-    return _scrub(text, request.to, request.from_)
+    return error_text(text, request.to, request.from_)
 
 
 def _body_error(response: httpx.Response) -> str | None:
@@ -378,7 +381,7 @@ def _classify(response: httpx.Response, request: CallRequest) -> CallOutcome:
     error = f"HTTP {status}" + (f": {provider_error}" if provider_error else "")
     if response.extensions.get("truncated"):
         error += f" (answer over {MAX_RESPONSE_BYTES} bytes, not read)"
-    error = _scrub(error, request.to, request.from_)
+    error = error_text(error, request.to, request.from_)
     # 409: the first request with this key is still running; 408: the provider gave up waiting.
     transient = status >= 500 or status in (408, 409, 429)
     if transient:

@@ -27,9 +27,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from httpx_aiohttp import AiohttpTransport
 
-from service.privacy import mask_phone, scrub
+from service.privacy import mask_phone
 
-from .client import parse_retry_after
+from .client import error_text, parse_retry_after, read_capped
 from .provider import CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable, Stamp
 
 __all__ = [
@@ -62,7 +62,6 @@ CALL_ENDED_CODE = "90018"  # 422: a command to a call that has already ended
 DEFAULT_RETRY_AFTER = 1.0
 _MAX_PAGES = 40
 _PAGE_SIZE = 250
-_MAX_ERROR_LEN = 160
 
 
 def speak_command_id(attempt_id: str) -> str:
@@ -201,7 +200,9 @@ class TelnyxProvider:
         self._voice, self._language = voice, language
         # Telnyx's answering machine detection: `call.machine.detection.ended` follows `call.answered`
         self.machine_detection = machine_detection
-        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json",
+                         # identity: a compressed answer could expand past the read cap
+                         "Accept-Encoding": "identity"}
         if transport is None:
             limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                                   keepalive_expiry=4.0)
@@ -259,7 +260,7 @@ class TelnyxProvider:
                 return CreateResult(CreateKind.NOT_SENT, error="not sent: the sender may no longer send")
             if isinstance(error, httpx.HTTPError | TimeoutError):
                 what = "timeout" if isinstance(error, httpx.TimeoutException | TimeoutError) else "network"
-                return CreateResult(CreateKind.IN_DOUBT, error=_error_text(f"{what}: {type(error).__name__}", spec.to))
+                return CreateResult(CreateKind.IN_DOUBT, error=error_text(f"{what}: {type(error).__name__}", spec.to))
             raise
         result = _classify_dial(response, spec)
         log.debug("telnyx dial to %s (attempt %s): %s %s", mask_phone(spec.to), spec.attempt_id, result.kind,
@@ -350,22 +351,15 @@ class TelnyxProvider:
         await self._transport.aclose()
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
-        """One request through the transport, its body read (the caller holds the deadline)."""
-        response = await self._transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
+        """One request through the transport, its body read up to MAX_RESPONSE_BYTES (the caller
+        holds the deadline)."""
+        return await read_capped(await self._transport.handle_async_request(request))
 
 
 class _NotSent(Exception):
     """Raised inside the request body when `may_send` refuses: the request never leaves."""
 
 
-def _error_text(text: str, *numbers: str) -> str:
-    text = " ".join(scrub(text, *numbers).split())
-    return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 1] + "…"
 
 
 def _error_codes(response: httpx.Response) -> list[str]:
@@ -391,7 +385,7 @@ def _classify_dial(response: httpx.Response, spec: CallSpec) -> CreateResult:
         code, title = str(first.get("code") or ""), str(first.get("title") or first.get("detail") or "")
     except (ValueError, AttributeError, IndexError, TypeError):
         code, title = "", ""
-    error = _error_text(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {title}" if title else ""), spec.to)
+    error = error_text(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {title}" if title else ""), spec.to)
     if status == 429:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return CreateResult(CreateKind.NOT_CREATED, status_code=status, error=error,

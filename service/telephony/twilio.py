@@ -26,9 +26,9 @@ from httpx_aiohttp import AiohttpTransport
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
-from service.privacy import mask_phone, scrub
+from service.privacy import mask_phone
 
-from .client import parse_retry_after
+from .client import error_text, parse_retry_after, read_capped
 from .provider import LIVE_STATUSES, CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable
 
 __all__ = [
@@ -94,7 +94,9 @@ class TwilioProvider:
         self._timeout = timeout
         self._machine_detection = machine_detection
         credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
-        self._headers = {"Authorization": f"Basic {credentials}", "Accept": "application/json"}
+        self._headers = {"Authorization": f"Basic {credentials}", "Accept": "application/json",
+                         # identity: a compressed answer could expand past the read cap
+                         "Accept-Encoding": "identity"}
         if transport is None:
             limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                                   keepalive_expiry=4.0)
@@ -155,7 +157,7 @@ class TwilioProvider:
                 return CreateResult(CreateKind.NOT_SENT, error="not sent: the sender may no longer send")
             if isinstance(error, httpx.HTTPError | TimeoutError):
                 what = "timeout" if isinstance(error, httpx.TimeoutException | TimeoutError) else "network"
-                return CreateResult(CreateKind.IN_DOUBT, error=_error_text(f"{what}: {type(error).__name__}", spec.to))
+                return CreateResult(CreateKind.IN_DOUBT, error=error_text(f"{what}: {type(error).__name__}", spec.to))
             raise
         result = _classify_create(response, spec)
         log.debug("twilio create to %s (attempt %s): %s %s", mask_phone(spec.to), spec.attempt_id,
@@ -216,22 +218,11 @@ class TwilioProvider:
         await self._transport.aclose()
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
-        """One request through the transport, its body read (the caller holds the deadline)."""
-        response = await self._transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
+        """One request through the transport, its body read up to MAX_RESPONSE_BYTES (the caller
+        holds the deadline)."""
+        return await read_capped(await self._transport.handle_async_request(request))
 
 
-_MAX_ERROR_LEN = 160
-
-
-def _error_text(text: str, *numbers: str) -> str:
-    """One short line with the given numbers and anything phone-like masked (it may be logged or stored)."""
-    text = " ".join(scrub(text, *numbers).split())
-    return text if len(text) <= _MAX_ERROR_LEN else text[: _MAX_ERROR_LEN - 1] + "…"
 
 
 class _NotSent(Exception):
@@ -262,7 +253,7 @@ def _classify_create(response: httpx.Response, spec: CallSpec) -> CreateResult:
         return CreateResult(CreateKind.IN_DOUBT, status_code=status, error=f"HTTP {status} without a call sid")
     message = body.get("message") if isinstance(body.get("message"), str) else None
     code = body.get("code")
-    error = _error_text(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {message}" if message else ""), spec.to)
+    error = error_text(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {message}" if message else ""), spec.to)
     if status == 429:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return CreateResult(CreateKind.NOT_CREATED, status_code=status, error=error,
