@@ -14,8 +14,9 @@ reads the first page of 100. A short warm-up precedes each measured run.
 | post | POST /appointments | POST /bare-db/appointments: one transaction, two INSERTs |
 | list | GET /appointments?limit=100 | GET /bare-db/appointments?limit=100: one SELECT |
 
-Also, once each: PATCH /appointments/{id} (a `notes` change; no floor), and the bare FastAPI
-routes without a database (GET and POST /bare): what the framework alone serves.
+Also, once each: PATCH /appointments/{id} (a `notes` change; no floor), the bare FastAPI routes
+without a database (GET and POST /bare): what the framework alone serves, and the three floors on
+Starlette alone (`bench.bare --framework starlette`): what FastAPI costs a floor.
 """
 
 from __future__ import annotations
@@ -102,34 +103,38 @@ def _aba(label: str, replica: dict[str, Any], floor: dict[str, Any], duration: f
 def run(quick: bool = False) -> dict[str, Any]:
     duration = 4.0 if quick else 10.0
     result: dict[str, Any] = {"connections": CONNECTIONS, "duration_s": duration, "order": "replica, floor, replica"}
-    bare_port = free_port()
-    bare: subprocess.Popen[bytes] | None = None
+    floors: list[subprocess.Popen[bytes]] = []
     try:
         with EtcdServer() as etcd, PostgresServer() as pg:
             database_url = pg.create_database("api")
             with Cluster(1, database_url=database_url, etcd_endpoint=etcd.endpoint,
                          env={"LOG_LEVEL": "warning"}) as cluster:
-                bare = subprocess.Popen(
-                    [sys.executable, "-m", "bench.bare", "--port", str(bare_port), "--database-url", database_url],
-                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-                wait_for_port(bare_port, timeout=30)
+                urls = {}
+                for framework in ("fastapi", "starlette"):
+                    port = free_port()
+                    floors.append(subprocess.Popen(
+                        [sys.executable, "-m", "bench.bare", "--port", str(port), "--database-url", database_url,
+                         "--framework", framework],
+                        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+                    wait_for_port(port, timeout=30)
+                    urls[framework] = f"http://127.0.0.1:{port}"
                 cluster.leader(timeout=60)
-                result.update(_load_all(cluster.replicas[0].url, f"http://127.0.0.1:{bare_port}", database_url,
+                result.update(_load_all(cluster.replicas[0].url, urls["fastapi"], urls["starlette"], database_url,
                                         duration))
     finally:
-        if bare is not None:
-            bare.terminate()
+        for floor in floors:
+            floor.terminate()
             try:
-                bare.wait(timeout=10)
+                floor.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                bare.kill()
+                floor.kill()
     runs = [r for pair in result["pairs"].values() for r in (*pair["replica"], pair["floor"])]
-    runs += [result["patch_appointment"], result["bare_get"], result["bare_post"]]
+    runs += [result["patch_appointment"], result["bare_get"], result["bare_post"], *result["starlette_floors"].values()]
     result["errors"] = sum(r["errors"] for r in runs)
     return result
 
 
-def _load_all(replica: str, bare: str, database_url: str, duration: float) -> dict[str, Any]:
+def _load_all(replica: str, bare: str, starlette: str, database_url: str, duration: float) -> dict[str, Any]:
     ids = seed(replica, 1000)
     analyze(database_url)
     body = body_json()
@@ -144,9 +149,13 @@ def _load_all(replica: str, bare: str, database_url: str, duration: float) -> di
     log(f"api: PATCH /appointments/{{id}} ({duration:.0f} s)")
     patch = _measure(f"{replica}/appointments/{{id}}", duration, method="PATCH", body=PATCH_BODY, ids=ids)
     log(f"api: bare GET and POST, no database ({duration:.0f} s each)")
-    return {
-        "pairs": pairs,
-        "patch_appointment": patch,
-        "bare_get": _measure(f"{bare}/bare", duration),
-        "bare_post": _measure(f"{bare}/bare", duration, method="POST", body=body),
+    bare_get = _measure(f"{bare}/bare", duration)
+    bare_post = _measure(f"{bare}/bare", duration, method="POST", body=body)
+    log(f"api: the floors on Starlette alone, once each ({duration:.0f} s each)")
+    starlette_floors = {
+        "get": _measure(f"{starlette}/bare-db/{{id}}", duration, ids=ids),
+        "post": _measure(f"{starlette}/bare-db/appointments", duration, method="POST", body=body),
+        "list": _measure(f"{starlette}/bare-db/appointments?limit=100", duration),
     }
+    return {"pairs": pairs, "patch_appointment": patch, "bare_get": bare_get, "bare_post": bare_post,
+            "starlette_floors": starlette_floors}

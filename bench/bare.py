@@ -11,7 +11,10 @@ ORM, no SQLAlchemy), returning the same fields the service returns:
 - GET /bare-db/appointments?limit=N: a page of N appointments by (starts_at, id) with their
   reminders in ONE SELECT.
 
-  python -m bench.bare --port 8000 [--database-url postgresql://...]
+With --framework starlette, the same three floors on Starlette alone (no FastAPI: the body
+validated by the same pydantic model, the answer written by Starlette's JSONResponse).
+
+  python -m bench.bare --port 8000 [--database-url postgresql://...] [--framework starlette]
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 _COLUMNS = """a.id, a.customer_name, a.phone, a.starts_at, a.timezone, a.notes, a.status, a.language,
        a.confirmation, a.remind_at,
@@ -61,7 +67,7 @@ async def _no_reset(_connection: asyncpg.Connection) -> None:
 
 
 @asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     url = os.environ.get("BARE_DATABASE_URL")
     app.state.pool = await asyncpg.create_pool(url, min_size=4, max_size=10, reset=_no_reset) if url else None
     try:
@@ -133,22 +139,16 @@ async def bare_post(body: Body) -> dict:
     return {**_DOC, "customer_name": body.customer_name, "starts_at": body.starts_at.isoformat()}
 
 
-@app.get("/bare-db/appointments")
-async def bare_db_list(request: Request, limit: int = 100) -> dict[str, Any]:
-    rows = await request.app.state.pool.fetch(_PAGE, limit, timeout=10)
-    return {"items": _appointments(rows), "next_cursor": None}
+async def _page(pool: asyncpg.Pool, limit: int) -> dict[str, Any]:
+    return {"items": _appointments(await pool.fetch(_PAGE, limit, timeout=10)), "next_cursor": None}
 
 
-@app.get("/bare-db/{appointment_id}")
-async def bare_db(appointment_id: str, request: Request) -> dict[str, Any]:
-    rows = await request.app.state.pool.fetch(_ONE_APPOINTMENT, appointment_id, timeout=10)
-    if not rows:
-        raise HTTPException(404, "appointment not found")
-    return _appointments(rows)[0]
+async def _one(pool: asyncpg.Pool, appointment_id: str) -> dict[str, Any] | None:
+    rows = await pool.fetch(_ONE_APPOINTMENT, appointment_id, timeout=10)
+    return _appointments(rows)[0] if rows else None
 
 
-@app.post("/bare-db/appointments", status_code=201)
-async def bare_db_create(body: Body, request: Request) -> dict[str, Any]:
+async def _create(pool: asyncpg.Pool, body: Body) -> dict[str, Any]:
     now = datetime.now(UTC)
     appointment_id = str(uuid.uuid4())
     starts_at = body.starts_at.astimezone(UTC)
@@ -156,7 +156,7 @@ async def bare_db_create(body: Body, request: Request) -> dict[str, Any]:
     for offset in OFFSETS:
         reminder_id = str(uuid.uuid4())
         reminders.append((reminder_id, appointment_id, starts_at - offset, f"reminder-{reminder_id}", now))
-    async with request.app.state.pool.acquire(timeout=10) as connection, connection.transaction():
+    async with pool.acquire(timeout=10) as connection, connection.transaction():
         await connection.execute(_INSERT_APPOINTMENT, appointment_id, body.customer_name, body.phone, starts_at,
                                  body.timezone, body.notes, now, timeout=10)
         await connection.executemany(_INSERT_REMINDER, reminders, timeout=10)
@@ -170,6 +170,52 @@ async def bare_db_create(body: Body, request: Request) -> dict[str, Any]:
     }
 
 
+@app.get("/bare-db/appointments")
+async def bare_db_list(request: Request, limit: int = 100) -> dict[str, Any]:
+    return await _page(request.app.state.pool, limit)
+
+
+@app.get("/bare-db/{appointment_id}")
+async def bare_db(appointment_id: str, request: Request) -> dict[str, Any]:
+    found = await _one(request.app.state.pool, appointment_id)
+    if found is None:
+        raise HTTPException(404, "appointment not found")
+    return found
+
+
+@app.post("/bare-db/appointments", status_code=201)
+async def bare_db_create(body: Body, request: Request) -> dict[str, Any]:
+    return await _create(request.app.state.pool, body)
+
+
+# -- the same floors on Starlette alone (--framework starlette): what FastAPI itself costs ---------
+
+
+async def _starlette_one(request: Request) -> JSONResponse:
+    found = await _one(request.app.state.pool, request.path_params["appointment_id"])
+    return JSONResponse(found) if found is not None else JSONResponse({"detail": "appointment not found"}, 404)
+
+
+async def _starlette_create(request: Request) -> JSONResponse:
+    try:
+        body = Body.model_validate_json(await request.body())
+    except ValidationError as error:
+        return JSONResponse({"detail": error.errors(include_url=False, include_context=False)}, 422)
+    return JSONResponse(await _create(request.app.state.pool, body), 201)
+
+
+async def _starlette_list(request: Request) -> JSONResponse:
+    return JSONResponse(await _page(request.app.state.pool, int(request.query_params.get("limit", 100))))
+
+
+starlette_app = Starlette(
+    routes=[Route("/bare-db/appointments", _starlette_list, methods=["GET"]),
+            Route("/bare-db/appointments", _starlette_create, methods=["POST"]),
+            Route("/bare-db/{appointment_id}", _starlette_one, methods=["GET"])],
+    lifespan=_lifespan,
+)
+
+
 def main() -> None:
     import uvicorn  # noqa: PLC0415
 
@@ -177,10 +223,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--database-url", help="PostgreSQL (postgresql://…) for the /bare-db floors")
+    parser.add_argument("--framework", choices=["fastapi", "starlette"], default="fastapi",
+                        help="starlette: the /bare-db floors without FastAPI")
     args = parser.parse_args()
     if args.database_url:
         os.environ["BARE_DATABASE_URL"] = args.database_url.replace("postgresql+asyncpg://", "postgresql://")
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+    config = uvicorn.Config(app if args.framework == "fastapi" else starlette_app, host=args.host, port=args.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()
 

@@ -1,8 +1,8 @@
 """The README's quoted benchmark figures, rendered from bench/results/ like BENCHMARKS.md.
 
-The README's sizing sentence sits between two markers; `python -m bench report` (and every
-bench run) rewrites it with the figures of the committed dispatch results, formatted exactly as
-BENCHMARKS.md formats them, so that the two cannot disagree.
+The README's sizing sentences (dispatch, API) each sit between two markers; `python -m bench
+report` (and every bench run) rewrites them with the figures of the committed results, formatted
+exactly as BENCHMARKS.md formats them, so that the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -10,13 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import ROOT, read_result
-from .report import _dispatch_runs, _spread  # BENCHMARKS.md's own formatting
+from .report import _dispatch_runs, _n, _spread  # BENCHMARKS.md's own formatting
 
-__all__ = ["BEGIN", "END", "README", "figures", "rewrite", "write"]
+__all__ = ["API_BEGIN", "API_END", "BEGIN", "END", "README", "api_figures", "figures", "rewrite", "write"]
 
 README = ROOT / "README.md"
 BEGIN = "<!-- bench figures: written by `python -m bench report` from bench/results/dispatch.json -->"
 END = "<!-- end of bench figures -->"
+API_BEGIN = "<!-- api figures: written by `python -m bench report` from bench/results/api.json -->"
+API_END = "<!-- end of api figures -->"
 
 
 def figures() -> str:
@@ -35,13 +37,35 @@ def figures() -> str:
     )
 
 
-def rewrite(text: str) -> str:
-    """`text` (the README) with the part between the markers re-rendered."""
-    head, found, rest = text.partition(BEGIN)
-    _, found_end, tail = rest.partition(END)
+def api_figures() -> str:
+    """The sizing sentence on one replica's API throughput, with the committed run's figures."""
+    api = read_result("api")
+    pairs = (api or {}).get("pairs", {})
+    if not all(key in pairs for key in ("get", "post", "list")):
+        return "(no API results in bench/results/: run `python -m bench api`)"
+
+    def route(key: str) -> str:
+        runs = pairs[key]["replica"]
+        return f"{_n(pairs[key]['replica_rps'])} req/s (p99 {_n(max(r['p99_ms'] for r in runs), 1)} ms)"
+
+    return (
+        f"on the {api['machine'].get('nproc', '?')}-vCPU machine of BENCHMARKS.md, shared with PostgreSQL and the "
+        f"load generator, one replica served `GET /appointments/{{id}}` at {route('get')}, `POST /appointments` at "
+        f"{route('post')} and pages of 100 at {route('list')}"
+    )
+
+
+def _between(text: str, begin: str, end: str, content: str) -> str:
+    head, found, rest = text.partition(begin)
+    _, found_end, tail = rest.partition(end)
     if not found or not found_end:
-        raise ValueError(f"README.md lacks the markers {BEGIN!r} … {END!r}")
-    return f"{head}{BEGIN}\n{figures()}\n{END}{tail}"
+        raise ValueError(f"README.md lacks the markers {begin!r} … {end!r}")
+    return f"{head}{begin}\n{content}\n{end}{tail}"
+
+
+def rewrite(text: str) -> str:
+    """`text` (the README) with the parts between the markers re-rendered."""
+    return _between(_between(text, BEGIN, END, figures()), API_BEGIN, API_END, api_figures())
 
 
 def write() -> Path:

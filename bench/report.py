@@ -349,9 +349,19 @@ def _api(add: Callable[[str], None], api: dict[str, Any]) -> None:
                        ("bare_get", "bare GET /bare (no database)"), ("bare_post", "bare POST /bare (no database)")):
         if api.get(key):
             row(label, "once", api[key])
+    starlette = api.get("starlette_floors") or {}
+    for key, run in starlette.items():
+        row(f"{API_PAIRS[key][2]}, on Starlette alone", "once", run)
     add("")
     add(f"Errors over all runs: {api.get('errors', '–')}.")
     add("")
+    if starlette:
+        ratios = ", ".join(f"{API_PAIRS[key][0]} {_n(pair['replica_rps'] / starlette[key]['rps'], 3)}"
+                           for key, pair in api.get("pairs", {}).items() if starlette.get(key, {}).get("rps"))
+        add("The same floors on Starlette alone (`python -m bench.bare --framework starlette`: no FastAPI, the body "
+            "validated by the same pydantic model, Starlette's JSONResponse) show what the framework costs a floor; "
+            f"the replica's mean against them, measured once each after the pairs: {ratios}.")
+        add("")
 
 
 def _profile_table(add: Callable[[str], None], label: str, result: dict[str, Any]) -> None:
@@ -478,27 +488,33 @@ including the start, which is where this shared machine is: met in quiet runs (9
 single-round run committed as bench/results/dispatch.json at 0d33f59), missed when other work
 slows the vCPUs (the rounds above; compare the calibration before and after).
 
-**API (issue 16; docs/decisions/0161).** The profile before (table above) named: the pool's
+**API (issue 16; docs/decisions/0161, 0162).** The profile before (table above) named: the pool's
 pre-ping, three round trips before every checkout; the ORM — row loading and identity map for reads,
 a second `selectin` query for every list page and PATCH, the unit-of-work flush for writes, and a
 re-read after every write; FastAPI dependency solving (session, settings, token); the response model
 built in the route and validated again by `response_model`. Now `service/appointments.py` reads and
-writes through SQLAlchemy Core with statements built once — one joined SELECT per read or page, one
-INSERT per table for a create, SELECT … FOR UPDATE plus one statement per changed table for a PATCH,
-nothing read back — each call a plain function over a `Connection` run in one greenlet hop
-(`Database.read`/`write`); reads on a pool of their own that stays in autocommit (switching a shared
-connection's isolation level at each checkout cost as much CPU as the read); no pre-ping; the routes
-take the `Request`, validate the answer once and write it with orjson (the bytes pydantic writes).
+writes through SQLAlchemy Core with statements built once — one joined SELECT per read or page; a
+create in ONE statement on PostgreSQL (the appointment's INSERT in a WITH, the reminders' INSERT
+after it), atomic on its own and so sent outside an explicit transaction: one round trip where the
+floor makes four (BEGIN, two INSERTs, COMMIT); SELECT … FOR UPDATE plus one statement per changed
+table for a PATCH; nothing read back — each call a plain function over a `Connection` run in one
+greenlet hop (`Database.read`/`write`/`write_one`); single statements on a pool of their own that
+stays in autocommit and does no reset at checkin; no pre-ping; the routes take the `Request`,
+validate the answer once and write it with orjson (the bytes pydantic writes); the bearer scheme is
+written into the OpenAPI document rather than solved as a dependency on every request; FastAPI's
+native OpenTelemetry is off; a create parses the phone number once and renders its wording with the
+locale's patterns looked up once per template. `reminders serve` freezes what startup made
+(`gc.freeze()`): full collections, which walked ~160,000 startup objects for 80–90 ms with the
+event loop stopped, were the p99 of every route (about 70 ms for GET before, 11 ms now).
 What separates a route from its floor now, by the profile after: SQLAlchemy's execution path
 (checkout and checkin through its pool and events, execution context, result rows, the greenlet
-hop) against asyncpg's `fetch`; FastAPI's routing through included routers and the bearer-scheme
-dependency (no check: issue 12's middleware enforces the token before the body; the dependency is
-what puts the scheme in the OpenAPI), and the pure-ASGI middlewares issue 12 added (request
-deadline, auth), against a route with none; and one validation of the answer against the
-response model, which the floors, returning untyped dicts, skip. POST adds what the floor does not do: the phone parsed twice (format, then the number
-policy), reminder planning, and since issue 15 the call's wording rendered and stored per reminder;
-its BEGIN, two INSERTs and COMMIT are the floor's too. On this tree POST is below half its floor
-(the summary); the same command on the tree before issue 15's merge measured 0.55 (commit e7bcb0d).
+hop) against asyncpg's `fetch`; the pure-ASGI middlewares issue 12 added (request deadline, auth,
+body limit) against a route with none; one validation of the answer against the response model,
+which the floors, returning untyped dicts, skip (for a page of 100 it is the largest single cost);
+and for POST the planning, the number policy and the wording, which the floor does not do. The
+floors are FastAPI routes; the same floors on Starlette alone (the last rows of the API table) run
+GET about 1.5 times faster, and against them the replica's GET is about 0.4: that gap is FastAPI's
+own per-request work, which the service keeps (decision 0162).
 
 **Failover.** A graceful resign is one etcd txn plus the successor's watch: milliseconds. SIGKILL
 waits for the lease to expire on the server: between TTL − TTL/3 and TTL after the kill, depending

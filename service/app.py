@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.api import appointments, health, metrics
-from service.api.auth import BearerAuthMiddleware, api_tokens
+from service.api.auth import BearerAuthMiddleware, api_tokens, document_bearer_auth
 from service.api.limits import BodyLimitMiddleware
 from service.api.readiness import ReadinessProbe
 from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, unavailable_reason
@@ -117,6 +117,9 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         summary="Appointments with reminder calls placed exactly once by the elected leader.",
         lifespan=lifespan,
+        # The service's metrics are Prometheus' (/metrics); FastAPI's native OpenTelemetry would
+        # look up the global providers on every request to find it has none (docs/decisions/0162).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         **_docs_urls(settings),
     )
     app.add_middleware(BodyLimitMiddleware)
@@ -202,22 +205,15 @@ def _harden(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BearerAuthMiddleware, tokens=tokens, prefixes=_GUARDED)  # outermost: runs first
     if not tokens:
         log.warning("API_TOKEN is unset: the appointments API is open to anyone who can reach this replica")
-        original = app.openapi
+    original = app.openapi
 
-        def openapi_without_auth() -> dict:
-            # No security requirement where none is enforced (schemathesis' ST401/ST201/ST203).
-            if app.openapi_schema is None:
-                schema = original()
-                for operations in schema.get("paths", {}).values():
-                    for operation in operations.values():
-                        if isinstance(operation, dict):
-                            operation.pop("security", None)
-                            operation.get("responses", {}).pop("401", None)
-                schema.get("components", {}).pop("securitySchemes", None)
-                app.openapi_schema = schema
-            return app.openapi_schema
+    def openapi() -> dict:
+        # What is enforced, no more (schemathesis' ST401/ST201/ST203 check an open replica's document).
+        if app.openapi_schema is None:
+            app.openapi_schema = document_bearer_auth(original(), enforced=bool(tokens), prefixes=_GUARDED)
+        return app.openapi_schema
 
-        app.openapi = openapi_without_auth  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def __getattr__(name: str) -> object:

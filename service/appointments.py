@@ -2,7 +2,8 @@
 
 The layer between the routers and the database: it plans reminders through the domain
 (`service.reminders`) and reads and writes the ORM's tables through SQLAlchemy Core, each call
-in at most one transaction with one statement per table it touches (docs/decisions/0161). It
+in at most one transaction with one statement per table it touches (docs/decisions/0161); a
+create is one statement on PostgreSQL (docs/decisions/0162). It
 returns appointments as `AppointmentView`s — plain dictionaries in the API's response shape, built
 from the rows it read or the values it wrote (nothing is read back after a write). It speaks no
 HTTP: a router turns its errors (`AppointmentNotFound`, `AppointmentCancelled`, `InvalidField`)
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, TypedDict
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Integer, Select, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Insert, Integer, Select, and_, bindparam, delete, insert, or_, select, union_all, update
 from sqlalchemy.engine import Connection, Row
 
 from service.db import Database
@@ -141,7 +142,13 @@ def _joined(appointments: Any) -> Select[Any]:
 _ONE = _joined(_A).where(_A.c.id == bindparam("appointment_id"))
 # Locks the appointment row only: FOR UPDATE cannot apply to the nullable side of an outer join.
 _ONE_FOR_UPDATE = _ONE.with_for_update(of=_A)
-_INSERT_APPOINTMENT = insert(_A)
+_APPOINTMENT_INSERT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "remind_at", "status",
+                               "language", "created_at", "updated_at")
+_REMINDER_INSERT_COLUMNS = ("id", "appointment_id", "due_at", "next_attempt_at", "status", "attempts",
+                            "idempotency_key", "wording", "no_answer_retries", "created_at", "updated_at")
+# Every column named with its type: a create's parameters are exactly these.
+_INSERT_APPOINTMENT = insert(_A).values({name: bindparam(name, type_=_A.c[name].type)
+                                         for name in _APPOINTMENT_INSERT_COLUMNS})
 _INSERT_REMINDERS = insert(_R)
 _CANCEL_PENDING = (
     update(_R)
@@ -301,9 +308,32 @@ def _select_one(connection: Connection, appointment_id: str, *, lock: bool = Fal
     return _views(rows)[0]
 
 
+@functools.lru_cache(maxsize=64)
+def _create_statement(reminders: int) -> Insert:
+    """PostgreSQL: an appointment and `reminders` reminders in ONE statement (the appointment's
+    INSERT in a WITH), atomic on its own. Parameters: the appointment's columns by name, reminder
+    i's as `r<i>_<column>`."""
+    # rows as SELECTs of parameters, not a multi-row VALUES: SQLAlchemy caches the compiled form of
+    # these, and compiling a multi-row VALUES on every request cost more than the round trips saved
+    rows = [select(*(bindparam(f"r{i}_{name}", type_=_R.c[name].type) for name in _REMINDER_INSERT_COLUMNS))
+            for i in range(reminders)]
+    return (insert(_R).from_select(_REMINDER_INSERT_COLUMNS, rows[0] if reminders == 1 else union_all(*rows))
+            .add_cte(_INSERT_APPOINTMENT.cte("new_appointment")))
+
+
 def _insert(connection: Connection, appointment: dict[str, Any], reminders: list[dict[str, Any]]) -> None:
-    connection.execute(_INSERT_APPOINTMENT, appointment)
-    _insert_reminders(connection, reminders)
+    """The appointment and its reminders: one statement on PostgreSQL; SQLite has no INSERT inside
+    WITH, so two there (`Database.write_one` runs them in one transaction)."""
+    if not reminders:
+        connection.execute(_INSERT_APPOINTMENT, appointment)
+    elif connection.dialect.name == "sqlite":
+        connection.execute(_INSERT_APPOINTMENT, appointment)
+        _insert_reminders(connection, reminders)
+    else:
+        params = dict(appointment)
+        for i, row in enumerate(reminders):
+            params.update({f"r{i}_{name}": row[name] for name in _REMINDER_INSERT_COLUMNS})
+        connection.execute(_create_statement(len(reminders)), params)
 
 
 def _select_page(connection: Connection, statement: Select[Any], params: dict[str, Any]) -> list[AppointmentView]:
@@ -319,7 +349,7 @@ async def read(db: Database, appointment_id: str) -> AppointmentView:
 
 
 async def create(db: Database, new: NewAppointment, planning: PlanningConfig) -> AppointmentView:
-    """Store an appointment with its planned reminders (one transaction, one INSERT per table);
+    """Store an appointment with its planned reminders (one INSERT statement on PostgreSQL);
     the view's `unplanned` says what could not be planned, and why."""
     _check_phone(new.phone, planning)
     _check_remind_at(new.remind_at, new.starts_at)
@@ -334,7 +364,7 @@ async def create(db: Database, new: NewAppointment, planning: PlanningConfig) ->
         "status": AppointmentStatus.SCHEDULED, "language": language, "created_at": now, "updated_at": now,
     }
     reminders, unplanned = _plan(values, values["remind_at"], planning, now)
-    await db.write(_insert, values, reminders)
+    await db.write_one(_insert, values, reminders)
     if log.isEnabledFor(logging.INFO):
         log.info("appointment %s created for %s: %d reminder(s), %d unplanned",
                  values["id"], mask_phone(new.phone), len(reminders), len(unplanned))

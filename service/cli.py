@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 
@@ -78,8 +79,19 @@ def _serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_graceful_shutdown=5
     )
+    _freeze_startup_objects()
     Server(config).run()
     return 0
+
+
+def _freeze_startup_objects() -> None:
+    """Put what startup made (modules, the app, its schemas) out of the garbage collector's reach.
+
+    A full collection otherwise walks all of it, 80–90 ms with the event loop stopped — the API's
+    p99 under load, and a gap in the lease keepalives. After the freeze it walks what requests
+    made: under 10 ms (docs/decisions/0162)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _migrate(_args: argparse.Namespace) -> int:

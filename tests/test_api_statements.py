@@ -1,8 +1,9 @@
 """What each appointment route costs the database: statements per request, and the JSON it writes.
 
 The routes read and write through SQLAlchemy Core in one transaction at most (issue 16): a read
-is one SELECT, POST one INSERT per table, a PATCH its SELECT … FOR UPDATE and one statement per
-table it changes — nothing read back after a write. Counted on SQLite and PostgreSQL with
+is one SELECT, POST one INSERT statement on PostgreSQL (the appointment's INSERT in a WITH; one per
+table on SQLite, which has no INSERT inside WITH), a PATCH its SELECT … FOR UPDATE and one statement
+per table it changes — nothing read back after a write. Counted on SQLite and PostgreSQL with
 SQLAlchemy's cursor events (BEGIN/COMMIT are not statements there, and neither is a pre-ping).
 """
 
@@ -13,10 +14,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import TypeAdapter
-from sqlalchemy import event
+from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
+from service import appointments
 from service.api.schemas import AppointmentList, AppointmentOut
+from service.db import Appointment, Database
+from service.reminders import ALWAYS, MessageTemplates, PlanningConfig, ReminderOffset
 from tests.support.appclient import make_settings, running_app
 
 pytestmark = pytest.mark.anyio
@@ -48,11 +53,14 @@ def _starts(days: float) -> str:
     return (datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0).isoformat()
 
 
-async def test_each_route_is_one_statement_per_table(api, statements: list[str]) -> None:
+async def test_each_route_is_one_statement_per_table(api, statements: list[str], database_url: str) -> None:
     body = {"customer_name": "Ada Lovelace", "phone": "+14155552671", "starts_at": _starts(3), "timezone": "UTC"}
     created = await api.post("/appointments", json=body)
     assert created.status_code == 201, created.text
-    assert statements == ["INSERT INTO appointments", "INSERT INTO reminders"]
+    if database_url.startswith("sqlite"):
+        assert statements == ["INSERT INTO appointments", "INSERT INTO reminders"]
+    else:
+        assert statements == ["WITH new_appointment AS"]
     appointment_id = created.json()["id"]
 
     statements.clear()
@@ -88,3 +96,33 @@ async def test_the_json_is_what_the_response_model_writes(api) -> None:
                             (await api.delete(f"/appointments/{created.json()['id']}"), one)):
         assert response.status_code in (200, 201), response.text
         assert response.content == model.dump_json(model.validate_json(response.content))
+
+
+# Makes every INSERT into reminders fail, as a broken disk or a constraint would.
+_REFUSE_REMINDERS = {
+    "sqlite": ["CREATE TRIGGER refuse_reminders BEFORE INSERT ON reminders BEGIN SELECT RAISE(ABORT, 'refused'); END"],
+    "postgresql": [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+        "CREATE TRIGGER refuse_reminders BEFORE INSERT ON reminders FOR EACH ROW EXECUTE FUNCTION refuse()",
+    ],
+}
+
+
+async def test_a_create_whose_reminders_fail_stores_nothing(database_url: str) -> None:
+    """The appointment and its reminders are one write: when the reminders cannot be stored, neither
+    is the appointment (one statement on PostgreSQL, one transaction on SQLite)."""
+    db = Database(database_url)
+    try:
+        await db.upgrade()
+        async with db.engine.begin() as connection:
+            for statement in _REFUSE_REMINDERS[db.engine.dialect.name]:
+                await connection.execute(text(statement))
+        planning = PlanningConfig(call_window=ALWAYS, offsets=(ReminderOffset.parse("1h"), ReminderOffset.parse("2h")),
+                                  templates=MessageTemplates.parse(None))
+        new = appointments.NewAppointment("Ada Lovelace", "+14155552671", datetime.now(UTC) + timedelta(days=3))
+        with pytest.raises(DBAPIError, match="refused"):
+            await appointments.create(db, new, planning)
+        async with db.engine.connect() as connection:
+            assert await connection.scalar(select(func.count()).select_from(Appointment)) == 0
+    finally:
+        await db.dispose()

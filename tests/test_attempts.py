@@ -143,9 +143,16 @@ async def reminder(db: Database, reminder_id: str):  # noqa: ANN201
 
 
 async def reclaim(rig: Rig, token: int, claim: Claim, clock: Clock) -> Claim:
-    (again,) = [c for c in await ReminderStore(rig.db).claim(token, "test", limit=10, now=clock(),
-                                                               stale_after=timedelta(minutes=2))
-                if c.reminder_id == claim.reminder_id]
+    """The reminder claimed again. Polled: the claim skips locked rows (SKIP LOCKED), and the call's
+    last webhook may still hold the reminder's row for a moment after the fake reports it done."""
+
+    async def claimed_again() -> Claim | None:
+        claims = await ReminderStore(rig.db).claim(token, "test", limit=10, now=clock(),
+                                                   stale_after=timedelta(minutes=2))
+        return next((c for c in claims if c.reminder_id == claim.reminder_id), None)
+
+    again = await eventually(claimed_again, timeout=10)
+    assert isinstance(again, Claim)
     return again
 
 

@@ -81,6 +81,23 @@ def test_voip_numbers_only_when_allowed() -> None:
     assert number_refusal(PHONE, NumberPolicy()) is None
 
 
+def test_a_parsed_number_gets_the_answers_of_its_text() -> None:
+    """The request's validation hands the number policy a PhoneNumber (parsed once); the policy
+    answers for it what it answers for the plain text."""
+    from service.reminders import NumberPolicy, PhoneNumber, number_refusal, parse_phone  # noqa: PLC0415
+
+    policies = [NumberPolicy(), NumberPolicy(allow_voip=True), NumberPolicy(allowed_countries=frozenset({"DE"}))]
+    for text in (PHONE, "+445612345678", "+4930901820", "+18005550199", "+4915112345678"):
+        number = parse_phone(text)
+        assert isinstance(number, PhoneNumber) and number == text
+        assert [number_refusal(number, p) for p in policies] == [number_refusal(text, p) for p in policies]
+    assert number_refusal(parse_phone("+18005550199"), NumberPolicy()) is not None  # toll-free
+    assert number_refusal(parse_phone(PHONE), policies[2]) == "country US is not in ALLOWED_COUNTRIES"
+    for bad in ("+1415555267", "14155552671", "+1 415 555 2671x", "+999123"):
+        with pytest.raises(ValueError, match="E.164"):
+            parse_phone(bad)
+
+
 def test_allowed_countries_are_validated_at_start() -> None:
     with pytest.raises(ValidationError, match="allowed_countries"):
         Settings(allowed_countries="US,XX")
@@ -186,8 +203,11 @@ def test_the_document_declares_auth_only_when_it_is_on(tmp_path) -> None:
     assert not any("401" in op["responses"] for op in _operations(open_schema))
     closed = create_app(Settings(database_url=url, api_token="t")).openapi()
     secured = [op for op in _operations(closed) if "security" in op]
-    assert secured and all(op["operationId"] in {"createAppointment", "listAppointments", "getAppointment",
-                                                   "patchAppointment", "cancelAppointment"} for op in secured)
+    assert {op["operationId"] for op in secured} == {"createAppointment", "listAppointments", "getAppointment",
+                                                     "patchAppointment", "cancelAppointment"}
+    assert all(op["security"] == [{"HTTPBearer": []}] and "401" in op["responses"] for op in secured)
+    assert closed["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http", "scheme": "bearer", "description": "Required when API_TOKEN is set."}
 
 
 def test_patch_declares_no_null_it_refuses_and_the_cursor_has_a_form(tmp_path) -> None:

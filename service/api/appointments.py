@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, HTTPException, Query, Request, Response, Security, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import TypeAdapter
 
 from service import appointments
-from service.api.deps import bearer_scheme, invalid
+from service.api.deps import invalid
 from service.api.schemas import (
     AppointmentCreate,
     AppointmentList,
@@ -34,7 +34,6 @@ __all__ = ["router"]
 router = APIRouter(
     prefix="/appointments",
     tags=["appointments"],
-    dependencies=[Security(bearer_scheme)],  # documents it; BearerAuthMiddleware enforces it
     responses={
         400: {"model": ErrorOut, "description": "Malformed request"},
         401: {"model": ErrorOut, "description": "Missing or invalid bearer token (when API_TOKEN is set)"},

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import hmac
 import json
+from typing import Any
 
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["BearerAuthMiddleware", "api_tokens", "token_accepted"]
+__all__ = ["BearerAuthMiddleware", "api_tokens", "document_bearer_auth", "token_accepted"]
+
+_SCHEME_NAME = "HTTPBearer"
+_SCHEME = {"type": "http", "description": "Required when API_TOKEN is set.", "scheme": "bearer"}
 
 
 def api_tokens(secret: SecretStr | None) -> tuple[bytes, ...]:
@@ -70,3 +74,24 @@ class BearerAuthMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+def document_bearer_auth(schema: dict[str, Any], *, enforced: bool, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """`schema` (an OpenAPI document) saying what the middleware enforces: a bearer requirement on
+    every operation under `prefixes` when tokens are set; none, and no 401 answer, when not.
+
+    Written into the document rather than declared as a route dependency, which FastAPI would solve
+    on every request for a check the middleware has already made (docs/decisions/0162)."""
+    for path, operations in schema.get("paths", {}).items():
+        if not any(path == prefix or path.startswith(prefix + "/") for prefix in prefixes):
+            continue
+        for operation in operations.values():
+            if not isinstance(operation, dict):
+                continue
+            if enforced:
+                operation["security"] = [{_SCHEME_NAME: []}]
+            else:
+                operation.get("responses", {}).pop("401", None)
+    if enforced:
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})[_SCHEME_NAME] = dict(_SCHEME)
+    return schema

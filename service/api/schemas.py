@@ -6,12 +6,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import phonenumbers
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
 
 from service.db.models import AppointmentStatus
 from service.privacy import E164_PATTERN
-from service.reminders import Confirmation, ReminderOutcome, ReminderStatus, normalize_language
+from service.reminders import Confirmation, ReminderOutcome, ReminderStatus, normalize_language, parse_phone
 
 __all__ = [
     "AppointmentCreate",
@@ -56,14 +55,7 @@ FutureDatetime = Annotated[AwareDatetime, AfterValidator(_require_future)]
 
 
 def _valid_phone(value: str) -> str:
-    try:
-        parsed = phonenumbers.parse(value, None)
-    except phonenumbers.NumberParseException as error:
-        raise ValueError(f"not a phone number in E.164 form (+<country><number>): {error.args[0]}") from None
-    formatted = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-    if not value.startswith("+") or formatted != value.replace(" ", "") or not phonenumbers.is_valid_number(parsed):
-        raise ValueError("not a valid phone number in E.164 form (+<country><number>, digits only)")
-    return formatted
+    return parse_phone(value)  # a PhoneNumber: the number policy reads its type without parsing again
 
 
 def _valid_zone(value: str) -> str:

@@ -19,7 +19,7 @@ from service.reminders.outcomes import (
 )
 from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, Wording, normalize_language
 from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
-from service.reminders.numbers import NumberPolicy, number_refusal
+from service.reminders.numbers import NumberPolicy, PhoneNumber, number_refusal, parse_phone
 from service.reminders.lifecycle import (
     TERMINAL,
     TRANSITIONS,
@@ -62,6 +62,7 @@ __all__ = [
     "CallWindow",
     "IllegalTransition",
     "NumberPolicy",
+    "PhoneNumber",
     "Plan",
     "PlanningConfig",
     "ReminderOffset",
@@ -72,6 +73,7 @@ __all__ = [
     "fit_call_window",
     "idempotency_key",
     "number_refusal",
+    "parse_phone",
     "parse_duration",
     "plan_reminders",
     "require",

@@ -19,18 +19,19 @@ all but `voicemail`). Built-in phrases: en, de, fr, es. Languages are BCP 47 tag
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
-from babel.dates import format_date, format_time
+from babel.dates import DateTimePattern
 
 __all__ = ["DEFAULT_LANGUAGE", "PHRASES", "PLACEHOLDERS", "MessageTemplates", "Template", "Wording", "normalize_language"]
 
@@ -121,7 +122,9 @@ class Wording:
     goodbye: str
 
     def to_json(self) -> dict[str, str]:
-        return asdict(self)
+        # spelled out: dataclasses.asdict deep-copies, a cost on every create
+        return {"language": self.language, "message": self.message, "voicemail": self.voicemail, "prompt": self.prompt,
+                "confirmed": self.confirmed, "declined": self.declined, "goodbye": self.goodbye}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Wording:
@@ -155,13 +158,22 @@ class Template:
             raise ValueError(f"{language}: no built-in phrases for this language; give {', '.join(missing)}")
         return cls(language=language, **{name: _check_phrase(language, name, merged[name]) for name in PHRASES})
 
+    @functools.cached_property
+    def _calendar(self) -> tuple[Locale, DateTimePattern, DateTimePattern]:
+        """The language's locale with its full date and short time patterns, looked up once."""
+        locale = _locale(self.language)
+        return locale, locale.date_formats["full"], locale.time_formats["short"]
+
     def render(self, name: str, starts_at: datetime, timezone: str) -> Wording:
         """The words for a customer and an appointment time (shown in `timezone`)."""
         local = starts_at.astimezone(ZoneInfo(timezone))
-        locale = _locale(self.language)
-        values = {"name": name, "date": format_date(local, format="full", locale=locale),
+        locale, date_pattern, time_pattern = self._calendar
+        # what babel's format_date(format="full") and format_time(format="short") write, without
+        # their locale and pattern lookups on every call
+        day = local.date()
+        values = {"name": name, "date": date_pattern.apply(day, locale),
                   # CLDR puts a narrow no-break space before AM/PM: plain text for the speech engines
-                  "time": format_time(local, format="short", locale=locale).replace("\u202f", " ")}
+                  "time": time_pattern.apply(local.timetz(), locale, reference_date=day).replace("\u202f", " ")}
         return Wording(
             language=self.language,
             message=self.message.format(**values),
