@@ -8,11 +8,12 @@ again with the same idempotency key, or will never succeed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
@@ -29,10 +30,14 @@ __all__ = [
     "CallRequest",
     "HttpTelephonyClient",
     "OutcomeKind",
+    "SendRefused",
     "TelephonyClient",
+    "describe_failure",
     "error_text",
     "parse_retry_after",
+    "post_guarded",
     "read_capped",
+    "send_capped",
     "usable_call_id",
 ]
 
@@ -227,44 +232,17 @@ class HttpTelephonyClient:
         """POST one call and classify the answer; only cancellation and misuse raise."""
         # Serialised here, once, so every attempt of a key carries the same bytes.
         body = json.dumps(request.payload(), ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-        headers = {
-            **self._headers,
-            "Idempotency-Key": request.idempotency_key,
-            "Content-Type": "application/json",
-            "Content-Length": str(len(body)),
-        }
-        refused = False
-
-        async def last_moment() -> AsyncIterator[bytes]:
-            nonlocal refused
-            if may_send is not None and not may_send():
-                refused = True
-                raise _NotSent("may_send refused")
-            yield body
-
-        http_request = httpx.Request(
-            "POST",
-            self._url,
-            headers=headers,
-            content=body if may_send is None else last_moment(),
-        )
+        headers = {**self._headers, "Idempotency-Key": request.idempotency_key, "Content-Type": "application/json"}
         try:
             # The one deadline of the call. No per-phase timeouts go to the transport: each would
             # be one more timer per call, and this one bounds them all.
-            async with asyncio.timeout(self._timeout):
-                response = await self._transport.handle_async_request(http_request)
-                try:
-                    response = await read_capped(response)
-                finally:
-                    await response.aclose()
-        except Exception as exc:  # noqa: BLE001 - classified below; anything unexpected re-raised
-            if refused:
-                outcome = CallOutcome(OutcomeKind.NOT_SENT, error="not sent: the sender may no longer send")
-            elif isinstance(exc, httpx.HTTPError | TimeoutError):
-                # HTTP errors without a response (e.g. an unreadable body) may have landed: transient.
-                outcome = CallOutcome(OutcomeKind.TRANSIENT, error=_describe(exc, request))
-            else:
-                raise
+            response = await post_guarded(functools.partial(send_capped, self._transport), self._url, headers, body,
+                                          may_send=may_send, timeout=self._timeout)
+        except SendRefused:
+            outcome = CallOutcome(OutcomeKind.NOT_SENT, error="not sent: the sender may no longer send")
+        except (httpx.HTTPError, TimeoutError) as exc:
+            # HTTP errors without a response (e.g. an unreadable body) may have landed: transient.
+            outcome = CallOutcome(OutcomeKind.TRANSIENT, error=describe_failure(exc, request.to, request.from_))
         else:
             outcome = _classify(response, request)
         if logger.isEnabledFor(logging.DEBUG):
@@ -315,12 +293,61 @@ async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+async def send_capped(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:
+    """One request through `transport`, its answer read up to MAX_RESPONSE_BYTES and closed."""
+    response = await transport.handle_async_request(request)
+    try:
+        return await read_capped(response)
+    finally:
+        await response.aclose()
+
+
+class SendRefused(Exception):
+    """`may_send` refused as the request was about to be written: nothing left this process."""
+
+
 class _NotSent(Exception):
     """Raised inside the request body when `may_send` refuses: the request never leaves."""
 
 
-def _describe(exc: BaseException, request: CallRequest) -> str:
-    """ "timeout: <type>: <text>" or "network: <type>: <text>", numbers masked.
+async def post_guarded(
+    send: Callable[[httpx.Request], Awaitable[httpx.Response]],
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    may_send: Callable[[], bool] | None,
+    timeout: float,
+) -> httpx.Response:
+    """POST `body` to `url` through `send`, all within `timeout`, asking `may_send` at the last
+    moment: when the transport starts writing the body, once it holds a connection. A sender
+    that lost its right to send while it connected (a deposed leader) sends nothing.
+
+    Raises SendRefused when `may_send` refused (certainly not sent), httpx.HTTPError or
+    TimeoutError when the request may or may not have arrived; returns the answer otherwise."""
+    refused = False
+
+    async def last_moment() -> AsyncIterator[bytes]:
+        nonlocal refused
+        if may_send is not None and not may_send():
+            refused = True
+            raise _NotSent("may_send refused")
+        yield body
+
+    request = httpx.Request("POST", url, headers={**headers, "Content-Length": str(len(body))},
+                            content=body if may_send is None else last_moment())
+    try:
+        async with asyncio.timeout(timeout):
+            return await send(request)
+    except Exception:
+        if refused:  # whatever the transport wrapped _NotSent in
+            raise SendRefused from None
+        raise
+
+
+def describe_failure(exc: BaseException, *numbers: str) -> str:
+    """ "timeout: <type>: <text>" or "network: <type>: <text>" for a request that got no answer,
+    `numbers` and anything phone-like masked.
 
     httpx-aiohttp maps every aiohttp connection error (refused, server disconnected) to
     httpx.ConnectTimeout, so the aiohttp exception it wraps, when there is one, decides.
@@ -330,7 +357,7 @@ def _describe(exc: BaseException, request: CallRequest) -> str:
     what = "timeout" if isinstance(root, httpx.TimeoutException | TimeoutError) else "network"
     detail = str(root)
     text = f"{what}: {type(root).__name__}" + (f": {detail}" if detail else "")
-    return error_text(text, request.to, request.from_)
+    return error_text(text, *numbers)
 
 
 def _body_error(response: httpx.Response) -> str | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -28,7 +28,7 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from service.privacy import mask_phone
 
-from .client import error_text, parse_retry_after, read_capped
+from .client import SendRefused, describe_failure, error_text, parse_retry_after, post_guarded, send_capped
 from .provider import LIVE_STATUSES, CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable
 
 __all__ = [
@@ -133,32 +133,14 @@ class TwilioProvider:
         """POST one call; 201 → CREATED, 429 → NOT_CREATED, other 4xx → REJECTED, anything
         unknown (5xx, timeout, lost connection) → IN_DOUBT."""
         body = urlencode(self.create_form(spec)).encode()
-        refused = False
-
-        async def last_moment() -> AsyncIterator[bytes]:
-            nonlocal refused
-            if may_send is not None and not may_send():
-                refused = True
-                raise _NotSent
-            yield body
-
-        request = httpx.Request(
-            "POST",
-            self.calls_url,
-            headers={**self._headers, "Content-Type": "application/x-www-form-urlencoded",
-                     "Content-Length": str(len(body))},
-            content=body if may_send is None else last_moment(),
-        )
+        headers = {**self._headers, "Content-Type": "application/x-www-form-urlencoded"}
         try:
-            async with asyncio.timeout(self._timeout):
-                response = await self._send(request)
-        except Exception as error:  # noqa: BLE001 - classified here; anything else re-raised
-            if refused:
-                return CreateResult(CreateKind.NOT_SENT, error="not sent: the sender may no longer send")
-            if isinstance(error, httpx.HTTPError | TimeoutError):
-                what = "timeout" if isinstance(error, httpx.TimeoutException | TimeoutError) else "network"
-                return CreateResult(CreateKind.IN_DOUBT, error=error_text(f"{what}: {type(error).__name__}", spec.to))
-            raise
+            response = await post_guarded(self._send, self.calls_url, headers, body, may_send=may_send,
+                                          timeout=self._timeout)
+        except SendRefused:
+            return CreateResult(CreateKind.NOT_SENT, error="not sent: the sender may no longer send")
+        except (httpx.HTTPError, TimeoutError) as error:
+            return CreateResult(CreateKind.IN_DOUBT, error=describe_failure(error, spec.to))
         result = _classify_create(response, spec)
         log.debug("twilio create to %s (attempt %s): %s %s", mask_phone(spec.to), spec.attempt_id,
                   result.kind, result.status_code)
@@ -220,13 +202,7 @@ class TwilioProvider:
     async def _send(self, request: httpx.Request) -> httpx.Response:
         """One request through the transport, its body read up to MAX_RESPONSE_BYTES (the caller
         holds the deadline)."""
-        return await read_capped(await self._transport.handle_async_request(request))
-
-
-
-
-class _NotSent(Exception):
-    """Raised inside the request body when `may_send` refuses: the request never leaves."""
+        return await send_capped(self._transport, request)
 
 
 def _rfc2822(value: Any) -> datetime | None:
