@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.fakes.twilio import CalleeScript
+from service.fakes.controls import CalleeScript, ControlledFake
 from service.telephony.provider import Stamp
 
 __all__ = ["CalleeScript", "FakeTelnyx", "TEST_PUBLIC_KEY", "TEST_SIGNING_SEED", "main", "sign"]
@@ -135,7 +135,7 @@ def _errors(status: int, code: str, title: str, detail: str = "") -> JSONRespons
     return JSONResponse({"errors": [{"code": code, "title": title, "detail": detail or title}]}, status_code=status)
 
 
-class FakeTelnyx:
+class FakeTelnyx(ControlledFake):
     """One fake Telnyx account with one Call Control connection: REST API (`app`), calls, events."""
 
     def __init__(
@@ -153,20 +153,16 @@ class FakeTelnyx:
         webhook_tries: int = 8,
         seed: int | None = None,
     ) -> None:
+        super().__init__(_Controls(latency_ms=latency_ms, calls_per_second=calls_per_second, ring_ms=ring_ms,
+                                   speak_ms=speak_ms))
         self.api_key = api_key
         self.connection_id = connection_id
         self._seed = signing_seed
-        self._initial = _Controls(latency_ms=latency_ms, calls_per_second=calls_per_second, ring_ms=ring_ms,
-                                  speak_ms=speak_ms)
-        self.controls = _Controls(**vars(self._initial))
-        self.callees: dict[str, CalleeScript] = {}
         self.calls: dict[str, _Call] = {}
-        self.requests: list[dict[str, Any]] = []
         self._dials: dict[str, tuple[float, JSONResponse]] = {}
         self._window: deque[float] = deque()
         self._rng = random.Random(seed)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._released: asyncio.Event | None = None
         self._webhook_transport = webhook_transport
         self._webhook_timeout = webhook_timeout
         self._webhook_tries = webhook_tries
@@ -295,12 +291,6 @@ class FakeTelnyx:
 
     def _authorised(self, request: Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {self.api_key}"
-
-    async def _turn(self) -> None:
-        if self.controls.latency_ms > 0:
-            await asyncio.sleep(self.controls.latency_ms / 1000)
-        while self.controls.hang and self._released is not None:
-            await self._released.wait()
 
     def _over_rate(self) -> bool:
         cps = self.controls.calls_per_second
@@ -437,47 +427,13 @@ class FakeTelnyx:
     async def _inspect_calls(self, request: Request) -> JSONResponse:
         return JSONResponse({"calls": [c.inspect() for c in self.calls.values()]})
 
-    async def _inspect_requests(self, request: Request) -> JSONResponse:
-        return JSONResponse({"requests": list(self.requests)})
-
-    async def _set_callees(self, request: Request) -> JSONResponse:
-        payload = await request.json()
-        try:
-            scripts = {number: CalleeScript(**script) for number, script in payload.items()}
-        except (TypeError, ValueError, AttributeError) as error:
-            return JSONResponse({"error": str(error)}, status_code=422)
-        self.callees.update(scripts)
-        return JSONResponse({number: vars(script) for number, script in self.callees.items()})
-
-    async def _control(self, request: Request) -> JSONResponse:
-        if request.method == "POST":
-            payload = await request.json()
-            unknown = set(payload) - set(vars(self.controls))
-            if unknown:
-                return JSONResponse({"error": f"unknown controls {sorted(unknown)}"}, status_code=422)
-            if "hang" in payload:
-                self.set_hang(bool(payload["hang"]))
-            for name, value in payload.items():
-                if name != "hang":
-                    setattr(self.controls, name, float(value))
-        return JSONResponse(vars(self.controls))
-
-    def set_hang(self, hang: bool) -> None:
-        if hang and not self.controls.hang:
-            self._released = asyncio.Event()
-        elif not hang and self._released is not None:
-            self._released.set()
-            self._released = None
-        self.controls.hang = hang
-
     async def _reset(self, request: Request) -> JSONResponse:
-        self.set_hang(False)
-        self.controls = _Controls(**vars(self._initial))
+        self._reset_controls()
         for call in self.calls.values():
             if call.alive:
                 call.status = "canceled"
             call.ended.set()
-        self.calls, self.requests, self.callees, self._dials = {}, [], {}, {}
+        self.calls, self._dials = {}, {}
         return JSONResponse({"reset": True})
 
     async def aclose(self) -> None:
@@ -499,14 +455,7 @@ class FakeTelnyx:
         # replica its own, recorded as `placed_by`).
         routes += [Route(prefix + r.path, r.endpoint, methods=list(r.methods or []))
                    for prefix in ("/{prefix}", "/{prefix}/{prefix2}") for r in list(routes)]
-        routes += [
-            Route("/_fake/calls", self._inspect_calls, methods=["GET"]),
-            Route("/_fake/requests", self._inspect_requests, methods=["GET"]),
-            Route("/_fake/callees", self._set_callees, methods=["POST"]),
-            Route("/_fake/control", self._control, methods=["GET", "POST"]),
-            Route("/_fake/reset", self._reset, methods=["POST"]),
-        ]
-        return Starlette(routes=routes)
+        return Starlette(routes=routes + self._control_routes())
 
 
 def _now() -> str:

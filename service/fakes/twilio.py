@@ -46,37 +46,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
+from service.fakes.controls import CalleeScript, ControlledFake
+
 __all__ = ["CalleeScript", "FakeTwilio", "main"]
 
 log = logging.getLogger(__name__)
 
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")
-_BEHAVIOURS = ("answer", "machine", "no-answer", "busy")
 _FINAL = ("completed", "busy", "no-answer", "canceled", "failed")
-
-
-@dataclass
-class CalleeScript:
-    """What the person (or machine) at a number does when called."""
-
-    behaviour: str = "answer"
-    # pressed when a <Gather> asks: a string at every one; a list, the n-th entry at the n-th one
-    # ("" or past its end: nothing pressed, the <Gather> times out)
-    digits: str | list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if self.behaviour not in _BEHAVIOURS:
-            raise ValueError(f"behaviour must be one of {_BEHAVIOURS}")
-        if self.digits is not None and not isinstance(self.digits, str | list):
-            raise ValueError("digits must be a string or a list of strings")
-
-    def press(self, gather: int) -> str | None:
-        """The keys pressed at the `gather`-th <Gather> of a call (0-based), if any."""
-        if isinstance(self.digits, list):
-            keys = self.digits[gather] if gather < len(self.digits) else None
-        else:
-            keys = self.digits
-        return keys or None
 
 
 @dataclass
@@ -145,7 +122,7 @@ async def _form(request: Request) -> FormData:
     return FormData(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
 
 
-class FakeTwilio:
+class FakeTwilio(ControlledFake):
     """One fake Twilio account: its REST API (`app`), its dialer, and its webhook sender."""
 
     def __init__(
@@ -160,19 +137,15 @@ class FakeTwilio:
         webhook_timeout: float = 15.0,
         seed: int | None = None,
     ) -> None:
+        super().__init__(_Controls(latency_ms=latency_ms, calls_per_second=calls_per_second, ring_ms=ring_ms))
         self.account_sid = account_sid
         self.auth_token = auth_token
-        self._initial = _Controls(latency_ms=latency_ms, calls_per_second=calls_per_second, ring_ms=ring_ms)
-        self.controls = _Controls(**vars(self._initial))
-        self.callees: dict[str, CalleeScript] = {}
         self.calls: dict[str, _Call] = {}
-        self.requests: list[dict[str, Any]] = []
         self._signer = RequestValidator(auth_token)
         self._rng = random.Random(seed)
         self._queue: asyncio.Queue[_Call] | None = None
         self._dialer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._released: asyncio.Event | None = None
         self._webhook_transport = webhook_transport
         self._webhook_timeout = webhook_timeout
         self._http: httpx.AsyncClient | None = None
@@ -340,12 +313,6 @@ class FakeTwilio:
         expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
         return account == self.account_sid and request.headers.get("Authorization") == f"Basic {expected}"
 
-    async def _turn(self) -> None:
-        if self.controls.latency_ms > 0:
-            await asyncio.sleep(self.controls.latency_ms / 1000)
-        while self.controls.hang and self._released is not None:
-            await self._released.wait()
-
     @staticmethod
     def _error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"code": code, "message": message, "more_info": f"https://www.twilio.com/docs/errors/{code}",
@@ -430,47 +397,13 @@ class FakeTwilio:
     async def _inspect_calls(self, request: Request) -> JSONResponse:
         return JSONResponse({"calls": [c.inspect(self.account_sid) for c in self.calls.values()]})
 
-    async def _inspect_requests(self, request: Request) -> JSONResponse:
-        return JSONResponse({"requests": list(self.requests)})
-
-    async def _set_callees(self, request: Request) -> JSONResponse:
-        payload = await request.json()
-        try:
-            scripts = {number: CalleeScript(**script) for number, script in payload.items()}
-        except (TypeError, ValueError, AttributeError) as error:
-            return JSONResponse({"error": str(error)}, status_code=422)
-        self.callees.update(scripts)
-        return JSONResponse({number: vars(script) for number, script in self.callees.items()})
-
-    async def _control(self, request: Request) -> JSONResponse:
-        if request.method == "POST":
-            payload = await request.json()
-            unknown = set(payload) - set(vars(self.controls))
-            if unknown:
-                return JSONResponse({"error": f"unknown controls {sorted(unknown)}"}, status_code=422)
-            if "hang" in payload:
-                self.set_hang(bool(payload["hang"]))
-            for name, value in payload.items():
-                if name != "hang":
-                    setattr(self.controls, name, float(value))
-        return JSONResponse(vars(self.controls))
-
-    def set_hang(self, hang: bool) -> None:
-        if hang and not self.controls.hang:
-            self._released = asyncio.Event()
-        elif not hang and self._released is not None:
-            self._released.set()
-            self._released = None
-        self.controls.hang = hang
-
     async def _reset(self, request: Request) -> JSONResponse:
-        self.set_hang(False)
-        self.controls = _Controls(**vars(self._initial))
+        self._reset_controls()
         for call in self.calls.values():
             call.hang_up.set()
             if call.status in ("queued", "initiated", "ringing"):
                 call.status = "canceled"
-        self.calls, self.requests, self.callees = {}, [], {}
+        self.calls = {}
         return JSONResponse({"reset": True})
 
     async def aclose(self) -> None:
@@ -488,17 +421,12 @@ class FakeTwilio:
             Route(base + "/Calls.json", self._create, methods=["POST"]),
             Route(base + "/Calls.json", self._list, methods=["GET"]),
             Route(base + "/Calls/{sid}.json", self._call, methods=["GET", "POST"]),
-            Route("/_fake/calls", self._inspect_calls, methods=["GET"]),
-            Route("/_fake/requests", self._inspect_requests, methods=["GET"]),
-            Route("/_fake/callees", self._set_callees, methods=["POST"]),
-            Route("/_fake/control", self._control, methods=["GET", "POST"]),
-            Route("/_fake/reset", self._reset, methods=["POST"]),
         ]
         # The REST API under a path prefix of one or two segments too (SignalWire's /api/laml; the
         # harness gives each replica its own, recorded as `placed_by`).
         routes += [Route(prefix + r.path, r.endpoint, methods=list(r.methods or []))
-                   for prefix in ("/{prefix}", "/{prefix}/{prefix2}") for r in routes[:3]]
-        return Starlette(routes=routes)
+                   for prefix in ("/{prefix}", "/{prefix}/{prefix2}") for r in list(routes)]
+        return Starlette(routes=routes + self._control_routes())
 
 
 def main(argv: list[str] | None = None) -> None:
