@@ -147,7 +147,7 @@ async def _truncate(url: str) -> None:
     from sqlalchemy import text  # noqa: PLC0415
 
     async with _database(url) as db, db.engine.begin() as connection:
-        await connection.execute(text("TRUNCATE reminders, appointments"))
+        await connection.execute(text("TRUNCATE call_attempts, reminders, appointments"))
 
 
 # -- baselines -----------------------------------------------------------------------------------

@@ -103,7 +103,9 @@ def _header(add: Callable[[str], None], results: dict[str, Any]) -> None:
              ("profile, before", results.get("profile_before")), ("failover", failover), ("micro", micro))
     for name, result in named:
         if result:
-            add(f"- `{result.get('command', 'python -m bench')}` — {name}: {result['machine']['date']}, "
+            cpu = result["machine"].get("cpu")
+            elsewhere = f", on {cpu} (another host of the same size)" if cpu != machine.get("cpu") else ""
+            add(f"- `{result.get('command', 'python -m bench')}` — {name}: {result['machine']['date']}{elsewhere}, "
                 f"{result.get('wall_s', '?')} s, {_conditions(result)}.")
     add("")
     add("*Calibration* = CPU seconds for 2,000,000 Python additions (best of 3), taken before and after each "
@@ -484,9 +486,10 @@ and records every call to a server that only answers; the two vCPUs are shared w
 **At 100 ms latency** calls in flight bound the rate: DISPATCH_CONCURRENCY / 0.1 s. The default of
 50 caps dispatch at 500 calls/s, 20 s for 10,000, whatever the CPU; 10,000 within 10 s needs
 DISPATCH_CONCURRENCY ≥ 200 (the bench runs 400) *and* under ≈ 0.9 ms of replica CPU per call
-including the start, which is where this shared machine is: met in quiet runs (9.0 s in the
-single-round run committed as bench/results/dispatch.json at 0d33f59), missed when other work
-slows the vCPUs (the rounds above; compare the calibration before and after).
+including the start. On the Intel host of 2026-11-26 that was the edge (9.0 s in a quiet
+single-round run at 0d33f59, 14.4 s in the rounds committed then); the run above, on the AMD host
+of 2026-11-30, has every baseline about twice as fast (raw client 2,682 calls/s against 1,517) and
+the service at 0.70 × its raw client (0.62 then): compare ratios across hosts, not absolutes.
 
 **API (issue 16; docs/decisions/0161, 0162).** The profile before (table above) named: the pool's
 pre-ping, three round trips before every checkout; the ORM — row loading and identity map for reads,
