@@ -6,7 +6,7 @@ With CI=true a service that cannot start fails the run; locally the tests that n
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -14,6 +14,7 @@ pytest.register_assert_rewrite("tests.support")
 
 from harness.etcd import EtcdServer  # noqa: E402
 from harness.postgres import PostgresServer  # noqa: E402
+from service.db import Database  # noqa: E402
 from tests.support.requirements import unavailable as _unavailable  # noqa: E402
 
 # the `requires` marker and the CI rule; pytester runs the suite's own rule in a nested pytest
@@ -88,3 +89,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'reminders.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """The service's Database on `database_url`, migrated to head; disposed afterwards."""
+    database = Database(database_url)
+    await database.upgrade()
+    yield database
+    await database.dispose()

@@ -3,8 +3,6 @@ claimed reminder end to end against the Twilio-shaped fake (SQLite and PostgreSQ
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +15,7 @@ from service.reminders.attempts import RECHECK, AttemptView, Step, reconcile
 from service.dispatch.store import Claim, ReminderStore
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall
 from tests.support.twilio_rig import FROM, Rig, make_rig
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -77,27 +76,10 @@ def test_no_live_call_after_the_grace_abandons_and_creates_anew() -> None:
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
-
-
-@pytest.fixture
 async def rig(db: Database) -> AsyncIterator[Rig]:
     rig = make_rig(db, calls_per_second=0, ring_ms=30)
     yield rig
     await rig.aclose()
-
-
-async def eventually(check: Callable[[], Awaitable[object]], timeout: float = 15.0) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := await check()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.02)
-    return value
 
 
 class Clock:

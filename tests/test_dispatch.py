@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -19,6 +18,7 @@ from service.dispatch.store import ReminderStore, StaleTerm
 from service.fakes import create_fake_provider
 from service.reminders import idempotency_key
 from service.telephony import CallRequest, HttpTelephonyClient
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -34,22 +34,6 @@ class FakeTerm:
 
     def valid(self) -> bool:
         return not self.ended.is_set()
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def db(database_url: str):
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
 
 
 @pytest.fixture

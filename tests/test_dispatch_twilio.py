@@ -19,18 +19,12 @@ from service.db import CallAttempt, Database, Reminder
 from service.dispatch.dispatcher import Dispatcher
 from service.telephony.generic import GenericProvider
 from service.telephony.twilio import TwilioProvider
-from tests.test_dispatch import FakeTerm, config, eventually, lead_until, seed
+from tests.support.waiting import eventually
+from tests.test_dispatch import FakeTerm, config, lead_until, seed
 from tests.support.twilio_rig import Rig, make_rig
 
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from service.fakes import create_fake_provider
 from service.telephony import CallRequest, HttpTelephonyClient, OutcomeKind
+from tests.support.waiting import eventually
 
 TO = "+15551234567"
 FROM = "+15550000000"
@@ -41,15 +42,6 @@ async def post_call(
 ) -> httpx.Response:
     headers = {"Idempotency-Key": key} if key is not None else {}
     return await client.post(path, json=body, headers=headers)
-
-
-async def wait_until(condition: Callable[[], Awaitable[bool]]) -> None:
-    """Poll `condition` until true; fail after DEADLINE seconds."""
-    deadline = time.monotonic() + DEADLINE
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.005)
 
 
 async def requests_log(client: httpx.AsyncClient) -> list[dict[str, Any]]:
@@ -172,7 +164,7 @@ async def test_in_progress_is_409_until_the_first_completes(fake: httpx.AsyncCli
         log = await requests_log(fake)
         return len(log) == 1 and log[0]["status"] is None
 
-    await wait_until(first_in_flight)
+    await eventually(first_in_flight, DEADLINE)
     assert (await post_call(fake)).status_code == 409
     assert not first.done()
     await fake.post("/v1/control", json={"hang": False})
@@ -188,7 +180,7 @@ async def test_abandoned_request_releases_its_key(fake: httpx.AsyncClient) -> No
     async def in_flight() -> bool:
         return len(await requests_log(fake)) == 1
 
-    await wait_until(in_flight)
+    await eventually(in_flight, DEADLINE)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -357,7 +349,7 @@ async def test_end_to_end_timeout_then_in_progress_then_replay(
             log = (await http.get("/v1/requests")).json()["requests"]
             return log[0]["status"] == 201
 
-        await wait_until(first_completed)
+        await eventually(first_completed, DEADLINE)
         replay = await client.place_call(call_request())
         assert replay.kind is OutcomeKind.SENT and replay.replayed
         assert len((await http.get("/v1/calls")).json()["calls"]) == 1
@@ -405,7 +397,7 @@ async def test_a_key_in_progress_is_never_forgotten() -> None:
     async with client_for(fake.app) as c:
         await c.post("/v1/control", json={"hang": True})
         hung = asyncio.create_task(post_call(c, key="slow"))
-        await wait_until(lambda: _has_key(fake, "slow"))
+        await eventually(lambda: _has_key(fake, "slow"), DEADLINE)
         await c.post("/v1/control", json={"hang": False})
         assert (await hung).status_code == 201
         assert (await post_call(c, key="next", body={**BODY, "message": "other"})).status_code == 201

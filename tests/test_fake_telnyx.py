@@ -4,9 +4,7 @@ active-calls list with its cursor."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -14,6 +12,7 @@ import pytest
 
 from service.fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
 from service.telephony.telnyx import TelnyxSignature, parse_event
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -51,13 +50,6 @@ async def fake() -> AsyncIterator[tuple[FakeTelnyx, Events, httpx.AsyncClient]]:
 def dial(command_id: str, to: str = "+14155552671") -> dict:
     return {"connection_id": CONNECTION, "to": to, "from": "+15550000000", "command_id": command_id,
             "webhook_url": "https://svc.test/telephony/telnyx/events", "client_state": "c3RhdGU="}
-
-
-async def eventually(check, timeout: float = 10.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "not reached"
-        await asyncio.sleep(0.01)
 
 
 async def test_dial_dedupes_by_command_id_and_refuses_over_its_rate(fake) -> None:  # noqa: ANN001

@@ -3,10 +3,8 @@ queue, cancellation, listing by To/Status, scripted callees, signed webhooks, a 
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
@@ -18,6 +16,7 @@ from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
 from service.fakes.twilio import FakeTwilio
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -74,19 +73,6 @@ async def create(client: httpx.AsyncClient, form: list[tuple[str, str]], **heade
     """POST a create: a repeated field (StatusCallbackEvent) needs an encoded body."""
     return await client.post(f"{BASE}/Calls.json", content=urlencode(form),
                              headers={"Content-Type": "application/x-www-form-urlencoded", **headers})
-
-
-async def eventually(check: Callable[[], Awaitable[object] | object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.02)
 
 
 async def test_the_same_request_twice_is_two_calls(world) -> None:  # noqa: ANN001

@@ -56,13 +56,6 @@ def test_the_key_is_the_reminder_alone() -> None:
 
 
 
-@pytest.fixture
-async def db(database_url: str):
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
-
 
 async def _one_dispatching(db: Database, store: ReminderStore, token: int) -> str:
     now = datetime.now(UTC)

@@ -392,13 +392,6 @@ def _gauge(name: str) -> float | None:
     return REGISTRY.get_sample_value(name)
 
 
-@pytest.fixture
-async def db(database_url: str) -> Any:
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
-
 
 @pytest.mark.anyio
 async def test_backlog_gauges_count_due_and_stuck_reminders(db: Database) -> None:

@@ -110,6 +110,24 @@ def test_built_in_wording_and_operator_templates() -> None:
     assert MessageTemplates.parse(json.dumps({"de": "Hallo {name}", "en-US": {}})).supports("de-AT")  # BCP 47 lookup
 
 
+def test_wording_dates_and_times_are_babels_own() -> None:
+    """Templates keep their locale's patterns (looked up once): the words are what Babel's
+    format_date(full) / format_time(short) write, in every language, zone and season."""
+    from zoneinfo import ZoneInfo  # noqa: PLC0415
+
+    from babel import Locale  # noqa: PLC0415
+    from babel.dates import format_date, format_time  # noqa: PLC0415
+
+    languages = ["en-US", "en-GB", "de-DE", "fr-FR", "fr-CA", "es-ES", "es-MX"]
+    templates = MessageTemplates.parse(json.dumps({lang: {"message": "{date}|{time}"} for lang in languages}))
+    zones = ["UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe", "America/St_Johns"]
+    for n, (language, zone) in enumerate((lang, zone) for lang in languages for zone in zones):
+        starts = datetime(2030, 1, 1, tzinfo=UTC) + timedelta(days=37 * n, minutes=61 * n)
+        local, locale = starts.astimezone(ZoneInfo(zone)), Locale.parse(language, sep="-")
+        expected = f"{format_date(local, 'full', locale)}|{format_time(local, 'short', locale=locale)}"
+        assert templates.render(language, "Ann", starts, zone).message == expected.replace("\u202f", " ")
+
+
 @pytest.mark.parametrize(
     ("setting", "default", "error"),
     [

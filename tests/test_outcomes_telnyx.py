@@ -31,13 +31,6 @@ from tests.test_outcomes_twilio import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
-
 
 @pytest.fixture
 async def rig(db: Database) -> AsyncIterator[TelnyxRig]:

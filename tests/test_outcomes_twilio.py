@@ -21,7 +21,8 @@ from service.fakes.twilio import CalleeScript
 from service.reminders import ALWAYS, MessageTemplates, NoAnswerPolicy, PlanningConfig
 from tests.support.telnyx_rig import TelnyxRig
 from tests.support.twilio_rig import Rig, make_rig
-from tests.test_dispatch import FakeTerm, config, eventually, lead_until
+from tests.support.waiting import eventually
+from tests.test_dispatch import FakeTerm, config, lead_until
 from tests.test_twilio_webhooks import signed_post
 
 pytestmark = pytest.mark.anyio
@@ -30,13 +31,6 @@ RETRY_DELAY = timedelta(seconds=1)
 TEMPLATES = MessageTemplates.parse(json.dumps({"en-US": {}, "de-DE": "Hallo {name}, Termin am {date} um {time}."}))
 PROMPT = "Press 1 to confirm, press 2 to cancel."
 
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
 
 
 @pytest.fixture

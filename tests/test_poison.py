@@ -19,7 +19,8 @@ from service.dispatch.dispatcher import Dispatcher, OutcomeRecorder
 from service.dispatch.store import ReminderStore
 from service.telephony import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind
 from service.telephony.client import MAX_RESPONSE_BYTES
-from tests.test_dispatch import FakeTerm, config, eventually, seed
+from tests.support.waiting import eventually
+from tests.test_dispatch import FakeTerm, config, seed
 
 pytestmark = pytest.mark.anyio
 

@@ -4,7 +4,6 @@ error with a slow retry (issue 12). The etcd with auth is the one test_election_
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from prometheus_client import REGISTRY
@@ -12,16 +11,9 @@ from prometheus_client import REGISTRY
 from harness.ports import free_port
 from tests.support.appclient import make_settings, running_app
 from tests.test_election_secure import tls_etcd  # noqa: F401 - the module-scoped fixture
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
-
-
-async def poll(check, timeout: float = 20.0):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while not (result := await check()):
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.1)
-    return result
 
 
 def auth_failures() -> float:
@@ -59,16 +51,16 @@ async def test_wrong_etcd_credentials_are_a_named_configuration_error(
             body = (await client.get("/leader")).json()
             return body if body.get("etcd_error") else None
 
-        leader = await poll(named)
+        leader = await eventually(named, 20.0)
         assert "ETCD_PASSWORD" in leader["etcd_error"] and "not-the-password" not in leader["etcd_error"]
         assert leader["is_leader"] is False
         async def reported() -> object:  # once the cached answer (≈ 1 s) has been replaced
             response = await client.get("/readyz")
             return response if "configuration error" in response.json()["etcd"] else None
 
-        ready = await poll(reported)
+        ready = await eventually(reported, 20.0)
         assert ready.status_code == 200, ready.text
         assert auth_failures() > before
         elector = client.app.state.elector
-        await poll(lambda: asyncio.sleep(0, elector.last_retry_delay is not None))
+        await eventually(lambda: elector.last_retry_delay is not None, 20.0)
         assert elector.last_retry_delay >= 20  # slow retry, not the 2 s backoff

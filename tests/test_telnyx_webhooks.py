@@ -28,29 +28,13 @@ from service.telephony.telnyx import TelnyxProvider
 from tests.support.telnyx_rig import FROM, TelnyxRig, make_telnyx_rig
 from tests.support.twilio_rig import Rig
 from tests.test_dispatch import FakeTerm, config, lead_until, seed
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
 PROMPT = "Press 1 to confirm, press 2 to cancel."
 
 PHONE = "+14155552671"
-
-
-async def eventually(check: Callable[[], Awaitable[object]], timeout: float = 15.0) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := await check()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.02)
-    return value
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
 
 
 @pytest.fixture

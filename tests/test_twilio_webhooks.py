@@ -4,7 +4,6 @@ proxy that strips PUBLIC_URL's path prefix: signature first, first answer wins, 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlencode
 
@@ -14,25 +13,9 @@ from sqlalchemy import select
 from service.db import CallAttempt, Database, Reminder
 from service.db.models import new_id
 from tests.support.twilio_rig import PUBLIC, Rig, make_rig
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
-
-
-async def eventually(check: Callable[[], Awaitable[object]], timeout: float = 15.0) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := await check()):
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        await asyncio.sleep(0.02)
-    return value
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.upgrade()
-    yield database
-    await database.dispose()
 
 
 @pytest.fixture

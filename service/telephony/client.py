@@ -25,6 +25,7 @@ from httpx_aiohttp import AiohttpTransport
 from service.privacy import mask_phone, scrub, strip_control
 
 __all__ = [
+    "ANSWER_HEADERS",
     "MAX_RESPONSE_BYTES",
     "CallOutcome",
     "CallRequest",
@@ -35,8 +36,10 @@ __all__ = [
     "describe_failure",
     "error_text",
     "parse_retry_after",
+    "pooled_transport",
     "post_guarded",
     "read_capped",
+    "require_http_url",
     "send_capped",
     "usable_call_id",
 ]
@@ -188,25 +191,13 @@ class HttpTelephonyClient:
             raise ValueError("timeout must be positive")
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        url = httpx.URL(base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("base_url must be an absolute http(s) URL")
+        require_http_url("base_url", base_url)
         self._url = httpx.URL(base_url.rstrip("/") + _CALLS_PATH)
         self._timeout = timeout
-        # identity: a compressed answer could expand far past MAX_RESPONSE_BYTES once decoded
-        self._headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": _USER_AGENT}
+        self._headers = {**ANSWER_HEADERS, "User-Agent": _USER_AGENT}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
-        if transport is None:
-            # Idle connections are dropped before a server with a 5 s keep-alive (uvicorn's
-            # default) closes them, so a POST rarely lands on a connection being closed.
-            limits = httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-                keepalive_expiry=4.0,
-            )
-            transport = AiohttpTransport(limits=limits)
-        self._transport = transport
+        self._transport = transport if transport is not None else pooled_transport(max_connections)
 
     @property
     def calls_url(self) -> str:
@@ -291,6 +282,26 @@ async def read_capped(response: httpx.Response) -> httpx.Response:
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+# identity: a compressed answer could expand far past MAX_RESPONSE_BYTES once decoded
+ANSWER_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
+
+
+def require_http_url(what: str, url: str) -> None:
+    """ValueError naming `what` unless `url` is an absolute http(s) URL."""
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{what} must be an absolute http(s) URL")
+
+
+def pooled_transport(max_connections: int) -> httpx.AsyncBaseTransport:
+    """The aiohttp transport the adapters send through. Idle connections are dropped before a
+    server with a 5 s keep-alive (uvicorn's default) closes them, so a POST rarely lands on a
+    connection being closed."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                          keepalive_expiry=4.0)
+    return AiohttpTransport(limits=limits)
 
 
 async def send_capped(transport: httpx.AsyncBaseTransport, request: httpx.Request) -> httpx.Response:

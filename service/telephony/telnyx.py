@@ -25,11 +25,20 @@ from typing import Any
 import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from httpx_aiohttp import AiohttpTransport
 
 from service.privacy import mask_phone
 
-from .client import SendRefused, describe_failure, error_text, parse_retry_after, post_guarded, send_capped
+from .client import (
+    ANSWER_HEADERS,
+    SendRefused,
+    describe_failure,
+    error_text,
+    parse_retry_after,
+    pooled_transport,
+    post_guarded,
+    require_http_url,
+    send_capped,
+)
 from .provider import CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable, Stamp
 
 __all__ = [
@@ -189,10 +198,8 @@ class TelnyxProvider:
             raise ValueError("timeout must be positive")
         if not api_key or not connection_id:
             raise ValueError("api_key and connection_id are required")
-        for what, url in (("api_url", api_url), ("public_url", public_url)):
-            parsed = httpx.URL(url)
-            if parsed.scheme not in ("http", "https") or not parsed.host:
-                raise ValueError(f"{what} must be an absolute http(s) URL")
+        require_http_url("api_url", api_url)
+        require_http_url("public_url", public_url)
         self._api = f"{api_url.rstrip('/')}/v2"
         self._connection_id = connection_id
         self._events_url = f"{public_url.rstrip('/')}{EVENTS_PATH}"
@@ -200,16 +207,10 @@ class TelnyxProvider:
         self._voice, self._language = voice, language
         # Telnyx's answering machine detection: `call.machine.detection.ended` follows `call.answered`
         self.machine_detection = machine_detection
-        self._headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json",
-                         # identity: a compressed answer could expand past the read cap
-                         "Accept-Encoding": "identity"}
-        if transport is None:
-            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                                  keepalive_expiry=4.0)
-            transport = AiohttpTransport(limits=limits)
+        self._headers = {"Authorization": f"Bearer {api_key}", **ANSWER_HEADERS}
         # Requests go straight to the transport, as the other adapters' do: httpx.AsyncClient
         # would log every request URL at INFO.
-        self._transport = transport
+        self._transport = transport if transport is not None else pooled_transport(max_connections)
 
     @property
     def calls_url(self) -> str:

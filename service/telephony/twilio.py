@@ -22,13 +22,22 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import VoiceResponse
 
 from service.privacy import mask_phone
 
-from .client import SendRefused, describe_failure, error_text, parse_retry_after, post_guarded, send_capped
+from .client import (
+    ANSWER_HEADERS,
+    SendRefused,
+    describe_failure,
+    error_text,
+    parse_retry_after,
+    pooled_transport,
+    post_guarded,
+    require_http_url,
+    send_capped,
+)
 from .provider import LIVE_STATUSES, CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable
 
 __all__ = [
@@ -85,25 +94,17 @@ class TwilioProvider:
             raise ValueError("timeout must be positive")
         if not account_sid or not auth_token:
             raise ValueError("account_sid and auth_token are required")
-        for what, url in (("api_url", api_url), ("public_url", public_url)):
-            parsed = httpx.URL(url)
-            if parsed.scheme not in ("http", "https") or not parsed.host:
-                raise ValueError(f"{what} must be an absolute http(s) URL")
+        require_http_url("api_url", api_url)
+        require_http_url("public_url", public_url)
         self._account = f"{api_url.rstrip('/')}/{API_VERSION}/Accounts/{account_sid}"
         self._public_url = public_url.rstrip("/")
         self._timeout = timeout
         self._machine_detection = machine_detection
         credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
-        self._headers = {"Authorization": f"Basic {credentials}", "Accept": "application/json",
-                         # identity: a compressed answer could expand past the read cap
-                         "Accept-Encoding": "identity"}
-        if transport is None:
-            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                                  keepalive_expiry=4.0)
-            transport = AiohttpTransport(limits=limits)
+        self._headers = {"Authorization": f"Basic {credentials}", **ANSWER_HEADERS}
         # Requests go straight to the transport, as the generic client's do: httpx.AsyncClient
         # would log every request URL at INFO, and a listing's URL carries the callee's number.
-        self._transport = transport
+        self._transport = transport if transport is not None else pooled_transport(max_connections)
 
     @property
     def calls_url(self) -> str:

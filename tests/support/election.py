@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
 from service.election import ElectionConfig, Elector, Term, connect
+from tests.support.waiting import poll_until
 
 TTL = 3  # seconds: margin 1 s, keepalive every 1 s
 
@@ -55,20 +56,6 @@ async def grpc_events_of_closed_loops_ignored(anyio_backend: str) -> AsyncIterat
 
 def unique_prefix() -> str:
     return f"/test/election/{uuid.uuid4().hex}"
-
-
-async def poll_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Evaluate `predicate` (sync or async) until truthy; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
-        await asyncio.sleep(interval)
 
 
 class Recorder:
