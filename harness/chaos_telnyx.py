@@ -16,15 +16,20 @@ connection's active calls and their `client_state`.
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .chaos import ChaosConfig, Result
-from .chaos_twilio import LEASE_TTL, RECONCILE_GRACE, TWILIO_SCENARIOS, TwilioClusterPool, twilio_table
+from .chaos_twilio import (
+    LEASE_TTL,
+    RECONCILE_GRACE,
+    TWILIO_SCENARIOS,
+    TwilioClusterPool,
+    provider_mode_main,
+    replace_section,
+    twilio_table,
+)
 from .cluster import Cluster
 
 __all__ = ["TELNYX_SCENARIOS", "TelnyxClusterPool", "telnyx_chaos_cluster"]
@@ -93,48 +98,11 @@ Every run:
 
 {runs}
 """
-    text = path.read_text() if path.exists() else ""
-    match = re.search(rf"(?ms)^{re.escape(SECTION_HEADING)}$.*?(?=^## |\Z)", text)
-    if match:
-        text = text[: match.start()] + section + "\n" + text[match.end():].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    replace_section(path, SECTION_HEADING, section)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.chaos_telnyx",
-                                     description="Chaos scenarios in Telnyx mode; writes its section of RELIABILITY.md.")
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--reminders", type=int, default=300)
-    parser.add_argument("--scenario", action="append", choices=list(TELNYX_SCENARIOS))
-    parser.add_argument("--output", default=str(ROOT / "RELIABILITY.md"), help="report file ('-': none)")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.reminders < 1:
-        parser.error("--rounds and --reminders must be at least 1")
-    config = replace(ChaosConfig(), lease_ttl=LEASE_TTL, reminders=args.reminders, spread=max(4.0, args.reminders / 75),
-                     settle_timeout=max(90.0, args.reminders / 5))
-    command = "python -m harness.chaos_telnyx " + " ".join(argv if argv is not None else sys.argv[1:])
-    results: list[Result] = []
-    pool = TelnyxClusterPool(config)
-    try:
-        for round_no in range(1, args.rounds + 1):
-            for name in args.scenario or list(TELNYX_SCENARIOS):
-                options = {"mode": "immediate" if round_no % 2 else "fast"} if name == "postgres-restart" else {}
-                result = pool.run(name, **options)
-                results.append(result)
-                print(f"round {round_no} (telnyx): {result.line()}", flush=True)
-                for violation in result.violations:
-                    print(f"    VIOLATION: {violation}", flush=True)
-                if result.evidence:
-                    print(result.evidence, flush=True)
-    finally:
-        pool.close()
-    print("\n" + twilio_table(results), flush=True)
-    if args.output != "-":
-        write_section(Path(args.output), command.strip(), config, args.rounds, results)
-        print(f"\nwritten: {args.output}", flush=True)
-    return 0 if all(r.ok for r in results) else 1
+    return provider_mode_main("telnyx", TELNYX_SCENARIOS, TelnyxClusterPool, write_section, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -301,9 +302,14 @@ Every run:
 
 {runs}
 """
+    replace_section(path, SECTION_HEADING, section)
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """`section` in place of RELIABILITY.md's section under `heading` (which runs to the next `## `
+    heading; harness.chaos keeps it there), or appended when there is none."""
     text = path.read_text() if path.exists() else ""
-    # The section runs from its heading to the next `## ` heading (harness.chaos keeps it there).
-    match = re.search(rf"(?ms)^{re.escape(SECTION_HEADING)}$.*?(?=^## |\Z)", text)
+    match = re.search(rf"(?ms)^{re.escape(heading)}$.*?(?=^## |\Z)", text)
     if match:
         text = text[: match.start()] + section + "\n" + text[match.end():].lstrip("\n")
     else:
@@ -311,40 +317,51 @@ Every run:
     path.write_text(text.rstrip("\n") + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.chaos_twilio",
-                                     description="Chaos scenarios in Twilio mode; writes its section of RELIABILITY.md.")
+def provider_mode_main(
+    mode: str,
+    scenarios: Mapping[str, Any],
+    pool: Callable[[ChaosConfig], ClusterPool],
+    write: Callable[[Path, str, ChaosConfig, int, list[Result]], None],
+    argv: list[str] | None,
+) -> int:
+    """`python -m harness.chaos_<mode>`: the scenarios in a real-provider mode, a table, its section."""
+    parser = argparse.ArgumentParser(prog=f"python -m harness.chaos_{mode}",
+                                     description=f"Chaos scenarios in {mode.title()} mode; writes its section of "
+                                                 "RELIABILITY.md.")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--reminders", type=int, default=300)
-    parser.add_argument("--scenario", action="append", choices=list(TWILIO_SCENARIOS))
+    parser.add_argument("--scenario", action="append", choices=list(scenarios))
     parser.add_argument("--output", default=str(ROOT / "RELIABILITY.md"), help="report file ('-': none)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.reminders < 1:
         parser.error("--rounds and --reminders must be at least 1")
     config = replace(ChaosConfig(), lease_ttl=LEASE_TTL, reminders=args.reminders, spread=max(4.0, args.reminders / 75),
                      settle_timeout=max(90.0, args.reminders / 5))
-    names = args.scenario or list(TWILIO_SCENARIOS)
-    command = "python -m harness.chaos_twilio " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m harness.chaos_{mode} " + " ".join(argv if argv is not None else sys.argv[1:])
     results: list[Result] = []
-    pool = TwilioClusterPool(config)
+    clusters = pool(config)
     try:
         for round_no in range(1, args.rounds + 1):
-            for name in names:
+            for name in args.scenario or list(scenarios):
                 options = {"mode": "immediate" if round_no % 2 else "fast"} if name == "postgres-restart" else {}
-                result = pool.run(name, **options)
+                result = clusters.run(name, **options)
                 results.append(result)
-                print(f"round {round_no} (twilio): {result.line()}", flush=True)
+                print(f"round {round_no} ({mode}): {result.line()}", flush=True)
                 for violation in result.violations:
                     print(f"    VIOLATION: {violation}", flush=True)
                 if result.evidence:
                     print(result.evidence, flush=True)
     finally:
-        pool.close()
+        clusters.close()
     print("\n" + twilio_table(results), flush=True)
     if args.output != "-":
-        write_section(Path(args.output), command.strip(), config, args.rounds, results)
+        write(Path(args.output), command.strip(), config, args.rounds, results)
         print(f"\nwritten: {args.output}", flush=True)
     return 0 if all(r.ok for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return provider_mode_main("twilio", TWILIO_SCENARIOS, TwilioClusterPool, write_section, argv)
 
 
 if __name__ == "__main__":
