@@ -154,7 +154,7 @@ async def _truncate(url: str) -> None:
 
 
 def _requests(n: int, prefix: str) -> list[Any]:
-    from service.telephony import CallRequest  # noqa: PLC0415
+    from service.providers.generic.client import CallRequest  # noqa: PLC0415
 
     body = json.loads(CALL_BODY)
     return [
@@ -167,7 +167,7 @@ def _requests(n: int, prefix: str) -> list[Any]:
 async def _raw_client(base_url: str, n: int, concurrency: int) -> dict[str, Any]:
     """n POSTs through HttpTelephonyClient with `concurrency` in flight (semaphore inside each task),
     each with a `may_send` check as the dispatcher passes one."""
-    from service.telephony import HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
+    from service.providers.generic.client import HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
 
     requests = _requests(n, "raw")
     client = HttpTelephonyClient(base_url, max_connections=concurrency)
@@ -229,7 +229,8 @@ async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, 
     the claims, the term checks and the batched outcome writes cost per reminder by themselves."""
     from service.config import CallWindow  # noqa: PLC0415
     from service.dispatch.dispatcher import DispatchConfig, Dispatcher  # noqa: PLC0415
-    from service.telephony import CallOutcome, OutcomeKind  # noqa: PLC0415
+    from service.providers.generic import GenericProvider  # noqa: PLC0415
+    from service.providers.generic.client import CallOutcome, OutcomeKind  # noqa: PLC0415
 
     class InstantClient:
         async def place_call(self, request: Any, *, may_send: Any = None) -> CallOutcome:
@@ -255,7 +256,7 @@ async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, 
         await db.upgrade()
         await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
         started, cpu = time.perf_counter(), time.process_time()
-        leading = asyncio.create_task(Dispatcher(db, InstantClient(), config).lead(term))
+        leading = asyncio.create_task(Dispatcher(db, GenericProvider(InstantClient()), config).lead(term))
         while (sent := await _count_sent(db)) < n and not leading.done():
             await asyncio.sleep(0.02)
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -271,8 +272,8 @@ async def _sequential(db_url: str, base_url: str, n: int, budget: float) -> dict
 
     from service.db import Appointment, Reminder  # noqa: PLC0415
     from service.dispatch.dispatcher import message_for  # noqa: PLC0415
-    from service.dispatch.store import Claim  # noqa: PLC0415
-    from service.telephony import CallRequest, HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
+    from service.ledger import Claim  # noqa: PLC0415
+    from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
 
     done = sent = 0
     async with _database(db_url, pool_size=2) as db, HttpTelephonyClient(base_url) as client:

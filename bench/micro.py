@@ -60,7 +60,7 @@ async def _client_round(url: str, n: int, concurrency: int) -> dict[str, float]:
     import httpx  # noqa: PLC0415
     from httpx_aiohttp import AiohttpTransport  # noqa: PLC0415
 
-    from service.telephony import HttpTelephonyClient  # noqa: PLC0415
+    from service.providers.generic.client import HttpTelephonyClient  # noqa: PLC0415
 
     requests = _requests(n, f"micro-{time.monotonic_ns()}")
     bodies = [json.dumps(r.payload(), ensure_ascii=False, separators=(",", ":")).encode() for r in requests]

@@ -28,18 +28,11 @@ from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, 
 from service.backlog import watch_backlog
 from service.config import Settings
 from service.db import Database
-from service.components import (
-    dispatch_config,
-    election_config,
-    pool_size,
-    provider,
-    telnyx_signature,
-    twilio_signature,
-)
+from service.components import check, dispatch_config, election_config, pool_size, provider
 from service.dispatch.dispatcher import Dispatcher
 from service.election import Elector
 from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
-from service.webhooks import telnyx_router, twilio_router
+from service.providers import package
 
 __all__ = ["app", "create_app"]
 
@@ -59,7 +52,9 @@ async def _prepare_schema(db: Database) -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The service for `settings`: API, and while it runs, election and dispatch."""
+    """The service for `settings`: API, and while it runs, election and dispatch. SettingError
+    names a setting a component refuses (`uvicorn service.app:app` stops as `reminders serve` does)."""
+    check(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -131,18 +126,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(appointments.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    if settings.telephony_provider == "twilio":
-        # Twilio's webhooks, on every replica; signed, so not behind API_TOKEN.
-        app.state.twilio_signature = twilio_signature(settings)
-        app.state.no_answer_policy = settings.no_answer_policy()
-        app.state.templates = settings.templates
-        app.include_router(twilio_router)
-    if settings.telephony_provider == "telnyx":
-        # Telnyx's events, on every replica; signed (Ed25519), so not behind API_TOKEN.
-        app.state.telnyx_signature = telnyx_signature(settings)
-        app.state.no_answer_policy = settings.no_answer_policy()
-        app.state.templates = settings.templates
-        app.include_router(telnyx_router)
+    # the provider's webhook routes (signed, so not behind API_TOKEN), on every replica
+    package(settings.telephony_provider).install(app, settings)
     _install_error_handlers(app)
     return app
 

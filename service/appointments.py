@@ -1,9 +1,10 @@
 """Appointments as the API uses them: create, list, read, change, cancel.
 
 The layer between the routers and the database: it plans reminders through the domain
-(`service.reminders`) and reads and writes the ORM's tables through SQLAlchemy Core, each call
-in at most one transaction with one statement per table it touches (docs/decisions/0161); a
-create is one statement on PostgreSQL (docs/decisions/0162). It
+(`service.reminders`), reads the tables through SQLAlchemy Core and writes reminders through the
+ledger (`service.ledger`, their one writer), each call in at most one transaction with one
+statement per table it touches (docs/decisions/0161); a create is one statement on PostgreSQL
+(docs/decisions/0162). It
 returns appointments as `AppointmentView`s — plain dictionaries in the API's response shape, built
 from the rows it read or the values it wrote (nothing is read back after a write). It speaks no
 HTTP: a router turns its errors (`AppointmentNotFound`, `AppointmentCancelled`, `InvalidField`)
@@ -20,11 +21,14 @@ from datetime import UTC, datetime
 from typing import Any, TypedDict
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Insert, Integer, Select, and_, bindparam, delete, insert, or_, select, union_all, update
+from sqlalchemy import Integer, Select, and_, bindparam, or_, select
 from sqlalchemy.engine import Connection, Row
 
+from service.ledger import cancellation, plans
 from service.db import Database
 from service.db.models import Appointment, AppointmentStatus, Confirmation, Reminder, new_id, utcnow
+from service.ledger.cancellation import CANCELLED_BY_API, REPLANNED
+from service.ledger.plans import insert_appointment
 from service.privacy import mask_phone
 from service.reminders import (
     REPLAN_FIELDS,
@@ -34,7 +38,6 @@ from service.reminders import (
     idempotency_key,
     number_refusal,
     plan_reminders,
-    require,
 )
 
 __all__ = [
@@ -142,32 +145,7 @@ def _joined(appointments: Any) -> Select[Any]:
 _ONE = _joined(_A).where(_A.c.id == bindparam("appointment_id"))
 # Locks the appointment row only: FOR UPDATE cannot apply to the nullable side of an outer join.
 _ONE_FOR_UPDATE = _ONE.with_for_update(of=_A)
-_APPOINTMENT_INSERT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "remind_at", "status",
-                               "language", "created_at", "updated_at")
-_REMINDER_INSERT_COLUMNS = ("id", "appointment_id", "due_at", "next_attempt_at", "status", "attempts",
-                            "idempotency_key", "wording", "no_answer_retries", "created_at", "updated_at")
-# Every column named with its type: a create's parameters are exactly these.
-_INSERT_APPOINTMENT = insert(_A).values({name: bindparam(name, type_=_A.c[name].type)
-                                         for name in _APPOINTMENT_INSERT_COLUMNS})
-_INSERT_REMINDERS = insert(_R)
-_CANCEL_PENDING = (
-    update(_R)
-    .where(_R.c.appointment_id == bindparam("of_appointment"), _R.c.status == ReminderStatus.PENDING)
-    .values(status=ReminderStatus.CANCELLED, skip_reason=bindparam("reason"), updated_at=bindparam("now"))
-    .returning(_R.c.id)
-)
-# The reminders a re-plan supersedes that no leader ever touched (docs/decisions/0125): pending
-# ones never claimed, and those an earlier re-plan cancelled before any claim.
-_PRUNE_SUPERSEDED = (
-    delete(_R)
-    .where(
-        _R.c.appointment_id == bindparam("of_appointment"), _R.c.attempts == 0, _R.c.fence_token.is_(None),
-        _R.c.claimed_at.is_(None),
-        or_(_R.c.status == ReminderStatus.PENDING,
-            and_(_R.c.status == ReminderStatus.CANCELLED, _R.c.skip_reason == "re-planned")),
-    )
-    .returning(_R.c.id)
-)
+
 
 
 @functools.cache
@@ -270,32 +248,6 @@ def _unplanned(unplanned: Sequence[Unplanned]) -> list[dict[str, str]]:
     return [{"rule": u.rule, "reason": u.reason} for u in unplanned]
 
 
-def _insert_reminders(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    if rows:  # one executemany: one round trip for all of them
-        connection.execute(_INSERT_REMINDERS, rows)
-
-
-def _prune_superseded(connection: Connection, view: AppointmentView) -> None:
-    """Delete the reminders a re-plan supersedes that were never claimed, and drop them from `view`.
-
-    Nothing was called for them, so nothing is lost; a reminder ever claimed keeps its row, so a
-    client's re-plans cannot grow the table. The dispatcher's claim and this DELETE exclude each
-    other as the claim and `_cancel_pending` do (row locks on PostgreSQL, one writer on SQLite)."""
-    pruned = set(connection.execute(_PRUNE_SUPERSEDED, {"of_appointment": view["id"]}).scalars())
-    view["reminders"] = [r for r in view["reminders"] if r["id"] not in pruned]
-
-
-def _cancel_pending(connection: Connection, view: AppointmentView, reason: str, now: datetime) -> None:
-    """Cancel the appointment's `pending` reminders (a claimed one stays the dispatcher's, its
-    outcome decides) and mark them so in `view`."""
-    require(ReminderStatus.PENDING, ReminderStatus.CANCELLED)
-    result = connection.execute(_CANCEL_PENDING, {"of_appointment": view["id"], "reason": reason, "now": now})
-    cancelled = set(result.scalars())
-    for reminder in view["reminders"]:
-        if reminder["id"] in cancelled:
-            reminder["status"], reminder["skip_reason"] = ReminderStatus.CANCELLED, reason
-
-
 def _select_one(connection: Connection, appointment_id: str, *, lock: bool = False) -> AppointmentView:
     """The appointment; with `lock`, its row locked until the transaction ends (PostgreSQL; SQLite
     locks the whole file on the first write anyway)."""
@@ -306,34 +258,6 @@ def _select_one(connection: Connection, appointment_id: str, *, lock: bool = Fal
     if not rows:
         raise AppointmentNotFound(f"appointment {appointment_id} not found")
     return _views(rows)[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _create_statement(reminders: int) -> Insert:
-    """PostgreSQL: an appointment and `reminders` reminders in ONE statement (the appointment's
-    INSERT in a WITH), atomic on its own. Parameters: the appointment's columns by name, reminder
-    i's as `r<i>_<column>`."""
-    # rows as SELECTs of parameters, not a multi-row VALUES: SQLAlchemy caches the compiled form of
-    # these, and compiling a multi-row VALUES on every request cost more than the round trips saved
-    rows = [select(*(bindparam(f"r{i}_{name}", type_=_R.c[name].type) for name in _REMINDER_INSERT_COLUMNS))
-            for i in range(reminders)]
-    return (insert(_R).from_select(_REMINDER_INSERT_COLUMNS, rows[0] if reminders == 1 else union_all(*rows))
-            .add_cte(_INSERT_APPOINTMENT.cte("new_appointment")))
-
-
-def _insert(connection: Connection, appointment: dict[str, Any], reminders: list[dict[str, Any]]) -> None:
-    """The appointment and its reminders: one statement on PostgreSQL; SQLite has no INSERT inside
-    WITH, so two there (`Database.write_one` runs them in one transaction)."""
-    if not reminders:
-        connection.execute(_INSERT_APPOINTMENT, appointment)
-    elif connection.dialect.name == "sqlite":
-        connection.execute(_INSERT_APPOINTMENT, appointment)
-        _insert_reminders(connection, reminders)
-    else:
-        params = dict(appointment)
-        for i, row in enumerate(reminders):
-            params.update({f"r{i}_{name}": row[name] for name in _REMINDER_INSERT_COLUMNS})
-        connection.execute(_create_statement(len(reminders)), params)
 
 
 def _select_page(connection: Connection, statement: Select[Any], params: dict[str, Any]) -> list[AppointmentView]:
@@ -364,7 +288,7 @@ async def create(db: Database, new: NewAppointment, planning: PlanningConfig) ->
         "status": AppointmentStatus.SCHEDULED, "language": language, "created_at": now, "updated_at": now,
     }
     reminders, unplanned = _plan(values, values["remind_at"], planning, now)
-    await db.write_one(_insert, values, reminders)
+    await db.write_one(insert_appointment, values, reminders)
     if log.isEnabledFor(logging.INFO):
         log.info("appointment %s created for %s: %d reminder(s), %d unplanned",
                  values["id"], mask_phone(new.phone), len(reminders), len(unplanned))
@@ -423,26 +347,37 @@ def _change(
     values = {**changes, "updated_at": now}
     if "starts_at" in changes:
         values["starts_at"] = starts_at
-        if starts_at != view["starts_at"]:
-            values["confirmation"] = None  # a confirmation was for the old time
     if "remind_at" in changes:
         values["remind_at"] = [t.isoformat() for t in changes["remind_at"]] if changes["remind_at"] is not None else None
-    connection.execute(update(_A).where(_A.c.id == view["id"]).values(values))
+    moved = starts_at != view["starts_at"]
     view.update(values)  # type: ignore[typeddict-item]
     if "remind_at" in changes:
         view["remind_at"] = changes["remind_at"] or None
     unplanned: list[Unplanned] = []
+    reminders: list[dict[str, Any]] | None = None
     replan = bool(changes.keys() & REPLAN_FIELDS)
     if replan:
-        _prune_superseded(connection, view)
-        _cancel_pending(connection, view, "re-planned", now)
         stored = values["remind_at"] if "remind_at" in values else _stored_remind_at(view)
         reminders, unplanned = _plan(view, stored, planning, now)
-        _insert_reminders(connection, reminders)
-        view["reminders"] = sorted([*view["reminders"], *map(_reminder_view, reminders)],
-                                   key=lambda r: (r["due_at"], r["id"]))
+    # a confirmation was for the old time
+    superseded = plans.change_appointment(connection, view["id"], values, now, new_plan=reminders,
+                                          clear_confirmation=moved)
+    if moved:
+        view["confirmation"] = None
+    if superseded is not None and reminders is not None:
+        _mark(view, superseded.cancelled, REPLANNED)
+        view["reminders"] = sorted(
+            [*(r for r in view["reminders"] if r["id"] not in superseded.pruned), *map(_reminder_view, reminders)],
+            key=lambda r: (r["due_at"], r["id"]))
     view["unplanned"] = _unplanned(unplanned)
     return view, replan
+
+
+def _mark(view: AppointmentView, cancelled: set[str], reason: str) -> None:
+    """The view's reminders in `cancelled` as the ledger left them."""
+    for reminder in view["reminders"]:
+        if reminder["id"] in cancelled:
+            reminder["status"], reminder["skip_reason"] = ReminderStatus.CANCELLED, reason
 
 
 def _stored_remind_at(view: AppointmentView) -> list[str] | None:
@@ -462,7 +397,7 @@ def _cancel(connection: Connection, appointment_id: str) -> tuple[AppointmentVie
     if view["status"] == AppointmentStatus.CANCELLED:
         return view, False
     now = utcnow()
-    connection.execute(update(_A).where(_A.c.id == view["id"]).values(status=AppointmentStatus.CANCELLED, updated_at=now))
+    cancelled = cancellation.cancel_appointment(connection, view["id"], CANCELLED_BY_API, now)
     view["status"], view["updated_at"] = AppointmentStatus.CANCELLED, now
-    _cancel_pending(connection, view, "appointment cancelled", now)
+    _mark(view, cancelled, CANCELLED_BY_API)
     return view, True

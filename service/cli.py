@@ -31,7 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415
 
     from service.app import create_app  # noqa: PLC0415
-    from service.components import SettingError, check  # noqa: PLC0415
+    from service.components import check  # noqa: PLC0415
+    from service.errors import SettingError  # noqa: PLC0415
     from service.db import Database, SchemaOutOfDate  # noqa: PLC0415
     from service.logs import configure_logging  # noqa: PLC0415
 

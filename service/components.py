@@ -9,31 +9,11 @@ from __future__ import annotations
 from service.config import Settings
 from service.dispatch.dispatcher import DispatchConfig
 from service.election import ConfigError, ElectionConfig
-from service.telephony import HttpTelephonyClient
-from service.telephony.generic import GenericProvider
+from service.errors import SettingError
+from service.providers import package
 from service.telephony.provider import Provider
-from service.telephony.telnyx import TelnyxProvider, TelnyxSignature
-from service.telephony.twilio import TwilioProvider, TwilioSignature
 
-__all__ = [
-    "SettingError",
-    "check",
-    "dispatch_config",
-    "election_config",
-    "pool_size",
-    "provider",
-    "telephony_client",
-    "telnyx_signature",
-    "twilio_signature",
-]
-
-
-class SettingError(ValueError):
-    """A bad setting: `variable` is the environment variable, `message` what is wrong with it."""
-
-    def __init__(self, variable: str, message: str) -> None:
-        super().__init__(f"{variable}: {message}")
-        self.variable, self.message = variable, message
+__all__ = ["SettingError", "check", "dispatch_config", "election_config", "pool_size", "provider"]
 
 
 # ElectionConfig field -> the environment variable it comes from (margin and request_timeout are
@@ -83,58 +63,13 @@ def pool_size(settings: Settings) -> int:
     return settings.db_pool_size or min(50, max(5, settings.dispatch_concurrency // 2))
 
 
-def telephony_client(settings: Settings) -> HttpTelephonyClient:
-    return HttpTelephonyClient(
-        settings.telephony_url,
-        token=settings.telephony_token.get_secret_value() if settings.telephony_token else None,
-        timeout=settings.telephony_timeout,
-        max_connections=settings.dispatch_concurrency,
-    )
-
-
 def provider(settings: Settings) -> Provider:
-    """The adapter TELEPHONY_PROVIDER names (Settings has checked that its settings are there)."""
-    if settings.telephony_provider == "twilio":
-        assert settings.public_url and settings.twilio_account_sid and settings.twilio_auth_token
-        return TwilioProvider(
-            api_url=settings.twilio_api_url,
-            account_sid=settings.twilio_account_sid,
-            auth_token=settings.twilio_auth_token.get_secret_value(),
-            public_url=settings.public_url,
-            timeout=settings.telephony_timeout,
-            max_connections=min(settings.dispatch_concurrency, 100),
-            # a machine gets the short voicemail, not the keypad question (AnsweredBy on the voice request)
-            machine_detection=True,
-        )
-    if settings.telephony_provider == "telnyx":
-        assert settings.public_url and settings.telnyx_api_key and settings.telnyx_connection_id
-        return TelnyxProvider(
-            api_url=settings.telnyx_api_url,
-            api_key=settings.telnyx_api_key.get_secret_value(),
-            connection_id=settings.telnyx_connection_id,
-            public_url=settings.public_url,
-            timeout=settings.telephony_timeout,
-            max_connections=min(settings.dispatch_concurrency, 100),
-            # a machine gets the short voicemail (`call.machine.detection.ended` decides what is said)
-            machine_detection=True,
-            language=settings.default_language,
-        )
-    return GenericProvider(telephony_client(settings))
-
-
-def twilio_signature(settings: Settings) -> TwilioSignature:
-    """The webhook signature check: the auth token over PUBLIC_URL + path + query."""
-    assert settings.twilio_auth_token and settings.public_url
-    return TwilioSignature(settings.twilio_auth_token.get_secret_value(), settings.public_url)
-
-
-def telnyx_signature(settings: Settings) -> TelnyxSignature:
-    """The event signature check: Ed25519 with TELNYX_PUBLIC_KEY over "{timestamp}|{body}"."""
-    assert settings.telnyx_public_key
-    return TelnyxSignature(settings.telnyx_public_key)
+    """The REST adapter of the provider TELEPHONY_PROVIDER names (`check` has passed)."""
+    return package(settings.telephony_provider).build(settings)
 
 
 def check(settings: Settings) -> None:
-    """Build every component's configuration once: SettingError names the first bad variable."""
+    """Check every component's configuration once: SettingError names the first bad variable."""
+    package(settings.telephony_provider).check(settings)
     election_config(settings)
     dispatch_config(settings)

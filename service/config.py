@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import re
 import socket
@@ -22,7 +20,7 @@ from service.reminders.planning import PlanningConfig
 from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, normalize_language
 from service.reminders.rules import CallWindow, ReminderOffset, parse_duration
 
-__all__ = ["CallWindow", "ReminderOffset", "Settings", "parse_duration", "setting_error_line"]
+__all__ = ["CallWindow", "ReminderOffset", "Settings", "parse_duration", "plain_remote", "setting_error_line"]
 
 
 def _split(value: object) -> object:
@@ -49,7 +47,8 @@ class Settings(BaseSettings):
     election_prefix: str = "/reminders/leader"
     lease_ttl: int = Field(default=10, ge=2, le=300)
     leader_max_term: float | None = Field(default=None, gt=0)
-    telephony_provider: Literal["generic", "twilio", "telnyx"] = "generic"
+    # one of service.providers.PROVIDERS, checked with the provider's own settings (service.components.check)
+    telephony_provider: str = "generic"
     public_url: str | None = None
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
@@ -190,36 +189,6 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL without query or fragment, e.g. https://reminders.example.com")
         return value.rstrip("/") if value is not None else None
 
-    @field_validator("twilio_account_sid")
-    @classmethod
-    def _account_sid(cls, value: str | None) -> str | None:
-        # it becomes a path segment of the REST URL (SignalWire's project ids carry dashes)
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9-]{2,64}", value):
-            raise ValueError("must be the account SID (e.g. AC… , letters and digits)")
-        return value
-
-    @field_validator("telnyx_connection_id")
-    @classmethod
-    def _connection_id(cls, value: str | None) -> str | None:
-        # it becomes a path segment of the active-calls URL
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
-            raise ValueError("must be the Call Control connection (application) id, e.g. 1494404757140276705")
-        return value
-
-    @field_validator("telnyx_public_key")
-    @classmethod
-    def _telnyx_public_key(cls, value: str | None) -> str | None:
-        # a key that cannot verify anything would refuse every event: refused at start instead
-        if value is None:
-            return None
-        try:
-            raw = base64.b64decode(value.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raw = b""
-        if len(raw) != 32:
-            raise ValueError("must be the base64 Ed25519 public key of the Telnyx portal (32 bytes, 44 characters)")
-        return value.strip()
-
     @field_validator("reconcile_grace", mode="before")
     @classmethod
     def _reconcile_grace(cls, value: object) -> object:
@@ -228,23 +197,6 @@ class Settings(BaseSettings):
         if isinstance(value, timedelta) and value <= timedelta(0):
             raise ValueError("must be a positive duration (e.g. 2m)")
         return value
-
-    @model_validator(mode="after")
-    def _provider_settings(self) -> Settings:
-        if self.telephony_provider == "twilio":
-            missing = [name for name, value in (("PUBLIC_URL", self.public_url),
-                                                ("TWILIO_ACCOUNT_SID", self.twilio_account_sid),
-                                                ("TWILIO_AUTH_TOKEN", self.twilio_auth_token)) if not value]
-            if missing:
-                raise ValueError(f"TELEPHONY_PROVIDER=twilio requires {', '.join(missing)}")
-        if self.telephony_provider == "telnyx":
-            missing = [name for name, value in (("PUBLIC_URL", self.public_url),
-                                                ("TELNYX_API_KEY", self.telnyx_api_key),
-                                                ("TELNYX_CONNECTION_ID", self.telnyx_connection_id),
-                                                ("TELNYX_PUBLIC_KEY", self.telnyx_public_key)) if not value]
-            if missing:
-                raise ValueError(f"TELEPHONY_PROVIDER=telnyx requires {', '.join(missing)}")
-        return self
 
     @property
     def effective_reconcile_grace(self) -> timedelta:
@@ -273,36 +225,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _secrets_over_plain_http(self) -> Settings:
-        # A token or password sent in clear text can be read by anything on the path; loopback
-        # never leaves the machine. ALLOW_INSECURE_TRANSPORT is for demos on a private network.
-        if self.allow_insecure_transport:
+        # A password sent in clear text can be read by anything on the path; loopback never leaves
+        # the machine. The provider packages check their own secrets (service.providers).
+        if self.allow_insecure_transport or self.etcd_password is None or self.etcd_ca_cert:
             return self
-        if self.telephony_token is not None and _plain_remote(self.telephony_url):
+        remote = [e for e in self.etcd_endpoints if not e.startswith("https://") and plain_remote(e)]
+        if remote:
             raise ValueError(
-                "TELEPHONY_URL: a TELEPHONY_TOKEN would be sent over plain http:// to a non-loopback host; "
-                "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
-            )
-        if self.etcd_password is not None and not self.etcd_ca_cert:
-            remote = [e for e in self.etcd_endpoints if not e.startswith("https://") and _plain_remote(e)]
-            if remote:
-                raise ValueError(
-                    "ETCD_ENDPOINTS: ETCD_PASSWORD would be sent over plain http:// to a non-loopback host "
-                    f"({remote[0]}); use https:// with ETCD_CA_CERT (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
-                )
-        if self.twilio_auth_token is not None and _plain_remote(self.twilio_api_url):
-            raise ValueError(
-                "TWILIO_API_URL: TWILIO_AUTH_TOKEN would be sent over plain http:// to a non-loopback host; "
-                "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
-            )
-        if self.telnyx_api_key is not None and _plain_remote(self.telnyx_api_url):
-            raise ValueError(
-                "TELNYX_API_URL: TELNYX_API_KEY would be sent over plain http:// to a non-loopback host; "
-                "use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
-            )
-        if self.telephony_provider != "generic" and self.public_url and _plain_remote(self.public_url):
-            raise ValueError(
-                "PUBLIC_URL: the provider would post call events and fetch the message (names, times) over plain "
-                "http:// from a non-loopback host; use https:// (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+                "ETCD_ENDPOINTS: ETCD_PASSWORD would be sent over plain http:// to a non-loopback host "
+                f"({remote[0]}); use https:// with ETCD_CA_CERT (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
             )
         return self
 
@@ -341,7 +272,7 @@ def _region_codes() -> frozenset[str]:
     return frozenset(phonenumbers.SUPPORTED_REGIONS)
 
 
-def _plain_remote(url: str) -> bool:
+def plain_remote(url: str) -> bool:
     """True for an http:// (or scheme-less) URL whose host is not loopback."""
     if url.startswith("https://"):
         return False

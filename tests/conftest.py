@@ -15,6 +15,7 @@ pytest.register_assert_rewrite("tests.support")
 from harness.etcd import EtcdServer  # noqa: E402
 from harness.postgres import PostgresServer  # noqa: E402
 from service.db import Database  # noqa: E402
+from tests.support.ledger_guard import GUARD  # noqa: E402
 from tests.support.requirements import unavailable as _unavailable  # noqa: E402
 
 # the `requires` marker and the CI rule; pytester runs the suite's own rule in a nested pytest
@@ -98,3 +99,15 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     await database.upgrade()
     yield database
     await database.dispose()
+
+
+GUARD.install()
+
+
+@pytest.fixture(autouse=True)
+def only_the_ledger_writes() -> Iterator[None]:
+    """Every test: no statement of this process wrote reminders or call attempts from a module of
+    service/ outside the ledger (tests/support/ledger_guard.py)."""
+    yield
+    violations, GUARD.violations[:] = list(GUARD.violations), []
+    assert not violations, f"written outside service/ledger/: {violations}"

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from service.db import CallAttempt, Database, Reminder
-from service.dispatch.attempts import AttemptStore, StampedCalls, StampedConfig
+from service.ledger import AttemptStore
+from service.dispatch.stamped import StampedCalls, StampedConfig
 from service.reminders.attempts import RECHECK, AttemptView, Step, reconcile
-from service.dispatch.store import Claim, ReminderStore
+from service.ledger import Claim, Outcome, ReminderStore
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall
 from tests.support.twilio_rig import FROM, Rig, make_rig
 from tests.support.waiting import eventually
@@ -106,9 +107,9 @@ def stamped(rig: Rig, provider=None) -> StampedCalls:  # noqa: ANN001
 
 
 def finisher(rig: Rig, token: int, log: list[dict]) -> Callable[..., Awaitable[None]]:
-    async def finish(claim: Claim, **values: object) -> None:
-        log.append(values)
-        assert await ReminderStore(rig.db).finish_many(token, [(claim.reminder_id, values)]) == {claim.reminder_id}
+    async def finish(claim: Claim, outcome: Outcome) -> None:
+        log.append(outcome.columns())
+        assert await ReminderStore(rig.db).finish_many(token, [(claim.reminder_id, outcome)]) == {}
 
     return finish
 

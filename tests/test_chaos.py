@@ -59,7 +59,7 @@ def test_a_refused_last_moment_check_sends_nothing(pool: ClusterPool) -> None:
     keeps a leader frozen between its term check and the send from calling on resume."""
     import asyncio  # noqa: PLC0415
 
-    from service.telephony import CallRequest, HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
+    from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
 
     cluster = pool.get()
     cluster.recover()

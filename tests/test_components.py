@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.components import SettingError, dispatch_config, election_config
+from service.errors import SettingError
+from service.components import dispatch_config, election_config
 from service.config import Settings
 
 

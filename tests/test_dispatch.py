@@ -14,10 +14,11 @@ from service.config import CallWindow
 from service.db import Appointment, Database, Reminder
 from service.db.models import new_id
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher, OutcomeRecorder, message_for
-from service.dispatch.store import ReminderStore, StaleTerm
+from service.ledger import Outcome, ReminderStore, StaleTerm
 from service.fakes import create_fake_provider
 from service.reminders import idempotency_key
-from service.telephony import CallRequest, HttpTelephonyClient
+from service.providers.generic import GenericProvider
+from service.providers.generic.client import CallRequest, HttpTelephonyClient
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -107,7 +108,7 @@ async def all_final(db: Database) -> bool:
 
 async def test_each_due_reminder_is_called_once(db, client, provider) -> None:
     ids = await seed(db, 30)
-    await lead_until(Dispatcher(db, client, config()), FakeTerm(5), lambda: all_final(db))
+    await lead_until(Dispatcher(db, GenericProvider(client), config()), FakeTerm(5), lambda: all_final(db))
     rows = await reminders(db)
     assert {r.status for r in rows} == {"sent"}
     assert all(r.fence_token == 5 and r.claimed_by == "replica-a" and r.attempts == 1 for r in rows)
@@ -120,7 +121,7 @@ async def test_each_due_reminder_is_called_once(db, client, provider) -> None:
 async def test_future_reminders_wait(db, client, provider) -> None:
     await seed(db, 2, due_in=timedelta(hours=1))
     now_ids = await seed(db, 1)
-    await lead_until(Dispatcher(db, client, config()), FakeTerm(1), lambda: all_sent(db, now_ids))
+    await lead_until(Dispatcher(db, GenericProvider(client), config()), FakeTerm(1), lambda: all_sent(db, now_ids))
     assert sorted(r.status for r in await reminders(db)) == ["pending", "pending", "sent"]
 
 
@@ -135,7 +136,7 @@ async def test_older_token_is_fenced_out(db, client, provider) -> None:
     with pytest.raises(StaleTerm):
         await store.raise_fence(9, "old-leader")
     with pytest.raises(StaleTerm):
-        await Dispatcher(db, client, config()).lead(FakeTerm(9))
+        await Dispatcher(db, GenericProvider(client), config()).lead(FakeTerm(9))
     with pytest.raises(StaleTerm):
         await store.claim(9, "old-leader", limit=10, now=datetime.now(UTC), stale_after=timedelta(minutes=2))
     assert {r.status for r in await reminders(db)} == {"pending"}
@@ -169,7 +170,7 @@ async def test_claimed_by_dead_leader_is_completed_with_the_same_key(db, client,
             idempotency_key=sent_before_dying.idempotency_key,
         )
     )
-    await lead_until(Dispatcher(db, client, config()), FakeTerm(8), lambda: all_final(db))
+    await lead_until(Dispatcher(db, GenericProvider(client), config()), FakeTerm(8), lambda: all_final(db))
     rows = {r.id: r for r in await reminders(db)}
     assert rows[reminder_id].status == rows[other_id].status == "sent"
     assert rows[reminder_id].fence_token == 8
@@ -182,7 +183,7 @@ async def test_claimed_by_dead_leader_is_completed_with_the_same_key(db, client,
 async def test_misfire_is_skipped_with_reason(db, client, provider) -> None:
     await seed(db, 1, due_in=timedelta(hours=-1))
     await seed(db, 1, due_in=timedelta(minutes=-5), starts_in=timedelta(minutes=-1))
-    await lead_until(Dispatcher(db, client, config()), FakeTerm(1), lambda: all_final(db))
+    await lead_until(Dispatcher(db, GenericProvider(client), config()), FakeTerm(1), lambda: all_final(db))
     reasons = sorted(r.skip_reason for r in await reminders(db))
     assert {r.status for r in await reminders(db)} == {"skipped"}
     assert "started" in reasons[1] or "started" in reasons[0]
@@ -207,7 +208,7 @@ async def test_outside_call_window_waits_for_it(db, client, provider) -> None:
         rows = {r.id: r for r in await reminders(db)}
         return rows[skips].status == "skipped" and rows[waits].next_attempt_at > now + timedelta(hours=1)
 
-    await lead_until(Dispatcher(db, client, config(call_window=window)), FakeTerm(1), decided)
+    await lead_until(Dispatcher(db, GenericProvider(client), config(call_window=window)), FakeTerm(1), decided)
     rows = {r.id: r for r in await reminders(db)}
     assert rows[waits].status == "pending" and rows[waits].attempts == 0
     assert rows[waits].next_attempt_at.time().replace(second=0, microsecond=0) == opens
@@ -219,7 +220,7 @@ async def test_transient_failures_retry_with_backoff_then_fail(db, provider, cli
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=provider), base_url="http://provider") as http:
         await http.post("/v1/control", json={"fail_rate": 1.0, "fail_status": 503})
     (reminder_id,) = await seed(db, 1)
-    await lead_until(Dispatcher(db, client, config(max_attempts=3)), FakeTerm(1), lambda: all_final(db))
+    await lead_until(Dispatcher(db, GenericProvider(client), config(max_attempts=3)), FakeTerm(1), lambda: all_final(db))
     (row,) = await reminders(db)
     assert row.status == "failed" and row.attempts == 3 and "503" in row.last_error
     _, requests = await provider_state(provider)
@@ -230,7 +231,7 @@ async def test_transient_then_success(db, provider, client) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=provider), base_url="http://provider") as http:
         await http.post("/v1/control", json={"fail_rate": 1.0, "fail_status": 429})
         (reminder_id,) = await seed(db, 1)
-        dispatcher = Dispatcher(db, client, config(max_attempts=5))
+        dispatcher = Dispatcher(db, GenericProvider(client), config(max_attempts=5))
         term = FakeTerm(1)
         task = asyncio.create_task(dispatcher.lead(term))
 
@@ -259,19 +260,19 @@ async def test_transient_then_success(db, provider, client) -> None:
 def test_retry_delay_honours_retry_after_and_backs_off_within_its_bounds() -> None:
     """The value the dispatcher plans a retry with: never before Retry-After; else base * 2^(n-1)
     jittered to [half, whole], capped."""
-    dispatcher = Dispatcher(None, None, config(retry_base_delay=0.01, retry_max_delay=8.0))  # type: ignore[arg-type]
-    assert dispatcher.retry_delay(1, 1.0) == 1.0  # backoff (≤ 0.01 s) is below Retry-After
+    planned = config(retry_base_delay=0.01, retry_max_delay=8.0)
+    assert planned.retry_delay(1, 1.0) == 1.0  # backoff (≤ 0.01 s) is below Retry-After
     for attempts, whole in ((1, 0.01), (4, 0.08), (20, 8.0)):
         for _ in range(50):
-            assert whole / 2 <= dispatcher.retry_delay(attempts, None) <= whole
-    assert dispatcher.retry_delay(20, 30.0) == 30.0  # Retry-After beats the cap
+            assert whole / 2 <= planned.retry_delay(attempts, None) <= whole
+    assert planned.retry_delay(20, 30.0) == 30.0  # Retry-After beats the cap
 
 
 async def test_permanent_failure_fails_at_once(db, client, provider) -> None:
     telephony = HttpTelephonyClient("http://provider", token="wrong", transport=httpx.ASGITransport(
         app=create_fake_provider(token="right")))
     await seed(db, 1)
-    await lead_until(Dispatcher(db, telephony, config()), FakeTerm(1), lambda: all_final(db))
+    await lead_until(Dispatcher(db, GenericProvider(telephony), config()), FakeTerm(1), lambda: all_final(db))
     (row,) = await reminders(db)
     assert row.status == "failed" and row.attempts == 1 and "401" in row.last_error
     await telephony.aclose()
@@ -281,7 +282,7 @@ async def test_an_ended_term_calls_nobody(db, client, provider) -> None:
     await seed(db, 5)
     term = FakeTerm(1)
     term.ended.set()
-    await asyncio.wait_for(Dispatcher(db, client, config()).lead(term), 10)
+    await asyncio.wait_for(Dispatcher(db, GenericProvider(client), config()).lead(term), 10)
     assert (await provider_state(provider))[1] == []
     assert {r.status for r in await reminders(db)} == {"pending"}
 
@@ -292,7 +293,7 @@ async def test_cancelled_appointment_is_not_called(db, client, provider) -> None
         (appointment,) = (await session.execute(select(Appointment))).scalars()
         appointment.status = "cancelled"
         await session.commit()
-    await lead_until(Dispatcher(db, client, config()), FakeTerm(1), lambda: all_final(db))
+    await lead_until(Dispatcher(db, GenericProvider(client), config()), FakeTerm(1), lambda: all_final(db))
     assert [r.status for r in await reminders(db)] == ["cancelled"]
     assert (await provider_state(provider))[1] == []
 
@@ -312,14 +313,14 @@ async def test_a_term_lost_between_check_and_send_sends_nothing(db, client, prov
         async def aclose(self) -> None:
             pass
 
-    await asyncio.wait_for(Dispatcher(db, FreezesBeforeSending(), config()).lead(term), 10)
+    await asyncio.wait_for(Dispatcher(db, GenericProvider(FreezesBeforeSending()), config()).lead(term), 10)
     (row,) = await reminders(db)
     assert (row.status, row.attempts, row.fence_token) == ("dispatching", 0, 3)
     # No call. (Over ASGI the provider sees the headers before the refused body; over TCP not even
     # those leave: tests/test_chaos.py checks that against a real provider process.)
     calls, requests = await provider_state(provider)
     assert calls == [] and all(r["status"] is None for r in requests)
-    await lead_until(Dispatcher(db, client, config()), FakeTerm(4), lambda: all_final(db))
+    await lead_until(Dispatcher(db, GenericProvider(client), config()), FakeTerm(4), lambda: all_final(db))
     calls, _ = await provider_state(provider)
     assert [c["idempotency_key"] for c in calls] == [f"reminder-{reminder_id}"]
 
@@ -331,11 +332,11 @@ class _StoreDownFor:
         self.failures = failures
         self.writes = 0
 
-    async def finish_many(self, token: int, outcomes: list) -> set[str]:
+    async def finish_many(self, token: int, outcomes: list) -> dict[str, str]:
         self.writes += 1
         if self.writes <= self.failures:
             raise ConnectionError("database unavailable")
-        return {reminder_id for reminder_id, _ in outcomes}
+        return {}  # every one recorded
 
 
 async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid() -> None:
@@ -343,10 +344,11 @@ async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid(
     while the term is valid the recorder keeps retrying past its retry budget (1 here)."""
     store = _StoreDownFor(failures=3)
     valid = OutcomeRecorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: True, retries=1)
-    assert await asyncio.wait_for(valid.record("r-1", {"status": "sent"}), 30) is True
+    assert await asyncio.wait_for(valid.record("r-1", Outcome.sent("c-1", datetime.now(UTC))), 30) is None
     assert store.writes == 4
 
     store = _StoreDownFor(failures=3)
     ended = OutcomeRecorder(store, 7, max_batch=10, max_delay=0, keep_trying=lambda: False, retries=1)
-    assert await asyncio.wait_for(ended.record("r-2", {"status": "sent"}), 30) is None
+    why_not = await asyncio.wait_for(ended.record("r-2", Outcome.sent("c-2", datetime.now(UTC))), 30)
+    assert why_not is not None and "a later claim completes it" in why_not
     assert store.writes == 1

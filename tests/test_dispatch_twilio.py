@@ -13,12 +13,13 @@ import pytest
 from sqlalchemy import select
 
 from service.app import create_app
+from service.components import check
 from service.components import provider as provider_for
 from service.config import Settings
 from service.db import CallAttempt, Database, Reminder
 from service.dispatch.dispatcher import Dispatcher
-from service.telephony.generic import GenericProvider
-from service.telephony.twilio import TwilioProvider
+from service.providers.generic.adapter import GenericProvider
+from service.providers.twilio.rest import TwilioProvider
 from tests.support.waiting import eventually
 from tests.test_dispatch import FakeTerm, config, lead_until, seed
 from tests.support.twilio_rig import Rig, make_rig
@@ -111,7 +112,9 @@ def twilio_settings(**overrides: str) -> Settings:
     values = {"telephony_provider": "twilio", "public_url": "https://reminders.example.test/edge",
               "twilio_account_sid": "AC" + "9" * 32, "twilio_auth_token": "token"}
     values.update(overrides)
-    return Settings(**values)
+    settings = Settings(**values)
+    check(settings)  # the provider's own checks, as `reminders serve` and create_app run them
+    return settings
 
 
 def test_provider_follows_the_setting() -> None:
@@ -136,7 +139,7 @@ async def _openapi(app) -> str:  # noqa: ANN001
 
 def test_twilio_mode_needs_its_settings() -> None:
     with pytest.raises(ValueError, match="PUBLIC_URL, TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN"):
-        Settings(telephony_provider="twilio")
+        check(Settings(telephony_provider="twilio"))
     with pytest.raises(ValueError, match="public_url"):
         twilio_settings(public_url="https://x.test/?a=1")
     assert twilio_settings(calls_per_second="1", dispatch_concurrency="50").effective_reconcile_grace == timedelta(

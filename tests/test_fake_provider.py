@@ -14,7 +14,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service.fakes import create_fake_provider
-from service.telephony import CallRequest, HttpTelephonyClient, OutcomeKind
+from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind
 from tests.support.waiting import eventually
 
 TO = "+15551234567"

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from service.fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
-from service.telephony.telnyx import TelnyxSignature, parse_event
+from service.providers.telnyx.signature import TelnyxSignature
+from service.providers.telnyx.events import parse_event
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio

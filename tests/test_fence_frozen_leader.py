@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from service.db import Database
-from service.dispatch.store import ReminderStore
+from service.ledger import ReminderStore
 
 pytestmark = pytest.mark.anyio
 

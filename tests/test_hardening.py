@@ -17,10 +17,12 @@ from pydantic import ValidationError
 
 from harness.postgres import PostgresServer
 from service.app import create_app
+from service.components import check
+from service.errors import SettingError
 from service.config import Settings
 from service.db import Database
 from service.dispatch.dispatcher import message_for
-from service.dispatch.store import Claim
+from service.ledger import Claim
 from tests.support.appclient import PHONE, body, future, make_settings, running_app
 from tests.support.requirements import unavailable
 
@@ -157,17 +159,17 @@ async def test_an_unauthenticated_body_is_refused_before_it_is_read(tmp_path) ->
 
 
 def test_secrets_over_plain_remote_http_are_refused_at_start() -> None:
-    with pytest.raises(ValidationError, match="TELEPHONY_URL"):
-        Settings(telephony_url="http://provider.example:8090", telephony_token="t")
+    with pytest.raises(SettingError, match="TELEPHONY_URL"):
+        check(Settings(telephony_url="http://provider.example:8090", telephony_token="t"))
     with pytest.raises(ValidationError, match="ETCD_ENDPOINTS"):
         Settings(etcd_endpoints="http://etcd.example:2379", etcd_password="p", etcd_username="u")
     # loopback, https, no secret, or the explicit opt-out: accepted
-    Settings(telephony_url="http://127.0.0.1:8090", telephony_token="t")
-    Settings(telephony_url="http://localhost:8090", telephony_token="t")
-    Settings(telephony_url="https://provider.example", telephony_token="t")
-    Settings(telephony_url="http://provider.example:8090")
+    check(Settings(telephony_url="http://127.0.0.1:8090", telephony_token="t"))
+    check(Settings(telephony_url="http://localhost:8090", telephony_token="t"))
+    check(Settings(telephony_url="https://provider.example", telephony_token="t"))
+    check(Settings(telephony_url="http://provider.example:8090"))
     Settings(etcd_endpoints="127.0.0.1:2379", etcd_password="p", etcd_username="u")
-    Settings(telephony_url="http://fake-provider:8090", telephony_token="t", allow_insecure_transport=True)
+    check(Settings(telephony_url="http://fake-provider:8090", telephony_token="t", allow_insecure_transport=True))
 
 
 def test_an_open_api_is_announced_at_start(tmp_path, caplog: pytest.LogCaptureFixture) -> None:

@@ -46,7 +46,7 @@ from harness.ports import free_port, wait_for_port
 from service.backlog import STUCK_AFTER, refresh_backlog, watch_backlog
 from service.db import Appointment, Database, Reminder, ReminderStatus
 from service.db.models import new_id
-from service.telephony import OutcomeKind
+from service.providers.generic.client import OutcomeKind
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "k8s" / "monitoring"

@@ -7,7 +7,7 @@ outcome batch on PostgreSQL, and the recorder retried that batch forever.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -16,9 +16,10 @@ from sqlalchemy import select
 
 from service.db import Database, Reminder
 from service.dispatch.dispatcher import Dispatcher, OutcomeRecorder
-from service.dispatch.store import ReminderStore
-from service.telephony import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind
-from service.telephony.client import MAX_RESPONSE_BYTES
+from service.ledger import Outcome, ReminderStore
+from service.providers.generic import GenericProvider
+from service.providers.generic.client import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind
+from service.telephony.http import MAX_RESPONSE_BYTES
 from tests.support.waiting import eventually
 from tests.test_dispatch import FakeTerm, config, seed
 
@@ -125,14 +126,14 @@ async def test_a_poison_outcome_is_isolated_and_the_batch_goes_on(pg: Database) 
     token = 1_000_001
     ids = await claimed(pg, 6, token)
     recorder = OutcomeRecorder(ReminderStore(pg), token, max_batch=100, max_delay=0.05, keep_trying=lambda: True)
-    outcomes = {rid: {"status": "sent", "provider_call_id": f"call-{i}", "attempts": 1, "last_error": None}
-                for i, rid in enumerate(ids)}
-    outcomes[ids[1]] = {"status": "sent", "provider_call_id": LONG_ID, "attempts": 1, "last_error": None}
-    outcomes[ids[4]] = {"status": "failed", "attempts": 1, "last_error": "HTTP 500: boom\x00" + "y" * 10_000}
+    now = datetime.now(UTC)
+    outcomes = {rid: Outcome.sent(f"call-{i}", now, attempts=1) for i, rid in enumerate(ids)}
+    outcomes[ids[1]] = Outcome.sent(LONG_ID, now, attempts=1)
+    outcomes[ids[4]] = Outcome.failed("HTTP 500: boom\x00" + "y" * 10_000, attempts=1)
     results = await asyncio.wait_for(
-        asyncio.gather(*(recorder.record(rid, values) for rid, values in outcomes.items())), 30
+        asyncio.gather(*(recorder.record(rid, outcome) for rid, outcome in outcomes.items())), 30
     )
-    assert results == [True] * 6
+    assert results == [None] * 6  # every one recorded
     stored = await rows(pg, ids)
     assert all(r.status == "sent" for rid, r in stored.items() if rid != ids[4])
     assert stored[ids[1]].provider_call_id is None and "call id refused" in stored[ids[1]].last_error
@@ -163,7 +164,7 @@ async def test_tasks_in_flight_are_bounded_when_outcomes_cannot_be_written(datab
     try:
         await seed(db, 40)
         client = InstantClient()
-        dispatcher = Dispatcher(db, client, config(concurrency=4))  # tasks: twice that by default
+        dispatcher = Dispatcher(db, GenericProvider(client), config(concurrency=4))  # tasks: twice that by default
         stuck = asyncio.Event()
         claims = 0
         original_claim = dispatcher._claim_some
@@ -175,7 +176,7 @@ async def test_tasks_in_flight_are_bounded_when_outcomes_cannot_be_written(datab
 
         async def never_written(token, outcomes):  # noqa: ANN001
             await stuck.wait()
-            return {rid for rid, _ in outcomes}
+            return {}
 
         dispatcher._claim_some = counting_claim  # type: ignore[method-assign]
         dispatcher.store.finish_many = never_written  # type: ignore[method-assign]
@@ -232,7 +233,7 @@ async def test_fifty_reminders_two_poison_answers(pg: Database) -> None:
     client = HttpTelephonyClient(
         "http://provider", transport=httpx.ASGITransport(app=poison_provider(long_id_for, nul_500_for))
     )
-    dispatcher = Dispatcher(pg, client, config(concurrency=8, max_attempts=3, retry_base_delay=0.01))
+    dispatcher = Dispatcher(pg, GenericProvider(client), config(concurrency=8, max_attempts=3, retry_base_delay=0.01))
     term = FakeTerm(2_000_001)
     started = time.monotonic()
     task = asyncio.create_task(dispatcher.lead(term))

@@ -13,14 +13,8 @@ import pytest
 import respx
 from httpx_aiohttp import AiohttpTransport
 
-from service.telephony import (
-    CallOutcome,
-    CallRequest,
-    HttpTelephonyClient,
-    OutcomeKind,
-    TelephonyClient,
-    parse_retry_after,
-)
+from service.providers.generic.client import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind, TelephonyClient
+from service.telephony.http import parse_retry_after
 from service.privacy import mask_phone
 
 BASE = "http://provider.test"

@@ -13,7 +13,9 @@ import respx
 
 from service.fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, sign
 from service.telephony.provider import CallSpec, CreateKind, ProviderUnavailable, Stamp
-from service.telephony.telnyx import TelnyxProvider, TelnyxSignature, parse_event, speak_command_id
+from service.providers.telnyx.rest import TelnyxProvider, speak_command_id
+from service.providers.telnyx.signature import TelnyxSignature
+from service.providers.telnyx.events import parse_event
 
 pytestmark = pytest.mark.anyio
 

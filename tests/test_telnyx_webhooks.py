@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from service.app import create_app
+from service.components import check
 from service.components import provider as provider_for
 from service.config import Settings
 from service.db import CallAttempt, Database, Reminder
@@ -24,7 +25,7 @@ from service.dispatch.dispatcher import Dispatcher, _wording
 from service.dispatch.speech import SpeechSweep
 from service.fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, CalleeScript, sign
 from service.telephony.provider import CallSpec, Stamp
-from service.telephony.telnyx import TelnyxProvider
+from service.providers.telnyx.rest import TelnyxProvider
 from tests.support.telnyx_rig import FROM, TelnyxRig, make_telnyx_rig
 from tests.support.twilio_rig import Rig
 from tests.test_dispatch import FakeTerm, config, lead_until, seed
@@ -226,16 +227,18 @@ def telnyx_settings(**overrides: str) -> Settings:
               "telnyx_api_key": "KEY", "telnyx_connection_id": "1494404757140276705",
               "telnyx_public_key": TEST_PUBLIC_KEY}
     values.update(overrides)
-    return Settings(**values)
+    settings = Settings(**values)
+    check(settings)  # the provider's own checks, as `reminders serve` and create_app run them
+    return settings
 
 
 def test_telnyx_mode_needs_its_settings() -> None:
     assert isinstance(provider_for(telnyx_settings()), TelnyxProvider)
     with pytest.raises(ValueError, match="PUBLIC_URL, TELNYX_API_KEY, TELNYX_CONNECTION_ID, TELNYX_PUBLIC_KEY"):
-        Settings(telephony_provider="telnyx")
-    with pytest.raises(ValueError, match="telnyx_public_key"):
+        check(Settings(telephony_provider="telnyx"))
+    with pytest.raises(ValueError, match="TELNYX_PUBLIC_KEY"):
         telnyx_settings(telnyx_public_key="c2hvcnQ=")
-    with pytest.raises(ValueError, match="telnyx_connection_id"):
+    with pytest.raises(ValueError, match="TELNYX_CONNECTION_ID"):
         telnyx_settings(telnyx_connection_id="../x")
     assert Settings().telephony_provider == "generic"
 
@@ -321,8 +324,8 @@ class _Mute:
 
 
 async def test_events_apply_by_state_then_occurred_at_never_back(db: Database, rig: TelnyxRig) -> None:
-    from service.webhooks import calls  # noqa: PLC0415
-    from service.webhooks.telnyx import hangup_status  # noqa: PLC0415
+    from service.ledger import calls  # noqa: PLC0415
+    from service.providers.telnyx.events import hangup_status  # noqa: PLC0415
 
     reminder_id, (attempt_id,) = await seeded(rig)
     stamp, now = Stamp(reminder_id, attempt_id), datetime.now(UTC)

@@ -13,13 +13,9 @@ import pytest
 import respx
 
 from service.telephony.provider import CallSpec, CreateKind, Provider, ProviderUnavailable, Stamp
-from service.telephony.twilio import (
-    STATUS_CALLBACK_EVENTS,
-    TwilioProvider,
-    TwilioSignature,
-    hangup_twiml,
-    say_twiml,
-)
+from service.providers.twilio.rest import STATUS_CALLBACK_EVENTS, TwilioProvider
+from service.providers.twilio.signature import TwilioSignature
+from service.providers.twilio.twiml import hangup_twiml, say_twiml
 
 pytestmark = pytest.mark.anyio
 

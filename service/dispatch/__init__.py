@@ -1,1 +1,1 @@
-"""Leader-only reminder dispatch: fenced claims and outcome writes, the dispatch loop, the rate limiter."""
+"""Leader-only reminder dispatch: the dispatch loop, calls through providers without idempotency (`stamped`), the speech sweep, the rate limiter. Its writes go through the ledger."""

@@ -4,7 +4,7 @@ The only place that joins a term, the database and the provider. Data flows one 
 DB (fenced claim) → provider (one idempotency key per reminder) → DB (fenced record).
 
 That is the `generic` provider, which dedupes creates by key. A provider without idempotency
-(Twilio) goes through `service.dispatch.attempts`: each create is an attempt recorded under the
+(Twilio, Telnyx) goes through `service.dispatch.stamped`: each create is an attempt recorded under the
 fence before it is sent, and an attempt in doubt is reconciled, never repeated blindly.
 
 Guarantees, and their limits:
@@ -28,24 +28,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from service.db import Database
 from service.dispatch.limiter import RateLimiter
-from service.dispatch.store import Claim, ReminderStore, StaleTerm, is_data_error
-from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
-from service.dispatch.attempts import StampedCalls, StampedConfig
 from service.dispatch.speech import SpeechSweep
-from service.reminders.attempts import RECHECK
-from service.reminders import CallWindow, ReminderStatus, Wording, call_message, decide_call
+from service.dispatch.stamped import StampedCalls, StampedConfig
+from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, is_data_error
+from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.privacy import strip_control
-from service.telephony import TelephonyClient
-from service.telephony.client import usable_call_id
-from service.telephony.generic import GenericProvider
+from service.reminders import CallWindow, ReminderStatus, Wording, call_message, decide_call
+from service.reminders.attempts import RECHECK
+from service.telephony.http import usable_call_id
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider, SpeechCommands
 
 __all__ = ["DispatchConfig", "Dispatcher", "OutcomeRecorder", "StaleTerm", "Term"]
@@ -104,6 +102,11 @@ class DispatchConfig:
         if self.max_in_flight is not None and self.max_in_flight < self.concurrency:
             raise ValueError("max_in_flight must be at least concurrency")
 
+    def retry_delay(self, attempts: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter after `attempts` failures; never sooner than Retry-After."""
+        backoff = min(self.retry_max_delay, self.retry_base_delay * 2 ** (attempts - 1))
+        return max(backoff * random.uniform(0.5, 1.0), retry_after or 0.0)
+
     @property
     def in_flight_limit(self) -> int:
         """How many reminder tasks of a term may exist at once."""
@@ -132,9 +135,10 @@ RECORD_RETRIES = 6
 class OutcomeRecorder:
     """Writes one term's outcomes in batches, each batch in one fenced transaction.
 
-    `record()` queues an outcome and returns once it is written: True, False when another term
-    had taken the reminder over (its outcome is theirs), None when the database stayed down for
-    every retry (the reminder stays `dispatching`: a later claim completes it with the same key).
+    `record()` queues an outcome and returns once it is settled: None when it was written, else
+    why not — the reminder is no longer this term's claim (another term took it over, or a
+    webhook moved it on), or the database stayed down for every retry (the reminder stays
+    `dispatching`: a later claim completes it with the same key).
     A writer waits `max_delay` seconds for a batch to fill, then writes up to `max_batch`
     outcomes per transaction until the queue is empty; while it writes, outcomes arriving meanwhile
     get a second writer (at most `max_writers`), so a write's round trips do not hold up the next
@@ -163,18 +167,18 @@ class OutcomeRecorder:
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.max_writers = max_writers
-        self._queue: dict[str, tuple[Mapping[str, object], asyncio.Future[bool | None]]] = {}
-        self._later: list[tuple[str, Mapping[str, object], asyncio.Future[bool | None]]] = []
+        self._queue: dict[str, tuple[Outcome, asyncio.Future[str | None]]] = {}
+        self._later: list[tuple[str, Outcome, asyncio.Future[str | None]]] = []
         self._writing: set[str] = set()
         self._writers: set[asyncio.Task[None]] = set()
         self._filling = False
 
-    async def record(self, reminder_id: str, values: Mapping[str, object]) -> bool | None:
-        future: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+    async def record(self, reminder_id: str, outcome: Outcome) -> str | None:
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         if reminder_id in self._queue or reminder_id in self._writing:  # one write per reminder at a time
-            self._later.append((reminder_id, values, future))
+            self._later.append((reminder_id, outcome, future))
         else:
-            self._queue[reminder_id] = (values, future)
+            self._queue[reminder_id] = (outcome, future)
         self._spawn()
         # shielded: a cancelled caller does not cancel the write of its own or others' outcomes
         return await asyncio.shield(future)
@@ -203,20 +207,20 @@ class OutcomeRecorder:
             finally:
                 self._writing.difference_update(batch)
                 later, self._later = self._later, []
-                for reminder_id, values, future in later:
+                for reminder_id, outcome, future in later:
                     if reminder_id in self._queue or reminder_id in self._writing:
-                        self._later.append((reminder_id, values, future))
+                        self._later.append((reminder_id, outcome, future))
                     else:
-                        self._queue[reminder_id] = (values, future)
+                        self._queue[reminder_id] = (outcome, future)
 
-    async def _flush(self, batch: dict[str, tuple[Mapping[str, object], asyncio.Future[bool | None]]]) -> None:
+    async def _flush(self, batch: dict[str, tuple[Outcome, asyncio.Future[str | None]]]) -> None:
         """Write `batch`, retrying while the database is down: the outcomes are facts worth keeping."""
-        items = [(reminder_id, values) for reminder_id, (values, _) in batch.items()]
+        items = [(reminder_id, outcome) for reminder_id, (outcome, _) in batch.items()]
         attempt = 0
         while attempt < self.retries or self.keep_trying():
             attempt += 1
             try:
-                recorded = await self.store.finish_many(self.token, items)
+                not_recorded = await self.store.finish_many(self.token, items)
             except Exception as error:  # noqa: BLE001
                 if not is_data_error(error):
                     log.warning("recording %d outcome(s) failed (%s); retrying", len(items), type(error).__name__)
@@ -229,14 +233,13 @@ class OutcomeRecorder:
                 return
             for reminder_id, (_, future) in batch.items():
                 if not future.done():
-                    future.set_result(reminder_id in recorded)
+                    future.set_result(not_recorded.get(reminder_id))
             return
         for reminder_id, (_, future) in batch.items():
-            log.error("could not record reminder %s; a later claim will complete it with the same key", reminder_id)
             if not future.done():
-                future.set_result(None)
+                future.set_result("the database refused every try; a later claim completes it with the same key")
 
-    async def _isolate(self, batch: dict[str, tuple[Mapping[str, object], asyncio.Future[bool | None]]]) -> None:
+    async def _isolate(self, batch: dict[str, tuple[Outcome, asyncio.Future[str | None]]]) -> None:
         """Write `batch` after a data error: halves separately, a lone row with its values made safe."""
         if len(batch) > 1:
             items = list(batch.items())
@@ -244,42 +247,41 @@ class OutcomeRecorder:
             await self._flush(dict(items[:middle]))
             await self._flush(dict(items[middle:]))
             return
-        ((reminder_id, (values, future)),) = batch.items()
-        safe = salvage_outcome(values)
+        ((reminder_id, (outcome, future)),) = batch.items()
+        safe = salvage_outcome(outcome)
         log.error("reminder %s: its outcome holds values the database refuses; recording it without them", reminder_id)
         try:
-            recorded: bool | None = reminder_id in await self.store.finish_many(self.token, [(reminder_id, safe)])
+            why: str | None = (await self.store.finish_many(self.token, [(reminder_id, safe)])).get(reminder_id)
         except Exception as error:  # noqa: BLE001 - even the salvaged row failed: give up on this one only
-            log.error("reminder %s: its outcome could not be recorded (%s)", reminder_id, type(error).__name__)
-            recorded = None
+            why = f"even without the refused values the database refused it ({type(error).__name__})"
         if not future.done():
-            future.set_result(recorded)
+            future.set_result(why)
 
 
 # Text columns of an outcome and how much of each is kept when the database refuses the values.
 _SALVAGE_TEXT_LIMIT = 500
 
 
-def salvage_outcome(values: Mapping[str, object]) -> dict[str, object]:
-    """`values` the database can store: control characters out, texts capped, a bad call id dropped.
+def salvage_outcome(outcome: Outcome) -> Outcome:
+    """`outcome` with values the database can store: control characters out, texts capped, a bad
+    call id dropped.
 
     What is known stays: the status (a call the provider accepted is still `sent`), and why a
     value was dropped goes to `last_error`.
     """
-    safe: dict[str, object] = {}
     notes: list[str] = []
-    for name, value in values.items():
-        if name == "provider_call_id" and value is not None:
-            if usable_call_id(value) is None:
-                notes.append("provider call id refused: unusable")
-                value = None
-        elif isinstance(value, str):
-            value = strip_control(value)[:_SALVAGE_TEXT_LIMIT]
-        safe[name] = value
+    call_id = outcome.provider_call_id
+    if call_id is not None and usable_call_id(call_id) is None:
+        notes.append("provider call id refused: unusable")
+        call_id = None
+
+    def safe(text: str | None) -> str | None:
+        return None if text is None else strip_control(text)[:_SALVAGE_TEXT_LIMIT]
+
+    last_error = safe(outcome.last_error)
     if notes:
-        previous = safe.get("last_error")
-        safe["last_error"] = "; ".join([*notes, *([str(previous)] if previous else [])])[:_SALVAGE_TEXT_LIMIT]
-    return safe
+        last_error = "; ".join([*notes, *([last_error] if last_error else [])])[:_SALVAGE_TEXT_LIMIT]
+    return replace(outcome, provider_call_id=call_id, last_error=last_error, skip_reason=safe(outcome.skip_reason))
 
 
 # reminders_call_attempts_total's `outcome` label, as the alerts and the dashboard know it: a create
@@ -296,14 +298,13 @@ _ATTEMPT_LABEL = {
 class Dispatcher:
     """Calls due reminders for the length of a term; `lead(term)` is the elector's callback."""
 
-    def __init__(self, db: Database, client: Provider | TelephonyClient, config: DispatchConfig) -> None:
+    def __init__(self, db: Database, provider: Provider, config: DispatchConfig) -> None:
         self.store = ReminderStore(db)
-        # A bare TelephonyClient (place_call) is the generic provider.
-        self.provider: Provider = client if hasattr(client, "create_call") else GenericProvider(client)  # type: ignore[assignment]
+        self.provider = provider
         self.config = config
         self._stamped = None if self.provider.dedupes_creation else StampedCalls(
             db, self.provider, StampedConfig(caller_id=config.caller_id, reconcile_grace=config.reconcile_grace,
-                                             max_attempts=config.max_attempts, retry_delay=self.retry_delay))
+                                             max_attempts=config.max_attempts, retry_delay=config.retry_delay))
         self._speech = SpeechSweep(db, self.provider, wording=_wording, confirm_after=config.speech_confirm_after) \
             if isinstance(self.provider, SpeechCommands) else None
         self._limiter = RateLimiter(config.calls_per_second)
@@ -421,7 +422,7 @@ class Dispatcher:
     async def _handle(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
         now = datetime.now(UTC)
         if claim.appointment_cancelled:
-            await self._finish(recorder, claim, status=ReminderStatus.CANCELLED, skip_reason="appointment cancelled")
+            await self._finish(recorder, claim, Outcome.cancelled("appointment cancelled"))
             return
         decision = decide_call(
             scheduled_at=claim.scheduled_at,
@@ -433,10 +434,10 @@ class Dispatcher:
         )
         if decision.skip_reason:
             log.warning("reminder %s skipped: %s", claim.reminder_id, decision.skip_reason)
-            await self._finish(recorder, claim, status=ReminderStatus.SKIPPED, skip_reason=decision.skip_reason)
+            await self._finish(recorder, claim, Outcome.skipped(decision.skip_reason))
             return
         if decision.wait_until:
-            await self._finish(recorder, claim, status=ReminderStatus.PENDING, next_attempt_at=decision.wait_until)
+            await self._finish(recorder, claim, Outcome.wait(decision.wait_until))
             return
         if self._stamped is not None:
             await self._handle_stamped(term, claim, recorder)
@@ -470,10 +471,10 @@ class Dispatcher:
         """A provider without idempotency: reconcile earlier attempts, then at most one new one."""
         assert self._stamped is not None
 
-        async def finish(done: Claim, **values: object) -> None:
-            if values.get("status") == ReminderStatus.SENT and "attempts" in values:
+        async def finish(done: Claim, outcome: Outcome) -> None:
+            if outcome.status == ReminderStatus.SENT and outcome.attempts is not None:
                 DISPATCH_LAG.observe(max(0.0, (datetime.now(UTC) - done.due_at).total_seconds()))
-            await self._finish(recorder, done, **values)
+            await self._finish(recorder, done, outcome)
 
         IN_FLIGHT.inc()
         try:
@@ -488,9 +489,8 @@ class Dispatcher:
                         type(error).__name__)
             result = None
             if term.valid():
-                await self._finish(recorder, claim, status=ReminderStatus.PENDING,
-                                   next_attempt_at=datetime.now(UTC) + RECHECK,
-                                   last_error=f"interrupted: {type(error).__name__}")
+                await self._finish(recorder, claim, Outcome.retry(datetime.now(UTC) + RECHECK,
+                                                                  f"interrupted: {type(error).__name__}"))
         finally:
             IN_FLIGHT.dec()
             self._release(claim.reminder_id)
@@ -502,32 +502,22 @@ class Dispatcher:
         attempts = claim.attempts + 1
         if outcome.kind is CreateKind.CREATED:
             DISPATCH_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))
-            await self._finish(
-                recorder, claim, status=ReminderStatus.SENT, attempts=attempts, provider_call_id=outcome.call_id,
-                sent_at=now, last_error=outcome.error,  # e.g. an unusable call id, refused by the client
-            )
+            # `error`: e.g. an unusable call id, refused by the client
+            await self._finish(recorder, claim, Outcome.sent(outcome.call_id, now, attempts=attempts,
+                                                             error=outcome.error))
         elif outcome.kind in (CreateKind.NOT_CREATED, CreateKind.IN_DOUBT) and attempts < self.config.max_attempts:
-            delay = self.retry_delay(attempts, outcome.retry_after)
+            delay = self.config.retry_delay(attempts, outcome.retry_after)
             log.info("reminder %s: attempt %d failed (%s), retry in %.1fs", claim.reminder_id, attempts, outcome.error, delay)
-            await self._finish(
-                recorder, claim, status=ReminderStatus.PENDING, attempts=attempts, last_error=outcome.error,
-                next_attempt_at=now + timedelta(seconds=delay),
-            )
+            await self._finish(recorder, claim, Outcome.retry(now + timedelta(seconds=delay), outcome.error,
+                                                              attempts=attempts))
         else:
             log.warning("reminder %s failed after %d attempt(s): %s", claim.reminder_id, attempts, outcome.error)
-            await self._finish(recorder, claim, status=ReminderStatus.FAILED, attempts=attempts, last_error=outcome.error)
+            await self._finish(recorder, claim, Outcome.failed(outcome.error, attempts=attempts))
 
-    def retry_delay(self, attempts: int, retry_after: float | None) -> float:
-        """Exponential backoff with jitter after `attempts` failures; never sooner than Retry-After."""
-        backoff = min(self.config.retry_max_delay, self.config.retry_base_delay * 2 ** (attempts - 1))
-        return max(backoff * random.uniform(0.5, 1.0), retry_after or 0.0)
-
-    async def _finish(self, recorder: OutcomeRecorder, claim: Claim, **values: object) -> None:
-        """Record an outcome under the recorder's term (batched; returns once it is written)."""
-        status = values.get("status")
-        recorded = await recorder.record(claim.reminder_id, values)
-        if recorded is True:
-            if status in (ReminderStatus.SENT, ReminderStatus.FAILED, ReminderStatus.SKIPPED):
-                REMINDERS_DONE.labels(str(status)).inc()
-        elif recorded is False:
-            log.info("reminder %s was taken over by a newer term; its outcome is theirs", claim.reminder_id)
+    async def _finish(self, recorder: OutcomeRecorder, claim: Claim, outcome: Outcome) -> None:
+        """Record an outcome under the recorder's term (batched; returns once it is settled)."""
+        why_not = await recorder.record(claim.reminder_id, outcome)
+        if why_not is not None:
+            log.info("reminder %s: its %s outcome was not recorded: %s", claim.reminder_id, outcome.status, why_not)
+        elif outcome.status in (ReminderStatus.SENT, ReminderStatus.FAILED, ReminderStatus.SKIPPED):
+            REMINDERS_DONE.labels(str(outcome.status)).inc()

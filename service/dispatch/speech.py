@@ -23,22 +23,14 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import exists, select, update
-
 from service.db import Database
-from service.db.models import Appointment, CallAttempt, LeaderFence, Reminder, ReminderStatus
+from service.ledger import SpeechStore
+from service.providers.telnyx.rest import speak_command_id
 from service.telephony.provider import SpeechCommands, Stamp
-from service.telephony.telnyx import speak_command_id
 
 __all__ = ["SpeechSweep"]
 
 log = logging.getLogger(__name__)
-
-ANSWERED = "in-progress"
-# Non-final call states (service.webhooks.calls' ranks): anything else means the call is over.
-_ALIVE = ("queued", "initiated", "ringing", ANSWERED, "speaking", "spoken")
-RELEASED = "released: the bound call ended before its message began"
-FENCE_ROW = 1
 
 
 class SpeechSweep:
@@ -46,79 +38,23 @@ class SpeechSweep:
 
     def __init__(self, db: Database, provider: SpeechCommands, *, wording: Callable[[Any], str],
                  confirm_after: timedelta = timedelta(seconds=10), batch: int = 50) -> None:
-        self.db = db
+        self.store = SpeechStore(db, confirm_after=confirm_after, batch=batch)
         self.provider = provider
         self.wording = wording
-        self.confirm_after = confirm_after
-        self.batch = batch
-
-    async def owed(self, now: datetime) -> list[Any]:
-        """Bound calls answered at least `confirm_after` ago whose speech never started."""
-        async with self.db.session() as session:
-            rows = await session.execute(
-                select(CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id, Reminder.wording,
-                       Appointment.customer_name, Appointment.starts_at, Appointment.timezone)
-                .join(Reminder, Reminder.bound_attempt_id == CallAttempt.id)
-                .join(Appointment, Appointment.id == Reminder.appointment_id)
-                .where(CallAttempt.call_status == ANSWERED, CallAttempt.updated_at < now - self.confirm_after,
-                       CallAttempt.provider_call_id.is_not(None))
-                .order_by(CallAttempt.updated_at)
-                .limit(self.batch)
-            )
-            return list(rows)
 
     async def once(self, now: datetime, token: int | None = None) -> int:
         """Speak again where it is owed, and (with the term's `token`) release reminders whose bound
         call ended unheard; returns how many speak commands were accepted."""
         if token is not None:
-            await self.release_unheard(now, token)
+            for reminder_id in await self.store.release_unheard(now, token):
+                log.warning("reminder %s: its bound call ended before the message began; calling again", reminder_id)
         accepted = 0
-        for row in await self.owed(now):
+        for row in await self.store.owed(now):
             stamp = Stamp(row.reminder_id, row.id)
             done = await self.provider.speak(row.provider_call_id, self.wording(row),
                                              command_id=speak_command_id(row.id), stamp=stamp)
             log.warning("reminder %s: bound call %s never confirmed its message; spoken again: %s",
                         row.reminder_id, row.provider_call_id, done)
             accepted += bool(done)
-            async with self.db.session() as session:  # look again only after another `confirm_after`
-                await session.execute(
-                    update(CallAttempt)
-                    .where(CallAttempt.id == row.id, CallAttempt.call_status == ANSWERED)
-                    .values(updated_at=now)
-                )
-                await session.commit()
+            await self.store.looked_at(row.id, now)
         return accepted
-
-    async def release_unheard(self, now: datetime, token: int) -> list[str]:
-        """Reminders whose bound call ended before its message: unbound and `pending` again, only
-        while the fence is `token`. Returns their ids."""
-        async with self.db.session() as session:
-            rows = await session.execute(
-                select(Reminder.id, CallAttempt.id.label("attempt_id"))
-                .join(CallAttempt, CallAttempt.id == Reminder.bound_attempt_id)
-                .where(Reminder.outcome.is_(None), Reminder.status == ReminderStatus.SENT,
-                       CallAttempt.call_status.is_not(None), CallAttempt.call_status.not_in(_ALIVE),
-                       CallAttempt.last_event_at < now - self.confirm_after)
-                .limit(self.batch)
-            )
-            candidates = list(rows)
-            fenced = exists().where(LeaderFence.id == FENCE_ROW, LeaderFence.token == token)
-            released = []
-            for row in candidates:
-                result = await session.execute(
-                    update(Reminder)
-                    .where(Reminder.id == row.id, Reminder.bound_attempt_id == row.attempt_id,
-                           Reminder.outcome.is_(None), Reminder.status == ReminderStatus.SENT, fenced)
-                    .values(bound_call_id=None, bound_attempt_id=None, answered_at=None,
-                            status=ReminderStatus.PENDING, next_attempt_at=now, fence_token=token,
-                            last_error=RELEASED)
-                    .execution_options(synchronize_session=False)
-                )
-                if result.rowcount == 1:
-                    await session.execute(update(CallAttempt).where(CallAttempt.id == row.attempt_id)
-                                          .values(error=RELEASED))
-                    released.append(row.id)
-            await session.commit()
-        for reminder_id in released:
-            log.warning("reminder %s: its bound call ended before the message began; calling again", reminder_id)
-        return released

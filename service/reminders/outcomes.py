@@ -16,9 +16,12 @@ from service.reminders.planning import decide_call
 from service.reminders.rules import CallWindow
 
 __all__ = [
+    "CALL_ANSWERED",
     "CALL_SPEAKING",
     "CALL_SPOKEN",
     "FINAL_CALL_STATES",
+    "LIVE_CALL_STATES",
+    "PRE_ANSWER_STATES",
     "Confirmation",
     "NoAnswerPolicy",
     "ReminderOutcome",
@@ -49,12 +52,18 @@ class Confirmation(StrEnum):
 
 _KEYS = {"1": Confirmation.CONFIRMED, "2": Confirmation.DECLINED}
 
+# An answered call (Twilio's name; other adapters map theirs onto it).
+CALL_ANSWERED = "in-progress"
 # Providers whose speech is a command (Telnyx): the bound call's message has begun / ended.
 CALL_SPEAKING, CALL_SPOKEN = "speaking", "spoken"
 # A call's states in the order they happen; a final one is never followed by another.
-_RANK = {"queued": 0, "initiated": 1, "ringing": 2, "in-progress": 3, "answered": 3, CALL_SPEAKING: 4,
+_RANK = {"queued": 0, "initiated": 1, "ringing": 2, CALL_ANSWERED: 3, "answered": 3, CALL_SPEAKING: 4,
          CALL_SPOKEN: 5}
+# A call in one of these may still ring, speak or be answered; any other state is over.
+LIVE_CALL_STATES = frozenset(state for state in _RANK if state != "answered")
 FINAL_CALL_STATES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
+# Statuses of a call that has not been answered yet: it can still be cancelled.
+PRE_ANSWER_STATES = ("queued", "initiated", "ringing")
 _FINAL_RANK = 6
 
 # A machine: Twilio's AnsweredBy (MachineDetection=Enable gives machine_start; the others come with

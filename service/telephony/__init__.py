@@ -1,19 +1,27 @@
-"""Telephony provider: the client interface the dispatcher uses and its HTTP implementation."""
+"""The telephony provider interface the dispatcher and the webhooks use (`provider.py`) and the
+HTTP plumbing every adapter shares (`http.py`). The adapters live in `service.providers`, one
+package per provider. Knows no database."""
 
-from .client import (
-    CallOutcome,
-    CallRequest,
-    HttpTelephonyClient,
-    OutcomeKind,
-    TelephonyClient,
-    parse_retry_after,
+from .provider import (
+    LIVE_STATUSES,
+    CallSpec,
+    CreateKind,
+    CreateResult,
+    LiveCall,
+    Provider,
+    ProviderUnavailable,
+    SpeechCommands,
+    Stamp,
 )
 
 __all__ = [
-    "CallOutcome",
-    "CallRequest",
-    "HttpTelephonyClient",
-    "OutcomeKind",
-    "TelephonyClient",
-    "parse_retry_after",
+    "LIVE_STATUSES",
+    "CallSpec",
+    "CreateKind",
+    "CreateResult",
+    "LiveCall",
+    "Provider",
+    "ProviderUnavailable",
+    "SpeechCommands",
+    "Stamp",
 ]

@@ -11,8 +11,9 @@ from fastapi import FastAPI
 from service.db import Database
 from service.fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
 from service.reminders import MessageTemplates, NoAnswerPolicy
-from service.telephony.telnyx import TelnyxProvider, TelnyxSignature
-from service.webhooks import telnyx_router
+from service.providers.telnyx.rest import TelnyxProvider
+from service.providers.telnyx.signature import TelnyxSignature
+from service.providers.telnyx.webhooks import router as telnyx_router
 from tests.support.twilio_rig import FROM, StripPrefix
 
 KEY = "rig-telnyx-key"

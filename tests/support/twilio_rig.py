@@ -14,8 +14,9 @@ from service.db.models import new_id
 from service.fakes.twilio import FakeTwilio
 from service.reminders import MessageTemplates, NoAnswerPolicy
 from service.telephony.provider import CallSpec
-from service.telephony.twilio import TwilioProvider, TwilioSignature
-from service.webhooks import twilio_router
+from service.providers.twilio.rest import TwilioProvider
+from service.providers.twilio.signature import TwilioSignature
+from service.providers.twilio.webhooks import router as twilio_router
 
 SID = "AC" + "2" * 32
 TOKEN = "rig-auth-token"

@@ -1,4 +1,4 @@
-"""The `generic` provider (the JSON API with an `Idempotency-Key`, DESIGN.md) as a `Provider`.
+"""The `generic` provider (the JSON API with an `Idempotency-Key`, docs/DESIGN.md) as a `Provider`.
 
 It wraps `HttpTelephonyClient` unchanged. The provider collapses repeated creates with one key,
 so an in-doubt create may simply be sent again with the same key (`dedupes_creation`); it has no
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .client import CallOutcome, CallRequest, OutcomeKind, TelephonyClient
-from .provider import CallSpec, CreateKind, CreateResult, LiveCall
+from service.providers.generic.client import CallOutcome, CallRequest, OutcomeKind, TelephonyClient
+from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall
 
 __all__ = ["GenericProvider", "result_of"]
 

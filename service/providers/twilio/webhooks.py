@@ -14,29 +14,21 @@ optionally `app.state.no_answer_policy` (`NoAnswerPolicy`; absent: no retries) a
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
 from starlette.datastructures import FormData
 
+from service.ledger import calls
 from service.privacy import mask_phone
-from service.reminders import Confirmation, MessageTemplates, Wording, is_machine
+from service.providers.common import cancel_calls, fallback_wording, with_retries
+from service.providers.twilio.rest import WEBHOOK_PATHS
+from service.providers.twilio.signature import SIGNATURE_HEADER, TwilioSignature
+from service.providers.twilio.twiml import gather_twiml, hangup_twiml, say_twiml
+from service.reminders import Confirmation, is_machine
 from service.telephony.provider import Stamp
-from service.telephony.twilio import (
-    SIGNATURE_HEADER,
-    WEBHOOK_PATHS,
-    TwilioSignature,
-    gather_twiml,
-    hangup_twiml,
-    say_twiml,
-)
-from service.webhooks import calls
 
 __all__ = ["router"]
 
@@ -51,7 +43,6 @@ _ROUND = "n"  # on the gather URL: which time the keypad question is asked (1, 2
 # hears its message; a status event a little less (Twilio does not send it again).
 VOICE_DATABASE_BUDGET = 8.0
 STATUS_DATABASE_BUDGET = 5.0
-_MIN_TRY = 2.0
 
 
 async def _verified(request: Request) -> FormData:
@@ -67,25 +58,6 @@ async def _verified(request: Request) -> FormData:
     return form
 
 
-async def _with_retries(work: Callable[[], Awaitable[Any]], budget: float, what: str) -> Any:
-    """`work()`, tried again after a failure (the database down or failing over) until `budget`
-    seconds have passed; the last failure is raised."""
-    deadline = time.monotonic() + budget
-    delay = 0.1
-    while True:
-        try:
-            # Every try gets a fair chance, even one begun past the deadline (a process frozen
-            # while it held the request resumes late: trying beats hanging up unheard).
-            async with asyncio.timeout(max(_MIN_TRY, deadline - time.monotonic())):
-                return await work()
-        except Exception as error:  # noqa: BLE001 - retried within the budget, then raised
-            if time.monotonic() + delay >= deadline:
-                raise
-            log.info("%s: %s, trying again", what, type(error).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-
 def _sequence(form: FormData) -> int | None:
     value = form.get("SequenceNumber")
     return int(value) if isinstance(value, str) and value.isdigit() and len(value) < 18 else None
@@ -94,24 +66,6 @@ def _sequence(form: FormData) -> int | None:
 def _call_sid(form: FormData) -> str | None:
     value = form.get("CallSid")
     return value if isinstance(value, str) and value.isalnum() and len(value) <= 64 else None
-
-
-async def _cancel(request: Request, call_ids: list[str]) -> None:
-    provider: Any = request.app.state.provider
-    for call_id in call_ids:
-        cancelled = await provider.cancel(call_id)
-        log.info("cancelled call %s of a reminder already answered: %s", call_id, cancelled)
-
-
-def _fallback(request: Request) -> calls.Fallback:
-    """The words for a reminder planned before wording was stored: rendered now, as then."""
-    templates: MessageTemplates = getattr(request.app.state, "templates", None) or MessageTemplates.parse(None)
-
-    def wording(row: Any) -> Wording:
-        language = row.language if templates.supports(row.language) else templates.default_language
-        return templates.render(language, row.customer_name, row.starts_at, row.timezone)
-
-    return wording
 
 
 def _gather_url(request: Request, stamp: Stamp, round_: int) -> str:
@@ -134,9 +88,9 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
         return _twiml(hangup_twiml())
     machine = is_machine(form.get("AnsweredBy") if isinstance(form.get("AnsweredBy"), str) else None)  # type: ignore[arg-type]
     try:
-        result = await _with_retries(
+        result = await with_retries(
             lambda: calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), machine=machine,
-                                 fallback=_fallback(request)),
+                                 fallback=fallback_wording(request)),
             getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
             f"voice webhook for reminder {stamp.reminder_id}",
         )
@@ -145,7 +99,7 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
                     stamp.reminder_id, type(error).__name__)
         return _twiml(hangup_twiml())
     if result.cancel:
-        background.add_task(_cancel, request, result.cancel)
+        background.add_task(cancel_calls, request, result.cancel)
     if not result.speak or result.wording is None:
         log.info("call %s to %s answered, reminder %s is bound to another call: hang up",
                  call_sid, mask_phone(str(form.get("To", ""))), stamp.reminder_id)
@@ -169,13 +123,13 @@ async def status_event(request: Request, background: BackgroundTasks) -> Respons
     call_status = form.get("CallStatus")
     if stamp is not None and call_sid is not None and isinstance(call_status, str) and len(call_status) <= 32:
         sequence, policy = _sequence(form), getattr(request.app.state, "no_answer_policy", None)
-        result = await _with_retries(
+        result = await with_retries(
             lambda: calls.record_event(request.app.state.db, stamp, call_sid, call_status, sequence, datetime.now(UTC),
                                        policy),
             STATUS_DATABASE_BUDGET, f"status webhook for reminder {stamp.reminder_id}",
         )
         if result.cancel:
-            background.add_task(_cancel, request, result.cancel)
+            background.add_task(cancel_calls, request, result.cancel)
         if result.retry_at is not None:
             log.info("reminder %s: %s, calling again at %s", stamp.reminder_id, result.outcome,
                      result.retry_at.isoformat(timespec="seconds"))
@@ -193,9 +147,9 @@ async def gather(request: Request) -> Response:
     digits = form.get("Digits")
     round_ = request.query_params.get(_ROUND, "1")
     try:
-        result = await _with_retries(
+        result = await with_retries(
             lambda: calls.keypad(request.app.state.db, stamp, call_sid, digits if isinstance(digits, str) else None,
-                                 datetime.now(UTC), fallback=_fallback(request)),
+                                 datetime.now(UTC), fallback=fallback_wording(request)),
             getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
             f"gather webhook for reminder {stamp.reminder_id}",
         )

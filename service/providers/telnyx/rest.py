@@ -1,5 +1,5 @@
-"""Telnyx Call Control as a `Provider`: Dial, the speak / gather / hangup commands, the
-connection's active calls, the Ed25519 webhook signature, and the event envelope.
+"""Telnyx Call Control as a `Provider`: Dial, the speak / gather / hangup commands and the
+connection's active calls.
 
 Calls are placed with an httpx JSON POST (Bearer key), one deadline per request and no retry: a
 Dial's `command_id` dedupes for 60 s only, so a repeated Dial after that is a second call. The
@@ -12,48 +12,33 @@ sent after `call.answered`, with a `command_id` derived from the attempt, so a r
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import logging
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from service.privacy import mask_phone
-
-from .client import (
+from service.telephony.http import (
     ANSWER_HEADERS,
+    HttpAdapter,
     SendRefused,
     describe_failure,
     error_text,
-    parse_retry_after,
-    pooled_transport,
     post_guarded,
+    refused_create,
     require_http_url,
-    send_capped,
 )
-from .provider import CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable, Stamp
+from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable, Stamp
 
 __all__ = [
     "CALL_ENDED_CODE",
     "EVENTS_PATH",
     "RATE_LIMIT_CODE",
-    "SIGNATURE_HEADER",
-    "SIGNATURE_TOLERANCE",
-    "TIMESTAMP_HEADER",
-    "TelnyxEvent",
     "TelnyxProvider",
-    "TelnyxSignature",
     "gather_command_id",
     "hangup_command_id",
-    "parse_event",
     "speak_command_id",
 ]
 
@@ -61,10 +46,6 @@ log = logging.getLogger(__name__)
 
 # The route Telnyx posts every event of a call to, under PUBLIC_URL (the webhooks package serves it).
 EVENTS_PATH = "/telephony/telnyx/events"
-SIGNATURE_HEADER = "telnyx-signature-ed25519"
-TIMESTAMP_HEADER = "telnyx-timestamp"
-# Events signed longer ago than this are refused (a replay); Telnyx's own libraries use 5 minutes.
-SIGNATURE_TOLERANCE = 300.0
 RATE_LIMIT_CODE = "90103"  # 429: over the dials-per-second limit, nothing created
 CALL_ENDED_CODE = "90018"  # 422: a command to a call that has already ended
 # The dials-per-second window: a 429 without Retry-After is retried after it.
@@ -87,89 +68,7 @@ def gather_command_id(attempt_id: str, round_: int) -> str:
     return f"gather-{round_}-{attempt_id}"
 
 
-class TelnyxSignature:
-    """Ed25519 over `"{telnyx-timestamp}|{raw body}"` with TELNYX_PUBLIC_KEY (base64, 32 bytes);
-    timestamps further than `tolerance` seconds from now (either way) are refused."""
-
-    def __init__(self, public_key: str, *, tolerance: float = SIGNATURE_TOLERANCE) -> None:
-        self._key = Ed25519PublicKey.from_public_bytes(decode_public_key(public_key))
-        self._tolerance = tolerance
-
-    def valid(self, body: bytes, signature: str | None, timestamp: str | None, *, now: float | None = None) -> bool:
-        if not signature or not timestamp or not timestamp.isdigit() or len(timestamp) > 12:
-            return False
-        current = time.time() if now is None else now
-        if abs(current - int(timestamp)) > self._tolerance:
-            return False
-        try:
-            raw = base64.b64decode(signature, validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        if len(raw) != 64:
-            return False
-        try:
-            self._key.verify(raw, timestamp.encode() + b"|" + body)
-        except InvalidSignature:
-            return False
-        return True
-
-
-def decode_public_key(text: str) -> bytes:
-    """The 32 raw bytes of a base64 Ed25519 public key; ValueError if it is not one."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64") from None
-    if len(raw) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes (44 base64 characters)")
-    return raw
-
-
-@dataclass(frozen=True)
-class TelnyxEvent:
-    """One webhook's envelope: `data.event_type`, `data.id`, `data.occurred_at`, `data.payload`."""
-
-    event_type: str
-    event_id: str
-    occurred_at: datetime
-    call_id: str | None
-    stamp: Stamp | None
-    payload: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def order(self) -> int:
-        """`occurred_at` in microseconds: events carry no sequence number, this orders them."""
-        return int(self.occurred_at.timestamp() * 1_000_000)
-
-
-def parse_event(body: bytes) -> TelnyxEvent | None:
-    """The event in a (verified) webhook body; None if it is not a call event we can read."""
-    try:
-        envelope = json.loads(body)
-        data = envelope["data"]
-        event_type, payload = data["event_type"], data.get("payload") or {}
-        occurred = datetime.fromisoformat(str(data["occurred_at"]).replace("Z", "+00:00"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    if not isinstance(event_type, str) or not isinstance(payload, dict) or len(event_type) > 64:
-        return None
-    if occurred.tzinfo is None:
-        occurred = occurred.replace(tzinfo=UTC)
-    call_id = payload.get("call_control_id")
-    if not isinstance(call_id, str) or not 0 < len(call_id) <= 128:
-        call_id = None
-    state = payload.get("client_state")
-    return TelnyxEvent(
-        event_type=event_type,
-        event_id=str(data.get("id") or ""),
-        occurred_at=occurred,
-        call_id=call_id,
-        stamp=Stamp.decode(state) if isinstance(state, str) else None,
-        payload=payload,
-    )
-
-
-class TelnyxProvider:
+class TelnyxProvider(HttpAdapter):
     """`Provider` for Telnyx Call Control on one connection (Call Control application).
 
     `api_url` may carry a path prefix. `public_url` is where Telnyx reaches this service's events
@@ -208,9 +107,7 @@ class TelnyxProvider:
         # Telnyx's answering machine detection: `call.machine.detection.ended` follows `call.answered`
         self.machine_detection = machine_detection
         self._headers = {"Authorization": f"Bearer {api_key}", **ANSWER_HEADERS}
-        # Requests go straight to the transport, as the other adapters' do: httpx.AsyncClient
-        # would log every request URL at INFO.
-        self._transport = transport if transport is not None else pooled_transport(max_connections)
+        super().__init__(transport, max_connections)
 
     @property
     def calls_url(self) -> str:
@@ -332,13 +229,6 @@ class TelnyxProvider:
                  " (call already ended)" if ended else "")
         return ended and ended_is_done
 
-    async def aclose(self) -> None:
-        await self._transport.aclose()
-
-    async def _send(self, request: httpx.Request) -> httpx.Response:
-        """One request through the transport, its body read up to MAX_RESPONSE_BYTES (the caller
-        holds the deadline)."""
-        return await send_capped(self._transport, request)
 
 
 def _error_codes(response: httpx.Response) -> list[str]:
@@ -365,10 +255,4 @@ def _classify_dial(response: httpx.Response, spec: CallSpec) -> CreateResult:
     except (ValueError, AttributeError, IndexError, TypeError):
         code, title = "", ""
     error = error_text(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {title}" if title else ""), spec.to)
-    if status == 429:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        return CreateResult(CreateKind.NOT_CREATED, status_code=status, error=error,
-                            retry_after=DEFAULT_RETRY_AFTER if retry_after is None else retry_after)
-    if status >= 500 or status == 408:
-        return CreateResult(CreateKind.IN_DOUBT, status_code=status, error=error)
-    return CreateResult(CreateKind.REJECTED, status_code=status, error=error)
+    return refused_create(response, error, default_retry_after=DEFAULT_RETRY_AFTER)

@@ -1,44 +1,30 @@
-"""The dispatcher's SQL: raise the fence, claim due reminders under it, record outcomes.
+"""The leader's claims: due reminders marked `dispatching` under the fence, and their outcomes.
 
-The fence is the newest fencing token the database has accepted. A claim succeeds only while
-the fence equals the claimer's token, so a deposed leader (an older token) claims nothing once
-its successor has raised the fence. On PostgreSQL the claim reads the fence `FOR SHARE`, so a
-concurrent raise waits for the claim to commit and every later claim sees the new fence.
+A claim succeeds only while the fence equals the claimer's token (service.ledger.fence). An
+outcome is written only while the reminder is still `dispatching` under that token; one that
+matches nothing says why (another term took it over, or it is no longer `dispatching`).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 
-from sqlalchemy import String, and_, any_, bindparam, case, exists, or_, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import String, and_, any_, bindparam, case, or_, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.sql.dml import Update
 
 from service.db import Database
 from service.db.models import Appointment, LeaderFence, Reminder, utcnow
-from service.reminders import ReminderStatus, require, sources_of
+from service.ledger.fence import FENCE_ROW, StaleTerm, current_fence, fence_holds, fence_token_query, raise_fence
+from service.ledger.outcome import Outcome
+from service.reminders import ReminderStatus, require
 
 __all__ = ["Claim", "ReminderStore", "StaleTerm", "is_data_error"]
-
-log = logging.getLogger(__name__)
-
-FENCE_ROW = 1
-# A fence raise waits this long for the row lock before it ends the sessions holding it.
-_FENCE_LOCK_WAIT_MS = 2000
-_FENCE_ROUNDS = 3
-
-
-def _lock_not_available(error: DBAPIError) -> bool:
-    """PostgreSQL's lock_not_available (55P03): lock_timeout passed."""
-    cause = error.orig
-    return getattr(cause, "sqlstate", None) == "55P03" or "55P03" in str(getattr(cause, "pgcode", "")) or (
-        "lock timeout" in str(error).lower())
 
 
 def is_data_error(error: BaseException) -> bool:
@@ -52,10 +38,6 @@ def is_data_error(error: BaseException) -> bool:
         code = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
         return isinstance(code, str) and code.startswith("22")
     return False
-
-
-class StaleTerm(RuntimeError):
-    """The database holds a newer fencing token than this term's: this replica is not the leader."""
 
 
 @dataclass(frozen=True)
@@ -127,50 +109,10 @@ class ReminderStore:
 
     async def raise_fence(self, token: int, holder: str) -> None:
         """Set the fence to `token`, unless the database already holds a newer one (StaleTerm)."""
-        insert = postgresql.insert if not self.db.is_sqlite else sqlite.insert
-        statement = (
-            insert(LeaderFence)
-            .values(id=FENCE_ROW, token=token, holder=holder, updated_at=utcnow())
-            .on_conflict_do_update(
-                index_elements=[LeaderFence.id],
-                set_={"token": token, "holder": holder, "updated_at": utcnow()},
-                where=LeaderFence.token <= token,
-            )
-            .returning(LeaderFence.token)
-        )
-        for round_ in range(_FENCE_ROUNDS):
-            try:
-                async with self.db.session() as session:
-                    if not self.db.is_sqlite:
-                        await session.execute(text(f"SET LOCAL lock_timeout = '{_FENCE_LOCK_WAIT_MS}ms'"))
-                    accepted = (await session.execute(statement)).scalar_one_or_none()
-                    await session.commit()
-                break
-            except DBAPIError as error:
-                if not _lock_not_available(error) or round_ == _FENCE_ROUNDS - 1:
-                    raise
-            # Only a leader's claim holds the fence row (FOR SHARE); a predecessor frozen in the
-            # middle of one (SIGSTOP, a stuck VM: not "idle in transaction", so no server timeout
-            # ends it) would hold it for as long as the freeze lasts. Its term is over: end its
-            # session, which releases the row, and raise again.
-            await self._end_fence_holders()
-        if accepted is None:
-            raise StaleTerm(f"the database holds a fencing token newer than {token}")
-
-    async def _end_fence_holders(self) -> None:
-        """Terminate the other sessions holding the fence row FOR SHARE (PostgreSQL)."""
-        async with self.db.session() as session:
-            ended = (await session.execute(text(
-                "SELECT pid, pg_terminate_backend(pid) FROM pg_locks "
-                "WHERE relation = 'leader_fence'::regclass AND mode = 'RowShareLock' AND granted "
-                "AND pid <> pg_backend_pid()"
-            ))).all()
-            await session.commit()
-        log.warning("fence raise blocked: ended %d session(s) of a deposed leader holding the fence row", len(ended))
+        await raise_fence(self.db, token, holder)
 
     async def current_fence(self) -> int | None:
-        async with self.db.session() as session:
-            return (await session.execute(select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW))).scalar()
+        return await current_fence(self.db)
 
     async def claim(self, token: int, holder: str, *, limit: int, now: datetime, stale_after: timedelta) -> list[Claim]:
         """Mark up to `limit` reminders `dispatching` under `token`; StaleTerm if the fence moved on.
@@ -187,7 +129,7 @@ class ReminderStore:
                 and_(Reminder.fence_token == token, Reminder.claimed_at < now - stale_after),
             ),
         )
-        due = and_(Reminder.status.in_(sorted(sources_of(ReminderStatus.DISPATCHING))), Reminder.next_attempt_at <= now)
+        due = and_(Reminder.status == ReminderStatus.PENDING, Reminder.next_attempt_at <= now)
         candidates = (
             select(Reminder.id)
             .where(or_(orphaned, due))
@@ -196,7 +138,7 @@ class ReminderStore:
         )
         if not self.db.is_sqlite:
             candidates = candidates.with_for_update(skip_locked=True)
-        fence_holds = exists().where(LeaderFence.id == FENCE_ROW, LeaderFence.token == token)
+        require(ReminderStatus.PENDING, ReminderStatus.DISPATCHING)
         async with self.db.session() as session:
             if not self.db.is_sqlite:
                 fence = await session.execute(
@@ -241,7 +183,7 @@ class ReminderStore:
                 .where(
                     Reminder.id.in_(ids) if self.db.is_sqlite
                     else Reminder.id == any_(bindparam("claim_ids", ids, type_=postgresql.ARRAY(String))),
-                    fence_holds,
+                    fence_holds(token),
                     or_(orphaned, due),
                 )
                 .values(status=ReminderStatus.DISPATCHING, fence_token=token, claimed_by=holder, claimed_at=now)
@@ -260,21 +202,21 @@ class ReminderStore:
         return claims
 
     async def _fence_is(self, session, token: int) -> bool:  # noqa: ANN001
-        fence = (await session.execute(select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW))).scalar()
-        return fence == token
+        return (await session.execute(fence_token_query())).scalar() == token
 
-    async def finish_many(self, token: int, outcomes: Sequence[tuple[str, Mapping[str, object]]]) -> set[str]:
-        """Record several outcomes (reminder id, column values) of this term in ONE transaction.
+    async def finish_many(self, token: int, outcomes: Sequence[tuple[str, Outcome]]) -> dict[str, str]:
+        """Record several outcomes of this term's claims in ONE transaction.
 
-        Returns the ids recorded; a reminder that is no longer `dispatching` under `token` (another
-        term took it over) is left alone: its outcome is the newer term's. Ids must be distinct.
-        On PostgreSQL: one `SELECT … FOR UPDATE` of the rows still ours (so nothing can take them
-        over before the commit), then one executemany UPDATE per set of columns, then COMMIT.
+        Returns the reminders NOT recorded, each with why: a reminder no longer `dispatching` under
+        `token` is left alone (another term took it over, or a webhook moved it on meanwhile).
+        Ids must be distinct. On PostgreSQL: one `SELECT … FOR UPDATE` of the rows still ours (so
+        nothing can take them over before the commit), then one executemany UPDATE per set of
+        columns, then COMMIT.
         """
         if not outcomes:
-            return set()
-        for _, values in outcomes:  # each outcome ends this term's claim: dispatching → its status
-            require(ReminderStatus.DISPATCHING, values.get("status"))  # type: ignore[arg-type]
+            return {}
+        for _, outcome in outcomes:  # each outcome ends this term's claim: dispatching → its status
+            require(ReminderStatus.DISPATCHING, outcome.status)
         ids = [reminder_id for reminder_id, _ in outcomes]
         if len(set(ids)) != len(ids):
             raise ValueError("finish_many: reminder ids must be distinct")
@@ -282,7 +224,8 @@ class ReminderStore:
         recorded: set[str] = set()
         async with self.db.session() as session:
             if self.db.is_sqlite:
-                for reminder_id, values in outcomes:
+                for reminder_id, outcome in outcomes:
+                    values = outcome.columns()
                     result = await session.execute(
                         _update_by_id(tuple(sorted(values))),
                         {"b_id": reminder_id, "b_token": token, "b_updated_at": now,
@@ -302,13 +245,33 @@ class ReminderStore:
                 )
                 recorded = {row.id for row in ours}
                 shapes: dict[tuple[str, ...], list[dict[str, object]]] = {}
-                for reminder_id, values in outcomes:
+                for reminder_id, outcome in outcomes:
                     if reminder_id in recorded:
+                        values = outcome.columns()
                         shapes.setdefault(tuple(sorted(values)), []).append(
                             {"b_id": reminder_id, "b_token": token, "b_updated_at": now,
                              **{f"b_{name}": value for name, value in values.items()}}
                         )
                 for columns, rows in shapes.items():
                     await session.execute(_update_by_id(columns), rows)
+            lost = [reminder_id for reminder_id in ids if reminder_id not in recorded]
+            reasons = await _why_not_ours(session, lost, token) if lost else {}
             await session.commit()
-        return recorded
+        return reasons
+
+
+async def _why_not_ours(session, ids: list[str], token: int) -> dict[str, str]:  # noqa: ANN001
+    """Why each of `ids` is no longer `dispatching` under `token`, as its row says now."""
+    rows = {row.id: row for row in await session.execute(
+        select(Reminder.id, Reminder.status, Reminder.fence_token, Reminder.last_error).where(Reminder.id.in_(ids)))}
+    reasons = {}
+    for reminder_id in ids:
+        row = rows.get(reminder_id)
+        if row is None:
+            reasons[reminder_id] = "the reminder no longer exists"
+        elif row.fence_token is not None and row.fence_token > token:
+            reasons[reminder_id] = f"taken over by a newer term (fencing token {row.fence_token}); its outcome is theirs"
+        else:
+            reasons[reminder_id] = (f"no longer dispatching: it is {row.status} now"
+                                    + (f" ({row.last_error})" if row.last_error else ""))
+    return reasons

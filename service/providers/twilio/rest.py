@@ -1,13 +1,9 @@
-"""Twilio's Programmable Voice REST API (also SignalWire's compatibility API) as a `Provider`,
-the webhook signature check, and the TwiML the webhooks answer with.
+"""Twilio's Programmable Voice REST API (also SignalWire's compatibility API) as a `Provider`.
 
 Calls are placed with an httpx form POST under HTTP Basic auth, one deadline per request and no
 retry: Twilio has no idempotency key, so a repeated create is a second call. The stamp travels as
-query parameters on `Url` and `StatusCallback`, which Twilio sends back unchanged.
-
-The signature (`X-Twilio-Signature`) and the TwiML come from the `twilio` library: its
-`RequestValidator` knows the edge cases of the scheme (ports, repeated parameters), its
-`VoiceResponse` escapes the spoken text. Nothing here knows the database.
+query parameters on `Url` and `StatusCallback`, which Twilio sends back unchanged. Nothing here
+knows the database.
 """
 
 from __future__ import annotations
@@ -22,39 +18,25 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from twilio.request_validator import RequestValidator
-from twilio.twiml.voice_response import VoiceResponse
 
 from service.privacy import mask_phone
-
-from .client import (
+from service.telephony.http import (
     ANSWER_HEADERS,
+    HttpAdapter,
     SendRefused,
     describe_failure,
     error_text,
-    parse_retry_after,
-    pooled_transport,
     post_guarded,
+    refused_create,
     require_http_url,
-    send_capped,
 )
-from .provider import LIVE_STATUSES, CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable
+from service.telephony.provider import LIVE_STATUSES, CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable
 
-__all__ = [
-    "STATUS_CALLBACK_EVENTS",
-    "SIGNATURE_HEADER",
-    "TwilioProvider",
-    "TwilioSignature",
-    "WEBHOOK_PATHS",
-    "gather_twiml",
-    "hangup_twiml",
-    "say_twiml",
-]
+__all__ = ["STATUS_CALLBACK_EVENTS", "TwilioProvider", "WEBHOOK_PATHS"]
 
 log = logging.getLogger(__name__)
 
 API_VERSION = "2010-04-01"
-SIGNATURE_HEADER = "X-Twilio-Signature"
 STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
 # The routes Twilio calls, under PUBLIC_URL (the webhooks package serves them).
 WEBHOOK_PATHS = {
@@ -66,7 +48,7 @@ WEBHOOK_PATHS = {
 DEFAULT_RETRY_AFTER = 1.0
 
 
-class TwilioProvider:
+class TwilioProvider(HttpAdapter):
     """`Provider` for Twilio's Calls resource.
 
     `api_url` may carry a path prefix (SignalWire: `https://<space>.signalwire.com/api/laml`).
@@ -102,9 +84,7 @@ class TwilioProvider:
         self._machine_detection = machine_detection
         credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
         self._headers = {"Authorization": f"Basic {credentials}", **ANSWER_HEADERS}
-        # Requests go straight to the transport, as the generic client's do: httpx.AsyncClient
-        # would log every request URL at INFO, and a listing's URL carries the callee's number.
-        self._transport = transport if transport is not None else pooled_transport(max_connections)
+        super().__init__(transport, max_connections)
 
     @property
     def calls_url(self) -> str:
@@ -197,13 +177,6 @@ class TwilioProvider:
             log.info("twilio: setting call %s to %s answered HTTP %d", call_id, status, response.status_code)
         return response.status_code < 300
 
-    async def aclose(self) -> None:
-        await self._transport.aclose()
-
-    async def _send(self, request: httpx.Request) -> httpx.Response:
-        """One request through the transport, its body read up to MAX_RESPONSE_BYTES (the caller
-        holds the deadline)."""
-        return await send_capped(self._transport, request)
 
 
 def _rfc2822(value: Any) -> datetime | None:
@@ -231,68 +204,6 @@ def _classify_create(response: httpx.Response, spec: CallSpec) -> CreateResult:
     message = body.get("message") if isinstance(body.get("message"), str) else None
     code = body.get("code")
     error = error_text(f"HTTP {status}" + (f" ({code})" if code else "") + (f": {message}" if message else ""), spec.to)
-    if status == 429:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        return CreateResult(CreateKind.NOT_CREATED, status_code=status, error=error,
-                            retry_after=DEFAULT_RETRY_AFTER if retry_after is None else retry_after)
-    if status >= 500 or status == 408:
-        return CreateResult(CreateKind.IN_DOUBT, status_code=status, error=error)
-    return CreateResult(CreateKind.REJECTED, status_code=status, error=error)
+    return refused_create(response, error, default_retry_after=DEFAULT_RETRY_AFTER)
 
 
-class TwilioSignature:
-    """Checks `X-Twilio-Signature` against PUBLIC_URL + path + query, not the URL the request
-    arrived at (a proxy in front may have stripped a path prefix or changed host and scheme)."""
-
-    def __init__(self, auth_token: str, public_url: str) -> None:
-        self._validator = RequestValidator(auth_token)
-        self._public_url = public_url.rstrip("/")
-
-    def signed_url(self, path: str, query: str) -> str:
-        return f"{self._public_url}{path}" + (f"?{query}" if query else "")
-
-    def valid(self, path: str, query: str, params: Any, signature: str | None) -> bool:
-        """`params`: the POST form (a multi-dict with `getlist`, or a plain mapping)."""
-        if not signature:
-            return False
-        return bool(self._validator.validate(self.signed_url(path, query), params, signature))
-
-    def sign(self, url: str, params: Any) -> str:
-        """The signature Twilio would send for `url` and `params` (the fake and tests use it)."""
-        return self._validator.compute_signature(url, params)
-
-
-def say_twiml(message: str, *, language: str | None = None) -> str:
-    """TwiML that speaks `message`, then hangs up."""
-    response = VoiceResponse()
-    if language:
-        response.say(message, language=language)
-    else:
-        response.say(message)
-    response.hangup()
-    return str(response)
-
-
-# How long <Gather> waits for the first digit after the words end.
-GATHER_TIMEOUT_SECONDS = 8
-
-
-def gather_twiml(text: str, *, language: str | None, action: str) -> str:
-    """TwiML that speaks `text` while listening for one key, posting it to `action`; with no key
-    pressed, Twilio goes on to the <Redirect>: the same `action` without `Digits`."""
-    response = VoiceResponse()
-    gather = response.gather(input="dtmf", num_digits=1, timeout=GATHER_TIMEOUT_SECONDS, action=action,
-                             method="POST")
-    if language:
-        gather.say(text, language=language)
-    else:
-        gather.say(text)
-    response.redirect(action, method="POST")
-    return str(response)
-
-
-def hangup_twiml() -> str:
-    """TwiML that ends the call without a word."""
-    response = VoiceResponse()
-    response.hangup()
-    return str(response)

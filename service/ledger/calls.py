@@ -1,4 +1,5 @@
-"""What a provider's call events do to the database, for every provider (Twilio, Telnyx).
+"""What a provider's call events do to reminders and call attempts, for every provider (Twilio,
+Telnyx): the ledger's part of the webhooks.
 
 Three operations, each one transaction, keyed by the stamp (reminder id + attempt id) the provider
 hands back:
@@ -29,9 +30,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exists, or_, select, update
+from sqlalchemy.engine import Connection
 
 from service.db import Database
-from service.db.cancellation import cancel_pending_reminders
 from service.db.models import (
     Appointment,
     AppointmentStatus,
@@ -51,16 +52,16 @@ from service.reminders import (
     outcome_of_final,
     retry_time,
 )
-from service.reminders.lifecycle import sources_of
-from service.reminders.outcomes import CALL_SPEAKING, CALL_SPOKEN, FINAL_CALL_STATES
+from service.ledger.cancellation import DECLINED_BY_CUSTOMER, cancel_appointment
+from service.reminders.lifecycle import require
+from service.reminders.outcomes import CALL_SPEAKING, CALL_SPOKEN, FINAL_CALL_STATES, PRE_ANSWER_STATES
 from service.telephony.provider import Stamp
 
 __all__ = [
-    "DECLINED_REASON",
     "Answer",
     "EventResult",
+    "Fallback",
     "KeypadResult",
-    "PRE_ANSWER_STATUSES",
     "SPEAKING",
     "SPOKEN",
     "answer",
@@ -70,9 +71,6 @@ __all__ = [
     "record_event",
 ]
 
-# Statuses of a call that has not been answered yet: it can still be cancelled.
-PRE_ANSWER_STATUSES = ("queued", "initiated", "ringing")
-DECLINED_REASON = "declined by customer"
 # Providers whose speech is a command (Telnyx): the bound call's message has begun / ended.
 SPEAKING, SPOKEN = CALL_SPEAKING, CALL_SPOKEN
 
@@ -166,7 +164,7 @@ async def record_event(
     if outcome is not None:
         CALL_OUTCOMES.labels(outcome.value).inc()
     bound = reminder.bound_call_id if reminder is not None else None
-    cancel = [call_id] if bound is not None and bound != call_id and applies and status in PRE_ANSWER_STATUSES else []
+    cancel = [call_id] if bound is not None and bound != call_id and applies and status in PRE_ANSWER_STATES else []
     return EventResult(known=True, cancel=cancel, outcome=outcome, retry_at=retry_at)
 
 
@@ -189,7 +187,8 @@ async def _unanswered(
     if outcome is None:
         return None, None
     retry_at = None
-    if (policy is not None and reminder.status in sources_of(ReminderStatus.PENDING)
+    # a call placed (`sent`), or one whose events beat the create's response (`dispatching`)
+    if (policy is not None and reminder.status in (ReminderStatus.SENT, ReminderStatus.DISPATCHING)
             and reminder.appointment_status == AppointmentStatus.SCHEDULED):
         retry_at = retry_time(policy, outcome=outcome, retries_used=reminder.no_answer_retries, now=now,
                               starts_at=reminder.starts_at, timezone=reminder.timezone)
@@ -199,8 +198,9 @@ async def _unanswered(
         return outcome, None
     # sent → pending (or dispatching → pending when the event beat the create's response: the
     # dispatcher's late `sent` is then refused, the reminder being no longer its claim)
+    require(reminder.status, ReminderStatus.PENDING)
     await session.execute(
-        statement.where(Reminder.status.in_(sorted(sources_of(ReminderStatus.PENDING))))
+        statement.where(Reminder.status == reminder.status)
         .values(outcome=outcome, status=ReminderStatus.PENDING, next_attempt_at=retry_at,
                 no_answer_retries=Reminder.no_answer_retries + 1,
                 last_error=f"{outcome.value.replace('_', ' ')}: calling again")
@@ -265,7 +265,7 @@ async def answer(
                     CallAttempt.reminder_id == stamp.reminder_id,
                     CallAttempt.id != stamp.attempt_id,
                     CallAttempt.provider_call_id.is_not(None),
-                    or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.in_(PRE_ANSWER_STATUSES)),
+                    or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.in_(PRE_ANSWER_STATES)),
                 )
             )
             cancel = [other for (other,) in others]
@@ -282,37 +282,42 @@ async def answer(
 async def keypad(
     db: Database, stamp: Stamp, call_id: str, digits: str | None, now: datetime, *, fallback: Fallback
 ) -> KeypadResult:
-    """Apply the digits pressed on `call_id`: only the reminder's bound call may answer."""
+    """Apply the digits pressed on `call_id`: only the reminder's bound call may answer. 1 confirms
+    the appointment, 2 declines it (the appointment and its pending reminders are cancelled)."""
     answer_ = keypad_answer(digits)
-    async with db.session() as session:
-        row = (
-            await session.execute(
-                select(Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.wording, Appointment.id,
-                       Appointment.status, Appointment.confirmation, Appointment.customer_name,
-                       Appointment.starts_at, Appointment.timezone, Appointment.language)
-                .join(Appointment, Appointment.id == Reminder.appointment_id)
-                .where(Reminder.id == stamp.reminder_id)
-                .with_for_update(of=Appointment)
-            )
-        ).first()
-        if row is None or row.bound_call_id != call_id or row.bound_attempt_id != stamp.attempt_id:
-            await session.rollback()
-            return KeypadResult(bound=False)
-        changed = False
-        if answer_ is not None and row.status == AppointmentStatus.SCHEDULED:
-            values: dict[str, object] = {"confirmation": answer_, "updated_at": now}
-            if answer_ is Confirmation.DECLINED:
-                values["status"] = AppointmentStatus.CANCELLED
-            await session.execute(update(Appointment).where(Appointment.id == row.id).values(values))
-            if answer_ is Confirmation.DECLINED:
-                await cancel_pending_reminders(session, row.id, DECLINED_REASON)
-            changed = row.confirmation != answer_ or answer_ is Confirmation.DECLINED
-        await session.commit()
+    found = await db.write(_keypad, stamp, call_id, answer_, now)
+    if found is None:
+        return KeypadResult(bound=False)
+    row, changed = found
     now_confirmation = answer_ if changed else (Confirmation(row.confirmation) if row.confirmation else None)
     if changed:
         CONFIRMATIONS.labels(answer_.value).inc()  # type: ignore[union-attr]
     return KeypadResult(bound=True, answer=answer_, confirmation=now_confirmation, wording=_wording(row, fallback),
                         changed=changed)
+
+
+def _keypad(connection: Connection, stamp: Stamp, call_id: str, answer_: Confirmation | None,
+            now: datetime) -> tuple[Any, bool] | None:
+    """The reminder's row and whether `answer_` changed the appointment; None if `call_id` is not
+    the reminder's bound call."""
+    row = connection.execute(
+        select(Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.wording, Appointment.id,
+               Appointment.status, Appointment.confirmation, Appointment.customer_name,
+               Appointment.starts_at, Appointment.timezone, Appointment.language)
+        .join(Appointment, Appointment.id == Reminder.appointment_id)
+        .where(Reminder.id == stamp.reminder_id)
+        .with_for_update(of=Appointment)
+    ).first()
+    if row is None or row.bound_call_id != call_id or row.bound_attempt_id != stamp.attempt_id:
+        return None
+    if answer_ is None or row.status != AppointmentStatus.SCHEDULED:
+        return row, False
+    if answer_ is Confirmation.DECLINED:
+        cancel_appointment(connection, row.id, DECLINED_BY_CUSTOMER, now, confirmation=answer_)
+        return row, True
+    connection.execute(update(Appointment).where(Appointment.id == row.id)
+                       .values(confirmation=answer_, updated_at=now))
+    return row, row.confirmation != answer_
 
 
 async def mark_heard(db: Database, stamp: Stamp, call_id: str, *, machine: bool = False) -> bool:

@@ -36,22 +36,15 @@ from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
 
-from service.reminders import Confirmation, MessageTemplates, Wording, is_machine
+from service.ledger import calls
+from service.providers.common import cancel_calls, fallback_wording
+from service.providers.telnyx.events import TelnyxEvent, hangup_status, parse_event
+from service.providers.telnyx.rest import EVENTS_PATH, gather_command_id, hangup_command_id, speak_command_id
+from service.providers.telnyx.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, TelnyxSignature
+from service.reminders import Confirmation, is_machine
 from service.telephony.provider import Stamp
-from service.telephony.telnyx import (
-    EVENTS_PATH,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    TelnyxEvent,
-    TelnyxSignature,
-    gather_command_id,
-    hangup_command_id,
-    parse_event,
-    speak_command_id,
-)
-from service.webhooks import calls
 
-__all__ = ["HANDLERS", "Handler", "hangup_status", "router"]
+__all__ = ["HANDLERS", "Handler", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +52,6 @@ router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
 
 # (request, event with a stamp and a call id, background tasks) → a response, or None for 200
 Handler = Callable[[Request, TelnyxEvent, BackgroundTasks], Awaitable[Response | None]]
-
-# Telnyx's hangup causes → the call status the attempts record (Twilio's vocabulary).
-_HANGUP_STATUS = {"user_busy": "busy", "timeout": "no-answer", "originator_cancel": "canceled",
-                  "call_rejected": "failed", "not_found": "failed", "unallocated_number": "failed"}
-
-
-def hangup_status(payload: Any) -> str:
-    """The final status of a call from its `call.hangup` payload's `hangup_cause`."""
-    return _HANGUP_STATUS.get(str(payload.get("hangup_cause")), "completed")
 
 
 def _ok() -> Response:
@@ -80,26 +64,8 @@ async def _record(request: Request, event: TelnyxEvent, background: BackgroundTa
     result = await calls.record_event(request.app.state.db, event.stamp, event.call_id, status_, event.order,
                                       datetime.now(UTC), getattr(request.app.state, "no_answer_policy", None))
     if result.cancel:
-        background.add_task(_hang_up_all, request, result.cancel)
+        background.add_task(cancel_calls, request, result.cancel)
     return result.known
-
-
-async def _hang_up_all(request: Request, call_ids: list[str]) -> None:
-    provider: Any = request.app.state.provider
-    for call_id in call_ids:
-        done = await provider.cancel(call_id)
-        log.info("hung up call %s of a reminder bound to another call: %s", call_id, done)
-
-
-def _fallback(request: Request) -> calls.Fallback:
-    """The words for a reminder planned before wording was stored: rendered now, as then."""
-    templates: MessageTemplates = getattr(request.app.state, "templates", None) or MessageTemplates.parse(None)
-
-    def wording(row: Any) -> Wording:
-        language = row.language if templates.supports(row.language) else templates.default_language
-        return templates.render(language, row.customer_name, row.starts_at, row.timezone)
-
-    return wording
 
 
 async def initiated(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> Response | None:
@@ -138,10 +104,10 @@ async def _greet(request: Request, event: TelnyxEvent, background: BackgroundTas
     db, stamp, call_id = request.app.state.db, event.stamp, event.call_id
     # bound without an outcome: it comes with the speech (mark_heard), and a bound call that ends
     # before its message is released by the leader's sweep for a new call
-    result = await calls.answer(db, stamp, call_id, datetime.now(UTC), fallback=_fallback(request),
+    result = await calls.answer(db, stamp, call_id, datetime.now(UTC), fallback=fallback_wording(request),
                                 heard_later=True)
     if result.cancel:
-        background.add_task(_hang_up_all, request, result.cancel)
+        background.add_task(cancel_calls, request, result.cancel)
     if result.over:
         return None  # a late answer of a call already over: nothing to say, nothing to end
     if not result.speak or result.wording is None:
@@ -180,7 +146,7 @@ async def gather_ended(request: Request, event: TelnyxEvent, background: Backgro
         return None
     digits = event.payload.get("digits")
     result = await calls.keypad(db, stamp, call_id, digits if isinstance(digits, str) else None, datetime.now(UTC),
-                                fallback=_fallback(request))
+                                fallback=fallback_wording(request))
     if not result.bound or result.wording is None:
         done = await provider.hang_up(call_id, command_id=hangup_command_id(stamp.attempt_id), stamp=stamp)
         return None if done else _retry_later("hangup")

@@ -1,0 +1,50 @@
+"""The ledger: the only writer of reminders and call attempts (and of an appointment's
+`confirmation` and cancellation), the state the promise rests on.
+
+Every status change goes through the lifecycle table (`service.reminders.lifecycle.require`).
+Who calls what:
+
+- the dispatcher: the fence and claims (`fence`, `claims`: `ReminderStore`, `Outcome`), attempts
+  of providers without idempotency (`attempts`: `AttemptStore`), the speech sweep (`speech`);
+- the provider webhooks: call events, binding, keypad answers (`calls`);
+- the appointments service: the create's statement and re-plans (`plans`), cancellation
+  (`cancellation`: one rule for the API's DELETE, a keypad decline and a re-plan).
+
+Nothing else in `service/` inserts, updates or deletes those rows (tests/test_ledger.py).
+"""
+
+from service.ledger import calls
+from service.ledger.attempts import AttemptStore
+from service.ledger.cancellation import (
+    CANCELLED_BY_API,
+    DECLINED_BY_CUSTOMER,
+    REPLANNED,
+    cancel_appointment,
+    cancel_pending,
+)
+from service.ledger.claims import Claim, ReminderStore, is_data_error
+from service.ledger.fence import FENCE_ROW, StaleTerm
+from service.ledger.outcome import Outcome
+from service.ledger.plans import Replanned, change_appointment, insert_appointment
+from service.ledger.speech import RELEASED, SpeechStore
+
+__all__ = [
+    "CANCELLED_BY_API",
+    "DECLINED_BY_CUSTOMER",
+    "FENCE_ROW",
+    "RELEASED",
+    "REPLANNED",
+    "AttemptStore",
+    "Claim",
+    "Outcome",
+    "ReminderStore",
+    "Replanned",
+    "SpeechStore",
+    "StaleTerm",
+    "calls",
+    "change_appointment",
+    "cancel_appointment",
+    "cancel_pending",
+    "insert_appointment",
+    "is_data_error",
+]

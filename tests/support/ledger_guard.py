@@ -1,0 +1,135 @@
+"""Who writes the state the promise rests on: the ledger only (service/ledger/).
+
+Two checks. `static_writes(source)` reads a module of `service/` and names every insert, update or
+delete of `reminders` or `call_attempts` in it — by Core (`insert/update/delete(...)` of the ORM
+class, its table or a name bound to either), by the ORM (constructing a `Reminder` or
+`CallAttempt`, loading whole entities to change them) or by raw SQL in a string. `RuntimeGuard`
+watches every statement the suite's own processes send and records one of those writes made from
+a module of `service/` outside the ledger (test code, the harness and migrations may write: they
+set up data).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from dataclasses import dataclass, field
+
+import greenlet
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+__all__ = ["GUARD", "PROTECTED_TABLES", "RuntimeGuard", "static_writes"]
+
+PROTECTED_TABLES = ("reminders", "call_attempts")
+_MODELS = frozenset({"Reminder", "CallAttempt"})
+_DML = re.compile(r"(?is)\b(insert\s+into|update|delete\s+from)\s+[\"'`\[]?(reminders|call_attempts)\b")
+_CONFIRMATION = re.compile(r"(?is)\bupdate\s+[\"'`]?appointments\b.*\bset\b.*\bconfirmation\b")
+_WRITERS = frozenset({"insert", "update", "delete"})
+
+
+def _mentions(node: ast.AST, names: set[str]) -> bool:
+    """`node` refers to a protected table: by a protected name, or by its table name looked up
+    (`metadata.tables["reminders"]`, `table("reminders")`)."""
+    for child in ast.walk(node):
+        if isinstance(child, ast.Name) and child.id in names:
+            return True
+        if isinstance(child, ast.Subscript | ast.Call):
+            keys = [child.slice] if isinstance(child, ast.Subscript) else child.args
+            if any(isinstance(key, ast.Constant) and key.value in PROTECTED_TABLES for key in keys):
+                return True
+    return False
+
+
+def _protected_names(tree: ast.AST) -> set[str]:
+    """The model classes and every name bound (at any depth, to a fixpoint) to an expression
+    that mentions them or a protected table's name: `_R = Reminder.__table__`, aliases of aliases."""
+    names = set(_MODELS)
+    assignments = [node for node in ast.walk(tree) if isinstance(node, ast.Assign | ast.AnnAssign)]
+    while True:
+        before = len(names)
+        for node in assignments:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            value = node.value
+            if value is None:
+                continue
+            for target in targets:
+                if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple):
+                    pairs = zip(target.elts, value.elts, strict=False)
+                else:
+                    pairs = [(target, value)]
+                for name, expression in pairs:
+                    if isinstance(name, ast.Name) and _mentions(expression, names):
+                        names.add(name.id)
+        if len(names) == before:
+            return names
+
+
+def static_writes(source: str, filename: str = "<source>") -> list[str]:
+    """Each write of a protected table in `source`, as "file:line: what"."""
+    tree = ast.parse(source, filename)
+    protected = _protected_names(tree)
+    found: list[str] = []
+
+    def hit(node: ast.AST, what: str) -> None:
+        found.append(f"{filename}:{getattr(node, 'lineno', 0)}: {what}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if _DML.search(node.value) or _CONFIRMATION.search(node.value):
+                hit(node, "raw SQL writing a protected table")
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        arguments = [*node.args, *(keyword.value for keyword in node.keywords)]
+        if name in _WRITERS and any(_mentions(argument, protected) for argument in arguments):
+            hit(node, f"{name}() of a protected table")
+        elif name in _WRITERS and isinstance(func, ast.Attribute) and _mentions(func.value, protected):
+            hit(node, f".{name}() of a protected table")
+        elif isinstance(func, ast.Name) and func.id in _MODELS:
+            hit(node, f"an ORM {func.id} object made (to add it)")
+        elif name in ("get", "query", "merge", "select") and any(
+                isinstance(argument, ast.Name) and argument.id in _MODELS for argument in node.args):
+            hit(node, f"{name}() of whole {'/'.join(_MODELS)} entities (ORM writes follow)")
+    return found
+
+
+def _caller_module() -> str | None:
+    """The first module of `service`, the tests, the harness or the migrations on the stack that
+    sent the statement (through greenlets: SQLAlchemy's asyncio runs it in a child of the caller's)."""
+    frame = sys._getframe(2)
+    current = greenlet.getcurrent()
+    while True:
+        while frame is not None:
+            module = frame.f_globals.get("__name__", "")
+            if module.startswith(("service.", "tests.", "harness.", "bench.", "migrations", "alembic")) and (
+                    module != "service.db.engine"):
+                return module
+            frame = frame.f_back
+        current = current.parent
+        if current is None:
+            return None
+        frame = current.gr_frame
+
+
+@dataclass
+class RuntimeGuard:
+    """Records writes of protected tables sent from `service` modules outside the ledger."""
+
+    violations: list[str] = field(default_factory=list)
+
+    def install(self) -> None:
+        event.listen(Engine, "before_cursor_execute", self._before)
+
+    def _before(self, _conn, _cursor, statement: str, _params, _context, _many) -> None:  # noqa: ANN001
+        if not (_DML.search(statement) or _CONFIRMATION.search(statement)):
+            return
+        module = _caller_module()
+        if module is not None and module.startswith("service.") and not module.startswith("service.ledger"):
+            self.violations.append(f"{module}: {' '.join(statement.split())[:120]}")
+
+
+# The suite's one guard, installed by tests/conftest.py for every test of this process.
+GUARD = RuntimeGuard()
