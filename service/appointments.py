@@ -42,6 +42,7 @@ from service.reminders import (
 
 __all__ = [
     "AppointmentCancelled",
+    "AppointmentError",
     "AppointmentNotFound",
     "AppointmentView",
     "InvalidField",
@@ -58,15 +59,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class AppointmentNotFound(LookupError):
+class AppointmentError(Exception):
+    """The base of the appointments service's errors (a router turns each into a status code)."""
+
+
+class AppointmentNotFound(AppointmentError, LookupError):
     """No appointment has this id."""
 
 
-class AppointmentCancelled(RuntimeError):
+class AppointmentCancelled(AppointmentError, RuntimeError):
     """The appointment is cancelled: it cannot be changed."""
 
 
-class InvalidField(ValueError):
+class InvalidField(AppointmentError, ValueError):
     """A value that passed its own checks but not the appointment's (e.g. a reminder after the start)."""
 
     def __init__(self, field: tuple[str | int, ...], message: str, value: object = None) -> None:

@@ -39,7 +39,7 @@ def test_schemathesis_all_checks(replica: str) -> None:
         str(Path(sys.executable).parent / "st"), "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
         "run", f"{replica}/openapi.json",
         "--checks", "all",
-        # DELETE cancels (DESIGN.md): the appointment stays readable as `cancelled`, by design.
+        # DELETE cancels (docs/DESIGN.md): the appointment stays readable as `cancelled`, by design.
         "--exclude-checks", "use_after_free",
         "-H", f"Authorization: Bearer {TOKEN}",
         "--max-examples", os.environ.get("FUZZ_EXAMPLES", "40"),

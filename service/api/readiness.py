@@ -1,4 +1,4 @@
-"""/readyz's probe: the database decides readiness; etcd is reported, never decisive (DESIGN.md).
+"""/readyz's probe: the database decides readiness; etcd is reported, never decisive (docs/DESIGN.md).
 
 Answers are cached for `ttl` seconds and only one probe runs at a time, so unauthenticated
 callers cannot turn /readyz into database and etcd load.

@@ -101,7 +101,7 @@ class Reminder(Base):
     skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # Real providers: what the call achieved (`answered`, …) and the call that speaks the message,
-    # bound when it is answered (first answer wins; DESIGN.md "Real providers").
+    # bound when it is answered (first answer wins; docs/DESIGN.md "Real providers").
     outcome: Mapped[str | None] = mapped_column(String(16), nullable=True)
     answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     bound_attempt_id: Mapped[str | None] = mapped_column(String(36), nullable=True)

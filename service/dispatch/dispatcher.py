@@ -38,6 +38,7 @@ from service.db import Database
 from service.dispatch.limiter import RateLimiter
 from service.dispatch.speech import SpeechSweep
 from service.dispatch.stamped import StampedCalls, StampedConfig
+from service.errors import SettingError
 from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, is_data_error
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.privacy import strip_control
@@ -92,15 +93,15 @@ class DispatchConfig:
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+            raise SettingError("DISPATCH_CONCURRENCY", "must be at least 1")
         if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+            raise SettingError("DISPATCH_MAX_ATTEMPTS", "must be at least 1")
         if not 0 < self.scan_interval <= 1:
-            raise ValueError("scan_interval must be in (0, 1] seconds")
+            raise SettingError("scan_interval", "must be in (0, 1] seconds")
         if self.record_batch < 1 or not 0 <= self.record_delay <= 1:
-            raise ValueError("record_batch must be at least 1 and record_delay within [0, 1] seconds")
+            raise SettingError("record_batch", "must be at least 1, and record_delay within [0, 1] seconds")
         if self.max_in_flight is not None and self.max_in_flight < self.concurrency:
-            raise ValueError("max_in_flight must be at least concurrency")
+            raise SettingError("max_in_flight", "must be at least DISPATCH_CONCURRENCY")
 
     def retry_delay(self, attempts: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter after `attempts` failures; never sooner than Retry-After."""

@@ -21,10 +21,12 @@ import os
 from dataclasses import KW_ONLY, dataclass, field
 from urllib.parse import urlsplit
 
+from .errors import ElectionError
+
 MIN_TTL = 2  # etcd rounds smaller TTLs up to its minimum lease TTL (2 s with default timings)
 
 
-class ConfigError(ValueError):
+class ConfigError(ElectionError, ValueError):
     """An invalid ElectionConfig value; `field` names the field, `message` says what is wrong."""
 
     def __init__(self, field: str, message: str) -> None:

@@ -274,7 +274,7 @@ class Election:
     async def observe(self) -> AsyncIterator[LeaderInfo | None]:
         """Yield the leader on every change: a `LeaderInfo`, or None when there is no leader or
         it cannot be known (etcd unreachable). Never ends by itself: errors are retried with
-        backoff, a compacted watch is resumed from a fresh read (note 8)."""
+        backoff, a compacted watch is resumed from a fresh read (aetcd raises RevisionCompactedError for it)."""
         last: LeaderInfo | None = _UNSET
         backoff = Backoff(0.1, 2.0)
         while True:

@@ -23,7 +23,7 @@ from service.ledger.cancellation import (
     cancel_pending,
 )
 from service.ledger.claims import Claim, ReminderStore, is_data_error
-from service.ledger.fence import FENCE_ROW, StaleTerm
+from service.ledger.fence import FENCE_ROW, LedgerError, StaleTerm
 from service.ledger.outcome import Outcome
 from service.ledger.plans import Replanned, change_appointment, insert_appointment
 from service.ledger.speech import RELEASED, SpeechStore
@@ -36,6 +36,7 @@ __all__ = [
     "REPLANNED",
     "AttemptStore",
     "Claim",
+    "LedgerError",
     "Outcome",
     "ReminderStore",
     "Replanned",

@@ -18,7 +18,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from service.db import Database
 from service.db.models import LeaderFence, utcnow
 
-__all__ = ["FENCE_ROW", "StaleTerm", "current_fence", "fence_holds", "raise_fence"]
+__all__ = ["FENCE_ROW", "LedgerError", "StaleTerm", "current_fence", "fence_holds", "raise_fence"]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,11 @@ _FENCE_LOCK_WAIT_MS = 2000
 _FENCE_ROUNDS = 3
 
 
-class StaleTerm(RuntimeError):
+class LedgerError(Exception):
+    """The base of the ledger's errors."""
+
+
+class StaleTerm(LedgerError, RuntimeError):
     """The database holds a newer fencing token than this term's: this replica is not the leader."""
 
 

@@ -7,6 +7,7 @@ the words of the call per language (`wording.py`) live here too. Pure: no databa
 """
 
 from service.reminders.attempts import AttemptState, reconcile
+from service.reminders.errors import ReminderError
 from service.reminders.outcomes import (
     Confirmation,
     NoAnswerPolicy,
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_LANGUAGE",
     "MessageTemplates",
     "NoAnswerPolicy",
+    "ReminderError",
     "ReminderOutcome",
     "Wording",
     "advances",

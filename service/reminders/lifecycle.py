@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from service.reminders.errors import ReminderError
+
 __all__ = ["TERMINAL", "TRANSITIONS", "IllegalTransition", "ReminderStatus", "require", "sources_of"]
 
 
@@ -44,7 +46,7 @@ TRANSITIONS: dict[ReminderStatus, frozenset[ReminderStatus]] = {
 TERMINAL = frozenset({_S.SENT, _S.FAILED, _S.CANCELLED, _S.SKIPPED})
 
 
-class IllegalTransition(ValueError):
+class IllegalTransition(ReminderError):
     """A write asked for a status change the lifecycle table does not allow: a bug, never input."""
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import phonenumbers
 from phonenumbers import PhoneNumberType
+from service.reminders.errors import ReminderError
 
 __all__ = ["NumberPolicy", "PhoneNumber", "number_refusal", "parse_phone"]
 
@@ -28,13 +29,13 @@ def parse_phone(text: str) -> PhoneNumber:
     try:
         parsed = phonenumbers.parse(text, None)
     except phonenumbers.NumberParseException as error:
-        raise ValueError(f"not a phone number in E.164 form (+<country><number>): {error.args[0]}") from None
+        raise ReminderError(f"not a phone number in E.164 form (+<country><number>): {error.args[0]}") from None
     formatted = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
     # number_type is UNKNOWN exactly when is_valid_number is False (both match the national number
     # against the region's patterns): one lookup answers both questions.
     kind = phonenumbers.number_type(parsed)
     if not text.startswith("+") or formatted != text.replace(" ", "") or kind == PhoneNumberType.UNKNOWN:
-        raise ValueError("not a valid phone number in E.164 form (+<country><number>, digits only)")
+        raise ReminderError("not a valid phone number in E.164 form (+<country><number>, digits only)")
     number = PhoneNumber(formatted)
     number.kind, number.parsed = kind, parsed
     return number

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 from service.reminders.planning import decide_call
 from service.reminders.rules import CallWindow
+from service.reminders.errors import ReminderError
 
 __all__ = [
     "CALL_ANSWERED",
@@ -124,7 +125,7 @@ class NoAnswerPolicy:
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.delay <= timedelta(0):
-            raise ValueError("retries must be ≥ 0 and the delay positive")
+            raise ReminderError("retries must be ≥ 0 and the delay positive")
 
 
 def retry_time(

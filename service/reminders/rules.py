@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import time, timedelta
+from service.reminders.errors import ReminderError
 
 __all__ = ["ALWAYS", "CallWindow", "ReminderOffset", "parse_duration"]
 
@@ -19,14 +20,14 @@ def parse_duration(text: str) -> timedelta:
         return timedelta(seconds=float(text))
     parts = _DURATION_PART.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 90m, 24h, 1h30m)")
+        raise ReminderError(f"not a duration: {text!r} (use e.g. 90m, 24h, 1h30m)")
     return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
 
 
 def _parse_clock(text: str) -> time:
     match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", text.strip())
     if not match:
-        raise ValueError(f"not a time of day: {text!r} (use HH:MM)")
+        raise ReminderError(f"not a time of day: {text!r} (use HH:MM)")
     return time(int(match[1]), int(match[2]))
 
 
@@ -45,11 +46,11 @@ class ReminderOffset:
         if match:
             day = int(match[1])
             if day > 0:
-                raise ValueError(f"{text!r}: a reminder day must not be after the appointment's day")
+                raise ReminderError(f"{text!r}: a reminder day must not be after the appointment's day")
             return cls(day=day, at=_parse_clock(match[2]))
         before = parse_duration(text)
         if before <= timedelta(0):
-            raise ValueError(f"{text!r}: an offset must be a positive duration before the appointment")
+            raise ReminderError(f"{text!r}: an offset must be a positive duration before the appointment")
         return cls(before=before)
 
     def __str__(self) -> str:
@@ -70,11 +71,11 @@ class CallWindow:
     def parse(cls, text: str) -> CallWindow:
         start_text, sep, end_text = text.partition("-")
         if not sep:
-            raise ValueError(f"not a window: {text!r} (use HH:MM-HH:MM; 00:00-24:00 is all day)")
+            raise ReminderError(f"not a window: {text!r} (use HH:MM-HH:MM; 00:00-24:00 is all day)")
         end = None if end_text.strip() == "24:00" else _parse_clock(end_text)
         window = cls(_parse_clock(start_text), end)
         if window.end is not None and window.start >= window.end:
-            raise ValueError(f"{text!r}: the window must start before it ends, within one day")
+            raise ReminderError(f"{text!r}: the window must start before it ends, within one day")
         return window
 
     def contains(self, moment: time) -> bool:

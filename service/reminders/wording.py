@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
 from babel.dates import DateTimePattern
+from service.reminders.errors import ReminderError
 
 __all__ = ["DEFAULT_LANGUAGE", "PHRASES", "PLACEHOLDERS", "MessageTemplates", "Template", "Wording", "normalize_language"]
 
@@ -77,7 +78,7 @@ _BUILT_IN: dict[str, dict[str, str]] = {
 def normalize_language(tag: str) -> str:
     """A BCP 47 tag in its usual case (`de-de` → `de-DE`); ValueError if it is not one Babel knows."""
     if not isinstance(tag, str) or not _TAG.fullmatch(tag):
-        raise ValueError(f"{tag!r} is not a BCP 47 language tag (e.g. en-US, de-DE)")
+        raise ReminderError(f"{tag!r} is not a BCP 47 language tag (e.g. en-US, de-DE)")
     parts = tag.split("-")
     normalized = "-".join([parts[0].lower()] + [p.upper() if len(p) == 2 else p.title() if len(p) == 4 else p
                                                 for p in parts[1:]])
@@ -89,23 +90,23 @@ def _locale(tag: str) -> Locale:
     try:
         return Locale.parse(tag, sep="-")
     except (UnknownLocaleError, ValueError) as error:
-        raise ValueError(f"{tag!r}: unknown language ({error})") from None
+        raise ReminderError(f"{tag!r}: unknown language ({error})") from None
 
 
 def _check_phrase(language: str, name: str, text: object) -> str:
     if not isinstance(text, str) or not text.strip() or len(text) > _MAX_PHRASE:
-        raise ValueError(f"{language}.{name}: must be a non-empty string of at most {_MAX_PHRASE} characters")
+        raise ReminderError(f"{language}.{name}: must be a non-empty string of at most {_MAX_PHRASE} characters")
     allowed = PLACEHOLDERS if name in _TEMPLATED else ()
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError as error:
-        raise ValueError(f"{language}.{name}: {error} (write a literal brace as {{{{ or }}}})") from None
+        raise ReminderError(f"{language}.{name}: {error} (write a literal brace as {{{{ or }}}})") from None
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
         if field not in allowed or spec or conversion:
             known = ", ".join("{" + p + "}" for p in allowed) or "none"
-            raise ValueError(f"{language}.{name}: unknown placeholder {{{field}}} (allowed: {known})")
+            raise ReminderError(f"{language}.{name}: unknown placeholder {{{field}}} (allowed: {known})")
     return text
 
 
@@ -149,13 +150,13 @@ class Template:
         phrases: dict[str, object] = {"message": given} if isinstance(given, str) else dict(given)
         unknown = set(phrases) - set(PHRASES)
         if unknown:
-            raise ValueError(f"{language}: unknown phrase(s) {sorted(unknown)} (known: {', '.join(PHRASES)})")
+            raise ReminderError(f"{language}: unknown phrase(s) {sorted(unknown)} (known: {', '.join(PHRASES)})")
         built_in = _BUILT_IN.get(language.split("-")[0], {})
         merged = {**built_in, **phrases}
         merged.setdefault("voicemail", merged.get("message", ""))
         missing = [name for name in PHRASES if name not in merged]
         if missing:
-            raise ValueError(f"{language}: no built-in phrases for this language; give {', '.join(missing)}")
+            raise ReminderError(f"{language}: no built-in phrases for this language; give {', '.join(missing)}")
         return cls(language=language, **{name: _check_phrase(language, name, merged[name]) for name in PHRASES})
 
     @functools.cached_property
@@ -192,7 +193,7 @@ class MessageTemplates:
         self._templates = {language.lower(): template for language, template in templates.items()}
         self.default_language = normalize_language(default_language)
         if self.find(self.default_language) is None:
-            raise ValueError(f"DEFAULT_LANGUAGE {self.default_language} has no template in MESSAGE_TEMPLATES")
+            raise ReminderError(f"DEFAULT_LANGUAGE {self.default_language} has no template in MESSAGE_TEMPLATES")
 
     @classmethod
     def parse(cls, setting: str | None, default_language: str = DEFAULT_LANGUAGE) -> MessageTemplates:
@@ -204,17 +205,17 @@ class MessageTemplates:
             try:
                 text = Path(text).read_text(encoding="utf-8")
             except OSError as error:
-                raise ValueError(f"cannot read the templates file {setting!r}: {error.strerror}") from None
+                raise ReminderError(f"cannot read the templates file {setting!r}: {error.strerror}") from None
         try:
             data = json.loads(text)
         except ValueError as error:
-            raise ValueError(f"not valid JSON: {error}") from None
+            raise ReminderError(f"not valid JSON: {error}") from None
         if not isinstance(data, dict) or not data:
-            raise ValueError('must be a JSON object of language → template, e.g. {"en-US": "Hello {name}, …"}')
+            raise ReminderError('must be a JSON object of language → template, e.g. {"en-US": "Hello {name}, …"}')
         templates: dict[str, Template] = {}
         for language, given in data.items():
             if not isinstance(given, str | dict):
-                raise ValueError(f"{language}: a template is a string or an object of phrases")
+                raise ReminderError(f"{language}: a template is a string or an object of phrases")
             template = Template.build(language, given)
             templates[template.language] = template
         return cls(templates, default_language)

@@ -12,6 +12,7 @@ from .provider import (
     ProviderUnavailable,
     SpeechCommands,
     Stamp,
+    TelephonyError,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "ProviderUnavailable",
     "SpeechCommands",
     "Stamp",
+    "TelephonyError",
 ]

@@ -16,7 +16,7 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 from service.privacy import scrub, strip_control
-from service.telephony.provider import CreateKind, CreateResult
+from service.telephony.provider import CreateKind, CreateResult, TelephonyError
 
 __all__ = [
     "ANSWER_HEADERS",
@@ -152,11 +152,11 @@ async def send_capped(transport: httpx.AsyncBaseTransport, request: httpx.Reques
         await response.aclose()
 
 
-class SendRefused(Exception):
+class SendRefused(TelephonyError):
     """`may_send` refused as the request was about to be written: nothing left this process."""
 
 
-class _NotSent(Exception):
+class _NotSent(TelephonyError):
     """Raised inside the request body when `may_send` refuses: the request never leaves."""
 
 
@@ -219,7 +219,13 @@ class HttpAdapter:
     (httpx.AsyncClient would log every request URL at INFO, and a listing's URL carries the
     callee's number), each answer read up to MAX_RESPONSE_BYTES; the caller holds the deadline."""
 
-    def __init__(self, transport: httpx.AsyncBaseTransport | None, max_connections: int) -> None:
+    def __init__(self, *, timeout: float = 10.0, max_connections: int = 20,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """`timeout` bounds each request as a whole; `transport` replaces the aiohttp-backed one
+        (tests hand in respx's router or a provider-shaped fake)."""
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._timeout = timeout
         self._transport = transport if transport is not None else pooled_transport(max_connections)
 
     async def aclose(self) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "LIVE_STATUSES",
     "Provider",
     "ProviderUnavailable",
+    "TelephonyError",
     "SpeechCommands",
     "Stamp",
 ]
@@ -154,7 +155,11 @@ class LiveCall:
     stamp: Stamp | None = None  # where the provider returns it with the listing (Telnyx)
 
 
-class ProviderUnavailable(RuntimeError):
+class TelephonyError(Exception):
+    """The base of the telephony package's errors."""
+
+
+class ProviderUnavailable(TelephonyError, RuntimeError):
     """A listing or cancellation could not be done now (network, 5xx, timeout)."""
 
 

@@ -72,8 +72,7 @@ class TelnyxProvider(HttpAdapter):
     """`Provider` for Telnyx Call Control on one connection (Call Control application).
 
     `api_url` may carry a path prefix. `public_url` is where Telnyx reaches this service's events
-    route. `timeout` bounds each request as a whole. `transport` replaces the aiohttp-backed one
-    (tests hand in respx's router or the Telnyx-shaped fake).
+    route. `timeout`, `max_connections` and `transport` go to `HttpAdapter`.
     """
 
     name = "telnyx"
@@ -86,15 +85,12 @@ class TelnyxProvider(HttpAdapter):
         api_key: str,
         connection_id: str,
         public_url: str,
-        timeout: float = 10.0,
-        max_connections: int = 20,
-        transport: httpx.AsyncBaseTransport | None = None,
         voice: str = "female",
         language: str = "en-US",
         machine_detection: bool = False,
+        **http: Any,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        super().__init__(**http)  # timeout, max_connections, transport
         if not api_key or not connection_id:
             raise ValueError("api_key and connection_id are required")
         require_http_url("api_url", api_url)
@@ -102,12 +98,10 @@ class TelnyxProvider(HttpAdapter):
         self._api = f"{api_url.rstrip('/')}/v2"
         self._connection_id = connection_id
         self._events_url = f"{public_url.rstrip('/')}{EVENTS_PATH}"
-        self._timeout = timeout
         self._voice, self._language = voice, language
         # Telnyx's answering machine detection: `call.machine.detection.ended` follows `call.answered`
         self.machine_detection = machine_detection
         self._headers = {"Authorization": f"Bearer {api_key}", **ANSWER_HEADERS}
-        super().__init__(transport, max_connections)
 
     @property
     def calls_url(self) -> str:

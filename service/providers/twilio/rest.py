@@ -53,8 +53,7 @@ class TwilioProvider(HttpAdapter):
 
     `api_url` may carry a path prefix (SignalWire: `https://<space>.signalwire.com/api/laml`).
     `public_url` is where Twilio reaches this service's webhooks (may carry a path prefix).
-    `timeout` bounds each request as a whole. `transport` replaces the aiohttp-backed one (tests
-    hand in respx's router or the Twilio-shaped fake).
+    `timeout`, `max_connections` and `transport` go to `HttpAdapter`.
     """
 
     name = "twilio"
@@ -67,24 +66,19 @@ class TwilioProvider(HttpAdapter):
         account_sid: str,
         auth_token: str,
         public_url: str,
-        timeout: float = 10.0,
-        max_connections: int = 20,
-        transport: httpx.AsyncBaseTransport | None = None,
         machine_detection: bool = False,
+        **http: Any,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
+        super().__init__(**http)  # timeout, max_connections, transport
         if not account_sid or not auth_token:
             raise ValueError("account_sid and auth_token are required")
         require_http_url("api_url", api_url)
         require_http_url("public_url", public_url)
         self._account = f"{api_url.rstrip('/')}/{API_VERSION}/Accounts/{account_sid}"
         self._public_url = public_url.rstrip("/")
-        self._timeout = timeout
         self._machine_detection = machine_detection
         credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
         self._headers = {"Authorization": f"Basic {credentials}", **ANSWER_HEADERS}
-        super().__init__(transport, max_connections)
 
     @property
     def calls_url(self) -> str:

@@ -1,0 +1,50 @@
+"""The repository holds its own contract: no file refers outside it (a sibling folder, a path on
+some machine), and every design page it names is its own docs/DESIGN.md."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_OUTSIDE = re.compile(r"\.\./shared|(?<![\w.-])shared/(DESIGN|ETCD-NOTES|TOOLING-NOTES)")
+_DESIGN = re.compile(r"(?<![\w./-])(?!docs/)[\w./-]*DESIGN\.md")
+
+
+def _tracked_text_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    files = []
+    for name in filter(None, listed):
+        path = ROOT / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if b"\0" not in data[:4096]:
+            files.append(path)
+    return files
+
+
+def test_the_contract_is_in_the_repository() -> None:
+    assert (ROOT / "docs" / "DESIGN.md").is_file()
+
+
+def test_no_file_refers_outside_the_repository() -> None:
+    machine_paths = {f"{ROOT.parent}/", f"{ROOT}/"}
+    found = []
+    for path in _tracked_text_files():
+        text = path.read_text(errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if _OUTSIDE.search(line) or any(prefix in line for prefix in machine_paths):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert found == []
+
+
+def test_every_design_page_named_is_docs_design() -> None:
+    found = []
+    for path in _tracked_text_files():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for match in _DESIGN.finditer(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {match.group(0)}")
+    assert found == []
