@@ -10,12 +10,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from reminders_fakes import create_fake_provider
 from service.config import CallWindow
 from service.db import Appointment, Database, Reminder
 from service.db.models import new_id
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher, OutcomeRecorder, message_for
 from service.dispatch.store import ReminderStore, StaleTerm
-from service.fakes import create_fake_provider
 from service.reminders import idempotency_key
 from service.telephony import CallRequest, HttpTelephonyClient
 from tests.support.waiting import eventually

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from service.fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
+from reminders_fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
 from service.telephony.telnyx import TelnyxSignature, parse_event
 from tests.support.waiting import eventually
 

@@ -16,13 +16,13 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from reminders_fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, CalleeScript, sign
 from service.app import create_app
 from service.components import provider as provider_for
 from service.config import Settings
 from service.db import CallAttempt, Database, Reminder
 from service.dispatch.dispatcher import Dispatcher, _wording
 from service.dispatch.speech import SpeechSweep
-from service.fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, CalleeScript, sign
 from service.telephony.provider import CallSpec, Stamp
 from service.telephony.telnyx import TelnyxProvider
 from tests.support.telnyx_rig import FROM, TelnyxRig, make_telnyx_rig

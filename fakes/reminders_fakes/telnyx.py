@@ -22,7 +22,7 @@
   call with `sid`, `status`, `stamp`, `heard`), `GET /_fake/requests` (Dials), `POST /_fake/callees`,
   `POST /_fake/control`, `POST /_fake/reset`.
 
-`FakeTelnyx(...).app` is a Starlette app: serve it (`python -m service.fakes.telnyx`) or hand it to
+`FakeTelnyx(...).app` is a Starlette app: serve it (`python -m reminders_fakes.telnyx`) or hand it to
 httpx as a transport (`httpx.ASGITransport(fake.app)`); `webhook_transport` routes the events
 (e.g. to the service's ASGI app) instead of the network.
 """
@@ -52,7 +52,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.fakes.controls import CalleeScript, ControlledFake
+from reminders_fakes.controls import CalleeScript, ControlledFake
 from service.telephony.provider import Stamp
 
 __all__ = ["CalleeScript", "FakeTelnyx", "TEST_PUBLIC_KEY", "TEST_SIGNING_SEED", "main", "sign"]
@@ -463,7 +463,7 @@ def _now() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m service.fakes.telnyx --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
+    """`python -m reminders_fakes.telnyx --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
     import uvicorn  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

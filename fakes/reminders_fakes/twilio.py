@@ -17,7 +17,7 @@
   `GET /_fake/requests`, `POST /_fake/callees` ({number: script}), `POST /_fake/control`,
   `POST /_fake/reset`.
 
-`FakeTwilio(...).app` is a Starlette app: serve it (`python -m service.fakes.twilio`) or hand it
+`FakeTwilio(...).app` is a Starlette app: serve it (`python -m reminders_fakes.twilio`) or hand it
 to httpx as a transport (`httpx.ASGITransport(fake.app)`) in unit tests; `webhook_transport`
 routes the webhooks (e.g. to the service's ASGI app) instead of the network.
 """
@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
-from service.fakes.controls import CalleeScript, ControlledFake
+from reminders_fakes.controls import CalleeScript, ControlledFake
 
 __all__ = ["CalleeScript", "FakeTwilio", "main"]
 
@@ -430,7 +430,7 @@ class FakeTwilio(ControlledFake):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m service.fakes.twilio --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
+    """`python -m reminders_fakes.twilio --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
     import uvicorn  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
