@@ -22,7 +22,13 @@ from service.reminders.planning import PlanningConfig
 from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, normalize_language
 from service.reminders.rules import CallWindow, ReminderOffset, parse_duration
 
-__all__ = ["CallWindow", "ReminderOffset", "Settings", "parse_duration", "setting_error_line"]
+__all__ = ["FAKE_TELNYX_PUBLIC_KEY", "CallWindow", "ReminderOffset", "Settings", "parse_duration", "setting_error_line"]
+
+# The public half of the Telnyx-shaped fake's fixed key pair (reminders_fakes.telnyx, in the
+# repository with its private half): events signed with it prove nothing, so the service accepts
+# it only while TELNYX_API_URL is loopback (the fake on the same machine). Not imported from the
+# fakes, which the service never ships; tests/test_packaging.py checks that the two agree.
+FAKE_TELNYX_PUBLIC_KEY = "TEOGIenjzbRe88YC4dt6pniu32iXCHUW9VJoIk1MO0s="
 
 
 def _split(value: object) -> object:
@@ -307,6 +313,19 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _no_fake_key_beyond_loopback(self) -> Settings:
+        # Not waived by ALLOW_INSECURE_TRANSPORT: the fake's private key is public, so with it
+        # anyone could sign events for this deployment.
+        if (self.telnyx_public_key is not None and _same_key(self.telnyx_public_key, FAKE_TELNYX_PUBLIC_KEY)
+                and not _loopback(self.telnyx_api_url)):
+            raise ValueError(
+                "TELNYX_PUBLIC_KEY is the fake Telnyx provider's test key, whose private half is published in "
+                "the repository: accepted only with a loopback TELNYX_API_URL (the fake on this machine), "
+                f"not {self.telnyx_api_url}; use the account's public key (Portal → Keys & Credentials)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if bool(self.etcd_cert) != bool(self.etcd_key):
             raise ValueError("ETCD_CERT and ETCD_KEY go together")
@@ -345,13 +364,23 @@ def _plain_remote(url: str) -> bool:
     """True for an http:// (or scheme-less) URL whose host is not loopback."""
     if url.startswith("https://"):
         return False
+    return not _loopback(url)
+
+
+def _loopback(url: str) -> bool:
+    """True for a URL (any scheme, or none) whose host is localhost, 127.0.0.0/8 or ::1."""
     host = urlsplit(url if "://" in url else f"http://{url}").hostname or ""
     if host == "localhost":
-        return False
+        return True
     try:
-        return not ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return True  # a name: it may resolve anywhere
+        return False  # a name: it may resolve anywhere
+
+
+def _same_key(a: str, b: str) -> bool:
+    """Whether two base64 keys (already checked to decode) are the same bytes."""
+    return base64.b64decode(a) == base64.b64decode(b)
 
 
 def setting_error_line(error: Exception) -> str:

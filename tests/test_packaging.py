@@ -1,6 +1,7 @@
 """The fake providers stay out of the product: the service's wheel and its production image carry
 no fake and no private key; the fakes are a distribution of their own (fakes/), which
-`reminders fake-provider` loads where it is installed and names where it is not."""
+`reminders fake-provider` loads where it is installed and names where it is not; the service
+refuses the fake's public key unless TELNYX_API_URL is loopback (tests/test_telnyx_webhooks.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from reminders_fakes.telnyx import TEST_SIGNING_SEED
+from reminders_fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED
 from service.cli import FAKES_MISSING, main
+from service.config import FAKE_TELNYX_PUBLIC_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -64,6 +66,13 @@ def test_no_file_of_the_wheel_holds_the_fakes_private_key(wheel: Path) -> None:
             content = archive.read(name)
             found = [n for n in needles if n.lower() in content.lower()]
             assert not found, f"{name} holds {found}"
+
+
+def test_the_service_knows_the_fakes_public_key_only() -> None:
+    """The constant the service refuses beyond loopback is the fake's public key, not restated wrong."""
+    assert FAKE_TELNYX_PUBLIC_KEY == TEST_PUBLIC_KEY
+    config = (ROOT / "service" / "config.py").read_text()
+    assert TEST_SIGNING_SEED.hex() not in config.lower()
 
 
 # --- `reminders fake-provider` without the fakes ------------------------------------------------
