@@ -1,6 +1,9 @@
 # Reminder service image: `reminders serve` on port 8080, runs as UID 10001.
 # Build: docker build -t reminders:0.1.0 .   (the pyproject version; k8s/setup.sh builds it in minikube)
 # Run on the embedded default (SQLite in the /data volume): docker run -p 8080:8080 reminders:0.1.0
+# The default target (the last stage) is the production image: the service only, never the fake
+# providers (fakes/, whose Telnyx fake signs with a published private key). The demo's image of
+# the fake provider is another target:  docker build --target demo -t reminders-demo:0.1.0 .
 
 # --- builder: a self-contained venv with the service and its dependencies -------------------
 FROM python:3.11-slim AS builder
@@ -20,7 +23,31 @@ COPY service/ service/
 RUN pip install --no-cache-dir . \
     && pip uninstall --yes pip setuptools
 
-# --- runtime: the venv, the migrations, nothing else ----------------------------------------
+# --- demo-builder: the builder's venv plus the fake providers (reminders-fakes) -------------
+FROM builder AS demo-builder
+COPY fakes/ fakes/
+# The builder's venv has no pip left: the base image's pip installs into it. The service the
+# fakes require is already there.
+RUN /usr/local/bin/pip --python /opt/venv/bin/python install --no-cache-dir ./fakes
+
+# --- demo: the fake telephony provider for the k8s demo overlay (never the production image) --
+FROM python:3.11-slim AS demo
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN groupadd --system --gid 10001 reminders \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin reminders
+
+COPY --from=demo-builder /opt/venv /opt/venv
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8090
+# The bearer token comes from TELEPHONY_TOKEN (the demo overlay sets it from a Secret).
+CMD ["reminders", "fake-provider", "--host", "0.0.0.0", "--port", "8090"]
+
+# --- runtime: the venv, the migrations, nothing else (the default target) ----------------------
 FROM python:3.11-slim
 
 # DATABASE_URL: the embedded default of a bare `docker run`, a SQLite file in the /data volume

@@ -26,12 +26,14 @@ system-tools:
 		echo "missing Debian package(s)$$missing; to install them run as root: $$command"; \
 	fi
 
-# Reinstalled whenever pyproject.toml changes; idempotent otherwise.
-$(STAMP): pyproject.toml
+# The service with its dev extra, and the fake providers (fakes/: a distribution of their own, never
+# in the service's wheel or image), in one resolve: the fakes' `reminders` is this checkout's.
+# Reinstalled whenever either pyproject.toml changes; idempotent otherwise.
+$(STAMP): pyproject.toml fakes/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./fakes
 	touch $(STAMP)
 
 test: install

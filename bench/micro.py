@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from harness.cluster import ProviderProcess
+from harness.cluster import ProviderProcess, with_checkout_fakes
 from harness.ports import free_port, wait_for_port
 from harness.postgres import PostgresServer
 
@@ -110,7 +111,7 @@ def _client(n: int, concurrency: int, rounds: int) -> dict[str, Any]:
 
 
 _PROVIDER = (
-    "import uvicorn; from service.fakes import create_fake_provider; "
+    "import uvicorn; from reminders_fakes import create_fake_provider; "
     "uvicorn.run(create_fake_provider(), host='127.0.0.1', port={port}, log_level='warning', "
     "access_log=False, lifespan='off', loop='{loop}', http='{http}')"
 )
@@ -124,8 +125,8 @@ def _provider(duration: float, connections: int, rounds: int) -> dict[str, Any]:
             log(f"micro: provider round {round_}/{rounds}, {name} ({duration:.0f} s of POSTs, {connections} connections)")
             port = free_port()
             server = subprocess.Popen([sys.executable, "-c", _PROVIDER.format(port=port, loop=loop, http=http)],
-                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                      start_new_session=True)
+                                      cwd=ROOT, env=with_checkout_fakes(dict(os.environ)), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
             try:
                 wait_for_port(port, timeout=30)
                 load = run_load(f"http://127.0.0.1:{port}/v1/calls", method="POST", connections=connections,

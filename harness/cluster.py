@@ -58,10 +58,21 @@ __all__ = [
     "TwilioFakeProcess",
     "WebhookProxyProcess",
     "wait_for",
+    "with_checkout_fakes",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
+# The fake providers: a distribution of their own (fakes/pyproject.toml), whose package sits one
+# folder down, where a child's working directory does not reach it.
+FAKES = ROOT / "fakes"
 T = TypeVar("T")
+
+
+def with_checkout_fakes(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the checkout's fakes first on PYTHONPATH: a child imports them from this checkout
+    (over any installed copy), as it imports the checkout's service from its working directory."""
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(FAKES)]
+    return {**env, "PYTHONPATH": os.pathsep.join([str(FAKES), *rest])}
 
 
 def wait_for(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
@@ -84,7 +95,7 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in settings}
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return with_checkout_fakes(env)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -293,7 +304,7 @@ class TwilioFakeClient:
 
 
 class TwilioFakeProcess(ProviderProcess):
-    """`python -m service.fakes.twilio` on a free port (the account TWILIO_SID / TWILIO_TOKEN)."""
+    """`python -m reminders_fakes.twilio` on a free port (the account TWILIO_SID / TWILIO_TOKEN)."""
 
     def __init__(self, log_path: Path, *, latency_ms: float = 0.0, calls_per_second: float = 1.0,
                  ring_ms: float = 200.0) -> None:
@@ -304,7 +315,7 @@ class TwilioFakeProcess(ProviderProcess):
         self.client = TwilioFakeClient(self.url)  # type: ignore[assignment]
 
     def start(self, timeout: float = 30.0) -> TwilioFakeProcess:
-        argv = [sys.executable, "-m", "service.fakes.twilio", "--port", str(self.port), "--latency-ms",
+        argv = [sys.executable, "-m", "reminders_fakes.twilio", "--port", str(self.port), "--latency-ms",
                 str(self.latency_ms), "--cps", str(self.calls_per_second), "--ring-ms", str(self.ring_ms),
                 "--account-sid", TWILIO_SID, "--auth-token", TWILIO_TOKEN]
         self._spawn(argv, _child_env({}))
@@ -318,7 +329,7 @@ TELNYX_CONNECTION = "1494404757140276705"
 
 
 class TelnyxFakeProcess(ProviderProcess):
-    """`python -m service.fakes.telnyx` on a free port (TELNYX_KEY, TELNYX_CONNECTION; events signed
+    """`python -m reminders_fakes.telnyx` on a free port (TELNYX_KEY, TELNYX_CONNECTION; events signed
     with the fake's fixed test key pair). Its inspection endpoints are the Twilio fake's."""
 
     def __init__(self, log_path: Path, *, latency_ms: float = 0.0, calls_per_second: float = 30.0,
@@ -330,7 +341,7 @@ class TelnyxFakeProcess(ProviderProcess):
         self.client = TwilioFakeClient(self.url)  # type: ignore[assignment]
 
     def start(self, timeout: float = 30.0) -> TelnyxFakeProcess:
-        argv = [sys.executable, "-m", "service.fakes.telnyx", "--port", str(self.port), "--latency-ms",
+        argv = [sys.executable, "-m", "reminders_fakes.telnyx", "--port", str(self.port), "--latency-ms",
                 str(self.latency_ms), "--cps", str(self.calls_per_second), "--ring-ms", str(self.ring_ms),
                 "--api-key", TELNYX_KEY, "--connection-id", TELNYX_CONNECTION]
         self._spawn(argv, _child_env({}))
@@ -592,7 +603,7 @@ class Cluster:
                 "PUBLIC_URL": self.webhook_proxy.public_url,
             })
         if self.telephony_provider == "telnyx":
-            from service.fakes.telnyx import TEST_PUBLIC_KEY  # noqa: PLC0415
+            from reminders_fakes.telnyx import TEST_PUBLIC_KEY  # noqa: PLC0415
 
             assert self.webhook_proxy is not None
             env.update({

@@ -7,6 +7,7 @@
 # Environment: NAMESPACE (default reminders), MINIKUBE_PROFILE (default minikube),
 #              MINIKUBE_START_ARGS (default "--cpus=2 --memory=4096 --cni=calico"),
 #              IMAGE (default reminders:<version in pyproject.toml>, the tag the manifests pin),
+#              DEMO_IMAGE (default reminders-demo:<version>: the fake provider, the Dockerfile's demo target),
 #              CERT_DIR (default ~/.local/state/reminders/etcd-certs/<profile>-<namespace>: the CA).
 # Existing Secrets are kept (re-running does not change passwords). Tear down with k8s/cleanup.sh.
 set -euo pipefail
@@ -21,6 +22,8 @@ ROOT=$(dirname "$HERE")
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$ROOT/pyproject.toml")
 PINNED=reminders:$VERSION # what the manifests name
 IMAGE=${IMAGE:-$PINNED}
+DEMO_PINNED=reminders-demo:$VERSION # the fake provider's image (the service's has no fakes)
+DEMO_IMAGE=${DEMO_IMAGE:-$DEMO_PINNED}
 CERT_DIR=${CERT_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/reminders/etcd-certs/$PROFILE-$NAMESPACE}
 
 say() { printf '\n==> %s\n' "$*"; }
@@ -46,13 +49,15 @@ if ! kubectl --context "$PROFILE" -n kube-system get pods -l k8s-app=calico-node
     echo "         Recreate it with a policy-enforcing CNI: minikube delete -p $PROFILE; then run this again." >&2
 fi
 
-say "building $IMAGE inside minikube's Docker"
+say "building $IMAGE and $DEMO_IMAGE inside minikube's Docker"
 if command -v docker >/dev/null 2>&1; then
     eval "$(minikube --profile "$PROFILE" docker-env)"
     docker build -t "$IMAGE" "$ROOT"
+    docker build --target demo -t "$DEMO_IMAGE" "$ROOT"
 else
     echo "no docker CLI here: using 'minikube image build'"
     minikube --profile "$PROFILE" image build -t "$IMAGE" "$ROOT"
+    minikube --profile "$PROFILE" image build -t "$DEMO_IMAGE" --build-opt=target=demo "$ROOT"
 fi
 
 say "namespace $NAMESPACE"
@@ -89,6 +94,9 @@ fi
 MANIFESTS=$(kubectl kustomize "$HERE/overlays/demo")
 if [[ $IMAGE != "$PINNED" ]]; then
     MANIFESTS=${MANIFESTS//"image: $PINNED"/"image: $IMAGE"}
+fi
+if [[ $DEMO_IMAGE != "$DEMO_PINNED" ]]; then
+    MANIFESTS=${MANIFESTS//"image: $DEMO_PINNED"/"image: $DEMO_IMAGE"}
 fi
 apply_slice() { printf '%s\n' "$MANIFESTS" | kc apply -f - --selector "app.kubernetes.io/component in ($1)"; }
 

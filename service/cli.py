@@ -119,10 +119,24 @@ def _migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+# The fake providers are a distribution of their own (fakes/ in the repository, `reminders-fakes`):
+# never in the service's wheel or production image. Only this command loads them, when it runs.
+FAKES_MISSING = (
+    "reminders fake-provider: the fake providers are not installed here; "
+    "from a checkout of the repository: pip install ./fakes"
+)
+
+
 def _fake_provider(args: argparse.Namespace) -> int:
     from service.logs import configure_logging  # noqa: PLC0415
-    from service.fakes import run_fake_provider  # noqa: PLC0415
 
+    try:
+        from reminders_fakes import run_fake_provider  # noqa: PLC0415
+    except ModuleNotFoundError as error:
+        if error.name != "reminders_fakes":
+            raise  # installed, but broken: the traceback says what is missing
+        print(FAKES_MISSING, file=sys.stderr)
+        return 2
     if not 0 <= args.fail_rate <= 1:
         print("reminders: --fail-rate must be between 0 and 1", file=sys.stderr)
         return 2
@@ -141,7 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="alembic upgrade head for DATABASE_URL")
     migrate.set_defaults(run=_migrate)
     fake = commands.add_parser(
-        "fake-provider", help="the fake telephony provider API (requires TELEPHONY_TOKEN as bearer token when set)"
+        "fake-provider",
+        help="the fake telephony provider API (requires TELEPHONY_TOKEN as bearer token when set); "
+        "needs the fakes installed (pip install ./fakes)",
     )
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8090)

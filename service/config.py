@@ -20,7 +20,7 @@ from service.reminders.planning import PlanningConfig
 from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, normalize_language
 from service.reminders.rules import CallWindow, ReminderOffset, parse_duration
 
-__all__ = ["CallWindow", "ReminderOffset", "Settings", "parse_duration", "plain_remote", "setting_error_line"]
+__all__ = ["CallWindow", "ReminderOffset", "Settings", "loopback", "parse_duration", "plain_remote", "setting_error_line"]
 
 
 def _split(value: object) -> object:
@@ -272,17 +272,20 @@ def _region_codes() -> frozenset[str]:
     return frozenset(phonenumbers.SUPPORTED_REGIONS)
 
 
-def plain_remote(url: str) -> bool:
-    """True for an http:// (or scheme-less) URL whose host is not loopback."""
-    if url.startswith("https://"):
-        return False
+def loopback(url: str) -> bool:
+    """True for a URL (any scheme, or none) whose host is localhost, 127.0.0.0/8 or ::1."""
     host = urlsplit(url if "://" in url else f"http://{url}").hostname or ""
     if host == "localhost":
-        return False
+        return True
     try:
-        return not ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return True  # a name: it may resolve anywhere
+        return False  # a name: it may resolve anywhere
+
+
+def plain_remote(url: str) -> bool:
+    """True for an http:// (or scheme-less) URL whose host is not loopback."""
+    return not url.startswith("https://") and not loopback(url)
 
 
 def setting_error_line(error: Exception) -> str:

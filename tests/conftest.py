@@ -12,6 +12,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.support")
 
+from harness.cluster import with_checkout_fakes  # noqa: E402
 from harness.etcd import EtcdServer  # noqa: E402
 from harness.postgres import PostgresServer  # noqa: E402
 from service.db import Database  # noqa: E402
@@ -20,6 +21,10 @@ from tests.support.requirements import unavailable as _unavailable  # noqa: E402
 
 # the `requires` marker and the CI rule; pytester runs the suite's own rule in a nested pytest
 pytest_plugins = ["tests.support.requirements", "pytester"]
+
+# What the tests start (`reminders fake-provider`, `python -m reminders_fakes.twilio`, lint-imports)
+# imports the checkout's fakes, as pytest's pythonpath makes this process do.
+os.environ.update(with_checkout_fakes(dict(os.environ)))
 
 # Tests taking these fixtures (directly or through another) start several processes at once:
 # the k8s drift tests run the manifests' own commands as 3 replicas / 3 etcd members. `slow`,

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from harness.cluster import Cluster
-from service.fakes.telnyx import TEST_SIGNING_SEED, sign
+from reminders_fakes.telnyx import TEST_SIGNING_SEED, sign
 from service.telephony.provider import Stamp
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -10,12 +10,13 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from reminders_fakes import create_fake_provider
 from service.config import CallWindow
 from service.db import Appointment, Database, Reminder
 from service.db.models import new_id
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher, OutcomeRecorder, message_for
 from service.ledger import Outcome, ReminderStore, StaleTerm
-from service.fakes import create_fake_provider
+from reminders_fakes import create_fake_provider
 from service.reminders import idempotency_key
 from service.providers.generic import GenericProvider
 from service.providers.generic.client import CallRequest, HttpTelephonyClient

@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from service.fakes import create_fake_provider
+from reminders_fakes import create_fake_provider
 from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind
 from tests.support.waiting import eventually
 
@@ -371,7 +371,7 @@ async def test_end_to_end_connection_refused_is_transient() -> None:
 
 @pytest.mark.anyio
 async def test_stores_are_bounded_oldest_forgotten() -> None:
-    from service.fakes import FakeProvider
+    from reminders_fakes import FakeProvider
 
     fake = FakeProvider(max_entries=3)
     async with client_for(fake.app) as c:
@@ -391,7 +391,7 @@ async def test_stores_are_bounded_oldest_forgotten() -> None:
 
 @pytest.mark.anyio
 async def test_a_key_in_progress_is_never_forgotten() -> None:
-    from service.fakes import FakeProvider
+    from reminders_fakes import FakeProvider
 
     fake = FakeProvider(max_entries=1)
     async with client_for(fake.app) as c:

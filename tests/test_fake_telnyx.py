@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from service.fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
+from reminders_fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
 from service.providers.telnyx.signature import TelnyxSignature
 from service.providers.telnyx.events import parse_event
 from tests.support.waiting import eventually

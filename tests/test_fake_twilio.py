@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
-from service.fakes.twilio import FakeTwilio
+from reminders_fakes.twilio import FakeTwilio
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio

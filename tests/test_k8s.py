@@ -477,9 +477,25 @@ def test_images_are_pinned_to_versions() -> None:
             image = container["image"]
             name, _, tag = image.rpartition(":")
             assert name and re.match(r"v?\d+\.\d+", tag), f"{obj['metadata']['name']}: {image} is not pinned to a version"
-            if name == "reminders":
-                assert tag == _pyproject_version(), "the app image's tag is the pyproject version setup.sh builds"
+            if name in ("reminders", "reminders-demo"):
+                assert tag == _pyproject_version(), f"{name}'s tag is the pyproject version setup.sh builds"
     assert "reminders:$VERSION" in SETUP.read_text()
+
+
+def test_the_demo_fake_provider_runs_the_image_that_has_the_fakes() -> None:
+    """The service's image has no fake provider (tests/test_packaging.py): the demo's runs the
+    Dockerfile's `demo` target, which k8s/setup.sh builds under the name the overlay pins."""
+    container = _container(_find("Deployment", "fake-provider"))
+    assert container["image"] == f"reminders-demo:{_pyproject_version()}"
+    assert container["command"][:2] == ["reminders", "fake-provider"]
+    setup = SETUP.read_text()
+    assert "DEMO_PINNED=reminders-demo:$VERSION" in setup
+    assert re.search(r'docker build --target demo -t "\$DEMO_IMAGE"', setup)
+    assert re.search(r'image build -t "\$DEMO_IMAGE" --build-opt=target=demo', setup)
+    assert re.search(r"^FROM .* AS demo$", DOCKERFILE.read_text(), re.M)
+    images = {obj["metadata"]["name"]: _container(obj)["image"] for obj in OBJECTS
+              if obj["kind"] in ("Deployment", "StatefulSet", "Job")}
+    assert [name for name, image in images.items() if image.startswith("reminders-demo:")] == ["fake-provider"]
 
 
 # --- network policies, evaluated from the rendered manifests --------------------------------------

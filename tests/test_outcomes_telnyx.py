@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
+from reminders_fakes.telnyx import TEST_SIGNING_SEED, CalleeScript, sign
 from service.db import CallAttempt, Database
 from service.dispatch.dispatcher import Dispatcher
-from service.fakes.telnyx import TEST_SIGNING_SEED, CalleeScript, sign
 from service.reminders import NoAnswerPolicy
 from service.telephony.provider import Stamp
 from tests.support.telnyx_rig import TelnyxRig, make_telnyx_rig

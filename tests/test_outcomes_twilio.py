@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 
+from reminders_fakes.twilio import CalleeScript
 from service import appointments
 from service.db import Appointment, CallAttempt, Database, Reminder
 from service.db.models import new_id
 from service.dispatch.dispatcher import Dispatcher
-from service.fakes.twilio import CalleeScript
 from service.reminders import ALWAYS, MessageTemplates, NoAnswerPolicy, PlanningConfig
 from tests.support.telnyx_rig import TelnyxRig
 from tests.support.twilio_rig import Rig, make_rig

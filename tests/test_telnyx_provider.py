@@ -11,7 +11,7 @@ import httpx
 import pytest
 import respx
 
-from service.fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, sign
+from reminders_fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, sign
 from service.telephony.provider import CallSpec, CreateKind, ProviderUnavailable, Stamp
 from service.providers.telnyx.rest import TelnyxProvider, speak_command_id
 from service.providers.telnyx.signature import TelnyxSignature

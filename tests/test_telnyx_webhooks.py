@@ -6,6 +6,7 @@ leader's speech sweep, and the dispatcher reconciling through the connection's a
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections import Counter
@@ -14,8 +15,11 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from sqlalchemy import select
 
+from reminders_fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, CalleeScript, sign
 from service.app import create_app
 from service.components import check
 from service.components import provider as provider_for
@@ -23,7 +27,6 @@ from service.config import Settings
 from service.db import CallAttempt, Database, Reminder
 from service.dispatch.dispatcher import Dispatcher, _wording
 from service.dispatch.speech import SpeechSweep
-from service.fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, CalleeScript, sign
 from service.telephony.provider import CallSpec, Stamp
 from service.providers.telnyx.rest import TelnyxProvider
 from tests.support.telnyx_rig import FROM, TelnyxRig, make_telnyx_rig
@@ -222,10 +225,16 @@ async def test_rate_limited_dials_are_retried_after_the_window(db: Database, rig
     assert len(rig.fake.calls) == len(ids)  # a 429 made no call
 
 
+# An account's own key (the fake's is refused unless TELNYX_API_URL is loopback).
+ACCOUNT_PUBLIC_KEY = base64.b64encode(
+    Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+).decode()
+
+
 def telnyx_settings(**overrides: str) -> Settings:
     values = {"telephony_provider": "telnyx", "public_url": "https://reminders.example.test/edge",
               "telnyx_api_key": "KEY", "telnyx_connection_id": "1494404757140276705",
-              "telnyx_public_key": TEST_PUBLIC_KEY}
+              "telnyx_public_key": ACCOUNT_PUBLIC_KEY}
     values.update(overrides)
     settings = Settings(**values)
     check(settings)  # the provider's own checks, as `reminders serve` and create_app run them
@@ -248,6 +257,25 @@ def test_no_key_over_plain_remote_http() -> None:
         telnyx_settings(telnyx_api_url="http://telnyx.internal")
     assert telnyx_settings(telnyx_api_url="http://telnyx.internal", allow_insecure_transport="true")
     assert telnyx_settings(telnyx_api_url="http://127.0.0.1:8092")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8092", "http://127.3.4.5:8092/replica-1", "http://[::1]:8092",
+                                 "http://localhost:8092"])
+def test_the_fakes_key_is_accepted_with_a_loopback_api_url(url: str) -> None:
+    assert telnyx_settings(telnyx_public_key=TEST_PUBLIC_KEY, telnyx_api_url=url).telnyx_public_key == TEST_PUBLIC_KEY
+
+
+@pytest.mark.parametrize("url", ["https://api.telnyx.com", "http://10.0.0.5:8092", "http://fake-provider:8092",
+                                 "https://localhost.example.com"])
+def test_the_fakes_key_is_refused_beyond_loopback(url: str) -> None:
+    """Its private half is in the repository: anyone could sign events for such a deployment.
+    ALLOW_INSECURE_TRANSPORT does not waive it; whitespace around the key does not hide it."""
+    for key in (TEST_PUBLIC_KEY, f"  {TEST_PUBLIC_KEY}\n"):
+        with pytest.raises(ValueError, match=r"TELNYX_PUBLIC_KEY is the fake Telnyx provider's test key.*TELNYX_API_URL"):
+            telnyx_settings(telnyx_public_key=key, telnyx_api_url=url, allow_insecure_transport="true")
+    assert telnyx_settings(telnyx_api_url=url, allow_insecure_transport="true")  # the account's key: fine
+    with pytest.raises(ValueError, match="TELNYX_PUBLIC_KEY is the fake"):
+        Settings(telnyx_public_key=TEST_PUBLIC_KEY)  # configured at all: the default TELNYX_API_URL is Telnyx's
 
 
 async def test_the_app_serves_signed_events_only_in_telnyx_mode() -> None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI
 
+from reminders_fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
 from service.db import Database
-from service.fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
 from service.reminders import MessageTemplates, NoAnswerPolicy
 from service.providers.telnyx.rest import TelnyxProvider
 from service.providers.telnyx.signature import TelnyxSignature

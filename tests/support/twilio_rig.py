@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from fastapi import FastAPI
 
+from reminders_fakes.twilio import FakeTwilio
 from service.db import Appointment, CallAttempt, Database, Reminder
 from service.db.models import new_id
-from service.fakes.twilio import FakeTwilio
 from service.reminders import MessageTemplates, NoAnswerPolicy
 from service.telephony.provider import CallSpec
 from service.providers.twilio.rest import TwilioProvider

@@ -7,17 +7,23 @@ import re
 
 from fastapi import FastAPI
 
-from service.config import Settings
+from service.config import Settings, loopback
 from service.errors import SettingError
 from service.providers.base import ProviderPackage, check_public_url, no_secret_over_plain_http, require_settings
 from service.providers.telnyx.rest import TelnyxProvider
 from service.providers.telnyx.signature import TelnyxSignature, decode_public_key
 from service.providers.telnyx.webhooks import router
 
-__all__ = ["PACKAGE", "TelnyxProvider", "TelnyxSignature", "signature"]
+__all__ = ["FAKE_TELNYX_PUBLIC_KEY", "PACKAGE", "TelnyxProvider", "TelnyxSignature", "signature"]
 
 # It becomes a path segment of the active-calls URL.
 _CONNECTION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# The public half of the Telnyx-shaped fake's fixed key pair (reminders_fakes.telnyx, in the
+# repository with its private half): events signed with it prove nothing, so the service accepts
+# it only while TELNYX_API_URL is loopback (the fake on the same machine). Not imported from the
+# fakes, which the service never ships; tests/test_packaging.py checks that the two agree.
+FAKE_TELNYX_PUBLIC_KEY = "TEOGIenjzbRe88YC4dt6pniu32iXCHUW9VJoIk1MO0s="
 
 
 def check(settings: Settings) -> None:
@@ -30,10 +36,17 @@ def check(settings: Settings) -> None:
                            "must be the Call Control connection (application) id, e.g. 1494404757140276705")
     try:
         # a key that cannot verify anything would refuse every event: refused at start instead
-        decode_public_key(settings.telnyx_public_key)
+        key = decode_public_key(settings.telnyx_public_key)
     except ValueError as error:
         raise SettingError("TELNYX_PUBLIC_KEY", f"must be the base64 Ed25519 public key of the Telnyx portal "
                                                 f"(32 bytes, 44 characters): {error}") from None
+    # Not waived by ALLOW_INSECURE_TRANSPORT: with the fake's published private key anyone could
+    # sign events for this deployment.
+    if key == decode_public_key(FAKE_TELNYX_PUBLIC_KEY) and not loopback(settings.telnyx_api_url):
+        raise SettingError("TELNYX_PUBLIC_KEY", "the fake Telnyx provider's test key, whose private half is published "
+                                                "in the repository: accepted only with a loopback TELNYX_API_URL (the "
+                                                f"fake on this machine), not {settings.telnyx_api_url}; use the "
+                                                "account's public key (Portal → Keys & Credentials)")
     no_secret_over_plain_http(settings, "TELNYX_API_URL", settings.telnyx_api_url, "TELNYX_API_KEY")
     check_public_url(settings)
 

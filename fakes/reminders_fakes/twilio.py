@@ -17,7 +17,7 @@
   `GET /_fake/requests`, `POST /_fake/callees` ({number: script}), `POST /_fake/control`,
   `POST /_fake/reset`.
 
-`FakeTwilio(...).app` is a Starlette app: serve it (`python -m service.fakes.twilio`) or hand it
+`FakeTwilio(...).app` is a Starlette app: serve it (`python -m reminders_fakes.twilio`) or hand it
 to httpx as a transport (`httpx.ASGITransport(fake.app)`) in unit tests; `webhook_transport`
 routes the webhooks (e.g. to the service's ASGI app) instead of the network.
 """
@@ -29,7 +29,6 @@ import asyncio
 import base64
 import logging
 import random
-import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -46,14 +45,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
-from service.fakes.controls import CalleeScript, ControlledFake
+from reminders_fakes.controls import CalleeScript, ControlledFake
+from service.privacy import E164
+from service.reminders.outcomes import FINAL_CALL_STATES
 
 __all__ = ["CalleeScript", "FakeTwilio", "main"]
 
 log = logging.getLogger(__name__)
 
-_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
-_FINAL = ("completed", "busy", "no-answer", "canceled", "failed")
 
 
 @dataclass
@@ -333,9 +332,9 @@ class FakeTwilio(ControlledFake):
         to, from_, url = form.get("To"), form.get("From"), form.get("Url")
         entry["to"] = to
         await self._turn()
-        if not isinstance(to, str) or not _E164.fullmatch(to):
+        if not isinstance(to, str) or not E164.fullmatch(to):
             return done(self._error(400, 21211, "Invalid 'To' Phone Number"))
-        if not isinstance(from_, str) or not _E164.fullmatch(from_):
+        if not isinstance(from_, str) or not E164.fullmatch(from_):
             return done(self._error(400, 21212, "Invalid 'From' Phone Number"))
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             return done(self._error(400, 21205, "Url is not a valid URL"))
@@ -382,7 +381,7 @@ class FakeTwilio(ControlledFake):
                 call.status = "canceled"
                 call.end_time = datetime.now(UTC)
                 call.hang_up.set()
-            elif wanted == "completed" and call.status not in _FINAL:
+            elif wanted == "completed" and call.status not in FINAL_CALL_STATES:
                 if call.status == "in-progress":
                     call.hang_up.set()  # the TwiML being followed stops; _run_call reports completed
                 else:
@@ -430,7 +429,7 @@ class FakeTwilio(ControlledFake):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m service.fakes.twilio --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
+    """`python -m reminders_fakes.twilio --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
     import uvicorn  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -22,7 +22,7 @@
   call with `sid`, `status`, `stamp`, `heard`), `GET /_fake/requests` (Dials), `POST /_fake/callees`,
   `POST /_fake/control`, `POST /_fake/reset`.
 
-`FakeTelnyx(...).app` is a Starlette app: serve it (`python -m service.fakes.telnyx`) or hand it to
+`FakeTelnyx(...).app` is a Starlette app: serve it (`python -m reminders_fakes.telnyx`) or hand it to
 httpx as a transport (`httpx.ASGITransport(fake.app)`); `webhook_transport` routes the events
 (e.g. to the service's ASGI app) instead of the network.
 """
@@ -35,7 +35,6 @@ import base64
 import json
 import logging
 import random
-import re
 import time
 import uuid
 from collections import deque
@@ -52,7 +51,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.fakes.controls import CalleeScript, ControlledFake
+from reminders_fakes.controls import CalleeScript, ControlledFake
+from service.privacy import E164
+from service.reminders.outcomes import FINAL_CALL_STATES
 from service.telephony.provider import Stamp
 
 __all__ = ["CalleeScript", "FakeTelnyx", "TEST_PUBLIC_KEY", "TEST_SIGNING_SEED", "main", "sign"]
@@ -65,8 +66,6 @@ TEST_PUBLIC_KEY = base64.b64encode(
     Ed25519PrivateKey.from_private_bytes(TEST_SIGNING_SEED).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 ).decode()
 DEDUPE_SECONDS = 60.0
-_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
-_ENDED = ("completed", "canceled", "busy", "no-answer", "failed")
 
 
 def sign(seed: bytes, timestamp: str, body: bytes) -> str:
@@ -97,7 +96,7 @@ class _Call:
     client_state: str | None
     created: datetime
     placed_by: str | None
-    status: str = "initiated"  # initiated, ringing, in-progress, then one of _ENDED
+    status: str = "initiated"  # initiated, ringing, in-progress, then a final one (the domain's FINAL_CALL_STATES)
     heard: list[str] = field(default_factory=list)
     digits: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=list)  # the `language` of each speech heard
@@ -114,7 +113,7 @@ class _Call:
 
     @property
     def alive(self) -> bool:
-        return self.status not in _ENDED
+        return self.status not in FINAL_CALL_STATES
 
     def inspect(self) -> dict[str, Any]:
         stamp = Stamp.decode(self.client_state)
@@ -325,9 +324,9 @@ class FakeTelnyx(ControlledFake):
         await self._turn()
         if body.get("connection_id") != self.connection_id:
             return done(_errors(422, "10015", "Invalid connection_id"))
-        if not isinstance(to, str) or not _E164.fullmatch(to):
+        if not isinstance(to, str) or not E164.fullmatch(to):
             return done(_errors(422, "10016", "Invalid 'to' phone number"))
-        if not isinstance(from_, str) or not _E164.fullmatch(from_):
+        if not isinstance(from_, str) or not E164.fullmatch(from_):
             return done(_errors(422, "10016", "Invalid 'from' phone number"))
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             return done(_errors(422, "10015", "Invalid webhook_url"))
@@ -463,7 +462,7 @@ def _now() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m service.fakes.telnyx --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
+    """`python -m reminders_fakes.telnyx --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
     import uvicorn  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
