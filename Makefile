@@ -1,4 +1,4 @@
-# make install | make test | make test-fast | make run | make bench | make chaos
+# make install | make test | make test-fast | make lint | make run | make bench | make chaos
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -36,7 +36,11 @@ $(STAMP): pyproject.toml fakes/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./fakes
 	touch $(STAMP)
 
-test: install
+# The linter ([tool.ruff] in pyproject.toml) over the whole tree; `make test` runs it first.
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
 	$(BIN)/python -m pytest -q
 
 # Local work: everything but the multi-process and long tests (marked `slow`); under a minute.

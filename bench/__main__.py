@@ -15,7 +15,7 @@ import traceback
 from .common import calibration, loadavg, log, machine, write_result
 
 
-def _part(name: str, result_name: str, work, **options) -> None:  # noqa: ANN001
+def _part(name: str, result_name: str, work, **options) -> None:
     started = time.monotonic()
     before = {"loadavg": loadavg(), "calibration_s": calibration()}
     log(f"{name}: start (load average {before['loadavg']}, calibration {before['calibration_s']} s)")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     attempt("profile", "profile", quick=args.quick)
     attempt("failover", "failover", quick=args.quick)
     attempt("micro", "micro", quick=args.quick)
-    from . import readme, report  # noqa: PLC0415
+    from . import readme, report
 
     path = report.write()
     readme.write()  # the figures the README quotes, from the same results

@@ -65,9 +65,9 @@ def analyze(database_url: str) -> None:
     """ANALYZE after seeding: without statistics on the just-filled tables, PostgreSQL may give a
     connection's prepared statement a generic plan that scans, and keep it for the connection's
     life (seen: the replica's GET at a third of its steady rate for a whole run)."""
-    import asyncio  # noqa: PLC0415
+    import asyncio
 
-    import asyncpg  # noqa: PLC0415
+    import asyncpg
 
     async def run() -> None:
         connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"), timeout=10)

@@ -217,7 +217,7 @@ starlette_app = Starlette(
 
 
 def main() -> None:
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")

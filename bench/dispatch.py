@@ -52,7 +52,7 @@ CALL_BODY = json.dumps({
 @asynccontextmanager
 async def _database(url: str, pool_size: int = 1) -> AsyncIterator[Any]:
     """A service.db.Database for `url`, disposed on exit."""
-    from service.db import Database  # noqa: PLC0415
+    from service.db import Database
 
     db = Database(url, pool_size=pool_size)
     try:
@@ -62,9 +62,9 @@ async def _database(url: str, pool_size: int = 1) -> AsyncIterator[Any]:
 
 
 async def _count_sent(db: Any) -> int:
-    from sqlalchemy import func, select  # noqa: PLC0415
+    from sqlalchemy import func, select
 
-    from service.db import Reminder  # noqa: PLC0415
+    from service.db import Reminder
 
     async with db.session() as session:
         return (await session.execute(
@@ -74,8 +74,8 @@ async def _count_sent(db: Any) -> int:
 async def _seed(url: str, count: int, due_at: datetime) -> float:
     """Insert `count` appointments with one reminder each, due at `due_at`, in ONE transaction.
     Returns time.time() right after the commit (the moment they all became visible)."""
-    from service.db import Appointment, Reminder  # noqa: PLC0415
-    from service.reminders import idempotency_key  # noqa: PLC0415
+    from service.db import Appointment, Reminder
+    from service.reminders import idempotency_key
 
     async with _database(url) as db:
         now = datetime.now(UTC)
@@ -100,9 +100,9 @@ async def _seed(url: str, count: int, due_at: datetime) -> float:
 
 
 async def _status_counts(url: str) -> dict[str, int]:
-    from sqlalchemy import func, select  # noqa: PLC0415
+    from sqlalchemy import func, select
 
-    from service.db import Reminder  # noqa: PLC0415
+    from service.db import Reminder
 
     async with _database(url) as db, db.session() as session:
         rows = await session.execute(select(Reminder.status, func.count()).group_by(Reminder.status))
@@ -124,9 +124,9 @@ async def _wait_all_sent(url: str, count: int, timeout: float) -> tuple[float | 
 
 async def _sent_span(url: str) -> dict[str, Any]:
     """When the sent reminders were recorded: min/max of sent_at and updated_at (epoch seconds)."""
-    from sqlalchemy import func, select  # noqa: PLC0415
+    from sqlalchemy import func, select
 
-    from service.db import Reminder  # noqa: PLC0415
+    from service.db import Reminder
 
     async with _database(url) as db, db.session() as session:
         row = (await session.execute(
@@ -144,7 +144,7 @@ async def _sent_span(url: str) -> dict[str, Any]:
 
 async def _truncate(url: str) -> None:
     """Empty the reminders and appointments of `url` (the fence row stays: the leader keeps its term)."""
-    from sqlalchemy import text  # noqa: PLC0415
+    from sqlalchemy import text
 
     async with _database(url) as db, db.engine.begin() as connection:
         await connection.execute(text("TRUNCATE call_attempts, reminders, appointments"))
@@ -154,7 +154,7 @@ async def _truncate(url: str) -> None:
 
 
 def _requests(n: int, prefix: str) -> list[Any]:
-    from service.providers.generic.client import CallRequest  # noqa: PLC0415
+    from service.providers.generic.client import CallRequest
 
     body = json.loads(CALL_BODY)
     return [
@@ -167,7 +167,7 @@ def _requests(n: int, prefix: str) -> list[Any]:
 async def _raw_client(base_url: str, n: int, concurrency: int) -> dict[str, Any]:
     """n POSTs through HttpTelephonyClient with `concurrency` in flight (semaphore inside each task),
     each with a `may_send` check as the dispatcher passes one."""
-    from service.providers.generic.client import HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
+    from service.providers.generic.client import HttpTelephonyClient, OutcomeKind
 
     requests = _requests(n, "raw")
     client = HttpTelephonyClient(base_url, max_connections=concurrency)
@@ -196,7 +196,7 @@ async def _raw_client(base_url: str, n: int, concurrency: int) -> dict[str, Any]
 async def _bare_aiohttp(base_url: str, n: int, concurrency: int) -> dict[str, Any]:
     """The same n POSTs (bodies, headers, concurrency) through a bare aiohttp.ClientSession: what
     the HTTP exchange costs without httpx's layer, which HttpTelephonyClient sends through."""
-    import aiohttp  # noqa: PLC0415
+    import aiohttp
 
     requests = _requests(n, "aiohttp")
     url = f"{base_url}/v1/calls"
@@ -227,10 +227,10 @@ async def _bare_aiohttp(base_url: str, n: int, concurrency: int) -> dict[str, An
 async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, Any]:
     """The service's Dispatcher in this process with a client that answers at once (no HTTP): what
     the claims, the term checks and the batched outcome writes cost per reminder by themselves."""
-    from service.config import CallWindow  # noqa: PLC0415
-    from service.dispatch.dispatcher import DispatchConfig, Dispatcher  # noqa: PLC0415
-    from service.providers.generic import GenericProvider  # noqa: PLC0415
-    from service.providers.generic.client import CallOutcome, OutcomeKind  # noqa: PLC0415
+    from service.config import CallWindow
+    from service.dispatch.dispatcher import DispatchConfig, Dispatcher
+    from service.providers.generic import GenericProvider
+    from service.providers.generic.client import CallOutcome, OutcomeKind
 
     class InstantClient:
         async def place_call(self, request: Any, *, may_send: Any = None) -> CallOutcome:
@@ -268,12 +268,12 @@ async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, 
 
 async def _sequential(db_url: str, base_url: str, n: int, budget: float) -> dict[str, Any]:
     """The naive cron job: SELECT the due reminders, then for each: call, UPDATE … sent, COMMIT."""
-    from sqlalchemy import select, update  # noqa: PLC0415
+    from sqlalchemy import select, update
 
-    from service.db import Appointment, Reminder  # noqa: PLC0415
-    from service.dispatch.dispatcher import message_for  # noqa: PLC0415
-    from service.ledger import Claim  # noqa: PLC0415
-    from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
+    from service.db import Appointment, Reminder
+    from service.dispatch.dispatcher import message_for
+    from service.ledger import Claim
+    from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind
 
     done = sent = 0
     async with _database(db_url, pool_size=2) as db, HttpTelephonyClient(base_url) as client:

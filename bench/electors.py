@@ -34,17 +34,17 @@ def emit(**event: object) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    from service.election import ElectionConfig, Elector  # noqa: PLC0415
-    from service.election.client import call, connect  # noqa: PLC0415
+    from service.election import ElectionConfig, Elector
+    from service.election.client import call, connect
 
     electors = []
 
     def make(name: str) -> Elector:
-        async def started(term) -> None:  # noqa: ANN001
+        async def started(term) -> None:
             emit(ev="lead", name=name, token=term.fencing_token)
             await term.ended.wait()
 
-        async def stopped(term) -> None:  # noqa: ANN001
+        async def stopped(term) -> None:
             emit(ev="stop", name=name, reason=term.reason)
 
         config = ElectionConfig(args.endpoint, name=name, prefix=args.prefix, lease_ttl=args.ttl)

@@ -139,7 +139,7 @@ def _wrk(url: str, method: str, connections: int, duration: float, body: str | N
 
 
 async def _aiohttp_load(args: argparse.Namespace) -> dict[str, Any]:
-    import aiohttp  # noqa: PLC0415
+    import aiohttp
 
     ids = Path(args.ids_file).read_text().split() if args.ids_file else []
     latencies: list[float] = []
@@ -167,7 +167,7 @@ async def _aiohttp_load(args: argparse.Namespace) -> dict[str, Any]:
                         await response.read()
                         if not 200 <= response.status < 300:
                             non_2xx += 1
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     errors += 1
                     continue
                 latencies.append(time.perf_counter() - started)

@@ -57,11 +57,11 @@ async def _timed(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]
 
 
 async def _client_round(url: str, n: int, concurrency: int) -> dict[str, float]:
-    import aiohttp  # noqa: PLC0415
-    import httpx  # noqa: PLC0415
-    from httpx_aiohttp import AiohttpTransport  # noqa: PLC0415
+    import aiohttp
+    import httpx
+    from httpx_aiohttp import AiohttpTransport
 
-    from service.providers.generic.client import HttpTelephonyClient  # noqa: PLC0415
+    from service.providers.generic.client import HttpTelephonyClient
 
     requests = _requests(n, f"micro-{time.monotonic_ns()}")
     bodies = [json.dumps(r.payload(), ensure_ascii=False, separators=(",", ":")).encode() for r in requests]
@@ -140,13 +140,13 @@ def _provider(duration: float, connections: int, rounds: int) -> dict[str, Any]:
 
 
 async def _read_round(url: str, reads: int) -> dict[str, float]:
-    from sqlalchemy import select  # noqa: PLC0415
-    from sqlalchemy.ext.asyncio import AsyncSession  # noqa: PLC0415
-    from sqlalchemy.orm import joinedload  # noqa: PLC0415
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import joinedload
 
-    from service import appointments as service  # noqa: PLC0415
-    from service.api.schemas import AppointmentOut  # noqa: PLC0415
-    from service.db import Appointment, Reminder  # noqa: PLC0415
+    from service import appointments as service
+    from service.api.schemas import AppointmentOut
+    from service.db import Appointment, Reminder
 
     appointments, reminders = Appointment.__table__, Reminder.__table__
     core = (

@@ -121,7 +121,7 @@ def _profile(pid: int, url: str, tmp: Path, name: str, **load: Any) -> dict[str,
     return {"load": outcome, **summarise(out.read_text())}
 
 
-def run(quick: bool = False) -> dict[str, Any]:  # noqa: ARG001 - one length only: 8 s per route
+def run(quick: bool = False) -> dict[str, Any]:
     _py_spy()
     result: dict[str, Any] = {"connections": CONNECTIONS, "seconds": SECONDS, "rate_hz": RATE, "routes": {}}
     with EtcdServer() as etcd, PostgresServer() as pg, tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:

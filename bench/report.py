@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import ROOT, machine as machine_info, read_result
+from .common import ROOT, read_result
+from .common import machine as machine_info
 
 OUT = ROOT / "BENCHMARKS.md"
 

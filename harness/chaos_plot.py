@@ -68,12 +68,12 @@ def bands(terms: Sequence[Any], end: float, since: float) -> list[Band]:
 
 def draw_timeline(timeline: Timeline, path: Path) -> Path:
     """Write `timeline` as a PNG at `path` (folders created); returns `path`."""
-    import matplotlib  # noqa: PLC0415 - only `make chaos` and its test draw
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.lines import Line2D  # noqa: PLC0415
-    from matplotlib.patches import Patch  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     rows = timeline.rows()
     palette = plt.get_cmap("tab10").colors

@@ -239,7 +239,7 @@ class TwilioClusterPool(ClusterPool):
         except Exception as error:  # noqa: BLE001 - a broken run is a failed run
             result = Result(scenario=name, violations=[f"{type(error).__name__}: {error}"])
         if not result.ok:
-            from .chaos import evidence  # noqa: PLC0415
+            from .chaos import evidence
 
             result.evidence = evidence(cluster)
             self.discard(keep_logs=True)

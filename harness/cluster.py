@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
@@ -89,7 +89,7 @@ def wait_for(check: Callable[[], T], *, timeout: float, what: str, interval: flo
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
     """This process's environment without any service setting (they would leak in), plus `extra`."""
-    from service.config import Settings  # noqa: PLC0415
+    from service.config import Settings
 
     settings = {name.upper() for name in Settings.model_fields} | {"ETCD_ENDPOINT"}
     env = {k: v for k, v in os.environ.items() if k not in settings}
@@ -114,7 +114,7 @@ _STOPPED = re.compile(_STAMP + r" \w+ \[(?P<replica>[^\]]+)\] [\w.]+: stopped di
 
 def _log_time(stamp: str) -> float:
     """Epoch seconds of a log line's `asctime` (local time, millisecond resolution)."""
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()  # noqa: DTZ007 - local, as logged
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 @dataclass
@@ -148,7 +148,7 @@ class _Process:
             log.write(f"--- {datetime.now(UTC):%H:%M:%S.%f} starting {self.name}\n".encode())
             log.flush()
             self.started_at = time.time()
-            self.process = subprocess.Popen(  # noqa: S603
+            self.process = subprocess.Popen(
                 argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.paused = False
@@ -548,7 +548,7 @@ class Cluster:
             # Production durability: the server runs with synchronous_commit=off for speed, which
             # would let a crash (`stop_postgres("immediate")`) lose acknowledged commits. A
             # per-database setting overrides the server's command line.
-            self.postgres._run(  # noqa: SLF001 - the harness's own server
+            self.postgres._run(
                 "psql", "-h", "127.0.0.1", "-p", str(self.postgres.port), "-U", "postgres", "-d", "postgres",
                 "-v", "ON_ERROR_STOP=1", "-c", "ALTER DATABASE reminders SET synchronous_commit = on",
             )
@@ -603,7 +603,7 @@ class Cluster:
                 "PUBLIC_URL": self.webhook_proxy.public_url,
             })
         if self.telephony_provider == "telnyx":
-            from reminders_fakes.telnyx import TEST_PUBLIC_KEY  # noqa: PLC0415
+            from reminders_fakes.telnyx import TEST_PUBLIC_KEY
 
             assert self.webhook_proxy is not None
             env.update({
@@ -709,9 +709,9 @@ class Cluster:
     def clear(self) -> None:
         """Delete every appointment and reminder (the fence stays: tokens only grow) and reset
         the provider's calls, keys and request log."""
-        from sqlalchemy import delete  # noqa: PLC0415
+        from sqlalchemy import delete
 
-        from service.db import Appointment, CallAttempt, Reminder  # noqa: PLC0415
+        from service.db import Appointment, CallAttempt, Reminder
 
         async def wipe(db: Any) -> None:
             async with db.session() as session:
@@ -746,7 +746,7 @@ class Cluster:
     def migrate(self) -> None:
         """`reminders migrate` for the cluster's database (before any replica starts)."""
         argv = [sys.executable, "-m", "service.cli", "migrate"]
-        result = subprocess.run(  # noqa: S603
+        result = subprocess.run(
             argv, env=_child_env({"DATABASE_URL": self.database_url}), cwd=ROOT,
             capture_output=True, text=True, timeout=120, check=False,
         )
@@ -852,7 +852,7 @@ class Cluster:
 
     def _run_db(self, work: Callable[[Any], Coroutine[Any, Any, T]], timeout: float = 30.0) -> T:
         if self._db_loop is None:
-            from service.db import Database  # noqa: PLC0415
+            from service.db import Database
 
             self._db_loop = _LoopThread()
             # pre_ping: chaos restarts PostgreSQL under this pool; the service retries, this helper does not
@@ -866,9 +866,9 @@ class Cluster:
         """Insert `count` appointments with one pending reminder each, due from `due_in_seconds`
         from now, spread evenly over `spread_seconds`. Returns the reminder ids. `phone` may be a
         function of the index (each reminder its own number)."""
-        from service.db import Appointment, Reminder  # noqa: PLC0415
-        from service.db.models import new_id  # noqa: PLC0415
-        from service.reminders import idempotency_key  # noqa: PLC0415
+        from service.db import Appointment, Reminder
+        from service.db.models import new_id
+        from service.reminders import idempotency_key
 
         async def insert(db: Any) -> list[str]:
             now = datetime.now(UTC)
@@ -895,9 +895,9 @@ class Cluster:
 
     def reminders(self) -> list[dict[str, Any]]:
         """Every reminder row, as dicts (id, status, attempts, idempotency_key, fence_token, claimed_by, …)."""
-        from sqlalchemy import select  # noqa: PLC0415
+        from sqlalchemy import select
 
-        from service.db import Reminder  # noqa: PLC0415
+        from service.db import Reminder
 
         async def rows(db: Any) -> list[dict[str, Any]]:
             async with db.session() as session:
@@ -907,9 +907,9 @@ class Cluster:
 
     def call_attempts(self) -> list[dict[str, Any]]:
         """Every call_attempts row (Twilio mode), as dicts."""
-        from sqlalchemy import select  # noqa: PLC0415
+        from sqlalchemy import select
 
-        from service.db import CallAttempt  # noqa: PLC0415
+        from service.db import CallAttempt
 
         async def rows(db: Any) -> list[dict[str, Any]]:
             async with db.session() as session:
@@ -919,9 +919,9 @@ class Cluster:
 
     def reminder_statuses(self) -> Counter[str]:
         """Counter of reminder statuses, e.g. Counter({'sent': 198, 'dispatching': 2})."""
-        from sqlalchemy import func, select  # noqa: PLC0415
+        from sqlalchemy import func, select
 
-        from service.db import Reminder  # noqa: PLC0415
+        from service.db import Reminder
 
         async def counts(db: Any) -> Counter[str]:
             async with db.session() as session:
@@ -933,9 +933,9 @@ class Cluster:
     def outcomes(self) -> Counter[str]:
         """Real providers: reminders by `outcome` and appointments by `confirmation` (keys
         `answered`, `voicemail`, `no_answer`, …, `confirmed`, `declined`); unknown ones left out."""
-        from sqlalchemy import func, select  # noqa: PLC0415
+        from sqlalchemy import func, select
 
-        from service.db import Appointment, Reminder  # noqa: PLC0415
+        from service.db import Appointment, Reminder
 
         async def counts(db: Any) -> Counter[str]:
             async with db.session() as session:

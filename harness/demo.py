@@ -432,11 +432,11 @@ _ROLE_STYLE = {"LEADER": "bold green", "follower": "cyan", "paused": "bold yello
 
 def screen(snapshot: Snapshot, *, title: str, keys: bool) -> Any:
     """The live screen: replicas, failover timer and counts, the last calls, events, keys."""
-    from rich.console import Group  # noqa: PLC0415 - only the terminal view needs rich
-    from rich.layout import Layout  # noqa: PLC0415
-    from rich.panel import Panel  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
-    from rich.text import Text  # noqa: PLC0415
+    from rich.console import Group
+    from rich.layout import Layout
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
 
     replicas = Table(expand=True, box=None, header_style="bold")
     for column, justify in (("replica", "left"), ("pid", "right"), ("role", "left"), ("term", "right"),
@@ -505,7 +505,7 @@ def summary(cluster: Cluster, view: LiveView | None) -> None:
 
 def _screen_possible() -> bool:
     """stdout is a terminal that can redraw in place (not TERM=dumb), as rich's Live sees it."""
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
     return Console().is_interactive
 
@@ -518,7 +518,7 @@ def watch(view: LiveView, deadline: float | None, title: str) -> None:
     with KeyReader() as keys:
         live = None
         if terminal:
-            from rich.live import Live  # noqa: PLC0415
+            from rich.live import Live
 
             live = Live(screen=True, auto_refresh=False, redirect_stdout=False, redirect_stderr=False)
         try:

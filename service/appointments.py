@@ -24,9 +24,9 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Integer, Select, and_, bindparam, or_, select
 from sqlalchemy.engine import Connection, Row
 
-from service.ledger import cancellation, plans
 from service.db import Database
 from service.db.models import Appointment, AppointmentStatus, Confirmation, Reminder, new_id, utcnow
+from service.ledger import cancellation, plans
 from service.ledger.cancellation import CANCELLED_BY_API, REPLANNED
 from service.ledger.plans import insert_appointment
 from service.privacy import mask_phone
@@ -300,7 +300,8 @@ async def create(db: Database, new: NewAppointment, planning: PlanningConfig) ->
     return {
         "id": values["id"], "customer_name": new.customer_name, "phone": new.phone, "starts_at": values["starts_at"],
         "timezone": new.timezone, "notes": new.notes, "status": AppointmentStatus.SCHEDULED,
-        "language": language, "confirmation": None, "remind_at": new.remind_at or None, "reminders": [_reminder_view(r) for r in reminders],
+        "language": language, "confirmation": None, "remind_at": new.remind_at or None,
+        "reminders": [_reminder_view(r) for r in reminders],
         "unplanned": _unplanned(unplanned), "created_at": now, "updated_at": now,
     }
 
@@ -334,7 +335,8 @@ async def change(
     pending reminders under new keys. AppointmentCancelled if the appointment is cancelled."""
     _check_phone(changes.get("phone"), planning)
     view, replanned = await db.write(_change, appointment_id, changes, planning)
-    log.info("appointment %s changed (%s)%s", view["id"], ", ".join(sorted(changes)), ", re-planned" if replanned else "")
+    log.info("appointment %s changed (%s)%s", view["id"], ", ".join(sorted(changes)),
+             ", re-planned" if replanned else "")
     return view
 
 
@@ -353,7 +355,8 @@ def _change(
     if "starts_at" in changes:
         values["starts_at"] = starts_at
     if "remind_at" in changes:
-        values["remind_at"] = [t.isoformat() for t in changes["remind_at"]] if changes["remind_at"] is not None else None
+        remind_at = changes["remind_at"]
+        values["remind_at"] = [t.isoformat() for t in remind_at] if remind_at is not None else None
     moved = starts_at != view["starts_at"]
     view.update(values)  # type: ignore[typeddict-item]
     if "remind_at" in changes:

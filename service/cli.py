@@ -28,13 +28,13 @@ def _settings() -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings()
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
-    from service.app import create_app  # noqa: PLC0415
-    from service.components import check  # noqa: PLC0415
-    from service.errors import SettingError  # noqa: PLC0415
-    from service.db import Database, SchemaOutOfDate  # noqa: PLC0415
-    from service.logs import configure_logging  # noqa: PLC0415
+    from service.app import create_app
+    from service.components import check
+    from service.db import Database, SchemaOutOfDate
+    from service.errors import SettingError
+    from service.logs import configure_logging
 
     try:
         check(settings)
@@ -96,8 +96,8 @@ def _freeze_startup_objects() -> None:
 
 
 def _migrate(_args: argparse.Namespace) -> int:
-    from service.db import Database  # noqa: PLC0415
-    from service.logs import configure_logging  # noqa: PLC0415
+    from service.db import Database
+    from service.logs import configure_logging
 
     settings = _settings()
     configure_logging(settings.log_format, settings.log_level)
@@ -128,10 +128,10 @@ FAKES_MISSING = (
 
 
 def _fake_provider(args: argparse.Namespace) -> int:
-    from service.logs import configure_logging  # noqa: PLC0415
+    from service.logs import configure_logging
 
     try:
-        from reminders_fakes import run_fake_provider  # noqa: PLC0415
+        from reminders_fakes import run_fake_provider
     except ModuleNotFoundError as error:
         if error.name != "reminders_fakes":
             raise  # installed, but broken: the traceback says what is missing

@@ -17,10 +17,12 @@ from service.privacy import E164
 from service.reminders.numbers import NumberPolicy
 from service.reminders.outcomes import NoAnswerPolicy
 from service.reminders.planning import PlanningConfig
-from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, normalize_language
 from service.reminders.rules import CallWindow, ReminderOffset, parse_duration
+from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, normalize_language
 
-__all__ = ["CallWindow", "ReminderOffset", "Settings", "loopback", "parse_duration", "plain_remote", "setting_error_line"]
+__all__ = [
+    "CallWindow", "ReminderOffset", "Settings", "loopback", "parse_duration", "plain_remote", "setting_error_line",
+]
 
 
 def _split(value: object) -> object:
@@ -267,7 +269,7 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def _region_codes() -> frozenset[str]:
-    import phonenumbers  # noqa: PLC0415
+    import phonenumbers
 
     return frozenset(phonenumbers.SUPPORTED_REGIONS)
 
@@ -290,7 +292,7 @@ def plain_remote(url: str) -> bool:
 
 def setting_error_line(error: Exception) -> str:
     """One line naming the offending variable(s) of a settings ValidationError."""
-    from pydantic import ValidationError  # noqa: PLC0415
+    from pydantic import ValidationError
 
     if not isinstance(error, ValidationError):
         return f"invalid settings: {error}"

@@ -40,7 +40,7 @@ async def api(database_url: str, etcd_endpoint: str):
 def statements() -> Iterator[list[str]]:
     seen: list[str] = []
 
-    def record(_conn, _cursor, statement: str, *_args: object) -> None:  # noqa: ANN001
+    def record(_conn, _cursor, statement: str, *_args: object) -> None:
         if not any(mark in statement for mark in _BACKGROUND_MARKS):
             seen.append(" ".join(statement.split()[:3]))
 

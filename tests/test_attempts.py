@@ -10,10 +10,9 @@ import pytest
 from sqlalchemy import select
 
 from service.db import CallAttempt, Database, Reminder
-from service.ledger import AttemptStore
 from service.dispatch.stamped import StampedCalls, StampedConfig
+from service.ledger import AttemptStore, Claim, Outcome, ReminderStore
 from service.reminders.attempts import RECHECK, AttemptView, Step, reconcile
-from service.ledger import Claim, Outcome, ReminderStore
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall
 from tests.support.twilio_rig import FROM, Rig, make_rig
 from tests.support.waiting import eventually
@@ -101,7 +100,7 @@ async def claimed(rig: Rig, token: int, clock: Clock, phone: str = "+14155552671
     return claim
 
 
-def stamped(rig: Rig, provider=None) -> StampedCalls:  # noqa: ANN001
+def stamped(rig: Rig, provider=None) -> StampedCalls:
     return StampedCalls(rig.db, provider or rig.provider, StampedConfig(
         caller_id=FROM, reconcile_grace=GRACE, max_attempts=5, retry_delay=lambda n, after: after or 1.0))
 
@@ -120,7 +119,7 @@ async def attempts_of(db: Database, reminder_id: str) -> list:
                                           .order_by(CallAttempt.created_at)))
 
 
-async def reminder(db: Database, reminder_id: str):  # noqa: ANN201
+async def reminder(db: Database, reminder_id: str):
     async with db.session() as session:
         return (await session.execute(select(Reminder.__table__).where(Reminder.id == reminder_id))).one()
 
@@ -174,11 +173,11 @@ async def test_a_5xx_after_the_call_was_created_is_reconciled_not_repeated(rig: 
 class NoCallInDoubt:
     """A provider whose create times out before reaching the provider: in doubt, and no call exists."""
 
-    def __init__(self, inner) -> None:  # noqa: ANN001
+    def __init__(self, inner) -> None:
         self.inner, self.name, self.dedupes_creation = inner, "twilio", False
         self.creates = 0
 
-    async def create_call(self, spec: CallSpec, *, may_send=None) -> CreateResult:  # noqa: ANN001
+    async def create_call(self, spec: CallSpec, *, may_send=None) -> CreateResult:
         self.creates += 1
         return CreateResult(CreateKind.IN_DOUBT, error="timeout: ReadTimeout")
 

@@ -57,9 +57,9 @@ def test_a_refused_last_moment_check_sends_nothing(pool: ClusterPool) -> None:
     """The telephony client's `may_send` (the dispatcher passes its term's `valid`) is asked
     right before the first byte leaves; refused, the provider sees no request at all. This is what
     keeps a leader frozen between its term check and the send from calling on resume."""
-    import asyncio  # noqa: PLC0415
+    import asyncio
 
-    from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind  # noqa: PLC0415
+    from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind
 
     cluster = pool.get()
     cluster.recover()
@@ -183,7 +183,7 @@ def test_bad_path_and_cursor_bytes(replica: ReplicaProcess) -> None:
 def test_bad_settings_name_the_variable(variable: str, value: str, tmp_path: Path) -> None:
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), variable: value,
            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"}
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         [sys.executable, "-m", "service.cli", "serve", "--port", "1"], env=env, cwd=ROOT,
         capture_output=True, text=True, timeout=30, check=False,
     )

@@ -46,7 +46,7 @@ def test_every_message_heard_exactly_once_under(pool: TelnyxClusterPool, scenari
     assert result.reminders == CONFIG.reminders and result.duplicates == 0 and result.misses == 0
 
 
-def test_the_telnyx_section_is_replaced_in_place_beside_twilio(tmp_path) -> None:  # noqa: ANN001
+def test_the_telnyx_section_is_replaced_in_place_beside_twilio(tmp_path) -> None:
     report = tmp_path / "RELIABILITY.md"
     report.write_text("# Reliability\n\n## Result\n\ngeneric table\n")
     runs = [Result(scenario="leader-sigkill", reminders=5, posts=5, calls=5)]

@@ -47,7 +47,7 @@ def test_every_message_heard_exactly_once_under(pool: TwilioClusterPool, scenari
     assert result.reminders == CONFIG.reminders and result.duplicates == 0 and result.misses == 0
 
 
-def test_the_twilio_section_is_replaced_in_place_and_kept_by_the_generic_report(tmp_path) -> None:  # noqa: ANN001
+def test_the_twilio_section_is_replaced_in_place_and_kept_by_the_generic_report(tmp_path) -> None:
     report = tmp_path / "RELIABILITY.md"
     report.write_text("# Reliability\n\n## Result\n\ngeneric table\n\n## Bad values\n\nanother author's\n")
     runs = [Result(scenario="leader-sigkill", reminders=5, posts=5, calls=5)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import SettingError
 from service.components import dispatch_config, election_config
 from service.config import Settings
+from service.errors import SettingError
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,7 @@ def demo() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Output | Non
 
     def start(*, terminal: int | None = None, **env: str) -> tuple[subprocess.Popen[bytes], Output | None, set[int]]:
         read_fd, write_fd = os.pipe() if terminal is None else (None, terminal)
-        process = subprocess.Popen(  # noqa: S603
+        process = subprocess.Popen(
             [sys.executable, "-m", "harness.demo", "--replicas", "2", "--appointments", "2", "--duration", "300"],
             cwd=ROOT, stdin=subprocess.DEVNULL if terminal is None else terminal, stdout=write_fd,
             stderr=subprocess.STDOUT,
@@ -284,14 +284,14 @@ def test_keys_stop_resume_kill_and_restart_the_leader(cluster: Cluster) -> None:
 
 @pytest.mark.timeout(60)
 def test_the_screen_and_the_plain_line_show_roles_terms_and_tokens(cluster: Cluster) -> None:
-    from rich.console import Console  # noqa: PLC0415
+    from rich.console import Console
 
     cluster.recover()
     view = LiveView(cluster)
     snapshot = _until(view, lambda s: s.leader is not None, "a leader")
     leader = next(row for row in snapshot.rows if row.role == "LEADER")  # type: ignore[attr-defined]
 
-    console = Console(record=True, width=140, height=40, file=open(os.devnull, "w"))  # noqa: SIM115
+    console = Console(record=True, width=140, height=40, file=open(os.devnull, "w"))
     console.print(screen(snapshot, title="reminders demo", keys=True))  # type: ignore[arg-type]
     drawn = console.export_text()
     line = plain_status(snapshot, cluster)  # type: ignore[arg-type]
@@ -349,7 +349,7 @@ def test_without_a_terminal_there_are_no_keys() -> None:
 
 
 def test_twilio_mode_shows_outcomes_and_keypad_answers() -> None:
-    from harness.demo import TWILIO_CALLEES, outcome_line  # noqa: PLC0415
+    from harness.demo import TWILIO_CALLEES, outcome_line
 
     assert outcome_line(Counter()) == "outcomes none yet | keypad none yet"
     line = outcome_line(Counter({"answered": 4, "voicemail": 1, "no_answer": 1, "confirmed": 3, "declined": 1}))

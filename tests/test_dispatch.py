@@ -16,10 +16,9 @@ from service.db import Appointment, Database, Reminder
 from service.db.models import new_id
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher, OutcomeRecorder, message_for
 from service.ledger import Outcome, ReminderStore, StaleTerm
-from reminders_fakes import create_fake_provider
-from service.reminders import idempotency_key
 from service.providers.generic import GenericProvider
 from service.providers.generic.client import CallRequest, HttpTelephonyClient
+from service.reminders import idempotency_key
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -307,7 +306,7 @@ async def test_a_term_lost_between_check_and_send_sends_nothing(db, client, prov
     term = FakeTerm(3)
 
     class FreezesBeforeSending:
-        async def place_call(self, request, *, may_send=None):  # noqa: ANN001, ANN202
+        async def place_call(self, request, *, may_send=None):
             term.ended.set()  # the lease ran out while "frozen"
             return await client.place_call(request, may_send=may_send)
 

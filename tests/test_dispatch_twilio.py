@@ -20,9 +20,9 @@ from service.db import CallAttempt, Database, Reminder
 from service.dispatch.dispatcher import Dispatcher
 from service.providers.generic.adapter import GenericProvider
 from service.providers.twilio.rest import TwilioProvider
+from tests.support.twilio_rig import Rig, make_rig
 from tests.support.waiting import eventually
 from tests.test_dispatch import FakeTerm, config, lead_until, seed
-from tests.support.twilio_rig import Rig, make_rig
 
 pytestmark = pytest.mark.anyio
 
@@ -132,7 +132,7 @@ async def test_the_app_serves_signed_webhooks_only_in_twilio_mode() -> None:
     assert "/telephony/twilio/voice" not in (await _openapi(twilio))
 
 
-async def _openapi(app) -> str:  # noqa: ANN001
+async def _openapi(app) -> str:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as client:
         return (await client.get("/openapi.json")).text
 
@@ -162,9 +162,9 @@ def test_no_token_or_personal_data_over_plain_remote_http(overrides: dict[str, s
 
 
 async def test_the_api_shows_outcome_and_answered_at(database_url: str, etcd_endpoint: str) -> None:
-    from sqlalchemy import update  # noqa: PLC0415
+    from sqlalchemy import update
 
-    from tests.support.appclient import make_settings, running_app  # noqa: PLC0415
+    from tests.support.appclient import make_settings, running_app
 
     async with running_app(make_settings(database_url, etcd_endpoint)) as api:
         starts = datetime.now(UTC) + timedelta(days=30)
@@ -190,13 +190,13 @@ class BreaksOnce:
     def __init__(self, inner: TwilioProvider) -> None:
         self.inner, self.name, self.dedupes_creation, self.broken = inner, "twilio", False, False
 
-    async def create_call(self, spec, *, may_send=None):  # noqa: ANN001, ANN201
+    async def create_call(self, spec, *, may_send=None):
         if not self.broken:
             self.broken = True
             raise RuntimeError("broken mid-way")
         return await self.inner.create_call(spec, may_send=may_send)
 
-    async def live_calls(self, to: str):  # noqa: ANN201
+    async def live_calls(self, to: str):
         return await self.inner.live_calls(to)
 
     async def cancel(self, call_id: str) -> bool:

@@ -15,9 +15,9 @@ from service.election import (
     connect,
 )
 from tests.support.election import (  # the autouse fixture is imported to activate it
-    grpc_events_of_closed_loops_ignored,  # noqa: F401
     TTL,
     Recorder,
+    grpc_events_of_closed_loops_ignored,  # noqa: F401
     keys_under,
     make_elector,
     poll_until,

@@ -10,9 +10,9 @@ import pytest
 from harness.proxy import TcpProxy
 from service.election import ElectionConfig, Elector, LeaseSession, connect
 from tests.support.election import (  # the autouse fixture is imported to activate it
-    grpc_events_of_closed_loops_ignored,  # noqa: F401
     TTL,
     Recorder,
+    grpc_events_of_closed_loops_ignored,  # noqa: F401
     keys_under,
     make_elector,
     poll_until,

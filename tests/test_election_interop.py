@@ -9,8 +9,14 @@ import time
 import pytest
 
 from harness.etcd import find_binary
-from tests.support.election import grpc_events_of_closed_loops_ignored  # noqa: F401
-from tests.support.election import keys_under, make_elector, poll_until, running, unique_prefix
+from tests.support.election import (
+    grpc_events_of_closed_loops_ignored,  # noqa: F401
+    keys_under,
+    make_elector,
+    poll_until,
+    running,
+    unique_prefix,
+)
 
 ETCDCTL = find_binary("etcdctl")
 pytestmark = pytest.mark.requires("etcdctl")

@@ -13,8 +13,15 @@ import pytest
 from harness.etcd import find_binary
 from harness.ports import free_port, wait_for_port
 from service.election import ElectionConfig, Elector, EtcdError, connect
-from tests.support.election import grpc_events_of_closed_loops_ignored  # noqa: F401
-from tests.support.election import TTL, Recorder, poll_until, running, single_leader, unique_prefix
+from tests.support.election import (
+    TTL,
+    Recorder,
+    grpc_events_of_closed_loops_ignored,  # noqa: F401
+    poll_until,
+    running,
+    single_leader,
+    unique_prefix,
+)
 
 OPENSSL = shutil.which("openssl")
 ETCD, ETCDCTL = find_binary("etcd"), find_binary("etcdctl")

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from reminders_fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
-from service.providers.telnyx.signature import TelnyxSignature
 from service.providers.telnyx.events import parse_event
+from service.providers.telnyx.signature import TelnyxSignature
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -53,7 +53,7 @@ def dial(command_id: str, to: str = "+14155552671") -> dict:
             "webhook_url": "https://svc.test/telephony/telnyx/events", "client_state": "c3RhdGU="}
 
 
-async def test_dial_dedupes_by_command_id_and_refuses_over_its_rate(fake) -> None:  # noqa: ANN001
+async def test_dial_dedupes_by_command_id_and_refuses_over_its_rate(fake) -> None:
     telnyx, _, client = fake
     first = await client.post("/v2/calls", json=dial("a-1"))
     again = await client.post("/v2/calls", json=dial("a-1"))
@@ -67,7 +67,7 @@ async def test_dial_dedupes_by_command_id_and_refuses_over_its_rate(fake) -> Non
     assert (await client.post("/v2/calls", json=dial("c"), headers={"Authorization": "Bearer no"})).status_code == 401
 
 
-async def test_a_call_speaks_once_per_command_id_and_refuses_commands_once_ended(fake) -> None:  # noqa: ANN001
+async def test_a_call_speaks_once_per_command_id_and_refuses_commands_once_ended(fake) -> None:
     telnyx, events, client = fake
     telnyx.controls.patience_ms = 60_000
     call_id = (await client.post("/v2/calls", json=dial("a-1"))).json()["data"]["call_control_id"]
@@ -88,7 +88,7 @@ async def test_a_call_speaks_once_per_command_id_and_refuses_commands_once_ended
     assert (await client.get(f"/v2/connections/{CONNECTION}/active_calls")).json()["data"] == []
 
 
-async def test_active_calls_are_paginated(fake) -> None:  # noqa: ANN001
+async def test_active_calls_are_paginated(fake) -> None:
     telnyx, _, client = fake
     telnyx.controls.calls_per_second = 0
     telnyx.controls.ring_ms = 60_000
@@ -104,7 +104,7 @@ async def test_active_calls_are_paginated(fake) -> None:  # noqa: ANN001
     assert sorted(seen) == sorted(telnyx.calls)
 
 
-async def test_callee_scripts(fake) -> None:  # noqa: ANN001
+async def test_callee_scripts(fake) -> None:
     telnyx, events, client = fake
     response = await client.post("/_fake/callees", json={"+14155550001": {"behaviour": "busy"},
                                                          "+14155550002": {"behaviour": "no-answer"}})

@@ -75,7 +75,7 @@ async def create(client: httpx.AsyncClient, form: list[tuple[str, str]], **heade
                              headers={"Content-Type": "application/x-www-form-urlencoded", **headers})
 
 
-async def test_the_same_request_twice_is_two_calls(world) -> None:  # noqa: ANN001
+async def test_the_same_request_twice_is_two_calls(world) -> None:
     fake, sink, client = world
     first = await create(client, create_form())
     second = await create(client, create_form())
@@ -92,7 +92,7 @@ async def test_the_same_request_twice_is_two_calls(world) -> None:  # noqa: ANN0
     assert sequences == sorted(sequences) and len(set(sequences)) == 4
 
 
-async def test_wrong_credentials_are_401_and_bad_numbers_400(world) -> None:  # noqa: ANN001
+async def test_wrong_credentials_are_401_and_bad_numbers_400(world) -> None:
     fake, _, client = world
     assert (await create(client, create_form(), Authorization="Basic eA==")).status_code == 401
     bad = await create(client, [("To", "12"), *create_form()[1:]])
@@ -100,7 +100,7 @@ async def test_wrong_credentials_are_401_and_bad_numbers_400(world) -> None:  # 
     assert fake.calls == {}
 
 
-async def test_calls_over_the_rate_wait_queued_and_can_be_cancelled_and_listed(world) -> None:  # noqa: ANN001
+async def test_calls_over_the_rate_wait_queued_and_can_be_cancelled_and_listed(world) -> None:
     fake, _, client = world
     fake.controls.calls_per_second = 0.5  # one call leaves the queue every 2 s
     fake.controls.ring_ms = 5000
@@ -117,7 +117,7 @@ async def test_calls_over_the_rate_wait_queued_and_can_be_cancelled_and_listed(w
     assert all(c.heard == [] for c in fake.calls.values())
 
 
-async def test_scripted_callees(world) -> None:  # noqa: ANN001
+async def test_scripted_callees(world) -> None:
     fake, sink, client = world
     numbers = {"+14155550001": {"behaviour": "no-answer"}, "+14155550002": {"behaviour": "busy"},
                "+14155550003": {"behaviour": "machine"}, "+14155550004": {"behaviour": "answer", "digits": "1"}}
@@ -142,7 +142,7 @@ async def test_scripted_callees(world) -> None:  # noqa: ANN001
     assert [g["Digits"] for g in gathers] == ["1"]
 
 
-async def test_injected_429_creates_nothing_and_500_after_create_does(world) -> None:  # noqa: ANN001
+async def test_injected_429_creates_nothing_and_500_after_create_does(world) -> None:
     fake, _, client = world
     await client.post("/_fake/control", json={"reject_rate": 1})
     refused = await create(client, create_form())
@@ -152,7 +152,7 @@ async def test_injected_429_creates_nothing_and_500_after_create_does(world) -> 
     assert failed.status_code == 500 and len(fake.calls) == 1  # the call exists: the create was in doubt
 
 
-async def test_a_path_prefix_is_served_and_recorded(world) -> None:  # noqa: ANN001
+async def test_a_path_prefix_is_served_and_recorded(world) -> None:
     fake, _, client = world
     for prefix in ("/replica-1", "/api/laml"):
         response = await client.post(f"{prefix}{BASE}/Calls.json", content=urlencode(create_form()),

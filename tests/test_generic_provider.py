@@ -6,8 +6,8 @@ import httpx
 import pytest
 import respx
 
-from service.providers.generic.client import HttpTelephonyClient
 from service.providers.generic.adapter import GenericProvider
+from service.providers.generic.client import HttpTelephonyClient
 from service.telephony.provider import CallSpec, CreateKind, Provider
 
 pytestmark = pytest.mark.anyio

@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from harness.postgres import PostgresServer
 from service.app import create_app
 from service.components import check
-from service.errors import SettingError
 from service.config import Settings
 from service.db import Database
 from service.dispatch.dispatcher import message_for
+from service.errors import SettingError
 from service.ledger import Claim
 from tests.support.appclient import PHONE, body, future, make_settings, running_app
 from tests.support.requirements import unavailable
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.anyio
 
 
 
-def locs(response) -> list[list]:  # noqa: ANN001
+def locs(response) -> list[list]:
     return [item["loc"] for item in response.json()["detail"]]
 
 
@@ -75,7 +75,7 @@ async def test_allowed_countries_limit_the_numbers(tmp_path, etcd_endpoint: str)
 
 
 def test_voip_numbers_only_when_allowed() -> None:
-    from service.reminders import NumberPolicy, number_refusal  # noqa: PLC0415
+    from service.reminders import NumberPolicy, number_refusal
 
     voip = "+445612345678"  # GB 056: VOIP
     assert "VOIP" in (number_refusal(voip, NumberPolicy()) or "")
@@ -86,7 +86,7 @@ def test_voip_numbers_only_when_allowed() -> None:
 def test_a_parsed_number_gets_the_answers_of_its_text() -> None:
     """The request's validation hands the number policy a PhoneNumber (parsed once); the policy
     answers for it what it answers for the plain text."""
-    from service.reminders import NumberPolicy, PhoneNumber, number_refusal, parse_phone  # noqa: PLC0415
+    from service.reminders import NumberPolicy, PhoneNumber, number_refusal, parse_phone
 
     policies = [NumberPolicy(), NumberPolicy(allow_voip=True), NumberPolicy(allowed_countries=frozenset({"DE"}))]
     for text in (PHONE, "+445612345678", "+4930901820", "+18005550199", "+4915112345678"):
@@ -235,7 +235,7 @@ def test_patch_declares_no_null_it_refuses_and_the_cursor_has_a_form(tmp_path) -
 async def test_an_unreachable_database_is_a_503_with_a_reason(
     tmp_path, etcd_endpoint: str, url: str, reason: str
 ) -> None:
-    from harness.ports import free_port  # noqa: PLC0415
+    from harness.ports import free_port
 
     settings = make_settings(f"sqlite+aiosqlite:///{tmp_path}/a.db", etcd_endpoint)
     async with running_app(settings) as client:
@@ -253,7 +253,7 @@ async def test_an_unreachable_database_is_a_503_with_a_reason(
 
 
 def test_reasons_name_the_failure_without_secrets() -> None:
-    from service.api.unavailable import unavailable_reason  # noqa: PLC0415
+    from service.api.unavailable import unavailable_reason
     class InvalidPasswordError(Exception):
         pass
 
@@ -329,9 +329,9 @@ async def test_re_plans_do_not_grow_the_reminders(api) -> None:
 
 
 async def test_a_re_plan_keeps_every_reminder_a_leader_claimed(api) -> None:
-    from sqlalchemy import update  # noqa: PLC0415
+    from sqlalchemy import update
 
-    from service.db import Reminder  # noqa: PLC0415
+    from service.db import Reminder
 
     created = (await api.post("/appointments", json=body(remind_at=[future(days=1), future(days=2)]))).json()
     touched = created["reminders"][0]["id"]

@@ -13,17 +13,19 @@ from service.config import Settings
 from service.db import Appointment, CallAttempt, Database, Reminder
 from service.db.models import new_id
 from service.ledger import Outcome, ReminderStore, SpeechStore, calls
-from service.reminders import MessageTemplates, NoAnswerPolicy, Wording
-from service.telephony.provider import Stamp
 from service.reminders import (
     TERMINAL,
     TRANSITIONS,
     IllegalTransition,
+    MessageTemplates,
+    NoAnswerPolicy,
     ReminderStatus,
+    Wording,
     idempotency_key,
     require,
     sources_of,
 )
+from service.telephony.provider import Stamp
 
 S = ReminderStatus
 
@@ -44,7 +46,7 @@ def test_the_table_is_the_documented_lifecycle() -> None:
     [(S.SENT, S.DISPATCHING), (S.CANCELLED, S.PENDING), (S.PENDING, S.SENT), (S.DISPATCHING, S.DISPATCHING),
      (S.SKIPPED, S.DISPATCHING), (S.PENDING, "bogus"), (S.DISPATCHING, None)],
 )
-def test_a_transition_outside_the_table_is_refused(source, target) -> None:  # noqa: ANN001
+def test_a_transition_outside_the_table_is_refused(source, target) -> None:
     with pytest.raises(IllegalTransition):
         require(source, target)
 
@@ -106,7 +108,7 @@ def _without(monkeypatch: pytest.MonkeyPatch, source: S, target: S) -> None:
     monkeypatch.setitem(TRANSITIONS, source, TRANSITIONS[source] - {target})
 
 
-def _fallback(row) -> Wording:  # noqa: ANN001 - the seeded reminders carry no wording
+def _fallback(row) -> Wording:
     return MessageTemplates.parse(None).render("en-US", row.customer_name, row.starts_at, row.timezone)
 
 
@@ -161,7 +163,7 @@ WRITERS = [
 @pytest.mark.anyio
 @pytest.mark.parametrize(("writer", "transition", "seed"), WRITERS)
 async def test_each_writer_refuses_a_transition_the_table_lacks(db: Database, monkeypatch: pytest.MonkeyPatch,
-                                                                writer, transition, seed) -> None:  # noqa: ANN001
+                                                                writer, transition, seed) -> None:
     ids = await _seed(db, **seed)
     before = await _state(db, ids[0])
     _without(monkeypatch, *transition)
@@ -200,7 +202,7 @@ async def _status(db: Database, reminder_id: str) -> str:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("target", [S.DISPATCHING, "bogus"])
-async def test_the_store_refuses_an_outcome_outside_the_table(db: Database, target) -> None:  # noqa: ANN001
+async def test_the_store_refuses_an_outcome_outside_the_table(db: Database, target) -> None:
     store = ReminderStore(db)
     reminder_id = await _one_dispatching(db, store, token=5)
     with pytest.raises(IllegalTransition):

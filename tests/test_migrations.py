@@ -103,7 +103,7 @@ async def columns(db: Database, table: str) -> set[str]:
 
 
 async def test_outcomes_migration_keeps_rows_and_steps_down_and_up(database_url: str) -> None:
-    from sqlalchemy import text  # noqa: PLC0415
+    from sqlalchemy import text
 
     db = Database(database_url)
     try:

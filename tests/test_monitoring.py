@@ -92,7 +92,7 @@ def _service_metrics() -> list[MetricWrapperBase]:
 def _exported_series() -> dict[str, set[str]]:
     """Every series name the default registry exports (the service's and the process's), with the
     label names its samples may carry."""
-    own_labels = {m._name: set(m._labelnames) for m in _service_metrics()}  # noqa: SLF001 - no public accessor
+    own_labels = {m._name: set(m._labelnames) for m in _service_metrics()}
     series: dict[str, set[str]] = {}
     for family in REGISTRY.collect():
         labels = own_labels.get(family.name, set()) | {label for s in family.samples for label in s.labels}
@@ -195,8 +195,8 @@ def test_dashboard_shows_every_service_metric() -> None:
     keypad answers of the outcomes issue)."""
     used = {name for _, expr in _queries() for name, _ in _selectors(expr)}
     for metric in _service_metrics():
-        samples = {n for n in EXPORTED if n.startswith(metric._name)}  # noqa: SLF001
-        assert used & samples, f"no panel shows {metric._name}"  # noqa: SLF001
+        samples = {n for n in EXPORTED if n.startswith(metric._name)}
+        assert used & samples, f"no panel shows {metric._name}"
 
 
 def test_dashboard_layout() -> None:
@@ -476,8 +476,8 @@ class Prometheus:
             }],
         }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in close()
-        self.process = subprocess.Popen(  # noqa: S603
+        self.log = open(self.workdir / "prometheus.log", "wb")
+        self.process = subprocess.Popen(
             [binary, f"--config.file={self.workdir / 'prometheus.yml'}",
              f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -34,7 +34,7 @@ INEXPRESSIBLE = {
 }
 
 
-def _inexpressible(response) -> bool:  # noqa: ANN001
+def _inexpressible(response) -> bool:
     if response is None or response.status_code != 422:
         return False
     try:
@@ -46,7 +46,7 @@ def _inexpressible(response) -> bool:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module", params=["open", "token"])
-def replica(request: pytest.FixtureRequest, etcd_server, tmp_path_factory):  # noqa: ANN001
+def replica(request: pytest.FixtureRequest, etcd_server, tmp_path_factory):
     directory = tmp_path_factory.mktemp("truth")
     env = {
         "DATABASE_URL": f"sqlite+aiosqlite:///{directory}/truth.db",
@@ -69,7 +69,7 @@ def _run(url: str, mode: str, generation: GenerationMode) -> list[str]:
         @given(case=operation.as_strategy(generation_mode=generation))
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                   derandomize=True)
-        def check(case) -> None:  # noqa: ANN001
+        def check(case) -> None:
             response = case.call(base_url=url, headers=headers)
             try:
                 case.validate_response(response, headers=headers)
@@ -90,7 +90,7 @@ EXAMPLES = int(os.environ.get("TRUTH_EXAMPLES", "25"))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("generation", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda g: g.value)
-def test_default_checks_pass_but_for_inexpressible_rules(replica, generation: GenerationMode) -> None:  # noqa: ANN001
+def test_default_checks_pass_but_for_inexpressible_rules(replica, generation: GenerationMode) -> None:
     url, mode = replica
     problems = _run(url, mode, generation)
     assert not problems, "\n".join(sorted(set(problems))[:20])

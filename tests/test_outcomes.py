@@ -43,7 +43,7 @@ NOW = datetime(2030, 1, 7, 10, 0, tzinfo=UTC)  # a Monday
         ("queued", None, "in-progress", None, True),
     ],
 )
-def test_events_apply_by_state_never_backwards(current, current_order, new, new_order, applies) -> None:  # noqa: ANN001
+def test_events_apply_by_state_never_backwards(current, current_order, new, new_order, applies) -> None:
     assert advances(current, current_order, new, new_order) is applies
 
 
@@ -113,10 +113,10 @@ def test_built_in_wording_and_operator_templates() -> None:
 def test_wording_dates_and_times_are_babels_own() -> None:
     """Templates keep their locale's patterns (looked up once): the words are what Babel's
     format_date(full) / format_time(short) write, in every language, zone and season."""
-    from zoneinfo import ZoneInfo  # noqa: PLC0415
+    from zoneinfo import ZoneInfo
 
-    from babel import Locale  # noqa: PLC0415
-    from babel.dates import format_date, format_time  # noqa: PLC0415
+    from babel import Locale
+    from babel.dates import format_date, format_time
 
     languages = ["en-US", "en-GB", "de-DE", "fr-FR", "fr-CA", "es-ES", "es-MX"]
     templates = MessageTemplates.parse(json.dumps({lang: {"message": "{date}|{time}"} for lang in languages}))
@@ -145,12 +145,12 @@ def test_wording_dates_and_times_are_babels_own() -> None:
         (None, "klingon!", "not a BCP 47 language tag"),
     ],
 )
-def test_bad_templates_are_refused_with_the_reason(setting, default, error) -> None:  # noqa: ANN001
+def test_bad_templates_are_refused_with_the_reason(setting, default, error) -> None:
     with pytest.raises(ValueError, match=error.replace("{", r"\{").replace("}", r"\}")):
         MessageTemplates.parse(setting, default)
 
 
-def test_templates_from_a_file(tmp_path) -> None:  # noqa: ANN001
+def test_templates_from_a_file(tmp_path) -> None:
     path = tmp_path / "templates.json"
     path.write_text(json.dumps({"en-US": "Hi {name}, see you {date} {time}.", "fr-FR": "Bonjour {name}"}), "utf-8")
     templates = MessageTemplates.parse(str(path))

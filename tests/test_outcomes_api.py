@@ -30,13 +30,13 @@ async def api(database_url: str, etcd_endpoint: str):
         yield client
 
 
-async def wordings(api, appointment_id: str) -> dict[str, dict]:  # noqa: ANN001
+async def wordings(api, appointment_id: str) -> dict[str, dict]:
     async with api.app.state.db.session() as session:
         rows = await session.execute(select(Reminder.id, Reminder.wording).where(Reminder.appointment_id == appointment_id))
         return {row.id: row.wording for row in rows}
 
 
-async def test_language_defaults_and_the_wording_is_fixed_at_planning(api) -> None:  # noqa: ANN001
+async def test_language_defaults_and_the_wording_is_fixed_at_planning(api) -> None:
     english = (await api.post("/appointments", json=body())).json()
     assert english["language"] == "en-US" and english["confirmation"] is None
     german = await api.post("/appointments", json=body(language="de-de"))
@@ -50,7 +50,7 @@ async def test_language_defaults_and_the_wording_is_fixed_at_planning(api) -> No
     assert english_wording["message"].startswith("Hello Jörg, this is a reminder")
 
 
-async def test_a_language_without_a_template_is_422_naming_the_field(api) -> None:  # noqa: ANN001
+async def test_a_language_without_a_template_is_422_naming_the_field(api) -> None:
     for language in ("fr-FR", "de-AT", "klingon!", "", 7):
         response = await api.post("/appointments", json=body(language=language))
         assert response.status_code == 422, (language, response.text)
@@ -61,7 +61,7 @@ async def test_a_language_without_a_template_is_422_naming_the_field(api) -> Non
         assert response.status_code == 422 and "language" in response.text
 
 
-async def test_changing_the_language_re_plans_with_new_words(api) -> None:  # noqa: ANN001
+async def test_changing_the_language_re_plans_with_new_words(api) -> None:
     created = (await api.post("/appointments", json=body())).json()
     (old,) = created["reminders"]
     changed = (await api.patch(f"/appointments/{created['id']}", json={"language": "de-DE"})).json()
@@ -72,7 +72,7 @@ async def test_changing_the_language_re_plans_with_new_words(api) -> None:  # no
     assert (await wordings(api, created["id"]))[new_id]["message"].startswith("Hallo")
 
 
-async def test_list_filters_by_confirmation_and_a_new_time_clears_it(api) -> None:  # noqa: ANN001
+async def test_list_filters_by_confirmation_and_a_new_time_clears_it(api) -> None:
     ids = [(await api.post("/appointments", json=body())).json()["id"] for _ in range(3)]
     async with api.app.state.db.session() as session:
         for appointment_id, answer in zip(ids, ("confirmed", "declined"), strict=False):

@@ -22,10 +22,10 @@ from tests.test_outcomes_twilio import (
     PROMPT,
     RETRY_DELAY,
     TEMPLATES,
-    seeded_attempts,
     appointment_row,
     book,
     reminder_row,
+    seeded_attempts,
 )
 
 pytestmark = pytest.mark.anyio
@@ -44,7 +44,7 @@ def calls_to(rig: TelnyxRig, phone: str) -> list:
     return sorted((c for c in rig.fake.calls.values() if c.to == phone), key=lambda c: c.created)
 
 
-def over(rig: TelnyxRig, phone: str, count: int = 1):  # noqa: ANN201
+def over(rig: TelnyxRig, phone: str, count: int = 1):
     async def check() -> bool:
         found = calls_to(rig, phone)
         return len(found) >= count and all(not c.alive for c in found)
@@ -52,7 +52,7 @@ def over(rig: TelnyxRig, phone: str, count: int = 1):  # noqa: ANN201
     return check
 
 
-async def run(db: Database, rig: TelnyxRig, done) -> None:  # noqa: ANN001
+async def run(db: Database, rig: TelnyxRig, done) -> None:
     await lead_until(Dispatcher(db, rig.provider, config(reconcile_grace=timedelta(seconds=5))), FakeTerm(1), done)
 
 

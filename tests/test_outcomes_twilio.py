@@ -55,12 +55,12 @@ async def book(db: Database, phone: str, *, language: str = "en-US", later: bool
     return view["id"], [r["id"] for r in sorted(view["reminders"], key=lambda r: r["due_at"])]
 
 
-async def appointment_row(db: Database, appointment_id: str):  # noqa: ANN201
+async def appointment_row(db: Database, appointment_id: str):
     async with db.session() as session:
         return (await session.execute(select(Appointment.__table__).where(Appointment.id == appointment_id))).one()
 
 
-async def reminder_row(db: Database, reminder_id: str):  # noqa: ANN201
+async def reminder_row(db: Database, reminder_id: str):
     async with db.session() as session:
         return (await session.execute(select(Reminder.__table__).where(Reminder.id == reminder_id))).one()
 
@@ -69,7 +69,7 @@ def calls_to(rig: Rig, phone: str) -> list:
     return sorted((c for c in rig.fake.calls.values() if c.to == phone), key=lambda c: c.date_created)
 
 
-def over(rig: Rig, phone: str, count: int = 1):  # noqa: ANN201
+def over(rig: Rig, phone: str, count: int = 1):
     async def check() -> bool:
         found = calls_to(rig, phone)
         return len(found) >= count and all(c.status in ("completed", "canceled", "busy", "no-answer") for c in found)
@@ -77,7 +77,7 @@ def over(rig: Rig, phone: str, count: int = 1):  # noqa: ANN201
     return check
 
 
-async def run(db: Database, rig: Rig, done) -> None:  # noqa: ANN001
+async def run(db: Database, rig: Rig, done) -> None:
     await lead_until(Dispatcher(db, rig.provider, config(reconcile_grace=timedelta(seconds=5))), FakeTerm(1), done)
 
 

@@ -148,7 +148,7 @@ class InstantClient:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def place_call(self, request: CallRequest, *, may_send=None) -> CallOutcome:  # noqa: ANN001
+    async def place_call(self, request: CallRequest, *, may_send=None) -> CallOutcome:
         self.calls += 1
         return CallOutcome(OutcomeKind.SENT, call_id=f"call-{self.calls}", status_code=201)
 
@@ -169,12 +169,12 @@ async def test_tasks_in_flight_are_bounded_when_outcomes_cannot_be_written(datab
         claims = 0
         original_claim = dispatcher._claim_some
 
-        async def counting_claim(term):  # noqa: ANN001 - one per pass of the dispatch loop
+        async def counting_claim(term):
             nonlocal claims
             claims += 1
             return await original_claim(term)
 
-        async def never_written(token, outcomes):  # noqa: ANN001
+        async def never_written(token, outcomes):
             await stuck.wait()
             return {}
 
@@ -206,13 +206,13 @@ async def test_tasks_in_flight_are_bounded_when_outcomes_cannot_be_written(datab
 # --- end to end: the issue's "Done when" ----------------------------------------------------------
 
 
-def poison_provider(long_id_for: str, nul_500_for: str):  # noqa: ANN201
+def poison_provider(long_id_for: str, nul_500_for: str):
     """A provider that accepts every call, except: one reminder's call gets a 300-character id,
     another's a 500 whose 10 kB body carries a NUL."""
-    from starlette.applications import Starlette  # noqa: PLC0415
-    from starlette.requests import Request  # noqa: PLC0415
-    from starlette.responses import JSONResponse, Response  # noqa: PLC0415
-    from starlette.routing import Route  # noqa: PLC0415
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
 
     async def calls(request: Request) -> Response:
         reminder = (await request.json())["metadata"]["reminder_id"]
@@ -226,7 +226,7 @@ def poison_provider(long_id_for: str, nul_500_for: str):  # noqa: ANN201
 
 @pytest.mark.slow
 async def test_fifty_reminders_two_poison_answers(pg: Database) -> None:
-    import time  # noqa: PLC0415
+    import time
 
     ids = await seed(pg, 50)
     long_id_for, nul_500_for = ids[7], ids[31]

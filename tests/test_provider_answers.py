@@ -9,10 +9,10 @@ import httpx
 import pytest
 import respx
 
-from service.telephony.http import MAX_RESPONSE_BYTES
-from service.telephony.provider import CallSpec, CreateKind
 from service.providers.telnyx.rest import TelnyxProvider
 from service.providers.twilio.rest import TwilioProvider
+from service.telephony.http import MAX_RESPONSE_BYTES
+from service.telephony.provider import CallSpec, CreateKind
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,8 @@ from prometheus_client import REGISTRY
 
 from harness.ports import free_port
 from tests.support.appclient import make_settings, running_app
-from tests.test_election_secure import tls_etcd  # noqa: F401 - the module-scoped fixture
 from tests.support.waiting import eventually
+from tests.test_election_secure import tls_etcd  # noqa: F401 - the module-scoped fixture
 
 pytestmark = pytest.mark.anyio
 

@@ -13,9 +13,9 @@ import pytest
 import respx
 from httpx_aiohttp import AiohttpTransport
 
+from service.privacy import mask_phone
 from service.providers.generic.client import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind, TelephonyClient
 from service.telephony.http import parse_retry_after
-from service.privacy import mask_phone
 
 BASE = "http://provider.test"
 URL = f"{BASE}/v1/calls"

@@ -12,10 +12,10 @@ import pytest
 import respx
 
 from reminders_fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, sign
-from service.telephony.provider import CallSpec, CreateKind, ProviderUnavailable, Stamp
+from service.providers.telnyx.events import parse_event
 from service.providers.telnyx.rest import TelnyxProvider, speak_command_id
 from service.providers.telnyx.signature import TelnyxSignature
-from service.providers.telnyx.events import parse_event
+from service.telephony.provider import CallSpec, CreateKind, ProviderUnavailable, Stamp
 
 pytestmark = pytest.mark.anyio
 

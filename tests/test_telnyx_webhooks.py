@@ -27,12 +27,12 @@ from service.config import Settings
 from service.db import CallAttempt, Database, Reminder
 from service.dispatch.dispatcher import Dispatcher, _wording
 from service.dispatch.speech import SpeechSweep
-from service.telephony.provider import CallSpec, Stamp
 from service.providers.telnyx.rest import TelnyxProvider
+from service.telephony.provider import CallSpec, Stamp
 from tests.support.telnyx_rig import FROM, TelnyxRig, make_telnyx_rig
 from tests.support.twilio_rig import Rig
-from tests.test_dispatch import FakeTerm, config, lead_until, seed
 from tests.support.waiting import eventually
+from tests.test_dispatch import FakeTerm, config, lead_until, seed
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +67,7 @@ def over(rig: TelnyxRig, *call_ids: str) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-async def reminder_row(db: Database, reminder_id: str):  # noqa: ANN201
+async def reminder_row(db: Database, reminder_id: str):
     async with db.session() as session:
         return (await session.execute(select(Reminder.__table__).where(Reminder.id == reminder_id))).one()
 
@@ -122,7 +122,7 @@ async def test_a_redelivered_answer_is_not_spoken_twice(db: Database, rig: Telny
     answered = {"record_type": "event", "event_type": "call.answered", "id": "again",
                 "occurred_at": datetime.now(UTC).isoformat(), "payload": {
                     "call_control_id": call_id, "client_state": Stamp(reminder_id, attempt_id).encode()}}
-    assert await rig.fake._post_event(call.webhook_url, answered)  # noqa: SLF001 - Telnyx's redelivery
+    assert await rig.fake._post_event(call.webhook_url, answered)
     await eventually(over(rig, call_id))
     assert call.commands.count("gather_using_speak") == 2  # sent again, deduped by command_id
     assert len(call.heard) == 2 and call.heard[1].startswith("Thank you, your appointment is confirmed")
@@ -174,7 +174,7 @@ async def test_forged_stale_and_unsigned_events_are_refused_and_change_nothing(d
 
 async def test_the_sweep_speaks_a_bound_call_that_never_spoke(db: Database) -> None:
     rig = make_telnyx_rig(db)
-    rig.fake._webhook_tries = 1  # noqa: SLF001 - Telnyx gave up redelivering
+    rig.fake._webhook_tries = 1
     refusals = _greeting_fails_once(rig)
     try:
         reminder_id, (attempt_id,) = await seeded(rig)
@@ -287,7 +287,7 @@ async def test_the_app_serves_signed_events_only_in_telnyx_mode() -> None:
 
 async def test_a_bound_call_that_ends_unheard_is_released_and_called_again(db: Database) -> None:
     rig = make_telnyx_rig(db)
-    rig.fake._webhook_tries = 1  # noqa: SLF001 - Telnyx gave up redelivering
+    rig.fake._webhook_tries = 1
     rig.fake.controls.patience_ms = 100.0  # the callee hangs up in the silence
     _greeting_fails_once(rig)
     try:
@@ -319,14 +319,14 @@ async def test_a_bound_call_that_ends_unheard_is_released_and_called_again(db: D
 
 async def test_a_late_answer_of_an_ended_call_binds_nothing(db: Database, rig: TelnyxRig) -> None:
     rig.fake.controls.patience_ms = 50.0
-    rig.fake._webhook_tries = 1  # noqa: SLF001
+    rig.fake._webhook_tries = 1
     reminder_id, (attempt_id,) = await seeded(rig)
     rig.app.state.provider = _Mute(rig.provider)  # the service never speaks: the callee hangs up
     call_id = await place(rig, reminder_id, attempt_id)
     await eventually(over(rig, call_id))
     await eventually(lambda: _status(db, attempt_id, "completed"))
     async with db.session() as session:  # as the sweep's release would leave it
-        from sqlalchemy import update  # noqa: PLC0415
+        from sqlalchemy import update
 
         await session.execute(update(Reminder).where(Reminder.id == reminder_id)
                               .values(bound_call_id=None, bound_attempt_id=None))
@@ -334,7 +334,7 @@ async def test_a_late_answer_of_an_ended_call_binds_nothing(db: Database, rig: T
     answered = {"record_type": "event", "event_type": "call.answered", "id": "late",
                 "occurred_at": datetime.now(UTC).isoformat(), "payload": {
                     "call_control_id": call_id, "client_state": Stamp(reminder_id, attempt_id).encode()}}
-    assert await rig.fake._post_event(rig.fake.calls[call_id].webhook_url, answered)  # noqa: SLF001
+    assert await rig.fake._post_event(rig.fake.calls[call_id].webhook_url, answered)
     assert (await reminder_row(db, reminder_id)).bound_call_id is None
 
 
@@ -352,8 +352,8 @@ class _Mute:
 
 
 async def test_events_apply_by_state_then_occurred_at_never_back(db: Database, rig: TelnyxRig) -> None:
-    from service.ledger import calls  # noqa: PLC0415
-    from service.providers.telnyx.events import hangup_status  # noqa: PLC0415
+    from service.ledger import calls
+    from service.providers.telnyx.events import hangup_status
 
     reminder_id, (attempt_id,) = await seeded(rig)
     stamp, now = Stamp(reminder_id, attempt_id), datetime.now(UTC)

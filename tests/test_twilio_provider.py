@@ -12,10 +12,10 @@ import httpx
 import pytest
 import respx
 
-from service.telephony.provider import CallSpec, CreateKind, Provider, ProviderUnavailable, Stamp
 from service.providers.twilio.rest import STATUS_CALLBACK_EVENTS, TwilioProvider
 from service.providers.twilio.signature import TwilioSignature
 from service.providers.twilio.twiml import hangup_twiml, say_twiml
+from service.telephony.provider import CallSpec, CreateKind, Provider, ProviderUnavailable, Stamp
 
 pytestmark = pytest.mark.anyio
 
@@ -211,7 +211,7 @@ def test_signature_is_checked_against_public_url_not_the_arrival_url() -> None:
         lambda p, q, s: (p, q, DOC_PARAMS, s[:-2] + "A="),
     ],
 )
-def test_signature_refuses_any_change(tamper) -> None:  # noqa: ANN001
+def test_signature_refuses_any_change(tamper) -> None:
     signature = TwilioSignature(DOC_TOKEN, "https://mycompany.com")
     assert not signature.valid(*tamper("/myapp.php", "foo=1&bar=2", DOC_SIGNATURE))
     assert not TwilioSignature("other", "https://mycompany.com").valid("/myapp.php", "foo=1&bar=2", DOC_PARAMS,

@@ -25,7 +25,7 @@ async def rig(db: Database) -> AsyncIterator[Rig]:
     await rig.aclose()
 
 
-async def reminder_row(db: Database, reminder_id: str):  # noqa: ANN201
+async def reminder_row(db: Database, reminder_id: str):
     async with db.session() as session:
         return (await session.execute(select(Reminder.__table__).where(Reminder.id == reminder_id))).one()
 
@@ -197,10 +197,10 @@ class DownFor:
     def __init__(self, db: Database, failures: int) -> None:
         self.db, self.failures, self.is_sqlite = db, failures, db.is_sqlite
 
-    def session(self):  # noqa: ANN201
+    def session(self):
         if self.failures > 0:
             self.failures -= 1
-            from sqlalchemy.exc import OperationalError  # noqa: PLC0415
+            from sqlalchemy.exc import OperationalError
 
             raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database restarting"))
         return self.db.session()
@@ -235,11 +235,11 @@ class SlowFirst:
     def __init__(self, db: Database, pause: float) -> None:
         self.db, self.pause, self.is_sqlite = db, pause, db.is_sqlite
 
-    def session(self):  # noqa: ANN201
-        from contextlib import asynccontextmanager  # noqa: PLC0415
+    def session(self):
+        from contextlib import asynccontextmanager
 
         @asynccontextmanager
-        async def opened():  # noqa: ANN202
+        async def opened():
             if self.pause:
                 pause, self.pause = self.pause, 0.0
                 await asyncio.sleep(pause)

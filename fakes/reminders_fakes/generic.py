@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import math
+import os
 import random
 import time
 from collections import OrderedDict, deque
@@ -235,7 +235,8 @@ class FakeProvider:
         calls.append({**response, "message": body["message"], "metadata": body["metadata"], "idempotency_key": key,
                       "placed_by": placed_by})
         logged["call_id"] = call_id
-        logger.info("fake provider: call %s to %s placed by %s (key %s)", call_id, mask_phone(body["to"]), placed_by, key)
+        logger.info("fake provider: call %s to %s placed by %s (key %s)", call_id, mask_phone(body["to"]), placed_by,
+                    key)
         return JSONResponse(response, status_code=201)
 
     async def list_calls(self, request: Request) -> JSONResponse:
@@ -312,7 +313,7 @@ def create_fake_provider(
 
 def run_fake_provider(host: str, port: int, latency_ms: float = 0, fail_rate: float = 0.0) -> None:
     """Serve a fake provider with uvicorn until interrupted; the token comes from TELEPHONY_TOKEN."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     token = os.environ.get(TOKEN_VARIABLE) or None
     app = create_fake_provider(latency_ms=latency_ms, fail_rate=fail_rate, token=token)

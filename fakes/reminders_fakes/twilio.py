@@ -204,7 +204,7 @@ class FakeTwilio(ControlledFake):
             await self._status_callback(call, "answered", "in-progress")
             await self._follow(call, call.url, script, {})
             await self._finish(call, "completed")
-        except Exception:  # noqa: BLE001 - a fake's bug must show, not kill the dialer
+        except Exception:
             log.exception("fake twilio: call %s failed", call.sid)
 
     async def _finish(self, call: _Call, status: str) -> None:
@@ -430,7 +430,7 @@ class FakeTwilio(ControlledFake):
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m reminders_fakes.twilio --port P [--latency-ms N] [--cps F] [--ring-ms N]`."""
-    import uvicorn  # noqa: PLC0415
+    import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")

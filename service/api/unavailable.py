@@ -20,7 +20,7 @@ REQUEST_DEADLINE = 10.0
 
 def _driver_errors() -> tuple[type[BaseException], ...]:
     try:
-        import asyncpg  # noqa: PLC0415
+        import asyncpg
     except ImportError:  # SQLite-only install
         return ()
     # Raised unwrapped by SQLAlchemy when connecting: InvalidPasswordError, TooManyConnectionsError…

@@ -53,7 +53,7 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
-def _set_sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
+def _set_sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets several replicas (processes) share one file; busy_timeout waits instead of failing.
     cursor.execute("PRAGMA journal_mode=WAL")

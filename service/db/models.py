@@ -10,12 +10,13 @@ from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, S
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.reminders.attempts import AttemptState
+from service.reminders.lifecycle import ReminderStatus
 from service.reminders.outcomes import Confirmation, ReminderOutcome
 from service.reminders.wording import DEFAULT_LANGUAGE
-from service.reminders.lifecycle import ReminderStatus
 
 __all__ = [
-    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "Confirmation", "LeaderFence", "Reminder",
+    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "Confirmation", "LeaderFence",
+    "Reminder",
     "ReminderOutcome", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
 ]
 

@@ -236,7 +236,7 @@ class OutcomeRecorder:
                 if not future.done():
                     future.set_result(not_recorded.get(reminder_id))
             return
-        for reminder_id, (_, future) in batch.items():
+        for _, future in batch.values():
             if not future.done():
                 future.set_result("the database refused every try; a later claim completes it with the same key")
 
@@ -508,7 +508,8 @@ class Dispatcher:
                                                              error=outcome.error))
         elif outcome.kind in (CreateKind.NOT_CREATED, CreateKind.IN_DOUBT) and attempts < self.config.max_attempts:
             delay = self.config.retry_delay(attempts, outcome.retry_after)
-            log.info("reminder %s: attempt %d failed (%s), retry in %.1fs", claim.reminder_id, attempts, outcome.error, delay)
+            log.info("reminder %s: attempt %d failed (%s), retry in %.1fs", claim.reminder_id, attempts, outcome.error,
+                     delay)
             await self._finish(recorder, claim, Outcome.retry(now + timedelta(seconds=delay), outcome.error,
                                                               attempts=attempts))
         else:

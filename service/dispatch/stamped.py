@@ -91,7 +91,8 @@ class StampedCalls:
             return None
         if decision.step is Step.WAIT:
             assert decision.wait_until is not None
-            await finish(claim, Outcome.retry(decision.wait_until, "a call attempt is in doubt: waiting for its events"))
+            waiting = "a call attempt is in doubt: waiting for its events"
+            await finish(claim, Outcome.retry(decision.wait_until, waiting))
             return None
         if decision.abandon:
             log.info("reminder %s: %d attempt(s) in doubt made no call; a new attempt follows",

@@ -117,7 +117,7 @@ class EtcdClient(aetcd.Client):
             raise aetcd.ConnectionFailedError("no address for any etcd endpoint")
         return f"{scheme}:{','.join(addresses)}", extra
 
-    async def connect(self) -> None:  # noqa: D401 - same contract as aetcd's
+    async def connect(self) -> None:
         """Open the channel (once; concurrent callers wait for the first)."""
         if self._connected.is_set():
             return

@@ -93,7 +93,8 @@ class ElectionConfig:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             _fail("request_timeout", f"must be a positive number of seconds (got {timeout!r})")
         if timeout > ttl:
-            _fail("request_timeout", f"must not exceed lease_ttl ({ttl} s): a slower answer is useless (got {timeout:g})")
+            _fail("request_timeout",
+                  f"must not exceed lease_ttl ({ttl} s): a slower answer is useless (got {timeout:g})")
 
         if (self.username is None) != (self.password is None):
             _fail("username" if self.username is None else "password", "username and password go together")

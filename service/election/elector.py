@@ -240,7 +240,7 @@ class Elector:
             if isinstance(error, EtcdError) and error.code is not None and error.code.name == "UNAUTHENTICATED":
                 await self._reset_client()
             return False
-        except Exception:  # noqa: BLE001 - the loop must survive anything
+        except Exception:
             log.exception("election cycle for %s failed unexpectedly", self.instance)
             self._hook(self._on_error)
             return False
@@ -309,7 +309,7 @@ class Elector:
             try:
                 async with asyncio.timeout(max(1.0, drain)):
                     await self._on_stopped(term)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("on_stopped_leading failed")
         self._term = None
         self._hook(self._on_transition, False)
@@ -329,7 +329,7 @@ class Elector:
             await self._on_started(term)
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("on_started_leading failed: stepping down")
             term._end("leading task failed")
             return
@@ -348,7 +348,7 @@ class Elector:
                     self._leader = info
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("observing the election failed")
                 self._leader = None
                 await asyncio.sleep(1.0)
@@ -392,7 +392,7 @@ class Elector:
             return
         try:
             hook(*args)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("elector metrics hook failed")
 
     # -- shutdown --------------------------------------------------------------------------------

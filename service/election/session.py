@@ -148,7 +148,7 @@ class LeaseSession:
         for callback in self._lost_callbacks:
             try:
                 callback(reason)
-            except Exception:  # noqa: BLE001 - a hook must not break loss handling
+            except Exception:
                 log.exception("lease-lost callback failed")
         self._lost_callbacks.clear()
         for task in self._tasks:
@@ -218,7 +218,7 @@ class LeaseSession:
             return
         try:
             hook(*args)
-        except Exception:  # noqa: BLE001 - metrics must never break the session
+        except Exception:
             log.exception("session metrics hook failed")
 
     # -- ending --------------------------------------------------------------------------------

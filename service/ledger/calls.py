@@ -43,6 +43,7 @@ from service.db.models import (
     ReminderOutcome,
     ReminderStatus,
 )
+from service.ledger.cancellation import DECLINED_BY_CUSTOMER, cancel_appointment
 from service.metrics import CALL_OUTCOMES, CONFIRMATIONS
 from service.reminders import (
     NoAnswerPolicy,
@@ -52,7 +53,6 @@ from service.reminders import (
     outcome_of_final,
     retry_time,
 )
-from service.ledger.cancellation import DECLINED_BY_CUSTOMER, cancel_appointment
 from service.reminders.lifecycle import require
 from service.reminders.outcomes import CALL_SPEAKING, CALL_SPOKEN, FINAL_CALL_STATES, PRE_ANSWER_STATES
 from service.telephony.provider import Stamp

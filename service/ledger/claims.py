@@ -168,7 +168,8 @@ class ReminderStore:
                     )
                     .join(Appointment, Appointment.id == Reminder.appointment_id)
                     .where(
-                        Reminder.id.in_(candidates.scalar_subquery() if self.db.is_sqlite else candidates.subquery().select())
+                        Reminder.id.in_(candidates.scalar_subquery() if self.db.is_sqlite
+                                        else candidates.subquery().select())
                     )
                 )
             ).all()
@@ -201,7 +202,7 @@ class ReminderStore:
         claims.sort(key=lambda c: (not c.orphaned, c.scheduled_at))
         return claims
 
-    async def _fence_is(self, session, token: int) -> bool:  # noqa: ANN001
+    async def _fence_is(self, session, token: int) -> bool:
         return (await session.execute(fence_token_query())).scalar() == token
 
     async def finish_many(self, token: int, outcomes: Sequence[tuple[str, Outcome]]) -> dict[str, str]:
@@ -260,7 +261,7 @@ class ReminderStore:
         return reasons
 
 
-async def _why_not_ours(session, ids: list[str], token: int) -> dict[str, str]:  # noqa: ANN001
+async def _why_not_ours(session, ids: list[str], token: int) -> dict[str, str]:
     """Why each of `ids` is no longer `dispatching` under `token`, as its row says now."""
     rows = {row.id: row for row in await session.execute(
         select(Reminder.id, Reminder.status, Reminder.fence_token, Reminder.last_error).where(Reminder.id.in_(ids)))}
@@ -270,7 +271,8 @@ async def _why_not_ours(session, ids: list[str], token: int) -> dict[str, str]: 
         if row is None:
             reasons[reminder_id] = "the reminder no longer exists"
         elif row.fence_token is not None and row.fence_token > token:
-            reasons[reminder_id] = f"taken over by a newer term (fencing token {row.fence_token}); its outcome is theirs"
+            reasons[reminder_id] = (f"taken over by a newer term (fencing token {row.fence_token}); "
+                                    "its outcome is theirs")
         else:
             reasons[reminder_id] = (f"no longer dispatching: it is {row.status} now"
                                     + (f" ({row.last_error})" if row.last_error else ""))

@@ -41,7 +41,7 @@ def fence_holds(token: int) -> ColumnElement[bool]:
     return exists().where(LeaderFence.id == FENCE_ROW, LeaderFence.token == token)
 
 
-def fence_token_query():  # noqa: ANN201 - a Select of one column
+def fence_token_query():
     return select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW)
 
 

@@ -34,7 +34,7 @@ async def with_retries(work: Callable[[], Awaitable[Any]], budget: float, what: 
             # while it held the request resumes late: trying beats hanging up unheard).
             async with asyncio.timeout(max(_MIN_TRY, deadline - time.monotonic())):
                 return await work()
-        except Exception as error:  # noqa: BLE001 - retried within the budget, then raised
+        except Exception as error:
             if time.monotonic() + delay >= deadline:
                 raise
             log.info("%s: %s, trying again", what, type(error).__name__)

@@ -3,11 +3,22 @@ which numbers may be called; for real providers the attempt states, the outcome 
 reconciliation of attempts in doubt.
 
 The outcome of a real provider's call, the keypad answer, the no-answer retry (`outcomes.py`) and
-the words of the call per language (`wording.py`) live here too. Pure: no database session, no HTTP. The API and the dispatcher both import it; neither owns it.
+the words of the call per language (`wording.py`) live here too. Pure: no database session, no
+HTTP. The API and the dispatcher both import it; neither owns it.
 """
 
 from service.reminders.attempts import AttemptState, reconcile
+from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
 from service.reminders.errors import ReminderError
+from service.reminders.lifecycle import (
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    ReminderStatus,
+    require,
+    sources_of,
+)
+from service.reminders.numbers import NumberPolicy, PhoneNumber, number_refusal, parse_phone
 from service.reminders.outcomes import (
     Confirmation,
     NoAnswerPolicy,
@@ -17,17 +28,6 @@ from service.reminders.outcomes import (
     keypad_answer,
     outcome_of_final,
     retry_time,
-)
-from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, Wording, normalize_language
-from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
-from service.reminders.numbers import NumberPolicy, PhoneNumber, number_refusal, parse_phone
-from service.reminders.lifecycle import (
-    TERMINAL,
-    TRANSITIONS,
-    IllegalTransition,
-    ReminderStatus,
-    require,
-    sources_of,
 )
 from service.reminders.planning import (
     CallDecision,
@@ -39,6 +39,7 @@ from service.reminders.planning import (
     plan_reminders,
 )
 from service.reminders.rules import ALWAYS, CallWindow, ReminderOffset, parse_duration
+from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, Wording, normalize_language
 
 __all__ = [
     "AttemptState",

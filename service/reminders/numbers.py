@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import phonenumbers
 from phonenumbers import PhoneNumberType
+
 from service.reminders.errors import ReminderError
 
 __all__ = ["NumberPolicy", "PhoneNumber", "number_refusal", "parse_phone"]

@@ -12,9 +12,9 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo
 
+from service.reminders.errors import ReminderError
 from service.reminders.planning import decide_call
 from service.reminders.rules import CallWindow
-from service.reminders.errors import ReminderError
 
 __all__ = [
     "CALL_ANSWERED",

@@ -48,7 +48,7 @@ def _local(moment: datetime, zone: ZoneInfo) -> datetime:
     return moment.astimezone(zone)
 
 
-def _at_local(day: datetime, clock, zone: ZoneInfo) -> datetime:  # noqa: ANN001
+def _at_local(day: datetime, clock, zone: ZoneInfo) -> datetime:
     """The instant `clock` on the local date of `day`; a time skipped by DST moves past the gap."""
     naive = datetime.combine(day.date(), clock)
     # Round-trip through UTC: a non-existent local time (spring forward) comes back normalised.
@@ -135,7 +135,8 @@ def decide_call(
         return CallDecision(skip_reason="the appointment has already started")
     lateness = now - scheduled_at
     if lateness > grace:
-        return CallDecision(skip_reason=f"misfire: {int(lateness.total_seconds())}s late, grace is {int(grace.total_seconds())}s")
+        late, allowed = int(lateness.total_seconds()), int(grace.total_seconds())
+        return CallDecision(skip_reason=f"misfire: {late}s late, grace is {allowed}s")
     local = _local(now, zone)
     if window.contains(local.time().replace(tzinfo=None)):
         return CallDecision(call=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import time, timedelta
+
 from service.reminders.errors import ReminderError
 
 __all__ = ["ALWAYS", "CallWindow", "ReminderOffset", "parse_duration"]

@@ -32,9 +32,12 @@ from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
 from babel.dates import DateTimePattern
+
 from service.reminders.errors import ReminderError
 
-__all__ = ["DEFAULT_LANGUAGE", "PHRASES", "PLACEHOLDERS", "MessageTemplates", "Template", "Wording", "normalize_language"]
+__all__ = [
+    "DEFAULT_LANGUAGE", "PHRASES", "PLACEHOLDERS", "MessageTemplates", "Template", "Wording", "normalize_language",
+]
 
 DEFAULT_LANGUAGE = "en-US"
 PLACEHOLDERS = ("name", "date", "time")

@@ -43,7 +43,7 @@ _MAX_ERROR_LEN = 160
 MAX_RESPONSE_BYTES = 64 * 1024
 # A call id is stored (String(128)) and sent back to the provider: bounded, printable, no spaces.
 MAX_CALL_ID_LEN = 128
-_CALL_ID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_CALL_ID_LEN)
+_CALL_ID = re.compile(rf"[\x21-\x7e]{{1,{MAX_CALL_ID_LEN}}}")
 _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 

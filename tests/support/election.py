@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 

@@ -86,12 +86,12 @@ def _valid_query(query: dict[str, Any], rng: random.Random) -> dict[str, Any]:
 
 
 @schemathesis.hook
-def map_case(context, case):  # noqa: ANN001, ANN201 - schemathesis hook signature
+def map_case(context, case):
     return _made_valid(case)
 
 
 @schemathesis.hook
-def before_add_examples(context, examples):  # noqa: ANN001, ANN201 - the Examples phase skips map_case
+def before_add_examples(context, examples):
     examples[:] = [_made_valid(case) for case in examples]
 
 

@@ -123,7 +123,7 @@ class RuntimeGuard:
     def install(self) -> None:
         event.listen(Engine, "before_cursor_execute", self._before)
 
-    def _before(self, _conn, _cursor, statement: str, _params, _context, _many) -> None:  # noqa: ANN001
+    def _before(self, _conn, _cursor, statement: str, _params, _context, _many) -> None:
         if not (_DML.search(statement) or _CONFIRMATION.search(statement)):
             return
         module = _caller_module()

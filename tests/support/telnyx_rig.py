@@ -10,10 +10,10 @@ from fastapi import FastAPI
 
 from reminders_fakes.telnyx import TEST_PUBLIC_KEY, FakeTelnyx
 from service.db import Database
-from service.reminders import MessageTemplates, NoAnswerPolicy
 from service.providers.telnyx.rest import TelnyxProvider
 from service.providers.telnyx.signature import TelnyxSignature
 from service.providers.telnyx.webhooks import router as telnyx_router
+from service.reminders import MessageTemplates, NoAnswerPolicy
 from tests.support.twilio_rig import FROM, StripPrefix
 
 KEY = "rig-telnyx-key"

@@ -12,11 +12,11 @@ from fastapi import FastAPI
 from reminders_fakes.twilio import FakeTwilio
 from service.db import Appointment, CallAttempt, Database, Reminder
 from service.db.models import new_id
-from service.reminders import MessageTemplates, NoAnswerPolicy
-from service.telephony.provider import CallSpec
 from service.providers.twilio.rest import TwilioProvider
 from service.providers.twilio.signature import TwilioSignature
 from service.providers.twilio.webhooks import router as twilio_router
+from service.reminders import MessageTemplates, NoAnswerPolicy
+from service.telephony.provider import CallSpec
 
 SID = "AC" + "2" * 32
 TOKEN = "rig-auth-token"
@@ -76,7 +76,7 @@ class Rig:
             CallSpec(to=phone, from_=FROM, reminder_id=reminder_id, appointment_id="-", attempt_id=attempt_id)
         )
         assert result.call_id, result
-        from sqlalchemy import update  # noqa: PLC0415
+        from sqlalchemy import update
 
         async with self.db.session() as session:
             await session.execute(update(CallAttempt).where(CallAttempt.id == attempt_id, CallAttempt.provider_call_id.is_(None))

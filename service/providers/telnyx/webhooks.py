@@ -156,7 +156,8 @@ async def gather_ended(request: Request, event: TelnyxEvent, background: Backgro
         words = {Confirmation.CONFIRMED: wording.confirmed, Confirmation.DECLINED: wording.declined}
         said = words[result.answer] if result.confirmation == result.answer else wording.goodbye
     elif round_ == 1:  # the question once more (not the message)
-        asked = await provider.gather_using_speak(call_id, wording.prompt, command_id=gather_command_id(stamp.attempt_id, 2),
+        asked = await provider.gather_using_speak(call_id, wording.prompt,
+                                                  command_id=gather_command_id(stamp.attempt_id, 2),
                                                   stamp=stamp, language=wording.language, round_=2)
         return None if asked else _retry_later("gather_using_speak")
     else:
