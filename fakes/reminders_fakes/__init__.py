@@ -2,7 +2,7 @@
 
 A distribution of their own (`reminders-fakes`, fakes/pyproject.toml), apart from the service: the
 service's wheel and production image never contain them (the Telnyx-shaped fake signs with a
-fixed, published private key). `generic` is the JSON calls API of DESIGN.md; the Twilio- and
+fixed, published private key). `generic` is the JSON calls API of docs/DESIGN.md; the Twilio- and
 Telnyx-shaped fakes are `reminders_fakes.twilio` and `reminders_fakes.telnyx`. They use the
 service's own rules (`service.privacy.E164`, the domain's call states) rather than restating them.
 """

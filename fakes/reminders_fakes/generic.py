@@ -1,11 +1,11 @@
-"""The generic fake provider: the JSON calls API of DESIGN.md with real idempotency semantics.
+"""The generic fake provider: the JSON calls API of docs/DESIGN.md with real idempotency semantics.
 
 For the demo, the tests, the benchmarks and the k8s demo deployment (`reminders fake-provider`).
 
 Endpoints (each `/v1/...` call endpoint is also served under one path segment, `/<prefix>/v1/...`,
 and the prefix is recorded as `placed_by`):
 
-- `POST /v1/calls` — place a call (the contract in DESIGN.md: 201, replay, 400, 401, 409, 422, 5xx).
+- `POST /v1/calls` — place a call (the contract in docs/DESIGN.md: 201, replay, 400, 401, 409, 422, 5xx).
 - `GET /v1/calls` — every call created, `?placed_by=<prefix>` to filter.
 - `GET /v1/requests` — every POST received, in arrival order, with the status it got.
 - `GET|POST /v1/control` — read or change `latency_ms`, `fail_rate`, `fail_status`, `hang`.
