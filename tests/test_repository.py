@@ -27,7 +27,7 @@ def _tracked_text_files() -> list[Path]:
 
 
 def test_the_contract_is_in_the_repository() -> None:
-    assert (ROOT / "docs" / "DESIGN.md").is_file()
+    assert (ROOT / "docs/DESIGN.md").is_file()
 
 
 def test_no_file_refers_outside_the_repository() -> None:

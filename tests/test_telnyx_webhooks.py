@@ -271,11 +271,11 @@ def test_the_fakes_key_is_refused_beyond_loopback(url: str) -> None:
     """Its private half is in the repository: anyone could sign events for such a deployment.
     ALLOW_INSECURE_TRANSPORT does not waive it; whitespace around the key does not hide it."""
     for key in (TEST_PUBLIC_KEY, f"  {TEST_PUBLIC_KEY}\n"):
-        with pytest.raises(ValueError, match=r"TELNYX_PUBLIC_KEY is the fake Telnyx provider's test key.*TELNYX_API_URL"):
+        with pytest.raises(ValueError, match=r"TELNYX_PUBLIC_KEY: the fake Telnyx provider's test key.*TELNYX_API_URL"):
             telnyx_settings(telnyx_public_key=key, telnyx_api_url=url, allow_insecure_transport="true")
     assert telnyx_settings(telnyx_api_url=url, allow_insecure_transport="true")  # the account's key: fine
-    with pytest.raises(ValueError, match="TELNYX_PUBLIC_KEY is the fake"):
-        Settings(telnyx_public_key=TEST_PUBLIC_KEY)  # configured at all: the default TELNYX_API_URL is Telnyx's
+    with pytest.raises(ValueError, match="TELNYX_PUBLIC_KEY: the fake"):
+        telnyx_settings(telnyx_public_key=TEST_PUBLIC_KEY)  # the default TELNYX_API_URL is Telnyx's
 
 
 async def test_the_app_serves_signed_events_only_in_telnyx_mode() -> None:
