@@ -47,6 +47,7 @@ from twilio.request_validator import RequestValidator
 
 from reminders_fakes.controls import CalleeScript, ControlledFake
 from service.privacy import E164
+from service.reminders.outcomes import PRE_ANSWER_STATES
 from service.reminders.outcomes import FINAL_CALL_STATES
 
 __all__ = ["CalleeScript", "FakeTwilio", "main"]
@@ -377,7 +378,7 @@ class FakeTwilio(ControlledFake):
         await self._turn()
         if request.method == "POST":
             wanted = (await _form(request)).get("Status")
-            if wanted == "canceled" and call.status in ("queued", "initiated", "ringing"):
+            if wanted == "canceled" and call.status in PRE_ANSWER_STATES:
                 call.status = "canceled"
                 call.end_time = datetime.now(UTC)
                 call.hang_up.set()
@@ -400,7 +401,7 @@ class FakeTwilio(ControlledFake):
         self._reset_controls()
         for call in self.calls.values():
             call.hang_up.set()
-            if call.status in ("queued", "initiated", "ringing"):
+            if call.status in PRE_ANSWER_STATES:
                 call.status = "canceled"
         self.calls = {}
         return JSONResponse({"reset": True})
