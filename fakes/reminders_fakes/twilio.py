@@ -47,8 +47,7 @@ from twilio.request_validator import RequestValidator
 
 from reminders_fakes.controls import CalleeScript, ControlledFake
 from service.privacy import E164
-from service.reminders.outcomes import PRE_ANSWER_STATES
-from service.reminders.outcomes import FINAL_CALL_STATES
+from service.reminders.outcomes import FINAL_CALL_STATES, PRE_ANSWER_STATES
 
 __all__ = ["CalleeScript", "FakeTwilio", "main"]
 
