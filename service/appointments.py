@@ -217,9 +217,11 @@ def _check_language(language: str, planning: PlanningConfig) -> None:
 
 
 def _plan(
-    appointment: Mapping[str, Any], remind_at: list[str] | None, planning: PlanningConfig, now: datetime,
+    appointment: Mapping[str, Any], remind_at: list[str] | None, planning: PlanningConfig, now: datetime, *,
+    plan_number: int = 0, owed: Sequence[datetime] = (),
 ) -> tuple[list[dict[str, Any]], list[Unplanned]]:
-    """The reminder rows to insert for an appointment, and what could not be planned."""
+    """The reminder rows of the appointment's plan `plan_number`, and what could not be planned
+    (`owed`: calls the plan before owed, which this one keeps)."""
     appointment_id, starts_at, timezone = appointment["id"], appointment["starts_at"], appointment["timezone"]
     plan = plan_reminders(
         starts_at=starts_at,
@@ -228,6 +230,7 @@ def _plan(
         now=now,
         offsets=planning.offsets,
         explicit=[datetime.fromisoformat(t) for t in remind_at] if remind_at is not None else None,
+        owed=owed,
     )
     # the words are fixed now: every call of these reminders says the same, whatever changes later
     wording = planning.templates.render(
@@ -239,7 +242,7 @@ def _plan(
         rows.append({
             "id": reminder_id, "appointment_id": appointment_id, "due_at": due, "next_attempt_at": due,
             "status": ReminderStatus.PENDING, "attempts": 0, "idempotency_key": idempotency_key(reminder_id),
-            "wording": wording, "no_answer_retries": 0, "created_at": now, "updated_at": now,
+            "wording": wording, "no_answer_retries": 0, "plan": plan_number, "created_at": now, "updated_at": now,
         })
     return rows, plan.unplanned
 
@@ -351,34 +354,52 @@ def _change(
     if "language" in changes:
         _check_language(changes["language"], planning)
     now = utcnow()
+    changed = _changed(view, changes, starts_at)
     values = {**changes, "updated_at": now}
     if "starts_at" in changes:
         values["starts_at"] = starts_at
     if "remind_at" in changes:
         remind_at = changes["remind_at"]
         values["remind_at"] = [t.isoformat() for t in remind_at] if remind_at is not None else None
-    moved = starts_at != view["starts_at"]
+    moved = "starts_at" in changed
+    replan = bool(changed & REPLAN_FIELDS)
+    # a confirmation was for the old time
+    superseded = plans.change_appointment(connection, view["id"], values, now, replan=replan, clear_confirmation=moved)
     view.update(values)  # type: ignore[typeddict-item]
     if "remind_at" in changes:
         view["remind_at"] = changes["remind_at"] or None
-    unplanned: list[Unplanned] = []
-    reminders: list[dict[str, Any]] | None = None
-    replan = bool(changes.keys() & REPLAN_FIELDS)
-    if replan:
-        stored = values["remind_at"] if "remind_at" in values else _stored_remind_at(view)
-        reminders, unplanned = _plan(view, stored, planning, now)
-    # a confirmation was for the old time
-    superseded = plans.change_appointment(connection, view["id"], values, now, new_plan=reminders,
-                                          clear_confirmation=moved)
     if moved:
         view["confirmation"] = None
-    if superseded is not None and reminders is not None:
+    unplanned: list[Unplanned] = []
+    if superseded is not None:
+        stored = values["remind_at"] if "remind_at" in values else _stored_remind_at(view)
+        reminders, unplanned = _plan(view, stored, planning, now, plan_number=superseded.plan, owed=superseded.owed)
+        plans.insert_plan(connection, reminders)
         _mark(view, superseded.cancelled, REPLANNED)
         view["reminders"] = sorted(
             [*(r for r in view["reminders"] if r["id"] not in superseded.pruned), *map(_reminder_view, reminders)],
             key=lambda r: (r["due_at"], r["id"]))
     view["unplanned"] = _unplanned(unplanned)
     return view, replan
+
+
+def _changed(view: AppointmentView, changes: Mapping[str, Any], starts_at: datetime) -> set[str]:
+    """The fields of `changes` whose value differs from the appointment's (a PATCH that sends the
+    same name re-plans nothing)."""
+    changed = set()
+    for name, value in changes.items():
+        if name == "starts_at":
+            differs = starts_at != view["starts_at"]
+        elif name == "remind_at":
+            old = view["remind_at"]
+            differs = (value is None) != (old is None) or (
+                value is not None and old is not None and sorted(t.astimezone(UTC) for t in value)
+                != sorted(t.astimezone(UTC) for t in old))
+        else:
+            differs = value != view.get(name)  # type: ignore[misc]
+        if differs:
+            changed.add(name)
+    return changed
 
 
 def _mark(view: AppointmentView, cancelled: set[str], reason: str) -> None:

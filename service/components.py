@@ -55,6 +55,8 @@ def dispatch_config(settings: Settings) -> DispatchConfig:
         max_attempts=settings.dispatch_max_attempts,
         retry_base_delay=settings.retry_base_delay,
         reconcile_grace=settings.effective_reconcile_grace,
+        no_answer=settings.no_answer_policy(),
+        templates=settings.templates,
     )
 
 
@@ -73,3 +75,7 @@ def check(settings: Settings) -> None:
     package(settings.telephony_provider).check(settings)
     election_config(settings)
     dispatch_config(settings)
+    if settings.no_answer_retries >= settings.dispatch_max_attempts:
+        # each call of a reminder is an attempt: the last no-answer retry would find none left
+        raise SettingError("NO_ANSWER_RETRIES", f"must be below DISPATCH_MAX_ATTEMPTS "
+                                                f"({settings.dispatch_max_attempts}): each retry is one more attempt")

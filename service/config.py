@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     twilio_account_sid: str | None = None
     twilio_auth_token: SecretStr | None = None
     twilio_api_url: str = "https://api.twilio.com"
+    # SignalWire's compatibility API (TELEPHONY_PROVIDER=twilio): its webhooks are signed with the
+    # project's signing key, not the API token
+    signalwire_signing_key: SecretStr | None = None
     telnyx_api_key: SecretStr | None = None
     telnyx_connection_id: str | None = None
     telnyx_public_key: str | None = None

@@ -29,7 +29,7 @@ def test_no_module_outside_the_ledger_writes_reminders_or_call_attempts() -> Non
 def test_the_check_sees_the_ledgers_own_writes() -> None:
     found = [hit for path in _modules(LEDGER) for hit in static_writes(path.read_text(), path.name)]
     files = {hit.split(":")[0] for hit in found}
-    assert {"calls.py", "claims.py", "attempts.py", "speech.py", "plans.py", "cancellation.py"} <= files
+    assert {"calls.py", "claims.py", "attempts.py", "sweep.py", "plans.py", "cancellation.py"} <= files
 
 
 @pytest.mark.parametrize("source", [

@@ -12,7 +12,7 @@ from service import appointments
 from service.config import Settings
 from service.db import Appointment, CallAttempt, Database, Reminder
 from service.db.models import new_id
-from service.ledger import Outcome, ReminderStore, SpeechStore, calls
+from service.ledger import Outcome, ReminderStore, SweepStore, SweepTimes, calls
 from service.reminders import (
     TERMINAL,
     TRANSITIONS,
@@ -33,11 +33,12 @@ S = ReminderStatus
 def test_the_table_is_the_documented_lifecycle() -> None:
     assert TRANSITIONS[S.PENDING] == {S.DISPATCHING, S.CANCELLED}
     assert TRANSITIONS[S.DISPATCHING] == {S.SENT, S.FAILED, S.SKIPPED, S.CANCELLED, S.PENDING}
-    assert TRANSITIONS[S.SENT] == {S.PENDING}  # a real provider's call nobody answered, retried
+    # a real provider's call nobody answered: retried, or superseded by a re-plan
+    assert TRANSITIONS[S.SENT] == {S.PENDING, S.CANCELLED}
     assert TERMINAL == {S.SENT, S.FAILED, S.CANCELLED, S.SKIPPED}
     assert set(TRANSITIONS) == set(ReminderStatus)
     assert sources_of(S.DISPATCHING) == {S.PENDING}
-    assert sources_of(S.CANCELLED) == {S.PENDING, S.DISPATCHING}
+    assert sources_of(S.CANCELLED) == {S.PENDING, S.DISPATCHING, S.SENT}
     assert sources_of(S.PENDING) == {S.DISPATCHING, S.SENT}
 
 
@@ -98,9 +99,9 @@ async def _seed(db: Database, *, status: S = S.PENDING, token: int | None = None
 async def _state(db: Database, appointment_id: str) -> list[tuple[str, str]]:
     async with db.session() as session:
         appointment = (await session.execute(select(Appointment.status).where(Appointment.id == appointment_id))).scalar()
-        rows = await session.execute(select(Reminder.status).where(Reminder.appointment_id == appointment_id)
-                                     .order_by(Reminder.status))
-        return [("appointment", appointment), *(("reminder", status) for (status,) in rows)]
+        rows = await session.execute(select(Reminder.id, Reminder.status).where(Reminder.appointment_id == appointment_id)
+                                     .order_by(Reminder.id))
+        return [("appointment", appointment), *((reminder_id, status) for reminder_id, status in rows)]
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, source: S, target: S) -> None:
@@ -132,17 +133,17 @@ async def _replan(db: Database, ids: tuple[str, str, str]) -> None:
 
 
 async def _decline(db: Database, ids: tuple[str, str, str]) -> None:
-    await calls.keypad(db, Stamp(ids[1], ids[2]), "CA1", "2", datetime.now(UTC), fallback=_fallback)
+    await calls.keypad(db, Stamp(ids[1], ids[2]), "CA1", "2", fallback=_fallback)
 
 
 async def _no_answer_retry(db: Database, ids: tuple[str, str, str]) -> None:
-    await calls.record_event(db, Stamp(ids[1], ids[2]), "CA1", "no-answer", 9, datetime.now(UTC),
+    await calls.record_event(db, Stamp(ids[1], ids[2]), "CA1", "no-answer", 9,
                              NoAnswerPolicy(retries=1, delay=timedelta(minutes=1)))
 
 
 async def _release_unheard(db: Database, _ids: tuple[str, str, str]) -> None:
-    store = SpeechStore(db, confirm_after=timedelta(seconds=1), batch=10)
-    await store.release_unheard(datetime.now(UTC), 5)
+    store = SweepStore(db, SweepTimes(release_after=timedelta(seconds=1)), batch=10)
+    await store.release_unheard(5)
 
 
 # (writer, the transition it makes, how the reminder is seeded)

@@ -9,13 +9,14 @@ from datetime import UTC, datetime, time, timedelta
 import pytest
 
 from service.reminders import (
+    Answerer,
     Confirmation,
     MessageTemplates,
     NoAnswerPolicy,
     ReminderOutcome,
     Wording,
     advances,
-    is_machine,
+    answerer,
     keypad_answer,
     normalize_language,
     outcome_of_final,
@@ -50,8 +51,13 @@ def test_events_apply_by_state_never_backwards(current, current_order, new, new_
 def test_keypad_and_machine_and_final_outcomes() -> None:
     assert keypad_answer("1") is Confirmation.CONFIRMED and keypad_answer(" 2") is Confirmation.DECLINED
     assert [keypad_answer(d) for d in (None, "", "3", "12", "#", "*")] == [None] * 6
-    assert is_machine("machine_start") and is_machine("fax") and not is_machine("human")
-    assert not is_machine("unknown") and not is_machine(None)
+    # every documented answer of Twilio's AnsweredBy and Telnyx's detection results
+    for machine in ("machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "machine"):
+        assert answerer(machine) is Answerer.MACHINE
+    for fax in ("fax", "fax_detected"):
+        assert answerer(fax) is Answerer.FAX  # a fax is not a voicemail
+    for person in ("human", "unknown", "not_sure", "human_residence", "human_business", "silence", None, ""):
+        assert answerer(person) is Answerer.PERSON
     assert outcome_of_final("no-answer") is ReminderOutcome.NO_ANSWER
     assert outcome_of_final("busy") is ReminderOutcome.BUSY
     assert outcome_of_final("failed") is ReminderOutcome.FAILED

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.db.clock import UTCDateTime, db_now, utcnow
 from service.reminders.attempts import AttemptState
 from service.reminders.lifecycle import ReminderStatus
 from service.reminders.outcomes import Confirmation, ReminderOutcome
@@ -16,33 +17,8 @@ from service.reminders.wording import DEFAULT_LANGUAGE
 
 __all__ = [
     "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "Confirmation", "LeaderFence",
-    "Reminder",
-    "ReminderOutcome", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
+    "ProviderEvent", "Reminder", "ReminderOutcome", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
 ]
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes on every backend (SQLite stores naive UTC text that sorts correctly)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:  # type: ignore[override]
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTCDateTime column")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:  # type: ignore[override]
-        if value is None or value.tzinfo is UTC:  # asyncpg's timestamptz: already UTC
-            return value
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_id() -> str:
@@ -73,6 +49,9 @@ class Appointment(Base):
     # BCP 47 tag of the calls' words; the customer's keypad answer (null, confirmed, declined)
     language: Mapped[str] = mapped_column(String(35), default=DEFAULT_LANGUAGE, server_default=DEFAULT_LANGUAGE)
     confirmation: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Which plan of reminders is current: a re-plan starts the next one, and a reminder of an
+    # earlier plan may no longer bind a call, take digits or be retried (docs/decisions/0181).
+    plan: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -111,6 +90,7 @@ class Reminder(Base):
     # planned before wording was stored), and how many no-answer retries it has had.
     wording: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     no_answer_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    plan: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # the appointment's, when planned
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
@@ -136,8 +116,34 @@ class CallAttempt(Base):
     last_sequence: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_event_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    # Who answered, as the provider's machine detection said (human, machine, not_sure, fax, …).
+    answered_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The greeting (the first words of the bound call) where speech is a command: its kind
+    # (`person`, `machine`) and time, recorded BEFORE the command is sent, and what the provider
+    # said of the command (`accepted`; `ended`: the call was over, nothing spoken; NULL: unknown).
+    greeting: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    greeting_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    greeting_result: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The keypad rounds (the question asked the 1st, 2nd… time) already answered: bit n-1 for round n.
+    keypad_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The provider's time of the hang-up, when it gives one; the leader's cancel request and its
+    # last look at the call's state (for a call whose final event never came).
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # On the database's clock: the leader compares them with its own idea of now (service.db.clock).
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=db_now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=db_now(), onupdate=db_now())
+
+
+class ProviderEvent(Base):
+    """A provider event already applied (Telnyx's `data.id`): a redelivery of it changes nothing.
+    Kept for a day (the leader prunes), far past any redelivery."""
+
+    __tablename__ = "provider_events"
+
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class LeaderFence(Base):

@@ -29,23 +29,31 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from service.db import Database
 from service.dispatch.limiter import RateLimiter
-from service.dispatch.speech import SpeechSweep
 from service.dispatch.stamped import StampedCalls, StampedConfig
+from service.dispatch.sweep import CallSweep
 from service.errors import SettingError
-from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, is_data_error
+from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, SweepTimes, is_data_error
 from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
 from service.privacy import strip_control
-from service.reminders import CallWindow, ReminderStatus, Wording, call_message, decide_call
+from service.reminders import (
+    CallWindow,
+    MessageTemplates,
+    NoAnswerPolicy,
+    ReminderStatus,
+    Wording,
+    call_message,
+    decide_call,
+)
 from service.reminders.attempts import RECHECK
 from service.telephony.http import usable_call_id
-from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider, SpeechCommands
+from service.telephony.provider import CallSpec, CreateKind, CreateResult, Provider
 
 __all__ = ["DispatchConfig", "Dispatcher", "OutcomeRecorder", "StaleTerm", "Term"]
 
@@ -86,10 +94,13 @@ class DispatchConfig:
     max_in_flight: int | None = None
     # Providers without idempotency: how long an attempt in doubt waits for its events (RECONCILE_GRACE).
     reconcile_grace: timedelta = timedelta(seconds=60)
-    # Providers whose speech is a command (Telnyx): a bound call that has not begun its message
-    # this long after its last event gets it again (service.dispatch.speech), looked for this often.
-    speech_confirm_after: timedelta = timedelta(seconds=10)
-    speech_sweep_interval: float = 2.0
+    # Providers without idempotency: the leader's sweep of their calls (service.dispatch.sweep),
+    # this often, with these waits; the no-answer retries of a call whose final event it finds;
+    # the words of reminders planned before wording was stored.
+    sweep_interval: float = 2.0
+    sweep_times: SweepTimes = field(default_factory=SweepTimes)
+    no_answer: NoAnswerPolicy | None = None
+    templates: MessageTemplates = field(default_factory=lambda: MessageTemplates.parse(None))
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -122,12 +133,15 @@ def message_for(claim: Claim) -> str:
     return call_message(claim.customer_name, claim.starts_at, claim.timezone)
 
 
-def _wording(row: object) -> str:
-    """The message for a row with `wording` (fixed at planning), or for a reminder planned before
-    with `customer_name`, `starts_at`, `timezone` (the speech sweep's)."""
-    if getattr(row, "wording", None):
-        return Wording.from_json(row.wording).message  # type: ignore[attr-defined]
-    return call_message(row.customer_name, row.starts_at, row.timezone)  # type: ignore[attr-defined]
+def fallback_wording(templates: MessageTemplates) -> Callable[[Any], Wording]:
+    """The words of a reminder planned before wording was stored (a row with `customer_name`,
+    `starts_at`, `timezone`, `language`): rendered now, as then."""
+
+    def wording(row: Any) -> Wording:
+        language = row.language if templates.supports(row.language) else templates.default_language
+        return templates.render(language, row.customer_name, row.starts_at, row.timezone)
+
+    return wording
 
 
 RECORD_RETRIES = 6
@@ -306,8 +320,9 @@ class Dispatcher:
         self._stamped = None if self.provider.dedupes_creation else StampedCalls(
             db, self.provider, StampedConfig(caller_id=config.caller_id, reconcile_grace=config.reconcile_grace,
                                              max_attempts=config.max_attempts, retry_delay=config.retry_delay))
-        self._speech = SpeechSweep(db, self.provider, wording=_wording, confirm_after=config.speech_confirm_after) \
-            if isinstance(self.provider, SpeechCommands) else None
+        self._sweep = None if self.provider.dedupes_creation else CallSweep(
+            db, self.provider, fallback=fallback_wording(config.templates), policy=config.no_answer,
+            times=config.sweep_times)
         self._limiter = RateLimiter(config.calls_per_second)
         # Every reminder task of the term until its outcome is written (waited for at term end).
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -327,7 +342,7 @@ class Dispatcher:
             keep_trying=term.valid,
         )
         ended = asyncio.ensure_future(term.ended.wait())
-        sweep = asyncio.create_task(self._sweep_speech(term, ended), name="speech-sweep") if self._speech else None
+        sweep = asyncio.create_task(self._sweep_calls(term, ended), name="call-sweep") if self._sweep else None
         try:
             while term.valid():
                 claimed = await self._claim_some(term)
@@ -353,15 +368,20 @@ class Dispatcher:
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
             log.info("stopped dispatching under fencing token %d", token)
 
-    async def _sweep_speech(self, term: Term, ended: asyncio.Future[bool]) -> None:
-        """While the term lasts: bound calls that owe their message get it (SpeechSweep)."""
-        assert self._speech is not None
+    async def _sweep_calls(self, term: Term, ended: asyncio.Future[bool]) -> None:
+        """While the term lasts: the sweep of the provider's calls (CallSweep)."""
+        assert self._sweep is not None
         while term.valid() and not ended.done():
             try:
-                await self._speech.once(datetime.now(UTC), term.fencing_token)
+                await self._sweep.once(term.fencing_token)
             except Exception as error:  # noqa: BLE001 - a DB or provider outage must not end the term
-                log.warning("speech sweep failed: %s", type(error).__name__)
-            await asyncio.wait({ended}, timeout=self.config.speech_sweep_interval)
+                log.warning("call sweep failed: %s", type(error).__name__)
+            await asyncio.wait({ended}, timeout=self.config.sweep_interval)
+
+    def _now(self) -> datetime:
+        """The database's time, as far as this process can tell (its clock and the offset the last
+        claim measured): the times the term writes are compared with other replicas' on it."""
+        return datetime.now(UTC) + self.store.clock_offset
 
     def _done(self, reminder_id: str) -> None:
         self._in_flight.pop(reminder_id, None)
@@ -408,11 +428,7 @@ class Dispatcher:
             return []
         try:
             return await self.store.claim(
-                term.fencing_token,
-                self.config.instance,
-                limit=free,
-                now=datetime.now(UTC),
-                stale_after=self.config.stale_claim_after,
+                term.fencing_token, self.config.instance, limit=free, stale_after=self.config.stale_claim_after
             )
         except StaleTerm:
             raise
@@ -421,7 +437,7 @@ class Dispatcher:
             return None
 
     async def _handle(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
-        now = datetime.now(UTC)
+        now = self._now()
         if claim.appointment_cancelled:
             await self._finish(recorder, claim, Outcome.cancelled("appointment cancelled"))
             return
@@ -474,13 +490,13 @@ class Dispatcher:
 
         async def finish(done: Claim, outcome: Outcome) -> None:
             if outcome.status == ReminderStatus.SENT and outcome.attempts is not None:
-                DISPATCH_LAG.observe(max(0.0, (datetime.now(UTC) - done.due_at).total_seconds()))
+                DISPATCH_LAG.observe(max(0.0, (self._now() - done.due_at).total_seconds()))
             await self._finish(recorder, done, outcome)
 
         IN_FLIGHT.inc()
         try:
             result = await self._stamped.handle(
-                claim, token=term.fencing_token, may_send=term.valid, now=lambda: datetime.now(UTC), finish=finish,
+                claim, token=term.fencing_token, may_send=term.valid, now=lambda: self._now(), finish=finish,
                 before_create=self._limiter.acquire,
             )
         except Exception as error:  # noqa: BLE001 - a database or provider failure mid-way
@@ -490,7 +506,7 @@ class Dispatcher:
                         type(error).__name__)
             result = None
             if term.valid():
-                await self._finish(recorder, claim, Outcome.retry(datetime.now(UTC) + RECHECK,
+                await self._finish(recorder, claim, Outcome.retry(self._now() + RECHECK,
                                                                   f"interrupted: {type(error).__name__}"))
         finally:
             IN_FLIGHT.dec()
@@ -499,7 +515,7 @@ class Dispatcher:
             CALL_ATTEMPTS.labels(_ATTEMPT_LABEL[result.kind]).inc()
 
     async def _record(self, recorder: OutcomeRecorder, claim: Claim, outcome: CreateResult) -> None:
-        now = datetime.now(UTC)
+        now = self._now()
         attempts = claim.attempts + 1
         if outcome.kind is CreateKind.CREATED:
             DISPATCH_LAG.observe(max(0.0, (now - claim.due_at).total_seconds()))

@@ -70,8 +70,9 @@ class StampedCalls:
     ) -> CreateResult | None:
         """Reconcile, then create if nothing exists or can appear. Returns the create's result, or
         None when no create was sent (already sent, waiting, or not ours any more)."""
-        bound, attempts = await self.store.view(claim.reminder_id)
-        decision = reconcile(attempts, bound_call_id=bound, now=now(), grace=self.config.reconcile_grace)
+        # the attempts' times and the grace are on the database's clock
+        bound, attempts, db_time = await self.store.view(claim.reminder_id)
+        decision = reconcile(attempts, bound_call_id=bound, now=db_time, grace=self.config.reconcile_grace)
         if decision.step is Step.LIST:
             try:
                 live = await self.provider.live_calls(claim.phone)
@@ -84,7 +85,7 @@ class StampedCalls:
                 # A listing that returns stamps (Telnyx's client_state) names each call's reminder:
                 # only this reminder's calls count. Without one (Twilio), every call to the number does.
                 live = [call for call in live if call.stamp is None or call.stamp.reminder_id == claim.reminder_id]
-                decision = reconcile(attempts, bound_call_id=bound, now=now(), grace=self.config.reconcile_grace,
+                decision = reconcile(attempts, bound_call_id=bound, now=db_time, grace=self.config.reconcile_grace,
                                      live_created=[call.created_at for call in live])
         if decision.step is Step.SENT:
             await finish(claim, Outcome.sent(decision.call_id, now()))
@@ -95,9 +96,12 @@ class StampedCalls:
             await finish(claim, Outcome.retry(decision.wait_until, waiting))
             return None
         if decision.abandon:
+            if await self.store.abandon(decision.abandon) < len(decision.abandon):
+                # a webhook spoke of one of them meanwhile: its call exists, so no new attempt
+                await finish(claim, Outcome.retry(now() + RECHECK, "a call attempt in doubt turned out to exist"))
+                return None
             log.info("reminder %s: %d attempt(s) in doubt made no call; a new attempt follows",
                      claim.reminder_id, len(decision.abandon))
-            await self.store.abandon(decision.abandon)
         if claim.attempts >= self.config.max_attempts:
             await finish(claim, Outcome.failed("no call after the maximum number of attempts"))
             return None
@@ -105,9 +109,11 @@ class StampedCalls:
             await before_create()  # the rate limiter
         if not may_send():
             return None
-        attempt_id = await self.store.begin(token, claim.reminder_id, now())
+        attempt_id = await self.store.begin(token, claim.reminder_id)
         if attempt_id is None:
-            return None  # the fence moved on: the reminder is the next term's
+            # the fence moved on (the reminder is the next term's), or a re-plan or cancellation
+            # superseded it: its outcome is written by neither
+            return None
         spec = CallSpec(to=claim.phone, from_=self.config.caller_id, reminder_id=claim.reminder_id,
                         appointment_id=claim.appointment_id, attempt_id=attempt_id)
         result = await self.provider.create_call(spec, may_send=may_send)

@@ -5,10 +5,10 @@ Every status change goes through the lifecycle table (`service.reminders.lifecyc
 Who calls what:
 
 - the dispatcher: the fence and claims (`fence`, `claims`: `ReminderStore`, `Outcome`), attempts
-  of providers without idempotency (`attempts`: `AttemptStore`), the speech sweep (`speech`);
+  of providers without idempotency (`attempts`: `AttemptStore`), the call sweep (`sweep`);
 - the provider webhooks: call events, binding, keypad answers (`calls`);
-- the appointments service: the create's statement and re-plans (`plans`), cancellation
-  (`cancellation`: one rule for the API's DELETE, a keypad decline and a re-plan).
+- the appointments service: the create's statement and re-plans (`plans`), superseding and
+  cancellation (`cancellation`: one rule for the API's DELETE, a keypad decline and a re-plan).
 
 Nothing else in `service/` inserts, updates or deletes those rows (tests/test_ledger.py).
 """
@@ -19,14 +19,15 @@ from service.ledger.cancellation import (
     CANCELLED_BY_API,
     DECLINED_BY_CUSTOMER,
     REPLANNED,
+    Superseded,
     cancel_appointment,
-    cancel_pending,
+    supersede,
 )
 from service.ledger.claims import Claim, ReminderStore, is_data_error
 from service.ledger.fence import FENCE_ROW, LedgerError, StaleTerm
 from service.ledger.outcome import Outcome
-from service.ledger.plans import Replanned, change_appointment, insert_appointment
-from service.ledger.speech import RELEASED, SpeechStore
+from service.ledger.plans import Replanned, change_appointment, insert_appointment, insert_plan
+from service.ledger.sweep import RELEASED, SweepStore, SweepTimes
 
 __all__ = [
     "CANCELLED_BY_API",
@@ -40,12 +41,15 @@ __all__ = [
     "Outcome",
     "ReminderStore",
     "Replanned",
-    "SpeechStore",
+    "Superseded",
+    "SweepStore",
+    "SweepTimes",
     "StaleTerm",
     "calls",
     "change_appointment",
     "cancel_appointment",
-    "cancel_pending",
+    "supersede",
     "insert_appointment",
+    "insert_plan",
     "is_data_error",
 ]

@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from service.db import Database
-from service.db.models import CallAttempt, Reminder, new_id
+from service.db.clock import db_now
+from service.db.models import Appointment, AppointmentStatus, CallAttempt, Reminder, new_id
 from service.ledger.fence import fence_token_query
 from service.reminders import ReminderStatus
 from service.reminders.attempts import AttemptState, AttemptView
@@ -28,20 +29,24 @@ class AttemptStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def begin(self, token: int, reminder_id: str, now: datetime) -> str | None:
-        """Record a new attempt, only while the fence is `token` and the reminder is `dispatching`
-        under it; its id, or None when this term may not create calls for the reminder any more."""
+    async def begin(self, token: int, reminder_id: str) -> str | None:
+        """Record a new attempt, only while the fence is `token`, the reminder is `dispatching`
+        under it and belongs to its appointment's current plan, and the appointment is scheduled;
+        its id, or None when this term may not create calls for the reminder any more."""
         attempt_id = new_id()
         async with self.db.session() as session:
             # The reminder's row is locked (a successor's claim of it waits, then sees this
-            # attempt); the fence is read, not locked: a lock per attempt on the one fence row
-            # would let a leader frozen inside this transaction hold up its successor's fence
-            # raise. A raise that commits meanwhile is caught by `may_send` before the create.
+            # attempt; a re-plan or cancellation that supersedes it waits too); the fence is read,
+            # not locked: a lock per attempt on the one fence row would let a leader frozen inside
+            # this transaction hold up its successor's fence raise. A raise that commits meanwhile
+            # is caught by `may_send` before the create.
             ours = await session.execute(
                 select(Reminder.id)
+                .join(Appointment, Appointment.id == Reminder.appointment_id)
                 .where(Reminder.id == reminder_id, Reminder.fence_token == token,
-                       Reminder.status == ReminderStatus.DISPATCHING)
-                .with_for_update()
+                       Reminder.status == ReminderStatus.DISPATCHING, Reminder.plan == Appointment.plan,
+                       Appointment.status == AppointmentStatus.SCHEDULED)
+                .with_for_update(of=Reminder)
             )
             if ours.first() is None:
                 await session.rollback()
@@ -49,9 +54,9 @@ class AttemptStore:
             if (await session.execute(fence_token_query())).scalar() != token:
                 await session.rollback()
                 return None
+            # created_at and updated_at: the database's clock (the reconciliation compares them)
             await session.execute(insert(CallAttempt).values(
-                id=attempt_id, reminder_id=reminder_id, fencing_token=token, state=AttemptState.CREATING,
-                created_at=now, updated_at=now))
+                id=attempt_id, reminder_id=reminder_id, fencing_token=token, state=AttemptState.CREATING))
             await session.commit()
         return attempt_id
 
@@ -73,11 +78,13 @@ class AttemptStore:
                 )
             await session.commit()
 
-    async def abandon(self, attempt_ids: Sequence[str]) -> None:
+    async def abandon(self, attempt_ids: Sequence[str]) -> int:
+        """Mark attempts in doubt that made no call `not_created`, unless a webhook has spoken of
+        one meanwhile; how many were marked (fewer than asked: a call exists after all)."""
         if not attempt_ids:
-            return
+            return 0
         async with self.db.session() as session:
-            await session.execute(
+            result = await session.execute(
                 update(CallAttempt)
                 .where(CallAttempt.id.in_(list(attempt_ids)),
                        CallAttempt.state.in_((AttemptState.CREATING, AttemptState.IN_DOUBT)),
@@ -85,17 +92,20 @@ class AttemptStore:
                 .values(state=AttemptState.NOT_CREATED, error="reconciled: no event and no live call after the grace")
             )
             await session.commit()
+        return int(result.rowcount or 0)
 
-    async def view(self, reminder_id: str) -> tuple[str | None, list[AttemptView]]:
-        """The reminder's bound call id and its attempts, oldest first."""
+    async def view(self, reminder_id: str) -> tuple[str | None, list[AttemptView], datetime]:
+        """The reminder's bound call id, its attempts (oldest first) and the database's time, which
+        the attempts' times are on."""
         async with self.db.session() as session:
-            bound = (await session.execute(select(Reminder.bound_call_id).where(Reminder.id == reminder_id))).scalar()
+            bound, now = (await session.execute(
+                select(Reminder.bound_call_id, db_now()).where(Reminder.id == reminder_id))).one()
             rows = await session.execute(
                 select(CallAttempt.id, CallAttempt.state, CallAttempt.created_at, CallAttempt.provider_call_id,
                        CallAttempt.last_event_at, CallAttempt.call_status)
                 .where(CallAttempt.reminder_id == reminder_id)
                 .order_by(CallAttempt.created_at)
             )
-            return bound, [AttemptView(*row) for row in rows]
+            return bound, [AttemptView(*row) for row in rows], now
 
 

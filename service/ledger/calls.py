@@ -1,25 +1,26 @@
 """What a provider's call events do to reminders and call attempts, for every provider (Twilio,
-Telnyx): the ledger's part of the webhooks.
-
-Three operations, each one transaction, keyed by the stamp (reminder id + attempt id) the provider
-hands back:
+Telnyx): the ledger's part of the webhooks. Each operation is one transaction, keyed by the stamp
+(reminder id + attempt id) the provider hands back, on the database's clock (service.db.clock).
 
 - `record_event`: a status event. The call's id is recorded from whichever comes first (this or
   the create's response); the status moves only forward, by state and then by the provider's order
-  (Twilio's SequenceNumber, Telnyx's occurred_at): a duplicated or late event changes nothing.
-  When the reminder's last live call ends unanswered, its `outcome` is recorded (`no_answer`,
-  `busy`, `failed`) and, for no answer / busy with NO_ANSWER_RETRIES left, the reminder goes back
-  to `pending` for another call after NO_ANSWER_RETRY_DELAY.
-- `answer`: a call was answered. The first answered call of a reminder is bound to it (a
-  conditional UPDATE: first answer wins, on any replica) and speaks — the message and the keypad
-  prompt to a person (`answered`), the short voicemail to a machine (`voicemail`); a repeated
-  request for the bound call speaks again (it is the same call); any other answered call must
-  hang up silently.
-- `keypad`: a digit from the bound call: 1 confirms the appointment, 2 declines it (the appointment
-  is cancelled, its pending reminders too). A digit from any other call changes nothing.
+  (Twilio's SequenceNumber, Telnyx's occurred_at): a duplicated or late event changes nothing, and
+  an event id already applied (Telnyx redelivers) is recognised. When the reminder's last live call
+  ends unanswered, its `outcome` is recorded (`no_answer`, `busy`, `failed`) and, for no answer /
+  busy with NO_ANSWER_RETRIES left, a reminder of the appointment's current plan goes back to
+  `pending` for another call after NO_ANSWER_RETRY_DELAY.
+- `answer`: a call was answered. The first answered call of a current reminder (its appointment
+  scheduled, its plan the appointment's, not finished) is bound to it — a conditional UPDATE: first
+  answer wins, on any replica — and speaks; any other answered call hangs up silently, a fax too.
+- `command_greeting` / `greeting_sent`: where speech is a command (Telnyx), the bound call's first
+  words are recorded as commanded BEFORE the command is sent, once per call (docs/decisions/0181).
+- `keypad`: digits from the bound call of a current reminder, each keypad round once, pressed
+  while the call was live: 1 confirms the appointment, 2 declines it (the appointment is cancelled,
+  its unfinished reminders superseded). Any other digits change nothing.
+- `mark_heard`: the bound call's message has begun (Telnyx's speech events): its outcome.
 
-`record_event` and `answer` tell the caller which of the reminder's other calls to cancel now that
-one is bound. Unknown, mismatched and replayed events change nothing.
+`record_event` and `answer` tell the caller which of the reminder's other calls to end now that one
+is bound. Unknown, mismatched and replayed events change nothing.
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exists, or_, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Row
 
 from service.db import Database
+from service.db.clock import db_now
 from service.db.models import (
     Appointment,
     AppointmentStatus,
     AttemptState,
     CallAttempt,
     Confirmation,
+    ProviderEvent,
     Reminder,
     ReminderOutcome,
     ReminderStatus,
@@ -46,25 +50,32 @@ from service.db.models import (
 from service.ledger.cancellation import DECLINED_BY_CUSTOMER, cancel_appointment
 from service.metrics import CALL_OUTCOMES, CONFIRMATIONS
 from service.reminders import (
+    Answerer,
     NoAnswerPolicy,
     Wording,
     advances,
     keypad_answer,
     outcome_of_final,
     retry_time,
+    round_bit,
 )
 from service.reminders.lifecycle import require
 from service.reminders.outcomes import CALL_SPEAKING, CALL_SPOKEN, FINAL_CALL_STATES, PRE_ANSWER_STATES
-from service.telephony.provider import Stamp
+from service.telephony.provider import GreetingWords, Stamp
 
 __all__ = [
     "Answer",
     "EventResult",
     "Fallback",
+    "Greeting",
     "KeypadResult",
     "SPEAKING",
     "SPOKEN",
     "answer",
+    "command_greeting",
+    "greeting_sent",
+    "greeting_words",
+    "heard_statement",
     "is_final",
     "keypad",
     "mark_heard",
@@ -73,6 +84,8 @@ __all__ = [
 
 # Providers whose speech is a command (Telnyx): the bound call's message has begun / ended.
 SPEAKING, SPOKEN = CALL_SPEAKING, CALL_SPOKEN
+# A reminder that may still bind its call: not finished, not cancelled or skipped.
+_BINDABLE = (ReminderStatus.PENDING, ReminderStatus.DISPATCHING, ReminderStatus.SENT)
 
 # (row with customer_name, starts_at, timezone, language) → the words, for a reminder planned
 # before its wording was stored
@@ -82,9 +95,10 @@ Fallback = Callable[[Any], Wording]
 @dataclass(frozen=True)
 class EventResult:
     known: bool  # the stamp names an attempt of that reminder, and the call id matches
-    cancel: list[str] = field(default_factory=list)  # calls to cancel: the reminder is bound elsewhere
+    cancel: list[str] = field(default_factory=list)  # calls to end: the reminder is bound elsewhere
     outcome: ReminderOutcome | None = None  # recorded by this event (the reminder's last call ended unanswered)
     retry_at: datetime | None = None  # set: the reminder is `pending` again, called at this time
+    duplicate: bool = False  # the event (by its id) was applied before: nothing done
 
 
 @dataclass(frozen=True)
@@ -98,23 +112,69 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class Greeting:
+    """The bound call's first words where speech is a command: `send` — this caller recorded the
+    greeting and sends its command (`words`) now; otherwise it was commanded before."""
+
+    send: bool
+    words: GreetingWords | None = None
+    bound: bool = True  # False: not the bound call of a current reminder (hang it up)
+
+
+def greeting_words(kind: Answerer, wording: Wording) -> GreetingWords:
+    """What the greeting of `kind` says: to a person the message and the keypad question, to a
+    machine the voicemail. The same for every sender of the one greeting command of a call."""
+    if kind is Answerer.MACHINE:
+        return GreetingWords(machine=True, text=wording.voicemail, language=wording.language)
+    return GreetingWords(machine=False, text=f"{wording.message} {wording.prompt}", language=wording.language)
+
+
+@dataclass(frozen=True)
 class KeypadResult:
-    bound: bool  # the digits came from the reminder's bound call
+    bound: bool  # the digits came from the bound call of a current reminder
     answer: Confirmation | None = None  # what the digits say (None: nothing usable)
     confirmation: Confirmation | None = None  # the appointment's confirmation now
     wording: Wording | None = None
     changed: bool = False  # this request recorded it (not a repeat)
+    repeated: bool = False  # this round was answered before (a replay): nothing recorded
 
 
-async def _attempt_for(session: Any, stamp: Stamp, call_id: str) -> Any | None:
-    """The attempt row, locked (PostgreSQL), if the stamp is consistent and the call id matches."""
-    row = (
-        await session.execute(
-            select(CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id, CallAttempt.last_sequence,
-                   CallAttempt.call_status)
-            .where(CallAttempt.id == stamp.attempt_id)
-            .with_for_update()
-        )
+def is_final(status: str | None) -> bool:
+    """The call is over (completed, busy, no-answer, canceled, failed)."""
+    return status in FINAL_CALL_STATES
+
+
+def _current() -> Any:
+    """A WHERE clause: the reminder belongs to its appointment's current plan, and the appointment
+    is scheduled (not cancelled or declined)."""
+    return exists().where(Appointment.id == Reminder.appointment_id, Appointment.plan == Reminder.plan,
+                          Appointment.status == AppointmentStatus.SCHEDULED)
+
+
+def _first_time(connection: Connection, event_id: str | None) -> bool:
+    """Record a provider event id; False when it was recorded before (a redelivery)."""
+    if not event_id:
+        return True
+    insert = postgresql.insert if connection.dialect.name != "sqlite" else sqlite.insert
+    inserted = connection.execute(
+        insert(ProviderEvent).values(id=event_id[:160], received_at=db_now())
+        .on_conflict_do_nothing(index_elements=[ProviderEvent.id]).returning(ProviderEvent.id)
+    ).first()
+    return inserted is not None
+
+
+_ATTEMPT_COLUMNS = (
+    CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id, CallAttempt.last_sequence,
+    CallAttempt.call_status, CallAttempt.greeting, CallAttempt.greeting_at, CallAttempt.keypad_rounds,
+    CallAttempt.ended_at, CallAttempt.answered_by,
+)
+
+
+def _attempt(connection: Connection, stamp: Stamp, call_id: str) -> Row[Any] | None:
+    """The attempt's row (locked on PostgreSQL) and the database's time, if the stamp is consistent
+    and the call id matches."""
+    row = connection.execute(
+        select(*_ATTEMPT_COLUMNS, db_now().label("now")).where(CallAttempt.id == stamp.attempt_id).with_for_update()
     ).first()
     if row is None or row.reminder_id != stamp.reminder_id:
         return None
@@ -123,83 +183,90 @@ async def _attempt_for(session: Any, stamp: Stamp, call_id: str) -> Any | None:
     return row
 
 
-def is_final(status: str | None) -> bool:
-    """The call is over (completed, busy, no-answer, canceled, failed)."""
-    return status in FINAL_CALL_STATES
+# -- status events ---------------------------------------------------------------------------------
 
 
 async def record_event(
-    db: Database, stamp: Stamp, call_id: str, status: str | None, order: int | None, now: datetime,
-    policy: NoAnswerPolicy | None = None,
+    db: Database, stamp: Stamp, call_id: str, status: str | None, order: int | None,
+    policy: NoAnswerPolicy | None = None, *, event_id: str | None = None, ended_at: datetime | None = None,
 ) -> EventResult:
     """Apply one status event of call `call_id` (`status` None: an event that moves no state, e.g.
-    digits gathered; `order`: the provider's order of the call's events, if it gives one); returns
-    what else to do. `policy` None: no retries."""
-    async with db.session() as session:
-        attempt = await _attempt_for(session, stamp, call_id)
-        if attempt is None:
-            await session.rollback()
-            return EventResult(known=False)
-        values: dict[str, object] = {"last_event_at": now, "provider_call_id": call_id}
-        applies = status is not None and advances(attempt.call_status, attempt.last_sequence, status, order)
-        if applies:
-            values["call_status"] = status
-            if order is not None:
-                values["last_sequence"] = order
-        await session.execute(update(CallAttempt).where(CallAttempt.id == attempt.id).values(values))
-        reminder = (
-            await session.execute(
-                select(Reminder.bound_call_id, Reminder.status, Reminder.no_answer_retries, Appointment.starts_at,
-                       Appointment.timezone, Appointment.status.label("appointment_status"))
-                .join(Appointment, Appointment.id == Reminder.appointment_id)
-                .where(Reminder.id == stamp.reminder_id)
-                .with_for_update(of=Reminder)
-            )
-        ).first()
-        outcome, retry_at = None, None
-        if applies and status in FINAL_CALL_STATES and reminder is not None and reminder.bound_call_id is None:
-            if not await _other_calls_alive(session, stamp):
-                outcome, retry_at = await _unanswered(session, stamp, reminder, status, now, policy)
-        await session.commit()
-    if outcome is not None:
-        CALL_OUTCOMES.labels(outcome.value).inc()
+    digits gathered; `order`: the provider's order of the call's events, if it gives one;
+    `event_id`: the provider's id of the event, if it gives one; `ended_at`: the provider's time of
+    a final event). `policy` None: no retries."""
+    result = await db.write(_record_event, stamp, call_id, status, order, policy, event_id, ended_at)
+    if result.outcome is not None:
+        CALL_OUTCOMES.labels(result.outcome.value).inc()
+    return result
+
+
+def _record_event(connection: Connection, stamp: Stamp, call_id: str, status: str | None, order: int | None,
+                  policy: NoAnswerPolicy | None, event_id: str | None, ended_at: datetime | None) -> EventResult:
+    if not _first_time(connection, event_id):
+        return EventResult(known=True, duplicate=True)
+    attempt = _attempt(connection, stamp, call_id)
+    if attempt is None:
+        return EventResult(known=False)
+    now = attempt.now
+    values: dict[str, object] = {"last_event_at": now, "provider_call_id": call_id}
+    applies = status is not None and advances(attempt.call_status, attempt.last_sequence, status, order)
+    if applies:
+        values["call_status"] = status
+        if order is not None:
+            values["last_sequence"] = order
+        if is_final(status):
+            values["ended_at"] = ended_at or now
+    connection.execute(update(CallAttempt).where(CallAttempt.id == attempt.id).values(values))
+    reminder = connection.execute(
+        select(Reminder.bound_call_id, Reminder.status, Reminder.no_answer_retries, Reminder.plan,
+               Appointment.plan.label("current_plan"), Appointment.starts_at, Appointment.timezone,
+               Appointment.status.label("appointment_status"))
+        .join(Appointment, Appointment.id == Reminder.appointment_id)
+        .where(Reminder.id == stamp.reminder_id)
+        .with_for_update(of=Reminder)
+    ).first()
+    outcome, retry_at = None, None
+    if applies and is_final(status) and reminder is not None and reminder.bound_call_id is None:
+        if not _other_calls_alive(connection, stamp):
+            assert status is not None
+            outcome, retry_at = _unanswered(connection, stamp, reminder, status, now, policy)
     bound = reminder.bound_call_id if reminder is not None else None
     cancel = [call_id] if bound is not None and bound != call_id and applies and status in PRE_ANSWER_STATES else []
     return EventResult(known=True, cancel=cancel, outcome=outcome, retry_at=retry_at)
 
 
-async def _other_calls_alive(session: Any, stamp: Stamp) -> bool:
+def _other_calls_alive(connection: Connection, stamp: Stamp) -> bool:
     """Whether another attempt of the reminder may still ring or be answered (an attempt whose
     result is unknown counts: its call may exist)."""
-    others = await session.execute(
+    others = connection.execute(
         select(CallAttempt.state, CallAttempt.call_status)
         .where(CallAttempt.reminder_id == stamp.reminder_id, CallAttempt.id != stamp.attempt_id)
     )
-    return any(state != AttemptState.NOT_CREATED and call_status not in FINAL_CALL_STATES
-               for state, call_status in others)
+    return any(state != AttemptState.NOT_CREATED and not is_final(call_status) for state, call_status in others)
 
 
-async def _unanswered(
-    session: Any, stamp: Stamp, reminder: Any, status: str, now: datetime, policy: NoAnswerPolicy | None
-) -> tuple[ReminderOutcome | None, datetime | None]:
-    """The reminder's last live call ended without an answer: record the outcome, and retry if due."""
+def _unanswered(connection: Connection, stamp: Stamp, reminder: Row[Any], status: str, now: datetime,
+                policy: NoAnswerPolicy | None) -> tuple[ReminderOutcome | None, datetime | None]:
+    """The reminder's last live call ended without an answer: record the outcome, and retry if due:
+    only a reminder of the appointment's current plan, scheduled, whose call was placed (`sent`) or
+    whose events beat the create's response (`dispatching`)."""
     outcome = outcome_of_final(status)
     if outcome is None:
         return None, None
     retry_at = None
-    # a call placed (`sent`), or one whose events beat the create's response (`dispatching`)
     if (policy is not None and reminder.status in (ReminderStatus.SENT, ReminderStatus.DISPATCHING)
+            and reminder.plan == reminder.current_plan
             and reminder.appointment_status == AppointmentStatus.SCHEDULED):
         retry_at = retry_time(policy, outcome=outcome, retries_used=reminder.no_answer_retries, now=now,
                               starts_at=reminder.starts_at, timezone=reminder.timezone)
     statement = update(Reminder).where(Reminder.id == stamp.reminder_id, Reminder.bound_call_id.is_(None))
     if retry_at is None:
-        await session.execute(statement.values(outcome=outcome))
+        connection.execute(statement.values(outcome=outcome))
         return outcome, None
     # sent → pending (or dispatching → pending when the event beat the create's response: the
     # dispatcher's late `sent` is then refused, the reminder being no longer its claim)
     require(reminder.status, ReminderStatus.PENDING)
-    await session.execute(
+    connection.execute(
         statement.where(Reminder.status == reminder.status)
         .values(outcome=outcome, status=ReminderStatus.PENDING, next_attempt_at=retry_at,
                 no_answer_retries=Reminder.no_answer_retries + 1,
@@ -208,132 +275,249 @@ async def _unanswered(
     return outcome, retry_at
 
 
+# -- answering -------------------------------------------------------------------------------------
+
+
 def _wording(row: Any, fallback: Fallback) -> Wording:
     return Wording.from_json(row.wording) if row.wording else fallback(row)
 
 
+_WORDS = (Reminder.bound_call_id, Reminder.outcome, Reminder.wording, Appointment.customer_name,
+          Appointment.starts_at, Appointment.timezone, Appointment.language)
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """`_answer`'s word for the bound call: its row, the reminder's other calls to end, and the
+    outcome recorded if this request bound it."""
+
+    row: Any
+    cancel: list[str]
+    newly_bound: bool
+    outcome: ReminderOutcome | None
+
+
 async def answer(
-    db: Database, stamp: Stamp, call_id: str, now: datetime, *, machine: bool = False,
+    db: Database, stamp: Stamp, call_id: str, *, who: Answerer = Answerer.PERSON, answered_by: str | None = None,
     fallback: Fallback, heard_later: bool = False,
 ) -> Answer:
     """Bind `call_id` to its reminder if none is bound yet; say whether it may speak, and what.
 
-    `machine`: the provider detected an answering machine (the outcome is then `voicemail`).
-    `heard_later`: the message is a later command (Telnyx): bound without an outcome, which
-    `mark_heard` records when the speech begins. A call already over is never bound (a late,
-    repeated answer)."""
-    async with db.session() as session:
-        attempt = await _attempt_for(session, stamp, call_id)
-        if attempt is None or is_final(attempt.call_status):
-            await session.rollback()
-            return Answer(speak=False, over=attempt is not None)
-        await session.execute(
-            update(CallAttempt)
-            .where(CallAttempt.id == attempt.id)
-            .values(provider_call_id=call_id, last_event_at=now)
-        )
-        scheduled = exists().where(
-            Appointment.id == Reminder.appointment_id, Appointment.status == AppointmentStatus.SCHEDULED
-        )
-        outcome = ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED
-        bound = await session.execute(
-            update(Reminder)
-            .where(
-                Reminder.id == stamp.reminder_id,
-                Reminder.bound_call_id.is_(None),
-                Reminder.status.not_in((ReminderStatus.CANCELLED, ReminderStatus.SKIPPED)),
-                scheduled,
-            )
-            .values(bound_call_id=call_id, bound_attempt_id=stamp.attempt_id,
-                    outcome=None if heard_later else outcome, answered_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        newly_bound = bound.rowcount == 1
-        row = (
-            await session.execute(
-                select(Reminder.bound_call_id, Reminder.outcome, Reminder.wording, Appointment.customer_name,
-                       Appointment.starts_at, Appointment.timezone, Appointment.language)
-                .join(Appointment, Appointment.id == Reminder.appointment_id)
-                .where(Reminder.id == stamp.reminder_id)
-            )
-        ).first()
-        speak = row is not None and row.bound_call_id == call_id
-        cancel: list[str] = []
-        if newly_bound:
-            others = await session.execute(
-                select(CallAttempt.provider_call_id).where(
-                    CallAttempt.reminder_id == stamp.reminder_id,
-                    CallAttempt.id != stamp.attempt_id,
-                    CallAttempt.provider_call_id.is_not(None),
-                    or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.in_(PRE_ANSWER_STATES)),
-                )
-            )
-            cancel = [other for (other,) in others]
-        await session.commit()
-    if newly_bound and not heard_later:
-        CALL_OUTCOMES.labels(outcome.value).inc()
-    if not speak:
+    `who` answered (a machine: the outcome is `voicemail`; a fax is never bound). `heard_later`:
+    the message is a later command (Telnyx): bound without an outcome, which `greeting_sent` or
+    `mark_heard` records. A call already over is never bound (a late, repeated answer), nor a
+    reminder that is finished, superseded by a re-plan, or whose appointment is cancelled."""
+    result = await db.write(_answer, stamp, call_id, who, answered_by, heard_later)
+    if isinstance(result, Answer):
+        return result
+    if result.outcome is not None:
+        CALL_OUTCOMES.labels(result.outcome.value).inc()
+    return Answer(speak=True, wording=_wording(result.row, fallback),
+                  machine=result.row.outcome == ReminderOutcome.VOICEMAIL, newly_bound=result.newly_bound,
+                  cancel=result.cancel)
+
+
+def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, answered_by: str | None,
+            heard_later: bool) -> Answer | _Bound:
+    attempt = _attempt(connection, stamp, call_id)
+    if attempt is None or is_final(attempt.call_status):
+        return Answer(speak=False, over=attempt is not None)
+    values: dict[str, object] = {"provider_call_id": call_id, "last_event_at": attempt.now}
+    if answered_by:
+        values["answered_by"] = answered_by[:32]
+    connection.execute(update(CallAttempt).where(CallAttempt.id == attempt.id).values(values))
+    if who is Answerer.FAX:
+        return Answer(speak=False)
+    outcome = ReminderOutcome.VOICEMAIL if who is Answerer.MACHINE else ReminderOutcome.ANSWERED
+    bound = connection.execute(
+        update(Reminder)
+        .where(Reminder.id == stamp.reminder_id, Reminder.bound_call_id.is_(None), Reminder.status.in_(_BINDABLE),
+               _current())
+        .values(bound_call_id=call_id, bound_attempt_id=stamp.attempt_id,
+                outcome=None if heard_later else outcome, answered_at=attempt.now)
+    )
+    newly_bound = bound.rowcount == 1
+    cancel = _other_calls_to_end(connection, stamp) if newly_bound else []
+    row = connection.execute(
+        select(*_WORDS).join(Appointment, Appointment.id == Reminder.appointment_id)
+        .where(Reminder.id == stamp.reminder_id)
+    ).first()
+    if row is None or row.bound_call_id != call_id:
         return Answer(speak=False, newly_bound=newly_bound, cancel=cancel)
-    assert row is not None
-    return Answer(speak=True, wording=_wording(row, fallback), machine=row.outcome == ReminderOutcome.VOICEMAIL,
-                  newly_bound=newly_bound, cancel=cancel)
+    return _Bound(row, cancel, newly_bound, outcome if newly_bound and not heard_later else None)
+
+
+def _other_calls_to_end(connection: Connection, stamp: Stamp) -> list[str]:
+    """The reminder's other calls that may still ring: a bound reminder ends them."""
+    others = connection.execute(
+        select(CallAttempt.provider_call_id).where(
+            CallAttempt.reminder_id == stamp.reminder_id,
+            CallAttempt.id != stamp.attempt_id,
+            CallAttempt.provider_call_id.is_not(None),
+            or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.in_(PRE_ANSWER_STATES)),
+        )
+    )
+    return [other for (other,) in others]
+
+
+# -- the greeting (speech as a command) ------------------------------------------------------------
+
+
+_BOUND_HERE = (Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.status, Reminder.plan, Reminder.outcome,
+               Reminder.wording, Appointment.plan.label("current_plan"), Appointment.status.label("appointment_status"),
+               Appointment.customer_name, Appointment.starts_at, Appointment.timezone, Appointment.language)
+
+
+def _bound_and_current(row: Any, stamp: Stamp, call_id: str) -> bool:
+    return (row is not None and row.bound_call_id == call_id and row.bound_attempt_id == stamp.attempt_id
+            and row.plan == row.current_plan and row.appointment_status == AppointmentStatus.SCHEDULED
+            and row.status not in (ReminderStatus.CANCELLED, ReminderStatus.SKIPPED))
+
+
+def _reminder_of(connection: Connection, stamp: Stamp) -> Row[Any] | None:
+    return connection.execute(
+        select(*_BOUND_HERE).join(Appointment, Appointment.id == Reminder.appointment_id)
+        .where(Reminder.id == stamp.reminder_id)
+    ).first()
+
+
+async def command_greeting(db: Database, stamp: Stamp, call_id: str, kind: Answerer, *,
+                           fallback: Fallback) -> Greeting:
+    """Record that the bound call's greeting (`kind`: a person's message and question, or a
+    machine's voicemail) is about to be commanded — once per call, whoever comes first (an event's
+    handler, the leader's sweep). The caller that gets `send` sends the command; a later caller
+    finds it recorded and sends nothing (a repeat could speak twice)."""
+    return await db.write(_command_greeting, stamp, call_id, kind, fallback)
+
+
+def _command_greeting(connection: Connection, stamp: Stamp, call_id: str, kind: Answerer,
+                      fallback: Fallback) -> Greeting:
+    attempt = _attempt(connection, stamp, call_id)
+    row = _reminder_of(connection, stamp)
+    if attempt is None or is_final(attempt.call_status) or not _bound_and_current(row, stamp, call_id):
+        return Greeting(send=False, bound=False)
+    recorded = connection.execute(
+        update(CallAttempt).where(CallAttempt.id == attempt.id, CallAttempt.greeting.is_(None))
+        .values(greeting=kind, greeting_at=attempt.now)
+    )
+    if recorded.rowcount != 1:
+        return Greeting(send=False)
+    return Greeting(send=True, words=greeting_words(kind, _wording(row, fallback)))
+
+
+async def greeting_sent(db: Database, stamp: Stamp, call_id: str, *, accepted: bool | None) -> None:
+    """What the provider said of the greeting's command: `accepted` (the words are under way: the
+    reminder's outcome, `answered` or `voicemail`, recorded once), False (the call was already over:
+    nothing spoken), None (unknown: the command may have run)."""
+    if accepted is None:
+        return
+    outcome = await db.write(_greeting_sent, stamp, call_id, accepted)
+    if outcome is not None:
+        CALL_OUTCOMES.labels(outcome.value).inc()
+
+
+def _greeting_sent(connection: Connection, stamp: Stamp, call_id: str, accepted: bool) -> ReminderOutcome | None:
+    attempt = connection.execute(
+        update(CallAttempt)
+        .where(CallAttempt.id == stamp.attempt_id, CallAttempt.provider_call_id == call_id,
+               CallAttempt.greeting.is_not(None), CallAttempt.greeting_result.is_(None))
+        .values(greeting_result="accepted" if accepted else "ended")
+        .returning(CallAttempt.greeting)
+    ).first()
+    if attempt is None or not accepted:
+        return None
+    return _heard(connection, stamp, call_id, Answerer(attempt.greeting) is Answerer.MACHINE)
+
+
+def heard_statement(stamp: Stamp, call_id: str, machine: bool) -> Any:
+    """The bound call's outcome (`answered`, or `voicemail` for a machine), recorded once."""
+    return (
+        update(Reminder)
+        .where(Reminder.id == stamp.reminder_id, Reminder.bound_call_id == call_id,
+               Reminder.bound_attempt_id == stamp.attempt_id, Reminder.outcome.is_(None))
+        .values(outcome=ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED)
+    )
+
+
+def _heard(connection: Connection, stamp: Stamp, call_id: str, machine: bool) -> ReminderOutcome | None:
+    """The bound call's outcome, recorded once; the outcome if this recorded it."""
+    first = connection.execute(heard_statement(stamp, call_id, machine))
+    if first.rowcount != 1:
+        return None
+    return ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED
+
+
+async def mark_heard(db: Database, stamp: Stamp, call_id: str, *, machine: bool = False) -> bool:
+    """The bound call's message has begun (Telnyx's `call.speak.started` / `.ended`): the reminder's
+    outcome is `answered` (`voicemail` for a machine), recorded once. False if the call is not the
+    bound one."""
+    outcome, bound = await db.write(_mark_heard, stamp, call_id, machine)
+    if outcome is not None:
+        CALL_OUTCOMES.labels(outcome.value).inc()
+    return bound
+
+
+def _mark_heard(connection: Connection, stamp: Stamp, call_id: str, machine: bool) -> tuple[Any, bool]:
+    outcome = _heard(connection, stamp, call_id, machine)
+    bound = connection.execute(select(Reminder.id).where(
+        Reminder.id == stamp.reminder_id, Reminder.bound_call_id == call_id,
+        Reminder.bound_attempt_id == stamp.attempt_id)).first() is not None
+    return outcome, bound
+
+
+# -- the keypad --------------------------------------------------------------------------------------
 
 
 async def keypad(
-    db: Database, stamp: Stamp, call_id: str, digits: str | None, now: datetime, *, fallback: Fallback
+    db: Database, stamp: Stamp, call_id: str, digits: str | None, *, round_: int = 1,
+    pressed_at: datetime | None = None, event_id: str | None = None, fallback: Fallback,
 ) -> KeypadResult:
-    """Apply the digits pressed on `call_id`: only the reminder's bound call may answer. 1 confirms
-    the appointment, 2 declines it (the appointment and its pending reminders are cancelled)."""
+    """Apply the digits pressed on `call_id` at keypad round `round_`: only the bound call of a
+    current reminder answers, each round once, and only while the call was live (`pressed_at`, the
+    provider's time of the digits, not after its hang-up). 1 confirms the appointment, 2 declines it
+    (the appointment is cancelled, its unfinished reminders superseded)."""
     answer_ = keypad_answer(digits)
-    found = await db.write(_keypad, stamp, call_id, answer_, now)
+    found = await db.write(_keypad, stamp, call_id, answer_, round_bit(round_), pressed_at, event_id)
     if found is None:
         return KeypadResult(bound=False)
-    row, changed = found
+    row, changed, repeated = found
     now_confirmation = answer_ if changed else (Confirmation(row.confirmation) if row.confirmation else None)
     if changed:
         CONFIRMATIONS.labels(answer_.value).inc()  # type: ignore[union-attr]
     return KeypadResult(bound=True, answer=answer_, confirmation=now_confirmation, wording=_wording(row, fallback),
-                        changed=changed)
+                        changed=changed, repeated=repeated)
 
 
-def _keypad(connection: Connection, stamp: Stamp, call_id: str, answer_: Confirmation | None,
-            now: datetime) -> tuple[Any, bool] | None:
-    """The reminder's row and whether `answer_` changed the appointment; None if `call_id` is not
-    the reminder's bound call."""
+def _keypad(connection: Connection, stamp: Stamp, call_id: str, answer_: Confirmation | None, bit: int,
+            pressed_at: datetime | None, event_id: str | None) -> tuple[Any, bool, bool] | None:
+    """The reminder's row, whether `answer_` changed the appointment and whether the round was a
+    repeat; None if `call_id` is not the bound call of a current reminder, or was pressed after it
+    ended."""
+    if not _first_time(connection, event_id):
+        return None
     row = connection.execute(
-        select(Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.wording, Appointment.id,
-               Appointment.status, Appointment.confirmation, Appointment.customer_name,
-               Appointment.starts_at, Appointment.timezone, Appointment.language)
+        select(*_BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation,
+               CallAttempt.keypad_rounds, CallAttempt.ended_at)
         .join(Appointment, Appointment.id == Reminder.appointment_id)
+        .join(CallAttempt, CallAttempt.id == stamp.attempt_id)
         .where(Reminder.id == stamp.reminder_id)
         .with_for_update(of=Appointment)
     ).first()
-    if row is None or row.bound_call_id != call_id or row.bound_attempt_id != stamp.attempt_id:
+    if not _bound_and_current(row, stamp, call_id):
         return None
-    if answer_ is None or row.status != AppointmentStatus.SCHEDULED:
-        return row, False
+    if pressed_at is not None and row.ended_at is not None and pressed_at > row.ended_at:
+        return None  # pressed after the call ended: not an answer of this call
+    if row.keypad_rounds & bit:
+        return row, False, True
+    connection.execute(update(CallAttempt).where(CallAttempt.id == stamp.attempt_id)
+                       .values(keypad_rounds=CallAttempt.keypad_rounds.op("|")(bit)))
+    if answer_ is None:
+        return row, False, False
+    now = connection.execute(select(db_now())).scalar_one()
     if answer_ is Confirmation.DECLINED:
-        cancel_appointment(connection, row.id, DECLINED_BY_CUSTOMER, now, confirmation=answer_)
-        return row, True
-    connection.execute(update(Appointment).where(Appointment.id == row.id)
+        cancel_appointment(connection, row.appointment_id, DECLINED_BY_CUSTOMER, now, confirmation=answer_)
+        return row, True, False
+    connection.execute(update(Appointment).where(Appointment.id == row.appointment_id)
                        .values(confirmation=answer_, updated_at=now))
-    return row, row.confirmation != answer_
+    return row, row.confirmation != answer_, False
 
-
-async def mark_heard(db: Database, stamp: Stamp, call_id: str, *, machine: bool = False) -> bool:
-    """The bound call's message has begun (Telnyx's `call.speak.started` / `.ended`, the gather's
-    speech accepted; in any order): the reminder's outcome is `answered` (`voicemail` for a
-    machine), recorded once. False if the call is not the bound one."""
-    outcome = ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED
-    bound_here = (Reminder.id == stamp.reminder_id, Reminder.bound_call_id == call_id,
-                  Reminder.bound_attempt_id == stamp.attempt_id)
-    async with db.session() as session:
-        first = await session.execute(
-            update(Reminder).where(*bound_here, Reminder.outcome.is_(None)).values(outcome=outcome)
-            .execution_options(synchronize_session=False)
-        )
-        bound = (await session.execute(select(Reminder.id).where(*bound_here))).first() is not None
-        await session.commit()
-    if first.rowcount == 1:
-        CALL_OUTCOMES.labels(outcome.value).inc()
-    return bound

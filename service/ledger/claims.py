@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from sqlalchemy import String, and_, any_, bindparam, case, or_, select, update
@@ -19,6 +19,7 @@ from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.sql.dml import Update
 
 from service.db import Database
+from service.db.clock import read_now
 from service.db.models import Appointment, LeaderFence, Reminder, utcnow
 from service.ledger.fence import FENCE_ROW, StaleTerm, current_fence, fence_holds, fence_token_query, raise_fence
 from service.ledger.outcome import Outcome
@@ -106,6 +107,8 @@ class ReminderStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # the database's clock minus this process's, as the last claim measured it
+        self.clock_offset = timedelta(0)
 
     async def raise_fence(self, token: int, holder: str) -> None:
         """Set the fence to `token`, unless the database already holds a newer one (StaleTerm)."""
@@ -114,33 +117,38 @@ class ReminderStore:
     async def current_fence(self) -> int | None:
         return await current_fence(self.db)
 
-    async def claim(self, token: int, holder: str, *, limit: int, now: datetime, stale_after: timedelta) -> list[Claim]:
+    async def claim(self, token: int, holder: str, *, limit: int, stale_after: timedelta,
+                    now: datetime | None = None) -> list[Claim]:
         """Mark up to `limit` reminders `dispatching` under `token`; StaleTerm if the fence moved on.
 
         Claimed first: reminders left `dispatching` by an older term (its calls may be in flight:
         they are completed with the same key), and this term's own claims older than
         `stale_after` (whose outcome was never recorded). Then pending reminders that are due.
+        `now` is the database's time unless given (tests); `clock_offset` keeps its distance to
+        this process's clock for the term's other times.
         """
-        orphaned = and_(
-            Reminder.status == ReminderStatus.DISPATCHING,
-            or_(
-                Reminder.fence_token < token,
-                Reminder.fence_token.is_(None),
-                and_(Reminder.fence_token == token, Reminder.claimed_at < now - stale_after),
-            ),
-        )
-        due = and_(Reminder.status == ReminderStatus.PENDING, Reminder.next_attempt_at <= now)
-        candidates = (
-            select(Reminder.id)
-            .where(or_(orphaned, due))
-            .order_by(case((Reminder.status == ReminderStatus.DISPATCHING, 0), else_=1), Reminder.next_attempt_at)
-            .limit(limit)
-        )
-        if not self.db.is_sqlite:
-            candidates = candidates.with_for_update(skip_locked=True)
         require(ReminderStatus.PENDING, ReminderStatus.DISPATCHING)
         async with self.db.session() as session:
+            if now is None:
+                now = await read_now(session)
+                self.clock_offset = now - datetime.now(UTC)
+            orphaned = and_(
+                Reminder.status == ReminderStatus.DISPATCHING,
+                or_(
+                    Reminder.fence_token < token,
+                    Reminder.fence_token.is_(None),
+                    and_(Reminder.fence_token == token, Reminder.claimed_at < now - stale_after),
+                ),
+            )
+            due = and_(Reminder.status == ReminderStatus.PENDING, Reminder.next_attempt_at <= now)
+            candidates = (
+                select(Reminder.id)
+                .where(or_(orphaned, due))
+                .order_by(case((Reminder.status == ReminderStatus.DISPATCHING, 0), else_=1), Reminder.next_attempt_at)
+                .limit(limit)
+            )
             if not self.db.is_sqlite:
+                candidates = candidates.with_for_update(skip_locked=True)
                 fence = await session.execute(
                     select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW).with_for_update(read=True)
                 )

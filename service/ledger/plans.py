@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, and_, bindparam, delete, insert, or_, select, union_all, update
+from sqlalchemy import Insert, bindparam, delete, insert, select, union_all, update
 from sqlalchemy.engine import Connection
 
 from service.db.models import Appointment, Reminder
-from service.ledger.cancellation import REPLANNED, cancel_pending
+from service.ledger.cancellation import REPLANNED, supersede
 from service.reminders.lifecycle import ReminderStatus
 
 __all__ = [
     "APPOINTMENT_INSERT_COLUMNS", "REMINDER_INSERT_COLUMNS", "Replanned", "change_appointment", "insert_appointment",
+    "insert_plan",
 ]
 
 _A, _R = Appointment.__table__, Reminder.__table__
@@ -29,20 +30,18 @@ _A, _R = Appointment.__table__, Reminder.__table__
 APPOINTMENT_INSERT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "remind_at", "status",
                               "language", "created_at", "updated_at")
 REMINDER_INSERT_COLUMNS = ("id", "appointment_id", "due_at", "next_attempt_at", "status", "attempts",
-                           "idempotency_key", "wording", "no_answer_retries", "created_at", "updated_at")
+                           "idempotency_key", "wording", "no_answer_retries", "plan", "created_at", "updated_at")
 # Every column named with its type: a create's parameters are exactly these.
 _INSERT_APPOINTMENT = insert(_A).values({name: bindparam(name, type_=_A.c[name].type)
                                          for name in APPOINTMENT_INSERT_COLUMNS})
 _INSERT_REMINDERS = insert(_R)
-# The reminders a re-plan supersedes that no leader ever touched (docs/decisions/0125): pending
-# ones never claimed, and those an earlier re-plan cancelled before any claim.
+# The reminders a re-plan superseded that no leader ever touched (docs/decisions/0125): never
+# claimed, cancelled by this re-plan or an earlier one.
 _PRUNE_SUPERSEDED = (
     delete(_R)
     .where(
         _R.c.appointment_id == bindparam("of_appointment"), _R.c.attempts == 0, _R.c.fence_token.is_(None),
-        _R.c.claimed_at.is_(None),
-        or_(_R.c.status == ReminderStatus.PENDING,
-            and_(_R.c.status == ReminderStatus.CANCELLED, _R.c.skip_reason == REPLANNED)),
+        _R.c.claimed_at.is_(None), _R.c.status == ReminderStatus.CANCELLED, _R.c.skip_reason == REPLANNED,
     )
     .returning(_R.c.id)
 )
@@ -83,26 +82,35 @@ def insert_appointment(connection: Connection, appointment: dict[str, Any], remi
 
 @dataclass(frozen=True)
 class Replanned:
+    plan: int  # the appointment's plan now: the new reminders' plan
     pruned: set[str]  # reminders of the old plan deleted: no leader ever touched them
-    cancelled: set[str]  # reminders of the old plan `cancelled` ("re-planned")
+    cancelled: set[str]  # reminders of the old plan superseded (`cancelled`, "re-planned")
+    owed: list[datetime]  # when each superseded reminder was owed a call not yet made
 
 
 def change_appointment(connection: Connection, appointment_id: str, values: dict[str, Any], now: datetime, *,
-                       new_plan: list[dict[str, Any]] | None, clear_confirmation: bool) -> Replanned | None:
-    """Write `values` to the appointment (its row locked by the caller) in one UPDATE, with its
-    `confirmation` cleared when the customer's answer was for the old time; with `new_plan`, the
-    old plan is superseded and `new_plan`'s reminders are inserted.
+                       replan: bool, clear_confirmation: bool) -> Replanned | None:
+    """Write `values` to the appointment (its row locked by the caller) in one UPDATE, its
+    `confirmation` cleared when the customer's answer was for the old time. With `replan`, the
+    appointment's next plan begins: every unfinished reminder of the old one is superseded
+    (service.ledger.cancellation), and those no leader ever touched are deleted (nothing was called
+    for them, and a client's re-plans cannot grow the table); `insert_plan` adds the new one.
 
-    A reminder of the old plan no leader ever touched is deleted (nothing was called for it, and a
-    client's re-plans cannot grow the table); the other `pending` ones are cancelled. The
-    dispatcher's claim and these statements exclude each other (row locks on PostgreSQL, one
+    The dispatcher's claim and these statements exclude each other (row locks on PostgreSQL, one
     writer on SQLite)."""
     if clear_confirmation:
         values = {**values, "confirmation": None}
-    connection.execute(update(_A).where(_A.c.id == appointment_id).values(values))
-    if new_plan is None:
+    if replan:
+        values = {**values, "plan": _A.c.plan + 1}
+    plan = connection.execute(update(_A).where(_A.c.id == appointment_id).values(values).returning(_A.c.plan))
+    if not replan:
         return None
+    current = plan.scalar_one()
+    superseded = supersede(connection, appointment_id, REPLANNED, now)
     pruned = set(connection.execute(_PRUNE_SUPERSEDED, {"of_appointment": appointment_id}).scalars())
-    cancelled = cancel_pending(connection, appointment_id, REPLANNED, now)
-    _insert_reminders(connection, new_plan)
-    return Replanned(pruned, cancelled)
+    return Replanned(current, pruned, superseded.cancelled - pruned, superseded.owed)
+
+
+def insert_plan(connection: Connection, reminders: list[dict[str, Any]]) -> None:
+    """A plan's (`pending`) reminders, in one executemany."""
+    _insert_reminders(connection, reminders)

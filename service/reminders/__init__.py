@@ -20,14 +20,16 @@ from service.reminders.lifecycle import (
 )
 from service.reminders.numbers import NumberPolicy, PhoneNumber, number_refusal, parse_phone
 from service.reminders.outcomes import (
+    Answerer,
     Confirmation,
     NoAnswerPolicy,
     ReminderOutcome,
     advances,
-    is_machine,
+    answerer,
     keypad_answer,
     outcome_of_final,
     retry_time,
+    round_bit,
 )
 from service.reminders.planning import (
     CallDecision,
@@ -51,7 +53,9 @@ __all__ = [
     "ReminderOutcome",
     "Wording",
     "advances",
-    "is_machine",
+    "Answerer",
+    "answerer",
+    "round_bit",
     "keypad_answer",
     "normalize_language",
     "outcome_of_final",

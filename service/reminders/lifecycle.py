@@ -34,15 +34,17 @@ TRANSITIONS: dict[ReminderStatus, frozenset[ReminderStatus]] = {
     # the call's outcome: placed, given up, skipped (misfire, appointment started), the appointment
     # was cancelled meanwhile; or back to pending for a retry or to wait for the call window
     _S.DISPATCHING: frozenset({_S.SENT, _S.FAILED, _S.SKIPPED, _S.CANCELLED, _S.PENDING}),
-    # real providers: nobody answered (no_answer / busy) and a retry is due (NO_ANSWER_RETRIES)
-    _S.SENT: frozenset({_S.PENDING}),
+    # real providers: nobody answered (no_answer / busy) and a retry is due (NO_ANSWER_RETRIES), or
+    # the bound call ended before its message began; or a re-plan or cancellation supersedes a
+    # reminder whose call is still unanswered (docs/decisions/0181)
+    _S.SENT: frozenset({_S.PENDING, _S.CANCELLED}),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
     _S.SKIPPED: frozenset(),
 }
 
-# Final: nothing more happens to the reminder. `sent` is final except for the no-answer retry of a
-# real provider (then the reminder is `pending` again with its next time).
+# Final: nothing more happens to the reminder. `sent` is final except while a real provider's call
+# is unanswered: a no-answer retry makes it `pending` again, a re-plan `cancelled`.
 TERMINAL = frozenset({_S.SENT, _S.FAILED, _S.CANCELLED, _S.SKIPPED})
 
 

@@ -22,12 +22,15 @@ __all__ = [
     "CALL_SPOKEN",
     "FINAL_CALL_STATES",
     "LIVE_CALL_STATES",
+    "MACHINE_ANSWERS",
     "PRE_ANSWER_STATES",
     "Confirmation",
     "NoAnswerPolicy",
     "ReminderOutcome",
     "advances",
-    "is_machine",
+    "Answerer",
+    "answerer",
+    "round_bit",
     "keypad_answer",
     "outcome_of_final",
     "retry_time",
@@ -67,11 +70,26 @@ FINAL_CALL_STATES = frozenset({"completed", "busy", "no-answer", "failed", "canc
 PRE_ANSWER_STATES = ("queued", "initiated", "ringing")
 _FINAL_RANK = 6
 
-# A machine: Twilio's AnsweredBy (MachineDetection=Enable gives machine_start; the others come with
-# DetectMessageEnd), Telnyx's `call.machine.detection.ended` result (`machine`). `human`, `unknown`
-# (Twilio) and `not_sure` (Telnyx) are spoken to as a person.
-_MACHINE = frozenset({"machine", "machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other",
-                      "fax"})
+# Who answered, as each provider's machine detection says it (docs/DESIGN.md, "Machine detection").
+# Twilio's AnsweredBy: `human`, `unknown`; `machine_start` (MachineDetection=Enable, as soon as a
+# machine is heard); `machine_end_beep`, `machine_end_silence`, `machine_end_other`
+# (DetectMessageEnd: the machine's greeting is over, the message can be left); `fax`. Telnyx's
+# `call.machine.detection.ended` result: `human`, `machine`, `not_sure`; premium: `human_residence`,
+# `human_business`, `machine`, `silence`, `fax_detected`, `not_sure`. Anything unknown is spoken to
+# as a person (the providers recommend it for `not_sure`).
+MACHINE_ANSWERS = frozenset({"machine", "machine_start", "machine_end_beep", "machine_end_silence",
+                             "machine_end_other"})
+_FAX = frozenset({"fax", "fax_detected"})
+
+
+class Answerer(StrEnum):
+    """Who answered a call: a person hears the message and the keypad question, a machine the
+    short voicemail after its beep, a fax nothing (it is hung up: not a voicemail)."""
+
+    PERSON = "person"
+    MACHINE = "machine"
+    FAX = "fax"
+
 
 _OUTCOME_OF_FINAL = {
     "no-answer": ReminderOutcome.NO_ANSWER,
@@ -111,8 +129,19 @@ def keypad_answer(digits: str | None) -> Confirmation | None:
     return _KEYS.get((digits or "").strip())
 
 
-def is_machine(answered_by: str | None) -> bool:
-    return (answered_by or "").strip().lower() in _MACHINE
+def answerer(answered_by: str | None) -> Answerer:
+    """Who answered, from a provider's machine detection result (None: not detected)."""
+    value = (answered_by or "").strip().lower()
+    if value in MACHINE_ANSWERS:
+        return Answerer.MACHINE
+    return Answerer.FAX if value in _FAX else Answerer.PERSON
+
+
+def round_bit(round_: int) -> int:
+    """The bit of keypad round `round_` (1, 2, …) in a call's `keypad_rounds`."""
+    if not 1 <= round_ <= 30:
+        raise ReminderError("a keypad round is 1 to 30")
+    return 1 << (round_ - 1)
 
 
 @dataclass(frozen=True)

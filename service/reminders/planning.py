@@ -84,11 +84,15 @@ def plan_reminders(
     now: datetime,
     offsets: Sequence[ReminderOffset] = (),
     explicit: Iterable[datetime] | None = None,
+    owed: Iterable[datetime] = (),
 ) -> Plan:
     """Due times for an appointment: the explicit times if given, else one per offset rule.
 
     Each time is moved into the call window (earlier, never later). A time that would not come
-    before the appointment, or that has already passed, is reported as unplanned.
+    before the appointment, or that has already passed, is reported as unplanned. `owed`: calls an
+    earlier plan owed and had not made (a re-plan supersedes them): each stays due, at its time or
+    now, whatever the rules say, while the appointment is still ahead (the dispatcher waits for the
+    call window).
     """
     candidates = (
         [(t.isoformat(), t.astimezone(UTC)) for t in explicit]
@@ -103,6 +107,13 @@ def plan_reminders(
             unplanned.append(Unplanned(rule, "no time inside the call window before the appointment"))
         elif due < now:
             unplanned.append(Unplanned(rule, "its time (after fitting the call window) has already passed"))
+        elif due not in due_times:
+            due_times.append(due)
+    for moment in owed:
+        due = max(moment, now)
+        if due >= starts_at:
+            unplanned.append(Unplanned("owed by the plan before",
+                                       "the appointment starts before the call could be made"))
         elif due not in due_times:
             due_times.append(due)
     return Plan(sorted(due_times), unplanned)

@@ -231,7 +231,7 @@ class HttpAdapter:
     async def aclose(self) -> None:
         await self._transport.aclose()
 
-    async def _send(self, request: httpx.Request) -> httpx.Response:
+    async def _send_request(self, request: httpx.Request) -> httpx.Response:
         return await send_capped(self._transport, request)
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "CallSpec",
     "CreateKind",
     "CreateResult",
+    "GreetingWords",
     "LiveCall",
     "LIVE_STATUSES",
     "Provider",
@@ -186,17 +187,34 @@ class Provider(Protocol):
         """End a queued or ringing call before it is answered; False if it could not be done."""
         ...
 
+    async def call_state(self, call_id: str) -> str | None:
+        """The call's state now (Twilio's names: a final one once it is over), for a call whose
+        final event never came; None when the provider cannot tell now."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GreetingWords:
+    """The first words of a bound call: for a person the message and the keypad question (one
+    command that speaks, then listens), for a machine the voicemail."""
+
+    machine: bool
+    text: str
+    language: str | None = None
 
 
 @runtime_checkable
 class SpeechCommands(Protocol):
     """A provider whose speech is a command sent to an answered call (Telnyx), not the webhook's
-    answer (Twilio's TwiML). Each command carries a `command_id`: a repeat is not spoken twice."""
+    answer (Twilio's TwiML). Each command carries a `command_id`: a repeat is not spoken twice
+    while the provider remembers it (Telnyx: 60 s)."""
 
-    async def speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp) -> bool:
-        """Speak `message` on the call; True once the provider accepted the command, or when the
-        call is already over (nothing more to do for it); False: try again later."""
+    async def greet(self, call_id: str, words: GreetingWords, *, stamp: Stamp) -> bool | None:
+        """Send the call's greeting: ONE command per call (the same id and words whoever sends it
+        and however often). True: the provider accepted it; False: the call is already over
+        (nothing was spoken); None: unknown (a timeout, a 5xx — it may have run)."""
         ...
 
     async def hang_up(self, call_id: str, *, command_id: str | None = None, stamp: Stamp | None = None) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 
 from service.telephony.provider import Stamp
 
-__all__ = ["TelnyxEvent", "hangup_status", "parse_event"]
+__all__ = ["HANGUP_STATUS", "TelnyxEvent", "hangup_status", "parse_event"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,26 @@ def parse_event(body: bytes) -> TelnyxEvent | None:
 
 
 # Telnyx's hangup causes → the call status the attempts record (Twilio's vocabulary).
-_HANGUP_STATUS = {"user_busy": "busy", "timeout": "no-answer", "originator_cancel": "canceled",
-                  "call_rejected": "failed", "not_found": "failed", "unallocated_number": "failed"}
+# Every `hangup_cause` Telnyx documents for `call.hangup` → the final call status the attempts record
+# (Twilio's vocabulary, docs/DESIGN.md "Telnyx"). Nobody picked up: `timeout` (the Dial's
+# `timeout_secs` passed) and `no_answer`; the callee declined: `call_rejected` (Twilio counts a
+# rejected call as no-answer too); busy: `user_busy`; the number cannot be reached: `not_found`;
+# we ended it before an answer: `originator_cancel`; a call that ran and ended: `normal_clearing`,
+# `time_limit`; `unspecified` and any cause not documented: `completed` — unbound, that is the
+# outcome `failed`, never retried.
+HANGUP_STATUS = {
+    "timeout": "no-answer",
+    "no_answer": "no-answer",
+    "call_rejected": "no-answer",
+    "user_busy": "busy",
+    "not_found": "failed",
+    "originator_cancel": "canceled",
+    "normal_clearing": "completed",
+    "time_limit": "completed",
+    "unspecified": "completed",
+}
 
 
 def hangup_status(payload: Any) -> str:
     """The final status of a call from its `call.hangup` payload's `hangup_cause`."""
-    return _HANGUP_STATUS.get(str(payload.get("hangup_cause")), "completed")
+    return HANGUP_STATUS.get(str(payload.get("hangup_cause")), "completed")

@@ -30,7 +30,15 @@ from service.telephony.http import (
     refused_create,
     require_http_url,
 )
-from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable, Stamp
+from service.telephony.provider import (
+    CallSpec,
+    CreateKind,
+    CreateResult,
+    GreetingWords,
+    LiveCall,
+    ProviderUnavailable,
+    Stamp,
+)
 
 __all__ = [
     "CALL_ENDED_CODE",
@@ -39,7 +47,8 @@ __all__ = [
     "TelnyxProvider",
     "gather_command_id",
     "hangup_command_id",
-    "speak_command_id",
+    "last_words_command_id",
+    "greeting_command_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,9 +63,15 @@ _MAX_PAGES = 40
 _PAGE_SIZE = 250
 
 
-def speak_command_id(attempt_id: str) -> str:
-    """The `command_id` of the bound call's message: one per attempt, whoever sends it."""
-    return f"speak-{attempt_id}"
+def greeting_command_id(attempt_id: str) -> str:
+    """The `command_id` of the bound call's greeting (its first words): one per call, whoever sends
+    it — the events route or the leader's sweep — and however often."""
+    return f"greet-{attempt_id}"
+
+
+def last_words_command_id(attempt_id: str) -> str:
+    """The `command_id` of the words after the keypad answer (confirmed, declined, goodbye)."""
+    return f"last-{attempt_id}"
 
 
 def hangup_command_id(attempt_id: str) -> str:
@@ -123,7 +138,9 @@ class TelnyxProvider(HttpAdapter):
             "command_id": spec.attempt_id,
         }
         if self.machine_detection:
-            body["answering_machine_detection"] = "detect"
+            # a machine is greeted after its beep (`call.machine.greeting.ended`), so the
+            # voicemail is recorded, not spoken over its greeting
+            body["answering_machine_detection"] = "detect_beep"
         return body
 
     async def create_call(self, spec: CallSpec, *, may_send: Callable[[], bool] | None = None) -> CreateResult:
@@ -132,7 +149,7 @@ class TelnyxProvider(HttpAdapter):
         body = json.dumps(self.dial_body(spec), separators=(",", ":")).encode()
         headers = {**self._headers, "Content-Type": "application/json"}
         try:
-            response = await post_guarded(self._send, self.calls_url, headers, body, may_send=may_send,
+            response = await post_guarded(self._send_request, self.calls_url, headers, body, may_send=may_send,
                                           timeout=self._timeout)
         except SendRefused:
             return CreateResult(CreateKind.NOT_SENT, error="not sent: the sender may no longer send")
@@ -151,7 +168,7 @@ class TelnyxProvider(HttpAdapter):
         try:
             async with asyncio.timeout(self._timeout):
                 for _ in range(_MAX_PAGES):
-                    response = await self._send(httpx.Request("GET", self.active_calls_url(), params=params,
+                    response = await self._send_request(httpx.Request("GET", self.active_calls_url(), params=params,
                                                               headers=self._headers))
                     if response.status_code != 200:
                         raise ProviderUnavailable(f"listing active calls: HTTP {response.status_code}")
@@ -171,27 +188,32 @@ class TelnyxProvider(HttpAdapter):
         except (httpx.HTTPError, TimeoutError, ValueError, AttributeError, TypeError) as error:
             raise ProviderUnavailable(f"listing active calls: {type(error).__name__}") from None
 
+    def _speak_body(self, message: str, *, command_id: str, stamp: Stamp, language: str | None) -> dict[str, Any]:
+        return {"payload": message, "payload_type": "text", "voice": self._voice,
+                "language": language or self._language, "command_id": command_id, "client_state": stamp.encode()}
+
+    def _gather_body(self, message: str, *, command_id: str, stamp: Stamp, language: str | None, round_: int,
+                     valid_digits: str = "0123456789*#", maximum_digits: int = 1,
+                     timeout_millis: int = 8000) -> dict[str, Any]:
+        return {"payload": message, "voice": self._voice, "language": language or self._language,
+                "valid_digits": valid_digits, "minimum_digits": 1, "maximum_digits": maximum_digits,
+                "timeout_millis": timeout_millis, "command_id": command_id, "client_state": stamp.encode(round_)}
+
     async def speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp,
                     language: str | None = None) -> bool:
         """`actions/speak` (in `language`, default the provider's); True when Telnyx accepted the
         command (a deduped repeat counts) or the call is already over (nothing more can be done
         for it: its hangup event follows)."""
-        return await self._command(call_id, "speak", {
-            "payload": message, "payload_type": "text", "voice": self._voice, "language": language or self._language,
-            "command_id": command_id, "client_state": stamp.encode(),
-        }, ended_is_done=True)
+        return await self._command(call_id, "speak", self._speak_body(message, command_id=command_id, stamp=stamp,
+                                                                      language=language), ended_is_done=True)
 
     async def gather_using_speak(self, call_id: str, message: str, *, command_id: str, stamp: Stamp,
-                                 language: str | None = None, round_: int = 1, valid_digits: str = "0123456789*#",
-                                 maximum_digits: int = 1, timeout_millis: int = 8000) -> bool:
+                                 language: str | None = None, round_: int = 1) -> bool:
         """`actions/gather_using_speak`: speak, then collect one key (`call.gather.ended`, whose
         `client_state` carries `round_`). Any key is valid: 1 and 2 answer, another one gets the
         question again, as no key does."""
-        return await self._command(call_id, "gather_using_speak", {
-            "payload": message, "voice": self._voice, "language": language or self._language,
-            "valid_digits": valid_digits, "minimum_digits": 1, "maximum_digits": maximum_digits,
-            "timeout_millis": timeout_millis, "command_id": command_id, "client_state": stamp.encode(round_),
-        })
+        return await self._command(call_id, "gather_using_speak", self._gather_body(
+            message, command_id=command_id, stamp=stamp, language=language, round_=round_))
 
     async def hang_up(self, call_id: str, *, command_id: str | None = None, stamp: Stamp | None = None) -> bool:
         """`actions/hangup`: ends a call in any state; True if done or already over."""
@@ -206,23 +228,61 @@ class TelnyxProvider(HttpAdapter):
         """Telnyx has no separate cancel: a hangup ends a ringing call too."""
         return await self.hang_up(call_id)
 
+    async def greet(self, call_id: str, words: GreetingWords, *, stamp: Stamp) -> bool | None:
+        """The bound call's greeting, one command per call (`greeting_command_id`): for a person
+        `gather_using_speak` (the message and the keypad question, round 1), for a machine `speak`
+        (the voicemail, after its beep). True accepted, False the call is over, None unknown."""
+        command_id = greeting_command_id(stamp.attempt_id)
+        if words.machine:
+            body = self._speak_body(words.text, command_id=command_id, stamp=stamp, language=words.language)
+            return await self._command_result(call_id, "speak", body)
+        body = self._gather_body(words.text, command_id=command_id, stamp=stamp, language=words.language, round_=1)
+        return await self._command_result(call_id, "gather_using_speak", body)
+
+    async def call_state(self, call_id: str) -> str | None:
+        """`GET /v2/calls/{id}`: `in-progress` while `is_alive`, else `completed` (the hang-up's
+        cause is in its event; a call ended long ago answers 404, over too); None when unknown."""
+        if not call_id or "/" in call_id or len(call_id) > 128:
+            raise ValueError("not a call control id")
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._send_request(httpx.Request("GET", f"{self._api}/calls/{call_id}",
+                                                                  headers=self._headers))
+        except (httpx.HTTPError, TimeoutError):
+            return None
+        if response.status_code == 404:
+            return "completed"
+        if response.status_code != 200:
+            return None
+        try:
+            alive = response.json()["data"]["is_alive"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return "in-progress" if alive is True else "completed" if alive is False else None
+
     async def _command(self, call_id: str, action: str, body: dict[str, Any], *, ended_is_done: bool = False) -> bool:
+        """True when Telnyx accepted the command, or (`ended_is_done`) the call is already over."""
+        result = await self._command_result(call_id, action, body)
+        return result is True or (result is False and ended_is_done)
+
+    async def _command_result(self, call_id: str, action: str, body: dict[str, Any]) -> bool | None:
+        """POST a call command: True accepted (a deduped repeat too), False the call is already
+        over (422, 90018: nothing was done), None anything else (it may or may not have run)."""
         if not call_id or "/" in call_id or len(call_id) > 128:
             raise ValueError("not a call control id")
         url = f"{self._api}/calls/{call_id}/actions/{action}"
         try:
             async with asyncio.timeout(self._timeout):
-                response = await self._send(httpx.Request("POST", url, json=body, headers=self._headers))
+                response = await self._send_request(httpx.Request("POST", url, json=body, headers=self._headers))
         except (httpx.HTTPError, TimeoutError) as error:
             log.warning("telnyx: %s on call %s failed: %s", action, call_id, type(error).__name__)
-            return False
+            return None
         if response.status_code < 300:
             return True
         ended = response.status_code == 422 and CALL_ENDED_CODE in _error_codes(response)
         log.info("telnyx: %s on call %s answered HTTP %d%s", action, call_id, response.status_code,
                  " (call already ended)" if ended else "")
-        return ended and ended_is_done
-
+        return False if ended else None
 
 
 def _error_codes(response: httpx.Response) -> list[str]:

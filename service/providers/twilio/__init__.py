@@ -1,5 +1,8 @@
-"""Twilio's Programmable Voice (and SignalWire's compatibility API): the REST adapter (`rest`),
-the webhook signature (`signature`), the TwiML (`twiml`) and the webhook routes (`webhooks`)."""
+"""Twilio's Programmable Voice (and SignalWire's compatibility API: its project id as
+TWILIO_ACCOUNT_SID, its API token as TWILIO_AUTH_TOKEN, TWILIO_API_URL
+`https://<space>.signalwire.com/api/laml`, its signing key as SIGNALWIRE_SIGNING_KEY): the REST
+adapter (`rest`), the webhook signature (`signature`), the TwiML (`twiml`) and the webhook routes
+(`webhooks`)."""
 
 from __future__ import annotations
 
@@ -39,15 +42,19 @@ def build(settings: Settings) -> TwilioProvider:
         public_url=settings.public_url,
         timeout=settings.telephony_timeout,
         max_connections=min(settings.dispatch_concurrency, 100),
-        # a machine gets the short voicemail, not the keypad question (AnsweredBy on the voice request)
+        # a machine gets the short voicemail after its beep, not the keypad question
         machine_detection=True,
+        # Twilio's webhook connection overrides; SignalWire documents none
+        connection_overrides=settings.signalwire_signing_key is None,
     )
 
 
 def signature(settings: Settings) -> TwilioSignature:
-    """The webhook signature check: the auth token over PUBLIC_URL + path + query."""
+    """The webhook signature check over PUBLIC_URL + path + query: with the auth token, or with
+    SignalWire's project signing key when SIGNALWIRE_SIGNING_KEY is set."""
     assert settings.twilio_auth_token and settings.public_url
-    return TwilioSignature(settings.twilio_auth_token.get_secret_value(), settings.public_url)
+    key = settings.signalwire_signing_key or settings.twilio_auth_token
+    return TwilioSignature(key.get_secret_value(), settings.public_url)
 
 
 def install(app: FastAPI, settings: Settings) -> None:

@@ -32,7 +32,7 @@ from service.telephony.http import (
 )
 from service.telephony.provider import LIVE_STATUSES, CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable
 
-__all__ = ["STATUS_CALLBACK_EVENTS", "TwilioProvider", "WEBHOOK_PATHS"]
+__all__ = ["STATUS_CALLBACK_EVENTS", "STATUS_OVERRIDES", "VOICE_OVERRIDES", "TwilioProvider", "WEBHOOK_PATHS"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ WEBHOOK_PATHS = {
     "status": "/telephony/twilio/status",
     "gather": "/telephony/twilio/gather",
 }
+# Twilio's webhook connection overrides (docs: "Webhooks connection overrides"): a voice request
+# that gets no first byte within 6 s fails over to FallbackUrl (another replica) well inside the
+# callee's patience; a status event is retried on 5xx and timeouts (to any replica), within 15 s.
+VOICE_OVERRIDES = "#rt=6000"
+STATUS_OVERRIDES = "#rc=3&rp=5xx,ct,rt&rt=4000&tt=15000"
 # Twilio answers 429 (error 20429) without Retry-After at times: wait this long then.
 DEFAULT_RETRY_AFTER = 1.0
 
@@ -67,9 +72,11 @@ class TwilioProvider(HttpAdapter):
         auth_token: str,
         public_url: str,
         machine_detection: bool = False,
+        connection_overrides: bool = True,
         **http: Any,
     ) -> None:
         super().__init__(**http)  # timeout, max_connections, transport
+        self._connection_overrides = connection_overrides
         if not account_sid or not auth_token:
             raise ValueError("account_sid and auth_token are required")
         require_http_url("api_url", api_url)
@@ -91,18 +98,28 @@ class TwilioProvider(HttpAdapter):
     def create_form(self, spec: CallSpec) -> list[tuple[str, str]]:
         """The form fields of a create (a list: `StatusCallbackEvent` is repeated, one per event)."""
         stamp = spec.stamp.query()
+        voice = self.webhook_url("voice", stamp)
         form = [
             ("To", spec.to),
             ("From", spec.from_),
-            ("Url", self.webhook_url("voice", stamp)),
+            ("Url", voice + self._overrides(VOICE_OVERRIDES)),
             ("Method", "POST"),
-            ("StatusCallback", self.webhook_url("status", stamp)),
+            # another replica answers when this one fails or stalls: the bound call's words again
+            ("FallbackUrl", voice),
+            ("FallbackMethod", "POST"),
+            ("StatusCallback", self.webhook_url("status", stamp) + self._overrides(STATUS_OVERRIDES)),
             ("StatusCallbackMethod", "POST"),
             *(("StatusCallbackEvent", event) for event in STATUS_CALLBACK_EVENTS),
         ]
         if self._machine_detection:
-            form.append(("MachineDetection", "Enable"))
+            # a machine's voice request comes once its greeting is over: the voicemail after the beep
+            form.append(("MachineDetection", "DetectMessageEnd"))
         return form
+
+    def _overrides(self, fragment: str) -> str:
+        """Twilio's connection overrides (a URL fragment, outside the signature); SignalWire
+        documents none of them."""
+        return fragment if self._connection_overrides else ""
 
     async def create_call(self, spec: CallSpec, *, may_send: Callable[[], bool] | None = None) -> CreateResult:
         """POST one call; 201 → CREATED, 429 → NOT_CREATED, other 4xx → REJECTED, anything
@@ -110,7 +127,7 @@ class TwilioProvider(HttpAdapter):
         body = urlencode(self.create_form(spec)).encode()
         headers = {**self._headers, "Content-Type": "application/x-www-form-urlencoded"}
         try:
-            response = await post_guarded(self._send, self.calls_url, headers, body, may_send=may_send,
+            response = await post_guarded(self._send_request, self.calls_url, headers, body, may_send=may_send,
                                           timeout=self._timeout)
         except SendRefused:
             return CreateResult(CreateKind.NOT_SENT, error="not sent: the sender may no longer send")
@@ -127,7 +144,7 @@ class TwilioProvider(HttpAdapter):
         try:
             async with asyncio.timeout(self._timeout):
                 for status in LIVE_STATUSES:
-                    response = await self._send(httpx.Request(
+                    response = await self._send_request(httpx.Request(
                         "GET", self.calls_url, params={"To": to, "Status": status, "PageSize": "100"},
                         headers=self._headers,
                     ))
@@ -148,6 +165,19 @@ class TwilioProvider(HttpAdapter):
             raise ProviderUnavailable(f"listing calls: {type(error).__name__}") from None
         return calls
 
+    async def call_state(self, call_id: str) -> str | None:
+        """`GET Calls/{sid}.json`'s `status` (queued, ringing, in-progress, completed, busy, failed,
+        no-answer, canceled); None when Twilio cannot be asked now."""
+        _check_sid(call_id)
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._send_request(httpx.Request("GET", f"{self._account}/Calls/{call_id}.json",
+                                                                  headers=self._headers))
+            status = response.json().get("status") if response.status_code == 200 else None
+        except (httpx.HTTPError, TimeoutError, ValueError, AttributeError):
+            return None
+        return status if isinstance(status, str) and len(status) <= 32 else None
+
     async def cancel(self, call_id: str) -> bool:
         """POST Calls/{sid}.json `Status=canceled`: ends a queued or ringing call (no effect later)."""
         return await self._update(call_id, "canceled")
@@ -157,11 +187,10 @@ class TwilioProvider(HttpAdapter):
         return await self._update(call_id, "completed")
 
     async def _update(self, call_id: str, status: str) -> bool:
-        if not call_id.isalnum():
-            raise ValueError("not a call sid")
+        _check_sid(call_id)
         try:
             async with asyncio.timeout(self._timeout):
-                response = await self._send(httpx.Request(
+                response = await self._send_request(httpx.Request(
                     "POST", f"{self._account}/Calls/{call_id}.json", data={"Status": status}, headers=self._headers,
                 ))
         except (httpx.HTTPError, TimeoutError) as error:
@@ -171,6 +200,12 @@ class TwilioProvider(HttpAdapter):
             log.info("twilio: setting call %s to %s answered HTTP %d", call_id, status, response.status_code)
         return response.status_code < 300
 
+
+
+def _check_sid(call_id: str) -> None:
+    """A call sid goes into a URL path: letters, digits and dashes only (SignalWire's are UUIDs)."""
+    if not call_id or len(call_id) > 64 or not call_id.replace("-", "").isalnum():
+        raise ValueError("not a call sid")
 
 
 def _rfc2822(value: Any) -> datetime | None:

@@ -1,6 +1,8 @@
 """Twilio's webhook signature: `X-Twilio-Signature`, base64 HMAC-SHA1 with the auth token over the
-full URL (PUBLIC_URL + path + query) followed by the POST parameters sorted by name. The `twilio`
-library's `RequestValidator` computes it (ports, repeated parameters). Knows no database."""
+full URL (PUBLIC_URL + path + query; a connection-override fragment is not part of it) followed by
+the POST parameters sorted by name. The `twilio` library's `RequestValidator` computes it (ports,
+repeated parameters). SignalWire's compatibility API: the same scheme with the project's signing
+key (SIGNALWIRE_SIGNING_KEY). Knows no database."""
 
 from __future__ import annotations
 
@@ -8,18 +10,22 @@ from typing import Any
 
 from twilio.request_validator import RequestValidator
 
-__all__ = ["SIGNATURE_HEADER", "TwilioSignature"]
+__all__ = ["SIGNATURE_HEADER", "SIGNATURE_HEADERS", "TwilioSignature"]
 
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
+# SignalWire's compatibility API signs the same way, with the project's signing key, in
+# `X-SignalWire-Signature` (`X-Twilio-Signature` is its legacy alias).
+SIGNATURE_HEADERS = (SIGNATURE_HEADER, "X-SignalWire-Signature")
 
 
 class TwilioSignature:
     """Checks `X-Twilio-Signature` against PUBLIC_URL + path + query, not the URL the request
     arrived at (a proxy in front may have stripped a path prefix or changed host and scheme)."""
 
-    def __init__(self, auth_token: str, public_url: str) -> None:
-        self._validator = RequestValidator(auth_token)
+    def __init__(self, key: str, public_url: str) -> None:
+        """`key`: the auth token (Twilio) or the project's signing key (SignalWire)."""
+        self._validator = RequestValidator(key)
         self._public_url = public_url.rstrip("/")
 
     def signed_url(self, path: str, query: str) -> str:

@@ -15,7 +15,6 @@ optionally `app.state.no_answer_policy` (`NoAnswerPolicy`; absent: no retries) a
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
@@ -25,9 +24,9 @@ from service.ledger import calls
 from service.privacy import mask_phone
 from service.providers.common import cancel_calls, fallback_wording, with_retries
 from service.providers.twilio.rest import WEBHOOK_PATHS
-from service.providers.twilio.signature import SIGNATURE_HEADER, TwilioSignature
+from service.providers.twilio.signature import SIGNATURE_HEADERS, TwilioSignature
 from service.providers.twilio.twiml import gather_twiml, hangup_twiml, say_twiml
-from service.reminders import Confirmation, is_machine
+from service.reminders import Confirmation, answerer
 from service.telephony.provider import Stamp
 
 __all__ = ["router"]
@@ -42,6 +41,9 @@ _ROUND = "n"  # on the gather URL: which time the keypad question is asked (1, 2
 # the voice request well inside Twilio's 15 s, so that a call answered during a short outage still
 # hears its message; a status event a little less (Twilio does not send it again).
 VOICE_DATABASE_BUDGET = 8.0
+# The first voice request gives up sooner, inside the 6 s Twilio waits for it (VOICE_OVERRIDES),
+# so that the FallbackUrl — another replica — gets its turn.
+FIRST_VOICE_DATABASE_BUDGET = 4.0
 STATUS_DATABASE_BUDGET = 5.0
 
 
@@ -52,7 +54,8 @@ async def _verified(request: Request) -> FormData:
     signature: TwilioSignature = request.app.state.twilio_signature
     form = FormData(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
     query = request.scope.get("query_string", b"").decode("latin-1")
-    if not signature.valid(request.scope["path"], query, form, request.headers.get(SIGNATURE_HEADER)):
+    given = next((request.headers[name] for name in SIGNATURE_HEADERS if name in request.headers), None)
+    if not signature.valid(request.scope["path"], query, form, given):
         log.warning("twilio webhook %s refused: bad or missing signature", request.scope["path"])
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="invalid signature")
     return form
@@ -64,8 +67,10 @@ def _sequence(form: FormData) -> int | None:
 
 
 def _call_sid(form: FormData) -> str | None:
+    """Twilio's `CA…` sid, or SignalWire's UUID (letters, digits and dashes)."""
     value = form.get("CallSid")
-    return value if isinstance(value, str) and value.isalnum() and len(value) <= 64 else None
+    ok = isinstance(value, str) and 0 < len(value) <= 64 and value.replace("-", "").isalnum()
+    return value if ok else None  # type: ignore[return-value]
 
 
 def _gather_url(request: Request, stamp: Stamp, round_: int) -> str:
@@ -81,28 +86,38 @@ def _twiml(body: str) -> Response:
 @router.post(WEBHOOK_PATHS["voice"])
 async def voice(request: Request, background: BackgroundTasks) -> Response:
     """An answered call asks what to do: the message and the keypad question if it is (or becomes)
-    the bound call and a person answered; the short voicemail if a machine did; else hang up."""
+    the bound call of a current reminder and a person answered; the short voicemail if a machine
+    did (after its greeting: MachineDetection=DetectMessageEnd); else hang up (a fax too).
+
+    The same request comes again at the FallbackUrl (another replica, with `ErrorCode`) when this
+    one failed or stalled; it is the same call, so the bound call's words are said by whichever
+    answer Twilio takes. A database that stays down: the first request answers 503, so that the
+    fallback tries; the fallback hangs up (an unknown state must not speak)."""
     form = await _verified(request)
     stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
     if stamp is None or call_sid is None:
         return _twiml(hangup_twiml())
-    machine = is_machine(form.get("AnsweredBy") if isinstance(form.get("AnsweredBy"), str) else None)  # type: ignore[arg-type]
+    answered_by = form.get("AnsweredBy") if isinstance(form.get("AnsweredBy"), str) else None
+    who, fallback = answerer(answered_by), "ErrorCode" in form  # type: ignore[arg-type]
     try:
         result = await with_retries(
-            lambda: calls.answer(request.app.state.db, stamp, call_sid, datetime.now(UTC), machine=machine,
+            lambda: calls.answer(request.app.state.db, stamp, call_sid, who=who, answered_by=answered_by,  # type: ignore[arg-type]
                                  fallback=fallback_wording(request)),
-            getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
+            getattr(request.app.state, "voice_database_budget",
+                    VOICE_DATABASE_BUDGET if fallback else FIRST_VOICE_DATABASE_BUDGET),
             f"voice webhook for reminder {stamp.reminder_id}",
         )
-    except Exception as error:  # noqa: BLE001 - an unknown state must not speak; Twilio must hear TwiML
-        log.warning("voice webhook for reminder %s: database unavailable (%s); hanging up",
-                    stamp.reminder_id, type(error).__name__)
-        return _twiml(hangup_twiml())
+    except Exception as error:  # noqa: BLE001 - an unknown state must not speak
+        log.warning("voice webhook for reminder %s: database unavailable (%s); %s", stamp.reminder_id,
+                    type(error).__name__, "hanging up" if fallback else "503: Twilio asks the fallback URL")
+        if fallback:
+            return _twiml(hangup_twiml())
+        return Response(status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
     if result.cancel:
         background.add_task(cancel_calls, request, result.cancel)
     if not result.speak or result.wording is None:
-        log.info("call %s to %s answered, reminder %s is bound to another call: hang up",
-                 call_sid, mask_phone(str(form.get("To", ""))), stamp.reminder_id)
+        log.info("call %s to %s answered (%s), reminder %s is bound to another call or no longer calls: hang up",
+                 call_sid, mask_phone(str(form.get("To", ""))), who, stamp.reminder_id)
         return _twiml(hangup_twiml())
     if result.newly_bound:
         log.info("reminder %s bound to call %s (attempt %s)%s", stamp.reminder_id, call_sid, stamp.attempt_id,
@@ -124,8 +139,7 @@ async def status_event(request: Request, background: BackgroundTasks) -> Respons
     if stamp is not None and call_sid is not None and isinstance(call_status, str) and len(call_status) <= 32:
         sequence, policy = _sequence(form), getattr(request.app.state, "no_answer_policy", None)
         result = await with_retries(
-            lambda: calls.record_event(request.app.state.db, stamp, call_sid, call_status, sequence, datetime.now(UTC),
-                                       policy),
+            lambda: calls.record_event(request.app.state.db, stamp, call_sid, call_status, sequence, policy),
             STATUS_DATABASE_BUDGET, f"status webhook for reminder {stamp.reminder_id}",
         )
         if result.cancel:
@@ -139,17 +153,18 @@ async def status_event(request: Request, background: BackgroundTasks) -> Respons
 @router.post(WEBHOOK_PATHS["gather"])
 async def gather(request: Request) -> Response:
     """The keypad: 1 confirms, 2 declines; nothing usable → the question once more, then goodbye.
-    Only the reminder's bound call is heard; any other gets <Hangup/> and changes nothing."""
+    Only the bound call of a current reminder is heard, each round once (a repeat of a round hears
+    the words again and changes nothing); any other gets <Hangup/> and changes nothing."""
     form = await _verified(request)
     stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
     if stamp is None or call_sid is None:
         return _twiml(hangup_twiml())
     digits = form.get("Digits")
-    round_ = request.query_params.get(_ROUND, "1")
+    round_ = 2 if request.query_params.get(_ROUND) == "2" else 1  # in the signed URL: ours
     try:
         result = await with_retries(
             lambda: calls.keypad(request.app.state.db, stamp, call_sid, digits if isinstance(digits, str) else None,
-                                 datetime.now(UTC), fallback=fallback_wording(request)),
+                                 round_=round_, fallback=fallback_wording(request)),
             getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
             f"gather webhook for reminder {stamp.reminder_id}",
         )
@@ -168,6 +183,6 @@ async def gather(request: Request) -> Response:
         # was cancelled meanwhile) hears goodbye
         said = words[result.answer] if result.confirmation == result.answer else wording.goodbye
         return _twiml(say_twiml(said, language=wording.language))
-    if round_ == "1":  # the question once more (not the message)
+    if round_ == 1:  # the question once more (not the message)
         return _twiml(gather_twiml(wording.prompt, language=wording.language, action=_gather_url(request, stamp, 2)))
     return _twiml(say_twiml(wording.goodbye, language=wording.language))

@@ -1,0 +1,99 @@
+"""The leader's sweep of real providers' calls, every few seconds while the term lasts: what no
+webhook did, because an event came late, was lost, or its replica died (docs/decisions/0181).
+
+- Calls that must end: a queued or ringing call of a reminder superseded by a re-plan or a
+  cancellation (or bound to another call) is ended once.
+- Calls whose final event never came: after a quarter of an hour without an event the provider is
+  asked for the call's state; a final one is applied as its event would have been.
+- Where speech is a command (Telnyx): a bound call whose greeting no event commanded gets it (the
+  one greeting command of the call, recorded before it is sent); a greeting whose command's fate
+  is unknown is sent again — the same command id and words — only while the provider still
+  dedupes it; a bound call that ended before any word was commanded is released for a new call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from service.db import Database
+from service.ledger import SweepStore, SweepTimes, calls
+from service.ledger.calls import Fallback, greeting_words
+from service.reminders import Answerer, NoAnswerPolicy, Wording, answerer
+from service.telephony.provider import Provider, SpeechCommands, Stamp
+
+__all__ = ["CallSweep"]
+
+log = logging.getLogger(__name__)
+
+
+class CallSweep:
+    """`once(token)` does one round of the sweep for a provider without idempotency."""
+
+    def __init__(self, db: Database, provider: Provider, *, fallback: Fallback, policy: NoAnswerPolicy | None = None,
+                 times: SweepTimes | None = None, batch: int = 50) -> None:
+        self.db = db
+        self.store = SweepStore(db, times, batch=batch)
+        self.provider = provider
+        self.speech: SpeechCommands | None = provider if isinstance(provider, SpeechCommands) else None
+        self.fallback = fallback
+        self.policy = policy
+        self._rounds = 0
+
+    async def once(self, token: int) -> None:
+        """One round: end, check, greet, release; under the term's fencing `token`."""
+        await self._end_calls()
+        await self._check_stale_calls()
+        if self.speech is not None:
+            await self._greet_owed()
+            await self._greet_again()
+            for reminder_id in await self.store.release_unheard(token):
+                log.warning("reminder %s: its bound call ended before its message began; calling again", reminder_id)
+        self._rounds += 1
+        if self._rounds % 100 == 0:
+            await self.store.forget_old_events()
+
+    async def _end_calls(self) -> None:
+        for row in await self.store.calls_to_end():
+            done = await self.provider.cancel(row.provider_call_id)
+            await self.store.end_requested(row.id)
+            log.info("call %s of a reminder that no longer calls (superseded, or bound to another call) "
+                     "ended: %s", row.provider_call_id, done)
+
+    async def _check_stale_calls(self) -> None:
+        for row in await self.store.stale_calls():
+            state = await self.provider.call_state(row.provider_call_id)
+            await self.store.checked(row.id)
+            if state is not None and calls.is_final(state):
+                log.warning("call %s (reminder %s): its final event never came; the provider says %s",
+                            row.provider_call_id, row.reminder_id, state)
+                await calls.record_event(self.db, Stamp(row.reminder_id, row.id), row.provider_call_id, state, None,
+                                         self.policy)
+
+    def _wording(self, row: Any) -> Wording:
+        return Wording.from_json(row.wording) if row.wording else self.fallback(row)
+
+    async def _greet_owed(self) -> None:
+        assert self.speech is not None
+        for row in await self.store.greetings_owed():
+            stamp, who = Stamp(row.reminder_id, row.id), answerer(row.answered_by)
+            if who is Answerer.FAX:
+                await self.provider.cancel(row.provider_call_id)
+                continue
+            greeting = await calls.command_greeting(self.db, stamp, row.provider_call_id, who, fallback=self.fallback)
+            if greeting.send and greeting.words is not None:
+                log.warning("reminder %s: no event greeted bound call %s; greeting it (%s)", row.reminder_id,
+                            row.provider_call_id, who)
+                accepted = await self.speech.greet(row.provider_call_id, greeting.words, stamp=stamp)
+                await calls.greeting_sent(self.db, stamp, row.provider_call_id, accepted=accepted)
+
+    async def _greet_again(self) -> None:
+        assert self.speech is not None
+        for row in await self.store.greetings_unconfirmed():
+            stamp = Stamp(row.reminder_id, row.id)
+            words = greeting_words(Answerer(row.greeting), self._wording(row))
+            accepted = await self.speech.greet(row.provider_call_id, words, stamp=stamp)
+            await self.store.checked(row.id)
+            log.warning("reminder %s: the greeting of call %s was not confirmed; sent again (same command): %s",
+                        row.reminder_id, row.provider_call_id, accepted)
+            await calls.greeting_sent(self.db, stamp, row.provider_call_id, accepted=accepted)
