@@ -1,4 +1,4 @@
-"""The call protocol of real providers (docs/decisions/0181): which plan a reminder belongs to, a
+"""The call protocol of real providers (docs/decisions/0221): which plan a reminder belongs to, a
 greeting's intent recorded before its command, the keypad rounds taken, when a call ended, the
 leader's cancels and checks of calls, and the provider events already applied.
 

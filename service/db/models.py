@@ -50,7 +50,7 @@ class Appointment(Base):
     language: Mapped[str] = mapped_column(String(35), default=DEFAULT_LANGUAGE, server_default=DEFAULT_LANGUAGE)
     confirmation: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Which plan of reminders is current: a re-plan starts the next one, and a reminder of an
-    # earlier plan may no longer bind a call, take digits or be retried (docs/decisions/0181).
+    # earlier plan may no longer bind a call, take digits or be retried (docs/decisions/0221).
     plan: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

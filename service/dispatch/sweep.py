@@ -1,5 +1,5 @@
 """The leader's sweep of real providers' calls, every few seconds while the term lasts: what no
-webhook did, because an event came late, was lost, or its replica died (docs/decisions/0181).
+webhook did, because an event came late, was lost, or its replica died (docs/decisions/0221).
 
 - Calls that must end: a queued or ringing call of a reminder superseded by a re-plan or a
   cancellation (or bound to another call) is ended once.

@@ -13,7 +13,7 @@ Telnyx): the ledger's part of the webhooks. Each operation is one transaction, k
   scheduled, its plan the appointment's, not finished) is bound to it — a conditional UPDATE: first
   answer wins, on any replica — and speaks; any other answered call hangs up silently, a fax too.
 - `command_greeting` / `greeting_sent`: where speech is a command (Telnyx), the bound call's first
-  words are recorded as commanded BEFORE the command is sent, once per call (docs/decisions/0181).
+  words are recorded as commanded BEFORE the command is sent, once per call (docs/decisions/0221).
 - `keypad`: digits from the bound call of a current reminder, each keypad round once, pressed
   while the call was live: 1 confirms the appointment, 2 declines it (the appointment is cancelled,
   its unfinished reminders superseded). Any other digits change nothing.

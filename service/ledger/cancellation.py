@@ -6,7 +6,7 @@ call, already on its way, binds nothing; a `sent` one whose calls nobody answere
 providers) binds nothing, takes no digits and is not retried — the leader ends its calls. A
 reminder bound to an answered call, or whose outcome is known, is finished and keeps its status;
 its keypad answers count only while it belongs to the appointment's current plan
-(docs/decisions/0181).
+(docs/decisions/0221).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ database's clock:
   machine detection is late or lost, or the replica died before recording), greetings commanded
   whose fate is unknown (sent again, same command, only inside the provider's dedupe window), and
   bound calls that ended before any word was commanded: released for a new call (`sent` →
-  `pending`, under the fence), the one status change here (docs/decisions/0181).
+  `pending`, under the fence), the one status change here (docs/decisions/0221).
 """
 
 from __future__ import annotations

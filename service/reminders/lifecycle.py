@@ -36,7 +36,7 @@ TRANSITIONS: dict[ReminderStatus, frozenset[ReminderStatus]] = {
     _S.DISPATCHING: frozenset({_S.SENT, _S.FAILED, _S.SKIPPED, _S.CANCELLED, _S.PENDING}),
     # real providers: nobody answered (no_answer / busy) and a retry is due (NO_ANSWER_RETRIES), or
     # the bound call ended before its message began; or a re-plan or cancellation supersedes a
-    # reminder whose call is still unanswered (docs/decisions/0181)
+    # reminder whose call is still unanswered (docs/decisions/0221)
     _S.SENT: frozenset({_S.PENDING, _S.CANCELLED}),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),

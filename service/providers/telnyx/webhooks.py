@@ -9,7 +9,7 @@ redelivery: what an event could not do, the leader's sweep does (service.dispatc
 
 Events come late, twice, or out of order. Each is applied once by its `data.id`, by the call's
 state (never back) and `occurred_at`. Speech is a command, not the answer to the webhook
-(docs/decisions/0181, the greeting protocol): the bound call's first words — the message with the
+(docs/decisions/0221, the greeting protocol): the bound call's first words — the message with the
 keypad question for a person (`gather_using_speak`), the voicemail for a machine after its beep
 (`speak`) — are ONE command per call, recorded before it is sent (`calls.command_greeting`), so a
 late detection event, a redelivery or the sweep never sends a second one.
