@@ -81,12 +81,14 @@ class SweepStore:
     # -- calls to end -----------------------------------------------------------------------------
 
     async def calls_to_end(self) -> list[Any]:
-        """Calls not yet answered of reminders that no longer call (or bound to another call)."""
+        """Calls not yet answered of reminders that no longer call, or bound to another call."""
         return await self._rows(
             select(CallAttempt.id, CallAttempt.provider_call_id)
             .join(Reminder, Reminder.id == CallAttempt.reminder_id)
             .where(CallAttempt.provider_call_id.is_not(None), CallAttempt.cancel_requested_at.is_(None),
                    or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.in_(PRE_ANSWER_STATES)),
+                   # never the bound call itself (answered, whatever its status events say yet)
+                   or_(Reminder.bound_attempt_id.is_(None), Reminder.bound_attempt_id != CallAttempt.id),
                    or_(_not_current(), Reminder.bound_call_id.is_not(None)))
         )
 
