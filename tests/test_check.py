@@ -211,6 +211,17 @@ def test_a_line_names_the_setting_and_the_json_has_the_documented_shape() -> Non
     ]}
 
 
+def test_the_command_offers_every_check_to_skip() -> None:
+    import argparse
+
+    from service.check import CHECKS
+    from service.cli import _parser
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    skip = next(a for a in commands.choices["check"]._actions if a.dest == "skip")
+    assert tuple(skip.choices) == CHECKS
+
+
 # --- the command, against real services ----------------------------------------------------------------
 
 
