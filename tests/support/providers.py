@@ -8,6 +8,10 @@ and a transport that strips PUBLIC_URL's path prefix before the app, as an ingre
 seeds reminders, places calls as the dispatcher would, sends call-state webhooks, and tells of the
 fake's calls in the same words whatever the provider (`is_over`, `machine_answered`,
 `hung_up_silently`, `languages`, …).
+
+Over real processes, `CLUSTER_MODES[provider]`: a `harness.cluster.Cluster`'s options in that
+mode, the fake's status for a create that made a call, and webhooks a forger could send through
+the ingress.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 from urllib.parse import urlencode
@@ -42,8 +47,8 @@ from service.reminders.outcomes import FINAL_CALL_STATES
 from service.telephony.provider import CallSpec, Stamp
 
 __all__ = [
-    "FROM", "PHONE", "PROVIDERS", "PUBLIC", "Rig", "StripPrefix", "TelnyxRig", "TwilioRig", "make_rig",
-    "provider_settings", "rig_on",
+    "CLUSTER_MODES", "FROM", "PHONE", "PROVIDERS", "PUBLIC", "ClusterMode", "Rig", "StripPrefix", "TelnyxRig",
+    "TwilioRig", "make_rig", "provider_settings", "rig_on",
 ]
 
 PROVIDERS = ("twilio", "telnyx")
@@ -400,3 +405,48 @@ def account_public_key() -> str:
 
     public = Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key()
     return base64.b64encode(public.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+# -- over real processes --------------------------------------------------------------------------
+
+
+def _forged_twilio(reminder_id: str, attempt_id: str) -> list[tuple[str, dict[str, Any]]]:
+    query = urlencode({"r": reminder_id, "a": attempt_id})
+    form = {"CallSid": "CA" + "0" * 32, "CallStatus": "in-progress", "SequenceNumber": "99"}
+    forged = {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}  # "not a signature"
+    return [(f"/telephony/twilio/{route}?{query}", {"data": form, "headers": forged})
+            for route in ("voice", "status", "gather")]
+
+
+def _forged_telnyx(reminder_id: str, attempt_id: str) -> list[tuple[str, dict[str, Any]]]:
+    body = json.dumps({"data": {"event_type": "call.answered", "id": "forged", "occurred_at": "2026-11-30T12:00:00Z",
+                                "payload": {"call_control_id": "v3:forged",
+                                            "client_state": Stamp(reminder_id, attempt_id).encode()}}}).encode()
+    now = int(time.time())
+    # signed with another key; signed with the fake's key, but 10 minutes ago (a replay)
+    return [("/telephony/telnyx/events", {"content": body, "headers": TelnyxRig.signed(body, seed, at)})
+            for seed, at in ((bytes(32), now), (TEST_SIGNING_SEED, now - 600))]
+
+
+@dataclass(frozen=True)
+class ClusterMode:
+    """A real provider's mode over real processes."""
+
+    provider: str
+    created: int  # the fake's status for a create that made a call
+    forged: Callable[[str, str], list[tuple[str, dict[str, Any]]]]  # (reminder, attempt) -> (path, request)
+    options: dict[str, Any] = field(default_factory=dict)  # Cluster(...) options of this mode
+
+    def cluster_options(self, env: dict[str, str]) -> dict[str, Any]:
+        """Options for `Cluster(...)`: this mode's, with `env` under its own."""
+        return {**self.options, "telephony_provider": self.provider,
+                "env": {**env, **self.options.get("env", {})}}
+
+
+CLUSTER_MODES = {
+    # calls queued by the fake's CPS
+    "twilio": ClusterMode("twilio", 201, _forged_twilio, {"fake_calls_per_second": 5, "fake_ring_ms": 200}),
+    # Dials over the fake's rate refused with 429 90103: retried
+    "telnyx": ClusterMode("telnyx", 200, _forged_telnyx, {"fake_calls_per_second": 8, "fake_ring_ms": 200,
+                                                          "env": {"DISPATCH_MAX_ATTEMPTS": "30"}}),
+}
