@@ -39,7 +39,8 @@ def test_benchmarks_md_is_the_render_of_the_committed_results(rendered: str) -> 
 def test_the_render_finds_every_figure(rendered: str) -> None:
     text = rendered
     assert "## Summary against the targets" in text
-    for section in ("## Dispatch: 10,000 reminders due at once", "## Failover", "## API: one worker against PostgreSQL"):
+    sections = ("## Dispatch: 10,000 reminders due at once", "## Failover", "## API: one worker against PostgreSQL")
+    for section in sections:
         assert section in text
     assert "| dispatch, 0 ms provider" in text and "| API GET /appointments/{id}" in text
     assert "None" not in text  # every figure found its value
@@ -53,4 +54,5 @@ def test_readme_quotes_the_rendered_figures(rendered: str) -> None:
     summary = rendered.split("## Summary against the targets", 1)[1].split("\n## ", 1)[0]
     assert len(figures) == 2, figures
     for median, span in figures:
-        assert f"{median} [{span}]" in summary.replace(" s [", " ["), f"README quotes {median} [{span}], not in the summary"
+        quoted = f"{median} [{span}]"
+        assert quoted in summary.replace(" s [", " ["), f"README quotes {quoted}, not in the summary"
