@@ -101,7 +101,8 @@ def _demo_objects() -> list[dict[str, Any]]:
     objects = [*_load_all(MANIFESTS), *_load_all(DEMO_MANIFESTS)]
     for patch in _load_all(DEMO_PATCHES):
         assert patch["kind"] == "ConfigMap", f"{patch['_file']}: only ConfigMap data patches are simulated"
-        target = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == patch["metadata"]["name"])
+        target = next(o for o in objects
+                      if o["kind"] == "ConfigMap" and o["metadata"]["name"] == patch["metadata"]["name"])
         target["data"] = {**target.get("data", {}), **patch["data"]}
     return objects
 
@@ -390,7 +391,8 @@ def test_kustomize_renders_every_object(rendering: str) -> None:
     )
     for doc in rendered:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "reminders", doc["metadata"]["name"]
-        assert doc["metadata"]["labels"].get("app.kubernetes.io/component"), f"{doc['metadata']['name']}: setup.sh applies by component"
+        assert doc["metadata"]["labels"].get("app.kubernetes.io/component"), (
+            f"{doc['metadata']['name']}: setup.sh applies by component")
     if rendering == "rendered-demo":
         config = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "reminders-config")
         assert config["data"] == _config_map(), "the test's merge of the demo patch differs from kustomize's"
@@ -457,7 +459,8 @@ def test_demo_overlay_carries_fixed_secrets_apart_from_setup() -> None:
         # k8s/setup.sh applies slices by component and never this one: it makes random values.
         assert secret["metadata"]["labels"]["app.kubernetes.io/component"] == "demo-secrets"
     assert "demo-secrets" not in re.findall(r"apply_slice \"([^\"]*)\"", SETUP.read_text())
-    setup_slices = {c for s in re.findall(r"(?:apply_slice|run_job [\w-]+) \"?([\w,-]+)\"?", SETUP.read_text()) for c in s.split(",")}
+    applied = re.findall(r"(?:apply_slice|run_job [\w-]+) \"?([\w,-]+)\"?", SETUP.read_text())
+    setup_slices = {c for s in applied for c in s.split(",")}
     components = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in OBJECTS}
     assert components - setup_slices == {"demo-secrets"}, "every other object is applied by k8s/setup.sh"
 
@@ -476,7 +479,8 @@ def test_images_are_pinned_to_versions() -> None:
         for container in pod["containers"]:
             image = container["image"]
             name, _, tag = image.rpartition(":")
-            assert name and re.match(r"v?\d+\.\d+", tag), f"{obj['metadata']['name']}: {image} is not pinned to a version"
+            assert name and re.match(r"v?\d+\.\d+", tag), (
+                f"{obj['metadata']['name']}: {image} is not pinned to a version")
             if name in ("reminders", "reminders-demo"):
                 assert tag == _pyproject_version(), f"{name}'s tag is the pyproject version setup.sh builds"
     assert "reminders:$VERSION" in SETUP.read_text()
@@ -579,7 +583,8 @@ def _direction_allows(
         return True  # not governed by this kustomization's policies
     selecting = [
         p for p in policies
-        if policy_type in p["spec"].get("policyTypes", ["Ingress"]) and _selects(p["spec"]["podSelector"], subject.labels)
+        if policy_type in p["spec"].get("policyTypes", ["Ingress"])
+        and _selects(p["spec"]["podSelector"], subject.labels)
     ]
     if not selecting:
         return True
@@ -610,7 +615,8 @@ def _peers(objects: list[dict[str, Any]]) -> dict[str, Peer]:
             for c in template["spec"]["containers"]
             for p in c.get("ports", [])
         )
-        peers[labels["app.kubernetes.io/component"]] = Peer(obj["metadata"]["name"], NAMESPACE, labels, f"10.244.0.{i + 10}", ports)
+        peers[labels["app.kubernetes.io/component"]] = Peer(obj["metadata"]["name"], NAMESPACE, labels,
+                                                            f"10.244.0.{i + 10}", ports)
     peers |= {
         "kube-dns": Peer("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, "10.96.0.10"),
         "kube-system-other": Peer("kube-proxy", "kube-system", {"k8s-app": "kube-proxy"}, "10.244.1.2"),
@@ -625,7 +631,8 @@ def _peers(objects: list[dict[str, Any]]) -> dict[str, Peer]:
 
 # (source, target, port, protocol): what the service needs (see k8s/base/network-policies.yaml).
 MUST_ALLOW = [
-    *((pod, "kube-dns", 53, proto) for pod in ("app", "etcd", "database", "migration", "etcd-auth") for proto in ("UDP", "TCP")),
+    *((pod, "kube-dns", 53, proto)
+      for pod in ("app", "etcd", "database", "migration", "etcd-auth") for proto in ("UDP", "TCP")),
     ("app", "etcd", 2379, "TCP"),
     ("etcd-auth", "etcd", 2379, "TCP"),
     ("etcd", "etcd", 2380, "TCP"),
@@ -686,7 +693,7 @@ def test_network_policies_allow_what_the_service_needs_and_refuse_the_rest(rende
     ]
     assert not wrong, "\n".join(wrong)
     # An allowed port into one of our pods is a port that pod declares (the policy tracks the manifest).
-    for source, target, port, _ in allow:
+    for _source, target, port, _ in allow:
         if peers[target].namespace == NAMESPACE:
             assert port in dict(peers[target].ports).values(), f"{target} declares no port {port}"
 
@@ -694,7 +701,8 @@ def test_network_policies_allow_what_the_service_needs_and_refuse_the_rest(rende
 @pytest.mark.parametrize("rendering", list(RENDERINGS))
 def test_every_pod_is_under_default_deny(rendering: str) -> None:
     policies = [o for o in _rendered(RENDERINGS[rendering]) if o["kind"] == "NetworkPolicy"]
-    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    deny = [p for p in policies
+            if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") and not p["spec"].get("egress")]
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}, "no default-deny policy"
 
 
@@ -1189,7 +1197,8 @@ def local_etcd() -> Iterator[LocalEtcd]:
             for i in range(replicas):
                 probe = container["readinessProbe"]["httpGet"]
                 url = f"http://127.0.0.1:{local[i][_container_port(container, probe['port'])]}{probe['path']}"
-                _poll(f"{name}-{i} readiness {url}", lambda url=url: client.get(url).status_code == 200, deadline, processes)
+                _poll(f"{name}-{i} readiness {url}", lambda url=url: client.get(url).status_code == 200, deadline,
+                      processes)
         yield etcd
     except BaseException:
         processes.dump()
