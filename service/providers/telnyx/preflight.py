@@ -12,18 +12,8 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from service.config import Settings
-from service.providers.preflight import (
-    CheckLine,
-    failed,
-    get,
-    json_body,
-    maybe,
-    owned_transport,
-    passed,
-    public_url_line,
-    skipped,
-    unreachable,
-)
+from service.providers import preflight as check
+from service.providers.preflight import CheckLine
 from service.providers.telnyx.rest import EVENTS_PATH
 from service.providers.telnyx.signature import decode_public_key
 
@@ -36,9 +26,10 @@ def signature_line(settings: Settings) -> CheckLine:
     try:
         Ed25519PublicKey.from_public_bytes(decode_public_key(settings.telnyx_public_key))
     except ValueError as error:
-        return failed("signature", "TELNYX_PUBLIC_KEY", f"is not the account's base64 Ed25519 public key ({error}): "
-                                                        "every event would be refused (403)")
-    return passed("signature", "TELNYX_PUBLIC_KEY decodes to a 32-byte Ed25519 public key")
+        return check.failed("signature", "TELNYX_PUBLIC_KEY",
+                            f"is not the account's base64 Ed25519 public key ({error}): "
+                            "every event would be refused (403)")
+    return check.passed("signature", "TELNYX_PUBLIC_KEY decodes to a 32-byte Ed25519 public key")
 
 
 def _problem(application: dict[str, Any]) -> str | None:
@@ -60,39 +51,41 @@ async def application_line(settings: Settings, transport: httpx.AsyncBaseTranspo
     url = f"{settings.telnyx_api_url}/v2/call_control_applications/{app_id}"
     headers = {"Authorization": f"Bearer {settings.telnyx_api_key.get_secret_value()}"}
     try:
-        response = await get(transport, url, headers, settings.telephony_timeout)
+        response = await check.get(transport, url, headers, settings.telephony_timeout)
     except (httpx.HTTPError, TimeoutError) as error:
-        return failed("provider", "TELNYX_API_URL", f"GET {url} got no answer: {unreachable(error)}")
+        return check.failed("provider", "TELNYX_API_URL", f"GET {url} got no answer: {check.unreachable(error)}")
     status = response.status_code
     if status in (401, 403):
-        return failed("provider", "TELNYX_API_KEY", f"Telnyx refused the API key ({status}): TELNYX_API_KEY is wrong "
-                                                    "or revoked (Portal → API Keys)")
+        return check.failed("provider", "TELNYX_API_KEY",
+                            f"Telnyx refused the API key ({status}): TELNYX_API_KEY is wrong or revoked "
+                            "(Portal → API Keys)")
     if status in (404, 422):
-        return failed("provider", "TELNYX_CONNECTION_ID", f"no Call Control application {app_id} in this account "
+        return check.failed("provider", "TELNYX_CONNECTION_ID", f"no Call Control application {app_id} in this account "
                                                           f"({status}; Portal → Voice → Programmable Voice)")
     if status != 200:
-        return failed("provider", "TELNYX_API_URL", f"GET {url} answered HTTP {status}")
-    data = json_body(response).get("data")
+        return check.failed("provider", "TELNYX_API_URL", f"GET {url} answered HTTP {status}")
+    data = check.json_body(response).get("data")
     application = data if isinstance(data, dict) else {}
     problem = _problem(application)
     name = application.get("application_name") or "(no name)"
     if problem is not None:
-        return failed("provider", "TELNYX_CONNECTION_ID", f"Call Control application {app_id} {name!r} {problem}")
+        return check.failed("provider", "TELNYX_CONNECTION_ID", f"Call Control application {app_id} {name!r} {problem}")
     events = settings.public_url + EVENTS_PATH
     hook = application.get("webhook_event_url")
     portal = ("its webhook URL is PUBLIC_URL's" if hook == events
               else f"its webhook URL is {hook or 'unset'}, not {events} (each Dial names its own)")
-    return passed("provider", f"Call Control application {app_id} {name!r} accepted the API key: active, outbound "
-                              f"voice profile set, API v2 webhooks; {portal}")
+    return check.passed("provider", f"Call Control application {app_id} {name!r} accepted the API key: active, "
+                                    f"outbound voice profile set, API v2 webhooks; {portal}")
 
 
 async def run(settings: Settings, transport: httpx.AsyncBaseTransport | None = None, *,
               skip: frozenset[str] = frozenset()) -> list[CheckLine]:
     """The provider's lines: credentials, signature settings, PUBLIC_URL (`skip`: names not checked)."""
-    async with owned_transport(transport) as http:
+    async with check.owned_transport(transport) as http:
         application, reachable = await asyncio.gather(
-            maybe("provider", skip, application_line(settings, http)),
-            maybe("public_url", skip, public_url_line(settings, EVENTS_PATH, http, settings.telephony_timeout)),
+            check.maybe("provider", skip, application_line(settings, http)),
+            check.maybe("public_url", skip,
+                        check.public_url_line(settings, EVENTS_PATH, http, settings.telephony_timeout)),
         )
-    signature = skipped("signature") if "signature" in skip else signature_line(settings)
+    signature = check.skipped("signature") if "signature" in skip else signature_line(settings)
     return [application, signature, reachable]
