@@ -53,10 +53,11 @@ run: install
 bench: install
 	$(BIN)/python -m bench
 
+# The generic mode (RELIABILITY.md, docs/chaos/), then each real-provider mode (its own section).
 chaos: install
 	$(BIN)/python -m harness.chaos
-	$(BIN)/python -m harness.chaos_twilio
-	$(BIN)/python -m harness.chaos_telnyx
+	$(BIN)/python -m harness.chaos_providers --provider twilio
+	$(BIN)/python -m harness.chaos_providers --provider telnyx
 
 clean:
 	rm -rf $(VENV) .pytest_cache reminders.db reminders.db-*

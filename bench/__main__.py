@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 
-from .common import calibration, loadavg, log, machine, write_result
+from .common import CALIBRATION_ADDITIONS, CALIBRATION_BEST_OF, calibration, loadavg, log, machine, write_result
 
 
 def _part(name: str, result_name: str, work, **options) -> None:
@@ -24,7 +24,8 @@ def _part(name: str, result_name: str, work, **options) -> None:
     write_result(result_name, {
         "part": name,
         "options": {k: v for k, v in options.items()},
-        "conditions": {"before": before, "after": after},
+        "conditions": {"before": before, "after": after,
+                       "calibration_loop": {"additions": CALIBRATION_ADDITIONS, "best_of": CALIBRATION_BEST_OF}},
         "wall_s": round(time.monotonic() - started, 1),
         **data,
     })
@@ -32,7 +33,8 @@ def _part(name: str, result_name: str, work, **options) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks against same-run baselines.")
-    parser.add_argument("part", nargs="?", default="all", choices=["all", "dispatch", "failover", "api", "profile", "micro", "report"])
+    parser.add_argument("part", nargs="?", default="all",
+                        choices=["all", "dispatch", "failover", "api", "profile", "micro", "report"])
     parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (a smoke run)")
     parser.add_argument("--concurrency", type=int, default=400,
                         help="DISPATCH_CONCURRENCY of the dispatch benchmark (and of its baselines)")

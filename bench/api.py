@@ -39,6 +39,8 @@ from .common import ROOT, log
 from .loadgen import run_load
 
 CONNECTIONS = 16
+WARMUP_S = 2  # wrk's warm-up before each measured run
+APPOINTMENTS = 1000  # created through the API before the runs; GET and PATCH rotate over them
 PATCH_BODY = '{"notes": "bring the referral letter"}'
 
 
@@ -80,7 +82,7 @@ def analyze(database_url: str) -> None:
 
 
 def _measure(url: str, duration: float, **options: Any) -> dict[str, Any]:
-    run_load(url, connections=CONNECTIONS, duration=2, tool="wrk", **options)  # warm-up
+    run_load(url, connections=CONNECTIONS, duration=WARMUP_S, tool="wrk", **options)
     return run_load(url, connections=CONNECTIONS, duration=duration, tool="wrk", **options)
 
 
@@ -102,7 +104,8 @@ def _aba(label: str, replica: dict[str, Any], floor: dict[str, Any], duration: f
 
 def run(quick: bool = False) -> dict[str, Any]:
     duration = 4.0 if quick else 10.0
-    result: dict[str, Any] = {"connections": CONNECTIONS, "duration_s": duration, "order": "replica, floor, replica"}
+    result: dict[str, Any] = {"connections": CONNECTIONS, "duration_s": duration, "warmup_s": WARMUP_S,
+                              "appointments": APPOINTMENTS, "order": "replica, floor, replica"}
     floors: list[subprocess.Popen[bytes]] = []
     try:
         with EtcdServer() as etcd, PostgresServer() as pg:
@@ -135,7 +138,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def _load_all(replica: str, bare: str, starlette: str, database_url: str, duration: float) -> dict[str, Any]:
-    ids = seed(replica, 1000)
+    ids = seed(replica, APPOINTMENTS)
     analyze(database_url)
     body = body_json()
     pairs = {

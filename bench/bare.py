@@ -51,11 +51,13 @@ LEFT JOIN reminders r ON r.appointment_id = a.id
 ORDER BY a.starts_at, a.id, r.due_at
 """
 _INSERT_APPOINTMENT = """
-INSERT INTO appointments (id, customer_name, phone, starts_at, timezone, notes, remind_at, status, created_at, updated_at)
+INSERT INTO appointments
+    (id, customer_name, phone, starts_at, timezone, notes, remind_at, status, created_at, updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, NULL, 'scheduled', $7, $7)
 """
 _INSERT_REMINDER = """
-INSERT INTO reminders (id, appointment_id, due_at, status, attempts, next_attempt_at, idempotency_key, created_at, updated_at)
+INSERT INTO reminders
+    (id, appointment_id, due_at, status, attempts, next_attempt_at, idempotency_key, created_at, updated_at)
 VALUES ($1, $2, $3, 'pending', 0, $3, $4, $5, $5)
 """
 OFFSETS = (timedelta(hours=24),)  # the service's default REMINDER_OFFSETS
@@ -228,8 +230,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.database_url:
         os.environ["BARE_DATABASE_URL"] = args.database_url.replace("postgresql+asyncpg://", "postgresql://")
-    config = uvicorn.Config(app if args.framework == "fastapi" else starlette_app, host=args.host, port=args.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app if args.framework == "fastapi" else starlette_app, host=args.host, port=args.port,
+                            log_config=None, access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()
 
 

@@ -19,6 +19,8 @@ from harness.machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+# the calibration loop: this many Python additions, the best of this many tries
+CALIBRATION_ADDITIONS, CALIBRATION_BEST_OF = 2_000_000, 3
 
 
 def log(message: str) -> None:
@@ -27,15 +29,16 @@ def log(message: str) -> None:
 
 
 def calibration() -> float:
-    """Seconds for 2,000,000 Python additions (best of 3): how fast a core is right now.
+    """CPU seconds for CALIBRATION_ADDITIONS Python additions (best of CALIBRATION_BEST_OF): how
+    fast a core is right now.
 
     Recorded before and after each part: lower is faster; a figure that changes much between
     runs, or between the start and the end of one, means the CPU was shared or throttled."""
     best = float("inf")
-    for _ in range(3):
+    for _ in range(CALIBRATION_BEST_OF):
         started = time.process_time()
         total = 0
-        for i in range(2_000_000):
+        for i in range(CALIBRATION_ADDITIONS):
             total += i
         best = min(best, time.process_time() - started)
     return round(best, 3)
@@ -64,10 +67,23 @@ def machine() -> dict[str, Any]:
     }
 
 
+def source_tree() -> dict[str, Any] | None:
+    """The commit of the work tree the bench ran from, and whether it had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
 def write_result(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"name": name, "machine": machine(), "command": " ".join(["python", "-m", "bench", *sys.argv[1:]]), **data}
+    command = " ".join(["python", "-m", "bench", *sys.argv[1:]])
+    payload = {"name": name, "machine": machine(), "command": command, "tree": source_tree(), **data}
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     log(f"wrote {path.relative_to(ROOT)}")
     return path

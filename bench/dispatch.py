@@ -11,7 +11,8 @@ For each provider latency (0 ms and 100 ms), in one invocation and against one p
    - the same POSTs through a bare aiohttp session (what httpx's layer costs);
    - at 0 ms, the service's Dispatcher with a client that answers at once (what the rest costs);
    - the service — one `reminders serve` replica (harness.cluster.Cluster) that leads; 10,000 due
-     reminders are committed in one transaction (the tables are emptied before each round);
+     reminders, planned and worded as the API's create plans them (bench/seeding.py), are committed
+     in one transaction (the tables are emptied before each round; `seed_s` is how long that took);
      measured: first call received by the provider to the last reminder recorded `sent`
      (end-to-end calls/s), commit to all `sent`, the replica's peak RSS (VmHWM), and that every
      reminder produced exactly one call.
@@ -22,11 +23,10 @@ For each provider latency (0 ms and 100 ms), in one invocation and against one p
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,29 +36,26 @@ from harness.postgres import PostgresServer
 
 from .common import cpu_seconds, log, peak_rss_mb, rss_mb, tree_cpu_seconds
 from .loadgen import run_load
+from .seeding import REPLICA_CALL_WINDOW, database, planned, planning, seed
 
 N_REMINDERS = 10_000
-CALL_BODY = json.dumps({
-    "to": "+14155552671",
-    "from": "+15550000000",
-    "message": "Hello Customer 1234, this is a reminder of your appointment on Monday 01 December 2025 at 10:00 (UTC).",
-    "metadata": {"appointment_id": str(uuid.uuid4()), "reminder_id": str(uuid.uuid4())},
-})
+CALLER_ID = "+15550000000"
+
+
+@functools.cache
+def call_body() -> str:
+    """A provider request body as the dispatcher sends one for a seeded reminder (its planned
+    words), for the load tool's ceiling and the client baselines."""
+    appointments, reminders = planned(1, datetime.now(UTC) + timedelta(hours=1), datetime.now(UTC), planning())
+    return json.dumps({
+        "to": appointments[0]["phone"],
+        "from": CALLER_ID,
+        "message": reminders[0]["wording"]["message"],
+        "metadata": {"appointment_id": appointments[0]["id"], "reminder_id": reminders[0]["id"]},
+    })
 
 
 # -- database helpers (each opens and disposes its own engine) ---------------------------------
-
-
-@asynccontextmanager
-async def _database(url: str, pool_size: int = 1) -> AsyncIterator[Any]:
-    """A service.db.Database for `url`, disposed on exit."""
-    from service.db import Database
-
-    db = Database(url, pool_size=pool_size)
-    try:
-        yield db
-    finally:
-        await db.dispose()
 
 
 async def _count_sent(db: Any) -> int:
@@ -71,40 +68,12 @@ async def _count_sent(db: Any) -> int:
             select(func.count()).select_from(Reminder).where(Reminder.status == "sent"))).scalar_one()
 
 
-async def _seed(url: str, count: int, due_at: datetime) -> float:
-    """Insert `count` appointments with one reminder each, due at `due_at`, in ONE transaction.
-    Returns time.time() right after the commit (the moment they all became visible)."""
-    from service.db import Appointment, Reminder
-    from service.reminders import idempotency_key
-
-    async with _database(url) as db:
-        now = datetime.now(UTC)
-        appointments, reminders = [], []
-        for index in range(count):
-            appointment_id, reminder_id = str(uuid.uuid4()), str(uuid.uuid4())
-            appointments.append({
-                "id": appointment_id, "customer_name": f"Customer {index}", "phone": "+14155552671",
-                "starts_at": now + timedelta(hours=2), "timezone": "UTC", "notes": None, "remind_at": None,
-                "status": "scheduled", "created_at": now, "updated_at": now,
-            })
-            reminders.append({
-                "id": reminder_id, "appointment_id": appointment_id, "due_at": due_at, "status": "pending",
-                "attempts": 0, "next_attempt_at": due_at, "idempotency_key": idempotency_key(reminder_id),
-                "created_at": now, "updated_at": now,
-            })
-        async with db.engine.begin() as connection:
-            for start in range(0, count, 2000):
-                await connection.execute(Appointment.__table__.insert(), appointments[start : start + 2000])
-                await connection.execute(Reminder.__table__.insert(), reminders[start : start + 2000])
-        return time.time()
-
-
 async def _status_counts(url: str) -> dict[str, int]:
     from sqlalchemy import func, select
 
     from service.db import Reminder
 
-    async with _database(url) as db, db.session() as session:
+    async with database(url) as db, db.session() as session:
         rows = await session.execute(select(Reminder.status, func.count()).group_by(Reminder.status))
         return {str(status): n for status, n in rows.all()}
 
@@ -112,7 +81,7 @@ async def _status_counts(url: str) -> dict[str, int]:
 async def _wait_all_sent(url: str, count: int, timeout: float) -> tuple[float | None, dict[str, int]]:
     """Poll every 50 ms until `count` reminders are sent; (time.time() when seen, counts)."""
     deadline = time.monotonic() + timeout
-    async with _database(url) as db:
+    async with database(url) as db:
         while True:
             sent = await _count_sent(db)
             if sent >= count:
@@ -128,7 +97,7 @@ async def _sent_span(url: str) -> dict[str, Any]:
 
     from service.db import Reminder
 
-    async with _database(url) as db, db.session() as session:
+    async with database(url) as db, db.session() as session:
         row = (await session.execute(
             select(func.min(Reminder.sent_at), func.max(Reminder.sent_at), func.max(Reminder.updated_at),
                    func.max(Reminder.attempts), func.count(func.distinct(Reminder.provider_call_id)))
@@ -146,7 +115,7 @@ async def _truncate(url: str) -> None:
     """Empty the reminders and appointments of `url` (the fence row stays: the leader keeps its term)."""
     from sqlalchemy import text
 
-    async with _database(url) as db, db.engine.begin() as connection:
+    async with database(url) as db, db.engine.begin() as connection:
         await connection.execute(text("TRUNCATE call_attempts, reminders, appointments"))
 
 
@@ -156,7 +125,7 @@ async def _truncate(url: str) -> None:
 def _requests(n: int, prefix: str) -> list[Any]:
     from service.providers.generic.client import CallRequest
 
-    body = json.loads(CALL_BODY)
+    body = json.loads(call_body())
     return [
         CallRequest(to=body["to"], from_=body["from"], message=body["message"], appointment_id=str(uuid.uuid4()),
                     reminder_id=f"{prefix}-{i}", idempotency_key=f"{prefix}-{uuid.uuid4()}")
@@ -249,16 +218,17 @@ async def _dispatcher_alone(db_url: str, n: int, concurrency: int) -> dict[str, 
         def valid(self) -> bool:
             return not self.ended.is_set()
 
-    config = DispatchConfig(instance="bench-alone", caller_id="+15550000000", call_window=CallWindow.parse("00:00-24:00"),
-                            misfire_grace=timedelta(hours=1), concurrency=concurrency)
+    config = DispatchConfig(instance="bench-alone", caller_id=CALLER_ID,
+                            call_window=CallWindow.parse(REPLICA_CALL_WINDOW), misfire_grace=timedelta(hours=1),
+                            concurrency=concurrency)
     term = Term()
-    async with _database(db_url, pool_size=min(50, max(5, concurrency // 2))) as db:
+    async with database(db_url, pool_size=min(50, max(5, concurrency // 2))) as db:
         await db.upgrade()
-        await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
+        await seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
         started, cpu = time.perf_counter(), time.process_time()
         leading = asyncio.create_task(Dispatcher(db, GenericProvider(InstantClient()), config).lead(term))
         while (sent := await _count_sent(db)) < n and not leading.done():
-            await asyncio.sleep(0.02)
+            await asyncio.wait({leading}, timeout=0.02)  # poll the count; wake at once if the leader ends
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         term.ended.set()
         await leading
@@ -276,9 +246,9 @@ async def _sequential(db_url: str, base_url: str, n: int, budget: float) -> dict
     from service.providers.generic.client import CallRequest, HttpTelephonyClient, OutcomeKind
 
     done = sent = 0
-    async with _database(db_url, pool_size=2) as db, HttpTelephonyClient(base_url) as client:
+    async with database(db_url, pool_size=2) as db, HttpTelephonyClient(base_url) as client:
         await db.upgrade()
-        await _seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
+        await seed(db_url, n, datetime.now(UTC) - timedelta(seconds=1))
         started = time.perf_counter()
         async with db.session() as session:
             rows = (await session.execute(
@@ -288,12 +258,13 @@ async def _sequential(db_url: str, base_url: str, n: int, budget: float) -> dict
         for reminder, appointment in rows:
             if time.perf_counter() - started > budget:
                 break
-            claim = Claim(reminder_id=reminder.id, appointment_id=appointment.id, idempotency_key=reminder.idempotency_key,
-                          due_at=reminder.due_at, scheduled_at=reminder.next_attempt_at, attempts=0, orphaned=False,
-                          phone=appointment.phone, customer_name=appointment.customer_name,
-                          starts_at=appointment.starts_at, timezone=appointment.timezone, appointment_cancelled=False)
+            claim = Claim(reminder_id=reminder.id, appointment_id=appointment.id,
+                          idempotency_key=reminder.idempotency_key, due_at=reminder.due_at,
+                          scheduled_at=reminder.next_attempt_at, attempts=0, orphaned=False, phone=appointment.phone,
+                          customer_name=appointment.customer_name, starts_at=appointment.starts_at,
+                          timezone=appointment.timezone, appointment_cancelled=False, wording=reminder.wording)
             outcome = await client.place_call(CallRequest(
-                to=claim.phone, from_="+15550000000", message=message_for(claim), appointment_id=claim.appointment_id,
+                to=claim.phone, from_=CALLER_ID, message=message_for(claim), appointment_id=claim.appointment_id,
                 reminder_id=claim.reminder_id, idempotency_key=claim.idempotency_key))
             async with db.session() as session:
                 await session.execute(update(Reminder).where(Reminder.id == reminder.id).values(
@@ -347,7 +318,8 @@ def _service_run(pg: PostgresServer, db_url: str, replica: Any, provider: Any, l
     rss_idle = rss_mb(replica.pid)
     due_at = datetime.now(UTC)
     postmaster = _postmaster_pid(pg)
-    committed = asyncio.run(_seed(db_url, N_REMINDERS, due_at))
+    seeding = time.time()
+    committed = asyncio.run(seed(db_url, N_REMINDERS, due_at))
     cpu_before = _cpu(replica.pid, provider.pid, postmaster)
     seen_all, _counts = asyncio.run(_wait_all_sent(db_url, N_REMINDERS, timeout=180))
     cpu_after = _cpu(replica.pid, provider.pid, postmaster)
@@ -369,6 +341,7 @@ def _service_run(pg: PostgresServer, db_url: str, replica: Any, provider: Any, l
         "distinct_keys_called": len({c["idempotency_key"] for c in calls}),
         "replayed_requests": sum(1 for r in requests if r["replayed"]),
         "max_attempts": span["max_attempts"],
+        "seed_s": round(committed - seeding, 3),  # planning and inserting the reminders, before the commit
     }
     if first_call and last:
         service["first_call_to_last_sent_s"] = round(last - first_call, 3)
@@ -407,13 +380,13 @@ def run_latency(
         log(f"[{latency_ms} ms] provider ceiling ({'3' if quick else '5'} s of POSTs at {concurrency} connections)")
         provider.client.reset()
         result["provider_ceiling"] = run_load(f"{provider.url}/v1/calls", method="POST", connections=concurrency,
-                                              duration=3 if quick else 5, body=CALL_BODY, unique_key=True)
+                                              duration=3 if quick else 5, body=call_body(), unique_key=True)
         provider.client.reset()
         if result["provider_ceiling"]["tool"] != "aiohttp":
             log(f"[{latency_ms} ms] provider ceiling with the aiohttp generator too")
             result["provider_ceiling_aiohttp"] = run_load(
                 f"{provider.url}/v1/calls", method="POST", connections=concurrency, duration=3 if quick else 5,
-                body=CALL_BODY, unique_key=True, tool="aiohttp")
+                body=call_body(), unique_key=True, tool="aiohttp")
             provider.client.reset()
 
         budget = 3.0 if quick else 6.0
@@ -424,7 +397,8 @@ def run_latency(
 
         raw, bare, alone, service = [], [], [], []
         for round_ in range(1, repeats + 1):
-            log(f"[{latency_ms} ms] round {round_}/{repeats}: raw client ({N_REMINDERS} POSTs, {concurrency} in flight, no DB)")
+            log(f"[{latency_ms} ms] round {round_}/{repeats}: raw client "
+                f"({N_REMINDERS} POSTs, {concurrency} in flight, no DB)")
             raw.append(asyncio.run(_raw_client(f"{provider.url}/bench-raw", N_REMINDERS, concurrency)))
             provider.client.reset()
             log(f"[{latency_ms} ms] round {round_}/{repeats}: bare aiohttp client")
@@ -449,7 +423,26 @@ def run_latency(
     return result
 
 
+async def _server_version(url: str) -> str:
+    from sqlalchemy import text
+
+    async with database(url) as db, db.engine.connect() as connection:
+        return str((await connection.execute(text("SHOW server_version"))).scalar_one())
+
+
+def service_defaults() -> dict[str, Any]:
+    """The service's defaults the report explains the figures with (DispatchConfig, Settings)."""
+    from dataclasses import fields
+
+    from service.config import Settings
+    from service.dispatch.dispatcher import DispatchConfig
+
+    record_batch = next(f.default for f in fields(DispatchConfig) if f.name == "record_batch")
+    return {"record_batch": record_batch, "dispatch_concurrency": Settings.model_fields["dispatch_concurrency"].default}
+
+
 def run(quick: bool = False, concurrency: int = 400, latencies: tuple[int, ...] = (0, 100)) -> dict[str, Any]:
     with EtcdServer() as etcd, PostgresServer() as pg:
+        version = asyncio.run(_server_version(pg.create_database(f"version_{uuid.uuid4().hex[:6]}")))
         runs = [run_latency(pg, etcd, latency, concurrency, quick) for latency in latencies]
-    return {"runs": runs}
+    return {"runs": runs, "postgresql": version, "service_defaults": service_defaults()}

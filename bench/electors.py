@@ -103,5 +103,6 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if not 1 <= arguments.count <= 200:
         parser.error("--count must be within [1, 200]")
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(main(arguments))

@@ -135,7 +135,8 @@ class InProc:
         self.prefix = f"/bench-failover/{self.label}-ttl{self.ttl}-{uuid.uuid4().hex[:8]}"
         self.first = Helper(self.endpoint, self.prefix, 1, self.ttl, "first", 0, self.workdir).start()
         wait_until(lambda: self.first.find("lead"), timeout=30, what=f"{self.label}: first candidate leads")
-        self.rest = Helper(self.endpoint, self.prefix, self.count - 1, self.ttl, "cand", self.count, self.workdir).start()
+        self.rest = Helper(self.endpoint, self.prefix, self.count - 1, self.ttl, "cand", self.count,
+                           self.workdir).start()
         wait_until(lambda: self.rest.find("ready"), timeout=60, what=f"{self.label}: {self.count} keys in etcd")
         return self
 
@@ -300,7 +301,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         configs: list[InProc | Real] = []
         try:
             for ttl in ttls:
-                configs.append(Real(etcd.endpoint, pg.create_database(f"outage_ttl{ttl}_{uuid.uuid4().hex[:6]}"), ttl).start())
+                database = pg.create_database(f"outage_ttl{ttl}_{uuid.uuid4().hex[:6]}")
+                configs.append(Real(etcd.endpoint, database, ttl).start())
                 configs.append(InProc(etcd.endpoint, 3, ttl, workdir).start())
                 configs.append(InProc(etcd.endpoint, 50, ttl, workdir).start())
             for name, values in outage_runs(etcd, configs, outages).items():

@@ -106,7 +106,8 @@ def _wrk(url: str, method: str, connections: int, duration: float, body: str | N
     script = tmp / "load.lua"
     script.write_text(WRK_SCRIPT % {
         "method": method, "body": _lua_string(body), "unique": "true" if unique_key else "false",
-        "prefix": f"wrk-{os.getpid()}-{time.monotonic_ns()}-", "path": parts.path + (f"?{parts.query}" if parts.query else ""),
+        "prefix": f"wrk-{os.getpid()}-{time.monotonic_ns()}-",
+        "path": parts.path + (f"?{parts.query}" if parts.query else ""),
     })
     base = f"{parts.scheme}://{parts.netloc}/"
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", f"{int(timeout)}s",
@@ -114,12 +115,12 @@ def _wrk(url: str, method: str, connections: int, duration: float, body: str | N
     if ids_file:
         argv += ["--", str(ids_file)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
-    line = next((l for l in result.stdout.splitlines() if l.startswith("WRKJSON ")), None)
+    line = next((row for row in result.stdout.splitlines() if row.startswith("WRKJSON ")), None)
     if result.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({result.returncode}): {result.stdout[-1500:]} {result.stderr[-1500:]}")
     raw = json.loads(line.removeprefix("WRKJSON "))
     seconds = raw["duration_us"] / 1e6
-    errors = raw["errors_connect"] + raw["errors_read"] + raw["errors_write"] + raw["errors_status"] + raw["errors_timeout"]
+    errors = sum(raw[f"errors_{kind}"] for kind in ("connect", "read", "write", "status", "timeout"))
     return {
         "tool": "wrk",
         "connections": connections,
@@ -141,7 +142,7 @@ def _wrk(url: str, method: str, connections: int, duration: float, body: str | N
 async def _aiohttp_load(args: argparse.Namespace) -> dict[str, Any]:
     import aiohttp
 
-    ids = Path(args.ids_file).read_text().split() if args.ids_file else []
+    ids = (await asyncio.to_thread(Path(args.ids_file).read_text)).split() if args.ids_file else []
     latencies: list[float] = []
     counter = 0
     errors = non_2xx = 0

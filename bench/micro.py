@@ -33,8 +33,9 @@ from harness.ports import free_port, wait_for_port
 from harness.postgres import PostgresServer
 
 from .common import ROOT, log
-from .dispatch import CALL_BODY, _database, _requests, _seed
+from .dispatch import _requests, call_body
 from .loadgen import run_load
+from .seeding import database, seed
 
 
 def _cpu_per_call(samples: list[float]) -> dict[str, Any]:
@@ -107,7 +108,8 @@ def _client(n: int, concurrency: int, rounds: int) -> dict[str, Any]:
                     samples.setdefault(name, []).append(ms)
         finally:
             provider.close()
-    return {"posts": n, "concurrency": concurrency, "cpu_per_call": {k: _cpu_per_call(v) for k, v in samples.items()}}
+    return {"posts": n, "concurrency": concurrency, "latency_ms": provider.latency_ms,
+            "cpu_per_call": {k: _cpu_per_call(v) for k, v in samples.items()}}
 
 
 _PROVIDER = (
@@ -122,7 +124,8 @@ def _provider(duration: float, connections: int, rounds: int) -> dict[str, Any]:
     rps: dict[str, list[float]] = {}
     for round_ in range(1, rounds + 1):
         for name, (loop, http) in stacks.items():
-            log(f"micro: provider round {round_}/{rounds}, {name} ({duration:.0f} s of POSTs, {connections} connections)")
+            log(f"micro: provider round {round_}/{rounds}, {name} ({duration:.0f} s of POSTs, "
+                f"{connections} connections)")
             port = free_port()
             server = subprocess.Popen([sys.executable, "-c", _PROVIDER.format(port=port, loop=loop, http=http)],
                                       cwd=ROOT, env=with_checkout_fakes(dict(os.environ)), stdout=subprocess.DEVNULL,
@@ -130,7 +133,7 @@ def _provider(duration: float, connections: int, rounds: int) -> dict[str, Any]:
             try:
                 wait_for_port(port, timeout=30)
                 load = run_load(f"http://127.0.0.1:{port}/v1/calls", method="POST", connections=connections,
-                                duration=duration, body=CALL_BODY, unique_key=True)
+                                duration=duration, body=call_body(), unique_key=True)
                 rps.setdefault(name, []).append(load["rps"])
             finally:
                 server.terminate()
@@ -156,7 +159,7 @@ async def _read_round(url: str, reads: int) -> dict[str, float]:
     )
     raw = ("SELECT a.*, r.id AS reminder_id, r.due_at, r.status AS reminder_status, r.attempts, r.last_error "
            "FROM appointments a LEFT JOIN reminders r ON r.appointment_id = a.id WHERE a.id = $1 ORDER BY r.due_at")
-    async with _database(url, pool_size=2) as db:
+    async with database(url, pool_size=2) as db:
         async with db.session() as session:
             ids = list((await session.execute(select(Appointment.id))).scalars())
         autocommit = db.engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -192,9 +195,9 @@ def _read(reads: int, rounds: int) -> dict[str, Any]:
         url = pg.create_database("micro_read")
 
         async def prepare() -> None:
-            async with _database(url) as db:
+            async with database(url) as db:
                 await db.upgrade()
-            await _seed(url, 200, datetime.now(UTC) + timedelta(days=1))
+            await seed(url, 200, datetime.now(UTC) + timedelta(days=1))
 
         asyncio.run(prepare())
         samples: dict[str, list[float]] = {}

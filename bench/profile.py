@@ -27,7 +27,7 @@ from harness.cluster import Cluster
 from harness.etcd import EtcdServer
 from harness.postgres import PostgresServer
 
-from .api import CONNECTIONS, PATCH_BODY, analyze, body_json, seed
+from .api import APPOINTMENTS, CONNECTIONS, PATCH_BODY, analyze, body_json, seed
 from .common import log
 from .loadgen import run_load
 
@@ -44,7 +44,8 @@ NAMED = {
     "ORM row loading (instances)": r"^instances ",
     "SQL cache key generation": r"^HasCacheKey\._generate_cache_key ",
     "SQLAlchemy ⇄ asyncpg (greenlet_spawn)": r"^greenlet_spawn ",
-    "asyncpg (execute/fetch, incl. Cython)": r"^(Connection\._execute|PreparedStatement\.__bind_execute|Connection\.execute|Connection\._executemany) \(asyncpg",
+    "asyncpg (execute/fetch, incl. Cython)": (r"^(Connection\._execute|PreparedStatement\.__bind_execute"
+                                              r"|Connection\.execute|Connection\._executemany) \(asyncpg"),
 }
 
 
@@ -130,7 +131,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                      env={"LOG_LEVEL": "warning"}) as cluster:
             replica = cluster.replicas[0]
             cluster.leader(timeout=60)
-            ids = seed(replica.url, 1000)
+            ids = seed(replica.url, APPOINTMENTS)
             analyze(database_url)
             pid = replica.pid
             assert pid is not None

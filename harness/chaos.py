@@ -19,8 +19,13 @@ undoes it, waits until the cluster is quiet again and then checks (`verify`):
   redundant POST must follow a failed or hung attempt of its key;
 * every replica is ready again, and every ended term's dispatcher has finished.
 
+The leader terms are what the replicas publish: their GET /leader, sampled all along by the
+cluster's `LeaderWatch`; whether an ended term's dispatcher still runs, their /metrics. The
+reminders are planned by the domain, with their wording (`Cluster.seed_due_reminders`).
+
 `make chaos` (python -m harness.chaos) runs the scenarios larger and repeatedly, prints the table
-and writes RELIABILITY.md; tests/test_chaos.py runs each once in a short form.
+and writes RELIABILITY.md; tests/test_chaos.py runs each once in a short form. The real-provider
+modes run the same faults (harness/chaos_providers.py).
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ from .machine import cpu_model
 
 __all__ = [
     "SCENARIOS", "ChaosConfig", "ClusterPool", "Fault", "Result", "chaos_cluster", "draw_pictures", "evidence",
-    "keep_other_sections", "run_scenario", "run_timeline", "verify",
+    "keep_other_sections", "open_reminders", "posts_outside_terms", "run_rounds", "run_scenario", "run_timeline",
+    "settle", "verify", "wait_burst", "window_terms",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,10 +86,10 @@ class ChaosConfig:
 
 
 def chaos_cluster(config: ChaosConfig, **options: Any) -> Cluster:
-    """The cluster the scenarios run on: its own etcd and PostgreSQL, 3 replicas."""
+    """The cluster the scenarios run on: its own etcd and PostgreSQL, 3 replicas, its leaders watched."""
     return Cluster(
         3, own_postgres=True, provider_latency_ms=config.latency_ms, lease_ttl=config.lease_ttl,
-        env=config.env(), **options,
+        env=config.env(), watch_leaders=True, **options,
     )
 
 
@@ -178,12 +184,12 @@ def wait_first_call(cluster: Cluster, replica: str, timeout: float = 30.0) -> No
     client = cluster.provider.client
 
     def placed() -> bool:
-        return any(p["placed_by"] == replica for p in client.requests()) or not _open_reminders(cluster)
+        return any(p["placed_by"] == replica for p in client.requests()) or not open_reminders(cluster)
 
     wait_for(placed, timeout=timeout, what=f"a call placed by {replica}", interval=0.05)
 
 
-def _open_reminders(cluster: Cluster) -> int:
+def open_reminders(cluster: Cluster) -> int:
     statuses = cluster.reminder_statuses()
     return statuses["pending"] + statuses["dispatching"]
 
@@ -327,7 +333,7 @@ def provider_outage(cluster: Cluster, config: ChaosConfig, total: int) -> Fault:
     stretch = max(10, total // 20)
 
     def answered(status: int, at_least: int) -> Callable[[], bool]:
-        return lambda: sum(p["status"] == status for p in client.requests()) >= at_least or not _open_reminders(cluster)
+        return lambda: sum(p["status"] == status for p in client.requests()) >= at_least or not open_reminders(cluster)
 
     client.control(fail_rate=1.0, fail_status=500)
     wait_for(answered(500, stretch), timeout=30, what=f"{stretch} POSTs answered 500")
@@ -414,7 +420,7 @@ def settle(cluster: Cluster, config: ChaosConfig) -> list[str]:
     problems: list[str] = []
     assert cluster.provider is not None
     try:
-        wait_for(lambda: _open_reminders(cluster) == 0, timeout=config.settle_timeout,
+        wait_for(lambda: open_reminders(cluster) == 0, timeout=config.settle_timeout,
                  what="every reminder sent or given up", interval=0.1)
     except TimeoutError as error:
         problems.append(f"{error}: {dict(cluster.reminder_statuses())}")
@@ -424,12 +430,12 @@ def settle(cluster: Cluster, config: ChaosConfig) -> list[str]:
         problems.append(str(error))
 
     def dispatchers_done() -> bool:
-        return not _unfinished_terms(cluster)
+        return not _unfinished_dispatchers(cluster)
 
     try:
         wait_for(dispatchers_done, timeout=30, what="every ended term's dispatcher returned", interval=0.2)
     except TimeoutError:
-        problems.append(f"terms whose dispatcher never returned: {_unfinished_terms(cluster)}")
+        problems.append(f"ended terms whose dispatcher never returned: {_unfinished_dispatchers(cluster)}")
     for replica in cluster.active_replicas:
         try:
             replica.wait_ready(30)
@@ -438,15 +444,24 @@ def settle(cluster: Cluster, config: ChaosConfig) -> list[str]:
     return problems
 
 
-def _unfinished_terms(cluster: Cluster) -> list[int]:
-    """Tokens of terms that ended in a replica's current incarnation, whose dispatcher started
-    and has not logged its return (calls of that term may still be in flight)."""
-    started_at = {r.name: r.started_at or 0.0 for r in cluster.replicas if r.alive}
-    return [
-        term.token for term in cluster.terms()
-        if term.replica in started_at and term.started >= started_at[term.replica] - 0.01
-        and term.ended is not None and term.dispatch_started is not None and term.dispatch_stopped is None
-    ]
+def _unfinished_dispatchers(cluster: Cluster) -> list[str]:
+    """Replicas (with their last term's token) whose term has ended (GET /leader: not leading)
+    while its dispatcher still runs: `reminders_is_leader` is set when the dispatcher starts and
+    cleared once it has returned (or was cancelled after DRAIN_TIMEOUT), and no create is in flight
+    (`reminders_calls_in_flight`). A replica that does not answer counts as unfinished."""
+    tokens = {term.replica: term.token for term in cluster.terms()}
+    unfinished = []
+    for replica in cluster.live_replicas():
+        try:
+            leading = replica.status()["is_leader"]
+            metrics = replica.metrics()
+        except httpx.HTTPError as error:
+            unfinished.append(f"{replica.name} (no answer: {type(error).__name__})")
+            continue
+        running = metrics.get("reminders_is_leader", 0.0) > 0 or metrics.get("reminders_calls_in_flight", 0.0) > 0
+        if running and not leading:
+            unfinished.append(f"{replica.name} (term {tokens.get(replica.name, '?')})")
+    return unfinished
 
 
 def _shorten(text: str, limit: int = 60) -> str:
@@ -466,9 +481,9 @@ def _is_subsequence(short: list[str], long: list[str]) -> bool:
     return all(any(x == y for y in it) for x in short)
 
 
-def _window_terms(terms: list[LeaderTerm], start: float) -> list[LeaderTerm]:
-    """Terms that lasted into the window from `start` on; a term never logged as ended (its
-    replica was killed) is over by the time the next term started."""
+def window_terms(terms: list[LeaderTerm], start: float) -> list[LeaderTerm]:
+    """Terms that lasted into the window from `start` on; a term never seen to end (its replica
+    was killed) is over by the time the next term started."""
     kept = []
     for index, term in enumerate(terms):
         end = term.ended
@@ -479,13 +494,36 @@ def _window_terms(terms: list[LeaderTerm], start: float) -> list[LeaderTerm]:
     return kept
 
 
+def posts_outside_terms(terms: list[LeaderTerm], posts: list[dict[str, Any]], fault: Fault,
+                        noun: str = "POST") -> list[str]:
+    """Violations: a request to the provider from a replica before it first led (the first of
+    them), or from a replica after a moment the scenario names (`fault.silent_after`: SIGCONT)."""
+    bad = []
+    first_lead: dict[str, float] = {}
+    for term in terms:
+        first_lead.setdefault(term.replica, term.started)
+    for post in posts:
+        started = first_lead.get(post["placed_by"])
+        # `started` is the earliest the term can have begun (the replica's last answer without it)
+        if started is None or post["received_at"] < started:
+            bad.append(f"{noun} from {post['placed_by']} at {post['received_at']:.3f}, which had not led by then")
+            break
+    for replica, after in fault.silent_after.items():
+        late = [p for p in posts if p["placed_by"] == replica and p["received_at"] >= after]
+        if late:
+            sample = [(p.get("idempotency_key"), p["status"], p.get("replayed")) for p in late[:5]]
+            bad.append(f"{replica} sent {len(late)} {noun}(s) after it resumed "
+                       f"(first {late[0]['received_at'] - after:+.3f}s after SIGCONT): {sample}")
+    return bad
+
+
 def verify(cluster: Cluster, name: str, config: ChaosConfig, fault: Fault, window_start: float) -> Result:
     """Check the exactly-once promise on the database rows and the provider's request log."""
     assert cluster.provider is not None
     rows = cluster.reminders()
     posts = cluster.provider.client.requests()
     calls = cluster.provider.client.calls()
-    terms = _window_terms(cluster.terms(), window_start)
+    terms = window_terms(cluster.terms(), window_start)
     result = Result(scenario=name, reminders=len(rows), posts=len(posts), calls=len(calls), in_flight=fault.in_flight)
     result.notes = list(fault.notes)
     bad = result.violations
@@ -505,14 +543,16 @@ def verify(cluster: Cluster, name: str, config: ChaosConfig, fault: Fault, windo
     strangers = set(created) - set(keys)
     result.duplicates = sum(n - 1 for n in duplicated.values()) + sum(created[k] for k in strangers)
     if duplicated:
-        bad.append(f"{len(duplicated)} key(s) created more than once at the provider, e.g. {list(duplicated.items())[:5]}")
+        bad.append(f"{len(duplicated)} key(s) created more than once at the provider, "
+                   f"e.g. {list(duplicated.items())[:5]}")
     if strangers:
         bad.append(f"calls for keys no reminder has: {sorted(strangers)[:5]}")
     sent_keys = {k for k, r in keys.items() if r["status"] == "sent"}
     uncalled = sent_keys - set(created)
     result.misses = len(unfinished) + len(uncalled)
     if uncalled:
-        bad.append(f"{len(uncalled)} reminder(s) marked sent without a call at the provider, e.g. {sorted(uncalled)[:3]}")
+        bad.append(f"{len(uncalled)} reminder(s) marked sent without a call at the provider, "
+                   f"e.g. {sorted(uncalled)[:3]}")
     wrong_id = [k for k in sent_keys & set(call_of) if keys[k]["provider_call_id"] != call_of[k]["id"]]
     if wrong_id:
         bad.append(f"{len(wrong_id)} sent reminder(s) record another call id than the provider's, e.g. {wrong_id[:3]}")
@@ -521,7 +561,8 @@ def verify(cluster: Cluster, name: str, config: ChaosConfig, fault: Fault, windo
         bad.append("a reminder id appears in more than one created call")
 
     # lateness of what was sent: sent_at - due_at
-    lateness = sorted((r["sent_at"] - r["due_at"]).total_seconds() for r in rows if r["status"] == "sent" and r["sent_at"])
+    lateness = sorted((r["sent_at"] - r["due_at"]).total_seconds()
+                      for r in rows if r["status"] == "sent" and r["sent_at"])
     if lateness:
         result.max_lateness = lateness[-1]
         result.p50_lateness = statistics.median(lateness)
@@ -541,19 +582,7 @@ def verify(cluster: Cluster, name: str, config: ChaosConfig, fault: Fault, windo
     result.min_handover_gap = min(gaps) if gaps else None
 
     # 4. no POST from a replica that had not led; none after a moment the scenario names
-    first_lead: dict[str, float] = {}
-    for term in terms:
-        first_lead.setdefault(term.replica, term.started)
-    for post in posts:
-        started = first_lead.get(post["placed_by"])
-        if started is None or post["received_at"] < started - 0.01:  # log stamps have 1 ms resolution
-            bad.append(f"POST from {post['placed_by']} at {post['received_at']:.3f}, which had not led by then")
-            break
-    for replica, after in fault.silent_after.items():
-        late = [p for p in posts if p["placed_by"] == replica and p["received_at"] >= after]
-        if late:
-            bad.append(f"{replica} sent {len(late)} POST(s) after it resumed (first {late[0]['received_at'] - after:+.3f}s "
-                       f"after SIGCONT): {[(p['idempotency_key'], p['status'], p['replayed']) for p in late[:5]]}")
+    bad.extend(posts_outside_terms(terms, posts, fault))
 
     # 5. redundant POSTs stay within what was in flight at the failure
     by_key: dict[str, list[dict[str, Any]]] = {}
@@ -576,9 +605,10 @@ def verify(cluster: Cluster, name: str, config: ChaosConfig, fault: Fault, windo
     result.budget = fault.in_flight + config.concurrency * result.spurious_term_ends
     if len(unexplained) > result.budget:
         keys_seen = Counter(k for k, _ in unexplained)
+        sample = [(k, [(p["placed_by"], p["status"], p["replayed"]) for p in by_key[k]]) for k in list(keys_seen)[:3]]
         bad.append(f"{len(unexplained)} redundant POST(s) over a budget of {result.budget} "
                    f"(in flight at the fault {fault.in_flight}, unforced term ends {result.spurious_term_ends}); "
-                   f"e.g. {[(k, [(p['placed_by'], p['status'], p['replayed']) for p in by_key[k]]) for k in list(keys_seen)[:3]]}")
+                   f"e.g. {sample}")
     return result
 
 
@@ -588,7 +618,8 @@ def _interleaving(new_calls: list[dict[str, Any]]) -> str:
     for post in new_calls:
         who = post["placed_by"]
         if seen and seen[-1] != who and who in seen:
-            return f"{who} placed a new call at {post['received_at']:.3f} (key {post['idempotency_key']}) after {seen[-1]} had"
+            return (f"{who} placed a new call at {post['received_at']:.3f} (key {post['idempotency_key']}) "
+                    f"after {seen[-1]} had")
         if not seen or seen[-1] != who:
             seen.append(who)
     return "no interleaving found"
@@ -604,9 +635,17 @@ class ClusterPool:
         self.cluster: Cluster | None = None
         self.kept: list[Path] = []
 
+    def new_cluster(self) -> Cluster:
+        """A cluster to run on (not started)."""
+        return chaos_cluster(self.config)
+
+    def run_on(self, cluster: Cluster, name: str, **options: Any) -> Result:
+        """One run of scenario `name` on `cluster`."""
+        return run_scenario(cluster, name, self.config, **options)
+
     def get(self) -> Cluster:
         if self.cluster is None:
-            cluster = chaos_cluster(self.config)
+            cluster = self.new_cluster()
             try:
                 cluster.start()
             except BaseException:
@@ -618,7 +657,7 @@ class ClusterPool:
     def run(self, name: str, **options: Any) -> Result:
         cluster = self.get()
         try:
-            result = run_scenario(cluster, name, self.config, **options)
+            result = self.run_on(cluster, name, **options)
         except Exception as error:  # noqa: BLE001 - a broken run is a failed run
             result = Result(scenario=name, violations=[f"{type(error).__name__}: {error}"])
         if not result.ok:
@@ -649,10 +688,11 @@ _EVIDENCE_MARKERS = (" leads: ", ") ended: ", "dispatching under", "WARNING", "E
 
 
 def evidence(cluster: Cluster, lines: int = 25) -> str:
-    """The leader terms and each replica's last election/dispatch/warning lines."""
-    out = ["leader terms (token, replica, started, ended, reason):"]
+    """The leader terms GET /leader showed, and each replica's last election/dispatch/warning lines
+    for a reader (why a term ended is in them)."""
+    out = ["leader terms (token, replica, started at the earliest, first seen, ended):"]
     for term in cluster.terms()[-8:]:
-        out.append(f"  {term.token} {term.replica} {term.started:.3f} {term.ended} {term.reason}")
+        out.append(f"  {term.token} {term.replica} {term.started:.3f} {term.seen} {term.ended}")
     for replica in cluster.replicas:
         picked = [line for line in replica.log_text().splitlines() if any(m in line for m in _EVIDENCE_MARKERS)]
         out.append(f"--- {replica.name} ({'alive' if replica.alive else 'exited'}), last {lines} notable lines:")
@@ -689,10 +729,11 @@ def _table(results: list[Result]) -> str:
 def _machine() -> str:
     cpu = cpu_model()
     try:
-        load = "load average %.2f %.2f %.2f at the start" % os.getloadavg()
+        load = "load average {:.2f} {:.2f} {:.2f} at the start".format(*os.getloadavg())
     except OSError:
         load = ""
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}; {load}"
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}; {load}")
 
 
 def draw_pictures(results: list[Result], folder: Path) -> dict[str, Path]:
@@ -707,7 +748,8 @@ def draw_pictures(results: list[Result], folder: Path) -> dict[str, Path]:
 def _describe(name: str, picture: Path | None, report: Path) -> str:
     text = f"### {name}\n\n{DESCRIPTIONS[name]}"
     if picture is not None:
-        text += f"\n\n![{name}: calls over time by replica, leader terms, the fault]({os.path.relpath(picture, report.parent)})"
+        where = os.path.relpath(picture, report.parent)
+        text += f"\n\n![{name}: calls over time by replica, leader terms, the fault]({where})"
     return text
 
 
@@ -741,7 +783,8 @@ def _write_report(path: Path, command: str, config: ChaosConfig, rounds: int, re
     runs = "\n".join(f"    {r.line()}" for r in results)
     failures = [r for r in results if not r.ok]
     verdict = ("Every run passed every check: zero duplicates, zero misses." if not failures else
-               f"{len(failures)} run(s) FAILED:\n\n" + "\n".join(f"- {r.scenario}: {'; '.join(r.violations)}" for r in failures))
+               f"{len(failures)} run(s) FAILED:\n\n"
+               + "\n".join(f"- {r.scenario}: {'; '.join(r.violations)}" for r in failures))
     old = path.read_text() if path.exists() else ""
     path.write_text(keep_other_sections(f"""# Reliability: exactly-once under failure
 
@@ -752,8 +795,8 @@ call, so every failure lands while calls are in flight) and 3 `reminders serve` 
 etcd through its own TCP proxy. Settings: `LEASE_TTL={config.lease_ttl}`, `DISPATCH_CONCURRENCY={config.concurrency}`,
 `TELEPHONY_TIMEOUT={config.telephony_timeout:g}`, `DISPATCH_MAX_ATTEMPTS={config.max_attempts}`,
 `RETRY_BASE_DELAY={config.retry_base_delay:g}`, `DRAIN_TIMEOUT={config.drain_timeout:g}`. Each run seeds
-{config.reminders} reminders falling due over {config.spread:g} s (× 3 for the rolling restart) and injects its fault once
-{config.trigger:.0%} of them are sent. {rounds} round(s) of every scenario.
+{config.reminders} reminders falling due over {config.spread:g} s (× 3 for the rolling restart) and injects its
+fault once {config.trigger:.0%} of them are sent. {rounds} round(s) of every scenario.
 
 ## Result
 
@@ -794,17 +837,18 @@ exactly-once promise seen from the provider.
 2. The provider created exactly one call per reminder key and none for an unknown key; the call id
    the database recorded is that call's id.
 3. New calls (201, not a replay), ordered by the provider's arrival time, come in runs per replica
-   that follow the order of the leader terms (from the replicas' logs, by fencing token): a
+   that follow the order of the leader terms (from the replicas' `GET /leader`, sampled every
+   50 ms, by fencing token): a
    deposed leader's last new call came before its successor's first. A call in flight at a crash
    and completed by the successor with the same key is a replay, not a new call.
-4. No POST comes from a replica before it first led; a leader paused past its lease and resumed
-   sends no POST at all after SIGCONT.
+4. No POST comes from a replica before it first led (before its last answer that did not show
+   the term); a leader paused past its lease and resumed sends no POST at all after SIGCONT.
 5. Redundant POSTs stay within the calls in flight at the failure: the reminders `dispatching` when
    the fault hit, plus `DISPATCH_CONCURRENCY` for every further term change the load caused on its
    own (none was forced). In the provider outage, every redundant POST follows a failed (500, 429,
    409) or hung attempt of the same key.
 6. Every replica is ready again and every ended term's dispatcher has returned (nothing of it is
-   still in flight).
+   still in flight: `reminders_is_leader` and `reminders_calls_in_flight` back to 0 on /metrics).
 
 ## What the suite found, and what was fixed
 
@@ -845,8 +889,29 @@ exactly-once promise seen from the provider.
 """, old))
 
 
+def run_rounds(pool: ClusterPool, names: list[str], rounds: int, label: str = "") -> list[Result]:
+    """Every scenario of `names`, `rounds` times, on `pool` (closed at the end), each result printed
+    as it comes; the PostgreSQL scenario alternates a crash (odd rounds) and a clean stop."""
+    results: list[Result] = []
+    try:
+        for round_no in range(1, rounds + 1):
+            for name in names:
+                options = {"mode": "immediate" if round_no % 2 else "fast"} if name == "postgres-restart" else {}
+                result = pool.run(name, **options)
+                results.append(result)
+                print(f"round {round_no}{label}: {result.line()}", flush=True)
+                for violation in result.violations:
+                    print(f"    VIOLATION: {violation}", flush=True)
+                if result.evidence:
+                    print(result.evidence, flush=True)
+    finally:
+        pool.close()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.chaos", description="Chaos scenarios, repeated; writes RELIABILITY.md.")
+    parser = argparse.ArgumentParser(prog="python -m harness.chaos",
+                                     description="Chaos scenarios, repeated; writes RELIABILITY.md.")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every scenario (default 3)")
     parser.add_argument("--reminders", type=int, default=2000, help="reminders per run (default 2000)")
     parser.add_argument("--spread", type=float, default=None, help="seconds over which they fall due")
@@ -866,23 +931,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.scenario or list(SCENARIOS)
     command = "python -m harness.chaos " + " ".join(argv if argv is not None else sys.argv[1:])
     started, begun, machine = datetime.now(UTC), time.monotonic(), _machine()
-    results: list[Result] = []
     print(f"chaos: {args.rounds} round(s) × {len(names)} scenario(s), {args.reminders} reminders each, "
           f"due over {spread:g} s; {machine}", flush=True)
-    pool = ClusterPool(config)
-    try:
-        for round_no in range(1, args.rounds + 1):
-            for name in names:
-                options = {"mode": "immediate" if round_no % 2 else "fast"} if name == "postgres-restart" else {}
-                result = pool.run(name, **options)
-                results.append(result)
-                print(f"round {round_no}: {result.line()}", flush=True)
-                for violation in result.violations:
-                    print(f"    VIOLATION: {violation}", flush=True)
-                if result.evidence:
-                    print(result.evidence, flush=True)
-    finally:
-        pool.close()
+    results = run_rounds(ClusterPool(config), names, args.rounds)
     seconds = time.monotonic() - begun
     print("\n" + _table(results), flush=True)
     pictures = draw_pictures(results, Path(args.pictures)) if args.pictures != "-" else {}

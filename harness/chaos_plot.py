@@ -30,7 +30,7 @@ class Band:
 @dataclass
 class Timeline:
     """What one chaos run looked like from outside: every POST the provider received, the leader
-    terms from the replicas' logs and the span of the fault (epoch seconds)."""
+    terms the replicas' GET /leader showed and the span of the fault (epoch seconds)."""
 
     scenario: str
     origin: float  # the reminders were seeded: x = 0
@@ -54,8 +54,9 @@ def _replica_order(name: str) -> tuple[str, int]:
 
 
 def bands(terms: Sequence[Any], end: float, since: float) -> list[Band]:
-    """Leader terms (`harness.cluster.LeaderTerm`) as bands: a term never logged as ended (its
-    replica was killed) lasts until the next term starts; the last open one until `end`."""
+    """Leader terms (`harness.cluster.LeaderTerm`, as GET /leader showed them) as bands: a term
+    never seen to end (its replica was killed) lasts until the next term starts; the last open one
+    until `end`."""
     out = []
     for index, term in enumerate(terms):
         stop = term.ended
@@ -109,7 +110,8 @@ def draw_timeline(timeline: Timeline, path: Path) -> Path:
                          (refused, {"marker": "x", "s": 18})):
         if not marks:
             continue
-        colours = ["0.45" if marks is refused else ("black" if marks is replayed else colour[p["placed_by"]]) for p in marks]
+        colours = ["0.45" if marks is refused else ("black" if marks is replayed else colour[p["placed_by"]])
+                   for p in marks]
         raster.scatter([x(p["received_at"]) for p in marks], [rows.index(p["placed_by"]) for p in marks],
                        c=None if marks is replayed else colours, edgecolors=colours if marks is replayed else None,
                        linewidths=0.9, **style)
@@ -131,7 +133,8 @@ def draw_timeline(timeline: Timeline, path: Path) -> Path:
                Line2D([], [], ls="", marker="o", mfc="none", mec="black", label="replay (same key, stored call)"),
                Line2D([], [], ls="", marker="x", color="0.45", label="refused / failed POST")]
     top.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    top.set_title(f"{timeline.scenario}" + (f" — {timeline.caption}" if timeline.caption else ""), fontsize=10, loc="left")
+    title = timeline.scenario + (f" — {timeline.caption}" if timeline.caption else "")
+    top.set_title(title, fontsize=10, loc="left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -235,6 +235,7 @@ class LiveView:
         self.down: set[str] = set()
         self.calls_seen = 0
         self.events: list[str] = []
+        self.terms: dict[int, int] = {}  # fencing token -> the term's number, as GET /leader showed them
 
     def event(self, text: str) -> None:
         line = f"{datetime.now():%H:%M:%S} {text}"
@@ -289,13 +290,14 @@ class LiveView:
         for call in calls[self.calls_seen:]:
             self.event(f"   call {call['id'][:13]}… to {mask_phone(call['to'])} placed by {call['placed_by']}")
         self.calls_seen = max(self.calls_seen, len(calls))
-        ordinal = {term.token: index + 1 for index, term in enumerate(self.cluster.terms())}
+        for token in sorted(view["fencing_token"] for _, view in roles.values() if view and view["is_leader"]):
+            self.terms.setdefault(token, len(self.terms) + 1)
         per_replica = Counter(call["placed_by"] for call in calls)
         rows = []
         for replica in self.cluster.replicas:
             role, view = roles[replica.name]
             token = view["fencing_token"] if view and view["is_leader"] else None
-            rows.append(ReplicaRow(replica.name, replica.pid, role, ordinal.get(token) if token else None, token,
+            rows.append(ReplicaRow(replica.name, replica.pid, role, self.terms.get(token) if token else None, token,
                                    per_replica[replica.name]))
         return Snapshot(
             elapsed=now - self.started, rows=rows, leader=leader, failover=self.clock.line(now),
@@ -452,7 +454,8 @@ def screen(snapshot: Snapshot, *, title: str, keys: bool) -> Any:
     counts = Text.assemble(
         (snapshot.failover + "\n\n", "bold red" if snapshot.leaderless else "bold green"),
         f"reminders  sent {statuses['sent']} of {total} · pending {statuses['pending']} · "
-        f"dispatching {statuses['dispatching']}\nprovider   {snapshot.calls} calls for {snapshot.keys} reminder keys · ",
+        f"dispatching {statuses['dispatching']}\n"
+        f"provider   {snapshot.calls} calls for {snapshot.keys} reminder keys · ",
         (f"{duplicates} duplicates", "bold red" if duplicates else "green"),
         f"\n{outcome_line(snapshot.outcomes)}" if snapshot.outcomes else "",
     )
@@ -566,14 +569,15 @@ def main(argv: list[str] | None = None) -> int:
         env["RECONCILE_GRACE"] = "10s"
         env["NO_ANSWER_RETRY_DELAY"] = "20s"  # the retry of an unanswered call within the demo's minute or so
         env["MESSAGE_TEMPLATES"] = json.dumps(DEMO_TEMPLATES)
-    print(f"starting etcd, the {'Twilio-shaped ' if args.provider == 'twilio' else ''}fake provider ({args.latency_ms:.0f} ms) and {args.replicas} replicas on "
+    shaped = "Twilio-shaped " if args.provider == "twilio" else ""
+    print(f"starting etcd, the {shaped}fake provider ({args.latency_ms:.0f} ms) and {args.replicas} replicas on "
           f"{'PostgreSQL' if database_url else 'SQLite (one file, WAL)'}, lease TTL {lease_ttl} s"
           f"{', LEADER_MAX_TERM ' + env['LEADER_MAX_TERM'] + ' s' if 'LEADER_MAX_TERM' in env else ''} …", flush=True)
     reason = "duration reached"
     try:
         with Cluster(args.replicas, database_url=database_url, provider_latency_ms=args.latency_ms,
                      lease_ttl=lease_ttl, env=env, telephony_provider=args.provider,
-                     twilio_calls_per_second=2) as cluster:
+                     fake_calls_per_second=2) as cluster:
             view = None
             try:
                 for replica in cluster.replicas:

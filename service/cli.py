@@ -1,4 +1,4 @@
-"""The `reminders` command: serve, migrate, fake-provider."""
+"""The `reminders` command: serve, migrate, check, fake-provider."""
 
 from __future__ import annotations
 
@@ -119,6 +119,12 @@ def _migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from service.check import main as check
+
+    return check(as_json=args.json, skip=frozenset(args.skip))
+
+
 # The fake providers are a distribution of their own (fakes/ in the repository, `reminders-fakes`):
 # never in the service's wheel or production image. Only this command loads them, when it runs.
 FAKES_MISSING = (
@@ -154,6 +160,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
     migrate = commands.add_parser("migrate", help="alembic upgrade head for DATABASE_URL")
     migrate.set_defaults(run=_migrate)
+    check = commands.add_parser(
+        "check", help="before going live: settings, database, etcd, the provider's credentials and signature "
+                      "settings, PUBLIC_URL's reachability; one line each, exit 0 when all pass")
+    check.add_argument("--json", action="store_true", help="one JSON document instead of lines")
+    check.add_argument("--skip", action="append", default=[], metavar="CHECK",
+                       choices=["database", "etcd", "provider", "signature", "public_url"],
+                       help="leave a check out (repeatable): database, etcd, provider, signature, public_url")
+    check.set_defaults(run=_check)
     fake = commands.add_parser(
         "fake-provider",
         help="the fake telephony provider API (requires TELEPHONY_TOKEN as bearer token when set); "

@@ -89,7 +89,8 @@ async def test_patch_replans_pending_reminders(api) -> None:
     reminders = {r["id"]: r for r in response.json()["reminders"]}
     assert old["id"] not in reminders  # never claimed: deleted by the re-plan (docs/decisions/0125)
     (new,) = [r for r in reminders.values() if r["status"] == "pending"]
-    assert datetime.fromisoformat(new["due_at"]) == datetime.fromisoformat(response.json()["starts_at"]) - timedelta(hours=24)
+    starts_at = datetime.fromisoformat(response.json()["starts_at"])
+    assert datetime.fromisoformat(new["due_at"]) == starts_at - timedelta(hours=24)
     # notes do not change the call: no re-plan
     again = await api.patch(f"/appointments/{created['id']}", json={"notes": "second floor"})
     assert [r["id"] for r in again.json()["reminders"] if r["status"] == "pending"] == [new["id"]]
@@ -251,7 +252,8 @@ async def test_oversized_and_deep_bodies(api) -> None:
 
     chunked = await api.post("/appointments", content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 413
-    deep = await api.post("/appointments", content=b"[" * 5000 + b"]" * 5000, headers={"content-type": "application/json"})
+    deep = await api.post("/appointments", content=b"[" * 5000 + b"]" * 5000,
+                          headers={"content-type": "application/json"})
     assert deep.status_code == 422
     nested_notes = await api.post("/appointments", json=body(notes={"a": {"b": {"c": [1, [2, [3]]]}}}))
     assert nested_notes.status_code == 422

@@ -91,10 +91,11 @@ async def test_the_json_is_what_the_response_model_writes(api) -> None:
     created = await api.post("/appointments", json=body)
     assert created.status_code == 201, created.text
     one, page = TypeAdapter(AppointmentOut), TypeAdapter(AppointmentList)
-    for response, model in ((created, one), (await api.get(f"/appointments/{created.json()['id']}"), one),
+    path = f"/appointments/{created.json()['id']}"
+    for response, model in ((created, one), (await api.get(path), one),
                             (await api.get("/appointments"), page),
-                            (await api.patch(f"/appointments/{created.json()['id']}", json={"starts_at": _starts(2)}), one),
-                            (await api.delete(f"/appointments/{created.json()['id']}"), one)):
+                            (await api.patch(path, json={"starts_at": _starts(2)}), one),
+                            (await api.delete(path), one)):
         assert response.status_code in (200, 201), response.text
         assert response.content == model.dump_json(model.validate_json(response.content))
 

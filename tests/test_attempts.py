@@ -14,7 +14,7 @@ from service.dispatch.stamped import StampedCalls, StampedConfig
 from service.ledger import AttemptStore, Claim, Outcome, ReminderStore
 from service.reminders.attempts import RECHECK, AttemptView, Step, reconcile
 from service.telephony.provider import CallSpec, CreateKind, CreateResult, LiveCall
-from tests.support.twilio_rig import FROM, Rig, make_rig
+from tests.support.providers import FROM, TwilioRig, make_rig, rig_on
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
@@ -76,10 +76,9 @@ def test_no_live_call_after_the_grace_abandons_and_creates_anew() -> None:
 
 
 @pytest.fixture
-async def rig(db: Database) -> AsyncIterator[Rig]:
-    rig = make_rig(db, calls_per_second=0, ring_ms=30)
-    yield rig
-    await rig.aclose()
+async def rig(db: Database) -> AsyncIterator[TwilioRig]:
+    async with rig_on(db, "twilio", calls_per_second=0, ring_ms=30) as rig:
+        yield rig
 
 
 class Clock:
@@ -90,7 +89,7 @@ class Clock:
         return datetime.now(UTC) + self.offset
 
 
-async def claimed(rig: Rig, token: int, clock: Clock, phone: str = "+14155552671") -> Claim:
+async def claimed(rig: TwilioRig, token: int, clock: Clock, phone: str = "+14155552671") -> Claim:
     """A reminder claimed `dispatching` under `token`, as the dispatcher would have it."""
     store = ReminderStore(rig.db)
     await store.raise_fence(token, "test")
@@ -100,12 +99,12 @@ async def claimed(rig: Rig, token: int, clock: Clock, phone: str = "+14155552671
     return claim
 
 
-def stamped(rig: Rig, provider=None) -> StampedCalls:
+def stamped(rig: TwilioRig, provider=None) -> StampedCalls:
     return StampedCalls(rig.db, provider or rig.provider, StampedConfig(
         caller_id=FROM, reconcile_grace=GRACE, max_attempts=5, retry_delay=lambda n, after: after or 1.0))
 
 
-def finisher(rig: Rig, token: int, log: list[dict]) -> Callable[..., Awaitable[None]]:
+def finisher(rig: TwilioRig, token: int, log: list[dict]) -> Callable[..., Awaitable[None]]:
     async def finish(claim: Claim, outcome: Outcome) -> None:
         log.append(outcome.columns())
         assert await ReminderStore(rig.db).finish_many(token, [(claim.reminder_id, outcome)]) == {}
@@ -124,7 +123,7 @@ async def reminder(db: Database, reminder_id: str):
         return (await session.execute(select(Reminder.__table__).where(Reminder.id == reminder_id))).one()
 
 
-async def reclaim(rig: Rig, token: int, claim: Claim, clock: Clock) -> Claim:
+async def reclaim(rig: TwilioRig, token: int, claim: Claim, clock: Clock) -> Claim:
     """The reminder claimed again. Polled: the claim skips locked rows (SKIP LOCKED), and the call's
     last webhook may still hold the reminder's row for a moment after the fake reports it done."""
 
@@ -138,7 +137,7 @@ async def reclaim(rig: Rig, token: int, claim: Claim, clock: Clock) -> Claim:
     return again
 
 
-async def test_created_attempt_marks_sent_and_the_call_speaks_once(rig: Rig) -> None:
+async def test_created_attempt_marks_sent_and_the_call_speaks_once(rig: TwilioRig) -> None:
     clock, log = Clock(), []
     claim = await claimed(rig, 7, clock)
     result = await stamped(rig).handle(claim, token=7, may_send=lambda: True, now=clock, finish=finisher(rig, 7, log))
@@ -151,11 +150,11 @@ async def test_created_attempt_marks_sent_and_the_call_speaks_once(rig: Rig) -> 
     assert (await reminder(rig.db, claim.reminder_id)).outcome == "answered"
 
 
-async def _done(rig: Rig) -> bool:
+async def _done(rig: TwilioRig) -> bool:
     return all(c.status in ("completed", "canceled") for c in rig.fake.calls.values())
 
 
-async def test_a_5xx_after_the_call_was_created_is_reconciled_not_repeated(rig: Rig) -> None:
+async def test_a_5xx_after_the_call_was_created_is_reconciled_not_repeated(rig: TwilioRig) -> None:
     clock, log = Clock(), []
     rig.fake.controls.fail_after_create_rate = 1.0
     claim = await claimed(rig, 3, clock)
@@ -191,7 +190,7 @@ class NoCallInDoubt:
         pass
 
 
-async def test_an_attempt_in_doubt_without_a_call_is_replaced_only_after_the_grace(rig: Rig) -> None:
+async def test_an_attempt_in_doubt_without_a_call_is_replaced_only_after_the_grace(rig: TwilioRig) -> None:
     clock, log = Clock(), []
     claim = await claimed(rig, 4, clock)
     doubtful = NoCallInDoubt(rig.provider)
@@ -213,7 +212,7 @@ async def test_an_attempt_in_doubt_without_a_call_is_replaced_only_after_the_gra
 
 
 async def test_a_live_call_to_the_number_holds_back_a_new_attempt(db: Database) -> None:
-    rig = make_rig(db, calls_per_second=0, ring_ms=60_000)  # the other call rings for a minute
+    rig = make_rig(db, "twilio", calls_per_second=0, ring_ms=60_000)  # the other call rings for a minute
     try:
         clock, log = Clock(), []
         claim = await claimed(rig, 5, clock)
@@ -230,7 +229,7 @@ async def test_a_live_call_to_the_number_holds_back_a_new_attempt(db: Database) 
         await rig.aclose()
 
 
-async def test_begin_is_fenced(rig: Rig) -> None:
+async def test_begin_is_fenced(rig: TwilioRig) -> None:
     clock = Clock()
     claim = await claimed(rig, 8, clock)
     store = AttemptStore(rig.db)
@@ -243,7 +242,7 @@ async def test_begin_is_fenced(rig: Rig) -> None:
     assert result is None and rig.fake.calls == {}
 
 
-async def test_a_refused_send_records_not_created_and_leaves_the_claim(rig: Rig) -> None:
+async def test_a_refused_send_records_not_created_and_leaves_the_claim(rig: TwilioRig) -> None:
     clock, log = Clock(), []
     claim = await claimed(rig, 6, clock)
     allowed = iter([True, False])  # the term ends between the record and the first byte

@@ -177,8 +177,8 @@ def test_bad_path_and_cursor_bytes(replica: ReplicaProcess) -> None:
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("TELEPHONY_FROM", "hello"), ("MISFIRE_GRACE", "0"), ("API_TOKEN", " "), ("ETCD_ENDPOINTS", "http://a:1,https://b:2"),
-     ("ETCD_CA_CERT", "/nonexistent.pem"), ("ETCD_USERNAME", "alice"), ("DRAIN_TIMEOUT", "0"), ("CALLS_PER_SECOND", "nan"),
-     ("LEASE_TTL", "2.5"), ("TELEPHONY_TIMEOUT", "nan"), ("POD_NAME", "")],
+     ("ETCD_CA_CERT", "/nonexistent.pem"), ("ETCD_USERNAME", "alice"), ("DRAIN_TIMEOUT", "0"),
+     ("CALLS_PER_SECOND", "nan"), ("LEASE_TTL", "2.5"), ("TELEPHONY_TIMEOUT", "nan"), ("POD_NAME", "")],
 )
 def test_bad_settings_name_the_variable(variable: str, value: str, tmp_path: Path) -> None:
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), variable: value,

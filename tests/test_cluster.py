@@ -142,7 +142,8 @@ def test_leader_sigkilled_mid_burst_successor_completes_with_same_keys(make_clus
         print(f"\n[burst, 300 ms, leader {leader} SIGKILLed] reminders={len(rows)} POSTs={len(posts)} "
               f"distinct keys={len(per_key)} calls={len(calls)} replays={replays} "
               f"redundant POSTs={len(posts) - len(per_key)} provider in flight at kill={len(in_flight)} "
-              f"DB at kill={dict(at_kill)} placed by={dict(by_replica)} statuses={dict(Counter(p['status'] for p in posts))}")
+              f"DB at kill={dict(at_kill)} placed by={dict(by_replica)} "
+              f"statuses={dict(Counter(p['status'] for p in posts))}")
 
         assert Counter(r["status"] for r in rows) == Counter(sent=REMINDERS)  # none lost, none left dispatching
         assert set(per_key) == {r["idempotency_key"] for r in rows}

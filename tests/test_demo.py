@@ -102,7 +102,8 @@ class Output:
         return self.data.decode(errors="replace")
 
     def wait_for(self, needle: str, timeout: float) -> None:
-        wait_for(lambda: needle in self.text, timeout=timeout, what=f"{needle!r} in the demo's output:\n{self.text[-3000:]}")
+        wait_for(lambda: needle in self.text, timeout=timeout,
+                 what=f"{needle!r} in the demo's output:\n{self.text[-3000:]}")
 
 
 @pytest.fixture

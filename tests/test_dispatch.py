@@ -220,7 +220,8 @@ async def test_transient_failures_retry_with_backoff_then_fail(db, provider, cli
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=provider), base_url="http://provider") as http:
         await http.post("/v1/control", json={"fail_rate": 1.0, "fail_status": 503})
     (reminder_id,) = await seed(db, 1)
-    await lead_until(Dispatcher(db, GenericProvider(client), config(max_attempts=3)), FakeTerm(1), lambda: all_final(db))
+    dispatcher = Dispatcher(db, GenericProvider(client), config(max_attempts=3))
+    await lead_until(dispatcher, FakeTerm(1), lambda: all_final(db))
     (row,) = await reminders(db)
     assert row.status == "failed" and row.attempts == 3 and "503" in row.last_error
     _, requests = await provider_state(provider)

@@ -61,7 +61,8 @@ def test_config_rejects_bad_settings_naming_the_field(settings: dict, field: str
 def test_config_defaults_and_normalisation() -> None:
     config = ElectionConfig("10.0.0.1:2379,10.0.0.2:2379", name="pod-0", password="s3cret", username="u")
     assert config.endpoints == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
-    assert config.lease_ttl == 10 and config.effective_margin == 2.0 and config.keepalive_interval == pytest.approx(8 / 3)
+    assert config.lease_ttl == 10 and config.effective_margin == 2.0
+    assert config.keepalive_interval == pytest.approx(8 / 3)
     assert "s3cret" not in repr(config)
     assert ElectionConfig(("http://h:1",), name="a", lease_ttl=2).effective_margin == 1.0
 
@@ -171,17 +172,18 @@ async def test_fifty_candidates_one_leader_and_only_the_successor_wakes(etcd_end
         for _ in range(50):
             sessions.append(await LeaseSession.grant(client, ttl=TTL, margin=1.0))
         elections = [Election(client, prefix) for _ in sessions]
-        tasks = [asyncio.create_task(e.campaign(s, f"c{i}")) for i, (e, s) in enumerate(zip(elections, sessions))]
+        tasks = [asyncio.create_task(e.campaign(s, f"c{i}"))
+                 for i, (e, s) in enumerate(zip(elections, sessions, strict=True))]
 
         def settled() -> bool:
-            waiting = [e for e, t in zip(elections, tasks) if not t.done() and e.waiting_for]
+            waiting = [e for e, t in zip(elections, tasks, strict=True) if not t.done() and e.waiting_for]
             return sum(t.done() for t in tasks) == 1 and len(waiting) == 49
 
         await poll_until(settled, 15, "one leader and 49 waiting candidates")
         keys = await keys_under(etcd_endpoint, prefix)
         assert len(keys) == 50
         order = [key for key, _, _ in keys]  # by create revision
-        by_key = {e.key_for(s): i for i, (e, s) in enumerate(zip(elections, sessions))}
+        by_key = {e.key_for(s): i for i, (e, s) in enumerate(zip(elections, sessions, strict=True))}
         leader_index = by_key[order[0]]
         assert tasks[leader_index].done()
         leader_term = tasks[leader_index].result()

@@ -111,7 +111,8 @@ async def test_cut_off_leader_steps_down_before_successor_leads(proxy: TcpProxy,
 
             proxy.pass_through()
             # not stuck: the cut replica campaigns again and queues behind the new leader
-            await poll_until(lambda: _queued(etcd_endpoint, prefix, {"cut", "direct"}, exact=True), 20, "cut queued again")
+            await poll_until(lambda: _queued(etcd_endpoint, prefix, {"cut", "direct"}, exact=True), 20,
+                             "cut queued again")
             await poll_until(lambda: single_leader([cut, direct]) is direct, 10, "both agree on direct")
 
 

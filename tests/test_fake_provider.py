@@ -428,7 +428,8 @@ def test_token_comes_from_the_environment_not_argv() -> None:
         wait_for_port(port, timeout=20)
         url = f"http://127.0.0.1:{port}/v1/calls"
         assert httpx.post(url, json=BODY, headers={"Idempotency-Key": "k"}, timeout=5).status_code == 401
-        right = httpx.post(url, json=BODY, headers={"Idempotency-Key": "k", "Authorization": "Bearer s3cret"}, timeout=5)
+        right = httpx.post(url, json=BODY, headers={"Idempotency-Key": "k", "Authorization": "Bearer s3cret"},
+                           timeout=5)
         assert right.status_code == 201
     finally:
         process.terminate()

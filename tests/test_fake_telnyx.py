@@ -78,7 +78,8 @@ async def test_a_call_speaks_once_per_command_id_and_refuses_commands_once_ended
     await eventually(lambda: any(e == "call.speak.ended" for e, _ in events.received))
     assert telnyx.calls[call_id].heard == ["Hello"]
     listed = (await client.get(f"/v2/connections/{CONNECTION}/active_calls")).json()
-    assert [c["call_control_id"] for c in listed["data"]] == [call_id] and listed["data"][0]["client_state"] == "c3RhdGU="
+    assert [c["call_control_id"] for c in listed["data"]] == [call_id]
+    assert listed["data"][0]["client_state"] == "c3RhdGU="
     assert (await client.post(f"/v2/calls/{call_id}/actions/hangup", json={})).status_code == 200
     ended = await client.post(f"/v2/calls/{call_id}/actions/speak", json={"payload": "again", "command_id": "s2"})
     assert ended.status_code == 422 and ended.json()["errors"][0]["code"] == "90018"

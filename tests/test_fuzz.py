@@ -28,7 +28,8 @@ def replica(database_url: str, etcd_endpoint: str, tmp_path: Path, anyio_backend
 
     if not database_url.startswith("sqlite"):
         anyio.run(migrate, database_url)
-    env = {"DATABASE_URL": database_url, "ETCD_ENDPOINTS": etcd_endpoint, "POD_NAME": "fuzz-replica", "API_TOKEN": TOKEN}
+    env = {"DATABASE_URL": database_url, "ETCD_ENDPOINTS": etcd_endpoint, "POD_NAME": "fuzz-replica",
+           "API_TOKEN": TOKEN}
     with serve_replica(env, tmp_path) as url:
         yield url
 
@@ -49,7 +50,8 @@ def test_schemathesis_all_checks(replica: str) -> None:
     ]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks", "PYTHONPATH": str(ROOT), "FUZZ_SEED": seed},
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.support.fuzz_hooks", "PYTHONPATH": str(ROOT),
+             "FUZZ_SEED": seed},
     )
     summary = result.stdout[-3000:]
     print(summary)

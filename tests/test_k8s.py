@@ -1,4 +1,5 @@
-"""The Kubernetes manifests (k8s/base, k8s/overlays/demo) and the Dockerfile, checked offline.
+"""The Kubernetes manifests (k8s/base, k8s/overlays/demo, the provider overlays k8s/overlays/twilio
+and k8s/overlays/telnyx with k8s/components/real-provider) and the Dockerfile, checked offline.
 
 * every manifest, and both renderings, pass `kubernetes-validate --strict`; the Dockerfile passes
   hadolint;
@@ -6,6 +7,10 @@
   clients and peers, the Jobs, Prometheus, ingress to the API, egress 443) and what is refused;
 * no Secret in the base: each one it references is created by k8s/setup.sh (and, fixed, by the
   demo overlay) with the keys the pods read; images pinned to versions;
+* the provider overlays: no fake and no Secret value in the rendering, settings `reminders serve`
+  accepts, the Ingress routing /telephony/ only (on PUBLIC_URL's host, with TLS), the
+  reminders-check Job run by k8s/setup.sh after the migration and before the Deployment, and the
+  provider's credentials never on a command line of setup.sh (run with stand-in commands);
 * structure that the schemas cannot see: probes on the served paths and port, POD_NAME from
   the downward API, a termination grace period that covers the drain, only real settings in
   the environment, selectors that select, etcd's static bootstrap naming its real members;
@@ -53,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 BASE = K8S / "base"
 DEMO = K8S / "overlays" / "demo"
+COMPONENT = K8S / "components" / "real-provider"
+PROVIDER_OVERLAYS = {"twilio": K8S / "overlays" / "twilio", "telnyx": K8S / "overlays" / "telnyx"}
 SETUP = K8S / "setup.sh"
 CERTS_SCRIPT = K8S / "etcd-certs.sh"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -72,6 +79,15 @@ def _kustomization(directory: Path) -> dict[str, Any]:
 MANIFESTS = _yaml_files(BASE)
 DEMO_PATCHES = [DEMO / entry["path"] for entry in _kustomization(DEMO).get("patches", [])]
 DEMO_MANIFESTS = [p for p in _yaml_files(DEMO) if p not in DEMO_PATCHES]
+COMPONENT_MANIFESTS = [COMPONENT / name for name in _kustomization(COMPONENT)["resources"]]
+# The provider overlays' strategic-merge patches (whole objects: validated as manifests); their JSON
+# patches (lists of operations) are seen through the renderings.
+PROVIDER_PATCHES = [
+    directory / entry["path"]
+    for directory in PROVIDER_OVERLAYS.values()
+    for entry in _kustomization(directory)["patches"]
+    if "target" not in entry
+]
 
 # The environment variables the service reads: Settings fields upper-cased, plus the seed's alias.
 # ALLOW_INSECURE_TRANSPORT: added to Settings on the runtime branch of issue 12 (the demo sets it).
@@ -101,7 +117,8 @@ def _demo_objects() -> list[dict[str, Any]]:
     objects = [*_load_all(MANIFESTS), *_load_all(DEMO_MANIFESTS)]
     for patch in _load_all(DEMO_PATCHES):
         assert patch["kind"] == "ConfigMap", f"{patch['_file']}: only ConfigMap data patches are simulated"
-        target = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == patch["metadata"]["name"])
+        target = next(o for o in objects
+                      if o["kind"] == "ConfigMap" and o["metadata"]["name"] == patch["metadata"]["name"])
         target["data"] = {**target.get("data", {}), **patch["data"]}
     return objects
 
@@ -306,8 +323,9 @@ def _rendered(directory: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(_render(directory)) if d]
 
 
-RENDERINGS = {"rendered-base": K8S, "rendered-demo": DEMO}
-VALIDATED = [*MANIFESTS, *DEMO_MANIFESTS, *DEMO_PATCHES]
+PROVIDER_RENDERINGS = {f"rendered-{name}": directory for name, directory in PROVIDER_OVERLAYS.items()}
+RENDERINGS = {"rendered-base": K8S, "rendered-demo": DEMO, **PROVIDER_RENDERINGS}
+VALIDATED = [*MANIFESTS, *DEMO_MANIFESTS, *DEMO_PATCHES, *COMPONENT_MANIFESTS, *PROVIDER_PATCHES]
 
 
 @functools.cache
@@ -373,10 +391,20 @@ def test_kustomizations_list_every_manifest_and_no_namespace() -> None:
     assert all("namespace" not in o["metadata"] for o in OBJECTS), "no hard-coded namespaces"
 
 
+def _expected_objects(rendering: str) -> list[dict[str, Any]]:
+    """What each rendering holds: the base; the demo (OBJECTS); a provider's: the base and the
+    real-provider component's objects."""
+    if rendering == "rendered-base":
+        return BASE_OBJECTS
+    if rendering == "rendered-demo":
+        return OBJECTS
+    return [*BASE_OBJECTS, *_load_all(COMPONENT_MANIFESTS)]
+
+
 @pytest.mark.parametrize("rendering", list(RENDERINGS))
 def test_kustomize_renders_every_object(rendering: str) -> None:
     rendered = _rendered(RENDERINGS[rendering])
-    expected = BASE_OBJECTS if rendering == "rendered-base" else OBJECTS
+    expected = _expected_objects(rendering)
     # configMapGenerator objects get a content-hash suffix: compare them by the generator's name.
     generated = {g["name"] for g in _kustomization(BASE).get("configMapGenerator", [])}
 
@@ -390,7 +418,9 @@ def test_kustomize_renders_every_object(rendering: str) -> None:
     )
     for doc in rendered:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "reminders", doc["metadata"]["name"]
-        assert doc["metadata"]["labels"].get("app.kubernetes.io/component"), f"{doc['metadata']['name']}: setup.sh applies by component"
+        assert doc["metadata"]["labels"].get("app.kubernetes.io/component"), (
+            f"{doc['metadata']['name']}: setup.sh applies by component"
+        )
     if rendering == "rendered-demo":
         config = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "reminders-config")
         assert config["data"] == _config_map(), "the test's merge of the demo patch differs from kustomize's"
@@ -457,7 +487,8 @@ def test_demo_overlay_carries_fixed_secrets_apart_from_setup() -> None:
         # k8s/setup.sh applies slices by component and never this one: it makes random values.
         assert secret["metadata"]["labels"]["app.kubernetes.io/component"] == "demo-secrets"
     assert "demo-secrets" not in re.findall(r"apply_slice \"([^\"]*)\"", SETUP.read_text())
-    setup_slices = {c for s in re.findall(r"(?:apply_slice|run_job [\w-]+) \"?([\w,-]+)\"?", SETUP.read_text()) for c in s.split(",")}
+    slices = re.findall(r"(?:apply_slice|run_job [\w-]+) \"?([\w,-]+)\"?", SETUP.read_text())
+    setup_slices = {c for s in slices for c in s.split(",")}
     components = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in OBJECTS}
     assert components - setup_slices == {"demo-secrets"}, "every other object is applied by k8s/setup.sh"
 
@@ -476,7 +507,9 @@ def test_images_are_pinned_to_versions() -> None:
         for container in pod["containers"]:
             image = container["image"]
             name, _, tag = image.rpartition(":")
-            assert name and re.match(r"v?\d+\.\d+", tag), f"{obj['metadata']['name']}: {image} is not pinned to a version"
+            assert name and re.match(r"v?\d+\.\d+", tag), (
+                f"{obj['metadata']['name']}: {image} is not pinned to a version"
+            )
             if name in ("reminders", "reminders-demo"):
                 assert tag == _pyproject_version(), f"{name}'s tag is the pyproject version setup.sh builds"
     assert "reminders:$VERSION" in SETUP.read_text()
@@ -579,7 +612,8 @@ def _direction_allows(
         return True  # not governed by this kustomization's policies
     selecting = [
         p for p in policies
-        if policy_type in p["spec"].get("policyTypes", ["Ingress"]) and _selects(p["spec"]["podSelector"], subject.labels)
+        if policy_type in p["spec"].get("policyTypes", ["Ingress"])
+        and _selects(p["spec"]["podSelector"], subject.labels)
     ]
     if not selecting:
         return True
@@ -610,7 +644,9 @@ def _peers(objects: list[dict[str, Any]]) -> dict[str, Peer]:
             for c in template["spec"]["containers"]
             for p in c.get("ports", [])
         )
-        peers[labels["app.kubernetes.io/component"]] = Peer(obj["metadata"]["name"], NAMESPACE, labels, f"10.244.0.{i + 10}", ports)
+        peers[labels["app.kubernetes.io/component"]] = Peer(
+            obj["metadata"]["name"], NAMESPACE, labels, f"10.244.0.{i + 10}", ports
+        )
     peers |= {
         "kube-dns": Peer("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, "10.96.0.10"),
         "kube-system-other": Peer("kube-proxy", "kube-system", {"k8s-app": "kube-proxy"}, "10.244.1.2"),
@@ -625,7 +661,8 @@ def _peers(objects: list[dict[str, Any]]) -> dict[str, Peer]:
 
 # (source, target, port, protocol): what the service needs (see k8s/base/network-policies.yaml).
 MUST_ALLOW = [
-    *((pod, "kube-dns", 53, proto) for pod in ("app", "etcd", "database", "migration", "etcd-auth") for proto in ("UDP", "TCP")),
+    *((pod, "kube-dns", 53, proto)
+      for pod in ("app", "etcd", "database", "migration", "etcd-auth") for proto in ("UDP", "TCP")),
     ("app", "etcd", 2379, "TCP"),
     ("etcd-auth", "etcd", 2379, "TCP"),
     ("etcd", "etcd", 2380, "TCP"),
@@ -661,6 +698,21 @@ MUST_REFUSE = [
     ("stranger", "migration", 8080, "TCP"),
 ]
 DEMO_MUST_ALLOW = [("app", "telephony", 8090, "TCP"), ("telephony", "kube-dns", 53, "UDP")]
+# The provider overlays' reminders-check Job reaches what `reminders check` checks, and only that.
+CHECK_MUST_ALLOW = [
+    ("check", "etcd", 2379, "TCP"),
+    ("check", "database", 5432, "TCP"),
+    ("check", "internet", 443, "TCP"),  # the provider's API, and PUBLIC_URL through the public Ingress
+    ("check", "kube-dns", 53, "UDP"),
+    ("check", "kube-dns", 53, "TCP"),
+]
+CHECK_MUST_REFUSE = [
+    ("check", "internet", 80, "TCP"),
+    ("check", "etcd", 2380, "TCP"),
+    ("check", "app", 8080, "TCP"),
+    ("stranger", "check", 8080, "TCP"),
+    ("internet", "check", 8080, "TCP"),
+]
 DEMO_MUST_REFUSE = [
     ("stranger", "telephony", 8090, "TCP"),
     ("migration", "telephony", 8090, "TCP"),
@@ -678,6 +730,9 @@ def test_network_policies_allow_what_the_service_needs_and_refuse_the_rest(rende
     if rendering == "rendered-demo":
         allow += DEMO_MUST_ALLOW
         refuse += DEMO_MUST_REFUSE
+    if rendering in PROVIDER_RENDERINGS:
+        allow += CHECK_MUST_ALLOW
+        refuse += CHECK_MUST_REFUSE
     wrong = [
         f"{'refused' if expected else 'allowed'}: {source} -> {target}:{port}/{protocol}"
         for cases, expected in ((allow, True), (refuse, False))
@@ -686,7 +741,7 @@ def test_network_policies_allow_what_the_service_needs_and_refuse_the_rest(rende
     ]
     assert not wrong, "\n".join(wrong)
     # An allowed port into one of our pods is a port that pod declares (the policy tracks the manifest).
-    for source, target, port, _ in allow:
+    for _source, target, port, _ in allow:
         if peers[target].namespace == NAMESPACE:
             assert port in dict(peers[target].ports).values(), f"{target} declares no port {port}"
 
@@ -694,7 +749,8 @@ def test_network_policies_allow_what_the_service_needs_and_refuse_the_rest(rende
 @pytest.mark.parametrize("rendering", list(RENDERINGS))
 def test_every_pod_is_under_default_deny(rendering: str) -> None:
     policies = [o for o in _rendered(RENDERINGS[rendering]) if o["kind"] == "NetworkPolicy"]
-    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    deny = [p for p in policies
+            if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") and not p["spec"].get("egress")]
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}, "no default-deny policy"
 
 
@@ -955,6 +1011,369 @@ def test_etcd_static_bootstrap_names_its_members() -> None:
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
+# --- the provider overlays (k8s/overlays/twilio, k8s/overlays/telnyx) ---------------------------------
+
+# The Secret each provider overlay reads, and the keys k8s/setup.sh --provider fills it with.
+PROVIDER_SECRETS = {"twilio": "reminders-twilio", "telnyx": "reminders-telnyx"}
+# Routes of the API that must stay off the internet-facing Ingress.
+API_ROUTES = ["/appointments", "/appointments/x", "/leader", "/metrics", "/healthz", "/readyz", "/docs",
+              "/openapi.json"]
+
+
+def _of(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def _setup_provider_keys() -> dict[str, list[str]]:
+    """provider -> the keys of its Secret, as k8s/setup.sh lists them (TWILIO_KEYS=(…))."""
+    text = SETUP.read_text()
+    return {p: re.search(rf"^{p.upper()}_KEYS=\(([^)]*)\)", text, re.M)[1].split() for p in PROVIDER_OVERLAYS}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDER_OVERLAYS))
+def test_provider_overlays_are_the_base_and_the_real_provider_component(provider: str) -> None:
+    overlay = _kustomization(PROVIDER_OVERLAYS[provider])
+    assert overlay["resources"] == ["../../base"]
+    assert overlay["components"] == ["../../components/real-provider"]
+    assert "namespace" not in overlay, "namespace-agnostic: apply with -n"
+    assert any(e["pairs"].get("app.kubernetes.io/part-of") == "reminders" for e in overlay["labels"])
+    component = _kustomization(COMPONENT)
+    assert component["kind"] == "Component" and "namespace" not in component
+    assert sorted(component["resources"]) == sorted(p.name for p in _yaml_files(COMPONENT)
+                                                    if p.name not in {e["path"] for e in component["patches"]})
+
+
+@pytest.mark.parametrize("provider", list(PROVIDER_OVERLAYS))
+def test_a_provider_overlay_has_no_fake_and_no_secret_value(provider: str) -> None:
+    from harness.cluster import TELNYX_KEY, TWILIO_TOKEN
+    from service.providers.telnyx import FAKE_TELNYX_PUBLIC_KEY
+
+    text = _render(PROVIDER_OVERLAYS[provider])
+    objects = _rendered(PROVIDER_OVERLAYS[provider])
+    assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created outside the overlay"
+    assert not [o["metadata"]["name"] for o in objects if "fake" in o["metadata"]["name"]]
+    workloads = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "Job")]
+    images = {c["image"] for w in workloads for c in w["spec"]["template"]["spec"]["containers"]}
+    assert not [i for i in images if i.startswith("reminders-demo:")], "the demo image carries the fakes"
+    config = _of(objects, "ConfigMap", "reminders-config")["data"]
+    assert "ALLOW_INSECURE_TRANSPORT" not in config
+    assert config["TELEPHONY_PROVIDER"] == provider
+    assert urlsplit(config["PUBLIC_URL"]).scheme == "https" and float(config["CALLS_PER_SECOND"]) > 0
+    # The demo's fixed secret values (not its user and database names, which are no secret).
+    demo_values = {str(v) for o in _load_all(DEMO_MANIFESTS) if o["kind"] == "Secret"
+                   for k, v in o["stringData"].items() if k not in ("POSTGRES_USER", "POSTGRES_DB")}
+    fake_values = {TWILIO_TOKEN, TELNYX_KEY, FAKE_TELNYX_PUBLIC_KEY, "fake-auth-token", "fake-telnyx-key"}
+    assert not [v for v in demo_values | fake_values if v in text], "a secret value in the rendering"
+    # The credentials come from the provider's Secret only, never as a value in the manifests.
+    for workload in workloads:
+        for item in _container(workload).get("env", []):
+            if item["name"].startswith(("TWILIO_", "TELNYX_")) and item["name"] not in config:
+                assert "value" not in item, f"{workload['metadata']['name']}: {item['name']} as a plain value"
+                assert item["valueFrom"]["secretKeyRef"]["name"] == PROVIDER_SECRETS[provider]
+
+
+@pytest.mark.parametrize("rendering", list(RENDERINGS))
+def test_the_ingress_routes_only_telephony_to_the_app(rendering: str) -> None:
+    from service.providers.telnyx.rest import EVENTS_PATH
+    from service.providers.twilio.rest import WEBHOOK_PATHS
+
+    objects = _rendered(RENDERINGS[rendering])
+    ingress = _of(objects, "Ingress", "reminders")
+    spec = ingress["spec"]
+    assert "defaultBackend" not in spec, "a default backend would expose every path"
+    paths = [path for rule in spec["rules"] for path in rule["http"]["paths"]]
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/telephony/", "Prefix")] * len(spec["rules"])
+    # Prefix matches whole path elements: every webhook route is under it, no API route is.
+    assert all(route.startswith("/telephony/") for route in [*WEBHOOK_PATHS.values(), EVENTS_PATH])
+    assert not [route for route in API_ROUTES if route == "/telephony" or route.startswith("/telephony/")]
+    app = _of(objects, "Deployment", "reminders")
+    for path in paths:
+        backend = path["backend"]["service"]
+        service = _of(objects, "Service", backend["name"])
+        assert _labels_match(service["spec"]["selector"], app["spec"]["template"]["metadata"]["labels"])
+        port = next(p for p in service["spec"]["ports"] if p.get("name") == backend["port"].get("name")
+                    or p["port"] == backend["port"].get("number"))
+        assert _container_port(_container(app), port["targetPort"]) == 8080
+    hosts = [rule.get("host") for rule in spec["rules"]]
+    if rendering in PROVIDER_RENDERINGS:
+        config = _of(objects, "ConfigMap", "reminders-config")["data"]
+        host = urlsplit(config["PUBLIC_URL"]).hostname
+        assert hosts == [host], "the Ingress serves PUBLIC_URL's host"
+        assert [t["hosts"] for t in spec["tls"]] == [[host]] and spec["tls"][0]["secretName"]
+        assert "cert-manager.io/cluster-issuer" in ingress["metadata"]["annotations"]
+    else:
+        assert hosts == [None] and "tls" not in spec, "host and TLS come with a provider overlay"
+
+
+def _rendered_env(objects: list[dict[str, Any]], container: dict[str, Any],
+                  secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """A container's environment from a rendering, with the given Secret values."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update({k: str(v) for k, v in _of(objects, "ConfigMap", source["configMapRef"]["name"])["data"].items()})
+    for item in container.get("env", []):
+        source = item.get("valueFrom", {})
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+        elif "fieldRef" in source:
+            env[item["name"]] = "reminders-0"
+        else:
+            ref = source["secretKeyRef"]
+            env[item["name"]] = secrets[(ref["name"], ref["key"])]
+    return env
+
+
+def _stand_in_secrets() -> dict[tuple[str, str], str]:
+    """Values of the shape each Secret key holds in production (none of them real)."""
+    key = base64.b64encode(bytes(range(1, 33))).decode()  # any Ed25519 key but the fake's
+    return {
+        ("reminders-db", "DATABASE_URL"): "postgresql+asyncpg://reminders:pw@postgres:5432/reminders",
+        ("reminders-secrets", "TELEPHONY_TOKEN"): "t" * 48, ("reminders-secrets", "API_TOKEN"): "a" * 48,
+        ("reminders-etcd", "ETCD_PASSWORD"): "e" * 48,
+        ("reminders-twilio", "TWILIO_ACCOUNT_SID"): "AC" + "0" * 32,
+        ("reminders-twilio", "TWILIO_AUTH_TOKEN"): "0123456789abcdef" * 2,
+        ("reminders-telnyx", "TELNYX_API_KEY"): "KEY0123456789",
+        ("reminders-telnyx", "TELNYX_CONNECTION_ID"): "1494404757",
+        ("reminders-telnyx", "TELNYX_PUBLIC_KEY"): key,
+    }
+
+
+@pytest.mark.parametrize("provider", list(PROVIDER_OVERLAYS))
+@pytest.mark.parametrize("workload", ["Deployment/reminders", "Job/reminders-check"])
+def test_a_provider_overlays_settings_pass_serves_checks(provider: str, workload: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the replicas and the check read is accepted as `reminders serve` checks it (the
+    provider's own check included), and names only real settings."""
+    from service.components import check
+
+    objects = _rendered(PROVIDER_OVERLAYS[provider])
+    container = _container(_of(objects, *workload.split("/")))
+    env = _rendered_env(objects, container, _stand_in_secrets())
+    assert set(env) - SETTING_NAMES == set(), "not settings of service.config.Settings"
+    ca = tmp_path / "ca.crt"
+    ca.write_text("stand-in")
+    env["ETCD_CA_CERT"] = str(ca)  # the mounted etcd-ca Secret (ElectionConfig wants the file)
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    check(settings)
+    assert settings.telephony_provider == provider and settings.public_url.startswith("https://")
+
+
+@pytest.mark.parametrize("provider", list(PROVIDER_OVERLAYS))
+def test_the_check_job_runs_reminders_check_with_the_apps_settings(provider: str) -> None:
+    from service.cli import _parser
+
+    objects = _rendered(PROVIDER_OVERLAYS[provider])
+    app, job = _of(objects, "Deployment", "reminders"), _of(objects, "Job", "reminders-check")
+    container, app_container = _container(job), _container(app)
+    argv = _pod_argv(container)
+    assert argv == ["reminders", "check"], "the whole check (setup.sh adds --skip public_url before a first rollout)"
+    assert _parser().parse_args(argv[1:]).run.__name__ == "_check"
+    assert container["image"] == app_container["image"]
+    assert container["envFrom"] == app_container["envFrom"]
+
+    def secret_refs(c: dict[str, Any]) -> dict[str, Any]:
+        return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})}
+
+    # Every credential the replicas use but the API's and the generic provider's token.
+    wanted = {k: v for k, v in secret_refs(app_container).items() if k not in ("API_TOKEN", "TELEPHONY_TOKEN")}
+    assert secret_refs(container) == wanted
+    config = _of(objects, "ConfigMap", "reminders-config")["data"]
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    mounted = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    ca_dir = str(Path(config["ETCD_CA_CERT"]).parent)
+    assert mounted[ca_dir]["secret"]["secretName"] == "etcd-ca", "ETCD_CA_CERT is not mounted"
+    assert "emptyDir" in mounted["/tmp"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert job["spec"]["backoffLimit"] <= 1 and job["spec"]["activeDeadlineSeconds"] > 0
+    labels = pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "check"
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert not [s["metadata"]["name"] for s in services if _labels_match(s["spec"]["selector"], pod_labels)]
+
+
+@pytest.mark.parametrize("provider", list(PROVIDER_OVERLAYS))
+def test_provider_overlays_read_only_secrets_that_setup_creates(provider: str) -> None:
+    created = {**_setup_created_secrets(), PROVIDER_SECRETS[provider]: set(_setup_provider_keys()[provider])}
+    for name, keys in _referenced_secrets(_rendered(PROVIDER_OVERLAYS[provider])).items():
+        assert name in created, f"the {provider} overlay reads Secret {name}, which k8s/setup.sh does not create"
+        if not any(k.startswith("*") for k in created[name]):
+            assert keys <= created[name], f"Secret {name}: setup.sh creates {created[name]}, pods read {keys}"
+
+
+def test_setup_runs_the_check_job_after_the_migration_and_before_the_replicas() -> None:
+    """As the migration Job: the check Job completes before the Deployment is applied, after the
+    Ingress that routes PUBLIC_URL (its probe goes through it)."""
+    text = SETUP.read_text()
+    order = [text.index(step) for step in ('run_job reminders-migrate migration', 'apply_slice "ingress"',
+                                           'run_job reminders-check check', 'apply_slice "app"')]
+    assert order == sorted(order), "setup.sh: migration, Ingress, check Job, then the replicas"
+
+
+# A stand-in for every command k8s/setup.sh (and k8s/etcd-certs.sh) runs: it logs its argv, then
+# plays kubectl, minikube and docker (no cluster) or runs the real command. kubectl kustomize is
+# the real one: the rendering is what gets applied.
+_SHIM = r"""#!/bin/bash
+name=${0##*/}
+{ printf '%s' "$name"; printf '\x1f%s' "$@"; printf '\n'; } >>"$SHIM_LOG"
+real() {
+    local dirs d
+    IFS=: read -ra dirs <<<"$REAL_PATH"
+    for d in "${dirs[@]}"; do [[ -x $d/$name ]] && exec "$d/$name" "$@"; done
+    echo "shim: no $name" >&2; exit 127
+}
+after() {  # the argument after $1
+    local previous=""
+    for arg in "${@:2}"; do [[ $previous == "$1" ]] && { echo "$arg"; return; }; previous=$arg; done
+}
+case $name in
+    docker) exit 0 ;;
+    minikube) exit 0 ;;
+    kubectl)
+        case " $* " in
+            *" kustomize "*) real "$@" ;;
+            *" --from-env-file=/dev/stdin "*) { printf -- '--- %s\n' "$*"; cat; } >>"$SHIM_STDIN"
+                touch "$SHIM_STATE/secret-$(after generic "$@")"; exit 0 ;;
+            *" create secret generic "*) touch "$SHIM_STATE/secret-$(after generic "$@")"; exit 0 ;;
+            *" apply "*) { printf '=== %s\n' "$*"; cat; } >>"$SHIM_APPLIED"; exit 0 ;;
+            *" get pods "*calico*) echo pod/calico-node-1; exit 0 ;;
+            *" get secret "*) [[ -e $SHIM_STATE/secret-$(after secret "$@") ]]; exit ;;
+            *'"Complete"'*) echo True; exit 0 ;;
+            *'"Failed"'*) exit 0 ;;
+            *" get deployment reminders "*) [[ -z ${FAKE_SERVING:-} ]] || echo 3; exit 0 ;;
+            *" get configmap reminders-config "*) [[ -z ${FAKE_SERVING:-} ]] || echo "$FAKE_SERVING"; exit 0 ;;
+            *" get pods "*) echo reminders-0; exit 0 ;;
+            *" exec "*" reminders check "*) echo "ok   settings: stand-in"; exit 0 ;;
+            *" exec "*) echo reminders-0; exit 0 ;;
+            *) exit 0 ;;
+        esac ;;
+    *) real "$@" ;;
+esac
+"""
+_SHIMMED = ["bash", "kubectl", "minikube", "docker", "openssl", "sed", "dirname", "grep", "mktemp", "rm", "cat",
+            "seq", "sleep", "date", "mkdir", "cp", "chmod", "touch"]
+SENTINELS = {
+    "twilio": {"TWILIO_ACCOUNT_SID": "ACsentinel5a1d7e09b3", "TWILIO_AUTH_TOKEN": "sentinel-auth-token-3c9f"},
+    "telnyx": {"TELNYX_API_KEY": "KEYsentinel-8b2e", "TELNYX_CONNECTION_ID": "sentinel-connection-77",
+               "TELNYX_PUBLIC_KEY": "sentinel-public-key-4d0a="},
+}
+
+
+@dataclass
+class SetupRun:
+    result: subprocess.CompletedProcess[str]
+    argv: list[list[str]]
+    stdin: str
+    applied: list[tuple[str, str]]  # (kubectl apply's arguments, what it read)
+
+
+def _run_setup(tmp: Path, provider: str, env: dict[str, str]) -> SetupRun:
+    shims = tmp / "bin"
+    shims.mkdir()
+    (shims / "shim").write_text(_SHIM)
+    (shims / "shim").chmod(0o755)
+    for name in _SHIMMED:
+        (shims / name).symlink_to(shims / "shim")
+    logs = {key: tmp / f"{key}.log" for key in ("SHIM_LOG", "SHIM_STDIN", "SHIM_APPLIED")}
+    for log in logs.values():
+        log.touch()
+    (tmp / "state").mkdir()
+    full_env = {
+        "PATH": str(shims), "REAL_PATH": os.environ["PATH"], "HOME": str(tmp), "CERT_DIR": str(tmp / "certs"),
+        "SHIM_STATE": str(tmp / "state"),
+        **{k: str(v) for k, v in logs.items()}, **env,
+    }
+    bash = shutil.which("bash")
+    assert bash
+    args = ["--provider", provider] if provider else []
+    result = subprocess.run([bash, str(SETUP), *args], env=full_env, capture_output=True, text=True, timeout=180,
+                            stdin=subprocess.DEVNULL)
+    argv = [line.split("\x1f") for line in logs["SHIM_LOG"].read_text().splitlines()]
+    applied = [(head, body) for head, _, body in
+               (chunk.partition("\n") for chunk in logs["SHIM_APPLIED"].read_text().split("=== ")[1:])]
+    return SetupRun(result, argv, logs["SHIM_STDIN"].read_text(), applied)
+
+
+@pytest.mark.requires("openssl")
+@pytest.mark.parametrize(("provider", "serving"), [("twilio", ""), ("telnyx", "telnyx")],
+                         ids=["twilio-first-rollout", "telnyx-upgrade"])
+def test_setup_with_a_provider_never_puts_a_credential_on_a_command_line(provider: str, serving: str,
+                                                                       tmp_path: Path) -> None:
+    _require_tool(shutil.which("kubectl"), "kubectl (renders kustomizations offline)")
+    secrets = SENTINELS[provider]
+    env = {"PUBLIC_URL": "https://calls.example.org", "TELEPHONY_FROM": "+15551230000", "CALLS_PER_SECOND": "2",
+           "FAKE_SERVING": serving, **secrets}
+    run = _run_setup(tmp_path, provider, env)
+    assert run.result.returncode == 0, run.result.stdout[-3000:] + run.result.stderr[-3000:]
+    assert not list(K8S.glob(".setup.*")), "the one-off kustomization was left behind"
+    # No process setup.sh started (kubectl, openssl, … and their children) had a credential in argv;
+    # kubectl read them all from its stdin.
+    leaked = [argv for argv in run.argv for value in secrets.values() if any(value in arg for arg in argv)]
+    assert not leaked, leaked
+    assert all(f"{key}={value}" in run.stdin for key, value in secrets.items()), run.stdin
+    assert f"create secret generic reminders-{provider} --from-env-file=/dev/stdin" in run.stdin
+    # Slices in order: the check Job after the migration and the Ingress, before the replicas.
+    selectors = [re.search(r"component in \(([^)]*)\)", head)[1] for head, _ in run.applied if "component in" in head]
+    assert selectors == ["network-policy,config,etcd,database", "etcd-auth", "migration", "ingress", "check", "app"]
+    manifests = [d for d in yaml.safe_load_all(dict(run.applied)[next(h for h, _ in run.applied if "(check)" in h)])
+                 if d]
+    job = _container(_of(manifests, "Job", "reminders-check"))
+    # Before the first rollout of this provider no replica answers PUBLIC_URL: checked from inside one after.
+    assert job.get("args") == (["--skip", "public_url"] if not serving else None)
+    assert ["kubectl", "--context", "minikube", "--namespace", "reminders", "exec", "deploy/reminders", "--",
+            "reminders", "check"] in run.argv
+    config = _of(manifests, "ConfigMap", "reminders-config")["data"]
+    assert (config["PUBLIC_URL"], config["CALLS_PER_SECOND"], config["TELEPHONY_FROM"]) == (
+        "https://calls.example.org", "2", "+15551230000")
+    assert [r["host"] for r in _of(manifests, "Ingress", "reminders")["spec"]["rules"]] == ["calls.example.org"]
+    assert not [d for d in manifests if d["kind"] == "Secret"]
+
+
+@pytest.mark.requires("openssl")
+def test_setup_without_a_provider_still_brings_up_the_demo(tmp_path: Path) -> None:
+    _require_tool(shutil.which("kubectl"), "kubectl (renders kustomizations offline)")
+    run = _run_setup(tmp_path, "", {})
+    assert run.result.returncode == 0, run.result.stdout[-3000:] + run.result.stderr[-3000:]
+    selectors = [re.search(r"component in \(([^)]*)\)", head)[1] for head, _ in run.applied if "component in" in head]
+    assert selectors == ["network-policy,config,etcd,database", "etcd-auth", "migration", "telephony,app,ingress"]
+    demo_build = ["docker", "build", "--target", "demo", "-t", f"reminders-demo:{_pyproject_version()}", str(ROOT)]
+    assert demo_build in run.argv
+    assert not [argv for argv in run.argv if "reminders-check" in argv or "check" in argv[-1:]]
+
+
+@pytest.mark.parametrize(("provider", "env", "words"), [
+    ("sms", {}, "--provider must be twilio or telnyx"),
+    ("twilio", {}, "PUBLIC_URL is required"),
+    ("twilio", {"PUBLIC_URL": "http://calls.example.org"}, "PUBLIC_URL must be https://<host>"),
+    ("telnyx", {"PUBLIC_URL": "https://calls.example.org/reminders"}, "PUBLIC_URL must be https://<host>"),
+    ("telnyx", {"PUBLIC_URL": "https://calls.example.org"}, "TELEPHONY_FROM is required"),
+])
+def test_setup_refuses_bad_provider_settings_before_starting_anything(provider: str, env: dict[str, str],
+                                                                      words: str, tmp_path: Path) -> None:
+    run = _run_setup(tmp_path, provider, env)
+    assert run.result.returncode != 0 and words in run.result.stderr, run.result.stderr
+    assert not [argv for argv in run.argv if argv[0] in ("minikube", "kubectl", "docker")]
+
+
+def test_setup_reads_provider_credentials_only_through_builtins() -> None:
+    """Where setup.sh expands a credential, a builtin (printf, [[ ]]) does: never a command's argv."""
+    keys = {key for keys in _setup_provider_keys().values() for key in keys}
+    expansion = re.compile(r"\$\{?!?(?:" + "|".join([*keys, "key"]) + r")\b")
+    lines = [line.strip() for line in SETUP.read_text().splitlines() if expansion.search(line)]
+    assert lines, "setup.sh expands no credential: the test no longer sees them"
+    assert all(line.startswith(("printf ", "[[ ")) for line in lines), lines
+
+
 # --- drift: run what the manifests run --------------------------------------------------------------
 
 
@@ -1189,7 +1608,8 @@ def local_etcd() -> Iterator[LocalEtcd]:
             for i in range(replicas):
                 probe = container["readinessProbe"]["httpGet"]
                 url = f"http://127.0.0.1:{local[i][_container_port(container, probe['port'])]}{probe['path']}"
-                _poll(f"{name}-{i} readiness {url}", lambda url=url: client.get(url).status_code == 200, deadline, processes)
+                answers = lambda url=url: client.get(url).status_code == 200  # noqa: E731
+                _poll(f"{name}-{i} readiness {url}", answers, deadline, processes)
         yield etcd
     except BaseException:
         processes.dump()

@@ -98,9 +98,10 @@ async def _seed(db: Database, *, status: S = S.PENDING, token: int | None = None
 
 async def _state(db: Database, appointment_id: str) -> list[tuple[str, str]]:
     async with db.session() as session:
-        appointment = (await session.execute(select(Appointment.status).where(Appointment.id == appointment_id))).scalar()
-        rows = await session.execute(select(Reminder.id, Reminder.status).where(Reminder.appointment_id == appointment_id)
-                                     .order_by(Reminder.id))
+        appointment = (await session.execute(select(Appointment.status)
+                                             .where(Appointment.id == appointment_id))).scalar()
+        rows = await session.execute(select(Reminder.id, Reminder.status)
+                                     .where(Reminder.appointment_id == appointment_id).order_by(Reminder.id))
         return [("appointment", appointment), *((reminder_id, status) for reminder_id, status in rows)]
 
 
@@ -191,7 +192,8 @@ async def _one_dispatching(db: Database, store: ReminderStore, token: int) -> st
         session.add(appointment)
         await session.commit()
     await store.raise_fence(token, "leader")
-    claims = await store.claim(token, "leader", limit=10, now=now + timedelta(seconds=1), stale_after=timedelta(minutes=2))
+    claims = await store.claim(token, "leader", limit=10, now=now + timedelta(seconds=1),
+                               stale_after=timedelta(minutes=2))
     assert [c.reminder_id for c in claims] == [reminder_id]
     return reminder_id
 

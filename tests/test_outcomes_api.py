@@ -19,7 +19,8 @@ TEMPLATES = json.dumps({"en-US": {}, "de-DE": "Hallo {name}, Ihr Termin ist am {
 
 def body(**overrides: object) -> dict:
     starts = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
-    data = {"customer_name": "Jörg", "phone": "+14155552671", "starts_at": starts.isoformat(), "timezone": "Europe/Berlin"}
+    data = {"customer_name": "Jörg", "phone": "+14155552671", "starts_at": starts.isoformat(),
+            "timezone": "Europe/Berlin"}
     data.update(overrides)
     return data
 
@@ -32,7 +33,8 @@ async def api(database_url: str, etcd_endpoint: str):
 
 async def wordings(api, appointment_id: str) -> dict[str, dict]:
     async with api.app.state.db.session() as session:
-        rows = await session.execute(select(Reminder.id, Reminder.wording).where(Reminder.appointment_id == appointment_id))
+        rows = await session.execute(select(Reminder.id, Reminder.wording)
+                                     .where(Reminder.appointment_id == appointment_id))
         return {row.id: row.wording for row in rows}
 
 

@@ -254,4 +254,5 @@ async def test_fifty_reminders_two_poison_answers(pg: Database) -> None:
     assert "call id refused" in stored[long_id_for].last_error
     assert stored[nul_500_for].status == "failed" and stored[nul_500_for].attempts == 3
     assert stored[nul_500_for].last_error.startswith("HTTP 500: boom") and "\x00" not in stored[nul_500_for].last_error
-    assert all(r.provider_call_id == f"call-{rid}" for rid, r in stored.items() if rid not in (long_id_for, nul_500_for))
+    assert all(r.provider_call_id == f"call-{rid}"
+               for rid, r in stored.items() if rid not in (long_id_for, nul_500_for))

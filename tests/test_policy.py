@@ -11,6 +11,7 @@ from service.config import CallWindow, ReminderOffset, parse_duration
 from service.reminders import decide_call, fit_call_window, plan_reminders
 
 NY = ZoneInfo("America/New_York")
+UTC_ZONE = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")
 WINDOW = CallWindow.parse("08:00-21:00")
 LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
@@ -133,7 +134,7 @@ def test_explicit_times_replace_the_policy() -> None:
     assert result.due_times == [datetime(2030, 6, 11, 21, 0, tzinfo=UTC), datetime(2030, 6, 12, 10, 0, tzinfo=UTC)]
 
 
-def decide(now: datetime, scheduled: datetime, starts: datetime, zone: ZoneInfo = ZoneInfo("UTC")):
+def decide(now: datetime, scheduled: datetime, starts: datetime, zone: ZoneInfo = UTC_ZONE):
     return decide_call(
         scheduled_at=scheduled, starts_at=starts, zone=zone, window=WINDOW, grace=timedelta(minutes=30), now=now
     )

@@ -17,7 +17,8 @@ def test_needs_nothing():
 
 
 @pytest.mark.parametrize(("ci", "outcome"), [("true", {"errors": 1}), ("", {"skipped": 1})])
-def test_a_missing_required_tool(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str, outcome: dict) -> None:
+def test_a_missing_required_tool(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: str,
+                                 outcome: dict) -> None:
     monkeypatch.setenv("CI", ci)
     pytester.makepyfile(NEEDS_A_MISSING_TOOL)
     result = pytester.runpytest_inprocess("-p", "tests.support.requirements", "-p", "no:cacheprovider", "-rfEs")

@@ -177,7 +177,8 @@ async def test_an_unlistable_connection_is_unavailable(respx_mock: respx.MockRou
 
 def test_the_event_envelope() -> None:
     body = json.dumps({"data": {
-        "event_type": "call.answered", "id": "e-1", "occurred_at": "2026-11-30T10:00:00.123456Z", "record_type": "event",
+        "event_type": "call.answered", "id": "e-1", "occurred_at": "2026-11-30T10:00:00.123456Z",
+        "record_type": "event",
         "payload": {"call_control_id": "v3:abc", "client_state": Stamp("r-1", "a-1").encode(), "to": "+1"}},
         "meta": {"attempt": 1}}).encode()
     event = parse_event(body)
@@ -191,7 +192,8 @@ def test_the_event_envelope() -> None:
 
 
 async def test_no_request_url_reaches_the_logs(respx_mock: respx.MockRouter, caplog: pytest.LogCaptureFixture) -> None:
-    respx_mock.post(f"{API}/v2/calls").mock(return_value=httpx.Response(200, json={"data": {"call_control_id": "v3:x"}}))
+    dialled = httpx.Response(200, json={"data": {"call_control_id": "v3:x"}})
+    respx_mock.post(f"{API}/v2/calls").mock(return_value=dialled)
     telnyx = provider(respx_mock)
     with caplog.at_level(logging.DEBUG):
         await telnyx.create_call(SPEC)

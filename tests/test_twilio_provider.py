@@ -60,7 +60,8 @@ async def test_create_is_a_form_post_with_basic_auth_and_the_stamp_on_both_urls(
     assert fields["To"] == TO and fields["From"] == FROM
     assert fields["Method"] == "POST" and fields["StatusCallbackMethod"] == "POST"
     assert [v for k, v in form if k == "StatusCallbackEvent"] == list(STATUS_CALLBACK_EVENTS)
-    for name, path in (("Url", "/prefix/telephony/twilio/voice"), ("StatusCallback", "/prefix/telephony/twilio/status")):
+    callbacks = (("Url", "/prefix/telephony/twilio/voice"), ("StatusCallback", "/prefix/telephony/twilio/status"))
+    for name, path in callbacks:
         url = urlsplit(fields[name])
         assert (url.scheme, url.netloc, url.path) == ("https", "reminders.example.com", path)
         assert Stamp.from_query({k: v[0] for k, v in parse_qs(url.query).items()}) == Stamp("rem-1", "att-1")

@@ -1,33 +1,29 @@
 """The Twilio webhook routes on SQLite and PostgreSQL, driven by the Twilio-shaped fake through a
-proxy that strips PUBLIC_URL's path prefix: signature first, first answer wins, others hang up."""
+proxy that strips PUBLIC_URL's path prefix: the signature first (for PUBLIC_URL, not the URL a
+request arrives at), TwiML per call, queued calls cancelled by the binder, the voice request's
+database budget. What Telnyx does alike: tests/test_webhooks_providers.py."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import urlencode
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import select
 
-from service.db import CallAttempt, Database, Reminder
+from service.db import CallAttempt, Database
 from service.db.models import new_id
-from tests.support.twilio_rig import PUBLIC, Rig, make_rig
+from tests.support.providers import TwilioRig, make_rig, rig_on
+from tests.support.rows import reminder_row
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def rig(db: Database) -> AsyncIterator[Rig]:
-    rig = make_rig(db)
-    yield rig
-    await rig.aclose()
-
-
-async def reminder_row(db: Database, reminder_id: str):
-    async with db.session() as session:
-        return (await session.execute(select(Reminder.__table__).where(Reminder.id == reminder_id))).one()
+async def rig(db: Database) -> AsyncIterator[TwilioRig]:
+    async with rig_on(db, "twilio") as rig:
+        yield rig
 
 
 async def attempt_rows(db: Database, reminder_id: str) -> list:
@@ -35,87 +31,24 @@ async def attempt_rows(db: Database, reminder_id: str) -> list:
         return list(await session.execute(select(CallAttempt.__table__).where(CallAttempt.reminder_id == reminder_id)))
 
 
-def ended(rig: Rig, *sids: str) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return all(rig.fake.calls[sid].status in ("completed", "canceled", "busy", "no-answer") for sid in sids)
-
-    return check
-
-
-async def test_answered_call_hears_the_message_and_binds_the_reminder(rig: Rig) -> None:
-    reminder_id, (attempt_id,) = await rig.seed()
-    sid = await rig.place(reminder_id, attempt_id)
-    await eventually(ended(rig, sid))
-
-    async def completed_recorded() -> bool:  # the fake ends the call, then posts `completed`
-        return [a.call_status for a in await attempt_rows(rig.db, reminder_id)] == ["completed"]
-
-    await eventually(completed_recorded)
-    call = rig.fake.calls[sid]
-    # nobody pressed a key: the message with the question, the question once more, goodbye
-    assert "Ann Example" in call.heard[0] and call.heard[0].endswith("Press 1 to confirm, press 2 to cancel.")
-    assert call.heard[1:] == ["Press 1 to confirm, press 2 to cancel.", "Thank you. Goodbye."]
-    row = await reminder_row(rig.db, reminder_id)
-    assert (row.bound_call_id, row.bound_attempt_id, row.outcome) == (sid, attempt_id, "answered")
-    assert row.answered_at is not None
-
-    async def completed() -> bool:  # the fake marks the call over just before its last status callback
-        return (await attempt_rows(rig.db, reminder_id))[0].call_status == "completed"
-
-    await eventually(completed)
-    (attempt,) = await attempt_rows(rig.db, reminder_id)
-    assert attempt.last_sequence is not None
-
-
-async def test_first_answer_wins_the_others_hang_up_silently(rig: Rig) -> None:
-    reminder_id, attempt_ids = await rig.seed(attempts=3)
-    sids = [await rig.place(reminder_id, attempt_id) for attempt_id in attempt_ids]
-    await eventually(ended(rig, *sids))
-
-    heard = {sid: rig.fake.calls[sid].heard for sid in sids}
-    speakers = [sid for sid, words in heard.items() if words]
-    assert len(speakers) == 1, heard
-    row = await reminder_row(rig.db, reminder_id)
-    assert row.bound_call_id == speakers[0]
-    for sid in sids:
-        if sid != speakers[0] and rig.fake.calls[sid].twiml:
-            assert rig.fake.calls[sid].twiml[-1].endswith("<Response><Hangup /></Response>")
-
-
 async def test_the_binder_cancels_the_reminders_queued_calls(db: Database) -> None:
-    rig = make_rig(db, calls_per_second=1.0, ring_ms=50)  # the second call waits in Twilio's queue
+    rig = make_rig(db, "twilio", calls_per_second=1.0, ring_ms=50)  # the second call waits in Twilio's queue
     try:
         reminder_id, (first, second) = await rig.seed(attempts=2)
         sid_1 = await rig.place(reminder_id, first)
         sid_2 = await rig.place(reminder_id, second)
-        await eventually(ended(rig, sid_1, sid_2))
+        await eventually(rig.over(sid_1, sid_2))
         assert rig.fake.calls[sid_1].heard and rig.fake.calls[sid_2].status == "canceled"
         assert rig.fake.calls[sid_2].heard == [] and rig.fake.calls[sid_2].twiml == []
     finally:
         await rig.aclose()
 
 
-async def test_each_reminder_is_heard_once_when_several_share_a_number(rig: Rig) -> None:
-    seeded = [await rig.seed(phone="+14155550100", attempts=2) for _ in range(3)]
-    sids = {reminder_id: [await rig.place(reminder_id, a, "+14155550100") for a in attempts]
-            for reminder_id, attempts in seeded}
-    await eventually(ended(rig, *[sid for pair in sids.values() for sid in pair]))
-    for reminder_id, pair in sids.items():
-        assert sum(bool(rig.fake.calls[sid].heard) for sid in pair) == 1
-        assert (await reminder_row(rig.db, reminder_id)).bound_call_id in pair
-
-
-def signed_post(rig: Rig, route: str, query: dict[str, str], form: dict[str, str]) -> tuple[str, dict, dict]:
-    path = f"/telephony/twilio/{route}" + (f"?{urlencode(query)}" if query else "")
-    signature = rig.signature.sign(PUBLIC + path, form)
-    return path, form, {"X-Twilio-Signature": signature}
-
-
-async def test_bad_or_missing_signature_is_403_and_writes_nothing(rig: Rig) -> None:
+async def test_bad_or_missing_signature_is_403_and_writes_nothing(rig: TwilioRig) -> None:
     reminder_id, (attempt_id,) = await rig.seed()
     query = {"r": reminder_id, "a": attempt_id}
     form = {"CallSid": "CA" + "f" * 32, "CallStatus": "in-progress", "To": "+14155552671", "SequenceNumber": "1"}
-    path, _, headers = signed_post(rig, "voice", query, form)
+    path, _, headers = rig.signed_post("voice", query, form)
     # Signed for the URL the request arrives at, not PUBLIC_URL: what a replay past the ingress would carry.
     arrival = rig.signature.sign("http://replica" + path, form)
     async with rig.client() as client:
@@ -133,20 +66,20 @@ async def test_bad_or_missing_signature_is_403_and_writes_nothing(rig: Rig) -> N
     assert attempt.provider_call_id is None and attempt.call_status is None and attempt.last_event_at is None
 
 
-async def test_repeated_voice_request_of_the_bound_call_speaks_again_others_hang_up(rig: Rig) -> None:
+async def test_repeated_voice_request_of_the_bound_call_speaks_again_others_hang_up(rig: TwilioRig) -> None:
     reminder_id, (first, second) = await rig.seed(attempts=2)
     bound_sid, other_sid = "CA" + "1" * 32, "CA" + "2" * 32
     async with rig.client() as client:
         answers = []
         for sid, attempt_id in ((bound_sid, first), (bound_sid, first), (other_sid, second)):
-            path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
-                                              {"CallSid": sid, "CallStatus": "in-progress"})
+            path, form, headers = rig.signed_post("voice", {"r": reminder_id, "a": attempt_id},
+                                                  {"CallSid": sid, "CallStatus": "in-progress"})
             response = await client.post(path, data=form, headers=headers)
             assert response.status_code == 200 and response.headers["content-type"].startswith("application/xml")
             answers.append(response.text)
         # the bound call's id must match its attempt: another sid on that stamp is refused
-        path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": first},
-                                          {"CallSid": other_sid, "CallStatus": "in-progress"})
+        path, form, headers = rig.signed_post("voice", {"r": reminder_id, "a": first},
+                                              {"CallSid": other_sid, "CallStatus": "in-progress"})
         answers.append((await client.post(path, data=form, headers=headers)).text)
     assert "<Say" in answers[0] and answers[0] == answers[1]
     assert answers[2].endswith("<Response><Hangup /></Response>") and "<Say" not in answers[2]
@@ -154,7 +87,7 @@ async def test_repeated_voice_request_of_the_bound_call_speaks_again_others_hang
     assert (await reminder_row(rig.db, reminder_id)).bound_call_id == bound_sid
 
 
-async def test_unknown_or_malformed_events_are_acknowledged_and_change_nothing(rig: Rig) -> None:
+async def test_unknown_or_malformed_events_are_acknowledged_and_change_nothing(rig: TwilioRig) -> None:
     reminder_id, (attempt_id,) = await rig.seed()
     sid = "CA" + "3" * 32
     cases = [
@@ -168,7 +101,7 @@ async def test_unknown_or_malformed_events_are_acknowledged_and_change_nothing(r
     ]
     async with rig.client() as client:
         for route, query, form in cases:
-            path, form, headers = signed_post(rig, route, query, form)
+            path, form, headers = rig.signed_post(route, query, form)
             response = await client.post(path, data=form, headers=headers)
             assert response.status_code in (200, 204), (route, query, response.status_code)
             if route != "status":
@@ -179,13 +112,13 @@ async def test_unknown_or_malformed_events_are_acknowledged_and_change_nothing(r
     assert attempt.provider_call_id is None and attempt.call_status is None
 
 
-async def test_status_events_apply_in_sequence_order_not_arrival(rig: Rig) -> None:
+async def test_status_events_apply_in_sequence_order_not_arrival(rig: TwilioRig) -> None:
     reminder_id, (attempt_id,) = await rig.seed()
     sid = "CA" + "4" * 32
     async with rig.client() as client:
         for status, sequence in (("completed", "3"), ("ringing", "1"), ("completed", "3"), ("initiated", "0")):
-            path, form, headers = signed_post(rig, "status", {"r": reminder_id, "a": attempt_id},
-                                              {"CallSid": sid, "CallStatus": status, "SequenceNumber": sequence})
+            path, form, headers = rig.signed_post("status", {"r": reminder_id, "a": attempt_id},
+                                                  {"CallSid": sid, "CallStatus": status, "SequenceNumber": sequence})
             assert (await client.post(path, data=form, headers=headers)).status_code == 204
     (attempt,) = await attempt_rows(rig.db, reminder_id)
     assert (attempt.provider_call_id, attempt.call_status, attempt.last_sequence) == (sid, "completed", 3)
@@ -206,22 +139,22 @@ class DownFor:
         return self.db.session()
 
 
-async def test_an_answer_during_a_short_database_outage_still_hears_the_message(rig: Rig) -> None:
+async def test_an_answer_during_a_short_database_outage_still_hears_the_message(rig: TwilioRig) -> None:
     reminder_id, (attempt_id,) = await rig.seed()
     rig.app.state.db = DownFor(rig.db, failures=3)
-    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
-                                      {"CallSid": "CA" + "5" * 32, "CallStatus": "in-progress"})
+    path, form, headers = rig.signed_post("voice", {"r": reminder_id, "a": attempt_id},
+                                          {"CallSid": "CA" + "5" * 32, "CallStatus": "in-progress"})
     async with rig.client() as client:
         response = await client.post(path, data=form, headers=headers)
     assert "<Say" in response.text and rig.app.state.db.failures == 0
     assert (await reminder_row(rig.db, reminder_id)).bound_call_id == "CA" + "5" * 32
 
 
-async def test_a_longer_outage_hangs_up_without_a_word_and_binds_nothing(rig: Rig) -> None:
+async def test_a_longer_outage_hangs_up_without_a_word_and_binds_nothing(rig: TwilioRig) -> None:
     reminder_id, (attempt_id,) = await rig.seed()
     rig.app.state.db = DownFor(rig.db, failures=10_000)
-    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
-                                      {"CallSid": "CA" + "6" * 32, "CallStatus": "in-progress"})
+    path, form, headers = rig.signed_post("voice", {"r": reminder_id, "a": attempt_id},
+                                          {"CallSid": "CA" + "6" * 32, "CallStatus": "in-progress"})
     async with rig.client() as client:
         response = await client.post(path, data=form, headers=headers)
     assert response.status_code == 200 and response.text.endswith("<Response><Hangup /></Response>")
@@ -249,12 +182,12 @@ class SlowFirst:
         return opened()
 
 
-async def test_a_voice_request_resumed_past_its_budget_still_tries_once(rig: Rig) -> None:
+async def test_a_voice_request_resumed_past_its_budget_still_tries_once(rig: TwilioRig) -> None:
     rig.app.state.voice_database_budget = 0.5
     reminder_id, (attempt_id,) = await rig.seed()
     rig.app.state.db = SlowFirst(rig.db, pause=1.0)  # past the budget before the first try is done
-    path, form, headers = signed_post(rig, "voice", {"r": reminder_id, "a": attempt_id},
-                                      {"CallSid": "CA" + "7" * 32, "CallStatus": "in-progress"})
+    path, form, headers = rig.signed_post("voice", {"r": reminder_id, "a": attempt_id},
+                                          {"CallSid": "CA" + "7" * 32, "CallStatus": "in-progress"})
     async with rig.client() as client:
         response = await client.post(path, data=form, headers=headers)
     assert "<Say" in response.text

@@ -18,6 +18,8 @@
   `call.gather.ended` with the callee's digits); hangup ends the call (`call.hangup`); any command
   to an ended call is a 422 (code 90018).
 - `GET /v2/connections/{id}/active_calls`: the alive calls with their `client_state`, paginated.
+- `GET /v2/call_control_applications/{id}`: the connection's Call Control application (what
+  `reminders check` reads): 401 (10009) for another key, 404 (10005) for another id.
 - Inspection and control (not Telnyx's), shaped like the Twilio fake's: `GET /_fake/calls` (each
   call with `sid`, `status`, `stamp`, `heard`), `GET /_fake/requests` (Dials), `POST /_fake/callees`,
   `POST /_fake/control`, `POST /_fake/reset`.
@@ -421,6 +423,23 @@ class FakeTelnyx(ControlledFake):
         return JSONResponse({"data": data, "meta": {"cursors": {"after": after, "before": None},
                                                     "total_items": len(alive)}})
 
+    async def _application(self, request: Request) -> JSONResponse:
+        """The Call Control application this fake's connection id names, shaped as Telnyx's."""
+        if not self._authorised(request):
+            return _errors(401, "10009", "Authentication failed")
+        if request.path_params["app_id"] != self.connection_id:
+            return _errors(404, "10005", "Resource not found")
+        await self._turn()
+        return JSONResponse({"data": {
+            "id": self.connection_id, "record_type": "call_control_application", "application_name": "fake-reminders",
+            "active": True, "webhook_api_version": "2", "webhook_event_url": None, "webhook_event_failover_url": None,
+            "webhook_timeout_secs": 25, "anchorsite_override": "Latency", "dtmf_type": "RFC 2833",
+            "first_command_timeout": False, "first_command_timeout_secs": 10,
+            "inbound": {"channel_limit": None, "shaken_stir_enabled": False, "sip_subdomain": None},
+            "outbound": {"channel_limit": None, "outbound_voice_profile_id": "1293384261075731499"},
+            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+        }})
+
     # -- inspection and control ------------------------------------------------------------------
 
     async def _inspect_calls(self, request: Request) -> JSONResponse:
@@ -449,6 +468,7 @@ class FakeTelnyx(ControlledFake):
             Route("/v2/calls", self._dial, methods=["POST"]),
             Route("/v2/calls/{call_id}/actions/{action}", self._action, methods=["POST"]),
             Route("/v2/connections/{connection_id}/active_calls", self._active_calls, methods=["GET"]),
+            Route("/v2/call_control_applications/{app_id}", self._application, methods=["GET"]),
         ]
         # The REST API under a path prefix of one or two segments too (the harness gives each
         # replica its own, recorded as `placed_by`).

@@ -10,6 +10,8 @@
   `Url` and follows the TwiML (`<Say>` is logged as heard, `<Gather>` gets the digits,
   `<Hangup/>` ends the call). Status callbacks (signed, with `SequenceNumber`) go to
   `StatusCallback` for the subscribed events. Webhooks are signed over the exact URL given.
+- `GET /2010-04-01/Accounts/{sid}.json` reads the account (what `reminders check` asks): 401
+  (20003) for wrong credentials, 404 (20404) for another account's sid.
 - `GET Calls.json?To=&Status=` lists, `GET Calls/{sid}.json` reads, `POST Calls/{sid}.json`
   with `Status=canceled` cancels a queued or ringing call (no effect later), `Status=completed`
   ends one in progress.
@@ -391,6 +393,21 @@ class FakeTwilio(ControlledFake):
                 return self._error(400, 21220, "Invalid call state")
         return JSONResponse(call.resource(self.account_sid))
 
+    async def _account(self, request: Request) -> JSONResponse:
+        """The Account resource, as Twilio answers it (its auth token included)."""
+        expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
+        if request.headers.get("Authorization") != f"Basic {expected}":
+            return self._error(401, 20003, "Authenticate")
+        if request.path_params["account"] != self.account_sid:
+            return self._error(404, 20404, "The requested resource was not found")
+        await self._turn()
+        sid = self.account_sid
+        return JSONResponse({
+            "sid": sid, "owner_account_sid": sid, "friendly_name": "Fake account", "status": "active",
+            "type": "Full", "auth_token": self.auth_token, "date_created": "Thu, 01 Jan 2026 00:00:00 +0000",
+            "date_updated": "Thu, 01 Jan 2026 00:00:00 +0000", "uri": f"/2010-04-01/Accounts/{sid}.json",
+        })
+
     # -- inspection and control ------------------------------------------------------------------
 
     async def _inspect_calls(self, request: Request) -> JSONResponse:
@@ -417,6 +434,7 @@ class FakeTwilio(ControlledFake):
     def _build_app(self) -> Starlette:
         base = "/2010-04-01/Accounts/{account}"
         routes = [
+            Route(base + ".json", self._account, methods=["GET"]),
             Route(base + "/Calls.json", self._create, methods=["POST"]),
             Route(base + "/Calls.json", self._list, methods=["GET"]),
             Route(base + "/Calls/{sid}.json", self._call, methods=["GET", "POST"]),
