@@ -303,11 +303,12 @@ async def test_a_failing_status_callback_without_overrides_is_lost(world) -> Non
 
 async def test_the_total_time_bounds_the_retries(world) -> None:
     fake, receiver, client = world
-    fake.controls.time_scale = 0.02  # rt=5000 ms lasts 100 ms; tt=7000 ms, 140 ms
+    fake.controls.time_scale = 0.02  # rt=5000 ms lasts 100 ms; tt=12000 ms, 240 ms: 3 tries at most, not 6
     receiver.hold["voice"] = asyncio.Event()
-    sid = await create(client, form(url=f"{HOOKS}/voice#rc=5&rp=rt&rt=5000&tt=7000"))
+    sid = await create(client, form(url=f"{HOOKS}/voice#rc=5&rp=rt&rt=5000&tt=12000"))
     await over(fake, sid)
-    assert [d["result"] for d in fake.calls[sid].deliveries if d["type"] == "url"] == ["rt", "rt"]
+    tries = [d["result"] for d in fake.calls[sid].deliveries if d["type"] == "url"]
+    assert tries in (["rt"] * 2, ["rt"] * 3)
 
 
 async def test_status_callbacks_carry_timestamp_and_sequence_and_the_resource_its_times(world) -> None:
@@ -407,10 +408,10 @@ async def test_a_create_is_executed_although_its_answer_never_arrives(world, mod
                                               "answer_lost_mode": mode, "answer_stall_ms": 10_000})
     with pytest.raises((TimeoutError, httpx.RemoteProtocolError)):
         await asyncio.wait_for(client.post(f"{BASE}/Calls.json", content=urlencode(form()),
-                                           headers={"Content-Type": "application/x-www-form-urlencoded"}), 1.0)
+                                           headers={"Content-Type": "application/x-www-form-urlencoded"}), 0.5)
     (call,) = fake.calls.values()
     await over(fake, call.sid)
-    assert call.heard == [MESSAGE] and call.commands[0]["answer_lost"] == mode
+    assert call.heard == [MESSAGE] and call.command_log[0]["answer_lost"] == mode
     assert fake.requests[0]["answer_lost"] == mode and fake.requests[0]["sid"] == call.sid
 
 

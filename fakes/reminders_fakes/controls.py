@@ -203,6 +203,14 @@ class ControlledFake:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _cancel_tasks(self, *others: asyncio.Task[Any] | None) -> None:
+        """Cancel the fake's tasks (and `others`) until every one has ended."""
+        tasks = {task for task in (*others, *self._tasks) if task is not None and not task.done()}
+        while tasks:
+            for task in tasks:
+                task.cancel()
+            _, tasks = await asyncio.wait(tasks, timeout=1.0)
+
     async def _turn(self) -> None:
         """Before a REST request is answered: the configured latency, and the hang while it lasts."""
         if self.controls.latency_ms > 0:

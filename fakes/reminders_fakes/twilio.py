@@ -171,7 +171,7 @@ class _Call:
     placed_by: str | None = None
     listener: Listener = field(default_factory=Listener)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
-    commands: list[dict[str, Any]] = field(default_factory=list)
+    command_log: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     outbox: asyncio.Queue[_Hook | None] = field(default_factory=asyncio.Queue)
 
@@ -201,7 +201,7 @@ class _Call:
         return {**self.resource(account_sid), "url": self.url, "stamp": query, "placed_by": self.placed_by,
                 "heard": list(self.heard), "twiml": list(self.twiml), "digits": list(self.digits),
                 "machine_detection": self.machine_detection, "fallback_url": self.fallback_url,
-                **self.listener.inspect(), "deliveries": list(self.deliveries), "commands": list(self.commands),
+                **self.listener.inspect(), "deliveries": list(self.deliveries), "command_log": list(self.command_log),
                 "errors": list(self.errors)}
 
 
@@ -298,7 +298,8 @@ class FakeTwilio(ControlledFake):
         if seconds <= 0:
             return call.hang_up.is_set()
         try:
-            await asyncio.wait_for(call.hang_up.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: 3.11's can swallow a cancel
+                await call.hang_up.wait()
         except TimeoutError:
             return False
         return True
@@ -516,7 +517,8 @@ class FakeTwilio(ControlledFake):
             return response
 
         try:
-            response = await asyncio.wait_for(exchange(), max(0.001, timeout))
+            async with asyncio.timeout(max(0.001, timeout)):
+                response = await exchange()
         except (TimeoutError, httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
             return _Result(None, "rt", HTTP_CONNECTION_FAILURE)
         except (httpx.ConnectError, httpx.ConnectTimeout):
@@ -592,8 +594,8 @@ class FakeTwilio(ControlledFake):
             response = done(JSONResponse(call.resource(self.account_sid), status_code=201), call.sid)
         lost = self.answer_lost("create")
         entry["answer_lost"] = lost
-        call.commands.append({"action": "create", "at": time.time(), "answer": response.status_code,
-                              "answer_lost": lost})
+        call.command_log.append({"action": "create", "at": time.time(), "result": "executed",
+                                 "answer": response.status_code, "answer_lost": lost})
         return await self.answered(lost, response)
 
     async def _list(self, request: Request) -> JSONResponse:
@@ -628,8 +630,8 @@ class FakeTwilio(ControlledFake):
                 call.status = "canceled"
             call.hang_up.set()  # in progress: the TwiML being followed stops; _run_call reports completed
         lost = self.answer_lost("update")
-        call.commands.append({"action": "update", "status": wanted, "before": before, "at": time.time(),
-                              "answer": 200, "answer_lost": lost})
+        call.command_log.append({"action": "update", "status": wanted, "before": before, "at": time.time(),
+                                 "result": "executed", "answer": 200, "answer_lost": lost})
         return await self.answered(lost, JSONResponse(call.resource(self.account_sid)))
 
     # -- inspection and control ------------------------------------------------------------------
@@ -648,10 +650,7 @@ class FakeTwilio(ControlledFake):
 
     async def aclose(self) -> None:
         """Stop the dialer and the calls in progress (tests that run the fake in-process)."""
-        tasks = [t for t in (self._dialer, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cancel_tasks(self._dialer)
         if self._http is not None:
             await self._http.aclose()
 
