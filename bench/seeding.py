@@ -56,8 +56,8 @@ def planned(
     have come due), as `service.appointments.create` builds them."""
     from service.db import AppointmentStatus
     from service.db.models import new_id
-    from service.ledger.plans import APPOINTMENT_INSERT_COLUMNS, REMINDER_INSERT_COLUMNS
-    from service.reminders import ReminderStatus, idempotency_key, plan_reminders
+    from service.ledger.plans import APPOINTMENT_INSERT_COLUMNS, reminder_row
+    from service.reminders import plan_reminders
 
     starts_at = due_at + timedelta(hours=2)
     zone, language = ZoneInfo(TIMEZONE), config.templates.default_language
@@ -76,14 +76,7 @@ def planned(
         # the words are fixed now, as the create fixes them
         wording = config.templates.render(language, appointment["customer_name"], starts_at, TIMEZONE).to_json()
         appointments.append({name: appointment[name] for name in APPOINTMENT_INSERT_COLUMNS})
-        for due in plan.due_times:
-            reminder_id = new_id()
-            reminder = {
-                "id": reminder_id, "appointment_id": appointment["id"], "due_at": due, "next_attempt_at": due,
-                "status": ReminderStatus.PENDING, "attempts": 0, "idempotency_key": idempotency_key(reminder_id),
-                "wording": wording, "no_answer_retries": 0, "created_at": now, "updated_at": now,
-            }
-            reminders.append({name: reminder[name] for name in REMINDER_INSERT_COLUMNS})
+        reminders.extend(reminder_row(appointment["id"], due, wording, now) for due in plan.due_times)
     return appointments, reminders
 
 

@@ -485,12 +485,11 @@ def planned_appointments(
     as of now; ValueError for a number the API would refuse or a time that cannot be planned."""
     from service.db import AppointmentStatus
     from service.db.models import new_id
+    from service.ledger.plans import reminder_row
     from service.reminders import (
         ALWAYS,
         MessageTemplates,
         NumberPolicy,
-        ReminderStatus,
-        idempotency_key,
         number_refusal,
         plan_reminders,
     )
@@ -520,13 +519,7 @@ def planned_appointments(
                        "status": AppointmentStatus.SCHEDULED, "language": language, "created_at": now,
                        "updated_at": now}
         wording = templates.render(language, name, starts_at, timezone).to_json()
-        reminders = []
-        for due_at in plan.due_times:
-            reminder_id = new_id()
-            reminders.append({"id": reminder_id, "appointment_id": appointment["id"], "due_at": due_at,
-                              "next_attempt_at": due_at, "status": ReminderStatus.PENDING, "attempts": 0,
-                              "idempotency_key": idempotency_key(reminder_id), "wording": wording,
-                              "no_answer_retries": 0, "created_at": now, "updated_at": now})
+        reminders = [reminder_row(appointment["id"], due_at, wording, now) for due_at in plan.due_times]
         planned.append((appointment, reminders))
     return planned
 

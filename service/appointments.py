@@ -28,14 +28,13 @@ from service.db import Database
 from service.db.models import Appointment, AppointmentStatus, Confirmation, Reminder, new_id, utcnow
 from service.ledger import cancellation, plans
 from service.ledger.cancellation import CANCELLED_BY_API, REPLANNED
-from service.ledger.plans import insert_appointment
+from service.ledger.plans import insert_appointment, reminder_row
 from service.privacy import mask_phone
 from service.reminders import (
     REPLAN_FIELDS,
     PlanningConfig,
     ReminderStatus,
     Unplanned,
-    idempotency_key,
     number_refusal,
     plan_reminders,
 )
@@ -236,14 +235,7 @@ def _plan(
     wording = planning.templates.render(
         appointment["language"], appointment["customer_name"], starts_at, timezone
     ).to_json()
-    rows = []
-    for due in plan.due_times:
-        reminder_id = new_id()
-        rows.append({
-            "id": reminder_id, "appointment_id": appointment_id, "due_at": due, "next_attempt_at": due,
-            "status": ReminderStatus.PENDING, "attempts": 0, "idempotency_key": idempotency_key(reminder_id),
-            "wording": wording, "no_answer_retries": 0, "plan": plan_number, "created_at": now, "updated_at": now,
-        })
+    rows = [reminder_row(appointment_id, due, wording, now, plan=plan_number) for due in plan.due_times]
     return rows, plan.unplanned
 
 

@@ -13,7 +13,7 @@ import respx
 
 from reminders_fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, sign
 from service.providers.telnyx.events import parse_event
-from service.providers.telnyx.rest import TelnyxProvider, speak_command_id
+from service.providers.telnyx.rest import TelnyxProvider
 from service.providers.telnyx.signature import TelnyxSignature
 from service.telephony.provider import CallSpec, CreateKind, ProviderUnavailable, Stamp
 
@@ -79,7 +79,7 @@ async def test_dial_wire_format(respx_mock: respx.MockRouter) -> None:
     assert Stamp.decode(body["client_state"]) == Stamp("r-1", "a-1")
     detecting = TelnyxProvider(api_url=API, api_key="K", connection_id="conn-7", public_url="https://x.test",
                                transport=httpx.MockTransport(respx_mock.async_handler), machine_detection=True)
-    assert detecting.dial_body(SPEC)["answering_machine_detection"] == "detect"
+    assert detecting.dial_body(SPEC)["answering_machine_detection"] == "detect_beep"  # a voicemail after the beep
     await detecting.aclose()
     assert base64.b64decode(body["client_state"]) == b'["r-1","a-1"]'
 
@@ -126,7 +126,7 @@ async def test_commands_wire_format(respx_mock: respx.MockRouter) -> None:
         return_value=httpx.Response(200, json={}))
     telnyx = provider(respx_mock)
     stamp = Stamp("r-1", "a-1")
-    assert await telnyx.speak("v3:abc", "Hello", command_id=speak_command_id("a-1"), stamp=stamp)
+    assert await telnyx.speak("v3:abc", "Hello", command_id="speak-a-1", stamp=stamp)
     assert await telnyx.hang_up("v3:abc", command_id="h-1")  # already ended: done
     assert await telnyx.gather_using_speak("v3:abc", "Press 1", command_id="g-1", stamp=stamp)
     await telnyx.aclose()

@@ -1,7 +1,7 @@
 """Telnyx mode in one process, on SQLite and PostgreSQL: the events route driven by the
 Telnyx-shaped fake through a proxy that strips PUBLIC_URL's path prefix (Ed25519 signature first,
-speech a command sent before the acknowledgement and deduplicated by its command id), the
-leader's speech sweep, Dials over the rate, and the checks of Telnyx's settings. What Twilio does
+the greeting one command per call, recorded before it is sent), the leader's call sweep, Dials
+over the rate, and the checks of Telnyx's settings. What Twilio does
 alike: tests/test_webhooks_providers.py, tests/test_dispatch_providers.py."""
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from sqlalchemy import select
 
 from reminders_fakes.telnyx import TEST_PUBLIC_KEY, TEST_SIGNING_SEED, CalleeScript, sign
 from service.db import CallAttempt, Database, Reminder
-from service.dispatch.dispatcher import Dispatcher, _wording
-from service.dispatch.speech import SpeechSweep
+from service.dispatch.dispatcher import Dispatcher, fallback_wording
+from service.dispatch.sweep import CallSweep
+from service.ledger import SweepTimes
 from service.providers.telnyx.rest import TelnyxProvider
+from service.reminders import MessageTemplates
 from service.telephony.provider import Stamp
 from tests.support.providers import PHONE, TelnyxRig, make_rig, provider_settings, rig_on
 from tests.support.rows import reminder_row
@@ -56,7 +58,8 @@ async def test_a_redelivered_answer_is_not_spoken_twice(db: Database, rig: Telny
                     "call_control_id": call_id, "client_state": Stamp(reminder_id, attempt_id).encode()}}
     assert await rig.fake._post_event(call.webhook_url, answered)
     await eventually(rig.over(call_id))
-    assert call.commands.count("gather_using_speak") == 2  # sent again, deduped by command_id
+    # the greeting was recorded as commanded before it was sent: a redelivery sends nothing again
+    assert call.commands.count("gather_using_speak") == 1
     assert len(call.heard) == 2 and call.heard[1].startswith("Thank you, your appointment is confirmed")
 
 
@@ -64,20 +67,20 @@ async def _async(value: bool) -> bool:
     return value
 
 
-def _greeting_fails_once(rig: TelnyxRig) -> dict[str, int]:
-    """The first greeting command (the message with the keypad question) is not accepted; the
-    returned {"left": n} counts the refusals still to come."""
-    real_gather = rig.provider.gather_using_speak
-    refusals = {"left": 1}
+def _greeting_lost_once(rig: TelnyxRig) -> dict[str, int]:
+    """The first greeting command never reaches Telnyx and its answer is unknown (a timeout); the
+    returned {"left": n} counts the losses still to come."""
+    real_greet = rig.provider.greet
+    losses = {"left": 1}
 
-    async def gather_failing_once(*args: object, **kwargs: object) -> bool:
-        if refusals["left"]:
-            refusals["left"] -= 1
-            return False
-        return await real_gather(*args, **kwargs)  # type: ignore[arg-type]
+    async def greet_lost_once(*args: object, **kwargs: object) -> bool | None:
+        if losses["left"]:
+            losses["left"] -= 1
+            return None
+        return await real_greet(*args, **kwargs)  # type: ignore[arg-type]
 
-    rig.provider.gather_using_speak = gather_failing_once  # type: ignore[method-assign]
-    return refusals
+    rig.provider.greet = greet_lost_once  # type: ignore[method-assign]
+    return losses
 
 
 async def test_forged_stale_and_unsigned_events_are_refused_and_change_nothing(db: Database, rig: TelnyxRig) -> None:
@@ -104,21 +107,27 @@ async def test_forged_stale_and_unsigned_events_are_refused_and_change_nothing(d
     assert rig.fake.calls == {}
 
 
-async def test_the_sweep_speaks_a_bound_call_that_never_spoke(db: Database) -> None:
+def _sweep(db: Database, rig: TelnyxRig, **times: timedelta) -> CallSweep:
+    return CallSweep(db, rig.provider, fallback=fallback_wording(MessageTemplates.parse(None)),
+                     times=SweepTimes(**times))
+
+
+async def test_the_sweep_sends_an_unconfirmed_greeting_again_as_the_same_command(db: Database) -> None:
     rig = make_rig(db, "telnyx")
-    rig.fake._webhook_tries = 1
-    refusals = _greeting_fails_once(rig)
+    losses = _greeting_lost_once(rig)
     try:
         reminder_id, (attempt_id,) = await rig.seed(PHONE)
         call_id = await rig.place(reminder_id, attempt_id, record=False)
-        await eventually(lambda: _async(refusals["left"] == 0))  # bound, and its greeting refused
-        sweep = SpeechSweep(db, rig.provider, wording=_wording, confirm_after=timedelta(seconds=5))
-        assert await sweep.once(datetime.now(UTC)) == 0  # too early: the answer may still be speaking
+        await eventually(lambda: _async(losses["left"] == 0))  # bound, its greeting commanded, fate unknown
         assert rig.fake.calls[call_id].heard == []
-        assert await sweep.once(datetime.now(UTC) + timedelta(seconds=6)) == 1
+        await _sweep(db, rig).once(token=1)  # same id, same words: Telnyx would ignore a repeat
+        await eventually(lambda: _async(len(rig.fake.calls[call_id].heard) == 1))
+        assert (await attempt_rows(db))[attempt_id].greeting_result == "accepted"
+        await _sweep(db, rig).once(token=1)  # accepted now: nothing owed
         await eventually(rig.over(call_id))
-        assert len(rig.fake.calls[call_id].heard) == 1
-        assert await sweep.once(datetime.now(UTC) + timedelta(seconds=60)) == 0  # spoken: nothing owed
+        greetings = [c for c in rig.fake.calls[call_id].command_log if str(c.get("command_id")).startswith("greet-")]
+        assert [(c["action"], c["result"]) for c in greetings] == [("gather_using_speak", "executed")]
+        assert rig.fake.calls[call_id].heard[0].startswith("Hello")  # the message and question, once
     finally:
         await rig.aclose()
 
@@ -167,19 +176,22 @@ def test_the_fakes_key_is_refused_beyond_loopback(url: str) -> None:
         provider_settings("telnyx", telnyx_public_key=TEST_PUBLIC_KEY)  # the default TELNYX_API_URL is Telnyx's
 
 
-async def test_a_bound_call_that_ends_unheard_is_released_and_called_again(db: Database) -> None:
+async def test_a_bound_call_that_ends_before_any_greeting_is_released_and_called_again(db: Database) -> None:
     rig = make_rig(db, "telnyx")
-    rig.fake._webhook_tries = 1
     rig.fake.controls.patience_ms = 100.0  # the callee hangs up in the silence
-    _greeting_fails_once(rig)
+    # with machine detection, `call.answered` binds and its result greets: that result is lost
+    rig.provider.machine_detection = True
+    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
     try:
         (reminder_id,) = await seed(db, 1)
         term = FakeTerm(1)
-        dispatcher = Dispatcher(db, rig.provider, config(speech_confirm_after=timedelta(milliseconds=300),
-                                                         speech_sweep_interval=0.1))
+        times = SweepTimes(greet_after=timedelta(seconds=30), release_after=timedelta(milliseconds=200))
+        dispatcher = Dispatcher(db, rig.provider, config(sweep_times=times, sweep_interval=0.1))
         task = asyncio.create_task(dispatcher.lead(term))
         try:
             async def heard_and_answered() -> bool:
+                if len(rig.fake.calls) == 2:  # the second call's detection result comes through
+                    rig.fake.controls.event_loss_rate = 0.0
                 row = (await _rows(db))[0]
                 return row.outcome == "answered" and any(c.heard for c in rig.fake.calls.values())
 
@@ -201,7 +213,6 @@ async def test_a_bound_call_that_ends_unheard_is_released_and_called_again(db: D
 
 async def test_a_late_answer_of_an_ended_call_binds_nothing(db: Database, rig: TelnyxRig) -> None:
     rig.fake.controls.patience_ms = 50.0
-    rig.fake._webhook_tries = 1
     reminder_id, (attempt_id,) = await rig.seed(PHONE)
     rig.app.state.provider = _Mute(rig.provider)  # the service never speaks: the callee hangs up
     call_id = await rig.place(reminder_id, attempt_id, record=False)
@@ -221,12 +232,12 @@ async def test_a_late_answer_of_an_ended_call_binds_nothing(db: Database, rig: T
 
 
 class _Mute:
-    """The provider with a speak command that Telnyx never receives."""
+    """The provider with a greeting that Telnyx never receives."""
 
     def __init__(self, inner: TelnyxProvider) -> None:
         self.inner = inner
 
-    async def speak(self, *args: object, **kwargs: object) -> bool:
+    async def greet(self, *args: object, **kwargs: object) -> bool:
         return True
 
     def __getattr__(self, name: str) -> object:
@@ -238,10 +249,10 @@ async def test_events_apply_by_state_then_occurred_at_never_back(db: Database, r
     from service.providers.telnyx.events import hangup_status
 
     reminder_id, (attempt_id,) = await rig.seed(PHONE)
-    stamp, now = Stamp(reminder_id, attempt_id), datetime.now(UTC)
+    stamp = Stamp(reminder_id, attempt_id)
 
     async def apply(status: str | None, order: int) -> str:
-        await calls.record_event(db, stamp, "v3:call", status, order, now)
+        await calls.record_event(db, stamp, "v3:call", status, order)
         return (await attempt_rows(db))[attempt_id].call_status
 
     assert await apply("in-progress", 200) == "in-progress"
@@ -252,5 +263,8 @@ async def test_events_apply_by_state_then_occurred_at_never_back(db: Database, r
     assert await apply(hangup_status({"hangup_cause": "normal_clearing"}), 500) == "completed"
     assert await apply("in-progress", 900) == "completed"
     assert (await attempt_rows(db))[attempt_id].last_sequence == 500
-    assert [hangup_status({"hangup_cause": c}) for c in ("user_busy", "timeout", "originator_cancel", "x")] == [
-        "busy", "no-answer", "canceled", "completed"]
+    # every hang-up cause Telnyx documents, and one it does not
+    causes = {"timeout": "no-answer", "no_answer": "no-answer", "call_rejected": "no-answer", "user_busy": "busy",
+              "not_found": "failed", "originator_cancel": "canceled", "normal_clearing": "completed",
+              "time_limit": "completed", "unspecified": "completed", "x": "completed"}
+    assert {cause: hangup_status({"hangup_cause": cause}) for cause in causes} == causes

@@ -125,18 +125,25 @@ async def test_status_events_apply_in_sequence_order_not_arrival(rig: TwilioRig)
 
 
 class DownFor:
-    """The database, failing its first `failures` sessions as during a restart or failover."""
+    """The database, failing its first `failures` transactions as during a restart or failover."""
 
     def __init__(self, db: Database, failures: int) -> None:
         self.db, self.failures, self.is_sqlite = db, failures, db.is_sqlite
 
-    def session(self):
+    def _fail(self) -> None:
         if self.failures > 0:
             self.failures -= 1
             from sqlalchemy.exc import OperationalError
 
             raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database restarting"))
+
+    def session(self):
+        self._fail()
         return self.db.session()
+
+    async def write(self, work, *args, **kwargs):
+        self._fail()
+        return await self.db.write(work, *args, **kwargs)
 
 
 async def test_an_answer_during_a_short_database_outage_still_hears_the_message(rig: TwilioRig) -> None:
@@ -150,14 +157,18 @@ async def test_an_answer_during_a_short_database_outage_still_hears_the_message(
     assert (await reminder_row(rig.db, reminder_id)).bound_call_id == "CA" + "5" * 32
 
 
-async def test_a_longer_outage_hangs_up_without_a_word_and_binds_nothing(rig: TwilioRig) -> None:
+async def test_a_longer_outage_hands_over_to_the_fallback_which_hangs_up_without_a_word(rig: TwilioRig) -> None:
     reminder_id, (attempt_id,) = await rig.seed()
     rig.app.state.db = DownFor(rig.db, failures=10_000)
-    path, form, headers = rig.signed_post("voice", {"r": reminder_id, "a": attempt_id},
-                                          {"CallSid": "CA" + "6" * 32, "CallStatus": "in-progress"})
+    rig.app.state.voice_database_budget = 0.5
+    stamp, call = {"r": reminder_id, "a": attempt_id}, {"CallSid": "CA" + "6" * 32, "CallStatus": "in-progress"}
     async with rig.client() as client:
-        response = await client.post(path, data=form, headers=headers)
-    assert response.status_code == 200 and response.text.endswith("<Response><Hangup /></Response>")
+        path, form, headers = rig.signed_post("voice", stamp, call)
+        first = await client.post(path, data=form, headers=headers)
+        assert first.status_code == 503  # Twilio asks the FallbackUrl: another replica
+        path, form, headers = rig.signed_post("voice", stamp, {**call, "ErrorCode": "11200", "ErrorUrl": path})
+        fallback = await client.post(path, data=form, headers=headers)
+    assert fallback.status_code == 200 and fallback.text.endswith("<Response><Hangup /></Response>")
     assert (await reminder_row(rig.db, reminder_id)).bound_call_id is None
 
 
@@ -173,13 +184,20 @@ class SlowFirst:
 
         @asynccontextmanager
         async def opened():
-            if self.pause:
-                pause, self.pause = self.pause, 0.0
-                await asyncio.sleep(pause)
+            await self._paused()
             async with self.db.session() as session:
                 yield session
 
         return opened()
+
+    async def _paused(self) -> None:
+        if self.pause:
+            pause, self.pause = self.pause, 0.0
+            await asyncio.sleep(pause)
+
+    async def write(self, work, *args, **kwargs):
+        await self._paused()
+        return await self.db.write(work, *args, **kwargs)
 
 
 async def test_a_voice_request_resumed_past_its_budget_still_tries_once(rig: TwilioRig) -> None:

@@ -4,7 +4,8 @@ Replicas' clocks drift apart (and a test skews them on purpose): a time one repl
 another compares with its own `now` is off by their difference. The ledger writes the times it
 compares later (`last_event_at`, `claimed_at`, retry times) from `db_now()`, compares them with
 `db_now(±offset)` in SQL, and reads `read_now()` where a rule computes a time in Python.
-PostgreSQL: the server's `now()` (the transaction's start). SQLite: the file's one process clock.
+PostgreSQL: the server's `now()` (the transaction's start). SQLite: the clock of the process that
+runs the statement (one machine's file; `sqlite_now`, registered on every connection).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy import DateTime, TypeDecorator, literal, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-__all__ = ["UTCDateTime", "db_now", "read_now", "utcnow"]
+__all__ = ["SQLITE_NOW", "UTCDateTime", "db_now", "read_now", "sqlite_now", "utcnow"]
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -61,12 +62,20 @@ def _postgresql(element: db_now, compiler: Any, **kw: Any) -> str:
     return f"(now() + {compiler.process(seconds, **kw)} * interval '1 second')"
 
 
+# SQLite's `now` has milliseconds: the engine registers this function on every connection instead.
+SQLITE_NOW = "reminders_db_now"
+
+
+def sqlite_now(offset_seconds: float) -> str:
+    """The database's time on SQLite, `offset_seconds` later, as SQLAlchemy stores datetimes there
+    ('YYYY-MM-DD HH:MM:SS.ffffff', UTC)."""
+    return (datetime.now(UTC) + timedelta(seconds=offset_seconds)).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
 @compiles(db_now, "sqlite")
 def _sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
     (seconds,) = element.clauses
-    # microseconds, as SQLAlchemy stores datetimes there: 'YYYY-MM-DD HH:MM:SS.ffffff'
-    modifier = f"({compiler.process(seconds, **kw)} || ' seconds')"
-    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', {modifier}) || '000')"
+    return f"{SQLITE_NOW}({compiler.process(seconds, **kw)})"
 
 
 async def read_now(connection: Any) -> datetime:

@@ -17,6 +17,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.util import greenlet_spawn
 
+from service.db.clock import SQLITE_NOW, sqlite_now
+
 __all__ = ["Database", "SchemaOutOfDate", "alembic_config"]
 
 P = ParamSpec("P")
@@ -61,6 +63,8 @@ def _set_sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+    # db_now() on SQLite: this process's clock to the microsecond (strftime('now') has milliseconds)
+    dbapi_connection.create_function(SQLITE_NOW, 1, sqlite_now)
 
 
 # `read` and `write` run their work, a plain function over a SQLAlchemy Connection, in ONE greenlet:

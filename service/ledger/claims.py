@@ -130,8 +130,11 @@ class ReminderStore:
         require(ReminderStatus.PENDING, ReminderStatus.DISPATCHING)
         async with self.db.session() as session:
             if now is None:
+                # this process's clock read BEFORE the database's: the offset errs on the late
+                # side, so a time the term computes (a retry after Retry-After) is never early
+                before = datetime.now(UTC)
                 now = await read_now(session)
-                self.clock_offset = now - datetime.now(UTC)
+                self.clock_offset = now - before
             orphaned = and_(
                 Reminder.status == ReminderStatus.DISPATCHING,
                 or_(

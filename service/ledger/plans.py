@@ -16,13 +16,14 @@ from typing import Any
 from sqlalchemy import Insert, bindparam, delete, insert, select, union_all, update
 from sqlalchemy.engine import Connection
 
-from service.db.models import Appointment, Reminder
+from service.db.models import Appointment, Reminder, new_id
 from service.ledger.cancellation import REPLANNED, supersede
+from service.reminders.calls import idempotency_key
 from service.reminders.lifecycle import ReminderStatus
 
 __all__ = [
     "APPOINTMENT_INSERT_COLUMNS", "REMINDER_INSERT_COLUMNS", "Replanned", "change_appointment", "insert_appointment",
-    "insert_plan",
+    "insert_plan", "reminder_row",
 ]
 
 _A, _R = Appointment.__table__, Reminder.__table__
@@ -45,6 +46,16 @@ _PRUNE_SUPERSEDED = (
     )
     .returning(_R.c.id)
 )
+
+
+def reminder_row(appointment_id: str, due: datetime, wording: dict[str, str], now: datetime, *,
+                 plan: int = 0) -> dict[str, Any]:
+    """A new `pending` reminder of `appointment_id` due at `due`, as the create and a re-plan insert
+    it (every REMINDER_INSERT_COLUMNS): its own id and idempotency key, the words fixed now."""
+    reminder_id = new_id()
+    return {"id": reminder_id, "appointment_id": appointment_id, "due_at": due, "next_attempt_at": due,
+            "status": ReminderStatus.PENDING, "attempts": 0, "idempotency_key": idempotency_key(reminder_id),
+            "wording": wording, "no_answer_retries": 0, "plan": plan, "created_at": now, "updated_at": now}
 
 
 @functools.lru_cache(maxsize=64)

@@ -252,7 +252,7 @@ class TwilioRig(Rig):
 
     @staticmethod
     def machine_answered(call: Any) -> bool:
-        return call.answered_by == "machine_start"
+        return str(call.answered_by).startswith("machine")  # machine_end_*: after its greeting
 
     @staticmethod
     def asked_for_digits(call: Any) -> bool:

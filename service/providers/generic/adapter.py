@@ -58,5 +58,9 @@ class GenericProvider:
     async def cancel(self, call_id: str) -> bool:
         return False
 
+    async def call_state(self, call_id: str) -> str | None:
+        """The generic API has no call state to read: its calls are final once accepted."""
+        return None
+
     async def aclose(self) -> None:
         await self.client.aclose()
