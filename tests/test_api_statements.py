@@ -28,7 +28,7 @@ pytestmark = pytest.mark.anyio
 
 # The leader's dispatcher and the backlog gauges query in the background: not the API's statements.
 _BACKGROUND_MARKS = ("leader_fence", "SKIP LOCKED", "claimed_by", "next_attempt_at <", "count(*)", "lock_timeout",
-                     "strftime(", "(now() +")  # the last two: the claim reading the database's clock
+                     "reminders_db_now(", "(now() +")  # the last two: the claim reading the database's clock
 
 
 @pytest.fixture
