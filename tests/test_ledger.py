@@ -68,11 +68,14 @@ async def test_a_write_from_outside_the_ledger_is_caught_at_run_time(tmp_path: P
     guard = GUARD  # installed for every test by tests/conftest.py
     database = Database(f"sqlite+aiosqlite:///{tmp_path / 'guard.db'}")
     await database.upgrade()
-    rogue = types.ModuleType("service.rogue")  # a module of service/ that is not the ledger
-    exec("async def write(db, statement):\n    async with db.session() as session:\n"
-         "        await session.execute(statement)\n        await session.commit()\n", rogue.__dict__)
+    # code of service/ that is not the ledger, and of the ledger (by their files: no file is written)
+    rogue = types.ModuleType("service.rogue")
+    exec(compile("async def write(db, statement):\n    async with db.session() as session:\n"
+                 "        await session.execute(statement)\n        await session.commit()\n",
+                 str(SERVICE / "rogue.py"), "exec"), rogue.__dict__)
     ledgerish = types.ModuleType("service.ledger.probe")
-    exec("def write(connection, statement):\n    connection.execute(statement)\n", ledgerish.__dict__)
+    exec(compile("def write(connection, statement):\n    connection.execute(statement)\n",
+                 str(LEDGER / "probe.py"), "exec"), ledgerish.__dict__)
     statement = update(Reminder).where(Reminder.id == "none").values(last_error="x")
     try:
         await database.write(ledgerish.write, statement)

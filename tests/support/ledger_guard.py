@@ -15,6 +15,7 @@ import ast
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import greenlet
 from sqlalchemy import event
@@ -96,17 +97,26 @@ def static_writes(source: str, filename: str = "<source>") -> list[str]:
     return found
 
 
+_ROOT = Path(__file__).resolve().parents[2]
+_EXEMPT = tuple(str(_ROOT / folder) + "/" for folder in ("tests", "harness", "bench", "migrations", "fakes"))
+_SERVICE = str(_ROOT / "service") + "/"
+_ENGINE = str(_ROOT / "service" / "db" / "engine.py")
+
+
 def _caller_module() -> str | None:
-    """The first module of `service`, the tests, the harness or the migrations on the stack that
-    sent the statement (through greenlets: SQLAlchemy's asyncio runs it in a child of the caller's)."""
+    """The module of the first frame of the project on the stack that sent the statement — found
+    by its file, through greenlets (SQLAlchemy's asyncio runs it in a child of the caller's) —
+    when it is a module of `service`; None when a test, the harness, the bench or a migration sent
+    it (they set up data) or nothing of the project did."""
     frame = sys._getframe(2)
     current = greenlet.getcurrent()
     while True:
         while frame is not None:
-            module = frame.f_globals.get("__name__", "")
-            if module.startswith(("service.", "tests.", "harness.", "bench.", "migrations", "alembic")) and (
-                    module != "service.db.engine"):
-                return module
+            filename = frame.f_code.co_filename
+            if filename.startswith(_EXEMPT):
+                return None
+            if filename.startswith(_SERVICE) and filename != _ENGINE:
+                return frame.f_globals.get("__name__", filename)
             frame = frame.f_back
         current = current.parent
         if current is None:
@@ -127,7 +137,7 @@ class RuntimeGuard:
         if not (_DML.search(statement) or _CONFIRMATION.search(statement)):
             return
         module = _caller_module()
-        if module is not None and module.startswith("service.") and not module.startswith("service.ledger"):
+        if module is not None and not module.startswith("service.ledger"):
             self.violations.append(f"{module}: {' '.join(statement.split())[:120]}")
 
 

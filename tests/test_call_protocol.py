@@ -1,0 +1,598 @@
+"""The holes late, lost and replayed provider events opened in the real-provider paths, one test
+(or a few) per hole of issue 22, each replaying its interleaving with the honest fakes
+(docs/decisions/0221-the-call-protocol.md). On SQLite and PostgreSQL: the protocol lives in the
+database."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from reminders_fakes.controls import CalleeScript
+from service import appointments
+from service.components import check
+from service.config import Settings
+from service.db import Appointment, CallAttempt, Database, Reminder
+from service.dispatch import dispatcher as dispatcher_module
+from service.dispatch.dispatcher import Dispatcher, fallback_wording
+from service.dispatch.stamped import StampedCalls, StampedConfig
+from service.dispatch.sweep import CallSweep
+from service.errors import SettingError
+from service.ledger import AttemptStore, Outcome, ReminderStore, SweepTimes
+from service.ledger import claims as claims_module
+from service.providers.twilio.signature import TwilioSignature
+from service.reminders import ALWAYS, MessageTemplates, NoAnswerPolicy, PlanningConfig, ReminderOffset
+from service.reminders.attempts import AttemptView
+from service.telephony.provider import CallSpec, Stamp
+from tests.support.providers import FROM, PHONE, PUBLIC, Rig, make_rig
+from tests.support.waiting import eventually
+from tests.test_dispatch import FakeTerm, config
+
+pytestmark = pytest.mark.anyio
+
+PLANNING = PlanningConfig(call_window=ALWAYS, offsets=(ReminderOffset(before=timedelta(hours=1)),))
+TEMPLATES = MessageTemplates.parse(None)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def book(db: Database, *, due_in: timedelta = timedelta(seconds=-1), phone: str = PHONE) -> tuple[str, str]:
+    """An appointment in two hours, through the service, with one reminder due at `due_in`; the
+    reminder's due time is then set (a test may write) so that it is due now. (appointment, reminder)."""
+    now = datetime.now(UTC)
+    view = await appointments.create(db, appointments.NewAppointment(
+        customer_name="Ann Example", phone=phone, starts_at=now + timedelta(hours=2),
+        remind_at=[now + timedelta(minutes=5)]), PLANNING)
+    (reminder,) = view["reminders"]
+    async with db.session() as session:
+        await session.execute(update(Reminder).where(Reminder.id == reminder["id"])
+                              .values(due_at=now + due_in, next_attempt_at=now + due_in))
+        await session.commit()
+    return view["id"], reminder["id"]
+
+
+async def placed(rig: Rig, reminder_id: str, *, token: int = 1, phone: str = PHONE) -> tuple[str, str]:
+    """The reminder claimed under `token`, its attempt recorded and its call created at the fake,
+    and `sent`, as the dispatcher leaves it. (attempt id, call id)."""
+    store = ReminderStore(rig.db)
+    await store.raise_fence(token, "leader")
+    claims = await store.claim(token, "leader", limit=50, stale_after=timedelta(minutes=2))
+    assert reminder_id in {c.reminder_id for c in claims}
+    attempt_id = await AttemptStore(rig.db).begin(token, reminder_id)
+    assert attempt_id is not None
+    call_id = await rig.place(reminder_id, attempt_id, phone)
+    assert await store.finish_many(token, [(reminder_id, Outcome.sent(call_id, datetime.now(UTC), attempts=1))]) == {}
+    return attempt_id, call_id
+
+
+async def row(db: Database, reminder_id: str):
+    async with db.session() as session:
+        return (await session.execute(select(Reminder.__table__).where(Reminder.id == reminder_id))).one()
+
+
+async def confirmation(db: Database, appointment_id: str) -> str | None:
+    async with db.session() as session:
+        return (await session.execute(select(Appointment.confirmation)
+                                      .where(Appointment.id == appointment_id))).scalar_one()
+
+
+def greetings(call) -> list[dict]:
+    """The greeting commands the Telnyx fake executed on a call."""
+    return [c for c in call.command_log if str(c.get("command_id", "")).startswith("greet-")
+            and c.get("result") == "executed"]
+
+
+def heard_message(call) -> int:
+    """How often the message itself (not the question, not the last words) was heard."""
+    return sum(1 for words in call.listener.person_heard if words.startswith("Hello"))
+
+
+class AnswersFailFor:
+    """The database, whose first `failures` binding transactions (a voice request's) fail."""
+
+    def __init__(self, db: Database, failures: int) -> None:
+        self.db, self.failures, self.is_sqlite = db, failures, db.is_sqlite
+
+    def session(self):
+        return self.db.session()
+
+    async def write(self, work, *args, **kwargs):
+        if work.__name__ == "_answer" and self.failures > 0:
+            self.failures -= 1
+            from sqlalchemy.exc import OperationalError
+
+            raise OperationalError("UPDATE reminders", {}, ConnectionRefusedError("database restarting"))
+        return await self.db.write(work, *args, **kwargs)
+
+
+def times(**overrides: float) -> SweepTimes:
+    return SweepTimes(**{name: timedelta(seconds=value) for name, value in overrides.items()})
+
+
+# -- 1, 7: the sweep and the greeting, late detection and skewed clocks -------------------------------
+
+
+async def test_hole_1_a_late_detection_event_after_the_sweep_greeted_sends_no_second_message(db: Database) -> None:
+    """Hole 1: the detection result comes after the sweep's wait; the sweep greeted (the one
+    greeting command of the call); the late result sends nothing more. Heard once."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_delay_ms, rig.fake.controls.event_delay_types = 1500.0, ["call.machine.detection.ended"]
+    rig.fake.callees[PHONE] = CalleeScript("answer", digits="1")
+    try:
+        _, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        call = rig.call(call_id)
+        await eventually(lambda: _true(call.status == "in-progress"))
+        sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES), times=times(greet_after=0.3))
+
+        async def swept() -> bool:
+            await sweep.once(token=1)
+            return bool(greetings(call))
+
+        await eventually(swept)  # the sweep greeted before the late detection result
+        await eventually(lambda: _true("call.machine.detection.ended" in call.events))
+        await eventually(rig.over(call_id))
+        assert len(greetings(call)) == 1 and heard_message(call) == 1
+    finally:
+        await rig.aclose()
+
+
+class _Ahead:
+    """`datetime` of a process whose clock is `skew` ahead."""
+
+    def __init__(self, skew: timedelta) -> None:
+        self.skew = skew
+
+    def now(self, tz=None):
+        return datetime.now(tz) + self.skew
+
+    def __getattr__(self, name: str):
+        return getattr(datetime, name)
+
+
+async def test_hole_7_a_leader_whose_clock_is_ten_seconds_ahead_does_not_greet_early(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hole 7: with machine detection the bound call waits for its result; a leader 10 s ahead
+    compared the webhook's timestamps with its own clock and greeted at once — then the result
+    greeted again. On the database's clock it waits, and the call is greeted once."""
+    for module in (dispatcher_module, claims_module):
+        monkeypatch.setattr(module, "datetime", _Ahead(timedelta(seconds=10)))
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.detection_ms = 600.0
+    rig.fake.callees[PHONE] = CalleeScript("answer", digits="1")
+    try:
+        _, reminder_id = await book(db)
+        dispatcher = Dispatcher(db, rig.provider, config(sweep_interval=0.05, reconcile_grace=timedelta(seconds=5)))
+        term = FakeTerm(1)
+        task = asyncio.create_task(dispatcher.lead(term))
+        try:
+            await eventually(lambda: _true(len(rig.calls()) == 1 and rig.is_over(rig.calls()[0])))
+        finally:
+            term.ended.set()
+            await asyncio.wait_for(task, 10)
+        (call,) = rig.calls()
+        assert len(greetings(call)) == 1 and heard_message(call) == 1
+        assert (await row(db, reminder_id)).outcome == "answered"
+    finally:
+        await rig.aclose()
+
+
+# -- 2: a greeting whose answer was lost --------------------------------------------------------------
+
+
+async def test_hole_2_a_greeting_run_by_telnyx_whose_answer_was_lost_is_never_spoken_again(db: Database) -> None:
+    """Hole 2: Telnyx runs the greeting, its answer never arrives; the callee hangs up without a
+    key. The greeting was recorded as commanded before it was sent, so the ended call is counted
+    heard, never released for a second call that would speak again."""
+    rig = make_rig(db, "telnyx")
+    rig.fake.controls.answer_lost_rate, rig.fake.controls.answer_lost_commands = 1.0, ["gather_using_speak"]
+    rig.fake.controls.answer_lost_mode = "drop"
+    rig.fake.callees[PHONE] = CalleeScript("answer")  # presses nothing, then hangs up
+    rig.fake.controls.patience_ms = 200.0
+    try:
+        _, reminder_id = await book(db)
+        dispatcher = Dispatcher(db, rig.provider, config(
+            sweep_interval=0.05, sweep_times=times(release_after=0.2, resend_within=40, resend_every=0.2)))
+        term = FakeTerm(1)
+        task = asyncio.create_task(dispatcher.lead(term))
+        try:
+            async def settled() -> bool:
+                return (await row(db, reminder_id)).outcome is not None and all(map(rig.is_over, rig.calls()))
+
+            await eventually(settled)
+            await asyncio.sleep(0.5)  # the sweep has had rounds to release it, were it to
+        finally:
+            term.ended.set()
+            await asyncio.wait_for(task, 10)
+        assert len(rig.calls()) == 1 and heard_message(rig.calls()[0]) == 1
+        assert (await row(db, reminder_id)).outcome == "answered"
+    finally:
+        await rig.aclose()
+
+
+# -- 3: a re-plan supersedes the old plan's calls -----------------------------------------------------
+
+
+async def test_hole_3_a_replan_leaves_the_old_plans_ringing_call_nothing_to_say(db: Database) -> None:
+    """Hole 3: a PATCH moving the appointment supersedes the `sent` reminder whose call still rings:
+    answered later, that call is hung up without a word; it is not retried; the new plan's
+    reminder keeps the call owed."""
+    rig = make_rig(db, "twilio", ring_ms=60_000)
+    try:
+        appointment_id, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        await appointments.change(db, appointment_id, {"starts_at": datetime.now(UTC) + timedelta(days=2)}, PLANNING)
+        old = await row(db, reminder_id)
+        assert (old.status, old.skip_reason) == ("cancelled", "re-planned")
+        view = await appointments.read(db, appointment_id)
+        owed = [r for r in view["reminders"] if r["status"] == "pending"]
+        assert owed and min(r["due_at"] for r in owed) <= datetime.now(UTC) + timedelta(seconds=5)  # kept, now
+        async with rig.client() as client:  # the old call is answered after the PATCH
+            path, form, headers = rig.signed_post("voice", {"r": reminder_id, "a": (await _attempt(db, reminder_id))},
+                                                  {"CallSid": call_id, "AnsweredBy": "human"})
+            answer = await client.post(path, data=form, headers=headers)
+        assert answer.text.endswith("<Response><Hangup /></Response>")
+        assert (await row(db, reminder_id)).bound_call_id is None
+    finally:
+        await rig.aclose()
+
+
+async def _attempt(db: Database, reminder_id: str) -> str:
+    async with db.session() as session:
+        found = await session.execute(select(CallAttempt.id).where(CallAttempt.reminder_id == reminder_id))
+        return found.scalar_one()
+
+
+async def test_hole_3_6_the_old_plans_bound_call_takes_no_digits_after_a_replan(db: Database) -> None:
+    """Holes 3 and 6: the old plan's bound call presses 1 (or a captured keypad request is
+    replayed) after a PATCH cleared the confirmation: the new time stays unconfirmed."""
+    rig = make_rig(db, "twilio")
+    try:
+        appointment_id, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        stamp = {"r": reminder_id, "a": attempt_id}
+        async with rig.client() as client:
+            path, form, headers = rig.signed_post("voice", stamp, {"CallSid": call_id, "AnsweredBy": "human"})
+            assert "<Gather" in (await client.post(path, data=form, headers=headers)).text  # bound, asked
+            await appointments.change(db, appointment_id, {"starts_at": datetime.now(UTC) + timedelta(days=2)},
+                                      PLANNING)
+            path, form, headers = rig.signed_post("gather", {**stamp, "n": "1"}, {"CallSid": call_id, "Digits": "1"})
+            assert (await client.post(path, data=form, headers=headers)).text.endswith("<Hangup /></Response>")
+        assert await confirmation(db, appointment_id) is None
+    finally:
+        await rig.aclose()
+
+
+async def test_hole_6_a_keypad_round_is_taken_once(db: Database) -> None:
+    """Hole 6: round 1's 2 (decline) replayed after the customer's 1 in round 1 changes nothing."""
+    rig = make_rig(db, "twilio")
+    try:
+        appointment_id, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        stamp = {"r": reminder_id, "a": attempt_id}
+        async with rig.client() as client:
+            path, form, headers = rig.signed_post("voice", stamp, {"CallSid": call_id, "AnsweredBy": "human"})
+            await client.post(path, data=form, headers=headers)
+            for digits in ("1", "2"):
+                path, form, headers = rig.signed_post("gather", {**stamp, "n": "1"},
+                                                      {"CallSid": call_id, "Digits": digits})
+                await client.post(path, data=form, headers=headers)
+        assert await confirmation(db, appointment_id) == "confirmed"
+        async with db.session() as session:
+            status = (await session.execute(select(Appointment.status)
+                                            .where(Appointment.id == appointment_id))).scalar_one()
+        assert status == "scheduled"
+    finally:
+        await rig.aclose()
+
+
+async def test_hole_6_a_telnyx_answer_redelivered_after_60_s_greets_nothing_again(db: Database) -> None:
+    """Hole 6: Telnyx delivers `call.answered` again after its 60 s dedupe window (scaled here)
+    while the call is live: the greeting was recorded, nothing is sent again."""
+    rig = make_rig(db, "telnyx", speak_ms=1500.0)
+    rig.fake.controls.time_scale = 0.01  # Telnyx's 60 s command_id window: 0.6 s
+    rig.fake.controls.event_redeliver_rate, rig.fake.controls.event_redeliver_ms = 1.0, 800.0
+    rig.fake.controls.event_redeliver_types = ["call.answered"]
+    rig.fake.callees[PHONE] = CalleeScript("answer", digits="1")
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        call = rig.call(call_id)
+        await eventually(lambda: _true(any(d.get("redelivery") for d in call.deliveries)))
+        await eventually(rig.over(call_id))
+        assert len(greetings(call)) == 1 and heard_message(call) == 1
+    finally:
+        await rig.aclose()
+
+
+# -- 4: machine detection waits for the beep ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["twilio", "telnyx"])
+async def test_hole_4_the_voicemail_is_left_after_the_beep(db: Database, provider: str) -> None:
+    """Hole 4: the voicemail was spoken over the machine's greeting (Twilio `machine_start`,
+    Telnyx `detect`): the machine kept nothing. Now after the beep: kept whole."""
+    rig = make_rig(db, provider, machine_detection=True)
+    rig.fake.callees[PHONE] = CalleeScript("machine", greeting_ms=400.0)
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+        call = rig.call(call_id)
+        assert call.listener.voicemail and not call.listener.lost, (call.listener.voicemail, call.listener.lost)
+        assert (await row(db, reminder_id)).outcome == "voicemail"
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.parametrize("provider", ["twilio"])
+async def test_hole_4_a_fax_is_not_a_voicemail(db: Database, provider: str) -> None:
+    rig = make_rig(db, provider, machine_detection=True)
+    rig.fake.callees[PHONE] = CalleeScript("fax")
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+        await eventually(lambda: _outcome_is(db, reminder_id, "failed"))
+        assert rig.call(call_id).heard == []
+    finally:
+        await rig.aclose()
+
+
+async def _outcome_is(db: Database, reminder_id: str, outcome: str) -> bool:
+    return (await row(db, reminder_id)).outcome == outcome
+
+
+# -- 5: every hang-up cause ----------------------------------------------------------------------------
+
+
+async def test_hole_5_telnyx_no_answer_is_retried_as_no_answer(db: Database) -> None:
+    """Hole 5: `hangup_cause: no_answer` read as `completed` made the outcome `failed`, never
+    retried; it is a no-answer, retried while NO_ANSWER_RETRIES last."""
+    rig = make_rig(db, "telnyx", no_answer=NoAnswerPolicy(retries=1, delay=timedelta(minutes=10)))
+    rig.fake.callees[PHONE] = CalleeScript("no-answer", hangup_cause="no_answer")
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+        await eventually(lambda: _outcome_is(db, reminder_id, "no_answer"))
+        assert (await row(db, reminder_id)).status == "pending"  # called again in 10 minutes
+    finally:
+        await rig.aclose()
+
+
+# -- 8: the smaller holes ------------------------------------------------------------------------------
+
+
+def _stamped(rig: Rig, provider=None) -> StampedCalls:
+    return StampedCalls(rig.db, provider or rig.provider, StampedConfig(
+        caller_id=FROM, reconcile_grace=timedelta(seconds=1), max_attempts=5, retry_delay=lambda n, after: 1.0))
+
+
+async def test_hole_8_a_dispatching_reminder_places_no_call_after_delete(db: Database) -> None:
+    """Hole 8: claimed (`dispatching`), then the appointment is deleted before the create: no call."""
+    rig = make_rig(db, "twilio")
+    try:
+        appointment_id, reminder_id = await book(db)
+        store = ReminderStore(db)
+        await store.raise_fence(3, "leader")
+        (claim,) = await store.claim(3, "leader", limit=5, stale_after=timedelta(minutes=2))
+        await appointments.cancel(db, appointment_id)
+        finished: list[Outcome] = []
+
+        async def finish(_claim, outcome: Outcome) -> None:
+            finished.append(outcome)
+
+        result = await _stamped(rig).handle(claim, token=3, may_send=lambda: True, now=lambda: datetime.now(UTC),
+                                            finish=finish)
+        assert result is None and rig.fake.calls == {}
+        assert (await row(db, reminder_id)).status == "cancelled"
+    finally:
+        await rig.aclose()
+
+
+async def test_hole_8_a_call_shown_to_exist_while_reconciling_holds_back_a_new_attempt(db: Database) -> None:
+    """Hole 8: the reconciliation decided the attempt in doubt made no call, and a webhook proved
+    the call meanwhile: `abandon` marks nothing, and no new attempt is made."""
+    rig = make_rig(db, "twilio")
+    try:
+        _, reminder_id = await book(db)
+        store = ReminderStore(db)
+        await store.raise_fence(4, "leader")
+        (claim,) = await store.claim(4, "leader", limit=5, stale_after=timedelta(minutes=2))
+        attempts = AttemptStore(db)
+        doubtful = await attempts.begin(4, reminder_id)
+        long_ago = datetime.now(UTC) - timedelta(hours=1)
+        stale_view = [AttemptView(doubtful, "in_doubt", long_ago, None, None)]  # what the leader read
+
+        async def view(_reminder_id: str):
+            async with db.session() as session:  # the webhook that proves the call, just after that read
+                await session.execute(update(CallAttempt).where(CallAttempt.id == doubtful)
+                                      .values(last_event_at=datetime.now(UTC), provider_call_id="CA" + "1" * 32))
+                await session.commit()
+            return None, stale_view, datetime.now(UTC)
+
+        stamped = _stamped(rig)
+        stamped.store.view = view  # type: ignore[method-assign]
+        finished: list[Outcome] = []
+
+        async def finish(_claim, outcome: Outcome) -> None:
+            finished.append(outcome)
+
+        result = await stamped.handle(claim, token=4, may_send=lambda: True, now=lambda: datetime.now(UTC),
+                                      finish=finish)
+        assert result is None and rig.fake.calls == {} and finished[-1].status == "pending"
+    finally:
+        await rig.aclose()
+
+
+def test_hole_8_no_answer_retries_must_leave_attempts() -> None:
+    """Hole 8: NO_ANSWER_RETRIES not below DISPATCH_MAX_ATTEMPTS let a reminder end `failed` with the
+    outcome `no_answer`: refused at start."""
+    with pytest.raises(SettingError, match="NO_ANSWER_RETRIES"):
+        check(Settings(no_answer_retries=5, dispatch_max_attempts=5))
+    check(Settings(no_answer_retries=4, dispatch_max_attempts=5))
+
+
+async def test_hole_8_a_late_call_binds_no_failed_reminder(db: Database) -> None:
+    """Hole 8: an attempt in doubt's call answered after its reminder `failed` binds nothing."""
+    rig = make_rig(db, "twilio")
+    try:
+        _, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        async with db.session() as session:
+            await session.execute(update(Reminder).where(Reminder.id == reminder_id).values(status="failed"))
+            await session.commit()
+        async with rig.client() as client:
+            path, form, headers = rig.signed_post("voice", {"r": reminder_id, "a": attempt_id},
+                                                  {"CallSid": call_id, "AnsweredBy": "human"})
+            assert (await client.post(path, data=form, headers=headers)).text.endswith("<Hangup /></Response>")
+        assert (await row(db, reminder_id)).bound_call_id is None
+    finally:
+        await rig.aclose()
+
+
+# -- 9: the stated limits closed ------------------------------------------------------------------------
+
+
+async def test_hole_9_twilio_asks_the_fallback_url_when_the_voice_request_fails(db: Database) -> None:
+    """Hole 9: the replica answering the voice request fails (its database, here); Twilio asks the
+    FallbackUrl — another replica — which binds the call and speaks, once."""
+    rig = make_rig(db, "twilio")
+    rig.app.state.voice_database_budget = 0.3
+    try:
+        _, reminder_id = await book(db)
+        rig.app.state.db = AnswersFailFor(db, failures=2)  # the first voice request's tries all fail
+        _, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+        call = rig.call(call_id)
+        assert call.errors and heard_message(call) == 1  # the fallback spoke
+        assert (await row(db, reminder_id)).bound_call_id == call_id
+    finally:
+        await rig.aclose()
+
+
+async def test_hole_9_telnyx_events_are_acknowledged_and_a_lost_greeting_is_still_heard(db: Database) -> None:
+    """Hole 9: a greeting Telnyx never received was answered 503 so that Telnyx would deliver the
+    event again — it does not (a non-2xx goes to the failover URL). Now the event is acknowledged
+    and the leader's sweep sends the one greeting command again: heard once."""
+    rig = make_rig(db, "telnyx")
+    real = rig.provider.greet
+    lost = {"left": 1}
+
+    async def greet(*args, **kwargs):
+        if lost["left"]:
+            lost["left"] -= 1
+            return None  # never reached Telnyx; the answer is unknown
+        return await real(*args, **kwargs)
+
+    rig.provider.greet = greet  # type: ignore[method-assign]
+    rig.fake.callees[PHONE] = CalleeScript("answer", digits="1")
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        call = rig.call(call_id)
+        await eventually(lambda: _true(lost["left"] == 0))
+        assert all(d.get("status") is None or d["status"] < 300 for d in call.deliveries)  # acknowledged
+        sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES), times=times(resend_every=0.1))
+
+        async def heard() -> bool:
+            await sweep.once(token=1)
+            return heard_message(call) == 1
+
+        await eventually(heard)
+        await eventually(rig.over(call_id))
+        assert heard_message(call) == 1
+    finally:
+        await rig.aclose()
+
+
+async def test_hole_9_a_call_whose_final_event_never_came_is_asked_of_the_provider(db: Database) -> None:
+    """Hole 9: the final status event is lost; the leader asks Twilio for the call's state and
+    records the outcome."""
+    rig = make_rig(db, "twilio", no_answer=NoAnswerPolicy(retries=0))
+    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["final"]
+    rig.fake.callees[PHONE] = CalleeScript("busy")
+    try:
+        _, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+        async with db.session() as session:  # a quarter of an hour without an event, on the database's clock
+            await session.execute(update(CallAttempt).where(CallAttempt.id == attempt_id)
+                                  .values(last_event_at=datetime.now(UTC) - timedelta(minutes=20)))
+            await session.commit()
+        assert (await row(db, reminder_id)).outcome is None
+        await CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES)).once(token=1)
+        assert (await row(db, reminder_id)).outcome == "busy"
+    finally:
+        await rig.aclose()
+
+
+# -- 10: a PATCH that changes nothing ------------------------------------------------------------------
+
+
+async def test_hole_10_a_patch_that_changes_nothing_replans_nothing(db: Database) -> None:
+    """Hole 10: the same name sent again cancelled a reminder in transient retry (its time had
+    passed) and the new plan dropped it: never called. Now nothing is re-planned."""
+    appointment_id, reminder_id = await book(db, due_in=timedelta(minutes=-3))
+    view = await appointments.change(db, appointment_id, {"customer_name": "Ann Example"}, PLANNING)
+    assert [(r["id"], r["status"]) for r in view["reminders"]] == [(reminder_id, "pending")]
+    assert (await row(db, reminder_id)).status == "pending"
+
+
+async def test_hole_10_a_replan_keeps_a_call_that_was_owed(db: Database) -> None:
+    """Hole 10: a real change re-plans; the reminder whose time had come is owed a call, which the
+    new plan keeps, due now."""
+    appointment_id, reminder_id = await book(db, due_in=timedelta(minutes=-3))
+    before = time.time()
+    view = await appointments.change(db, appointment_id, {"customer_name": "Ann Other"}, PLANNING)
+    pending = [r for r in view["reminders"] if r["status"] == "pending"]
+    assert pending and min(r["due_at"].timestamp() for r in pending) <= time.time() + 1
+    assert min(r["due_at"].timestamp() for r in pending) >= before - 1
+    assert reminder_id not in {r["id"] for r in pending}  # superseded (and, never claimed, pruned)
+
+
+# -- 11: SignalWire --------------------------------------------------------------------------------------
+
+
+async def test_hole_11_signalwire_webhooks_with_uuid_sids_and_the_signing_key_are_answered(db: Database) -> None:
+    """Hole 11: SignalWire's call SIDs are UUIDs and its webhooks are signed with the project's
+    signing key in X-SignalWire-Signature: the bound call speaks."""
+    rig = make_rig(db, "twilio")
+    key = "PSK_projectsigningkey"
+    rig.app.state.twilio_signature = TwilioSignature(key, PUBLIC)
+    try:
+        _, reminder_id = await book(db)
+        store = ReminderStore(db)
+        await store.raise_fence(1, "leader")
+        await store.claim(1, "leader", limit=5, stale_after=timedelta(minutes=2))
+        attempt_id = await AttemptStore(db).begin(1, reminder_id)
+        sid = "b3877c40-da60-4998-90ad-b792e98472ca"  # SignalWire's documented call SID shape
+        path = f"/telephony/twilio/voice?r={reminder_id}&a={attempt_id}"
+        form = {"CallSid": sid, "AnsweredBy": "human"}
+        headers = {"X-SignalWire-Signature": TwilioSignature(key, PUBLIC).sign(PUBLIC + path, form)}
+        async with rig.client() as client:
+            answer = await client.post(path, data=form, headers=headers)
+        assert "<Gather" in answer.text and (await row(db, reminder_id)).bound_call_id == sid
+    finally:
+        await rig.aclose()
+
+
+def test_hole_11_signalwire_mode_sends_no_twilio_connection_overrides() -> None:
+    from service.providers.twilio import PACKAGE
+
+    spec = CallSpec(to=PHONE, from_=FROM, reminder_id="r-1", appointment_id="a", attempt_id="a-1")
+    twilio = PACKAGE.build(Settings(telephony_provider="twilio", public_url="https://x.test", twilio_account_sid="AC1",
+                                    twilio_auth_token="t"))
+    signalwire = PACKAGE.build(Settings(telephony_provider="twilio", public_url="https://x.test",
+                                        twilio_account_sid="b3877c40-da60", twilio_auth_token="t",
+                                        signalwire_signing_key="PSK_x"))
+    assert any("#" in value for _, value in twilio.create_form(spec))
+    assert not any("#" in value for _, value in signalwire.create_form(spec))
+    assert ("FallbackUrl", signalwire.webhook_url("voice", Stamp("r-1", "a-1").query())) in signalwire.create_form(spec)
