@@ -296,7 +296,8 @@ async def test_hole_6_a_telnyx_answer_redelivered_after_60_s_greets_nothing_agai
     """Hole 6: Telnyx delivers `call.answered` again after its 60 s dedupe window (scaled here)
     while the call is live: the greeting was recorded, nothing is sent again."""
     rig = make_rig(db, "telnyx", speak_ms=1500.0)
-    rig.fake.controls.time_scale = 0.01  # Telnyx's 60 s command_id window: 0.6 s
+    rig.fake.controls.time_scale = 0.01  # Telnyx's 60 s command_id window: 0.6 s …
+    rig.fake._webhook_timeout = 200.0  # … but its 2 s webhook timeout kept (not 20 ms)
     rig.fake.controls.event_redeliver_rate, rig.fake.controls.event_redeliver_ms = 1.0, 800.0
     rig.fake.controls.event_redeliver_types = ["call.answered"]
     rig.fake.callees[PHONE] = CalleeScript("answer", digits="1")
