@@ -49,11 +49,12 @@ def planning() -> Any:
 
 
 def planned(
-    count: int, due_at: datetime, now: datetime, config: Any
+    count: int, due_at: datetime, now: datetime, config: Any, phone_hash: str | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The appointment rows and reminder rows for `count` appointments two hours after `due_at`,
     each reminded at `due_at`, planned at `now` (before `due_at`: reminders planned earlier that
-    have come due), as `service.appointments.create` builds them."""
+    have come due), as `service.appointments.create` builds them (`phone_hash`: the database's
+    keyed hash of PHONE, `service.ledger.consent`)."""
     from service.db import AppointmentStatus
     from service.db.models import new_id
     from service.ledger.plans import APPOINTMENT_INSERT_COLUMNS, reminder_row
@@ -65,7 +66,8 @@ def planned(
     reminders: list[dict[str, Any]] = []
     for index in range(count):
         appointment = {
-            "id": new_id(), "customer_name": f"Customer {index}", "phone": PHONE, "starts_at": starts_at,
+            "id": new_id(), "customer_name": f"Customer {index}", "phone": PHONE, "phone_hash": phone_hash,
+            "starts_at": starts_at,
             "timezone": TIMEZONE, "notes": None, "remind_at": [due_at.isoformat()],
             "status": AppointmentStatus.SCHEDULED, "language": language, "created_at": now, "updated_at": now,
         }
@@ -84,9 +86,11 @@ async def seed(url: str, count: int, due_at: datetime, *, batch: int = 2000) -> 
     """Commit `count` appointments with one planned reminder each, due at `due_at`, in ONE
     transaction. Returns time.time() right after the commit (the moment they all became visible)."""
     from service.db import Appointment, Reminder
+    from service.ledger.consent import phone_hasher
 
-    appointments, reminders = planned(count, due_at, min(due_at, datetime.now(due_at.tzinfo)), planning())
     async with database(url) as db:
+        hashed = (await phone_hasher(db))(PHONE)
+        appointments, reminders = planned(count, due_at, min(due_at, datetime.now(due_at.tzinfo)), planning(), hashed)
         async with db.engine.begin() as connection:
             for start in range(0, count, batch):
                 await connection.execute(Appointment.__table__.insert(), appointments[start : start + batch])

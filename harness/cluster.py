@@ -514,8 +514,8 @@ def planned_appointments(
         if plan.unplanned:
             raise ValueError(f"reminder {index} due {due.isoformat()} was not planned: {plan.unplanned[0].reason}")
         name = f"Customer {index}"
-        appointment = {"id": new_id(), "customer_name": name, "phone": number, "starts_at": starts_at,
-                       "timezone": timezone, "notes": None, "remind_at": [due.isoformat()],
+        appointment = {"id": new_id(), "customer_name": name, "phone": number, "phone_hash": None,
+                       "starts_at": starts_at, "timezone": timezone, "notes": None, "remind_at": [due.isoformat()],
                        "status": AppointmentStatus.SCHEDULED, "language": language, "created_at": now,
                        "updated_at": now}
         wording = templates.render(language, name, starts_at, timezone).to_json()
@@ -1016,7 +1016,12 @@ class Cluster:
                                       starts_in_seconds=starts_in_seconds, timezone=timezone, phone=phone)
 
         async def insert(db: Any) -> None:
+            from service.ledger.consent import phone_hasher
             from service.ledger.plans import insert_appointment
+
+            hasher = await phone_hasher(db)  # the database's key: the do-not-call list and the caps find them
+            for appointment, _ in plans:
+                appointment["phone_hash"] = hasher(appointment["phone"])
 
             def some(connection: Any, part: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> None:
                 for appointment, reminders in part:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.api import appointments, health, metrics
+from service.api import appointments, do_not_call, health, metrics
 from service.api.auth import BearerAuthMiddleware, api_tokens, document_bearer_auth
 from service.api.limits import BodyLimitMiddleware
 from service.api.readiness import ReadinessProbe
@@ -31,6 +31,7 @@ from service.config import Settings
 from service.db import Database
 from service.dispatch.dispatcher import Dispatcher
 from service.election import Elector
+from service.ledger import consent
 from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
 from service.providers import package
 
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url, pool_size=pool_size(settings))
         await _prepare_schema(db)
+        await consent.phone_hasher(db)  # its key read once, before the first request needs it
         calls = provider(settings)
         dispatcher = Dispatcher(db, calls, dispatch_config(settings))
 
@@ -124,6 +126,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.elector = None
     app.state.readiness = None
     app.include_router(appointments.router)
+    app.include_router(do_not_call.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     # the provider's webhook routes (signed, so not behind API_TOKEN), on every replica
@@ -165,7 +168,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return await http_exception_handler(request, error)
 
 
-_GUARDED = ("/appointments",)
+_GUARDED = ("/appointments", "/do-not-call")
 
 
 def _docs_urls(settings: Settings) -> dict[str, str | None]:

@@ -26,9 +26,11 @@ from sqlalchemy.engine import Connection, Row
 
 from service.db import Database
 from service.db.models import Appointment, AppointmentStatus, Confirmation, Reminder, new_id, utcnow
-from service.ledger import cancellation, plans
-from service.ledger.cancellation import CANCELLED_BY_API, REPLANNED
+from service.ledger import cancellation, consent, plans
+from service.ledger.cancellation import CANCELLED_BY_API, CONFIRMED_BY_CUSTOMER, OPTED_OUT, REPLANNED
+from service.ledger.consent import PhoneHasher
 from service.ledger.plans import insert_appointment, reminder_row
+from service.metrics import SKIPPED_BY_CONSENT
 from service.privacy import mask_phone
 from service.reminders import (
     REPLAN_FIELDS,
@@ -37,7 +39,9 @@ from service.reminders import (
     Unplanned,
     number_refusal,
     plan_reminders,
+    too_close,
 )
+from service.reminders.planning import spacing_text
 
 __all__ = [
     "AppointmentCancelled",
@@ -203,10 +207,16 @@ def _check_phone(phone: str | None, planning: PlanningConfig) -> None:
         raise InvalidField(("phone",), refusal, phone)
 
 
-def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime) -> None:
+def _check_remind_at(remind_at: list[datetime] | None, starts_at: datetime, planning: PlanningConfig) -> None:
     for index, moment in enumerate(remind_at or ()):
         if moment >= starts_at:
             raise InvalidField(("remind_at", index), "must be before starts_at", moment.isoformat())
+    pair = too_close(remind_at or (), planning.spacing)
+    if pair is not None:
+        first, second = pair
+        spacing = spacing_text(planning.spacing)
+        raise InvalidField(("remind_at", second), f"closer than MIN_REMINDER_SPACING ({spacing}) to remind_at[{first}]",
+                           remind_at[second].isoformat())  # type: ignore[index]
 
 
 def _check_language(language: str, planning: PlanningConfig) -> None:
@@ -217,10 +227,11 @@ def _check_language(language: str, planning: PlanningConfig) -> None:
 
 def _plan(
     appointment: Mapping[str, Any], remind_at: list[str] | None, planning: PlanningConfig, now: datetime, *,
-    plan_number: int = 0, owed: Sequence[datetime] = (),
+    plan_number: int = 0, owed: Sequence[datetime] = (), skip_reason: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[Unplanned]]:
     """The reminder rows of the appointment's plan `plan_number`, and what could not be planned
-    (`owed`: calls the plan before owed, which this one keeps)."""
+    (`owed`: calls the plan before owed, which this one keeps; `skip_reason`: the rows are
+    `skipped` from the start)."""
     appointment_id, starts_at, timezone = appointment["id"], appointment["starts_at"], appointment["timezone"]
     plan = plan_reminders(
         starts_at=starts_at,
@@ -230,18 +241,21 @@ def _plan(
         offsets=planning.offsets,
         explicit=[datetime.fromisoformat(t) for t in remind_at] if remind_at is not None else None,
         owed=owed,
+        spacing=planning.spacing,
     )
     # the words are fixed now: every call of these reminders says the same, whatever changes later
     wording = planning.templates.render(
         appointment["language"], appointment["customer_name"], starts_at, timezone
     ).to_json()
-    rows = [reminder_row(appointment_id, due, wording, now, plan=plan_number) for due in plan.due_times]
+    rows = [reminder_row(appointment_id, due, wording, now, plan=plan_number, skip_reason=skip_reason)
+            for due in plan.due_times]
     return rows, plan.unplanned
 
 
 def _reminder_view(row: Mapping[str, Any]) -> ReminderView:
     return {"id": row["id"], "due_at": row["due_at"], "status": row["status"], "attempts": 0, "last_error": None,
-            "skip_reason": None, "sent_at": None, "provider_call_id": None, "outcome": None, "answered_at": None}
+            "skip_reason": row["skip_reason"], "sent_at": None, "provider_call_id": None, "outcome": None,
+            "answered_at": None}
 
 
 def _unplanned(unplanned: Sequence[Unplanned]) -> list[dict[str, str]]:
@@ -274,24 +288,29 @@ async def read(db: Database, appointment_id: str) -> AppointmentView:
 
 async def create(db: Database, new: NewAppointment, planning: PlanningConfig) -> AppointmentView:
     """Store an appointment with its planned reminders (one INSERT statement on PostgreSQL);
-    the view's `unplanned` says what could not be planned, and why."""
+    the view's `unplanned` says what could not be planned, and why. A number on the do-not-call
+    list is accepted, its reminders `skipped` ("opted out")."""
     _check_phone(new.phone, planning)
-    _check_remind_at(new.remind_at, new.starts_at)
+    _check_remind_at(new.remind_at, new.starts_at, planning)
     language = new.language or planning.templates.default_language
     _check_language(language, planning)
+    hasher = await consent.phone_hasher(db)
     now = utcnow()
     values = {
-        "id": new_id(), "customer_name": new.customer_name, "phone": new.phone,
+        "id": new_id(), "customer_name": new.customer_name, "phone": new.phone, "phone_hash": hasher(new.phone),
         "starts_at": new.starts_at.astimezone(UTC),  # as every later read returns it
         "timezone": new.timezone, "notes": new.notes,
         "remind_at": [t.isoformat() for t in new.remind_at] if new.remind_at is not None else None,
         "status": AppointmentStatus.SCHEDULED, "language": language, "created_at": now, "updated_at": now,
     }
     reminders, unplanned = _plan(values, values["remind_at"], planning, now)
-    await db.write_one(insert_appointment, values, reminders)
+    if await db.write_one(insert_appointment, values, reminders):
+        reminders = [{**row, "status": ReminderStatus.SKIPPED, "skip_reason": OPTED_OUT} for row in reminders]
+        SKIPPED_BY_CONSENT.labels("opted_out").inc(len(reminders))
     if log.isEnabledFor(logging.INFO):
-        log.info("appointment %s created for %s: %d reminder(s), %d unplanned",
-                 values["id"], mask_phone(new.phone), len(reminders), len(unplanned))
+        log.info("appointment %s created for %s: %d reminder(s)%s, %d unplanned", values["id"], mask_phone(new.phone),
+                 len(reminders), " skipped (the number opted out)" if reminders and reminders[0]["skip_reason"] else "",
+                 len(unplanned))
     return {
         "id": values["id"], "customer_name": new.customer_name, "phone": new.phone, "starts_at": values["starts_at"],
         "timezone": new.timezone, "notes": new.notes, "status": AppointmentStatus.SCHEDULED,
@@ -329,25 +348,28 @@ async def change(
     """Apply `changes` (field → new value); a change to what a call says or when re-plans the
     pending reminders under new keys. AppointmentCancelled if the appointment is cancelled."""
     _check_phone(changes.get("phone"), planning)
-    view, replanned = await db.write(_change, appointment_id, changes, planning)
+    hasher = await consent.phone_hasher(db)
+    view, replanned = await db.write(_change, appointment_id, changes, planning, hasher)
     log.info("appointment %s changed (%s)%s", view["id"], ", ".join(sorted(changes)),
              ", re-planned" if replanned else "")
     return view
 
 
 def _change(
-    connection: Connection, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig
+    connection: Connection, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig,
+    hasher: PhoneHasher,
 ) -> tuple[AppointmentView, bool]:
     view = _select_one(connection, appointment_id, lock=True)
     if view["status"] == AppointmentStatus.CANCELLED:
         raise AppointmentCancelled("appointment is cancelled")
     starts_at = changes.get("starts_at", view["starts_at"]).astimezone(UTC)
-    _check_remind_at(changes.get("remind_at"), starts_at)
+    _check_remind_at(changes.get("remind_at"), starts_at, planning)
     if "language" in changes:
         _check_language(changes["language"], planning)
     now = utcnow()
     changed = _changed(view, changes, starts_at)
     values = {**changes, "updated_at": now}
+    phone_hash = hasher(changes.get("phone", view["phone"]))
     if "starts_at" in changes:
         values["starts_at"] = starts_at
     if "remind_at" in changes:
@@ -356,7 +378,9 @@ def _change(
     moved = "starts_at" in changed
     replan = bool(changed & REPLAN_FIELDS)
     # a confirmation was for the old time
-    superseded = plans.change_appointment(connection, view["id"], values, now, replan=replan, clear_confirmation=moved)
+    stored_values = {**values, "phone_hash": phone_hash} if "phone" in changes else values
+    superseded = plans.change_appointment(connection, view["id"], stored_values, now, replan=replan,
+                                          clear_confirmation=moved)
     view.update(values)  # type: ignore[typeddict-item]
     if "remind_at" in changes:
         view["remind_at"] = changes["remind_at"] or None
@@ -365,8 +389,12 @@ def _change(
     unplanned: list[Unplanned] = []
     if superseded is not None:
         stored = values["remind_at"] if "remind_at" in values else _stored_remind_at(view)
-        reminders, unplanned = _plan(view, stored, planning, now, plan_number=superseded.plan, owed=superseded.owed)
-        plans.insert_plan(connection, reminders)
+        # a confirmed appointment re-planned without moving (a new name, a language) stays confirmed
+        confirmed = view["confirmation"] == Confirmation.CONFIRMED and not planning.call_after_confirmation
+        reminders, unplanned = _plan(view, stored, planning, now, plan_number=superseded.plan, owed=superseded.owed,
+                                     skip_reason=CONFIRMED_BY_CUSTOMER if confirmed else None)
+        if plans.insert_plan(connection, phone_hash, reminders):
+            reminders = [{**row, "status": ReminderStatus.SKIPPED, "skip_reason": OPTED_OUT} for row in reminders]
         _mark(view, superseded.cancelled, REPLANNED)
         view["reminders"] = sorted(
             [*(r for r in view["reminders"] if r["id"] not in superseded.pruned), *map(_reminder_view, reminders)],

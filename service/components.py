@@ -57,6 +57,8 @@ def dispatch_config(settings: Settings) -> DispatchConfig:
         reconcile_grace=settings.effective_reconcile_grace,
         no_answer=settings.no_answer_policy(),
         templates=settings.templates,
+        caps=settings.call_caps(),
+        call_after_confirmation=settings.call_after_confirmation,
     )
 
 

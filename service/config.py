@@ -14,11 +14,18 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.privacy import E164
+from service.reminders.caps import CallCaps
 from service.reminders.numbers import NumberPolicy
 from service.reminders.outcomes import NoAnswerPolicy
-from service.reminders.planning import PlanningConfig
+from service.reminders.planning import PlanningConfig, offsets_too_close, spacing_text
 from service.reminders.rules import CallWindow, ReminderOffset, parse_duration
-from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, normalize_language
+from service.reminders.wording import (
+    DEFAULT_LANGUAGE,
+    DEFAULT_OPT_OUT_DIGIT,
+    MessageTemplates,
+    check_opt_out_digit,
+    normalize_language,
+)
 
 __all__ = [
     "CallWindow", "ReminderOffset", "Settings", "loopback", "parse_duration", "plain_remote", "setting_error_line",
@@ -78,8 +85,16 @@ class Settings(BaseSettings):
     no_answer_retries: int = Field(default=1, ge=0, le=10)
     no_answer_retry_delay: Annotated[timedelta, NoDecode] = timedelta(minutes=30)
     default_language: str = DEFAULT_LANGUAGE
+    # the key a call offers to be called no more (never 1 or 2); checked before MESSAGE_TEMPLATES
+    opt_out_digit: str = DEFAULT_OPT_OUT_DIGIT
     # inline JSON or a file path; None: the built-in English. Parsed and checked at start (`templates`).
     message_templates: str | None = None
+    # Calls people agreed to (issue 23): caps per number (0: none), whether a confirmed appointment
+    # is still called, and how far apart one appointment's reminders must be.
+    max_calls_per_number_per_day: int = Field(default=0, ge=0, le=1000)
+    max_calls_per_number_per_week: int = Field(default=0, ge=0, le=10_000)
+    call_after_confirmation: bool = False
+    min_reminder_spacing: Annotated[timedelta, NoDecode] = timedelta(hours=1)
     drain_timeout: float = Field(default=10.0, gt=0, le=600)
     api_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
@@ -142,12 +157,36 @@ class Settings(BaseSettings):
     def _default_language(cls, value: str) -> str:
         return normalize_language(value)
 
+    @field_validator("opt_out_digit")
+    @classmethod
+    def _opt_out_digit(cls, value: str) -> str:
+        return check_opt_out_digit(value.strip())
+
     @field_validator("message_templates")
     @classmethod
     def _message_templates(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if "default_language" in info.data:  # else DEFAULT_LANGUAGE itself was refused
-            MessageTemplates.parse(value, info.data["default_language"])
+        if "default_language" in info.data and "opt_out_digit" in info.data:  # else those were refused
+            MessageTemplates.parse(value, info.data["default_language"], opt_out_digit=info.data["opt_out_digit"])
         return value
+
+    @field_validator("min_reminder_spacing", mode="before")
+    @classmethod
+    def _spacing(cls, value: object) -> object:
+        value = parse_duration(value) if isinstance(value, str) else value
+        if isinstance(value, timedelta) and value < timedelta(0):
+            raise ValueError("must be a duration ≥ 0 (e.g. 1h; 0: reminders may be any distance apart)")
+        return value
+
+    @model_validator(mode="after")
+    def _offsets_spaced(self) -> Settings:
+        # offsets closer than MIN_REMINDER_SPACING would plan reminders the API refuses when asked
+        # for explicitly: refused at start instead of unplanned on every appointment
+        pair = offsets_too_close(self.reminder_offsets, self.min_reminder_spacing)
+        if pair is not None:
+            first, second = (self.reminder_offsets[i] for i in pair)
+            raise ValueError(f"REMINDER_OFFSETS: {first} and {second} are closer than MIN_REMINDER_SPACING "
+                             f"({spacing_text(self.min_reminder_spacing)})")
+        return self
 
     @field_validator("telephony_from")
     @classmethod
@@ -251,7 +290,8 @@ class Settings(BaseSettings):
     @cached_property
     def templates(self) -> MessageTemplates:
         """MESSAGE_TEMPLATES parsed (checked at start: a bad one stops the process)."""
-        return MessageTemplates.parse(self.message_templates, self.default_language)
+        return MessageTemplates.parse(self.message_templates, self.default_language,
+                                      opt_out_digit=self.opt_out_digit)
 
     def planning_config(self) -> PlanningConfig:
         return PlanningConfig(
@@ -259,7 +299,12 @@ class Settings(BaseSettings):
             offsets=self.reminder_offsets,
             numbers=NumberPolicy(allow_voip=self.allow_voip, allowed_countries=self.allowed_countries),
             templates=self.templates,
+            spacing=self.min_reminder_spacing,
+            call_after_confirmation=self.call_after_confirmation,
         )
+
+    def call_caps(self) -> CallCaps:
+        return CallCaps(per_day=self.max_calls_per_number_per_day, per_week=self.max_calls_per_number_per_week)
 
     def no_answer_policy(self) -> NoAnswerPolicy:
         return NoAnswerPolicy(retries=self.no_answer_retries, delay=self.no_answer_retry_delay,

@@ -39,3 +39,16 @@ CALL_OUTCOMES = Counter(
 CONFIRMATIONS = Counter(
     "reminders_confirmations_total", "Keypad answers recorded on appointments (confirmed, declined)", ["answer"]
 )
+OPT_OUTS = Counter(
+    "reminders_opt_outs_total", "Numbers put on the do-not-call list, by how (keypad, api)", ["source"]
+)
+CAPPED = Counter(
+    "reminders_capped_total",
+    "Reminders a cap per number held back, by cap (day, week) and what followed (deferred, skipped)",
+    ["cap", "action"],
+)
+SKIPPED_BY_CONSENT = Counter(
+    "reminders_skipped_by_consent_total",
+    "Reminders skipped because their number opted out or their appointment was confirmed",
+    ["reason"],
+)

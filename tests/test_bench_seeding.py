@@ -51,7 +51,10 @@ async def test_the_bench_plans_the_rows_the_api_create_stores(sqlite: tuple[str,
     now = datetime.now(UTC).replace(microsecond=0)
     due = now + timedelta(hours=1)
     config = seeding.planning()
-    planned_appointments, planned_reminders = seeding.planned(1, due, now, config)
+    from service.ledger.consent import phone_hasher
+
+    planned_appointments, planned_reminders = seeding.planned(1, due, now, config,
+                                                              (await phone_hasher(db))(seeding.PHONE))
     view = await appointments.create(db, appointments.NewAppointment(
         customer_name=planned_appointments[0]["customer_name"], phone=seeding.PHONE, starts_at=due + timedelta(hours=2),
         timezone=seeding.TIMEZONE, remind_at=[due]), config)

@@ -206,7 +206,8 @@ def test_the_document_declares_auth_only_when_it_is_on(tmp_path) -> None:
     closed = create_app(Settings(database_url=url, api_token="t")).openapi()
     secured = [op for op in _operations(closed) if "security" in op]
     assert {op["operationId"] for op in secured} == {"createAppointment", "listAppointments", "getAppointment",
-                                                     "patchAppointment", "cancelAppointment"}
+                                                     "patchAppointment", "cancelAppointment", "listNumber",
+                                                     "getListedNumber", "unlistNumber"}
     assert all(op["security"] == [{"HTTPBearer": []}] and "401" in op["responses"] for op in secured)
     assert closed["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http", "scheme": "bearer", "description": "Required when API_TOKEN is set."}
@@ -319,7 +320,7 @@ async def test_postgresql_stopped_is_a_503_then_200_when_it_returns(etcd_endpoin
 
 async def test_re_plans_do_not_grow_the_reminders(api) -> None:
     created = (await api.post("/appointments", json=body(starts_at=future(days=5)))).json()
-    times = [future(days=1, minutes=m) for m in range(20)]
+    times = [future(days=1, minutes=60 * m) for m in range(20)]  # MIN_REMINDER_SPACING apart
     for round_ in range(6):
         response = await api.patch(f"/appointments/{created['id']}", json={"remind_at": times[round_ % 2:]})
         assert response.status_code == 200, response.text

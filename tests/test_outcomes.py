@@ -13,6 +13,7 @@ from service.reminders import (
     Confirmation,
     MessageTemplates,
     NoAnswerPolicy,
+    ReminderError,
     ReminderOutcome,
     Wording,
     advances,
@@ -105,13 +106,30 @@ def test_built_in_wording_and_operator_templates() -> None:
         "en-US": {},
         "de-DE": {"message": "Hallo {name}, Ihr Termin ist am {date} um {time}.", "voicemail": "Termin {date}."},
         "it-IT": {"message": "Ciao {name}", "prompt": "Premi 1 o 2.", "confirmed": "Grazie.",
-                  "declined": "Annullato.", "goodbye": "Arrivederci."},
-    }), default_language="de-de")
+                  "declined": "Annullato.", "goodbye": "Arrivederci.", "opt_out": "Per non ricevere più chiamate, "
+                  "premi {digit}.", "opted_out": "Non la chiameremo più."},
+    }), default_language="de-de", opt_out_digit="7")
     assert templates.default_language == "de-DE" and templates.languages == ["de-DE", "en-US", "it-IT"]
     german = templates.render("de-DE", "Jörg", starts, "Europe/Berlin")
     assert german.message == "Hallo Jörg, Ihr Termin ist am Montag, 7. Januar 2030 um 15:30."
     assert german.voicemail == "Termin Montag, 7. Januar 2030." and german.prompt.startswith("Drücken Sie 1")
     assert Wording.from_json(json.loads(json.dumps(german.to_json()))) == german
+    # the opt-out offer names the key the service honours; a language without built-ins must word it
+    assert german.opt_out_digit == "7" and "drücken Sie 7." in german.opt_out and german.question.endswith(
+        german.opt_out)
+    italian = templates.render("it-IT", "Ann", starts, "Europe/Rome")
+    assert italian.opt_out == "Per non ricevere più chiamate, premi 7." and italian.opted_out.startswith("Non")
+    with pytest.raises(ReminderError, match="give opt_out, opted_out"):
+        MessageTemplates.parse(json.dumps({"en-US": {}, "it-IT": {"message": "Ciao", "prompt": "1 o 2",
+                                           "confirmed": "Sì", "declined": "No", "goodbye": "Ciao"}}))
+    with pytest.raises(ReminderError, match=r"must say the key with \{digit\}"):
+        MessageTemplates.parse(json.dumps({"en-US": {"opt_out": "Press nine to stop."}}))
+    # a wording stored before the opt-out existed: the built-in offer of its language, the key 9
+    old = {key: value for key, value in german.to_json().items() if key not in ("opt_out", "opted_out",
+                                                                                 "opt_out_digit")}
+    stored_before = Wording.from_json(old)
+    assert stored_before.opt_out_digit == "9" and stored_before.opt_out.endswith("drücken Sie 9.")
+    assert Wording.from_json({**old, "language": "it-IT"}).opt_out == "To receive no more reminder calls, press 9."
     assert templates.supports("it-IT") and not templates.supports("de-AT") and not templates.supports("fr-FR")
     assert not MessageTemplates.parse(json.dumps({"de": "Hallo {name}", "en-US": {}})).supports("en-GB")
     assert MessageTemplates.parse(json.dumps({"de": "Hallo {name}", "en-US": {}})).supports("de-AT")  # BCP 47 lookup
@@ -142,7 +160,7 @@ def test_wording_dates_and_times_are_babels_own() -> None:
         ('{"en-US": "Hi {nam}"}', "en-US", "unknown placeholder {nam}"),
         ('{"en-US": {"prompt": "Press {name}"}}', "en-US", "unknown placeholder {name}"),
         ('{"en-US": {"greeting": "Hi"}}', "en-US", "unknown phrase"),
-        ('{"it-IT": "Ciao {name}"}', "it-IT", "give prompt, confirmed, declined, goodbye"),
+        ('{"it-IT": "Ciao {name}"}', "it-IT", "give prompt, opt_out, confirmed, declined, opted_out, goodbye"),
         ('{"xx-QQ": "a"}', "en-US", "unknown language"),
         ('{"en-US": "a {"}', "en-US", "literal brace"),
         ('{"en-US": ""}', "en-US", "non-empty"),

@@ -84,7 +84,7 @@ async def test_press_2_declines_and_cancels_the_appointment_and_its_pending_remi
 
 async def test_another_key_or_none_repeats_the_question_once_then_goodbye(db: Database, rig: Rig) -> None:
     late, silent = "+14155550103", "+14155550104"
-    rig.fake.callees[late] = CalleeScript("answer", digits=["9", "1"])  # a wrong key, then 1
+    rig.fake.callees[late] = CalleeScript("answer", digits=["5", "1"])  # a wrong key, then 1
     rig.fake.callees[silent] = CalleeScript("answer", digits=["7"])  # a wrong key, then nothing
     late_id, _ = await book(db, late)
     silent_id, _ = await book(db, silent)
@@ -102,7 +102,7 @@ async def test_another_key_or_none_repeats_the_question_once_then_goodbye(db: Da
 
 async def test_the_words_are_the_appointments_language(db: Database, rig: Rig) -> None:
     phone = "+14155550108"
-    rig.fake.callees[phone] = CalleeScript("answer", digits=["9", "1"])  # the question again, in German too
+    rig.fake.callees[phone] = CalleeScript("answer", digits=["5", "1"])  # the question again, in German too
     appointment_id, _ = await book(db, phone, language="de-DE")
     await run(db, rig, rig.phone_over(phone))
     (call,) = rig.calls_to(phone)

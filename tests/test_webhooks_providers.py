@@ -18,7 +18,7 @@ from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
-PROMPT = "Press 1 to confirm, press 2 to cancel."
+PROMPT = "Press 1 to confirm, press 2 to cancel. To receive no more reminder calls, press 9."
 
 
 @pytest.fixture(params=PROVIDERS)

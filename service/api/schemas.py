@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, field_validator
@@ -13,6 +13,7 @@ from service.privacy import E164_PATTERN
 from service.reminders import Confirmation, ReminderOutcome, ReminderStatus, normalize_language, parse_phone
 
 __all__ = [
+    "DoNotCallOut",
     "AppointmentCreate",
     "AppointmentList",
     "AppointmentOut",
@@ -211,6 +212,13 @@ class LeaderOut(BaseModel):
     etcd_error: str | None = Field(
         default=None, description="A configuration error etcd reported (e.g. refused credentials), while it lasts."
     )
+
+
+class DoNotCallOut(BaseModel):
+    phone: str = Field(description="The number, as asked for (the list itself keeps only its keyed hash).")
+    listed_at: datetime = Field(description="When the number was put on the list.")
+    source: Literal["keypad", "api"] = Field(description="How: the customer pressed OPT_OUT_DIGIT, or this API.")
+    skipped: int = Field(default=0, description="PUT: reminders this request skipped (`opted out`).")
 
 
 class ErrorOut(BaseModel):

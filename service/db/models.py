@@ -1,4 +1,5 @@
-"""Tables: appointments, their reminders (one row each), call attempts (real providers), and the leader fence."""
+"""Tables: appointments, their reminders (one row each), call attempts (real providers), the leader
+fence, the do-not-call list and the service's keys."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from service.reminders.outcomes import Confirmation, ReminderOutcome
 from service.reminders.wording import DEFAULT_LANGUAGE
 
 __all__ = [
-    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "Confirmation", "LeaderFence",
-    "ProviderEvent", "Reminder", "ReminderOutcome", "ReminderStatus", "UTCDateTime", "new_id", "utcnow",
+    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "Confirmation", "DoNotCall",
+    "LeaderFence", "ProviderEvent", "Reminder", "ReminderOutcome", "ReminderStatus", "ServiceKey", "UTCDateTime",
+    "new_id", "utcnow",
 ]
 
 
@@ -40,6 +42,9 @@ class Appointment(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     customer_name: Mapped[str] = mapped_column(String(200))
     phone: Mapped[str] = mapped_column(String(32))
+    # The number's keyed hash (service.ledger.consent): how the do-not-call list and the caps per
+    # number find an appointment's calls.
+    phone_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     starts_at: Mapped[datetime] = mapped_column(UTCDateTime())
     timezone: Mapped[str] = mapped_column(String(64))
     notes: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -129,6 +134,9 @@ class CallAttempt(Base):
     # The provider's time of the hang-up, when it gives one; the leader's cancel request and its
     # last look at the call's state (for a call whose final event never came).
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the provider first reported the call ringing or later (it reached the number: it counts
+    # against the caps per number whatever its last status says).
+    rang_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # On the database's clock: the leader compares them with its own idea of now (service.db.clock).
@@ -144,6 +152,26 @@ class ProviderEvent(Base):
 
     id: Mapped[str] = mapped_column(String(160), primary_key=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class DoNotCall(Base):
+    """A number that is never called: its keyed hash only (service.ledger.consent), how it was
+    listed (`keypad`, `api`) and when, on the database's clock."""
+
+    __tablename__ = "do_not_call"
+
+    phone_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))
+    listed_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class ServiceKey(Base):
+    """Keys the service generated for itself (the phone hash key), one row each."""
+
+    __tablename__ = "service_keys"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
 
 
 class LeaderFence(Base):

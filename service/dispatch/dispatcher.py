@@ -36,13 +36,16 @@ from zoneinfo import ZoneInfo
 
 from service.db import Database
 from service.dispatch.limiter import RateLimiter
+from service.dispatch.listing import ListingGate
 from service.dispatch.stamped import StampedCalls, StampedConfig
 from service.dispatch.sweep import CallSweep
 from service.errors import SettingError
-from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, SweepTimes, is_data_error
-from service.metrics import CALL_ATTEMPTS, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE
+from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, SweepTimes, consent, is_data_error
+from service.ledger.cancellation import CONFIRMED_BY_CUSTOMER, OPTED_OUT
+from service.metrics import CALL_ATTEMPTS, CAPPED, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE, SKIPPED_BY_CONSENT
 from service.privacy import strip_control
 from service.reminders import (
+    CallCaps,
     CallWindow,
     MessageTemplates,
     NoAnswerPolicy,
@@ -101,6 +104,9 @@ class DispatchConfig:
     sweep_times: SweepTimes = field(default_factory=SweepTimes)
     no_answer: NoAnswerPolicy | None = None
     templates: MessageTemplates = field(default_factory=lambda: MessageTemplates.parse(None))
+    # Calls people agreed to: the caps per number, and whether a confirmed appointment is still called.
+    caps: CallCaps = field(default_factory=CallCaps)
+    call_after_confirmation: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -324,6 +330,7 @@ class Dispatcher:
             db, self.provider, fallback=fallback_wording(config.templates), policy=config.no_answer,
             times=config.sweep_times)
         self._limiter = RateLimiter(config.calls_per_second)
+        self._listing = ListingGate(lambda since: consent.listed_since(db, since))
         # Every reminder task of the term until its outcome is written (waited for at term end).
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         # The concurrency slots: reminders claimed and not yet past their call. A slot is given
@@ -428,7 +435,8 @@ class Dispatcher:
             return []
         try:
             return await self.store.claim(
-                term.fencing_token, self.config.instance, limit=free, stale_after=self.config.stale_claim_after
+                term.fencing_token, self.config.instance, limit=free, stale_after=self.config.stale_claim_after,
+                caps=self.config.caps, window=self.config.call_window,
             )
         except StaleTerm:
             raise
@@ -440,6 +448,10 @@ class Dispatcher:
         now = self._now()
         if claim.appointment_cancelled:
             await self._finish(recorder, claim, Outcome.cancelled("appointment cancelled"))
+            return
+        held = self._held(claim)
+        if held is not None:
+            await self._finish(recorder, claim, held)
             return
         decision = decide_call(
             scheduled_at=claim.scheduled_at,
@@ -462,6 +474,19 @@ class Dispatcher:
         await self._limiter.acquire()
         if not term.valid():
             return  # stays `dispatching` under this token: the next term completes it with the same key
+        try:
+            listed = await self._listing.listed(claim.phone_hash, claim.claimed_at)
+        except Exception as error:  # noqa: BLE001 - the list cannot be read: no call
+            self._release(claim.reminder_id)
+            await self._finish(recorder, claim, Outcome.retry(self._now() + RECHECK,
+                                                              f"the do-not-call list could not be read: "
+                                                              f"{type(error).__name__}"))
+            return
+        if listed:
+            self._release(claim.reminder_id)
+            SKIPPED_BY_CONSENT.labels("opted_out").inc()
+            await self._finish(recorder, claim, Outcome.skipped(OPTED_OUT))
+            return
         spec = CallSpec(
             to=claim.phone,
             from_=self.config.caller_id,
@@ -483,6 +508,26 @@ class Dispatcher:
         if result.kind is CreateKind.NOT_SENT:
             return  # as above: the next term completes it with the same key, no attempt spent
         await self._record(recorder, claim, result)
+
+    def _held(self, claim: Claim) -> Outcome | None:
+        """What holds a claimed reminder back from calling: its number opted out, its appointment
+        is confirmed (unless CALL_AFTER_CONFIRMATION), or a cap per number."""
+        if claim.opted_out:
+            SKIPPED_BY_CONSENT.labels("opted_out").inc()
+            return Outcome.skipped(OPTED_OUT)
+        if claim.confirmed and not self.config.call_after_confirmation:
+            SKIPPED_BY_CONSENT.labels("confirmed").inc()
+            return Outcome.skipped(CONFIRMED_BY_CUSTOMER)
+        if claim.cap is None:
+            return None
+        if claim.cap.skip_reason is not None:
+            CAPPED.labels(claim.cap.cap, "skipped").inc()
+            log.info("reminder %s skipped: %s", claim.reminder_id, claim.cap.skip_reason)
+            return Outcome.skipped(claim.cap.skip_reason)
+        assert claim.cap.wait_until is not None
+        CAPPED.labels(claim.cap.cap, "deferred").inc()
+        return Outcome.wait(claim.cap.wait_until, f"call cap per {claim.cap.cap} reached for this number: "
+                                                  f"waiting until {claim.cap.wait_until.isoformat(timespec='seconds')}")
 
     async def _handle_stamped(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
         """A provider without idempotency: reconcile earlier attempts, then at most one new one."""

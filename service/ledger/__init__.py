@@ -1,5 +1,5 @@
 """The ledger: the only writer of reminders and call attempts (and of an appointment's
-`confirmation` and cancellation), the state the promise rests on.
+`confirmation` and cancellation, and of the do-not-call list), the state the promise rests on.
 
 Every status change goes through the lifecycle table (`service.reminders.lifecycle.require`).
 Who calls what:
@@ -8,12 +8,14 @@ Who calls what:
   of providers without idempotency (`attempts`: `AttemptStore`), the call sweep (`sweep`);
 - the provider webhooks: call events, binding, keypad answers (`calls`);
 - the appointments service: the create's statement and re-plans (`plans`), superseding and
-  cancellation (`cancellation`: one rule for the API's DELETE, a keypad decline and a re-plan).
+  cancellation (`cancellation`: one rule for the API's DELETE, a keypad decline, a re-plan, an
+  opt-out and a confirmation);
+- the do-not-call API and the keypad's opt-out: the list (`consent`).
 
 Nothing else in `service/` inserts, updates or deletes those rows (tests/test_ledger.py).
 """
 
-from service.ledger import calls
+from service.ledger import calls, consent
 from service.ledger.attempts import AttemptStore
 from service.ledger.cancellation import (
     CANCELLED_BY_API,
@@ -46,6 +48,7 @@ __all__ = [
     "SweepTimes",
     "StaleTerm",
     "calls",
+    "consent",
     "change_appointment",
     "cancel_appointment",
     "supersede",

@@ -15,6 +15,7 @@ from sqlalchemy import insert, select, update
 from service.db import Database
 from service.db.clock import db_now
 from service.db.models import Appointment, AppointmentStatus, CallAttempt, Reminder, new_id
+from service.ledger.consent import APPOINTMENT_LISTED
 from service.ledger.fence import fence_token_query
 from service.reminders import ReminderStatus
 from service.reminders.attempts import AttemptState, AttemptView
@@ -31,8 +32,9 @@ class AttemptStore:
 
     async def begin(self, token: int, reminder_id: str) -> str | None:
         """Record a new attempt, only while the fence is `token`, the reminder is `dispatching`
-        under it and belongs to its appointment's current plan, and the appointment is scheduled;
-        its id, or None when this term may not create calls for the reminder any more."""
+        under it and belongs to its appointment's current plan, the appointment is scheduled and
+        its number is not on the do-not-call list; its id, or None when this term may not create
+        calls for the reminder any more."""
         attempt_id = new_id()
         async with self.db.session() as session:
             # The reminder's row is locked (a successor's claim of it waits, then sees this
@@ -45,7 +47,7 @@ class AttemptStore:
                 .join(Appointment, Appointment.id == Reminder.appointment_id)
                 .where(Reminder.id == reminder_id, Reminder.fence_token == token,
                        Reminder.status == ReminderStatus.DISPATCHING, Reminder.plan == Appointment.plan,
-                       Appointment.status == AppointmentStatus.SCHEDULED)
+                       Appointment.status == AppointmentStatus.SCHEDULED, ~APPOINTMENT_LISTED)
                 .with_for_update(of=Reminder)
             )
             if ours.first() is None:

@@ -26,7 +26,7 @@ is bound. Unknown, mismatched and replayed events change nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -47,20 +47,22 @@ from service.db.models import (
     ReminderOutcome,
     ReminderStatus,
 )
-from service.ledger.cancellation import DECLINED_BY_CUSTOMER, cancel_appointment
-from service.metrics import CALL_OUTCOMES, CONFIRMATIONS
+from service.ledger.cancellation import DECLINED_BY_CUSTOMER, cancel_appointment, skip_confirmed
+from service.ledger.consent import Listing, ListingSource, hash_phone, list_number
+from service.metrics import CALL_OUTCOMES, CONFIRMATIONS, OPT_OUTS, SKIPPED_BY_CONSENT
 from service.reminders import (
     Answerer,
     NoAnswerPolicy,
     Wording,
     advances,
     keypad_answer,
+    opts_out,
     outcome_of_final,
     retry_time,
     round_bit,
 )
 from service.reminders.lifecycle import require
-from service.reminders.outcomes import CALL_SPEAKING, CALL_SPOKEN, FINAL_CALL_STATES, PRE_ANSWER_STATES
+from service.reminders.outcomes import CALL_SPEAKING, CALL_SPOKEN, FINAL_CALL_STATES, PRE_ANSWER_STATES, RANG_STATES
 from service.telephony.provider import GreetingWords, Stamp
 
 __all__ = [
@@ -126,17 +128,18 @@ def greeting_words(kind: Answerer, wording: Wording) -> GreetingWords:
     machine the voicemail. The same for every sender of the one greeting command of a call."""
     if kind is Answerer.MACHINE:
         return GreetingWords(machine=True, text=wording.voicemail, language=wording.language)
-    return GreetingWords(machine=False, text=f"{wording.message} {wording.prompt}", language=wording.language)
+    return GreetingWords(machine=False, text=f"{wording.message} {wording.question}", language=wording.language)
 
 
 @dataclass(frozen=True)
 class KeypadResult:
     bound: bool  # the digits came from the bound call of a current reminder
-    answer: Confirmation | None = None  # what the digits say (None: nothing usable)
+    answer: Confirmation | None = None  # what the digits say (None: nothing usable, or the opt-out)
     confirmation: Confirmation | None = None  # the appointment's confirmation now
     wording: Wording | None = None
     changed: bool = False  # this request recorded it (not a repeat)
     repeated: bool = False  # this round was answered before (a replay): nothing recorded
+    opted_out: bool = False  # the digits were the opt-out key: the number is on the do-not-call list
 
 
 def is_final(status: str | None) -> bool:
@@ -166,7 +169,7 @@ def _first_time(connection: Connection, event_id: str | None) -> bool:
 _ATTEMPT_COLUMNS = (
     CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id, CallAttempt.last_sequence,
     CallAttempt.call_status, CallAttempt.greeting, CallAttempt.greeting_at, CallAttempt.keypad_rounds,
-    CallAttempt.ended_at, CallAttempt.answered_by,
+    CallAttempt.ended_at, CallAttempt.answered_by, CallAttempt.rang_at,
 )
 
 
@@ -210,6 +213,8 @@ def _record_event(connection: Connection, stamp: Stamp, call_id: str, status: st
     now = attempt.now
     values: dict[str, object] = {"last_event_at": now, "provider_call_id": call_id}
     applies = status is not None and advances(attempt.call_status, attempt.last_sequence, status, order)
+    if status in RANG_STATES and attempt.rang_at is None:
+        values["rang_at"] = now  # it reached the number, whatever comes after (a cap counts it)
     if applies:
         values["call_status"] = status
         if order is not None:
@@ -323,6 +328,8 @@ def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, a
     if attempt is None or is_final(attempt.call_status):
         return Answer(speak=False, over=attempt is not None)
     values: dict[str, object] = {"provider_call_id": call_id, "last_event_at": attempt.now}
+    if attempt.rang_at is None:
+        values["rang_at"] = attempt.now
     if answered_by:
         values["answered_by"] = answered_by[:32]
     connection.execute(update(CallAttempt).where(CallAttempt.id == attempt.id).values(values))
@@ -471,33 +478,47 @@ def _mark_heard(connection: Connection, stamp: Stamp, call_id: str, machine: boo
 async def keypad(
     db: Database, stamp: Stamp, call_id: str, digits: str | None, *, round_: int = 1,
     pressed_at: datetime | None = None, event_id: str | None = None, fallback: Fallback,
+    call_after_confirmation: bool = False,
 ) -> KeypadResult:
     """Apply the digits pressed on `call_id` at keypad round `round_`: only the bound call of a
     current reminder answers, each round once, and only while the call was live (`pressed_at`, the
-    provider's time of the digits, not after its hang-up). 1 confirms the appointment, 2 declines it
-    (the appointment is cancelled, its unfinished reminders superseded)."""
-    answer_ = keypad_answer(digits)
-    found = await db.write(_keypad, stamp, call_id, answer_, round_bit(round_), pressed_at, event_id)
+    provider's time of the digits, not after its hang-up). 1 confirms the appointment (its
+    unfinished reminders are skipped, "confirmed", unless `call_after_confirmation`), 2 declines it
+    (the appointment is cancelled, its unfinished reminders superseded), the opt-out key its
+    wording announced lists the number (every unfinished reminder of its appointments skipped,
+    "opted out")."""
+    found = await db.write(_keypad, stamp, call_id, digits, round_bit(round_), pressed_at, event_id, fallback,
+                           call_after_confirmation)
     if found is None:
         return KeypadResult(bound=False)
-    row, changed, repeated = found
-    now_confirmation = answer_ if changed else (Confirmation(row.confirmation) if row.confirmation else None)
-    if changed:
-        CONFIRMATIONS.labels(answer_.value).inc()  # type: ignore[union-attr]
-    return KeypadResult(bound=True, answer=answer_, confirmation=now_confirmation, wording=_wording(row, fallback),
-                        changed=changed, repeated=repeated)
+    if found.changed and found.answer is not None:
+        CONFIRMATIONS.labels(found.answer.value).inc()
+    if found.listing is not None and found.listing.new:
+        OPT_OUTS.labels(ListingSource.KEYPAD.value).inc()
+    if found.skipped:
+        SKIPPED_BY_CONSENT.labels("opted_out" if found.listing is not None else "confirmed").inc(len(found.skipped))
+    return found.result
 
 
-def _keypad(connection: Connection, stamp: Stamp, call_id: str, answer_: Confirmation | None, bit: int,
-            pressed_at: datetime | None, event_id: str | None) -> tuple[Any, bool, bool] | None:
-    """The reminder's row, whether `answer_` changed the appointment and whether the round was a
-    repeat; None if `call_id` is not the bound call of a current reminder, or was pressed after it
-    ended."""
+@dataclass(frozen=True)
+class _Pressed:
+    result: KeypadResult
+    changed: bool = False
+    answer: Confirmation | None = None
+    listing: Listing | None = None
+    skipped: frozenset[str] = frozenset()
+
+
+def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | None, bit: int,
+            pressed_at: datetime | None, event_id: str | None, fallback: Fallback,
+            call_after_confirmation: bool) -> _Pressed | None:
+    """What the digits did; None if `call_id` is not the bound call of a current reminder, or they
+    were pressed after it ended, or the event was applied before."""
     if not _first_time(connection, event_id):
         return None
     row = connection.execute(
-        select(*_BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation,
-               CallAttempt.keypad_rounds, CallAttempt.ended_at)
+        select(*_BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation, Appointment.phone,
+               Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at)
         .join(Appointment, Appointment.id == Reminder.appointment_id)
         .join(CallAttempt, CallAttempt.id == stamp.attempt_id)
         .where(Reminder.id == stamp.reminder_id)
@@ -507,17 +528,28 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, answer_: Confirm
         return None
     if pressed_at is not None and row.ended_at is not None and pressed_at > row.ended_at:
         return None  # pressed after the call ended: not an answer of this call
+    wording = _wording(row, fallback)
+    opt_out = opts_out(digits, wording.opt_out_digit)
+    answer_ = None if opt_out else keypad_answer(digits)
+    confirmation = Confirmation(row.confirmation) if row.confirmation else None
+    result = KeypadResult(bound=True, answer=answer_, confirmation=confirmation, wording=wording, opted_out=opt_out)
     if row.keypad_rounds & bit:
-        return row, False, True
+        return _Pressed(replace(result, repeated=True))
     connection.execute(update(CallAttempt).where(CallAttempt.id == stamp.attempt_id)
                        .values(keypad_rounds=CallAttempt.keypad_rounds.op("|")(bit)))
+    if opt_out:
+        listing = list_number(connection, row.phone_hash or hash_phone(connection, row.phone), ListingSource.KEYPAD)
+        return _Pressed(replace(result, changed=listing.new), listing=listing, skipped=listing.skipped)
     if answer_ is None:
-        return row, False, False
+        return _Pressed(result)
     now = connection.execute(select(db_now())).scalar_one()
     if answer_ is Confirmation.DECLINED:
         cancel_appointment(connection, row.appointment_id, DECLINED_BY_CUSTOMER, now, confirmation=answer_)
-        return row, True, False
+        return _Pressed(replace(result, confirmation=answer_, changed=True), changed=True, answer=answer_)
     connection.execute(update(Appointment).where(Appointment.id == row.appointment_id)
                        .values(confirmation=answer_, updated_at=now))
-    return row, row.confirmation != answer_, False
-
+    skipped = frozenset() if call_after_confirmation else frozenset(skip_confirmed(connection, row.appointment_id,
+                                                                                     now))
+    changed = confirmation != answer_
+    return _Pressed(replace(result, confirmation=answer_, changed=changed), changed=changed, answer=answer_,
+                    skipped=skipped)

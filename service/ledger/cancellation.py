@@ -1,20 +1,22 @@
-"""Superseding and cancelling: one rule for the API's DELETE, the keypad's decline and a re-plan.
+"""Superseding, cancelling and skipping: one rule for the API's DELETE, the keypad's decline, a
+re-plan, an opt-out and a confirmation.
 
-Every unfinished reminder of the appointment is superseded (`cancelled`, with the reason): a
-`pending` one is never called; a `dispatching` one's attempt is refused (`begin` checks) or its
-call, already on its way, binds nothing; a `sent` one whose calls nobody answered yet (real
-providers) binds nothing, takes no digits and is not retried — the leader ends its calls. A
-reminder bound to an answered call, or whose outcome is known, is finished and keeps its status;
-its keypad answers count only while it belongs to the appointment's current plan
-(docs/decisions/0221).
+Every unfinished reminder of the appointment (of every appointment of the number, for an opt-out)
+is superseded (`cancelled`) or skipped (`skipped`), with the reason: a `pending` one is never
+called; a `dispatching` one's attempt is refused (`begin` checks) or its call, already on its way,
+binds nothing; a `sent` one whose calls nobody answered yet (real providers) binds nothing, takes
+no digits and is not retried — the leader ends its calls. A reminder bound to an answered call, or
+whose outcome is known, is finished and keeps its status; its keypad answers count only while it
+belongs to the appointment's current plan (docs/decisions/0221, 0231).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, bindparam, exists, or_, update
+from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.engine import Connection
 
 from service.db.models import Appointment, AppointmentStatus, CallAttempt, Confirmation, Reminder
@@ -22,10 +24,14 @@ from service.reminders.lifecycle import ReminderStatus, require
 
 __all__ = [
     "CANCELLED_BY_API",
+    "CONFIRMED_BY_CUSTOMER",
     "DECLINED_BY_CUSTOMER",
+    "OPTED_OUT",
     "REPLANNED",
     "Superseded",
     "cancel_appointment",
+    "skip_confirmed",
+    "skip_number",
     "supersede",
 ]
 
@@ -33,6 +39,8 @@ __all__ = [
 CANCELLED_BY_API = "appointment cancelled"
 DECLINED_BY_CUSTOMER = "declined by customer"
 REPLANNED = "re-planned"
+OPTED_OUT = "opted out"
+CONFIRMED_BY_CUSTOMER = "confirmed"
 
 _S = ReminderStatus
 _A, _R = Appointment.__table__, Reminder.__table__
@@ -42,19 +50,29 @@ _CANCEL_APPOINTMENT = (
     .where(_A.c.id == bindparam("of_appointment"))
     .values(status=AppointmentStatus.CANCELLED, updated_at=bindparam("now"))
 )
-# Every unfinished reminder of an appointment: pending or dispatching, or sent with a real
-# provider's call nobody answered yet (the generic provider's `sent` is done; it has no attempts).
-_SUPERSEDE = (
-    update(_R)
-    .where(
-        _R.c.appointment_id == bindparam("of_appointment"),
-        or_(_R.c.status.in_((_S.PENDING, _S.DISPATCHING)),
-            and_(_R.c.status == _S.SENT, _R.c.bound_call_id.is_(None), _R.c.outcome.is_(None),
-                 exists().where(CallAttempt.reminder_id == _R.c.id))),
-    )
-    .values(status=_S.CANCELLED, skip_reason=bindparam("reason"), updated_at=bindparam("now"))
-    .returning(_R.c.id, _R.c.next_attempt_at)
-)
+# An unfinished reminder: pending or dispatching, or sent with a real provider's call nobody
+# answered yet (the generic provider's `sent` is done; it has no attempts).
+_UNFINISHED = or_(_R.c.status.in_((_S.PENDING, _S.DISPATCHING)),
+                  and_(_R.c.status == _S.SENT, _R.c.bound_call_id.is_(None), _R.c.outcome.is_(None),
+                       exists().where(CallAttempt.reminder_id == _R.c.id)))
+
+
+def _require_from_unfinished(status: ReminderStatus) -> None:
+    for source in (_S.PENDING, _S.DISPATCHING, _S.SENT):
+        require(source, status)
+
+
+def _finish_unfinished(which: Any, status: ReminderStatus) -> Any:
+    """UPDATE: the unfinished reminders `which` selects become `status`, with the reason."""
+    return (update(_R).where(which, _UNFINISHED)
+            .values(status=status, skip_reason=bindparam("reason"), updated_at=bindparam("now"))
+            .returning(_R.c.id, _R.c.next_attempt_at))
+
+
+_SUPERSEDE = _finish_unfinished(_R.c.appointment_id == bindparam("of_appointment"), _S.CANCELLED)
+_SKIP_OF_APPOINTMENT = _finish_unfinished(_R.c.appointment_id == bindparam("of_appointment"), _S.SKIPPED)
+_SKIP_OF_NUMBER = _finish_unfinished(
+    _R.c.appointment_id.in_(select(_A.c.id).where(_A.c.phone_hash == bindparam("of_number"))), _S.SKIPPED)
 
 
 @dataclass(frozen=True)
@@ -65,8 +83,7 @@ class Superseded:
 
 def supersede(connection: Connection, appointment_id: str, reason: str, now: datetime) -> Superseded:
     """Cancel every unfinished reminder of the appointment with `skip_reason` = `reason`."""
-    for source in (_S.PENDING, _S.DISPATCHING, _S.SENT):
-        require(source, _S.CANCELLED)
+    _require_from_unfinished(_S.CANCELLED)
     rows = connection.execute(_SUPERSEDE, {"of_appointment": appointment_id, "reason": reason, "now": now}).all()
     # owed: due when the rule came (a pending one whose time had come, or one being called or
     # ringing: their next_attempt_at is the claim's, in the past)
@@ -84,3 +101,18 @@ def cancel_appointment(connection: Connection, appointment_id: str, reason: str,
     else:
         connection.execute(_CANCEL_APPOINTMENT.values(confirmation=confirmation), values)
     return supersede(connection, appointment_id, reason, now).cancelled
+
+
+def skip_number(connection: Connection, phone_hash: str, now: datetime) -> set[str]:
+    """Skip ("opted out") every unfinished reminder of every appointment of the number; their ids."""
+    _require_from_unfinished(_S.SKIPPED)
+    rows = connection.execute(_SKIP_OF_NUMBER, {"of_number": phone_hash, "reason": OPTED_OUT, "now": now})
+    return {row.id for row in rows}
+
+
+def skip_confirmed(connection: Connection, appointment_id: str, now: datetime) -> set[str]:
+    """Skip ("confirmed") every unfinished reminder of a confirmed appointment; their ids."""
+    _require_from_unfinished(_S.SKIPPED)
+    rows = connection.execute(_SKIP_OF_APPOINTMENT, {"of_appointment": appointment_id,
+                                                     "reason": CONFIRMED_BY_CUSTOMER, "now": now})
+    return {row.id for row in rows}

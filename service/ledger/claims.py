@@ -3,6 +3,11 @@
 A claim succeeds only while the fence equals the claimer's token (service.ledger.fence). An
 outcome is written only while the reminder is still `dispatching` under that token; one that
 matches nothing says why (another term took it over, or it is no longer `dispatching`).
+
+A claim also says what holds each reminder back, read in its transaction: its number is on the
+do-not-call list, its appointment is confirmed, or a cap per number (`caps`: the calls that count
+are gathered here, the rule is service.reminders.caps) — the dispatcher records it as the
+reminder's outcome.
 """
 
 from __future__ import annotations
@@ -11,8 +16,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import String, and_, any_, bindparam, case, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    String,
+    and_,
+    any_,
+    bindparam,
+    case,
+    exists,
+    literal,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DataError, DBAPIError
@@ -20,10 +41,12 @@ from sqlalchemy.sql.dml import Update
 
 from service.db import Database
 from service.db.clock import read_now
-from service.db.models import Appointment, LeaderFence, Reminder, utcnow
+from service.db.models import Appointment, AttemptState, CallAttempt, Confirmation, LeaderFence, Reminder, utcnow
+from service.ledger.consent import APPOINTMENT_LISTED
 from service.ledger.fence import FENCE_ROW, StaleTerm, current_fence, fence_holds, fence_token_query, raise_fence
 from service.ledger.outcome import Outcome
-from service.reminders import ReminderStatus, require
+from service.reminders import ALWAYS, CallCaps, CallWindow, CapHold, ReminderStatus, cap_hold, require
+from service.reminders.outcomes import FINAL_CALL_STATES
 
 __all__ = ["Claim", "ReminderStore", "StaleTerm", "is_data_error"]
 
@@ -58,9 +81,21 @@ class Claim:
     timezone: str
     appointment_cancelled: bool
     wording: Mapping[str, str] | None = None  # the words fixed when the reminder was planned
+    phone_hash: str | None = None
+    opted_out: bool = False  # the number is on the do-not-call list
+    confirmed: bool = False  # the customer confirmed the appointment
+    cap: CapHold | None = None  # a cap per number holds it back (`caps` given to the claim)
+    claimed_at: datetime | None = None  # the claim's time, on the database's clock
 
 
 _REMINDERS = Reminder.__table__
+# What a claimed reminder's call needs, and what holds it back.
+_CLAIM_COLUMNS = (
+    Reminder.id, Reminder.status, Reminder.claimed_at, Reminder.next_attempt_at, Reminder.appointment_id,
+    Reminder.idempotency_key, Reminder.due_at, Reminder.attempts, Reminder.wording, Appointment.phone,
+    Appointment.phone_hash, Appointment.confirmation, APPOINTMENT_LISTED.label("opted_out"), Appointment.customer_name,
+    Appointment.starts_at, Appointment.timezone, Appointment.status.label("appointment_status"),
+)
 
 
 @lru_cache(maxsize=64)
@@ -82,7 +117,7 @@ def _update_by_id(columns: tuple[str, ...]) -> Update:
     )
 
 
-def _claim_of(row: Row) -> Claim:
+def _claim_of(row: Row, cap: CapHold | None, now: datetime) -> Claim:
     """The Claim for a row read before the claiming UPDATE (its status is the one it had)."""
     was_orphan = row.status == ReminderStatus.DISPATCHING
     return Claim(
@@ -99,7 +134,78 @@ def _claim_of(row: Row) -> Claim:
         timezone=row.timezone,
         appointment_cancelled=row.appointment_status != "scheduled",
         wording=row.wording,
+        phone_hash=row.phone_hash,
+        opted_out=bool(row.opted_out),
+        confirmed=row.confirmation == Confirmation.CONFIRMED,
+        cap=cap,
+        claimed_at=now,
     )
+
+
+# The calls to a number that count against its caps (service.reminders.caps), by kind:
+# `call` — an attempt of a real provider that rang (or more), or whose fate is not known yet (in
+# doubt, queued, ringing); a generic provider's `sent` reminder (it has no attempts). `flight` — a
+# reminder being called right now with no attempt yet (claimed, its create on its way).
+_CALL, _FLIGHT = "call", "flight"
+
+
+def _counted_calls(hashes: list[str], since: datetime) -> Any:
+    attempts = (
+        select(Appointment.phone_hash, CallAttempt.reminder_id, CallAttempt.created_at.label("at"),
+               CallAttempt.rang_at.is_not(None).label("rang"), literal(_CALL).label("kind"))
+        .join(Reminder, Reminder.id == CallAttempt.reminder_id)
+        .join(Appointment, Appointment.id == Reminder.appointment_id)
+        .where(Appointment.phone_hash.in_(hashes), CallAttempt.created_at >= since,
+               or_(CallAttempt.rang_at.is_not(None),
+                   and_(CallAttempt.state != AttemptState.NOT_CREATED,
+                        or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.not_in(FINAL_CALL_STATES)))))
+    )
+    no_attempt = ~exists().where(CallAttempt.reminder_id == Reminder.id)
+    sent = (
+        select(Appointment.phone_hash, Reminder.id, Reminder.sent_at, literal(True, Boolean), literal(_CALL))
+        .join(Appointment, Appointment.id == Reminder.appointment_id)
+        .where(Appointment.phone_hash.in_(hashes), Reminder.status == ReminderStatus.SENT,
+               Reminder.sent_at >= since, no_attempt)
+    )
+    flight = (
+        select(Appointment.phone_hash, Reminder.id, null(), literal(False, Boolean), literal(_FLIGHT))
+        .join(Appointment, Appointment.id == Reminder.appointment_id)
+        .where(Appointment.phone_hash.in_(hashes), Reminder.status == ReminderStatus.DISPATCHING, no_attempt)
+    )
+    return union_all(attempts, sent, flight)
+
+
+async def _cap_holds(session: Any, rows: Sequence[Row], caps: CallCaps, window: CallWindow,
+                     now: datetime) -> dict[str, CapHold]:
+    """The candidates a cap holds back, in claim order: each one admitted counts as a call being
+    placed now for those after it; a reminder's own attempts count against it only once they rang
+    (never its own reconciliation); an orphan (a call in flight) is never held."""
+    hashes = sorted({row.phone_hash for row in rows if row.phone_hash is not None})
+    if not caps.active or not hashes:
+        return {}
+    known: dict[str, list[Row]] = {}
+    for call in await session.execute(_counted_calls(hashes, now - caps.lookback)):
+        known.setdefault(call.phone_hash, []).append(call)
+    # this claim's own fresh rows are `dispatching` by now: they count as they are admitted below
+    fresh = {row.id for row in rows if row.status != ReminderStatus.DISPATCHING}
+    placing: dict[str, set[str]] = {}
+    holds: dict[str, CapHold] = {}
+    for row in rows:
+        if row.phone_hash is None or row.status == ReminderStatus.DISPATCHING:
+            continue
+        if row.opted_out or row.appointment_status != "scheduled":
+            continue  # it calls nobody
+        calls = known.get(row.phone_hash, [])
+        placed = [call.at for call in calls if call.kind == _CALL and (call.reminder_id != row.id or call.rang)]
+        in_flight = ({call.reminder_id for call in calls if call.kind == _FLIGHT and call.reminder_id not in fresh}
+                     | placing.get(row.phone_hash, set())) - {row.id}
+        hold = cap_hold(caps, calls=placed, in_flight=len(in_flight), now=now, starts_at=row.starts_at,
+                        zone=ZoneInfo(row.timezone), window=window)
+        if hold is None:
+            placing.setdefault(row.phone_hash, set()).add(row.id)
+        else:
+            holds[row.id] = hold
+    return holds
 
 
 class ReminderStore:
@@ -118,14 +224,16 @@ class ReminderStore:
         return await current_fence(self.db)
 
     async def claim(self, token: int, holder: str, *, limit: int, stale_after: timedelta,
-                    now: datetime | None = None) -> list[Claim]:
+                    now: datetime | None = None, caps: CallCaps | None = None,
+                    window: CallWindow = ALWAYS) -> list[Claim]:
         """Mark up to `limit` reminders `dispatching` under `token`; StaleTerm if the fence moved on.
 
         Claimed first: reminders left `dispatching` by an older term (its calls may be in flight:
         they are completed with the same key), and this term's own claims older than
         `stale_after` (whose outcome was never recorded). Then pending reminders that are due.
         `now` is the database's time unless given (tests); `clock_offset` keeps its distance to
-        this process's clock for the term's other times.
+        this process's clock for the term's other times. `caps`: the caps per number, whose next
+        allowed time is fitted into the call `window`.
         """
         require(ReminderStatus.PENDING, ReminderStatus.DISPATCHING)
         async with self.db.session() as session:
@@ -159,31 +267,11 @@ class ReminderStore:
                     raise StaleTerm(f"the fence moved past token {token}")
             # What each call needs, and which rows were orphans and when they were meant to run,
             # read before the UPDATE (on PostgreSQL the candidates are locked FOR UPDATE by now).
-            before = (
-                await session.execute(
-                    select(
-                        Reminder.id,
-                        Reminder.status,
-                        Reminder.claimed_at,
-                        Reminder.next_attempt_at,
-                        Reminder.appointment_id,
-                        Reminder.idempotency_key,
-                        Reminder.due_at,
-                        Reminder.attempts,
-                        Reminder.wording,
-                        Appointment.phone,
-                        Appointment.customer_name,
-                        Appointment.starts_at,
-                        Appointment.timezone,
-                        Appointment.status.label("appointment_status"),
-                    )
-                    .join(Appointment, Appointment.id == Reminder.appointment_id)
-                    .where(
-                        Reminder.id.in_(candidates.scalar_subquery() if self.db.is_sqlite
-                                        else candidates.subquery().select())
-                    )
-                )
-            ).all()
+            before = (await session.execute(
+                select(*_CLAIM_COLUMNS).join(Appointment, Appointment.id == Reminder.appointment_id)
+                .where(Reminder.id.in_(candidates.scalar_subquery() if self.db.is_sqlite
+                                       else candidates.subquery().select()))
+            )).all()
             if not before:
                 await session.rollback()
                 if not await self._fence_is(session, token):
@@ -208,7 +296,10 @@ class ReminderStore:
                 if not await self._fence_is(session, token):
                     raise StaleTerm(f"the fence moved past token {token}")
                 return []
-            claims = [_claim_of(old) for old in before if old.id in claimed]
+            claimed_rows = sorted((old for old in before if old.id in claimed),
+                                  key=lambda r: (r.status != ReminderStatus.DISPATCHING, r.next_attempt_at))
+            holds = await _cap_holds(session, claimed_rows, caps, window, now) if caps is not None else {}
+            claims = [_claim_of(old, holds.get(old.id), now) for old in claimed_rows]
             await session.commit()
         claims.sort(key=lambda c: (not c.orphaned, c.scheduled_at))
         return claims

@@ -41,9 +41,10 @@ class Outcome:
         return cls(_S.PENDING, attempts=attempts, next_attempt_at=at, last_error=error, clears_error=error is None)
 
     @classmethod
-    def wait(cls, until: datetime) -> Outcome:
-        """`pending` until `until` (the call window opens), nothing spent."""
-        return cls(_S.PENDING, next_attempt_at=until)
+    def wait(cls, until: datetime, reason: str | None = None) -> Outcome:
+        """`pending` until `until` (the call window opens, a cap per number allows a call),
+        nothing spent; `reason` is shown as its `last_error`."""
+        return cls(_S.PENDING, next_attempt_at=until, last_error=reason)
 
     @classmethod
     def failed(cls, error: str | None, *, attempts: int | None = None) -> Outcome:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, bindparam, delete, insert, select, union_all, update
+from sqlalchemy import Insert, bindparam, case, delete, insert, literal, select, union_all, update
 from sqlalchemy.engine import Connection
 
 from service.db.models import Appointment, Reminder, new_id
-from service.ledger.cancellation import REPLANNED, supersede
+from service.ledger.cancellation import OPTED_OUT, REPLANNED, supersede
+from service.ledger.consent import is_listed, number_listed
 from service.reminders.calls import idempotency_key
 from service.reminders.lifecycle import ReminderStatus
 
@@ -28,10 +29,11 @@ __all__ = [
 
 _A, _R = Appointment.__table__, Reminder.__table__
 
-APPOINTMENT_INSERT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "remind_at", "status",
-                              "language", "created_at", "updated_at")
+APPOINTMENT_INSERT_COLUMNS = ("id", "customer_name", "phone", "phone_hash", "starts_at", "timezone", "notes",
+                              "remind_at", "status", "language", "created_at", "updated_at")
 REMINDER_INSERT_COLUMNS = ("id", "appointment_id", "due_at", "next_attempt_at", "status", "attempts",
-                           "idempotency_key", "wording", "no_answer_retries", "plan", "created_at", "updated_at")
+                           "idempotency_key", "wording", "no_answer_retries", "plan", "skip_reason", "created_at",
+                           "updated_at")
 # Every column named with its type: a create's parameters are exactly these.
 _INSERT_APPOINTMENT = insert(_A).values({name: bindparam(name, type_=_A.c[name].type)
                                          for name in APPOINTMENT_INSERT_COLUMNS})
@@ -49,26 +51,42 @@ _PRUNE_SUPERSEDED = (
 
 
 def reminder_row(appointment_id: str, due: datetime, wording: dict[str, str], now: datetime, *,
-                 plan: int = 0) -> dict[str, Any]:
+                 plan: int = 0, skip_reason: str | None = None) -> dict[str, Any]:
     """A new `pending` reminder of `appointment_id` due at `due`, as the create and a re-plan insert
-    it (every REMINDER_INSERT_COLUMNS): its own id and idempotency key, the words fixed now."""
+    it (every REMINDER_INSERT_COLUMNS): its own id and idempotency key, the words fixed now;
+    `skipped` from the start with `skip_reason` (its number opted out, its appointment is confirmed)."""
     reminder_id = new_id()
     return {"id": reminder_id, "appointment_id": appointment_id, "due_at": due, "next_attempt_at": due,
-            "status": ReminderStatus.PENDING, "attempts": 0, "idempotency_key": idempotency_key(reminder_id),
-            "wording": wording, "no_answer_retries": 0, "plan": plan, "created_at": now, "updated_at": now}
+            "status": ReminderStatus.PENDING if skip_reason is None else ReminderStatus.SKIPPED, "attempts": 0,
+            "idempotency_key": idempotency_key(reminder_id), "wording": wording, "no_answer_retries": 0, "plan": plan,
+            "skip_reason": skip_reason, "created_at": now, "updated_at": now}
+
+
+def _skipped_if_listed(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "status": ReminderStatus.SKIPPED, "skip_reason": OPTED_OUT}
 
 
 @functools.lru_cache(maxsize=64)
 def _create_statement(reminders: int) -> Insert:
     """PostgreSQL: an appointment and `reminders` reminders in ONE statement (the appointment's
-    INSERT in a WITH), atomic on its own. Parameters: the appointment's columns by name, reminder
-    i's as `r<i>_<column>`."""
+    INSERT in a WITH), atomic on its own; a number on the do-not-call list gets its reminders
+    `skipped` ("opted out") by the same statement, which returns their status. Parameters: the
+    appointment's columns by name, reminder i's as `r<i>_<column>`."""
+    listed = number_listed(bindparam("phone_hash", type_=_A.c.phone_hash.type))
+
+    def column(i: int, name: str) -> Any:
+        value = bindparam(f"r{i}_{name}", type_=_R.c[name].type)
+        if name == "status":
+            return case((listed, literal(ReminderStatus.SKIPPED.value)), else_=value)
+        if name == "skip_reason":
+            return case((listed, literal(OPTED_OUT)), else_=value)
+        return value
+
     # rows as SELECTs of parameters, not a multi-row VALUES: SQLAlchemy caches the compiled form of
     # these, and compiling a multi-row VALUES on every request cost more than the round trips saved
-    rows = [select(*(bindparam(f"r{i}_{name}", type_=_R.c[name].type) for name in REMINDER_INSERT_COLUMNS))
-            for i in range(reminders)]
+    rows = [select(*(column(i, name) for name in REMINDER_INSERT_COLUMNS)) for i in range(reminders)]
     return (insert(_R).from_select(REMINDER_INSERT_COLUMNS, rows[0] if reminders == 1 else union_all(*rows))
-            .add_cte(_INSERT_APPOINTMENT.cte("new_appointment")))
+            .add_cte(_INSERT_APPOINTMENT.cte("new_appointment")).returning(_R.c.status))
 
 
 def _insert_reminders(connection: Connection, rows: list[dict[str, Any]]) -> None:
@@ -76,19 +94,23 @@ def _insert_reminders(connection: Connection, rows: list[dict[str, Any]]) -> Non
         connection.execute(_INSERT_REMINDERS, rows)
 
 
-def insert_appointment(connection: Connection, appointment: dict[str, Any], reminders: list[dict[str, Any]]) -> None:
+def insert_appointment(connection: Connection, appointment: dict[str, Any], reminders: list[dict[str, Any]]) -> bool:
     """The appointment and its (`pending`) reminders: one statement on PostgreSQL; SQLite has no
-    INSERT inside WITH, so two there (`Database.write_one` runs them in one transaction)."""
+    INSERT inside WITH, so three there (`Database.write_one` runs them in one transaction). True
+    when the number is on the do-not-call list: the reminders were stored `skipped` ("opted out")."""
     if not reminders:
         connection.execute(_INSERT_APPOINTMENT, appointment)
-    elif connection.dialect.name == "sqlite":
+        return False
+    if connection.dialect.name == "sqlite":
+        listed = is_listed(connection, appointment["phone_hash"])
         connection.execute(_INSERT_APPOINTMENT, appointment)
-        _insert_reminders(connection, reminders)
-    else:
-        params = dict(appointment)
-        for i, row in enumerate(reminders):
-            params.update({f"r{i}_{name}": row[name] for name in REMINDER_INSERT_COLUMNS})
-        connection.execute(_create_statement(len(reminders)), params)
+        _insert_reminders(connection, [_skipped_if_listed(row) for row in reminders] if listed else reminders)
+        return listed
+    params = dict(appointment)
+    for i, row in enumerate(reminders):
+        params.update({f"r{i}_{name}": row[name] for name in REMINDER_INSERT_COLUMNS})
+    status = connection.execute(_create_statement(len(reminders)), params).scalars().first()
+    return status == ReminderStatus.SKIPPED
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,9 @@ def change_appointment(connection: Connection, appointment_id: str, values: dict
     return Replanned(current, pruned, superseded.cancelled - pruned, superseded.owed)
 
 
-def insert_plan(connection: Connection, reminders: list[dict[str, Any]]) -> None:
-    """A plan's (`pending`) reminders, in one executemany."""
-    _insert_reminders(connection, reminders)
+def insert_plan(connection: Connection, phone_hash: str, reminders: list[dict[str, Any]]) -> bool:
+    """A plan's (`pending`) reminders, in one executemany; `skipped` ("opted out") when the number
+    (`phone_hash`) is on the do-not-call list, and then True."""
+    listed = bool(reminders) and is_listed(connection, phone_hash)
+    _insert_reminders(connection, [_skipped_if_listed(row) for row in reminders] if listed else reminders)
+    return listed

@@ -15,7 +15,7 @@ from fastapi import Request
 from service.ledger.calls import Fallback
 from service.reminders import MessageTemplates, Wording
 
-__all__ = ["cancel_calls", "fallback_wording", "with_retries"]
+__all__ = ["call_after_confirmation", "cancel_calls", "fallback_wording", "with_retries"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,12 @@ async def with_retries(work: Callable[[], Awaitable[Any]], budget: float, what: 
             log.info("%s: %s, trying again", what, type(error).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+def call_after_confirmation(request: Request) -> bool:
+    """CALL_AFTER_CONFIRMATION: a confirmed appointment's later reminders still call."""
+    settings = getattr(request.app.state, "settings", None)
+    return bool(getattr(settings, "call_after_confirmation", False))
 
 
 def fallback_wording(request: Request) -> Fallback:

@@ -9,6 +9,7 @@ HTTP. The API and the dispatcher both import it; neither owns it.
 
 from service.reminders.attempts import AttemptState, reconcile
 from service.reminders.calls import REPLAN_FIELDS, call_message, idempotency_key
+from service.reminders.caps import CallCaps, CapHold, cap_hold
 from service.reminders.errors import ReminderError
 from service.reminders.lifecycle import (
     TERMINAL,
@@ -27,6 +28,7 @@ from service.reminders.outcomes import (
     advances,
     answerer,
     keypad_answer,
+    opts_out,
     outcome_of_final,
     retry_time,
     round_bit,
@@ -39,12 +41,27 @@ from service.reminders.planning import (
     decide_call,
     fit_call_window,
     plan_reminders,
+    too_close,
 )
 from service.reminders.rules import ALWAYS, CallWindow, ReminderOffset, parse_duration
-from service.reminders.wording import DEFAULT_LANGUAGE, MessageTemplates, Wording, normalize_language
+from service.reminders.wording import (
+    DEFAULT_LANGUAGE,
+    DEFAULT_OPT_OUT_DIGIT,
+    MessageTemplates,
+    Wording,
+    check_opt_out_digit,
+    normalize_language,
+)
 
 __all__ = [
     "AttemptState",
+    "CallCaps",
+    "CapHold",
+    "DEFAULT_OPT_OUT_DIGIT",
+    "cap_hold",
+    "check_opt_out_digit",
+    "opts_out",
+    "too_close",
     "Confirmation",
     "DEFAULT_LANGUAGE",
     "MessageTemplates",

@@ -29,22 +29,25 @@ _S = ReminderStatus
 # A newer term taking over an orphaned `dispatching` claim keeps the status (only the fence
 # token changes): that is a re-claim, not a transition.
 TRANSITIONS: dict[ReminderStatus, frozenset[ReminderStatus]] = {
-    # claimed by the leader; cancelled by DELETE or a re-planning PATCH
-    _S.PENDING: frozenset({_S.DISPATCHING, _S.CANCELLED}),
+    # claimed by the leader; cancelled by DELETE or a re-planning PATCH; skipped by an opt-out or
+    # a confirmation (docs/decisions/0231)
+    _S.PENDING: frozenset({_S.DISPATCHING, _S.CANCELLED, _S.SKIPPED}),
     # the call's outcome: placed, given up, skipped (misfire, appointment started), the appointment
     # was cancelled meanwhile; or back to pending for a retry or to wait for the call window
     _S.DISPATCHING: frozenset({_S.SENT, _S.FAILED, _S.SKIPPED, _S.CANCELLED, _S.PENDING}),
     # real providers: nobody answered (no_answer / busy) and a retry is due (NO_ANSWER_RETRIES), or
     # the bound call ended before its message began; or a re-plan or cancellation supersedes a
-    # reminder whose call is still unanswered (docs/decisions/0221)
-    _S.SENT: frozenset({_S.PENDING, _S.CANCELLED}),
+    # reminder whose call is still unanswered (docs/decisions/0221), or an opt-out or a
+    # confirmation skips it (docs/decisions/0231)
+    _S.SENT: frozenset({_S.PENDING, _S.CANCELLED, _S.SKIPPED}),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
     _S.SKIPPED: frozenset(),
 }
 
 # Final: nothing more happens to the reminder. `sent` is final except while a real provider's call
-# is unanswered: a no-answer retry makes it `pending` again, a re-plan `cancelled`.
+# is unanswered: a no-answer retry makes it `pending` again, a re-plan `cancelled`, an opt-out or a
+# confirmation `skipped`.
 TERMINAL = frozenset({_S.SENT, _S.FAILED, _S.CANCELLED, _S.SKIPPED})
 
 

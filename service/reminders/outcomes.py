@@ -24,6 +24,7 @@ __all__ = [
     "LIVE_CALL_STATES",
     "MACHINE_ANSWERS",
     "PRE_ANSWER_STATES",
+    "RANG_STATES",
     "Confirmation",
     "NoAnswerPolicy",
     "ReminderOutcome",
@@ -32,6 +33,7 @@ __all__ = [
     "answerer",
     "round_bit",
     "keypad_answer",
+    "opts_out",
     "outcome_of_final",
     "retry_time",
 ]
@@ -68,6 +70,9 @@ LIVE_CALL_STATES = frozenset(state for state in _RANK if state != "answered")
 FINAL_CALL_STATES = frozenset({"completed", "busy", "no-answer", "failed", "canceled"})
 # Statuses of a call that has not been answered yet: it can still be cancelled.
 PRE_ANSWER_STATES = ("queued", "initiated", "ringing")
+# Statuses that say the call reached the number (it rang, or more): it counts against the caps
+# per number (service.reminders.caps) even if a later status hides it (`canceled` after ringing).
+RANG_STATES = frozenset({"ringing", CALL_ANSWERED, "answered", CALL_SPEAKING, CALL_SPOKEN, "completed", "no-answer"})
 _FINAL_RANK = 6
 
 # Who answered, as each provider's machine detection says it (docs/DESIGN.md, "Machine detection").
@@ -127,6 +132,11 @@ def outcome_of_final(status: str) -> ReminderOutcome | None:
 def keypad_answer(digits: str | None) -> Confirmation | None:
     """1 → confirmed, 2 → declined; anything else (or nothing) → no answer."""
     return _KEYS.get((digits or "").strip())
+
+
+def opts_out(digits: str | None, opt_out_digit: str) -> bool:
+    """The opt-out key was pressed: the one the call's wording announced (`opt_out_digit`)."""
+    return (digits or "").strip() == opt_out_digit
 
 
 def answerer(answered_by: str | None) -> Answerer:

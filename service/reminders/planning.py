@@ -15,19 +15,25 @@ from service.reminders.numbers import NumberPolicy
 from service.reminders.rules import CallWindow, ReminderOffset
 from service.reminders.wording import MessageTemplates
 
-__all__ = ["CallDecision", "Plan", "PlanningConfig", "Unplanned", "decide_call", "fit_call_window", "plan_reminders"]
+__all__ = [
+    "CallDecision", "Plan", "PlanningConfig", "Unplanned", "decide_call", "fit_call_window", "plan_reminders",
+    "offsets_too_close", "spacing_text", "too_close",
+]
 
 
 @dataclass(frozen=True)
 class PlanningConfig:
     """What planning takes from the settings: the call window, the default offset rules, which
-    numbers may be called at all, and the message templates a reminder's wording is rendered from
-    when it is planned."""
+    numbers may be called at all, the message templates a reminder's wording is rendered from
+    when it is planned, how far apart an appointment's reminders must be (MIN_REMINDER_SPACING),
+    and whether a confirmed appointment is still called (CALL_AFTER_CONFIRMATION)."""
 
     call_window: CallWindow
     offsets: tuple[ReminderOffset, ...]
     numbers: NumberPolicy = NumberPolicy()
     templates: MessageTemplates = field(default_factory=lambda: MessageTemplates.parse(None))
+    spacing: timedelta = timedelta(0)
+    call_after_confirmation: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,37 @@ def _rule_time(rule: ReminderOffset, starts_at: datetime, zone: ZoneInfo) -> dat
     return _at_local(local_start + timedelta(days=rule.day), rule.at, zone)
 
 
+def too_close(times: Iterable[datetime], spacing: timedelta) -> tuple[int, int] | None:
+    """The positions of two of `times` closer than `spacing` (exactly `spacing` apart is fine), or None."""
+    ordered = sorted(enumerate(times), key=lambda item: item[1])
+    for (i, earlier), (j, later) in zip(ordered, ordered[1:], strict=False):
+        if later - earlier < spacing:
+            return min(i, j), max(i, j)
+    return None
+
+
+def offsets_too_close(offsets: Sequence[ReminderOffset], spacing: timedelta) -> tuple[int, int] | None:
+    """The positions of two offset rules of one kind that always plan closer than `spacing`
+    (`24h` and `23h30m`; `-1d@18:00` and `-1d@18:30`), or None. Rules of different kinds are
+    compared per appointment, when planned."""
+    def position(rule: ReminderOffset) -> tuple[str, timedelta]:
+        if rule.before is not None:
+            return "before", rule.before
+        assert rule.day is not None and rule.at is not None
+        return "day", timedelta(days=rule.day, hours=rule.at.hour, minutes=rule.at.minute)
+
+    positions = [position(rule) for rule in offsets]
+    for i, (kind, at) in enumerate(positions):
+        for j in range(i + 1, len(positions)):
+            if positions[j][0] == kind and abs(positions[j][1] - at) < spacing:
+                return i, j
+    return None
+
+
+def _spaced(due: datetime, due_times: list[datetime], spacing: timedelta) -> bool:
+    return all(abs(due - other) >= spacing for other in due_times)
+
+
 def plan_reminders(
     *,
     starts_at: datetime,
@@ -85,6 +122,7 @@ def plan_reminders(
     offsets: Sequence[ReminderOffset] = (),
     explicit: Iterable[datetime] | None = None,
     owed: Iterable[datetime] = (),
+    spacing: timedelta = timedelta(0),
 ) -> Plan:
     """Due times for an appointment: the explicit times if given, else one per offset rule.
 
@@ -92,7 +130,8 @@ def plan_reminders(
     before the appointment, or that has already passed, is reported as unplanned. `owed`: calls an
     earlier plan owed and had not made (a re-plan supersedes them): each stays due, at its time or
     now, whatever the rules say, while the appointment is still ahead (the dispatcher waits for the
-    call window).
+    call window). A time that fitting into the window (or an owed call) brings closer than
+    `spacing` to one already planned is unplanned too.
     """
     candidates = (
         [(t.isoformat(), t.astimezone(UTC)) for t in explicit]
@@ -107,16 +146,32 @@ def plan_reminders(
             unplanned.append(Unplanned(rule, "no time inside the call window before the appointment"))
         elif due < now:
             unplanned.append(Unplanned(rule, "its time (after fitting the call window) has already passed"))
-        elif due not in due_times:
+        elif due in due_times and not spacing:
+            continue  # the same time twice: one call
+        elif not _spaced(due, due_times, spacing):
+            unplanned.append(Unplanned(rule, f"fitting the call window moves it within {spacing_text(spacing)} of "
+                                             "another reminder (MIN_REMINDER_SPACING)"))
+        else:
             due_times.append(due)
     for moment in owed:
         due = max(moment, now)
         if due >= starts_at:
             unplanned.append(Unplanned("owed by the plan before",
                                        "the appointment starts before the call could be made"))
-        elif due not in due_times:
+        elif due in due_times and not spacing:
+            continue
+        elif not _spaced(due, due_times, spacing):
+            unplanned.append(Unplanned("owed by the plan before", f"a reminder of this plan is due within "
+                                                                  f"{spacing_text(spacing)} (MIN_REMINDER_SPACING)"))
+        else:
             due_times.append(due)
     return Plan(sorted(due_times), unplanned)
+
+
+def spacing_text(spacing: timedelta) -> str:
+    """A spacing as people write it: `1h00m`, `90s`."""
+    minutes = int(spacing.total_seconds() // 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{int(spacing.total_seconds())}s"
 
 
 @dataclass(frozen=True)

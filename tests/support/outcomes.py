@@ -21,7 +21,7 @@ __all__ = ["PROMPT", "RETRY_DELAY", "TEMPLATES", "appointment_row", "book", "met
 
 RETRY_DELAY = timedelta(seconds=1)
 TEMPLATES = MessageTemplates.parse(json.dumps({"en-US": {}, "de-DE": "Hallo {name}, Termin am {date} um {time}."}))
-PROMPT = "Press 1 to confirm, press 2 to cancel."
+PROMPT = "Press 1 to confirm, press 2 to cancel. To receive no more reminder calls, press 9."
 
 
 async def book(db: Database, phone: str, *, language: str = "en-US", later: bool = False) -> tuple[str, list[str]]:

@@ -35,7 +35,7 @@ from typing import Any
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
 
 from service.ledger import calls
-from service.providers.common import cancel_calls, fallback_wording
+from service.providers.common import call_after_confirmation, cancel_calls, fallback_wording
 from service.providers.telnyx.events import TelnyxEvent, hangup_status, parse_event
 from service.providers.telnyx.rest import EVENTS_PATH, gather_command_id, hangup_command_id, last_words_command_id
 from service.providers.telnyx.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, TelnyxSignature
@@ -150,7 +150,8 @@ async def _greet(request: Request, event: TelnyxEvent, who: Answerer) -> None:
 
 
 async def gather_ended(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
-    """The keypad: 1 confirms, 2 declines; nothing usable → the question once more (round 2, in
+    """The keypad: 1 confirms, 2 declines, OPT_OUT_DIGIT (as the call's wording announced it) lists
+    the number; nothing usable → the question once more (round 2, in
     the gather's `client_state`), then goodbye. Only the bound call of a current reminder is heard,
     each round once, and only digits pressed before the call's hang-up."""
     assert event.stamp is not None and event.call_id is not None
@@ -161,18 +162,21 @@ async def gather_ended(request: Request, event: TelnyxEvent, background: Backgro
     digits = event.payload.get("digits")
     round_ = Stamp.round_in(event.payload.get("client_state"))
     result = await calls.keypad(db, stamp, call_id, digits if isinstance(digits, str) else None, round_=round_,
-                                pressed_at=event.occurred_at, fallback=fallback_wording(request))
+                                pressed_at=event.occurred_at, fallback=fallback_wording(request),
+                                call_after_confirmation=call_after_confirmation(request))
     if not result.bound or result.wording is None:
         await _hang_up(request, event)
         return
     if result.repeated:
         return  # this round was answered before: its words were said then
     wording = result.wording
-    if result.answer is not None:
+    if result.opted_out:
+        said = wording.opted_out
+    elif result.answer is not None:
         words = {Confirmation.CONFIRMED: wording.confirmed, Confirmation.DECLINED: wording.declined}
         said = words[result.answer] if result.confirmation == result.answer else wording.goodbye
     elif round_ == 1:  # the question once more (not the message)
-        await provider.gather_using_speak(call_id, wording.prompt, command_id=gather_command_id(stamp.attempt_id, 2),
+        await provider.gather_using_speak(call_id, wording.question, command_id=gather_command_id(stamp.attempt_id, 2),
                                           stamp=stamp, language=wording.language, round_=2)
         return
     else:

@@ -22,7 +22,7 @@ from starlette.datastructures import FormData
 
 from service.ledger import calls
 from service.privacy import mask_phone
-from service.providers.common import cancel_calls, fallback_wording, with_retries
+from service.providers.common import call_after_confirmation, cancel_calls, fallback_wording, with_retries
 from service.providers.twilio.rest import WEBHOOK_PATHS
 from service.providers.twilio.signature import SIGNATURE_HEADERS, TwilioSignature
 from service.providers.twilio.twiml import gather_twiml, hangup_twiml, say_twiml
@@ -125,7 +125,7 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
     wording = result.wording
     if result.machine:
         return _twiml(say_twiml(wording.voicemail, language=wording.language))
-    text = f"{wording.message} {wording.prompt}"
+    text = f"{wording.message} {wording.question}"
     return _twiml(gather_twiml(text, language=wording.language, action=_gather_url(request, stamp, 1)))
 
 
@@ -152,7 +152,8 @@ async def status_event(request: Request, background: BackgroundTasks) -> Respons
 
 @router.post(WEBHOOK_PATHS["gather"])
 async def gather(request: Request) -> Response:
-    """The keypad: 1 confirms, 2 declines; nothing usable → the question once more, then goodbye.
+    """The keypad: 1 confirms, 2 declines, OPT_OUT_DIGIT (as the call's wording announced it) lists
+    the number; nothing usable → the question once more, then goodbye.
     Only the bound call of a current reminder is heard, each round once (a repeat of a round hears
     the words again and changes nothing); any other gets <Hangup/> and changes nothing."""
     form = await _verified(request)
@@ -164,7 +165,8 @@ async def gather(request: Request) -> Response:
     try:
         result = await with_retries(
             lambda: calls.keypad(request.app.state.db, stamp, call_sid, digits if isinstance(digits, str) else None,
-                                 round_=round_, fallback=fallback_wording(request)),
+                                 round_=round_, fallback=fallback_wording(request),
+                                 call_after_confirmation=call_after_confirmation(request)),
             getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
             f"gather webhook for reminder {stamp.reminder_id}",
         )
@@ -175,6 +177,11 @@ async def gather(request: Request) -> Response:
     if not result.bound or result.wording is None:
         return _twiml(hangup_twiml())
     wording = result.wording
+    if result.opted_out:
+        if result.changed:
+            log.info("reminder %s: the customer asked for no more calls; the number is on the do-not-call list",
+                     stamp.reminder_id)
+        return _twiml(say_twiml(wording.opted_out, language=wording.language))
     if result.changed:
         log.info("reminder %s: the customer %s the appointment", stamp.reminder_id, result.answer)
     if result.answer is not None:
@@ -184,5 +191,5 @@ async def gather(request: Request) -> Response:
         said = words[result.answer] if result.confirmation == result.answer else wording.goodbye
         return _twiml(say_twiml(said, language=wording.language))
     if round_ == 1:  # the question once more (not the message)
-        return _twiml(gather_twiml(wording.prompt, language=wording.language, action=_gather_url(request, stamp, 2)))
+        return _twiml(gather_twiml(wording.question, language=wording.language, action=_gather_url(request, stamp, 2)))
     return _twiml(say_twiml(wording.goodbye, language=wording.language))
