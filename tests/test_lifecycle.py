@@ -12,7 +12,7 @@ from service import appointments
 from service.config import Settings
 from service.db import Appointment, CallAttempt, Database, Reminder
 from service.db.models import new_id
-from service.ledger import Outcome, ReminderStore, SweepStore, SweepTimes, calls
+from service.ledger import Outcome, ReminderStore, SweepStore, SweepTimes, calls, consent
 from service.reminders import (
     TERMINAL,
     TRANSITIONS,
@@ -75,9 +75,11 @@ async def _seed(db: Database, *, status: S = S.PENDING, token: int | None = None
     appointment, the reminder and its attempt."""
     now = now or datetime.now(UTC)
     appointment_id, reminder_id, attempt_id = new_id(), new_id(), new_id()
+    phone_hash = (await consent.phone_hasher(db))("+14155552671")
     async with db.session() as session:
         await session.execute(insert(Appointment).values(
-            id=appointment_id, customer_name="Ada", phone="+14155552671", starts_at=now + timedelta(hours=2),
+            id=appointment_id, customer_name="Ada", phone="+14155552671", phone_hash=phone_hash,
+            starts_at=now + timedelta(hours=2),
             timezone="UTC", status="scheduled", language="en-US", created_at=now, updated_at=now))
         for rid, state in ((reminder_id, status), (new_id(), S.PENDING)):
             await session.execute(insert(Reminder).values(
@@ -137,6 +139,18 @@ async def _decline(db: Database, ids: tuple[str, str, str]) -> None:
     await calls.keypad(db, Stamp(ids[1], ids[2]), "CA1", "2", fallback=_fallback)
 
 
+async def _confirm(db: Database, ids: tuple[str, str, str]) -> None:
+    await calls.keypad(db, Stamp(ids[1], ids[2]), "CA1", "1", fallback=_fallback)
+
+
+async def _opt_out_by_keypad(db: Database, ids: tuple[str, str, str]) -> None:
+    await calls.keypad(db, Stamp(ids[1], ids[2]), "CA1", "9", fallback=_fallback)
+
+
+async def _opt_out_by_api(db: Database, _ids: tuple[str, str, str]) -> None:
+    await consent.add(db, "+14155552671")
+
+
 async def _no_answer_retry(db: Database, ids: tuple[str, str, str]) -> None:
     await calls.record_event(db, Stamp(ids[1], ids[2]), "CA1", "no-answer", 9,
                              NoAnswerPolicy(retries=1, delay=timedelta(minutes=1)))
@@ -155,6 +169,13 @@ WRITERS = [
     pytest.param(_replan, (S.PENDING, S.CANCELLED), {}, id="re-plan"),
     pytest.param(_decline, (S.PENDING, S.CANCELLED), {"status": S.SENT, "token": 5, "bound": True,
                                                       "call_status": "in-progress"}, id="keypad-decline"),
+    pytest.param(_confirm, (S.PENDING, S.SKIPPED), {"status": S.SENT, "token": 5, "bound": True,
+                                                    "call_status": "in-progress"}, id="keypad-confirm"),
+    pytest.param(_opt_out_by_keypad, (S.PENDING, S.SKIPPED), {"status": S.SENT, "token": 5, "bound": True,
+                                                              "call_status": "in-progress"}, id="keypad-opt-out"),
+    pytest.param(_opt_out_by_api, (S.PENDING, S.SKIPPED), {}, id="do-not-call-api"),
+    pytest.param(_opt_out_by_api, (S.SENT, S.SKIPPED), {"status": S.SENT, "token": 5, "call_status": "ringing"},
+                 id="do-not-call-api-while-ringing"),
     pytest.param(_no_answer_retry, (S.SENT, S.PENDING), {"status": S.SENT, "token": 5, "call_status": "ringing"},
                  id="no-answer-retry"),
     pytest.param(_release_unheard, (S.SENT, S.PENDING), {"status": S.SENT, "token": 5, "bound": True,

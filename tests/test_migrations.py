@@ -135,3 +135,32 @@ async def test_outcomes_migration_keeps_rows_and_steps_down_and_up(database_url:
         await db.check_schema()
     finally:
         await db.dispose()
+
+
+async def test_consent_migration_hashes_every_stored_number_with_the_key_it_made(database_url: str) -> None:
+    from sqlalchemy import text
+
+    from service.ledger.consent import phone_hasher
+
+    db = Database(database_url)
+    try:
+        await db.upgrade()
+        await db.downgrade("0004_call_protocol")
+        async with db.engine.begin() as connection:  # rows written before the revision
+            for index, phone in enumerate(("+14155552671", "+4930901820")):
+                await connection.execute(text(
+                    "INSERT INTO appointments (id, customer_name, phone, starts_at, timezone, status, created_at, "
+                    f"updated_at) VALUES ('a{index}', 'Ann', '{phone}', '2030-01-01 09:00:00', 'UTC', 'scheduled', "
+                    "'2029-12-01 09:00:00', '2029-12-01 09:00:00')"))
+        await db.upgrade()
+        await db.check_schema()
+        hasher = await phone_hasher(db)
+        async with db.engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT phone, phone_hash FROM appointments"))).all()
+        assert len(rows) == 2 and all(phone_hash == hasher(phone) for phone, phone_hash in rows)
+        assert len({phone_hash for _, phone_hash in rows}) == 2 and all(len(h) == 64 for _, h in rows)
+        await db.downgrade("0004_call_protocol")
+        assert "phone_hash" not in await columns(db, "appointments")
+        await db.upgrade()
+    finally:
+        await db.dispose()

@@ -25,7 +25,7 @@ __all__ = ["CAP_SPANS", "IN_FLIGHT_RECHECK", "CallCaps", "CapHold", "cap_hold"]
 CAP_SPANS = {"day": timedelta(days=1), "week": timedelta(days=7)}
 # A reminder held back only by calls being placed right now looks again this soon: whether those
 # reach the number is known by then.
-IN_FLIGHT_RECHECK = timedelta(seconds=15)
+IN_FLIGHT_RECHECK = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
