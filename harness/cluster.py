@@ -1070,11 +1070,13 @@ class Cluster:
         return self._run_db(counts)
 
     def outcomes(self) -> Counter[str]:
-        """Real providers: reminders by `outcome` and appointments by `confirmation` (keys
-        `answered`, `voicemail`, `no_answer`, …, `confirmed`, `declined`); unknown ones left out."""
+        """Real providers: reminders by `outcome`, appointments by `confirmation` (keys
+        `answered`, `voicemail`, `no_answer`, …, `confirmed`, `declined`) and the numbers on the
+        do-not-call list (`opted_out`); unknown ones left out."""
         from sqlalchemy import func, select
 
         from service.db import Appointment, Reminder
+        from service.db.models import DoNotCall
 
         async def counts(db: Any) -> Counter[str]:
             async with db.session() as session:
@@ -1083,6 +1085,9 @@ class Cluster:
                     result = await session.execute(select(column, func.count()).where(column.is_not(None))
                                                    .group_by(column))
                     found.update({str(value): n for value, n in result.all()})
+                listed = (await session.execute(select(func.count()).select_from(DoNotCall))).scalar_one()
+                if listed:
+                    found["opted_out"] = listed
                 return found
 
         return self._run_db(counts)

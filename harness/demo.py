@@ -67,10 +67,10 @@ TWILIO_CALLEES = {
     "+14155552671": ({"behaviour": "answer", "digits": "2"}, "en-US"),  # declines: appointment cancelled
     "+12125550123": ({"behaviour": "machine"}, "en-US"),  # voicemail, no question
     "+33142685300": ({"behaviour": "no-answer"}, "fr-FR"),  # retried after NO_ANSWER_RETRY_DELAY
-    "+4930901820": ({"behaviour": "answer", "digits": ["9", "1"]}, "de-DE"),  # a wrong key, the question again, 1
+    "+4930901820": ({"behaviour": "answer", "digits": ["5", "1"]}, "de-DE"),  # a wrong key, the question again, 1
     "+34915550100": ({"behaviour": "busy"}, "es-ES"),  # busy: retried too
     "+61293744000": ({"behaviour": "answer"}, "en-US"),  # presses nothing: question twice, goodbye
-    "+81335811111": ({"behaviour": "answer", "digits": "1"}, "en-US"),
+    "+81335811111": ({"behaviour": "answer", "digits": "9"}, "en-US"),  # opts out: never called again
 }
 # Built-in phrases for these languages (MESSAGE_TEMPLATES: each an empty object of phrases).
 DEMO_TEMPLATES = {"en-US": {}, "en-GB": {}, "de-DE": {}, "fr-FR": {}, "es-ES": {}}
@@ -422,9 +422,9 @@ _OUTCOME_KEYS = ("answered", "voicemail", "no_answer", "busy", "failed")
 
 
 def outcome_line(outcomes: Counter[str]) -> str:
-    """`outcomes answered 4 · voicemail 1 · no_answer 1 | confirmed 3 · declined 1`."""
+    """`outcomes answered 4 · voicemail 1 · no_answer 1 | confirmed 3 · declined 1 · opted_out 1`."""
     calls = " · ".join(f"{key} {outcomes[key]}" for key in _OUTCOME_KEYS if outcomes[key])
-    answers = " · ".join(f"{key} {outcomes[key]}" for key in ("confirmed", "declined") if outcomes[key])
+    answers = " · ".join(f"{key} {outcomes[key]}" for key in ("confirmed", "declined", "opted_out") if outcomes[key])
     return f"outcomes {calls or 'none yet'} | keypad {answers or 'none yet'}"
 
 

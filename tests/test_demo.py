@@ -353,9 +353,11 @@ def test_twilio_mode_shows_outcomes_and_keypad_answers() -> None:
     from harness.demo import TWILIO_CALLEES, outcome_line
 
     assert outcome_line(Counter()) == "outcomes none yet | keypad none yet"
-    line = outcome_line(Counter({"answered": 4, "voicemail": 1, "no_answer": 1, "confirmed": 3, "declined": 1}))
-    assert line == "outcomes answered 4 · voicemail 1 · no_answer 1 | keypad confirmed 3 · declined 1"
+    line = outcome_line(Counter({"answered": 4, "voicemail": 1, "no_answer": 1, "confirmed": 3, "declined": 1,
+                                 "opted_out": 1}))
+    assert line == "outcomes answered 4 · voicemail 1 · no_answer 1 | keypad confirmed 3 · declined 1 · opted_out 1"
     behaviours = {script["behaviour"] for script, _ in TWILIO_CALLEES.values()}
     assert behaviours == {"answer", "machine", "no-answer", "busy"}  # every flow of the outcomes issue
     presses = [script.get("digits") for script, _ in TWILIO_CALLEES.values()]
-    assert "1" in presses and "2" in presses and None in presses and ["9", "1"] in presses
+    assert "1" in presses and "2" in presses and None in presses and ["5", "1"] in presses
+    assert "9" in presses  # one callee opts out (OPT_OUT_DIGIT)
