@@ -177,16 +177,19 @@ class Settings(BaseSettings):
             raise ValueError("must be a duration ≥ 0 (e.g. 1h; 0: reminders may be any distance apart)")
         return value
 
-    @model_validator(mode="after")
-    def _offsets_spaced(self) -> Settings:
-        # offsets closer than MIN_REMINDER_SPACING would plan reminders the API refuses when asked
-        # for explicitly: refused at start instead of unplanned on every appointment
-        pair = offsets_too_close(self.reminder_offsets, self.min_reminder_spacing)
+    @field_validator("min_reminder_spacing")
+    @classmethod
+    def _offsets_spaced(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        # offsets closer than this would plan reminders the API refuses when asked for explicitly:
+        # refused at start instead of unplanned on every appointment
+        offsets = info.data.get("reminder_offsets", ())
+        pair = offsets_too_close(offsets, value)
         if pair is not None:
-            first, second = (self.reminder_offsets[i] for i in pair)
-            raise ValueError(f"REMINDER_OFFSETS: {first} and {second} are closer than MIN_REMINDER_SPACING "
-                             f"({spacing_text(self.min_reminder_spacing)})")
-        return self
+            first, second = (offsets[i] for i in pair)
+            raise ValueError(f"REMINDER_OFFSETS {first} and {second} are closer than MIN_REMINDER_SPACING "
+                             f"({spacing_text(value)})")
+        return value
+
 
     @field_validator("telephony_from")
     @classmethod

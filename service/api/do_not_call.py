@@ -13,7 +13,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from service.api.deps import invalid
 from service.api.schemas import DoNotCallOut, ErrorOut
 from service.ledger import consent
-from service.privacy import mask_phone
+from service.privacy import E164_PATTERN, mask_phone
 from service.reminders import ReminderError, parse_phone
 
 __all__ = ["router"]
@@ -31,7 +31,7 @@ router = APIRouter(
 )
 
 PhonePath = Annotated[str, Path(description="E.164, a valid number (`+` or `%2B`)", examples=["+14155552671"],
-                                 max_length=32)]
+                                 pattern=f"^{E164_PATTERN}$")]
 
 
 def _number(phone: str) -> str:

@@ -43,8 +43,8 @@ class Outcome:
     @classmethod
     def wait(cls, until: datetime, reason: str | None = None) -> Outcome:
         """`pending` until `until` (the call window opens, a cap per number allows a call),
-        nothing spent; `reason` is shown as its `last_error`."""
-        return cls(_S.PENDING, next_attempt_at=until, last_error=reason)
+        nothing spent; `reason` is shown as its `last_error` (none: an earlier one is cleared)."""
+        return cls(_S.PENDING, next_attempt_at=until, last_error=reason, clears_error=True)
 
     @classmethod
     def failed(cls, error: str | None, *, attempts: int | None = None) -> Outcome:

@@ -3,10 +3,10 @@ say, so that tests/schemathesis.toml can demand a 2xx for it (404 only for an un
 for changing a cancelled appointment).
 
 What JSON Schema cannot express, and the API checks: a phone number that is a real number
-(phonenumbers), an IANA time zone, a language with a message template (the default en-US only), a
-start in the future and at most 10 years ahead, explicit reminders before the start, no NUL in
-text, a cursor that a previous page handed out. Cases generated to be invalid (negative) are left
-alone.
+(phonenumbers; in a body, and in the do-not-call list's path), an IANA time zone, a language with a
+message template (the default en-US only), a start in the future and at most 10 years ahead,
+explicit reminders before the start, no NUL in text, a cursor that a previous page handed out.
+Cases generated to be invalid (negative) are left alone.
 
 Seeded: every choice is drawn from a generator seeded with FUZZ_SEED and the case itself, and
 times count from the start of the current UTC day, so a seed gives the same requests all day
@@ -103,4 +103,6 @@ def _made_valid(case: Any) -> Any:
         case.body = _valid_body(case.body, method, rng)
     if method == "GET" and case.query and _positive(case, ParameterLocation.QUERY):
         case.query = _valid_query(case.query, rng)
+    if case.path.startswith("/do-not-call/") and case.path_parameters and _positive(case, ParameterLocation.PATH):
+        case.path_parameters = {**case.path_parameters, "phone": rng.choice(PHONES)}
     return case
