@@ -26,11 +26,12 @@ from sqlalchemy.engine import Connection, Row
 
 from service.db import Database
 from service.db.models import Appointment, AppointmentStatus, Confirmation, Reminder, new_id, utcnow
-from service.ledger import cancellation, consent, plans
+from service.ledger import cancellation, consent, erasure, plans
 from service.ledger.cancellation import CANCELLED_BY_API, CONFIRMED_BY_CUSTOMER, OPTED_OUT, REPLANNED
 from service.ledger.consent import PhoneHasher
 from service.ledger.plans import insert_appointment, reminder_row
-from service.metrics import SKIPPED_BY_CONSENT
+from service.logs import actor
+from service.metrics import PERSONAL_DATA_ERASED, SKIPPED_BY_CONSENT
 from service.privacy import mask_phone
 from service.reminders import (
     REPLAN_FIELDS,
@@ -112,6 +113,7 @@ class AppointmentView(TypedDict):
     unplanned: list[dict[str, str]]
     created_at: datetime
     updated_at: datetime
+    erased_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class Page:
 
 _A, _R = Appointment.__table__, Reminder.__table__
 _APPOINTMENT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "status", "language",
-                        "confirmation", "remind_at", "created_at", "updated_at")
+                        "confirmation", "remind_at", "created_at", "updated_at", "erased_at")
 _REMINDER_COLUMNS = ("id", "due_at", "status", "attempts", "last_error", "skip_reason", "sent_at", "provider_call_id",
                      "outcome", "answered_at")
 
@@ -189,14 +191,14 @@ def _views(rows: Sequence[Row[Any]]) -> list[AppointmentView]:
                 "id": row[0], "customer_name": row[1], "phone": row[2], "starts_at": row[3], "timezone": row[4],
                 "notes": row[5], "status": row[6], "language": row[7], "confirmation": row[8],
                 "remind_at": [datetime.fromisoformat(t) for t in remind_at] if remind_at else None,
-                "reminders": [], "unplanned": [], "created_at": row[10], "updated_at": row[11],
+                "reminders": [], "unplanned": [], "created_at": row[10], "updated_at": row[11], "erased_at": row[12],
             }
             views.append(current)
-        if row[12] is not None:
+        if row[13] is not None:
             current["reminders"].append({
-                "id": row[12], "due_at": row[13], "status": row[14], "attempts": row[15], "last_error": row[16],
-                "skip_reason": row[17], "sent_at": row[18], "provider_call_id": row[19], "outcome": row[20],
-                "answered_at": row[21],
+                "id": row[13], "due_at": row[14], "status": row[15], "attempts": row[16], "last_error": row[17],
+                "skip_reason": row[18], "sent_at": row[19], "provider_call_id": row[20], "outcome": row[21],
+                "answered_at": row[22],
             })
     return views
 
@@ -308,15 +310,15 @@ async def create(db: Database, new: NewAppointment, planning: PlanningConfig) ->
         reminders = [{**row, "status": ReminderStatus.SKIPPED, "skip_reason": OPTED_OUT} for row in reminders]
         SKIPPED_BY_CONSENT.labels("opted_out").inc(len(reminders))
     if log.isEnabledFor(logging.INFO):
-        log.info("appointment %s created for %s: %d reminder(s)%s, %d unplanned", values["id"], mask_phone(new.phone),
-                 len(reminders), " skipped (the number opted out)" if reminders and reminders[0]["skip_reason"] else "",
-                 len(unplanned))
+        log.info("appointment %s created by %s for %s: %d reminder(s)%s, %d unplanned", values["id"], actor(),
+                 mask_phone(new.phone), len(reminders),
+                 " skipped (the number opted out)" if reminders and reminders[0]["skip_reason"] else "", len(unplanned))
     return {
         "id": values["id"], "customer_name": new.customer_name, "phone": new.phone, "starts_at": values["starts_at"],
         "timezone": new.timezone, "notes": new.notes, "status": AppointmentStatus.SCHEDULED,
         "language": language, "confirmation": None, "remind_at": new.remind_at or None,
         "reminders": [_reminder_view(r) for r in reminders],
-        "unplanned": _unplanned(unplanned), "created_at": now, "updated_at": now,
+        "unplanned": _unplanned(unplanned), "created_at": now, "updated_at": now, "erased_at": None,
     }
 
 
@@ -350,7 +352,7 @@ async def change(
     _check_phone(changes.get("phone"), planning)
     hasher = await consent.phone_hasher(db)
     view, replanned = await db.write(_change, appointment_id, changes, planning, hasher)
-    log.info("appointment %s changed (%s)%s", view["id"], ", ".join(sorted(changes)),
+    log.info("appointment %s changed by %s (%s)%s", view["id"], actor(), ", ".join(sorted(changes)),
              ", re-planned" if replanned else "")
     return view
 
@@ -362,6 +364,8 @@ def _change(
     view = _select_one(connection, appointment_id, lock=True)
     if view["status"] == AppointmentStatus.CANCELLED:
         raise AppointmentCancelled("appointment is cancelled")
+    if view["erased_at"] is not None:
+        raise AppointmentCancelled("the appointment's personal data was erased: it cannot be changed")
     starts_at = changes.get("starts_at", view["starts_at"]).astimezone(UTC)
     _check_remind_at(changes.get("remind_at"), starts_at, planning)
     if "language" in changes:
@@ -433,20 +437,30 @@ def _stored_remind_at(view: AppointmentView) -> list[str] | None:
     return [t.isoformat() for t in view["remind_at"]] if view["remind_at"] is not None else None
 
 
-async def cancel(db: Database, appointment_id: str) -> AppointmentView:
-    """Cancel an appointment and its pending reminders; cancelling twice is harmless."""
-    view, cancelled = await db.write(_cancel, appointment_id)
-    if cancelled:
-        log.info("appointment %s cancelled", view["id"])
+async def cancel(db: Database, appointment_id: str, *, erase: bool = False) -> AppointmentView:
+    """Cancel an appointment and its pending reminders; cancelling twice is harmless. With `erase`,
+    its personal data is erased too, in the same transaction (service.ledger.erasure)."""
+    view, cancelled, erased = await db.write(_cancel, appointment_id, erase)
+    if erased:
+        PERSONAL_DATA_ERASED.labels("request").inc()
+    if cancelled or erased:
+        log.info("appointment %s %s by %s", view["id"],
+                 "cancelled and erased" if cancelled and erased else "cancelled" if cancelled else "erased", actor())
     return view
 
 
-def _cancel(connection: Connection, appointment_id: str) -> tuple[AppointmentView, bool]:
+def _cancel(connection: Connection, appointment_id: str, erase: bool) -> tuple[AppointmentView, bool, bool]:
     view = _select_one(connection, appointment_id, lock=True)
-    if view["status"] == AppointmentStatus.CANCELLED:
-        return view, False
     now = utcnow()
-    cancelled = cancellation.cancel_appointment(connection, view["id"], CANCELLED_BY_API, now)
-    view["status"], view["updated_at"] = AppointmentStatus.CANCELLED, now
-    _mark(view, cancelled, CANCELLED_BY_API)
-    return view, True
+    cancelled = view["status"] != AppointmentStatus.CANCELLED
+    if cancelled:
+        removed = cancellation.cancel_appointment(connection, view["id"], CANCELLED_BY_API, now)
+        view["status"], view["updated_at"] = AppointmentStatus.CANCELLED, now
+        _mark(view, removed, CANCELLED_BY_API)
+    erased = erase and erasure.erase_appointment(connection, view["id"], now)
+    if erased:
+        view.update({"customer_name": erasure.ERASED, "phone": erasure.ERASED, "notes": None, "erased_at": now,
+                     "updated_at": now})
+        for reminder in view["reminders"]:
+            reminder["last_error"] = None
+    return view, cancelled, erased

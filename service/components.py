@@ -59,6 +59,7 @@ def dispatch_config(settings: Settings) -> DispatchConfig:
         templates=settings.templates,
         caps=settings.call_caps(),
         call_after_confirmation=settings.call_after_confirmation,
+        retention=settings.personal_data_retention,
     )
 
 

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     max_calls_per_number_per_week: int = Field(default=0, ge=0, le=10_000)
     call_after_confirmation: bool = False
     min_reminder_spacing: Annotated[timedelta, NoDecode] = timedelta(hours=1)
+    # How long after an appointment its personal data is kept (None: for ever); the leader erases it.
+    personal_data_retention: Annotated[timedelta | None, NoDecode] = None
     drain_timeout: float = Field(default=10.0, gt=0, le=600)
     api_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
@@ -167,6 +169,26 @@ class Settings(BaseSettings):
     def _message_templates(cls, value: str | None, info: ValidationInfo) -> str | None:
         if "default_language" in info.data and "opt_out_digit" in info.data:  # else those were refused
             MessageTemplates.parse(value, info.data["default_language"], opt_out_digit=info.data["opt_out_digit"])
+        return value
+
+    @field_validator("personal_data_retention", mode="before")
+    @classmethod
+    def _retention(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = None if value.strip().lower() in ("", "off") else parse_duration(value)
+        if isinstance(value, timedelta) and value < timedelta(days=1):
+            raise ValueError("must be at least 1d after the appointment (e.g. 90d), or off")
+        return value
+
+    @field_validator("personal_data_retention")
+    @classmethod
+    def _retention_keeps_what_caps_count(cls, value: timedelta | None, info: ValidationInfo) -> timedelta | None:
+        # an erased appointment's calls no longer count against the caps: keep them while they could
+        caps = CallCaps(per_day=info.data.get("max_calls_per_number_per_day", 0),
+                        per_week=info.data.get("max_calls_per_number_per_week", 0))
+        if value is not None and caps.active and value < caps.lookback:
+            raise ValueError(f"must be at least {caps.lookback.days}d while MAX_CALLS_PER_NUMBER_PER_"
+                             f"{'WEEK' if caps.per_week else 'DAY'} is set (its calls are counted that long)")
         return value
 
     @field_validator("min_reminder_spacing", mode="before")

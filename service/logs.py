@@ -1,15 +1,38 @@
-"""Logging: text or one JSON object per line; phone numbers are masked in every record."""
+"""Logging: text or one JSON object per line; phone numbers are masked in every record; the actor
+of a request (the name of its API token) for the lines that record a change."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 from service.privacy import scrub
 
-__all__ = ["MaskPhoneNumbers", "configure_logging"]
+__all__ = ["MaskPhoneNumbers", "acting", "actor", "configure_logging"]
+
+# Who is making the current request's changes: its API token's name (unset: the API is open, or
+# the change is the service's own).
+_ACTOR: ContextVar[str | None] = ContextVar("actor", default=None)
+
+
+@contextmanager
+def acting(name: str) -> Iterator[None]:
+    """Changes made inside are `name`'s."""
+    token = _ACTOR.set(name)
+    try:
+        yield
+    finally:
+        _ACTOR.reset(token)
+
+
+def actor() -> str:
+    """Who makes the current change: an API token's name, else `anonymous` (no API_TOKEN)."""
+    return _ACTOR.get() or "anonymous"
 
 _TRACEBACKS = logging.Formatter()
 

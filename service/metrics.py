@@ -52,3 +52,8 @@ SKIPPED_BY_CONSENT = Counter(
     "Reminders skipped because their number opted out or their appointment was confirmed",
     ["reason"],
 )
+PERSONAL_DATA_ERASED = Counter(
+    "reminders_personal_data_erased_total",
+    "Appointments whose personal data was erased, by how (request: DELETE ?erase=true; retention)",
+    ["how"],
+)

@@ -186,7 +186,12 @@ async def patch_appointment(appointment_id: str, body: AppointmentPatch, request
 @router.delete(
     "/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND, operation_id="cancelAppointment"
 )
-async def cancel_appointment(appointment_id: str, request: Request) -> Response:
-    """Cancel an appointment: its pending reminders become `cancelled`. Cancelling twice is harmless."""
+async def cancel_appointment(
+    appointment_id: str, request: Request,
+    erase: Annotated[bool, Query(description="Also erase its personal data now: name, number, notes, the calls' "
+                                             "words (the appointment and its reminders' outcomes stay)")] = False,
+) -> Response:
+    """Cancel an appointment: its pending reminders become `cancelled`. Cancelling twice is harmless;
+    `erase=true` erases its personal data too (also after an earlier cancel)."""
     with _as_http():
-        return _answer(_APPOINTMENT, await appointments.cancel(_db(request), appointment_id))
+        return _answer(_APPOINTMENT, await appointments.cancel(_db(request), appointment_id, erase=erase))

@@ -1,34 +1,54 @@
-"""Bearer tokens for the appointments API: several accepted at once (rotation), checked in
-constant time, and checked before anything reads the request body."""
+"""Bearer tokens for the API: several accepted at once (rotation), each with a name the logs record
+for every change it makes (`API_TOKEN=booking:secret,ops:other`; a bare secret is named `token-<n>`),
+checked in constant time, and checked before anything reads the request body."""
 
 from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["BearerAuthMiddleware", "api_tokens", "document_bearer_auth", "token_accepted"]
+from service.logs import acting
+
+__all__ = ["ApiToken", "BearerAuthMiddleware", "api_tokens", "document_bearer_auth", "token_accepted"]
+
+# `name:secret`: a name of letters, digits, `.`, `_`, `-` before the first colon; anything else is a
+# bare secret (which may itself hold a colon)
+_NAMED = re.compile(r"([A-Za-z0-9._-]{1,64}):(.+)")
+
+
+class ApiToken(NamedTuple):
+    name: str
+    secret: bytes
 
 _SCHEME_NAME = "HTTPBearer"
 _SCHEME = {"type": "http", "description": "Required when API_TOKEN is set.", "scheme": "bearer"}
 
 
-def api_tokens(secret: SecretStr | None) -> tuple[bytes, ...]:
-    """The accepted tokens of API_TOKEN (comma-separated); empty when auth is off."""
+def api_tokens(secret: SecretStr | None) -> tuple[ApiToken, ...]:
+    """The accepted tokens of API_TOKEN (comma-separated `name:secret` or bare secrets); empty
+    when auth is off."""
     if secret is None:
         return ()
-    return tuple(part.strip().encode() for part in secret.get_secret_value().split(",") if part.strip())
+    parts = [part.strip() for part in secret.get_secret_value().split(",") if part.strip()]
+    tokens = []
+    for number, part in enumerate(parts, 1):
+        named = _NAMED.fullmatch(part)
+        tokens.append(ApiToken(named[1], named[2].encode()) if named else ApiToken(f"token-{number}", part.encode()))
+    return tuple(tokens)
 
 
-def token_accepted(given: bytes, tokens: tuple[bytes, ...]) -> bool:
-    """True when `given` is one of `tokens`. Every token is compared, each in constant time, so the
-    answer's timing tells neither which token nor how much of one matched."""
-    accepted = False
+def token_accepted(given: bytes, tokens: tuple[ApiToken, ...]) -> str | None:
+    """The name of the token `given` is, or None. Every token is compared, each in constant time,
+    so the answer's timing tells neither which token nor how much of one matched."""
+    accepted = None
     for token in tokens:
-        accepted |= hmac.compare_digest(given, token)
+        if hmac.compare_digest(given, token.secret) and accepted is None:
+            accepted = token.name
     return accepted
 
 
@@ -42,9 +62,10 @@ def _bearer(scope: Scope) -> bytes:
 
 class BearerAuthMiddleware:
     """401 for a request under one of `prefixes` without an accepted bearer token, before the body
-    is read: an unauthenticated client cannot make the replica read (or wait for) a body."""
+    is read: an unauthenticated client cannot make the replica read (or wait for) a body. An
+    accepted one is the request's actor (service.logs.actor)."""
 
-    def __init__(self, app: ASGIApp, *, tokens: tuple[bytes, ...], prefixes: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, *, tokens: tuple[ApiToken, ...], prefixes: tuple[str, ...]) -> None:
         self.app = app
         self.tokens = tokens
         self.prefixes = prefixes
@@ -56,8 +77,10 @@ class BearerAuthMiddleware:
         if scope["type"] != "http" or not self.tokens or not self._guarded(scope["path"]):
             await self.app(scope, receive, send)
             return
-        if token_accepted(_bearer(scope), self.tokens):
-            await self.app(scope, receive, send)
+        name = token_accepted(_bearer(scope), self.tokens)
+        if name is not None:
+            with acting(name):  # the changes this request makes are logged as this token's
+                await self.app(scope, receive, send)
             return
         payload = json.dumps({"detail": "missing or invalid bearer token"}).encode()
         await send(

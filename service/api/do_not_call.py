@@ -13,6 +13,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from service.api.deps import invalid
 from service.api.schemas import DoNotCallOut, ErrorOut
 from service.ledger import consent
+from service.logs import actor
 from service.privacy import E164_PATTERN, mask_phone
 from service.reminders import ReminderError, parse_phone
 
@@ -57,8 +58,8 @@ async def list_number(phone: PhonePath, request: Request) -> Response:
     """Never call this number again: its appointments' unfinished reminders are skipped now."""
     number = _number(phone)
     listing = await consent.add(request.app.state.db, number, consent.ListingSource.API)
-    if listing.new:
-        log.info("%s put on the do-not-call list: %d reminder(s) skipped", mask_phone(number), len(listing.skipped))
+    log.info("%s put on the do-not-call list by %s%s: %d reminder(s) skipped", mask_phone(number), actor(),
+             "" if listing.new else " (listed before)", len(listing.skipped))
     return _answer(number, listing, status.HTTP_201_CREATED if listing.new else status.HTTP_200_OK)
 
 
@@ -78,6 +79,7 @@ async def unlist_number(phone: PhonePath, request: Request) -> Response:
     """Take the number off the list: reminders planned from now on call it again (those skipped stay
     skipped). 204 whether or not it was listed."""
     number = _number(phone)
-    if await consent.unlist(request.app.state.db, number):
-        log.info("%s taken off the do-not-call list", mask_phone(number))
+    removed = await consent.unlist(request.app.state.db, number)
+    log.info("%s taken off the do-not-call list by %s%s", mask_phone(number), actor(), "" if removed else
+             " (it was not on it)")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -196,6 +196,9 @@ class AppointmentOut(BaseModel):
     )
     created_at: datetime
     updated_at: datetime
+    erased_at: datetime | None = Field(
+        default=None, description="When its personal data was erased (`DELETE …?erase=true`, or "
+                                  "PERSONAL_DATA_RETENTION): `customer_name` and `phone` read \"\", `notes` null.")
 
 
 class AppointmentList(BaseModel):

@@ -57,6 +57,8 @@ class Appointment(Base):
     # Which plan of reminders is current: a re-plan starts the next one, and a reminder of an
     # earlier plan may no longer bind a call, take digits or be retried (docs/decisions/0221).
     plan: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When its personal data (name, number, notes, the calls' words) was erased (service.ledger.erasure).
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 

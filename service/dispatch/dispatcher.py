@@ -40,9 +40,17 @@ from service.dispatch.listing import ListingGate
 from service.dispatch.stamped import StampedCalls, StampedConfig
 from service.dispatch.sweep import CallSweep
 from service.errors import SettingError
-from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, SweepTimes, consent, is_data_error
+from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, SweepTimes, consent, erasure, is_data_error
 from service.ledger.cancellation import CONFIRMED_BY_CUSTOMER, OPTED_OUT
-from service.metrics import CALL_ATTEMPTS, CAPPED, DISPATCH_LAG, IN_FLIGHT, REMINDERS_DONE, SKIPPED_BY_CONSENT
+from service.metrics import (
+    CALL_ATTEMPTS,
+    CAPPED,
+    DISPATCH_LAG,
+    IN_FLIGHT,
+    PERSONAL_DATA_ERASED,
+    REMINDERS_DONE,
+    SKIPPED_BY_CONSENT,
+)
 from service.privacy import strip_control
 from service.reminders import (
     CallCaps,
@@ -107,6 +115,10 @@ class DispatchConfig:
     # Calls people agreed to: the caps per number, and whether a confirmed appointment is still called.
     caps: CallCaps = field(default_factory=CallCaps)
     call_after_confirmation: bool = False
+    # PERSONAL_DATA_RETENTION: personal data of appointments that started longer ago is erased by
+    # the leader, this often (seconds); None: kept.
+    retention: timedelta | None = None
+    retention_interval: float = 60.0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -350,6 +362,8 @@ class Dispatcher:
         )
         ended = asyncio.ensure_future(term.ended.wait())
         sweep = asyncio.create_task(self._sweep_calls(term, ended), name="call-sweep") if self._sweep else None
+        eraser = (asyncio.create_task(self._erase_old(term, ended), name="retention")
+                  if self.config.retention is not None else None)
         try:
             while term.valid():
                 claimed = await self._claim_some(term)
@@ -367,9 +381,10 @@ class Dispatcher:
                 await self._wait_for_room(ended, self.config.scan_interval)
         finally:
             ended.cancel()
-            if sweep is not None:
-                sweep.cancel()
-                await asyncio.gather(sweep, return_exceptions=True)
+            for task in (sweep, eraser):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if self._in_flight:
                 log.info("term %d over: waiting for %d call(s) in flight", token, len(self._in_flight))
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
@@ -384,6 +399,28 @@ class Dispatcher:
             except Exception as error:  # noqa: BLE001 - a DB or provider outage must not end the term
                 log.warning("call sweep failed: %s", type(error).__name__)
             await asyncio.wait({ended}, timeout=self.config.sweep_interval)
+
+    async def _erase_old(self, term: Term, ended: asyncio.Future[bool]) -> None:
+        """While the term lasts: erase the personal data of appointments that started more than
+        PERSONAL_DATA_RETENTION ago, a batch per transaction, all that are due each round."""
+        assert self.config.retention is not None
+        while term.valid() and not ended.done():
+            total = 0
+            try:
+                while term.valid():
+                    now = self._now()
+                    erased = await erasure.erase_past(self.store.db, now - self.config.retention, now)
+                    total += erased
+                    PERSONAL_DATA_ERASED.labels("retention").inc(erased)
+                    if erased < erasure.BATCH:
+                        break
+                    log.info("retention: %d appointment(s) erased so far this round", total)
+            except Exception as error:  # noqa: BLE001 - a DB outage must not end the term
+                log.warning("retention: erasing failed: %s", type(error).__name__)
+            if total:
+                log.info("retention: personal data of %d appointment(s) erased (older than %s after the appointment)",
+                         total, self.config.retention)
+            await asyncio.wait({ended}, timeout=self.config.retention_interval)
 
     def _now(self) -> datetime:
         """The database's time, as far as this process can tell (its clock and the offset the last

@@ -10,12 +10,13 @@ Who calls what:
 - the appointments service: the create's statement and re-plans (`plans`), superseding and
   cancellation (`cancellation`: one rule for the API's DELETE, a keypad decline, a re-plan, an
   opt-out and a confirmation);
-- the do-not-call API and the keypad's opt-out: the list (`consent`).
+- the do-not-call API and the keypad's opt-out: the list (`consent`);
+- erasure of personal data, on request and by retention (`erasure`).
 
 Nothing else in `service/` inserts, updates or deletes those rows (tests/test_ledger.py).
 """
 
-from service.ledger import calls, consent
+from service.ledger import calls, consent, erasure
 from service.ledger.attempts import AttemptStore
 from service.ledger.cancellation import (
     CANCELLED_BY_API,
@@ -49,6 +50,7 @@ __all__ = [
     "StaleTerm",
     "calls",
     "consent",
+    "erasure",
     "change_appointment",
     "cancel_appointment",
     "supersede",
