@@ -16,7 +16,8 @@
 # With --provider (README "Going live with Twilio or Telnyx"):
 #              PUBLIC_URL (required: https://<host> at which the provider reaches the webhooks; the
 #                Ingress serves /telephony/ on that host), TELEPHONY_FROM (required: the caller id,
-#                E.164), CALLS_PER_SECOND (default 1: the account's rate);
+#                E.164), ALLOWED_COUNTRIES (required: the countries it may call, ISO codes such as
+#                US,CA, or * for every country), CALLS_PER_SECOND (default 1: the account's rate);
 #              the credentials, read from the environment into the Secret reminders-<provider>,
 #                never put on a command line: twilio: TWILIO_ACCOUNT_SID, TWILIO_AUTH_TOKEN;
 #                telnyx: TELNYX_API_KEY, TELNYX_CONNECTION_ID, TELNYX_PUBLIC_KEY. On a re-run with
@@ -85,6 +86,9 @@ if [[ -n $PROVIDER ]]; then
     TELEPHONY_FROM=${TELEPHONY_FROM:-}
     [[ $TELEPHONY_FROM =~ ^\+[1-9][0-9]{6,14}$ ]] \
         || die "TELEPHONY_FROM is required with --provider: the caller id, a number of the $PROVIDER account in E.164 (+15551234567)"
+    ALLOWED_COUNTRIES=${ALLOWED_COUNTRIES:-}
+    [[ $ALLOWED_COUNTRIES =~ ^(\*|[A-Za-z]{2}(,[A-Za-z]{2})*)$ ]] \
+        || die "ALLOWED_COUNTRIES is required with --provider: the countries $PROVIDER may call, e.g. US,CA (* for every country)"
 fi
 
 need minikube "https://minikube.sigs.k8s.io/docs/start/"
@@ -182,7 +186,7 @@ fi
 # the app.kubernetes.io/component label. The demo overlay's fixed demo Secrets (component
 # demo-secrets) are never selected: the random ones above are used.
 # --provider: a one-off kustomization over the provider's overlay sets PUBLIC_URL, CALLS_PER_SECOND,
-# TELEPHONY_FROM and PUBLIC_URL's host on the Ingress. Until replicas of this provider serve, no
+# TELEPHONY_FROM, ALLOWED_COUNTRIES and PUBLIC_URL's host on the Ingress. Until replicas of this provider serve, no
 # one answers its webhook route: the check Job then leaves PUBLIC_URL out (--skip public_url) and
 # `reminders check` runs again inside a replica once they are up.
 render_provider() {
@@ -194,6 +198,7 @@ render_provider() {
             "  - patch: |-" "      apiVersion: v1" "      kind: ConfigMap" "      metadata:" \
             "        name: reminders-config" "      data:" "        PUBLIC_URL: \"$PUBLIC_URL\"" \
             "        CALLS_PER_SECOND: \"$CALLS_PER_SECOND\"" "        TELEPHONY_FROM: \"$TELEPHONY_FROM\"" \
+            "        ALLOWED_COUNTRIES: \"$ALLOWED_COUNTRIES\"" \
             "  - target: {kind: Ingress, name: reminders}" "    patch: |-" \
             "      - {op: replace, path: /spec/rules/0/host, value: \"$PUBLIC_HOST\"}" \
             "      - {op: replace, path: /spec/tls/0/hosts/0, value: \"$PUBLIC_HOST\"}"

@@ -207,10 +207,23 @@ def _harden(app: FastAPI, settings: Settings) -> None:
 def __getattr__(name: str) -> object:
     # `uvicorn service.app:app`: built on first access, so importing this module reads no settings.
     if name == "app":
+        import sys
+
+        from pydantic import ValidationError
+
+        from service.config import setting_error_line
+        from service.errors import SettingError
         from service.logs import configure_logging
 
-        settings = Settings()
-        configure_logging(settings.log_format, settings.log_level, settings.pod_name)
-        globals()["app"] = create_app(settings)
+        try:
+            settings = Settings()
+            configure_logging(settings.log_format, settings.log_level, settings.pod_name)
+            globals()["app"] = create_app(settings)
+        except (ValidationError, SettingError) as error:
+            # the one line `reminders serve` prints, not uvicorn's traceback
+            line = setting_error_line(error) if isinstance(error, ValidationError) else (
+                f"invalid setting {error.variable}: {error.message}")
+            print(f"reminders: {line}", file=sys.stderr)
+            raise SystemExit(2) from None
         return globals()["app"]
     raise AttributeError(name)

@@ -28,8 +28,13 @@ from service.reminders.wording import (
 )
 
 __all__ = [
-    "CallWindow", "ReminderOffset", "Settings", "loopback", "parse_duration", "plain_remote", "setting_error_line",
+    "EVERY_COUNTRY", "CallWindow", "ReminderOffset", "Settings", "loopback", "parse_duration", "plain_remote",
+    "setting_error_line",
 ]
+
+
+# ALLOWED_COUNTRIES=*: every country, chosen (unset means the same to the generic provider only)
+EVERY_COUNTRY: frozenset[str] = frozenset({"*"})
 
 
 def _split(value: object) -> object:
@@ -102,9 +107,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Hardening (issue 12): see README's settings table.
+    # None: unset (every country; a real provider refuses it), EVERY_COUNTRY: `*`, said on purpose
     allowed_countries: Annotated[frozenset[str] | None, NoDecode] = None
     allow_voip: bool = False
     allow_insecure_transport: bool = False
+    # a real provider refuses to start without API_TOKEN unless this says the open API is meant
+    allow_open_api: bool = False
     api_docs: bool = True
 
     @field_validator("etcd_endpoints", mode="before")
@@ -286,7 +294,9 @@ class Settings(BaseSettings):
             return value
         codes = [part.strip().upper() for part in value.split(",") if part.strip()]
         if not codes:
-            return None  # empty: every country
+            return None  # empty: unset
+        if codes == ["*"]:
+            return EVERY_COUNTRY
         unknown = [code for code in codes if code not in _region_codes()]
         if unknown:
             raise ValueError(f"not ISO 3166 alpha-2 country codes with a phone plan: {', '.join(unknown)} (e.g. US,DE)")
@@ -322,7 +332,7 @@ class Settings(BaseSettings):
         return PlanningConfig(
             call_window=self.call_window,
             offsets=self.reminder_offsets,
-            numbers=NumberPolicy(allow_voip=self.allow_voip, allowed_countries=self.allowed_countries),
+            numbers=NumberPolicy(allow_voip=self.allow_voip, allowed_countries=self.country_allowlist),
             templates=self.templates,
             spacing=self.min_reminder_spacing,
             call_after_confirmation=self.call_after_confirmation,
@@ -334,6 +344,11 @@ class Settings(BaseSettings):
     def no_answer_policy(self) -> NoAnswerPolicy:
         return NoAnswerPolicy(retries=self.no_answer_retries, delay=self.no_answer_retry_delay,
                               window=self.call_window)
+
+    @property
+    def country_allowlist(self) -> frozenset[str] | None:
+        """The countries numbers may belong to; None: every country (ALLOWED_COUNTRIES unset or `*`)."""
+        return None if self.allowed_countries in (None, EVERY_COUNTRY) else self.allowed_countries
 
     @cached_property
     def is_sqlite(self) -> bool:

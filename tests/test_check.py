@@ -52,7 +52,11 @@ OTHER_TOKEN = "fedcba9876543210fedcba9876543210"
 API_KEY = "KEYcheck-telnyx-api-key"
 CONNECTION = "1494404757140276705"
 SETTING_NAMES = {name.upper() for name in Settings.model_fields} | {"ETCD_ENDPOINT"}
-SECRETS = (TOKEN, OTHER_TOKEN, API_KEY, "not-a-twilio-token")
+SECRETS = (TOKEN, OTHER_TOKEN, API_KEY, "not-a-twilio-token", "reminders-check-token")
+
+
+# a real provider refuses to start without API_TOKEN and ALLOWED_COUNTRIES unless told to run open
+OPEN_ON_PURPOSE = {"allow_open_api": True, "allowed_countries": "*"}
 
 
 def _settings(**values: Any) -> Settings:
@@ -62,14 +66,14 @@ def _settings(**values: Any) -> Settings:
 def _twilio(api_url: str = "http://twilio.test", token: str = TOKEN, **values: Any) -> Settings:
     return _settings(**{"telephony_provider": "twilio", "twilio_account_sid": SID,
                         "twilio_auth_token": SecretStr(token), "twilio_api_url": api_url,
-                        "public_url": "https://reminders.example.com", **values})
+                        "public_url": "https://reminders.example.com", **OPEN_ON_PURPOSE, **values})
 
 
 def _telnyx(**values: Any) -> Settings:
     return _settings(**{"telephony_provider": "telnyx", "telnyx_api_key": SecretStr(API_KEY),
                         "telnyx_connection_id": CONNECTION, "telnyx_public_key": TEST_PUBLIC_KEY,
                         "telnyx_api_url": "http://telnyx.test", "public_url": "https://reminders.example.com",
-                        **values})
+                        **OPEN_ON_PURPOSE, **values})
 
 
 def _answer(status: int, body: dict[str, Any]) -> httpx.MockTransport:
@@ -256,7 +260,8 @@ class Rig:
 
     def common(self) -> dict[str, str]:
         return {"DATABASE_URL": self.database, "ETCD_ENDPOINTS": self.etcd, "ELECTION_PREFIX": "/check/leader",
-                "TELEPHONY_TIMEOUT": "5", "CALLS_PER_SECOND": "1"}
+                "TELEPHONY_TIMEOUT": "5", "CALLS_PER_SECOND": "1", "API_TOKEN": "reminders-check-token",
+                "ALLOWED_COUNTRIES": "US,DE"}
 
     def twilio(self, **overrides: str) -> dict[str, str]:
         return {**self.common(), "TELEPHONY_PROVIDER": "twilio", "TWILIO_API_URL": self.twilio_api,

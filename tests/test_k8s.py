@@ -1060,6 +1060,7 @@ def test_a_provider_overlay_has_no_fake_and_no_secret_value(provider: str) -> No
     config = _of(objects, "ConfigMap", "reminders-config")["data"]
     assert "ALLOW_INSECURE_TRANSPORT" not in config
     assert config["TELEPHONY_PROVIDER"] == provider
+    assert config["ALLOWED_COUNTRIES"], "a real provider refuses to start without it"
     assert urlsplit(config["PUBLIC_URL"]).scheme == "https" and float(config["CALLS_PER_SECOND"]) > 0
     # The demo's fixed secret values (not its user and database names, which are no secret).
     demo_values = {str(v) for o in _load_all(DEMO_MANIFESTS) if o["kind"] == "Secret"
@@ -1181,8 +1182,8 @@ def test_the_check_job_runs_reminders_check_with_the_apps_settings(provider: str
         return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])
                 if "secretKeyRef" in e.get("valueFrom", {})}
 
-    # Every credential the replicas use but the API's and the generic provider's token.
-    wanted = {k: v for k, v in secret_refs(app_container).items() if k not in ("API_TOKEN", "TELEPHONY_TOKEN")}
+    # Every credential the replicas use but the generic provider's token (API_TOKEN: serve's check wants it).
+    wanted = {k: v for k, v in secret_refs(app_container).items() if k != "TELEPHONY_TOKEN"}
     assert secret_refs(container) == wanted
     config = _of(objects, "ConfigMap", "reminders-config")["data"]
     volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
@@ -1312,7 +1313,7 @@ def test_setup_with_a_provider_never_puts_a_credential_on_a_command_line(provide
     _require_tool(shutil.which("kubectl"), "kubectl (renders kustomizations offline)")
     secrets = SENTINELS[provider]
     env = {"PUBLIC_URL": "https://calls.example.org", "TELEPHONY_FROM": "+15551230000", "CALLS_PER_SECOND": "2",
-           "FAKE_SERVING": serving, **secrets}
+           "ALLOWED_COUNTRIES": "US,CA", "FAKE_SERVING": serving, **secrets}
     run = _run_setup(tmp_path, provider, env)
     assert run.result.returncode == 0, run.result.stdout[-3000:] + run.result.stderr[-3000:]
     assert not list(K8S.glob(".setup.*")), "the one-off kustomization was left behind"
@@ -1333,8 +1334,8 @@ def test_setup_with_a_provider_never_puts_a_credential_on_a_command_line(provide
     assert ["kubectl", "--context", "minikube", "--namespace", "reminders", "exec", "deploy/reminders", "--",
             "reminders", "check"] in run.argv
     config = _of(manifests, "ConfigMap", "reminders-config")["data"]
-    assert (config["PUBLIC_URL"], config["CALLS_PER_SECOND"], config["TELEPHONY_FROM"]) == (
-        "https://calls.example.org", "2", "+15551230000")
+    chosen = ("PUBLIC_URL", "CALLS_PER_SECOND", "TELEPHONY_FROM", "ALLOWED_COUNTRIES")
+    assert [config[name] for name in chosen] == ["https://calls.example.org", "2", "+15551230000", "US,CA"]
     assert [r["host"] for r in _of(manifests, "Ingress", "reminders")["spec"]["rules"]] == ["calls.example.org"]
     assert not [d for d in manifests if d["kind"] == "Secret"]
 
@@ -1357,6 +1358,10 @@ def test_setup_without_a_provider_still_brings_up_the_demo(tmp_path: Path) -> No
     ("twilio", {"PUBLIC_URL": "http://calls.example.org"}, "PUBLIC_URL must be https://<host>"),
     ("telnyx", {"PUBLIC_URL": "https://calls.example.org/reminders"}, "PUBLIC_URL must be https://<host>"),
     ("telnyx", {"PUBLIC_URL": "https://calls.example.org"}, "TELEPHONY_FROM is required"),
+    ("twilio", {"PUBLIC_URL": "https://calls.example.org", "TELEPHONY_FROM": "+15551230000"},
+     "ALLOWED_COUNTRIES is required"),
+    ("twilio", {"PUBLIC_URL": "https://calls.example.org", "TELEPHONY_FROM": "+15551230000",
+                "ALLOWED_COUNTRIES": "US;CA"}, "ALLOWED_COUNTRIES is required"),
 ])
 def test_setup_refuses_bad_provider_settings_before_starting_anything(provider: str, env: dict[str, str],
                                                                       words: str, tmp_path: Path) -> None:

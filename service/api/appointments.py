@@ -171,7 +171,7 @@ async def get_appointment(appointment_id: str, request: Request) -> Response:
     "/{appointment_id}",
     response_model=AppointmentOut,
     operation_id="patchAppointment",
-    responses={**_NOT_FOUND, 409: {"model": ErrorOut, "description": "The appointment is cancelled"}},
+    responses={**_NOT_FOUND, 409: {"model": ErrorOut, "description": "The appointment is cancelled or erased"}},
 )
 async def patch_appointment(appointment_id: str, body: AppointmentPatch, request: Request) -> Response:
     """Change an appointment; a change to what a call says or when (all fields but `notes`) re-plans its

@@ -13,7 +13,7 @@ from service.config import Settings, plain_remote
 from service.errors import SettingError
 from service.telephony.provider import Provider
 
-__all__ = ["ProviderPackage", "check_public_url", "no_secret_over_plain_http", "require_settings"]
+__all__ = ["ProviderPackage", "check_public_url", "closed_door", "no_secret_over_plain_http", "require_settings"]
 
 
 def _no_routes(_app: FastAPI, _settings: Settings) -> None:
@@ -53,3 +53,17 @@ def check_public_url(settings: Settings) -> None:
         raise SettingError("PUBLIC_URL", "the provider would post call events and fetch the message (names, times) "
                                          "over plain http:// from a non-loopback host; use https:// (or "
                                          "ALLOW_INSECURE_TRANSPORT=true, never in production)")
+
+
+def closed_door(settings: Settings) -> None:
+    """A real provider calls real people from the business's number at the business's expense:
+    nobody may book a call without a token, nor to a country nobody chose, unless the operator
+    said so (ALLOW_OPEN_API=true; ALLOWED_COUNTRIES=*)."""
+    provider = settings.telephony_provider
+    if settings.api_token is None and not settings.allow_open_api:
+        raise SettingError("API_TOKEN", f"TELEPHONY_PROVIDER={provider} requires API_TOKEN: without it anyone who "
+                                        "reaches the API books calls from your number (ALLOW_OPEN_API=true to run "
+                                        "open on purpose)")
+    if settings.allowed_countries is None:
+        raise SettingError("ALLOWED_COUNTRIES", f"TELEPHONY_PROVIDER={provider} requires ALLOWED_COUNTRIES: the "
+                                                "countries it may call, e.g. US,CA (* for every country)")

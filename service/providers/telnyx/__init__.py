@@ -9,7 +9,13 @@ from fastapi import FastAPI
 
 from service.config import Settings, loopback
 from service.errors import SettingError
-from service.providers.base import ProviderPackage, check_public_url, no_secret_over_plain_http, require_settings
+from service.providers.base import (
+    ProviderPackage,
+    check_public_url,
+    closed_door,
+    no_secret_over_plain_http,
+    require_settings,
+)
 from service.providers.telnyx.rest import TelnyxProvider
 from service.providers.telnyx.signature import TelnyxSignature, decode_public_key
 from service.providers.telnyx.webhooks import router
@@ -49,6 +55,7 @@ def check(settings: Settings) -> None:
                                                 "account's public key (Portal → Keys & Credentials)")
     no_secret_over_plain_http(settings, "TELNYX_API_URL", settings.telnyx_api_url, "TELNYX_API_KEY")
     check_public_url(settings)
+    closed_door(settings)
 
 
 def build(settings: Settings) -> TelnyxProvider:

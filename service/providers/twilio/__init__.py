@@ -12,7 +12,13 @@ from fastapi import FastAPI
 
 from service.config import Settings
 from service.errors import SettingError
-from service.providers.base import ProviderPackage, check_public_url, no_secret_over_plain_http, require_settings
+from service.providers.base import (
+    ProviderPackage,
+    check_public_url,
+    closed_door,
+    no_secret_over_plain_http,
+    require_settings,
+)
 from service.providers.twilio.rest import TwilioProvider
 from service.providers.twilio.signature import TwilioSignature
 from service.providers.twilio.webhooks import router
@@ -31,6 +37,7 @@ def check(settings: Settings) -> None:
         raise SettingError("TWILIO_ACCOUNT_SID", "must be the account SID (e.g. AC… , letters and digits)")
     no_secret_over_plain_http(settings, "TWILIO_API_URL", settings.twilio_api_url, "TWILIO_AUTH_TOKEN")
     check_public_url(settings)
+    closed_door(settings)
 
 
 def build(settings: Settings) -> TwilioProvider:
