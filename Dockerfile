@@ -5,7 +5,7 @@
 # providers (fakes/, whose Telnyx fake signs with a published private key). The demo's image of
 # the fake provider is another target:  docker build --target demo -t reminders-demo:0.1.0 .
 
-# --- builder: a self-contained venv with the service and its dependencies -------------------
+# --- builder: a self-contained venv with the service and its locked dependencies ------------
 FROM python:3.11-slim AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -16,19 +16,28 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
+# The lock first (its layer stays cached while only the code changes): every package pinned and every
+# file's hash checked, nothing resolved at build time (requirements/runtime.txt, `make lock`). Every
+# dependency ships manylinux wheels for CPython 3.11 (asyncpg, grpcio, ...): no compiler needed.
+COPY requirements/runtime.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/runtime.txt
+# Then the service from its source: no dependency left to fetch, built by the locked setuptools
+# (no isolated build environment that would fetch a backend of its own).
 COPY pyproject.toml ./
 COPY service/ service/
-# Every dependency ships manylinux wheels for CPython 3.11 (asyncpg, grpcio, ...): no compiler needed.
-# Then the installers go: not needed at run time (~23 MB, and tools for whoever gets a shell).
-RUN pip install --no-cache-dir . \
-    && pip uninstall --yes pip setuptools
+RUN pip install --no-cache-dir --no-deps --no-build-isolation .
+
+# --- service-venv: the builder's venv without the installers ----------------------------------
+FROM builder AS service-venv
+# Not needed at run time (~23 MB, and tools for whoever gets a shell).
+RUN pip uninstall --yes pip setuptools
 
 # --- demo-builder: the builder's venv plus the fake providers (reminders-fakes) -------------
 FROM builder AS demo-builder
 COPY fakes/ fakes/
-# The builder's venv has no pip left: the base image's pip installs into it. The service the
-# fakes require is already there.
-RUN /usr/local/bin/pip --python /opt/venv/bin/python install --no-cache-dir ./fakes
+# The fakes' dependencies are the service's, already installed from the lock: their package alone.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation ./fakes \
+    && pip uninstall --yes pip setuptools
 
 # --- demo: the fake telephony provider for the k8s demo overlay (never the production image) --
 FROM python:3.11-slim AS demo
@@ -62,7 +71,7 @@ RUN groupadd --system --gid 10001 reminders \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin reminders \
     && install -d -o 10001 -g 10001 -m 0750 /data
 
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=service-venv /opt/venv /opt/venv
 
 # The service looks for migrations/ in the working directory (`reminders migrate`, schema check).
 WORKDIR /app

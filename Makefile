@@ -1,10 +1,17 @@
-# make install | make test | make test-fast | make lint | make run | make bench | make chaos
+# make install | make lock | make test | make test-fast | make lint | make run | make bench | make chaos
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The lock files: every package pinned with its hashes (docs/decisions/0244). runtime.txt is what
+# the image installs (the service's dependencies and the build backend), dev.txt what `make
+# install` installs (that, the dev extra and the fakes' dependencies, at the same versions).
+RUNTIME_LOCK := requirements/runtime.txt
+DEV_LOCK := requirements/dev.txt
+LOCK := $(BIN)/uv pip compile --quiet --generate-hashes --universal --python-version 3.11 \
+	--custom-compile-command "make lock"
 
-.PHONY: install system-tools test test-fast run bench chaos lint clean
+.PHONY: install lock system-tools test test-fast run bench chaos lint clean
 
 install: $(STAMP) system-tools
 
@@ -26,15 +33,25 @@ system-tools:
 		echo "missing Debian package(s)$$missing; to install them run as root: $$command"; \
 	fi
 
-# The service with its dev extra, and the fake providers (fakes/: a distribution of their own, never
-# in the service's wheel or image), in one resolve: the fakes' `reminders` is this checkout's.
-# Reinstalled whenever either pyproject.toml changes; idempotent otherwise.
-$(STAMP): pyproject.toml fakes/pyproject.toml
+# The locked dependencies (hashes checked: nothing is resolved anew), then the service and the fake
+# providers (fakes/: a distribution of their own, never in the service's wheel or image) from this
+# checkout, editable, without dependencies: the lock has them all. The build backend comes from the
+# lock too (--no-build-isolation). Reinstalled whenever the lock or either pyproject.toml changes;
+# idempotent otherwise.
+$(STAMP): $(DEV_LOCK) pyproject.toml fakes/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./fakes
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . -e ./fakes
 	touch $(STAMP)
+
+# Refreshes both lock files from pyproject.toml (after adding, removing or bounding a dependency;
+# or to take newer releases): resolved with uv for every platform, Python 3.11. The dev lock is
+# constrained by the runtime lock, so tests run the versions the image ships. Commit the result.
+lock: $(STAMP)
+	$(LOCK) pyproject.toml requirements/build.in -o $(RUNTIME_LOCK)
+	$(LOCK) requirements/dev.in -c $(RUNTIME_LOCK) --no-emit-package reminders --no-emit-package reminders-fakes \
+		-o $(DEV_LOCK)
 
 # The linter ([tool.ruff] in pyproject.toml) over the whole tree; `make test` runs it first.
 lint: install

@@ -34,7 +34,8 @@ def find_bindir() -> Path | None:
 class PostgresServer:
     """initdb + pg_ctl into a temp dir; fsync off; trust auth for user `postgres`."""
 
-    def __init__(self, *, port: int | None = None) -> None:
+    def __init__(self, *, port: int | None = None, settings: dict[str, str] | None = None) -> None:
+        """`settings`: more `-c name=value` server settings (e.g. ssl=on with its files in `base`)."""
         bindir = find_bindir()
         if bindir is None:
             raise FileNotFoundError("PostgreSQL server binaries not found (pg_config --bindir)")
@@ -50,11 +51,24 @@ class PostgresServer:
             entry = pwd.getpwnam("postgres")
             os.chown(self.base, entry.pw_uid, entry.pw_gid)
         self._initialised = False
+        self.settings = dict(settings or {})
+
+    @property
+    def group_id(self) -> int:
+        """The group the server runs as (files it must read but not own: a key owned by root)."""
+        return pwd.getpwnam(self._user).pw_gid if self._user else os.getgid()
 
     @property
     def url(self) -> str:
         """SQLAlchemy async URL of the `postgres` database."""
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def own(self, path: str | Path, mode: int) -> None:
+        """Give a file the server will read (a key, a certificate) to the user it runs as."""
+        if self._user is not None:
+            entry = pwd.getpwnam(self._user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chmod(path, mode)
 
     def _run(self, *args: str) -> None:
         result = subprocess.run(
@@ -62,6 +76,9 @@ class PostgresServer:
             capture_output=True,
             text=True,
             user=self._user,
+            # the user's own group, not root's: the server reads files given to that group
+            group=self.group_id if self._user else None,
+            extra_groups=[] if self._user else None,
             check=False,
             timeout=60,
         )
@@ -75,8 +92,12 @@ class PostgresServer:
         options = (
             f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
-        )
-        self._run("pg_ctl", "-D", self.data_dir, "-o", options, "-l", self.log_path, "-w", "start")
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
+        try:
+            self._run("pg_ctl", "-D", self.data_dir, "-o", options, "-l", self.log_path, "-w", "start")
+        except RuntimeError as error:
+            log = Path(self.log_path).read_text(errors="replace")[-2000:] if os.path.exists(self.log_path) else ""
+            raise RuntimeError(f"{error}\n{log}") from None
         wait_for_port(self.port)
         return self
 
@@ -84,6 +105,11 @@ class PostgresServer:
         """Stop the server; mode `immediate` is a crash."""
         if os.path.exists(os.path.join(self.data_dir, "postmaster.pid")):
             self._run("pg_ctl", "-D", self.data_dir, "-m", mode, "-w", "stop")
+
+    def sql(self, statement: str) -> None:
+        """One statement as the superuser over the Unix socket (whatever pg_hba.conf asks of TCP)."""
+        self._run("psql", "-h", self.base, "-p", str(self.port), "-U", "postgres", "-d", "postgres",
+                  "-v", "ON_ERROR_STOP=1", "-c", statement)
 
     def create_database(self, name: str) -> str:
         """Create database `name`; return its SQLAlchemy async URL."""

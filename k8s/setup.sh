@@ -4,7 +4,8 @@
 #   k8s/setup.sh --provider twilio    going live with Twilio (k8s/overlays/twilio)
 #   k8s/setup.sh --provider telnyx    going live with Telnyx (k8s/overlays/telnyx)
 # minikube with a NetworkPolicy-enforcing CNI (Calico) -> image built in minikube's Docker ->
-#   Secrets with random values + etcd's TLS certificates (k8s/etcd-certs.sh) -> NetworkPolicies ->
+#   Secrets with random values + etcd's and PostgreSQL's TLS certificates (k8s/etcd-certs.sh,
+#   k8s/postgres-certs.sh) -> NetworkPolicies ->
 #   etcd (3, TLS) + PostgreSQL -> etcd-auth Job -> migration Job -> the demo's fake provider and 3
 #   replicas; with --provider: the provider's Secret, the Ingress, the reminders-check Job, 3
 #   replicas, then `reminders check` inside a replica -> how to watch the logs, find the leader.
@@ -12,7 +13,8 @@
 #              MINIKUBE_START_ARGS (default "--cpus=2 --memory=4096 --cni=calico"),
 #              IMAGE (default reminders:<version in pyproject.toml>, the tag the manifests pin),
 #              DEMO_IMAGE (default reminders-demo:<version>: the fake provider, the Dockerfile's demo target),
-#              CERT_DIR (default ~/.local/state/reminders/etcd-certs/<profile>-<namespace>: the CA).
+#              CERT_DIR (default ~/.local/state/reminders/etcd-certs/<profile>-<namespace>: etcd's CA),
+#              PG_CERT_DIR (default ~/.local/state/reminders/postgres-certs/<profile>-<namespace>: PostgreSQL's CA).
 # With --provider (README "Going live with Twilio or Telnyx"):
 #              PUBLIC_URL (required: https://<host> at which the provider reaches the webhooks; the
 #                Ingress serves /telephony/ on that host), TELEPHONY_FROM (required: the caller id,
@@ -38,6 +40,10 @@ IMAGE=${IMAGE:-$PINNED}
 DEMO_PINNED=reminders-demo:$VERSION # the fake provider's image (the service's has no fakes)
 DEMO_IMAGE=${DEMO_IMAGE:-$DEMO_PINNED}
 CERT_DIR=${CERT_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/reminders/etcd-certs/$PROFILE-$NAMESPACE}
+PG_CERT_DIR=${PG_CERT_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/reminders/postgres-certs/$PROFILE-$NAMESPACE}
+# What DATABASE_URL asks of the connection: TLS, the server's certificate checked against the CA
+# the pods mount from the Secret postgres-ca (k8s/base/app.yaml, migrate.yaml).
+DB_TLS="ssl=verify-full&sslrootcert=/etc/reminders/postgres-ca/ca.crt"
 
 say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'setup.sh: %s\n' "$*" >&2; exit 1; }
@@ -56,7 +62,7 @@ while (($#)); do
             shift
             ;;
         -h | --help)
-            sed -n '2,24p' "${BASH_SOURCE[0]}"
+            sed -n '2,26p' "${BASH_SOURCE[0]}"
             exit 0
             ;;
         *) die "unknown argument: $1 (--provider twilio|telnyx, or none for the demo)" ;;
@@ -143,9 +149,17 @@ if ! has_secret reminders-postgres; then
     kc create secret generic reminders-postgres --from-literal=POSTGRES_USER=reminders \
         --from-literal=POSTGRES_PASSWORD="$db_password" --from-literal=POSTGRES_DB=reminders
     kc create secret generic reminders-db \
-        --from-literal=DATABASE_URL="postgresql+asyncpg://reminders:$db_password@postgres:5432/reminders"
+        --from-literal=DATABASE_URL="postgresql+asyncpg://reminders:$db_password@postgres:5432/reminders?$DB_TLS"
 fi
 has_secret reminders-db || die "Secret reminders-db is missing but reminders-postgres exists: delete reminders-postgres and re-run"
+# A DATABASE_URL from before PostgreSQL had TLS gets its query (the service refuses plain text to a
+# non-loopback host). Through a pipe: the password is never an argument of a command.
+db_url=$(kc get secret reminders-db -o jsonpath='{.data.DATABASE_URL}' | base64 -d)
+if [[ $db_url == postgresql* && $db_url != *ssl=verify-full* ]]; then
+    printf 'DATABASE_URL=%s?%s\n' "${db_url%%\?*}" "$DB_TLS" \
+        | kc create secret generic reminders-db --from-env-file=/dev/stdin --dry-run=client -o yaml | kc apply -f -
+fi
+unset db_url
 has_secret reminders-secrets || kc create secret generic reminders-secrets \
     --from-literal=TELEPHONY_TOKEN="$(random)" --from-literal=API_TOKEN="$(random)"
 has_secret reminders-etcd || kc create secret generic reminders-etcd --from-literal=ETCD_PASSWORD="$(random)"
@@ -156,6 +170,13 @@ if ! has_secret etcd-tls || ! has_secret etcd-ca; then
     kc create secret generic etcd-tls --from-file="$CERT_DIR/etcd-tls"
     kc create secret generic etcd-ca --from-file="$CERT_DIR/etcd-ca"
     echo "etcd's CA key stays in $CERT_DIR/ca (not in the cluster)"
+fi
+if ! has_secret postgres-tls || ! has_secret postgres-ca; then
+    "$HERE/postgres-certs.sh" "$NAMESPACE" "$PG_CERT_DIR"
+    kc delete secret postgres-tls postgres-ca --ignore-not-found
+    kc create secret generic postgres-tls --from-file="$PG_CERT_DIR/postgres-tls"
+    kc create secret generic postgres-ca --from-file="$PG_CERT_DIR/postgres-ca"
+    echo "PostgreSQL's CA key stays in $PG_CERT_DIR/ca (not in the cluster)"
 fi
 
 # The provider's credentials: from the operator's environment into the Secret, through a pipe.

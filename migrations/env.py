@@ -10,6 +10,7 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from service.database_url import connect_options
 from service.db.models import Base
 
 config = context.config
@@ -35,7 +36,9 @@ def _configure(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(config.attributes.get("url") or _url())
+    # The service's TLS arguments (sslmode, sslrootcert: service/database_url.py), as its engine's.
+    url, tls = connect_options(config.attributes.get("url") or _url())
+    engine = create_async_engine(url, connect_args=tls)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_configure)

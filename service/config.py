@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.database_url import VERIFY_FULL, postgres_transport
 from service.privacy import E164
 from service.reminders.caps import CallCaps
 from service.reminders.numbers import NumberPolicy
@@ -28,7 +29,8 @@ from service.reminders.wording import (
 )
 
 __all__ = [
-    "EVERY_COUNTRY", "CallWindow", "ReminderOffset", "Settings", "loopback", "parse_duration", "plain_remote",
+    "EVERY_COUNTRY", "CallWindow", "ReminderOffset", "Settings", "local_host", "loopback", "parse_duration",
+    "plain_remote",
     "setting_error_line",
 ]
 
@@ -317,6 +319,26 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _database_over_plain_text(self) -> Settings:
+        # The same rule for the database's password and every row: verified TLS beyond loopback.
+        if self.is_sqlite:
+            return self
+        try:
+            transport = postgres_transport(self.database_url)
+        except ValueError as error:
+            raise ValueError(f"DATABASE_URL: {error}") from None
+        missing = transport.ca_missing()
+        if missing:
+            raise ValueError(f"DATABASE_URL: {missing}")
+        remote = [host for host in transport.hosts if not local_host(host)]
+        if remote and transport.mode != VERIFY_FULL and not self.allow_insecure_transport:
+            raise ValueError(
+                f"DATABASE_URL: PostgreSQL on a non-loopback host ({remote[0]}) without verified TLS; add "
+                f"?ssl={VERIFY_FULL}&sslrootcert=<CA file> (or ALLOW_INSECURE_TRANSPORT=true, never in production)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if bool(self.etcd_cert) != bool(self.etcd_key):
             raise ValueError("ETCD_CERT and ETCD_KEY go together")
@@ -373,6 +395,11 @@ def loopback(url: str) -> bool:
         return False  # a name: it may resolve anywhere
 
 
+def local_host(host: str) -> bool:
+    """True for a host that never leaves the machine: loopback, or a Unix socket directory."""
+    return host.startswith("/") or loopback(f"[{host}]" if ":" in host else host)
+
+
 def plain_remote(url: str) -> bool:
     """True for an http:// (or scheme-less) URL whose host is not loopback."""
     return not url.startswith("https://") and not loopback(url)
@@ -386,6 +413,11 @@ def setting_error_line(error: Exception) -> str:
         return f"invalid settings: {error}"
     parts = []
     for item in error.errors():
-        name = "_".join(str(p) for p in item["loc"]).upper() or "settings"
-        parts.append(f"{name}: {item['msg']}")
+        name = "_".join(str(p) for p in item["loc"]).upper()
+        message = item["msg"]
+        # a check across settings has no field of its own: its message starts with the variable
+        named = re.match(r"Value error, ([A-Z][A-Z0-9_]*): ", message) if not name else None
+        if named:
+            name, message = named[1], message[named.end():]
+        parts.append(f"{name or 'settings'}: {message}")
     return "invalid setting " + "; ".join(parts)

@@ -29,7 +29,7 @@ os.environ.update(with_checkout_fakes(dict(os.environ)))
 # Tests taking these fixtures (directly or through another) start several processes at once:
 # the k8s drift tests run the manifests' own commands as 3 replicas / 3 etcd members. `slow`,
 # like the cluster, chaos and fuzz modules, so that `-m "not slow"` (make test-fast) leaves them out.
-SLOW_FIXTURES = frozenset({"processes", "local_etcd"})
+SLOW_FIXTURES = frozenset({"processes", "local_etcd", "local_postgres"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -26,6 +26,7 @@ No Docker engine and no cluster are needed (nor used).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import ipaddress
@@ -44,7 +45,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -52,7 +53,10 @@ import yaml
 
 from harness.etcd import find_binary
 from harness.ports import free_port
+from harness.postgres import PostgresServer
 from service.config import Settings
+from service.db import Database
+from tests.support.requirements import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -62,6 +66,9 @@ COMPONENT = K8S / "components" / "real-provider"
 PROVIDER_OVERLAYS = {"twilio": K8S / "overlays" / "twilio", "telnyx": K8S / "overlays" / "telnyx"}
 SETUP = K8S / "setup.sh"
 CERTS_SCRIPT = K8S / "etcd-certs.sh"
+PG_CERTS_SCRIPT = K8S / "postgres-certs.sh"
+# Made by the certificates scripts (k8s/setup.sh runs them), never committed
+TLS_SECRETS = ("etcd-tls", "etcd-ca", "postgres-tls", "postgres-ca")
 DOCKERFILE = ROOT / "Dockerfile"
 BIN = Path(sys.executable).parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -456,9 +463,10 @@ def _setup_created_secrets() -> dict[str, set[str]]:
     created: dict[str, set[str]] = {}
     for match in re.finditer(r"create secret generic ([\w-]+)((?: +--from-[\w-]+=\S+)+)", text):
         keys = set(re.findall(r"--from-literal=(\w+)=", match[2]))
-        for directory in re.findall(r"--from-file=\"?\$CERT_DIR/([\w-]+)\"?", match[2]):
-            keys |= {"*from k8s/etcd-certs.sh: " + directory}
-        created[match[1]] = keys
+        for directory in re.findall(r"--from-file=\"?\$\w*CERT_DIR/([\w-]+)\"?", match[2]):
+            keys |= {"*from a certificates script: " + directory}
+        # a Secret created again (re-written through a pipe) keeps the keys it was made with
+        created.setdefault(match[1], set()).update(keys)
     return created
 
 
@@ -469,8 +477,8 @@ def test_the_base_ships_no_secret_and_names_only_secrets_that_setup_creates() ->
         assert name in created, f"the base reads Secret {name}, which k8s/setup.sh does not create"
         from_certs = [k for k in created[name] if k.startswith("*")]
         if from_certs:
-            # The directory k8s/etcd-certs.sh writes for this Secret holds exactly its name.
-            assert from_certs == [f"*from k8s/etcd-certs.sh: {name}"]
+            # The directory k8s/etcd-certs.sh or k8s/postgres-certs.sh writes for this Secret holds exactly its name.
+            assert from_certs == [f"*from a certificates script: {name}"]
             continue
         assert keys <= created[name], f"Secret {name}: setup.sh creates {created[name]}, pods read {keys}"
 
@@ -478,8 +486,8 @@ def test_the_base_ships_no_secret_and_names_only_secrets_that_setup_creates() ->
 def test_demo_overlay_carries_fixed_secrets_apart_from_setup() -> None:
     demo_secrets = {o["metadata"]["name"]: o for o in _load_all(DEMO_MANIFESTS) if o["kind"] == "Secret"}
     for name, keys in _referenced_secrets(BASE_OBJECTS).items():
-        if name in ("etcd-tls", "etcd-ca"):
-            assert name not in demo_secrets, "TLS keys are generated (k8s/etcd-certs.sh), never committed"
+        if name in TLS_SECRETS:
+            assert name not in demo_secrets, "TLS keys are generated (k8s/*-certs.sh), never committed"
             continue
         assert name in demo_secrets, f"the demo overlay lacks Secret {name}"
         assert keys <= set(demo_secrets[name]["stringData"]), name
@@ -878,7 +886,28 @@ def test_environment_holds_only_real_settings(workload: str) -> None:
             assert ref["key"] in _secret_keys(ref["name"]), f"{item['name']}: Secret {ref['name']} has no {ref['key']}"
 
 
-def test_config_map_and_secrets_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+def _setup_db_tls() -> str:
+    """The query k8s/setup.sh puts on DATABASE_URL (DB_TLS)."""
+    match = re.search(r'^DB_TLS="([^"]+)"$', SETUP.read_text(), re.M)
+    assert match, "k8s/setup.sh sets no DB_TLS"
+    return match[1]
+
+
+def _db_root_cert(url: str) -> str:
+    """DATABASE_URL's sslrootcert: where the pod must find PostgreSQL's CA."""
+    query = parse_qs(urlsplit(url).query)
+    assert query.get("ssl") == ["verify-full"], f"{url}: DATABASE_URL does not ask for verified TLS"
+    return query["sslrootcert"][0]
+
+
+def _with_stand_in_db_ca(env: dict[str, str], tmp: Path) -> dict[str, str]:
+    """DATABASE_URL's sslrootcert moved to a stand-in file (Settings wants the file to exist)."""
+    ca = tmp / "postgres-ca.crt"
+    ca.write_text("stand-in")
+    return {**env, "DATABASE_URL": env["DATABASE_URL"].replace(_db_root_cert(env["DATABASE_URL"]), str(ca))}
+
+
+def test_config_map_and_secrets_are_valid_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     env = _resolve_env(
@@ -886,7 +915,7 @@ def test_config_map_and_secrets_are_valid_settings(monkeypatch: pytest.MonkeyPat
         fields={"metadata.name": "reminders-0"},
         secret=_secret_value,
     )
-    for key, value in env.items():
+    for key, value in _with_stand_in_db_ca(env, tmp_path).items():
         monkeypatch.setenv(key, value)
     settings = Settings()
     assert settings.database_url.startswith("postgresql+asyncpg://")
@@ -905,6 +934,56 @@ def test_etcd_endpoints_point_at_the_etcd_client_service() -> None:
         assert _labels_match(service["spec"]["selector"], pod_labels)
         port = next(p for p in service["spec"]["ports"] if p["port"] == url.port)
         assert _container_port(_container(statefulset), port.get("targetPort", port["port"])) == client_port
+
+
+@pytest.mark.parametrize("rendering", list(RENDERINGS))
+def test_every_database_client_checks_postgres_against_the_mounted_ca(rendering: str) -> None:
+    """DATABASE_URL (the demo's Secret and the one k8s/setup.sh makes) asks for ssl=verify-full with
+    sslrootcert in a volume of the Secret postgres-ca, in every pod that reads it."""
+    objects = _rendered(RENDERINGS[rendering])
+    urls = [_secret_value("reminders-db", "DATABASE_URL"), f"postgresql+asyncpg://u:p@postgres/db?{_setup_db_tls()}"]
+    paths = {_db_root_cert(url) for url in urls}
+    assert len(paths) == 1, f"the demo's Secret and setup.sh's disagree: {paths}"
+    (root_cert,) = paths
+    readers = [o for o in objects if o["kind"] in ("Deployment", "Job") and any(
+        e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "reminders-db"
+        for e in _container(o).get("env", []))]
+    expected = {"Deployment/reminders", "Job/reminders-migrate"}
+    if rendering in PROVIDER_RENDERINGS:
+        expected.add("Job/reminders-check")
+    assert {f"{o['kind']}/{o['metadata']['name']}" for o in readers} == expected
+    for workload in readers:
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        mounted = {m["mountPath"]: volumes[m["name"]] for m in _container(workload)["volumeMounts"]}
+        directory = str(Path(root_cert).parent)
+        assert mounted.get(directory, {}).get("secret", {}).get("secretName") == "postgres-ca", (
+            f"{workload['metadata']['name']}: sslrootcert {root_cert} is not in the mounted Secret postgres-ca")
+    assert Path(root_cert).name == "ca.crt", "k8s/postgres-certs.sh writes postgres-ca/ca.crt"
+
+
+def test_postgres_serves_tls_only_with_the_mounted_certificate() -> None:
+    statefulset = _find("StatefulSet", "postgres")
+    container = _container(statefulset)
+    args = container["args"]
+    settings = dict(args[i + 1].split("=", 1) for i, arg in enumerate(args) if arg == "-c")
+    assert settings["ssl"] == "on"
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    # (the data volume comes from the claim template)
+    mounted = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"] if m["name"] in volumes}
+    for name, key in (("ssl_cert_file", "tls.crt"), ("ssl_key_file", "tls.key")):
+        path = Path(settings[name])
+        tls = mounted[str(path.parent)]["secret"]
+        assert tls["secretName"] == "postgres-tls" and path.name == key
+        # PostgreSQL refuses a key file others may read: root-owned, group (fsGroup) read only
+        assert tls["defaultMode"] == 0o440
+    hba = mounted[str(Path(settings["hba_file"]).parent)]["configMap"]["name"]
+    (generator,) = [g for g in _kustomization(BASE)["configMapGenerator"] if g["name"] == hba]
+    (file,) = generator["files"]
+    assert Path(settings["hba_file"]).name == file
+    rules = [line.split() for line in (BASE / file).read_text().splitlines() if line.strip() and line[0] != "#"]
+    network = [rule for rule in rules if rule[0] != "local"]
+    assert network and all(r[0] == "hostssl" or (r[0] == "hostnossl" and r[-1] == "reject") for r in network), (
+        "a network connection without TLS must be refused")
 
 
 def test_demo_database_url_matches_the_demo_postgres() -> None:
@@ -1130,7 +1209,7 @@ def _stand_in_secrets() -> dict[tuple[str, str], str]:
     """Values of the shape each Secret key holds in production (none of them real)."""
     key = base64.b64encode(bytes(range(1, 33))).decode()  # any Ed25519 key but the fake's
     return {
-        ("reminders-db", "DATABASE_URL"): "postgresql+asyncpg://reminders:pw@postgres:5432/reminders",
+        ("reminders-db", "DATABASE_URL"): f"postgresql+asyncpg://reminders:pw@postgres:5432/reminders?{_setup_db_tls()}",
         ("reminders-secrets", "TELEPHONY_TOKEN"): "t" * 48, ("reminders-secrets", "API_TOKEN"): "a" * 48,
         ("reminders-etcd", "ETCD_PASSWORD"): "e" * 48,
         ("reminders-twilio", "TWILIO_ACCOUNT_SID"): "AC" + "0" * 32,
@@ -1156,6 +1235,7 @@ def test_a_provider_overlays_settings_pass_serves_checks(provider: str, workload
     ca = tmp_path / "ca.crt"
     ca.write_text("stand-in")
     env["ETCD_CA_CERT"] = str(ca)  # the mounted etcd-ca Secret (ElectionConfig wants the file)
+    env = _with_stand_in_db_ca(env, tmp_path)
     for name in SETTING_NAMES:
         monkeypatch.delenv(name, raising=False)
     for key, value in env.items():
@@ -1262,7 +1342,7 @@ case $name in
 esac
 """
 _SHIMMED = ["bash", "kubectl", "minikube", "docker", "openssl", "sed", "dirname", "grep", "mktemp", "rm", "cat",
-            "seq", "sleep", "date", "mkdir", "cp", "chmod", "touch"]
+            "seq", "sleep", "date", "mkdir", "cp", "chmod", "touch", "base64"]
 SENTINELS = {
     "twilio": {"TWILIO_ACCOUNT_SID": "ACsentinel5a1d7e09b3", "TWILIO_AUTH_TOKEN": "sentinel-auth-token-3c9f"},
     "telnyx": {"TELNYX_API_KEY": "KEYsentinel-8b2e", "TELNYX_CONNECTION_ID": "sentinel-connection-77",
@@ -1705,31 +1785,124 @@ def test_etcd_auth_job_confines_the_app_user_to_the_election_prefix(etcd_with_au
     assert cleanup.returncode == 0, cleanup.stderr
 
 
+@dataclass
+class LocalPostgres:
+    """The postgres StatefulSet's server settings on a local PostgreSQL: the demo Secret's
+    DATABASE_URL with its host and port moved there (sslrootcert still the pods' path), and the
+    local stand-ins of the Secrets pods mount."""
+
+    server: PostgresServer
+    url: str
+    sources: dict[str, Path]
+
+    def url_for(self, mounts: dict[str, Path]) -> str:
+        """The URL as a pod with these mounts reads it: sslrootcert in the volume's stand-in."""
+        root_cert = _db_root_cert(self.url)
+        local = _localise(root_cert, mounts)
+        assert local != root_cert, f"sslrootcert {root_cert} is not in a volume the pod mounts"
+        return self.url.replace(root_cert, local)
+
+
+@pytest.fixture(scope="module")
+def local_postgres() -> Iterator[LocalPostgres]:
+    """The StatefulSet's `-c` settings (ssl=on, the certificate and key of the postgres-tls Secret,
+    pg_hba.conf from its ConfigMap) on a local PostgreSQL, with the certificates k8s/postgres-certs.sh
+    makes (as k8s/setup.sh runs it), and the role and database of the Secret reminders-postgres (as
+    the image's entrypoint makes them)."""
+    _require_tool(shutil.which("openssl"), "openssl (k8s/postgres-certs.sh)")
+    work = Path(tempfile.mkdtemp(prefix="k8s-postgres-"))
+    try:
+        server = PostgresServer()
+    except (OSError, RuntimeError) as error:
+        unavailable("PostgreSQL", error)
+    try:
+        made = subprocess.run(["bash", str(PG_CERTS_SCRIPT), "test", str(work)], capture_output=True, text=True,
+                              timeout=120)
+        assert made.returncode == 0, made.stdout + made.stderr
+        sources = {f"secret/{d.name}": d for d in work.iterdir() if d.is_dir() and d.name != "ca"}
+        for generator in _kustomization(BASE).get("configMapGenerator", []):
+            sources[f"configMap/{generator['name']}"] = BASE
+        statefulset = _find("StatefulSet", "postgres")
+        container = _container(statefulset)
+        # Each volume as the kubelet mounts it with the pod's fsGroup: files owned by root that the
+        # server's group may read (0440), in a directory the server can reach.
+        mounts = {}
+        for mount_path, source in _mounts(statefulset, container, sources).items():
+            local = Path(server.base) / Path(mount_path).name
+            shutil.copytree(source, local, ignore=lambda _dir, names: [n for n in names if n.endswith(".yaml")])
+            local.chmod(0o755)
+            for file in local.iterdir():
+                os.chown(file, 0, server.group_id)
+                file.chmod(0o440)
+            mounts[mount_path] = local
+        args = container["args"]
+        server.settings = {name: _localise(value, mounts) for name, value in
+                           (args[i + 1].split("=", 1) for i, arg in enumerate(args) if arg == "-c")}
+        server.start()
+        env = _resolve_env(container, fields={}, secret=_secret_value)
+        user, password, database = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]
+        server.sql(f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{password}'")
+        server.sql(f"CREATE DATABASE \"{database}\" OWNER \"{user}\"")
+        secret = urlsplit(_secret_value("reminders-db", "DATABASE_URL"))
+        url = secret._replace(netloc=f"{secret.username}:{secret.password}@127.0.0.1:{server.port}").geturl()
+        yield LocalPostgres(server, url, sources)
+    finally:
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_postgres_statefulset_args_serve_verified_tls_and_refuse_plain_text(local_postgres: LocalPostgres) -> None:
+    import asyncpg
+
+    job = _find("Job", "reminders-migrate")
+    url = local_postgres.url_for(_mounts(job, _container(job), local_postgres.sources))
+    assert Settings(database_url=url)
+
+    async def encrypted() -> bool:
+        db = Database(url, pool_size=1)
+        try:
+            async with db.engine.connect() as connection:
+                return (await connection.exec_driver_sql(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")).scalar()
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(encrypted()) is True
+    plain = urlsplit(local_postgres.url)._replace(query="", scheme="postgresql").geturl()
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="no encryption"):
+        asyncio.run(asyncpg.connect(plain, ssl="disable", timeout=10))
+
+
 def test_deployment_command_and_env_run_three_replicas_with_one_leader(
-    etcd_with_auth: LocalEtcd, postgres_url: str, processes: Processes, tmp_path: Path
+    etcd_with_auth: LocalEtcd, local_postgres: LocalPostgres, processes: Processes, tmp_path: Path
 ) -> None:
     """The replicas log in to the TLS cluster with the Job's user, the CA from the etcd-ca Secret's
-    stand-in and the manifest's own ELECTION_PREFIX (the role's only prefix)."""
+    stand-in and the manifest's own ELECTION_PREFIX (the role's only prefix); the migration Job and
+    the replicas reach PostgreSQL with the Secret's DATABASE_URL, verified against the postgres-ca
+    Secret's stand-in."""
     app, job = _app(), _find("Job", "reminders-migrate")
     container = _container(app)
     workdir = _image_workdir(tmp_path)
+    sources = {**etcd_with_auth.sources, **local_postgres.sources}
     overrides = {
         "ETCD_ENDPOINTS": etcd_with_auth.client_urls[0],
-        "DATABASE_URL": postgres_url,
         # Nothing is due in a fresh database: no call is placed, nothing needs to listen here.
         "TELEPHONY_URL": f"http://127.0.0.1:{free_port()}",
     }
     try:
         # 1. The migration Job's command and environment.
         job_container = _container(job)
-        job_env = _replica_env(job_container, "reminders-migrate-test", overrides, _mounts(job, job_container, {}))
+        job_mounts = _mounts(job, job_container, sources)
+        job_env = _replica_env(job_container, "reminders-migrate-test",
+                               {**overrides, "DATABASE_URL": local_postgres.url_for(job_mounts)}, job_mounts)
         job_argv = _local_argv([_expand(a, job_env) for a in _pod_argv(job_container)])
         migrate = subprocess.run(job_argv, env=job_env, cwd=workdir, capture_output=True, text=True, timeout=60)
         assert migrate.returncode == 0, f"{shlex.join(job_argv)}\n{migrate.stdout}\n{migrate.stderr}"
 
         # 2. Three replicas with the Deployment's command (the image's CMD) and environment.
         served_port = int(_option(_pod_argv(container), "--port") or 8080)
-        mounts = _mounts(app, container, etcd_with_auth.sources)
+        mounts = _mounts(app, container, sources)
+        overrides["DATABASE_URL"] = local_postgres.url_for(mounts)
         replicas = []
         for i in range(app["spec"]["replicas"]):
             pod_name = f"reminders-test-{i}"

@@ -171,7 +171,7 @@ def test_the_production_image_copies_nothing_from_fakes() -> None:
     production = _needs(stages, list(stages)[-1])  # `docker build .` builds the last stage
     assert "demo" not in production and "demo-builder" not in production, production
     sources = _context_sources(stages, production)
-    assert sources == {"pyproject.toml", "service", "alembic.ini", "migrations"}, sources
+    assert sources == {"requirements/runtime.txt", "pyproject.toml", "service", "alembic.ini", "migrations"}, sources
     text = " ".join(rest for stage in production for _op, rest in stages[stage])
     assert not FAKE_NAMES & set(re.findall(r"[\w.-]+", text.replace("/", " "))), "a production stage names the fakes"
 

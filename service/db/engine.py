@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.util import greenlet_spawn
 
+from service.database_url import connect_options
 from service.db.clock import SQLITE_NOW, sqlite_now
 
 __all__ = ["Database", "SchemaOutOfDate", "alembic_config"]
@@ -91,6 +92,7 @@ _JSON = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
 def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, pre_ping: bool, **options: Any) -> AsyncEngine:
+    url, tls = connect_options(url)
     return create_async_engine(
         url,
         **_JSON,
@@ -108,6 +110,7 @@ def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, pre_ping: b
                 "statement_timeout": str(int(STATEMENT_TIMEOUT * 1000)),
                 "idle_in_transaction_session_timeout": str(int(IDLE_IN_TRANSACTION_TIMEOUT * 1000)),
             },
+            **tls,
         },
         **options,
     )
