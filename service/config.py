@@ -105,7 +105,10 @@ class Settings(BaseSettings):
     allowed_countries: Annotated[frozenset[str] | None, NoDecode] = None
     allow_voip: bool = False
     allow_insecure_transport: bool = False
-    api_docs: bool = True
+    # The public port serves what must be public (issue 24, docs/decisions/0243): /docs, /redoc and
+    # /openapi.json only when asked for; /metrics on a port of its own (0: none).
+    api_docs: bool = False
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod
