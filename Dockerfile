@@ -81,7 +81,8 @@ COPY migrations/ migrations/
 # Numeric UID so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 
-EXPOSE 8080
+# 8080: the API and the providers' webhooks; 9464: /metrics (METRICS_PORT), for Prometheus only.
+EXPOSE 8080 9464
 # Writable even with a read-only root filesystem (`docker run --read-only` gets an anonymous volume).
 VOLUME ["/data"]
 

@@ -391,13 +391,17 @@ class WebhookProxyProcess(_Process):
 
 
 class ReplicaProcess(_Process):
-    """One `reminders serve` process; `restart()` starts it again with the same name, port and env."""
+    """One `reminders serve` process; `restart()` starts it again with the same name, ports and env.
+    Its metrics are on a port of their own (`metrics_url`): several replicas share this host."""
 
     def __init__(self, name: str, log_path: Path, env: dict[str, str], proxy: TcpProxy) -> None:
         super().__init__(name, log_path)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = env
+        # a free port unless the cluster's env names one (0: no metrics port, `metrics()` fails)
+        self.metrics_port = int(env.get("METRICS_PORT") or free_port())
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.env = {**env, "METRICS_PORT": str(self.metrics_port)}
         self.proxy = proxy
         self._http = httpx.Client(base_url=self.url, timeout=2.0)
 
@@ -430,10 +434,10 @@ class ReplicaProcess(_Process):
         return self._http.get("/leader").raise_for_status().json()
 
     def metrics(self) -> dict[str, float]:
-        """GET /metrics: every sample by name, labels appended as `name{label="value",…}`."""
+        """GET /metrics on the metrics port: every sample by name, labels appended as `name{label="value",…}`."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = self._http.get("/metrics").raise_for_status().text
+        text = self._http.get(self.metrics_url).raise_for_status().text
         samples: dict[str, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

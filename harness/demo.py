@@ -581,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             view = None
             try:
                 for replica in cluster.replicas:
-                    print(f"  {replica.name}: pid {replica.pid}, {replica.url}", flush=True)
+                    print(f"  {replica.name}: pid {replica.pid}, {replica.url} (metrics {replica.metrics_url})",
+                          flush=True)
                 if args.provider == "twilio":
                     cluster.provider.client.callees(  # type: ignore[union-attr]
                         {phone: script for phone, (script, _) in TWILIO_CALLEES.items()})

@@ -334,6 +334,10 @@ or through the Service:
   kubectl -n $NAMESPACE port-forward svc/reminders 8080:80 &
   curl -s localhost:8080/leader
 
+A replica's metrics (their own port, 9464, which the Service does not expose):
+  kubectl -n $NAMESPACE port-forward deploy/reminders 9464 &
+  curl -s localhost:9464/metrics | grep reminders_is_leader
+
 Fail over: delete the leader pod and ask again; another replica leads within moments
 (it resigns on SIGTERM), and the Deployment starts a replacement:
   kubectl -n $NAMESPACE delete pod ${leader:-<leader pod>}

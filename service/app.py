@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -20,9 +21,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.api import appointments, do_not_call, health, metrics
+from service.api import appointments, do_not_call, health
 from service.api.auth import BearerAuthMiddleware, api_tokens, document_bearer_auth
 from service.api.limits import BodyLimitMiddleware
+from service.api.metrics import MetricsServer
 from service.api.readiness import ReadinessProbe
 from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, unavailable_reason
 from service.backlog import watch_backlog
@@ -36,6 +38,8 @@ from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, K
 from service.providers import package
 
 __all__ = ["app", "create_app"]
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,10 @@ async def _prepare_schema(db: Database) -> None:
         await db.check_schema()
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The service for `settings`: API, and while it runs, election and dispatch. SettingError
-    names a setting a component refuses (`uvicorn service.app:app` stops as `reminders serve` does)."""
+def create_app(settings: Settings, *, host: str = "127.0.0.1", metrics: MetricsServer | None = None) -> FastAPI:
+    """The service for `settings`: API, and while it runs, election, dispatch and the metrics port
+    (`metrics`, else METRICS_PORT bound on `host`: the API's address). SettingError names a setting
+    a component refuses (`uvicorn service.app:app` stops as `reminders serve` does)."""
     check(settings)
 
     @asynccontextmanager
@@ -113,8 +118,8 @@ def create_app(settings: Settings) -> FastAPI:
         title="Reminders",
         version="0.1.0",
         summary="Appointments with reminder calls placed exactly once by the elected leader.",
-        lifespan=lifespan,
-        # The service's metrics are Prometheus' (/metrics); FastAPI's native OpenTelemetry would
+        lifespan=_with_metrics_port(lifespan, metrics or _metrics_server(host, settings.metrics_port)),
+        # The service's metrics are Prometheus' (METRICS_PORT); FastAPI's native OpenTelemetry would
         # look up the global providers on every request to find it has none (docs/decisions/0162).
         telemetry={"tracing": False, "metrics": False, "logs": False},
         **_docs_urls(settings),
@@ -128,7 +133,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(appointments.router)
     app.include_router(do_not_call.router)
     app.include_router(health.router)
-    app.include_router(metrics.router)
     # the provider's webhook routes (signed, so not behind API_TOKEN), on every replica
     package(settings.telephony_provider).install(app, settings)
     _install_error_handlers(app)
@@ -169,6 +173,30 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 _GUARDED = ("/appointments", "/do-not-call")
+
+
+def _metrics_server(host: str, port: int) -> MetricsServer | None:
+    """The metrics port's server (METRICS_PORT 0: none)."""
+    return MetricsServer(host, port) if port else None
+
+
+def _with_metrics_port(lifespan: Lifespan, server: MetricsServer | None) -> Lifespan:
+    """`lifespan` inside the metrics port's life: up before the database and the election start
+    (a starting replica is scraped too), closed after they stopped."""
+
+    @asynccontextmanager
+    async def with_metrics(app: FastAPI) -> AsyncIterator[None]:
+        if server is not None:
+            await server.start()
+        app.state.metrics_server = server
+        try:
+            async with lifespan(app):
+                yield
+        finally:
+            if server is not None:
+                await server.stop()
+
+    return with_metrics
 
 
 def _docs_urls(settings: Settings) -> dict[str, str | None]:
@@ -218,7 +246,8 @@ def __getattr__(name: str) -> object:
         try:
             settings = Settings()
             configure_logging(settings.log_format, settings.log_level, settings.pod_name)
-            globals()["app"] = create_app(settings)
+            # uvicorn's --host is not visible from here: its environment form, else its default
+            globals()["app"] = create_app(settings, host=os.environ.get("UVICORN_HOST", "127.0.0.1"))
         except (ValidationError, SettingError) as error:
             # the one line `reminders serve` prints, not uvicorn's traceback
             line = setting_error_line(error) if isinstance(error, ValidationError) else (

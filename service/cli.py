@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings()
     import uvicorn
 
+    from service.api.metrics import MetricsServer
     from service.app import create_app
     from service.components import check
     from service.db import Database, SchemaOutOfDate
@@ -40,6 +41,10 @@ def _serve(args: argparse.Namespace) -> int:
         check(settings)
     except SettingError as error:
         print(f"reminders: invalid setting {error.variable}: {error.message}", file=sys.stderr)
+        return 2
+    if settings.metrics_port and settings.metrics_port == args.port:
+        print(f"reminders: invalid setting METRICS_PORT: {settings.metrics_port} is the API's port (--port); "
+              "the metrics need a port of their own, or 0 to turn them off", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, settings.log_level, settings.pod_name)
     if not settings.is_sqlite:
@@ -60,7 +65,15 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"reminders: database not reachable: {type(error).__name__}: {error}", file=sys.stderr)
             return 1
 
-    app = create_app(settings)
+    # The metrics port binds where the API does, taken now: a port in use stops with one line.
+    metrics = MetricsServer(args.host, settings.metrics_port) if settings.metrics_port else None
+    try:
+        if metrics is not None:
+            metrics.bind()
+    except OSError as error:
+        print(f"reminders: {error.strerror}", file=sys.stderr)
+        return 1
+    app = create_app(settings, host=args.host, metrics=metrics)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: object) -> None:

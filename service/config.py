@@ -115,7 +115,10 @@ class Settings(BaseSettings):
     allow_insecure_transport: bool = False
     # a real provider refuses to start without API_TOKEN unless this says the open API is meant
     allow_open_api: bool = False
-    api_docs: bool = True
+    # The public port serves what must be public (issue 24, docs/decisions/0243): /docs, /redoc and
+    # /openapi.json only when asked for; /metrics on a port of its own (0: none).
+    api_docs: bool = False
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
 
     @field_validator("etcd_endpoints", mode="before")
     @classmethod

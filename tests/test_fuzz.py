@@ -29,7 +29,7 @@ def replica(database_url: str, etcd_endpoint: str, tmp_path: Path, anyio_backend
     if not database_url.startswith("sqlite"):
         anyio.run(migrate, database_url)
     env = {"DATABASE_URL": database_url, "ETCD_ENDPOINTS": etcd_endpoint, "POD_NAME": "fuzz-replica",
-           "API_TOKEN": TOKEN}
+           "API_TOKEN": TOKEN, "API_DOCS": "true"}  # the fuzzers read the document from the replica
     with serve_replica(env, tmp_path) as url:
         yield url
 

@@ -185,11 +185,13 @@ def test_an_open_api_is_announced_at_start(tmp_path, caplog: pytest.LogCaptureFi
 # --- 9, 10: docs and the OpenAPI document -------------------------------------------------------
 
 
-async def test_api_docs_can_be_turned_off(tmp_path, etcd_endpoint: str) -> None:
-    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path}/a.db", etcd_endpoint, api_docs=False)
+@pytest.mark.parametrize("api_docs", [None, True])
+async def test_api_docs_are_off_unless_asked_for(tmp_path, etcd_endpoint: str, api_docs: bool | None) -> None:
+    overrides = {} if api_docs is None else {"api_docs": api_docs}
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path}/a.db", etcd_endpoint, **overrides)
     async with running_app(settings) as client:
         for path in ("/docs", "/redoc", "/openapi.json"):
-            assert (await client.get(path)).status_code == 404, path
+            assert (await client.get(path)).status_code == (200 if api_docs else 404), path
         assert (await client.get("/appointments")).status_code == 200
 
 

@@ -4,7 +4,8 @@ and k8s/overlays/telnyx with k8s/components/real-provider) and the Dockerfile, c
 * every manifest, and both renderings, pass `kubernetes-validate --strict`; the Dockerfile passes
   hadolint;
 * the NetworkPolicies, evaluated from the rendered manifests: what must stay allowed (DNS, etcd
-  clients and peers, the Jobs, Prometheus, ingress to the API, egress 443) and what is refused;
+  clients and peers, the Jobs, Prometheus on the metrics ports, the ingress controller and labelled
+  API clients on 8080, egress 443) and what is refused; every peer against the app's two ports;
 * no Secret in the base: each one it references is created by k8s/setup.sh (and, fixed, by the
   demo overlay) with the keys the pods read; images pinned to versions;
 * the provider overlays: no fake and no Secret value in the rendering, settings `reminders serve`
@@ -16,10 +17,12 @@ and k8s/overlays/telnyx with k8s/components/real-provider) and the Dockerfile, c
   the environment, selectors that select, etcd's static bootstrap naming its real members;
 * drift: the Deployment's own command (the image's CMD) and environment, with endpoints moved
   to a local etcd and PostgreSQL, run as 3 local processes after the migration Job's command;
-  the manifest's probe paths answer 200 and exactly one replica leads. The etcd StatefulSet's
-  own arguments likewise start a local 3-member cluster, with TLS for clients and peers from
-  certificates made by k8s/etcd-certs.sh (as k8s/setup.sh makes them); the etcd-auth Job's
-  command enables auth on it (twice: idempotent), and the replicas log in over TLS.
+  the manifest's probe paths answer 200, the scrape its annotations describe answers on the
+  metrics port while the API's port answers 404 on /metrics and /docs, and exactly one replica
+  leads. The etcd StatefulSet's own arguments likewise start a local 3-member cluster, with TLS
+  for clients and peers from certificates made by k8s/etcd-certs.sh (as k8s/setup.sh makes them);
+  the etcd-auth Job's command enables auth on it (twice: idempotent), and the replicas log in
+  over TLS.
 
 No Docker engine and no cluster are needed (nor used).
 """
@@ -662,9 +665,20 @@ def _peers(objects: list[dict[str, Any]]) -> dict[str, Peer]:
         "grafana": Peer("grafana", "monitoring", {"app.kubernetes.io/name": "grafana"}, "10.244.2.3"),
         "stranger": Peer("debug", NAMESPACE, {"run": "debug"}, "10.244.0.99"),
         "other-namespace": Peer("other", "default", {"app.kubernetes.io/component": "app"}, "10.244.3.2"),
+        # the ingress controller the reminders-app policy assumes: ingress-nginx in its own namespace
+        "ingress-controller": Peer("ingress-nginx-controller", "ingress-nginx",
+                                   {"app.kubernetes.io/name": "ingress-nginx",
+                                    "app.kubernetes.io/component": "controller"}, "10.244.4.2"),
+        # an in-cluster client of the API, labelled as the policy asks
+        "api-client": Peer("billing", "default", {"reminders-api-client": "true"}, "10.244.3.3"),
         "internet": Peer("internet", None, {}, "203.0.113.10"),
     }
     return peers
+
+
+# The app's ports: the API (and webhooks) and /metrics (METRICS_PORT, Prometheus only).
+API_PORT = 8080
+METRICS_PORT = Settings.model_fields["metrics_port"].default
 
 
 # (source, target, port, protocol): what the service needs (see k8s/base/network-policies.yaml).
@@ -676,14 +690,24 @@ MUST_ALLOW = [
     ("etcd", "etcd", 2380, "TCP"),
     ("app", "database", 5432, "TCP"),
     ("migration", "database", 5432, "TCP"),
-    ("prometheus", "app", 8080, "TCP"),
+    ("prometheus", "app", METRICS_PORT, "TCP"),
     ("prometheus", "etcd", 2381, "TCP"),
-    ("internet", "app", 8080, "TCP"),  # API and provider webhooks, through an ingress
-    ("other-namespace", "app", 8080, "TCP"),  # e.g. an ingress controller's pod
+    ("ingress-controller", "app", API_PORT, "TCP"),  # provider webhooks from the internet, /telephony/ only
+    ("api-client", "app", API_PORT, "TCP"),  # the API, inside the cluster
     ("app", "internet", 443, "TCP"),  # the providers
 ]
 MUST_REFUSE = [
     ("stranger", "app", 8080, "TCP"),  # an undeclared pod in the namespace may not even leave it
+    ("internet", "app", API_PORT, "TCP"),  # only through the ingress controller (and its /telephony/)
+    ("other-namespace", "app", API_PORT, "TCP"),  # an unlabelled pod elsewhere in the cluster
+    ("prometheus", "app", API_PORT, "TCP"),  # it scrapes the metrics port, nothing else
+    ("prometheus", "app", 2381, "TCP"),  # etcd's metrics port number, not the app's
+    ("prometheus", "etcd", METRICS_PORT, "TCP"),
+    ("ingress-controller", "app", METRICS_PORT, "TCP"),
+    ("api-client", "app", METRICS_PORT, "TCP"),
+    ("internet", "app", METRICS_PORT, "TCP"),
+    ("grafana", "app", METRICS_PORT, "TCP"),
+    ("ingress-controller", "etcd", 2379, "TCP"),
     ("stranger", "internet", 443, "TCP"),
     ("stranger", "etcd", 2379, "TCP"),
     ("other-namespace", "etcd", 2379, "TCP"),
@@ -755,6 +779,21 @@ def test_network_policies_allow_what_the_service_needs_and_refuse_the_rest(rende
 
 
 @pytest.mark.parametrize("rendering", list(RENDERINGS))
+def test_only_prometheus_reaches_the_metrics_port_and_only_the_ingress_and_clients_the_api(rendering: str) -> None:
+    """Every peer of the rendering (each workload's pod, the world around) against the app's two
+    ports: the metrics port admits Prometheus and nothing else; 8080 the ingress controller and
+    labelled API clients, nothing else (docs/decisions/0243)."""
+    objects = _rendered(RENDERINGS[rendering])
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    peers = _peers(objects)
+    app = peers["app"]
+    assert dict(app.ports) == {"http": API_PORT, "metrics": METRICS_PORT}
+    reaching = {port: sorted(name for name, peer in peers.items() if _allowed(policies, peer, app, port))
+                for port in (API_PORT, METRICS_PORT)}
+    assert reaching == {API_PORT: ["api-client", "ingress-controller"], METRICS_PORT: ["prometheus"]}
+
+
+@pytest.mark.parametrize("rendering", list(RENDERINGS))
 def test_every_pod_is_under_default_deny(rendering: str) -> None:
     policies = [o for o in _rendered(RENDERINGS[rendering]) if o["kind"] == "NetworkPolicy"]
     deny = [p for p in policies
@@ -778,7 +817,7 @@ def test_dockerfile_shape() -> None:
     copies = [rest.split() for op, rest in final if op == "COPY" and "--from" not in rest]
     sources = {src.rstrip("/") for parts in copies for src in parts[:-1]}
     assert {"migrations", "alembic.ini"} <= sources, "the service finds migrations/ in its working directory"
-    assert "8080" in ops["EXPOSE"].split()
+    assert {"8080", str(METRICS_PORT)} <= set(ops["EXPOSE"].split())
     assert "PYTHONUNBUFFERED=1" in " ".join(rest for op, rest in final if op == "ENV")
 
 
@@ -827,6 +866,20 @@ def test_probes_use_the_served_paths_on_the_served_port() -> None:
         assert _container_port(container, probe["port"]) == served, f"{kind} probes another port than --port"
     # /readyz waits up to 2 s for the database and 2 s for etcd.
     assert container["readinessProbe"].get("timeoutSeconds", 1) >= 4
+
+
+def test_metrics_have_a_port_of_their_own_that_no_service_exposes() -> None:
+    """METRICS_PORT (the ConfigMap's, else the default) is the container port `metrics`, the one
+    the scrape annotations name; the app's Service (and so the Ingress) reaches the API's only."""
+    app = _app()
+    container = _container(app)
+    configured = int(_config_map().get("METRICS_PORT", METRICS_PORT))
+    assert _container_port(container, "metrics") == configured != API_PORT
+    annotations = app["spec"]["template"]["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(configured), "/metrics")
+    service = _find("Service", "reminders")
+    assert [_container_port(container, p.get("targetPort", p["port"])) for p in service["spec"]["ports"]] == [API_PORT]
+    assert "API_DOCS" not in _config_map(), "docs stay off on the public port (the default)"
 
 
 def test_pod_name_comes_from_the_downward_api() -> None:
@@ -1899,7 +1952,8 @@ def test_deployment_command_and_env_run_three_replicas_with_one_leader(
         migrate = subprocess.run(job_argv, env=job_env, cwd=workdir, capture_output=True, text=True, timeout=60)
         assert migrate.returncode == 0, f"{shlex.join(job_argv)}\n{migrate.stdout}\n{migrate.stderr}"
 
-        # 2. Three replicas with the Deployment's command (the image's CMD) and environment.
+        # 2. Three replicas with the Deployment's command (the image's CMD) and environment; each
+        # pod's ports (the API's, METRICS_PORT's) moved to free local ones: they share this host.
         served_port = int(_option(_pod_argv(container), "--port") or 8080)
         mounts = _mounts(app, container, sources)
         overrides["DATABASE_URL"] = local_postgres.url_for(mounts)
@@ -1908,11 +1962,13 @@ def test_deployment_command_and_env_run_three_replicas_with_one_leader(
             pod_name = f"reminders-test-{i}"
             env = _replica_env(container, pod_name, overrides, mounts)
             assert env["ETCD_CA_CERT"] != _config_map()["ETCD_CA_CERT"], "ETCD_CA_CERT is not in a mounted volume"
+            metrics_port = int(env.get("METRICS_PORT", METRICS_PORT))  # the pod's, as the manifest sets it
+            port, local_metrics = free_port(), free_port()
+            env["METRICS_PORT"] = str(local_metrics)
             argv = [_expand(a, env) for a in _pod_argv(container)]
-            port = free_port()
             argv = _set_option(_set_option(_local_argv(argv), "--port", str(port)), "--host", "127.0.0.1")
             processes.start(pod_name, argv, env, workdir)
-            replicas.append((pod_name, {served_port: port}))
+            replicas.append((pod_name, {served_port: port, metrics_port: local_metrics}))
 
         # 3. The manifest's own probes answer 200 on every replica.
         deadline = time.monotonic() + 25
@@ -1925,11 +1981,14 @@ def test_deployment_command_and_env_run_three_replicas_with_one_leader(
                     url = f"http://127.0.0.1:{port}{probe['path']}"
                     answers = lambda url=url: client.get(url).status_code == 200  # noqa: E731
                     _poll(f"{pod_name} {kind} {url}", answers, deadline, processes)
-                annotations = app["spec"]["template"]["metadata"].get("annotations", {})
-                if "prometheus.io/path" in annotations:
-                    port = ports[int(annotations["prometheus.io/port"])]
-                    metrics = client.get(f"http://127.0.0.1:{port}{annotations['prometheus.io/path']}")
-                    assert metrics.status_code == 200
+                # The scrape the annotations describe answers Prometheus text; the API's port
+                # (what the Service and the Ingress reach) serves neither metrics nor docs.
+                annotations = app["spec"]["template"]["metadata"]["annotations"]
+                port = ports[int(annotations["prometheus.io/port"])]
+                metrics = client.get(f"http://127.0.0.1:{port}{annotations['prometheus.io/path']}")
+                assert metrics.status_code == 200 and "reminders_is_leader" in metrics.text
+                for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+                    assert client.get(f"http://127.0.0.1:{ports[served_port]}{path}").status_code == 404, path
 
             # 4. Exactly one leader, and every replica names the same one.
             names = [name for name, _ in replicas]

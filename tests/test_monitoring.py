@@ -44,6 +44,7 @@ import service.metrics
 from harness.cluster import Cluster, wait_for
 from harness.ports import free_port, wait_for_port
 from service.backlog import STUCK_AFTER, refresh_backlog, watch_backlog
+from service.config import Settings
 from service.db import Appointment, Database, Reminder, ReminderStatus
 from service.db.models import new_id
 from service.providers.generic.client import OutcomeKind
@@ -372,17 +373,21 @@ def test_manifests_each_go_to_the_validator_that_can_check_them(
     checked = _run([_tool("promtool"), "check", "rules", str(groups)])
     assert checked.returncode == 0 and "SUCCESS: 6 rules found" in checked.stdout, checked.stdout + checked.stderr
 
-    # The PodMonitor selects the app's pods and names a port they serve /metrics on.
+    # The PodMonitor selects the app's pods and names the port they serve /metrics on: METRICS_PORT
+    # (the ConfigMap's, else the default), not the API's.
     monitor = _one(rendered, "PodMonitor")["spec"]
     app = next(
         d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "app.yaml").read_text())
         if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "reminders"
     )
+    config = next(d for d in yaml.safe_load_all((ROOT / "k8s" / "base" / "config.yaml").read_text()) if d)["data"]
+    metrics_port = int(config.get("METRICS_PORT", Settings.model_fields["metrics_port"].default))
     pod_labels = app["spec"]["template"]["metadata"]["labels"]
     assert monitor["selector"]["matchLabels"].items() <= pod_labels.items()
-    ports = {p["name"] for c in app["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    ports = {p["name"]: p["containerPort"] for c in app["spec"]["template"]["spec"]["containers"]
+             for p in c.get("ports", [])}
     for endpoint in monitor["podMetricsEndpoints"]:
-        assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+        assert ports.get(endpoint["port"]) == metrics_port and endpoint["path"] == "/metrics"
 
 
 # --- the backlog gauges --------------------------------------------------------------------------
@@ -471,7 +476,7 @@ class Prometheus:
                 "job_name": "reminders",
                 # `pod` as the PodMonitor would set it: the dashboard and the alerts read it.
                 "static_configs": [
-                    {"targets": [f"127.0.0.1:{r.port}"], "labels": {"pod": r.name}} for r in cluster.replicas
+                    {"targets": [f"127.0.0.1:{r.metrics_port}"], "labels": {"pod": r.name}} for r in cluster.replicas
                 ],
             }],
         }

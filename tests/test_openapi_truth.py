@@ -53,6 +53,7 @@ def replica(request: pytest.FixtureRequest, etcd_server, tmp_path_factory):
         "DATABASE_URL": f"sqlite+aiosqlite:///{directory}/truth.db",
         "ETCD_ENDPOINTS": etcd_server.endpoint,
         "POD_NAME": "truth-replica",
+        "API_DOCS": "true",  # the document under test, served (off by default)
     }
     if request.param == "token":
         env["API_TOKEN"] = TOKEN

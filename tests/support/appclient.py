@@ -32,6 +32,7 @@ def make_settings(database_url: str, etcd_endpoint: str, **overrides: object) ->
         "lease_ttl": 3,
         "telephony_url": "http://127.0.0.1:9",
         "call_window": "00:00-24:00",
+        "metrics_port": 0,  # several apps in one process (and other suites on this host): none unless asked
     }
     values.update(overrides)
     return Settings(**values)

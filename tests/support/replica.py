@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextmanager
 def serve_replica(env: Mapping[str, str], directory: Path, *, ready_within: float = 30) -> Iterator[str]:
-    """Start a replica with `os.environ` + `env` (API_TOKEN only if `env` sets it), yield its URL
-    once /readyz answers 200, and on exit stop it and assert its log holds no traceback."""
+    """Start a replica with `os.environ` + `env` (API_TOKEN only if `env` sets it; no metrics port
+    unless `env` names one), yield its URL once /readyz answers 200, and on exit stop it and assert
+    its log holds no traceback."""
     port = free_port()
-    full_env = {**os.environ, "ELECTION_PREFIX": f"/replica/{port}", "LEASE_TTL": "3", **env}
+    full_env = {**os.environ, "ELECTION_PREFIX": f"/replica/{port}", "LEASE_TTL": "3", "METRICS_PORT": "0", **env}
     if "API_TOKEN" not in env:
         full_env.pop("API_TOKEN", None)
     log_path = directory / "replica.log"
