@@ -7,15 +7,16 @@ statement per table it touches (docs/decisions/0161); a create is one statement 
 (docs/decisions/0162). It
 returns appointments as `AppointmentView`s — plain dictionaries in the API's response shape, built
 from the rows it read or the values it wrote (nothing is read back after a write). It speaks no
-HTTP: a router turns its errors (`AppointmentNotFound`, `AppointmentCancelled`, `InvalidField`)
-into status codes.
+HTTP: a router turns its errors (`AppointmentNotFound`, `AppointmentCancelled`, `InvalidField`,
+`PreconditionFailed`) into status codes. A change or cancel may be conditional (`expected`: the
+versions If-Match names, docs/decisions/0241).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidField",
     "NewAppointment",
     "Page",
+    "PreconditionFailed",
     "ReminderView",
     "cancel",
     "change",
@@ -73,6 +75,10 @@ class AppointmentNotFound(AppointmentError, LookupError):
 
 class AppointmentCancelled(AppointmentError, RuntimeError):
     """The appointment is cancelled: it cannot be changed."""
+
+
+class PreconditionFailed(AppointmentError, RuntimeError):
+    """The appointment is at none of the versions the request was conditional on (If-Match)."""
 
 
 class InvalidField(AppointmentError, ValueError):
@@ -114,6 +120,7 @@ class AppointmentView(TypedDict):
     created_at: datetime
     updated_at: datetime
     erased_at: datetime | None
+    version: int  # its ETag; the router answers it as a header, never in the body
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,7 @@ class Page:
 
 _A, _R = Appointment.__table__, Reminder.__table__
 _APPOINTMENT_COLUMNS = ("id", "customer_name", "phone", "starts_at", "timezone", "notes", "status", "language",
-                        "confirmation", "remind_at", "created_at", "updated_at", "erased_at")
+                        "confirmation", "remind_at", "created_at", "updated_at", "erased_at", "version")
 _REMINDER_COLUMNS = ("id", "due_at", "status", "attempts", "last_error", "skip_reason", "sent_at", "provider_call_id",
                      "outcome", "answered_at")
 
@@ -192,13 +199,14 @@ def _views(rows: Sequence[Row[Any]]) -> list[AppointmentView]:
                 "notes": row[5], "status": row[6], "language": row[7], "confirmation": row[8],
                 "remind_at": [datetime.fromisoformat(t) for t in remind_at] if remind_at else None,
                 "reminders": [], "unplanned": [], "created_at": row[10], "updated_at": row[11], "erased_at": row[12],
+                "version": row[13],
             }
             views.append(current)
-        if row[13] is not None:
+        if row[14] is not None:
             current["reminders"].append({
-                "id": row[13], "due_at": row[14], "status": row[15], "attempts": row[16], "last_error": row[17],
-                "skip_reason": row[18], "sent_at": row[19], "provider_call_id": row[20], "outcome": row[21],
-                "answered_at": row[22],
+                "id": row[14], "due_at": row[15], "status": row[16], "attempts": row[17], "last_error": row[18],
+                "skip_reason": row[19], "sent_at": row[20], "provider_call_id": row[21], "outcome": row[22],
+                "answered_at": row[23],
             })
     return views
 
@@ -276,6 +284,20 @@ def _select_one(connection: Connection, appointment_id: str, *, lock: bool = Fal
     return _views(rows)[0]
 
 
+def _select_one_expected(connection: Connection, appointment_id: str,
+                         expected: Collection[int] | None) -> AppointmentView:
+    """The appointment, its row locked for the transaction: PreconditionFailed if `expected` is given
+    and does not hold its version, checked by a conditional UPDATE before the read (so the read and
+    every write after it see the version that matched); AppointmentNotFound comes first."""
+    held = expected is None or ("\x00" not in appointment_id and plans.hold_version(connection, appointment_id,
+                                                                                      expected))
+    view = _select_one(connection, appointment_id, lock=True)
+    if not held:
+        raise PreconditionFailed("If-Match names none of the appointment's current ETag (a weak one never "
+                                 "matches): nothing changed, read it again")
+    return view
+
+
 def _select_page(connection: Connection, statement: Select[Any], params: dict[str, Any]) -> list[AppointmentView]:
     return _views(connection.execute(statement, params).all())
 
@@ -318,7 +340,7 @@ async def create(db: Database, new: NewAppointment, planning: PlanningConfig) ->
         "timezone": new.timezone, "notes": new.notes, "status": AppointmentStatus.SCHEDULED,
         "language": language, "confirmation": None, "remind_at": new.remind_at or None,
         "reminders": [_reminder_view(r) for r in reminders],
-        "unplanned": _unplanned(unplanned), "created_at": now, "updated_at": now, "erased_at": None,
+        "unplanned": _unplanned(unplanned), "created_at": now, "updated_at": now, "erased_at": None, "version": 1,
     }
 
 
@@ -345,13 +367,15 @@ async def list_page(
 
 
 async def change(
-    db: Database, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig
+    db: Database, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig, *,
+    expected: Collection[int] | None = None,
 ) -> AppointmentView:
     """Apply `changes` (field → new value); a change to what a call says or when re-plans the
-    pending reminders under new keys. AppointmentCancelled if the appointment is cancelled."""
+    pending reminders under new keys. AppointmentCancelled if the appointment is cancelled;
+    PreconditionFailed, nothing changed, if `expected` (versions) does not hold its version."""
     _check_phone(changes.get("phone"), planning)
     hasher = await consent.phone_hasher(db)
-    view, replanned = await db.write(_change, appointment_id, changes, planning, hasher)
+    view, replanned = await db.write(_change, appointment_id, changes, planning, hasher, expected)
     log.info("appointment %s changed by %s (%s)%s", view["id"], actor(), ", ".join(sorted(changes)),
              ", re-planned" if replanned else "")
     return view
@@ -359,9 +383,9 @@ async def change(
 
 def _change(
     connection: Connection, appointment_id: str, changes: Mapping[str, Any], planning: PlanningConfig,
-    hasher: PhoneHasher,
+    hasher: PhoneHasher, expected: Collection[int] | None,
 ) -> tuple[AppointmentView, bool]:
-    view = _select_one(connection, appointment_id, lock=True)
+    view = _select_one_expected(connection, appointment_id, expected)
     if view["status"] == AppointmentStatus.CANCELLED:
         raise AppointmentCancelled("appointment is cancelled")
     if view["erased_at"] is not None:
@@ -383,9 +407,10 @@ def _change(
     replan = bool(changed & REPLAN_FIELDS)
     # a confirmation was for the old time
     stored_values = {**values, "phone_hash": phone_hash} if "phone" in changes else values
-    superseded = plans.change_appointment(connection, view["id"], stored_values, now, replan=replan,
-                                          clear_confirmation=moved)
+    version, superseded = plans.change_appointment(connection, view["id"], stored_values, now, replan=replan,
+                                                   clear_confirmation=moved)
     view.update(values)  # type: ignore[typeddict-item]
+    view["version"] = version
     if "remind_at" in changes:
         view["remind_at"] = changes["remind_at"] or None
     if moved:
@@ -437,10 +462,13 @@ def _stored_remind_at(view: AppointmentView) -> list[str] | None:
     return [t.isoformat() for t in view["remind_at"]] if view["remind_at"] is not None else None
 
 
-async def cancel(db: Database, appointment_id: str, *, erase: bool = False) -> AppointmentView:
+async def cancel(db: Database, appointment_id: str, *, erase: bool = False,
+                 expected: Collection[int] | None = None) -> AppointmentView:
     """Cancel an appointment and its pending reminders; cancelling twice is harmless. With `erase`,
-    its personal data is erased too, in the same transaction (service.ledger.erasure)."""
-    view, cancelled, erased = await db.write(_cancel, appointment_id, erase)
+    its personal data is erased too, in the same transaction (service.ledger.erasure).
+    PreconditionFailed, nothing changed, if `expected` (versions) does not hold its version. The
+    view's `version` is the one read before (cancel and erasure raise it)."""
+    view, cancelled, erased = await db.write(_cancel, appointment_id, erase, expected)
     if erased:
         PERSONAL_DATA_ERASED.labels("request").inc()
     if cancelled or erased:
@@ -449,8 +477,9 @@ async def cancel(db: Database, appointment_id: str, *, erase: bool = False) -> A
     return view
 
 
-def _cancel(connection: Connection, appointment_id: str, erase: bool) -> tuple[AppointmentView, bool, bool]:
-    view = _select_one(connection, appointment_id, lock=True)
+def _cancel(connection: Connection, appointment_id: str, erase: bool,
+            expected: Collection[int] | None) -> tuple[AppointmentView, bool, bool]:
+    view = _select_one_expected(connection, appointment_id, expected)
     now = utcnow()
     cancelled = view["status"] != AppointmentStatus.CANCELLED
     if cancelled:

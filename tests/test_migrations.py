@@ -164,3 +164,34 @@ async def test_consent_migration_hashes_every_stored_number_with_the_key_it_made
         await db.upgrade()
     finally:
         await db.dispose()
+
+
+async def test_versions_migration_starts_stored_appointments_at_1(database_url: str) -> None:
+    """0007 (ETags): appointments written before it are at version 1, as a new one is; every UPDATE
+    of the row raises it (the column's onupdate); it steps down and up."""
+    from sqlalchemy import text, update
+
+    from service.db import Appointment
+
+    db = Database(database_url)
+    try:
+        await db.upgrade()
+        await db.downgrade("0006_erasure")
+        assert "version" not in await columns(db, "appointments")
+        async with db.engine.begin() as connection:  # a row written before the revision
+            await connection.execute(text(
+                "INSERT INTO appointments (id, customer_name, phone, starts_at, timezone, status, created_at, "
+                "updated_at) VALUES ('a1', 'Ann', '+14155552671', '2030-01-01 09:00:00', 'UTC', 'scheduled', "
+                "'2029-12-01 09:00:00', '2029-12-01 09:00:00')"))
+        await db.upgrade()
+        await db.check_schema()
+        async with db.engine.begin() as connection:
+            assert await connection.scalar(text("SELECT version FROM appointments")) == 1
+            await connection.execute(update(Appointment).where(Appointment.id == "a1").values(notes="x"))
+            assert await connection.scalar(text("SELECT version FROM appointments")) == 2
+        await db.downgrade("0006_erasure")
+        assert "version" not in await columns(db, "appointments")
+        await db.upgrade()
+        await db.check_schema()
+    finally:
+        await db.dispose()

@@ -35,7 +35,11 @@ INEXPRESSIBLE = {
 }
 
 
-def _inexpressible(response) -> bool:
+def _inexpressible(case, response) -> bool:
+    if response is not None and response.status_code == 412:
+        # an If-Match the document allows, naming a version the appointment is not at: "the current
+        # ETag" is state, not a schema
+        return any(name.lower() == "if-match" for name in (case.headers or {}))
     if response is None or response.status_code != 422:
         return False
     try:
@@ -83,7 +87,7 @@ def _check(operation: Any, url: str, headers: dict[str, str], generation: Genera
             case.validate_response(response, headers=headers)
         except FailureGroup as group:
             for failure in group.exceptions:
-                if not ("Schema-valid request rejected" in failure.title and _inexpressible(response)):
+                if not ("Schema-valid request rejected" in failure.title and _inexpressible(case, response)):
                     problems.append(f"{operation.label}: {failure.title}: {response.status_code} "
                                     f"{response.text[:1200]}")
 

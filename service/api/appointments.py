@@ -15,8 +15,18 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import TypeAdapter
 
 from service import appointments
+from service.api.conditional import (
+    ETAG_DOC,
+    IF_MATCH_DOC,
+    IF_MATCH_MAX_LENGTH,
+    IF_MATCH_PATTERN,
+    etag,
+    expected_versions,
+)
 from service.api.deps import invalid
 from service.api.schemas import (
+    PLAIN_DIGITS,
+    TIME_RULE,
     AppointmentCreate,
     AppointmentList,
     AppointmentOut,
@@ -44,15 +54,25 @@ router = APIRouter(
 )
 
 _NOT_FOUND = {404: {"model": ErrorOut, "description": "No appointment with this id"}}
+_ETAG_HEADER = {"ETag": {"description": ETAG_DOC, "schema": {"type": "string", "pattern": r'^"[1-9][0-9]*"$'}}}
+_WITH_ETAG = {"description": "The appointment, with its reminders", "headers": _ETAG_HEADER}
+# If-Match in the OpenAPI: not a parameter of the routes, which read and check every line of it
+# themselves (expected_versions).
+_IF_MATCH = {"parameters": [{
+    "name": "If-Match", "in": "header", "required": False, "description": IF_MATCH_DOC,
+    "schema": {"type": "string", "pattern": IF_MATCH_PATTERN, "maxLength": IF_MATCH_MAX_LENGTH},
+}]}
 
 # OpenAPI links: what a client (or a stateful fuzzer) can do with a created appointment's id.
 _BY_ID = {"appointment_id": "$response.body#/id"}
 _CREATED_LINKS = {
     201: {
         "description": "The appointment, with its planned reminders",
+        "headers": _ETAG_HEADER,
         "links": {
             "GetAppointment": {"operationId": "getAppointment", "parameters": _BY_ID},
-            "PatchAppointment": {"operationId": "patchAppointment", "parameters": _BY_ID},
+            "PatchAppointment": {"operationId": "patchAppointment",
+                                 "parameters": {**_BY_ID, "header.If-Match": "$response.header.ETag"}},
             "CancelAppointment": {"operationId": "cancelAppointment", "parameters": _BY_ID},
         },
     }
@@ -70,6 +90,8 @@ def _as_http() -> Iterator[None]:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=str(error)) from None
     except appointments.InvalidField as error:
         raise invalid(("body", *error.field), error.message, error.value) from None
+    except appointments.PreconditionFailed as error:
+        raise HTTPException(status.HTTP_412_PRECONDITION_FAILED, detail=str(error)) from None
 
 
 def _db(request: Request) -> Database:
@@ -89,9 +111,21 @@ _APPOINTMENT: TypeAdapter[AppointmentOut] = TypeAdapter(AppointmentOut)
 _PAGE: TypeAdapter[AppointmentList] = TypeAdapter(AppointmentList)
 
 
-def _answer(model: TypeAdapter[Any], content: Any, status_code: int = status.HTTP_200_OK) -> Response:
+def _answer(model: TypeAdapter[Any], content: Any, status_code: int = status.HTTP_200_OK,
+            headers: dict[str, str] | None = None) -> Response:
     model.validate_python(content)  # the one validation: a view that does not fit is a bug (a 500)
-    return Response(orjson.dumps(content, option=orjson.OPT_UTC_Z), status_code, media_type="application/json")
+    return Response(orjson.dumps(content, option=orjson.OPT_UTC_Z), status_code, headers,
+                    media_type="application/json")
+
+
+def _one(view: AppointmentView, status_code: int = status.HTTP_200_OK, *, with_etag: bool = True) -> Response:
+    """One appointment; its version as the ETag header, not in the body."""
+    version = view.pop("version")  # type: ignore[misc]
+    return _answer(_APPOINTMENT, view, status_code, {"ETag": etag(version)} if with_etag else None)
+
+
+def _expected(request: Request) -> frozenset[int] | None:
+    return expected_versions(request.headers.getlist("if-match"))
 
 
 @router.post(
@@ -104,7 +138,7 @@ async def create_appointment(body: AppointmentCreate, request: Request) -> Respo
         created = await appointments.create(
             _db(request), appointments.NewAppointment(**body.model_dump()), _planning(request)
         )
-    return _answer(_APPOINTMENT, created, status.HTTP_201_CREATED)
+    return _one(created, status.HTTP_201_CREATED)
 
 
 class _CursorRange:
@@ -146,9 +180,9 @@ async def list_appointments(
     request: Request,
     status_: Annotated[AppointmentStatus | None, Query(alias="status")] = None,
     confirmation: Annotated[Confirmation | None, Query(description="The customer's keypad answer")] = None,
-    starts_after: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
-    starts_before: Annotated[AwareDatetime | None, Query(description="ISO 8601 with offset")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    starts_after: Annotated[AwareDatetime | None, Query(description=f"Strictly after. {TIME_RULE}.")] = None,
+    starts_before: Annotated[AwareDatetime | None, Query(description=f"Strictly before. {TIME_RULE}.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500, description="Plain digits, 1-500"), PLAIN_DIGITS] = 100,
     cursor: Annotated[str | None, Query(max_length=512, pattern=r"^[A-Za-z0-9_-]+$", description=_CURSOR_DOC)] = None,
 ) -> Response:
     """Appointments ordered by start time, a page at a time."""
@@ -157,34 +191,46 @@ async def list_appointments(
         starts_before=starts_before,
         after=_decode_cursor(cursor) if cursor is not None else None,
     )
+    for item in page.items:
+        del item["version"]  # type: ignore[misc]
     return _answer(_PAGE, {"items": page.items, "next_cursor": _encode_cursor(page.items[-1]) if page.more else None})
 
 
-@router.get("/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND, operation_id="getAppointment")
+@router.get("/{appointment_id}", response_model=AppointmentOut, responses={200: _WITH_ETAG, **_NOT_FOUND},
+            operation_id="getAppointment")
 async def get_appointment(appointment_id: str, request: Request) -> Response:
-    """One appointment with its reminders."""
+    """One appointment with its reminders; its version in the `ETag` header."""
     with _as_http():
-        return _answer(_APPOINTMENT, await appointments.read(_db(request), appointment_id))
+        return _one(await appointments.read(_db(request), appointment_id))
+
+
+_PRECONDITION = {
+    412: {"model": ErrorOut, "description": "If-Match names none of the appointment's current ETag: nothing changed"}
+}
 
 
 @router.patch(
     "/{appointment_id}",
     response_model=AppointmentOut,
     operation_id="patchAppointment",
-    responses={**_NOT_FOUND, 409: {"model": ErrorOut, "description": "The appointment is cancelled or erased"}},
+    openapi_extra=_IF_MATCH,
+    responses={200: _WITH_ETAG, **_NOT_FOUND, **_PRECONDITION,
+               409: {"model": ErrorOut, "description": "The appointment is cancelled or erased"}},
 )
 async def patch_appointment(appointment_id: str, body: AppointmentPatch, request: Request) -> Response:
     """Change an appointment; a change to what a call says or when (all fields but `notes`) re-plans its
-    pending reminders under new idempotency keys."""
+    pending reminders under new idempotency keys. With `If-Match`, only if it is still at that version."""
+    expected = _expected(request)
     with _as_http():
         changed = await appointments.change(
-            _db(request), appointment_id, body.model_dump(exclude_unset=True), _planning(request)
+            _db(request), appointment_id, body.model_dump(exclude_unset=True), _planning(request), expected=expected
         )
-    return _answer(_APPOINTMENT, changed)
+    return _one(changed)
 
 
 @router.delete(
-    "/{appointment_id}", response_model=AppointmentOut, responses=_NOT_FOUND, operation_id="cancelAppointment"
+    "/{appointment_id}", response_model=AppointmentOut, responses={**_NOT_FOUND, **_PRECONDITION},
+    operation_id="cancelAppointment", openapi_extra=_IF_MATCH,
 )
 async def cancel_appointment(
     appointment_id: str, request: Request,
@@ -192,6 +238,9 @@ async def cancel_appointment(
                                              "words (the appointment and its reminders' outcomes stay)")] = False,
 ) -> Response:
     """Cancel an appointment: its pending reminders become `cancelled`. Cancelling twice is harmless;
-    `erase=true` erases its personal data too (also after an earlier cancel)."""
+    `erase=true` erases its personal data too (also after an earlier cancel). With `If-Match`, only if it
+    is still at that version. The answer carries no ETag: read the appointment for the next one."""
+    expected = _expected(request)
     with _as_http():
-        return _answer(_APPOINTMENT, await appointments.cancel(_db(request), appointment_id, erase=erase))
+        cancelled = await appointments.cancel(_db(request), appointment_id, erase=erase, expected=expected)
+    return _one(cancelled, with_etag=False)

@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, literal_column
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.db.clock import UTCDateTime, db_now, utcnow
@@ -61,6 +61,10 @@ class Appointment(Base):
     erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    # Its ETag (service/api/conditional.py): 1 when created, raised by the database in every UPDATE
+    # of the row that does not set it (the column's onupdate, so no writer can forget it), atomically.
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1",
+                                         onupdate=literal_column("version", Integer) + 1)
 
     reminders: Mapped[list[Reminder]] = relationship(
         back_populates="appointment", order_by="Reminder.due_at", lazy="selectin", cascade="all, delete-orphan"

@@ -7,7 +7,7 @@ Who calls what:
 - the dispatcher: the fence and claims (`fence`, `claims`: `ReminderStore`, `Outcome`), attempts
   of providers without idempotency (`attempts`: `AttemptStore`), the call sweep (`sweep`);
 - the provider webhooks: call events, binding, keypad answers (`calls`);
-- the appointments service: the create's statement and re-plans (`plans`), superseding and
+- the appointments service: the create's statement, re-plans and If-Match's check (`plans`), superseding and
   cancellation (`cancellation`: one rule for the API's DELETE, a keypad decline, a re-plan, an
   opt-out and a confirmation);
 - the do-not-call API and the keypad's opt-out: the list (`consent`);
@@ -29,7 +29,7 @@ from service.ledger.cancellation import (
 from service.ledger.claims import Claim, ReminderStore, is_data_error
 from service.ledger.fence import FENCE_ROW, LedgerError, StaleTerm
 from service.ledger.outcome import Outcome
-from service.ledger.plans import Replanned, change_appointment, insert_appointment, insert_plan
+from service.ledger.plans import Replanned, change_appointment, hold_version, insert_appointment, insert_plan
 from service.ledger.sweep import RELEASED, SweepStore, SweepTimes
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "erasure",
     "change_appointment",
     "cancel_appointment",
+    "hold_version",
     "supersede",
     "insert_appointment",
     "insert_plan",

@@ -9,6 +9,7 @@ transaction (`Database.write`, or `write_one` for a create: docs/decisions/0161,
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,8 +24,8 @@ from service.reminders.calls import idempotency_key
 from service.reminders.lifecycle import ReminderStatus
 
 __all__ = [
-    "APPOINTMENT_INSERT_COLUMNS", "REMINDER_INSERT_COLUMNS", "Replanned", "change_appointment", "insert_appointment",
-    "insert_plan", "reminder_row",
+    "APPOINTMENT_INSERT_COLUMNS", "REMINDER_INSERT_COLUMNS", "Replanned", "change_appointment", "hold_version",
+    "insert_appointment", "insert_plan", "reminder_row",
 ]
 
 _A, _R = Appointment.__table__, Reminder.__table__
@@ -113,6 +114,24 @@ def insert_appointment(connection: Connection, appointment: dict[str, Any], remi
     return status == ReminderStatus.SKIPPED
 
 
+# If-Match: the appointment's row, if its version is one of those named, written with what it
+# holds (no column changes, not even the version), which locks it to the end of the transaction.
+_HOLD_VERSION = (
+    update(_A)
+    .where(_A.c.id == bindparam("of_appointment"), _A.c.version.in_(bindparam("versions", expanding=True)))
+    .values(version=_A.c.version, updated_at=_A.c.updated_at)
+)
+
+
+def hold_version(connection: Connection, appointment_id: str, versions: Collection[int]) -> bool:
+    """The conditional request's check, atomic with the writes after it: True when the appointment's
+    version is one of `versions`, its row then locked until the transaction ends (a row lock on
+    PostgreSQL, SQLite's one writer), changed in nothing; False when it is not (or there is no such
+    appointment). The first statement of the transaction, so that what it reads next is current."""
+    held = connection.execute(_HOLD_VERSION, {"of_appointment": appointment_id, "versions": sorted(versions)})
+    return held.rowcount == 1
+
+
 @dataclass(frozen=True)
 class Replanned:
     plan: int  # the appointment's plan now: the new reminders' plan
@@ -122,9 +141,9 @@ class Replanned:
 
 
 def change_appointment(connection: Connection, appointment_id: str, values: dict[str, Any], now: datetime, *,
-                       replan: bool, clear_confirmation: bool) -> Replanned | None:
+                       replan: bool, clear_confirmation: bool) -> tuple[int, Replanned | None]:
     """Write `values` to the appointment (its row locked by the caller) in one UPDATE, its
-    `confirmation` cleared when the customer's answer was for the old time. With `replan`, the
+    `confirmation` cleared when the customer's answer was for the old time; its new version. With `replan`, the
     appointment's next plan begins: every unfinished reminder of the old one is superseded
     (service.ledger.cancellation), and those no leader ever touched are deleted (nothing was called
     for them, and a client's re-plans cannot grow the table); `insert_plan` adds the new one.
@@ -135,13 +154,13 @@ def change_appointment(connection: Connection, appointment_id: str, values: dict
         values = {**values, "confirmation": None}
     if replan:
         values = {**values, "plan": _A.c.plan + 1}
-    plan = connection.execute(update(_A).where(_A.c.id == appointment_id).values(values).returning(_A.c.plan))
+    current, version = connection.execute(
+        update(_A).where(_A.c.id == appointment_id).values(values).returning(_A.c.plan, _A.c.version)).one()
     if not replan:
-        return None
-    current = plan.scalar_one()
+        return version, None
     superseded = supersede(connection, appointment_id, REPLANNED, now)
     pruned = set(connection.execute(_PRUNE_SUPERSEDED, {"of_appointment": appointment_id}).scalars())
-    return Replanned(current, pruned, superseded.cancelled - pruned, superseded.owed)
+    return version, Replanned(current, pruned, superseded.cancelled - pruned, superseded.owed)
 
 
 def insert_plan(connection: Connection, phone_hash: str, reminders: list[dict[str, Any]]) -> bool:
