@@ -23,10 +23,11 @@ from starlette.routing import Match
 
 from service.api import appointments, do_not_call, health
 from service.api.auth import BearerAuthMiddleware, api_tokens, document_bearer_auth
+from service.api.deadlines import REQUEST_DEADLINE, Deadline, DeadlineMiddleware
 from service.api.limits import BodyLimitMiddleware
 from service.api.metrics import MetricsServer
 from service.api.readiness import ReadinessProbe
-from service.api.unavailable import DATABASE_ERRORS, RequestDeadlineMiddleware, unavailable_reason
+from service.api.unavailable import DATABASE_ERRORS, unavailable_reason
 from service.backlog import watch_backlog
 from service.components import check, dispatch_config, election_config, pool_size, provider
 from service.config import Settings
@@ -36,6 +37,7 @@ from service.election import Elector
 from service.ledger import consent
 from service.metrics import ETCD_AUTH_FAILURES, IS_LEADER, KEEPALIVE_FAILURES, KEEPALIVE_RTT, LEADER_TRANSITIONS
 from service.providers import package
+from service.telephony.webhook import WEBHOOK_PREFIX
 
 __all__ = ["app", "create_app"]
 
@@ -215,9 +217,13 @@ async def _database_unreachable(_request: Request, error: Exception) -> JSONResp
 
 
 def _harden(app: FastAPI, settings: Settings) -> None:
-    """Issue 12's outer layers: auth before the body, a bound on every API request, a truthful OpenAPI."""
+    """Issue 12's outer layers: auth before the body, a bound on every API request and on every
+    webhook's body, a truthful OpenAPI."""
     tokens = api_tokens(settings.api_token)
-    app.add_middleware(RequestDeadlineMiddleware, prefixes=_GUARDED)
+    # the API answers within its deadline; a webhook's body arrives within WEBHOOK_BODY_TIMEOUT (its
+    # handler then has the database budgets of its provider's routes)
+    app.add_middleware(DeadlineMiddleware, deadlines=(
+        Deadline(_GUARDED, answer=REQUEST_DEADLINE), Deadline((WEBHOOK_PREFIX,), body=settings.webhook_body_timeout)))
     app.add_middleware(BearerAuthMiddleware, tokens=tokens, prefixes=_GUARDED)  # outermost: runs first
     if not tokens:
         log.warning("API_TOKEN is unset: the appointments API is open to anyone who can reach this replica")

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     telnyx_connection_id: str | None = None
     telnyx_public_key: str | None = None
     telnyx_api_url: str = "https://api.telnyx.com"
+    # seconds from a webhook request's start by which its whole body must have arrived (else 408);
+    # the providers wait 15 s at most for an answer, so more than a minute is never useful
+    webhook_body_timeout: float = Field(default=10.0, gt=0, le=60)
     # None: derived (`effective_reconcile_grace`)
     reconcile_grace: Annotated[timedelta | None, NoDecode] = None
     telephony_url: str = "http://127.0.0.1:8090"

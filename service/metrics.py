@@ -57,3 +57,15 @@ PERSONAL_DATA_ERASED = Counter(
     "Appointments whose personal data was erased, by how (request: DELETE ?erase=true; retention)",
     ["how"],
 )
+# Initialised to 0 for each provider and reason by service.providers.common (which owns both lists).
+WEBHOOK_SIGNATURE_FAILURES = Counter(
+    "reminders_webhook_signature_failures_total",
+    "Webhook requests refused (403) for their signature, by provider (twilio, telnyx) and reason (missing, "
+    "malformed, stale, mismatch)",
+    ["provider", "reason"],
+)
+TELNYX_FOREIGN_EVENTS = Counter(
+    "reminders_telnyx_foreign_events_total",
+    "Validly signed Telnyx events of another Call Control connection of the account (payload.connection_id "
+    "is not TELNYX_CONNECTION_ID): acknowledged and ignored",
+)

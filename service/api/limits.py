@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -10,6 +11,7 @@ __all__ = ["BodyLimitMiddleware"]
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32
+_LENGTH = re.compile(rb"[0-9]{1,18}")
 
 
 def _too_deep(body: bytes, limit: int) -> bool:
@@ -47,8 +49,9 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared = headers.get(b"content-length", b"")
+        # ASCII digits only: b"\xb2" reads as `²`, which passes isdigit() and fails int()
+        if _LENGTH.fullmatch(declared) and int(declared) > self.max_bytes:
             await _reply(send, 413, f"request body larger than {self.max_bytes} bytes")
             return
         # Read the whole (bounded) body once, then replay it to the app.

@@ -1,6 +1,6 @@
 """What the providers' webhook routes share: a database budget for a request the provider waits
-on, the words of reminders planned before wording was stored, and ending a bound reminder's other
-calls after the answer is sent."""
+on, the words of reminders planned before wording was stored, ending a bound reminder's other
+calls after the answer is sent, and counting and logging refused signatures."""
 
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ from typing import Any
 from fastapi import Request
 
 from service.ledger.calls import Fallback
+from service.metrics import WEBHOOK_SIGNATURE_FAILURES
 from service.reminders import MessageTemplates, Wording
+from service.telephony.webhook import SignatureFailure
 
-__all__ = ["call_after_confirmation", "cancel_calls", "fallback_wording", "with_retries"]
+__all__ = [
+    "REFUSAL_LOG_INTERVAL", "WEBHOOK_PROVIDERS", "SignatureRefusals", "call_after_confirmation", "cancel_calls",
+    "fallback_wording", "signature_refused", "with_retries",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +70,46 @@ async def cancel_calls(request: Request, call_ids: list[str]) -> None:
     for call_id in call_ids:
         done = await provider.cancel(call_id)
         log.info("ended call %s of a reminder bound to another call: %s", call_id, done)
+
+
+# At most one warning per provider this often (seconds) about refused signatures.
+REFUSAL_LOG_INTERVAL = 60.0
+# The providers with webhooks (tests/test_webhook_edges.py keeps it equal to service.providers'),
+# each of whose reasons exports 0 from the start: increase() and the alert see a replica's first
+# refusal, not only its second.
+WEBHOOK_PROVIDERS = ("twilio", "telnyx")
+for _provider in WEBHOOK_PROVIDERS:
+    for _reason in SignatureFailure:
+        WEBHOOK_SIGNATURE_FAILURES.labels(_provider, _reason.value)
+
+
+class SignatureRefusals:
+    """Counts webhook requests refused for their signature (reminders_webhook_signature_failures_total)
+    and warns of them at most once per `interval` seconds per provider, on the monotonic clock: a
+    flood of forged requests must not flood the log. A warning says how many were refused since the
+    one before it."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval, self._clock = interval, clock
+        self._warned: dict[str, float] = {}  # provider → when its last warning was logged
+        self._quiet: dict[str, int] = {}  # provider → refusals since, not logged
+
+    def refused(self, provider: str, reason: SignatureFailure, message: str) -> None:
+        WEBHOOK_SIGNATURE_FAILURES.labels(provider, reason.value).inc()
+        now, last = self._clock(), self._warned.get(provider)
+        if last is not None and now - last < self._interval:
+            self._quiet[provider] = self._quiet.get(provider, 0) + 1
+            return
+        self._warned[provider], quiet = now, self._quiet.pop(provider, 0)
+        since = f"; {quiet} more refused in the {now - last:.0f} s since the last warning" if quiet else ""
+        log.warning("%s (%s)%s", message, reason.value, since)
+
+
+# For apps whose provider package did not install one of their own (tests' rigs).
+_REFUSALS = SignatureRefusals()
+
+
+def signature_refused(request: Request, provider: str, reason: SignatureFailure, message: str) -> None:
+    """Count and (rate-limited) log one request refused for its signature."""
+    refusals = getattr(request.app.state, "signature_refusals", None) or _REFUSALS
+    refusals.refused(provider, reason, message)

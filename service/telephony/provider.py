@@ -87,7 +87,7 @@ class Stamp:
             if not isinstance(values, list) or len(values) not in (2, 3):
                 return None
             return cls(str(values[0]), str(values[1]))
-        except (ValueError, TypeError, binascii.Error):
+        except (ValueError, TypeError, RecursionError, binascii.Error):  # whatever came back
             return None
 
     @staticmethod
@@ -97,7 +97,7 @@ class Stamp:
             values = json.loads(base64.b64decode(text or "", validate=True))
             round_ = values[2] if isinstance(values, list) and len(values) == 3 else 1
             return round_ if isinstance(round_, int) and 1 <= round_ <= 9 else 1
-        except (ValueError, TypeError, binascii.Error):
+        except (ValueError, TypeError, RecursionError, binascii.Error):  # whatever came back
             return 1
 
 

@@ -300,6 +300,7 @@ class TelnyxRig(Rig):
         provider = TelnyxProvider(api_url=cls.API, api_key=cls.KEY, connection_id=cls.CONNECTION, public_url=PUBLIC,
                                   transport=httpx.ASGITransport(fake.app), machine_detection=machine_detection)
         app.state.db, app.state.telnyx_signature, app.state.provider = db, TelnyxSignature(TEST_PUBLIC_KEY), provider
+        app.state.telnyx_connection_id = cls.CONNECTION  # the fake's events name it, as Telnyx's do
         app.state.no_answer_policy, app.state.templates = no_answer, templates
         return cls(db, fake, provider, app)
 

@@ -16,6 +16,7 @@ from service.providers.base import (
     no_secret_over_plain_http,
     require_settings,
 )
+from service.providers.common import SignatureRefusals
 from service.providers.telnyx.rest import TelnyxProvider
 from service.providers.telnyx.signature import TelnyxSignature, decode_public_key
 from service.providers.telnyx.webhooks import router
@@ -82,6 +83,8 @@ def signature(settings: Settings) -> TelnyxSignature:
 def install(app: FastAPI, settings: Settings) -> None:
     """Telnyx's events, on every replica; signed (Ed25519), so not behind API_TOKEN."""
     app.state.telnyx_signature = signature(settings)
+    app.state.telnyx_connection_id = settings.telnyx_connection_id  # events of any other are ignored
+    app.state.signature_refusals = SignatureRefusals()
     app.state.no_answer_policy = settings.no_answer_policy()
     app.state.templates = settings.templates
     app.include_router(router)

@@ -16,7 +16,9 @@ __all__ = ["HANGUP_STATUS", "TelnyxEvent", "hangup_status", "parse_event"]
 
 @dataclass(frozen=True)
 class TelnyxEvent:
-    """One webhook's envelope: `data.event_type`, `data.id`, `data.occurred_at`, `data.payload`."""
+    """One webhook's envelope: `data.event_type`, `data.id`, `data.occurred_at`, `data.payload`;
+    `connection_id` is the payload's (the Call Control application the call belongs to), None
+    when the event names none."""
 
     event_type: str
     event_id: str
@@ -24,6 +26,7 @@ class TelnyxEvent:
     call_id: str | None
     stamp: Stamp | None
     payload: Mapping[str, Any] = field(default_factory=dict)
+    connection_id: str | None = None
 
     @property
     def order(self) -> int:
@@ -48,6 +51,7 @@ def parse_event(body: bytes) -> TelnyxEvent | None:
     if not isinstance(call_id, str) or not 0 < len(call_id) <= 128:
         call_id = None
     state = payload.get("client_state")
+    connection = payload.get("connection_id")
     return TelnyxEvent(
         event_type=event_type,
         event_id=str(data.get("id") or ""),
@@ -55,6 +59,7 @@ def parse_event(body: bytes) -> TelnyxEvent | None:
         call_id=call_id,
         stamp=Stamp.decode(state) if isinstance(state, str) else None,
         payload=payload,
+        connection_id=None if connection is None else str(connection),
     )
 
 

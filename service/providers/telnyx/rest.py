@@ -39,6 +39,7 @@ from service.telephony.provider import (
     ProviderUnavailable,
     Stamp,
 )
+from service.telephony.webhook import WEBHOOK_PREFIX
 
 __all__ = [
     "CALL_ENDED_CODE",
@@ -54,7 +55,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # The route Telnyx posts every event of a call to, under PUBLIC_URL (the webhooks package serves it).
-EVENTS_PATH = "/telephony/telnyx/events"
+EVENTS_PATH = f"{WEBHOOK_PREFIX}/telnyx/events"
 RATE_LIMIT_CODE = "90103"  # 429: over the dials-per-second limit, nothing created
 CALL_ENDED_CODE = "90018"  # 422: a command to a call that has already ended
 # The dials-per-second window: a 429 without Retry-After is retried after it.

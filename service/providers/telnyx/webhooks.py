@@ -2,10 +2,13 @@
 
 The Ed25519 signature over `"{telnyx-timestamp}|{raw body}"` is checked before the body is parsed
 or anything is read from or written to the database: a bad, missing or stale one (more than five
-minutes off) is a 403 and nothing happens. Every validly signed event is acknowledged with a 200,
-whatever became of it: Telnyx does not deliver a non-2xx event again (it goes to the failover URL,
-if one is set); only an answer slower than 2 s is retried. So nothing here relies on a
-redelivery: what an event could not do, the leader's sweep does (service.dispatch.sweep).
+minutes off) is a 403 and nothing happens (counted by reason, warned of at most once a minute:
+`common.SignatureRefusals`). An event of another Call Control connection of the account
+(`connection_id` other than TELNYX_CONNECTION_ID) is acknowledged and ignored. Every validly signed
+event is acknowledged with a 200, whatever became of it: Telnyx does not deliver a non-2xx event
+again (it goes to the failover URL, if one is set); only an answer slower than 2 s is retried. So
+nothing here relies on a redelivery: what an event could not do, the leader's sweep does
+(service.dispatch.sweep).
 
 Events come late, twice, or out of order. Each is applied once by its `data.id`, by the call's
 state (never back) and `occurred_at`. Speech is a command, not the answer to the webhook
@@ -21,7 +24,8 @@ greets a person (or `not_sure`) at once and waits for a machine's beep
 reminder, each round once, if pressed before the hang-up; `call.hangup`'s cause gives the call's
 final status (`HANGUP_STATUS` in events.py), from which the outcome and no-answer retry follow.
 
-The app provides `app.state.db`, `app.state.telnyx_signature` (`TelnyxSignature`) and
+The app provides `app.state.db`, `app.state.telnyx_signature` (`TelnyxSignature`), optionally
+`app.state.telnyx_connection_id` (absent: no event is foreign) and `app.state.signature_refusals`, and
 `app.state.provider` (a `TelnyxProvider`, or anything with `greet`, `gather_using_speak`, `speak`,
 `hang_up` and `cancel`).
 """
@@ -35,12 +39,20 @@ from typing import Any
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
 
 from service.ledger import calls
-from service.providers.common import call_after_confirmation, cancel_calls, fallback_wording
+from service.metrics import TELNYX_FOREIGN_EVENTS
+from service.providers.common import call_after_confirmation, cancel_calls, fallback_wording, signature_refused
 from service.providers.telnyx.events import TelnyxEvent, hangup_status, parse_event
 from service.providers.telnyx.rest import EVENTS_PATH, gather_command_id, hangup_command_id, last_words_command_id
-from service.providers.telnyx.signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, TelnyxSignature
+from service.providers.telnyx.signature import (
+    MAX_SIGNATURE_LENGTH,
+    MAX_TIMESTAMP_LENGTH,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    TelnyxSignature,
+)
 from service.reminders import Answerer, Confirmation, answerer
 from service.telephony.provider import Stamp
+from service.telephony.webhook import SignatureFailure, one_header
 
 __all__ = ["HANDLERS", "Handler", "router"]
 
@@ -222,13 +234,40 @@ HANDLERS: dict[str, Handler] = {
 @router.post(EVENTS_PATH)
 async def events(request: Request, background: BackgroundTasks) -> Response:
     """One signed event of a call: verified first, then applied by its type; always a 200."""
-    signature: TelnyxSignature = request.app.state.telnyx_signature
     body = await request.body()
-    if not signature.valid(body, request.headers.get(SIGNATURE_HEADER), request.headers.get(TIMESTAMP_HEADER)):
-        log.warning("telnyx event refused: bad, missing or stale signature")
+    failure = _signature_failure(request, body)
+    if failure is not None:
+        signature_refused(request, "telnyx", failure, "telnyx event refused: bad, missing or stale signature")
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="invalid signature")
     event = parse_event(body)
+    if event is not None and _foreign(request, event):
+        # another application of the account whose webhook URL points here: not ours to apply, and
+        # a non-2xx would only send it to that application's failover URL
+        TELNYX_FOREIGN_EVENTS.inc()
+        log.debug("telnyx event %s of connection %s, not TELNYX_CONNECTION_ID: acknowledged, ignored",
+                  event.event_type, event.connection_id)
+        return Response(status_code=status.HTTP_200_OK)
     handler = HANDLERS.get(event.event_type) if event is not None else None
     if event is not None and event.stamp is not None and event.call_id is not None and handler is not None:
         await handler(request, event, background)
     return Response(status_code=status.HTTP_200_OK)
+
+
+def _signature_failure(request: Request, body: bytes) -> SignatureFailure | None:
+    """Why the event's signature does not hold, None when it does; its headers read so that no
+    value (repeated, non-ASCII, `²`, a megabyte of digits) can raise."""
+    signature = one_header(request.headers.getlist(SIGNATURE_HEADER), MAX_SIGNATURE_LENGTH)
+    timestamp = one_header(request.headers.getlist(TIMESTAMP_HEADER), MAX_TIMESTAMP_LENGTH)
+    if isinstance(signature, SignatureFailure):
+        return signature
+    if isinstance(timestamp, SignatureFailure):
+        return timestamp
+    check: TelnyxSignature = request.app.state.telnyx_signature
+    return check.failure(body, signature, timestamp)
+
+
+def _foreign(request: Request, event: TelnyxEvent) -> bool:
+    """The event names a connection other than TELNYX_CONNECTION_ID (one naming none is ours: the
+    field is optional in Telnyx's schema)."""
+    ours = getattr(request.app.state, "telnyx_connection_id", None)
+    return bool(ours) and event.connection_id is not None and event.connection_id != ours

@@ -19,6 +19,7 @@ from service.providers.base import (
     no_secret_over_plain_http,
     require_settings,
 )
+from service.providers.common import SignatureRefusals
 from service.providers.twilio.rest import TwilioProvider
 from service.providers.twilio.signature import TwilioSignature
 from service.providers.twilio.webhooks import router
@@ -67,6 +68,7 @@ def signature(settings: Settings) -> TwilioSignature:
 def install(app: FastAPI, settings: Settings) -> None:
     """Twilio's webhooks, on every replica; signed, so not behind API_TOKEN."""
     app.state.twilio_signature = signature(settings)
+    app.state.signature_refusals = SignatureRefusals()
     app.state.no_answer_policy = settings.no_answer_policy()
     app.state.templates = settings.templates
     app.include_router(router)

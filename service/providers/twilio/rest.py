@@ -31,6 +31,7 @@ from service.telephony.http import (
     require_http_url,
 )
 from service.telephony.provider import LIVE_STATUSES, CallSpec, CreateKind, CreateResult, LiveCall, ProviderUnavailable
+from service.telephony.webhook import WEBHOOK_PREFIX
 
 __all__ = ["STATUS_CALLBACK_EVENTS", "STATUS_OVERRIDES", "VOICE_OVERRIDES", "TwilioProvider", "WEBHOOK_PATHS"]
 
@@ -39,11 +40,7 @@ log = logging.getLogger(__name__)
 API_VERSION = "2010-04-01"
 STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
 # The routes Twilio calls, under PUBLIC_URL (the webhooks package serves them).
-WEBHOOK_PATHS = {
-    "voice": "/telephony/twilio/voice",
-    "status": "/telephony/twilio/status",
-    "gather": "/telephony/twilio/gather",
-}
+WEBHOOK_PATHS = {route: f"{WEBHOOK_PREFIX}/twilio/{route}" for route in ("voice", "status", "gather")}
 # Twilio's webhook connection overrides (docs: "Webhooks connection overrides"): a voice request
 # that gets no first byte within 6 s fails over to FallbackUrl (another replica) well inside the
 # callee's patience; a status event is retried on 5xx and timeouts (to any replica), within 15 s.

@@ -10,13 +10,17 @@ from typing import Any
 
 from twilio.request_validator import RequestValidator
 
-__all__ = ["SIGNATURE_HEADER", "SIGNATURE_HEADERS", "TwilioSignature"]
+from service.telephony.webhook import SignatureFailure
+
+__all__ = ["MAX_SIGNATURE_LENGTH", "SIGNATURE_HEADER", "SIGNATURE_HEADERS", "TwilioSignature"]
 
 
 SIGNATURE_HEADER = "X-Twilio-Signature"
 # SignalWire's compatibility API signs the same way, with the project's signing key, in
 # `X-SignalWire-Signature` (`X-Twilio-Signature` is its legacy alias).
 SIGNATURE_HEADERS = (SIGNATURE_HEADER, "X-SignalWire-Signature")
+# The longest signature header read: an HMAC-SHA1 in base64 is 28 characters (SHA-256: 44).
+MAX_SIGNATURE_LENGTH = 128
 
 
 class TwilioSignature:
@@ -33,9 +37,15 @@ class TwilioSignature:
 
     def valid(self, path: str, query: str, params: Any, signature: str | None) -> bool:
         """`params`: the POST form (a multi-dict with `getlist`, or a plain mapping)."""
+        return self.failure(path, query, params, signature) is None
+
+    def failure(self, path: str, query: str, params: Any, signature: str | None) -> SignatureFailure | None:
+        """Why `signature` does not hold for the request (None when it does)."""
         if not signature:
-            return False
-        return bool(self._validator.validate(self.signed_url(path, query), params, signature))
+            return SignatureFailure.MISSING
+        if self._validator.validate(self.signed_url(path, query), params, signature):
+            return None
+        return SignatureFailure.MISMATCH
 
     def sign(self, url: str, params: Any) -> str:
         """The signature Twilio would send for `url` and `params` (the fake and tests use it)."""

@@ -1,7 +1,8 @@
 """Twilio's webhooks: `POST /telephony/twilio/{voice,status,gather}`, on every replica.
 
 Each request's `X-Twilio-Signature` is checked against PUBLIC_URL + path + query before anything
-is read from or written to the database: a bad or missing one is a 403 and nothing happens.
+is read from or written to the database: a bad, missing, repeated or malformed one is a 403 and
+nothing happens (counted by reason, warned of at most once a minute: `common.SignatureRefusals`).
 Every validly signed request gets a 2xx; an event for an unknown, finished or already bound call
 changes nothing. The voice route always answers TwiML: the message for the reminder's bound call,
 `<Hangup/>` for any other.
@@ -15,6 +16,7 @@ optionally `app.state.no_answer_policy` (`NoAnswerPolicy`; absent: no retries) a
 from __future__ import annotations
 
 import logging
+import re
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
@@ -22,12 +24,24 @@ from starlette.datastructures import FormData
 
 from service.ledger import calls
 from service.privacy import mask_phone
-from service.providers.common import call_after_confirmation, cancel_calls, fallback_wording, with_retries
+from service.providers.common import (
+    call_after_confirmation,
+    cancel_calls,
+    fallback_wording,
+    signature_refused,
+    with_retries,
+)
 from service.providers.twilio.rest import WEBHOOK_PATHS
-from service.providers.twilio.signature import SIGNATURE_HEADERS, TwilioSignature
+from service.providers.twilio.signature import (
+    MAX_SIGNATURE_LENGTH,
+    SIGNATURE_HEADER,
+    SIGNATURE_HEADERS,
+    TwilioSignature,
+)
 from service.providers.twilio.twiml import gather_twiml, hangup_twiml, say_twiml
 from service.reminders import Confirmation, answerer
 from service.telephony.provider import Stamp
+from service.telephony.webhook import SignatureFailure, one_header
 
 __all__ = ["router"]
 
@@ -37,6 +51,8 @@ router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
 
 _TWIML = "application/xml"
 _ROUND = "n"  # on the gather URL: which time the keypad question is asked (1, 2)
+_DIGITS = re.compile(r"[0-9]{1,17}")
+_SID = re.compile(r"[A-Za-z0-9-]{1,64}")
 # Seconds a webhook keeps trying a database that fails (a restart, a failover) before it gives up:
 # the voice request well inside Twilio's 15 s, so that a call answered during a short outage still
 # hears its message; a status event a little less (Twilio does not send it again).
@@ -54,23 +70,28 @@ async def _verified(request: Request) -> FormData:
     signature: TwilioSignature = request.app.state.twilio_signature
     form = FormData(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
     query = request.scope.get("query_string", b"").decode("latin-1")
-    given = next((request.headers[name] for name in SIGNATURE_HEADERS if name in request.headers), None)
-    if not signature.valid(request.scope["path"], query, form, given):
-        log.warning("twilio webhook %s refused: bad or missing signature", request.scope["path"])
+    # the first of the names present, as before (SignalWire may send both), and given once
+    name = next((name for name in SIGNATURE_HEADERS if name in request.headers), SIGNATURE_HEADER)
+    given = one_header(request.headers.getlist(name), MAX_SIGNATURE_LENGTH)
+    failure = given if isinstance(given, SignatureFailure) else signature.failure(request.scope["path"], query,
+                                                                                  form, given)
+    if failure is not None:
+        signature_refused(request, "twilio", failure,
+                          f"twilio webhook {request.scope['path']} refused: bad or missing signature")
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="invalid signature")
     return form
 
 
 def _sequence(form: FormData) -> int | None:
     value = form.get("SequenceNumber")
-    return int(value) if isinstance(value, str) and value.isdigit() and len(value) < 18 else None
+    # ASCII digits only: `²` passes isdigit() and fails int()
+    return int(value) if isinstance(value, str) and _DIGITS.fullmatch(value) else None
 
 
 def _call_sid(form: FormData) -> str | None:
-    """Twilio's `CA…` sid, or SignalWire's UUID (letters, digits and dashes)."""
+    """Twilio's `CA…` sid, or SignalWire's UUID (ASCII letters, digits and dashes)."""
     value = form.get("CallSid")
-    ok = isinstance(value, str) and 0 < len(value) <= 64 and value.replace("-", "").isalnum()
-    return value if ok else None  # type: ignore[return-value]
+    return value if isinstance(value, str) and _SID.fullmatch(value) else None
 
 
 def _gather_url(request: Request, stamp: Stamp, round_: int) -> str:
