@@ -69,3 +69,19 @@ TELNYX_FOREIGN_EVENTS = Counter(
     "Validly signed Telnyx events of another Call Control connection of the account (payload.connection_id "
     "is not TELNYX_CONNECTION_ID): acknowledged and ignored",
 )
+# Calls customers placed to the reminders' number (docs/decisions/0252), by what became of them:
+# identified (an attested caller whose number selected a reminder: it heard the message),
+# unattested (a caller ID without STIR/SHAKEN attestation A: the neutral message), withheld (no
+# usable caller ID), unknown (no reminder of that number to answer), error (the database did not
+# answer). Every value exports 0 from the start.
+INCOMING_RESULTS = ("identified", "unattested", "withheld", "unknown", "error")
+INCOMING_CALLS = Counter(
+    "reminders_incoming_calls_total",
+    "Calls customers placed to the reminders' number (call-backs), by result (identified, unattested, withheld, "
+    "unknown, error); an identified one heard its reminder's message on its own call (not counted in "
+    "reminders_call_outcomes_total)",
+    ["provider", "result"],
+)
+for _provider in ("twilio", "telnyx"):
+    for _result in INCOMING_RESULTS:
+        INCOMING_CALLS.labels(_provider, _result)

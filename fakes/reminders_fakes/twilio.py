@@ -30,6 +30,12 @@
 - `GET Calls.json?To=&Status=` lists, `GET Calls/{sid}.json` reads, `POST Calls/{sid}.json`
   with `Status=canceled` cancels a queued or ringing call (no effect later), `Status=completed`
   ends one in progress.
+- Incoming calls (customers who call back): `POST /_fake/incoming` ({"from", "to", "url",
+  "attestation", "digits"}) rings the service as a person calling the account's number would:
+  Twilio requests the number's voice URL (`url`) with the documented parameters (`Direction`
+  `inbound`, `From`, `To`, `CallSid`, and `StirVerstat` for the STIR/SHAKEN attestation: `A`, `B`,
+  `C` → `TN-Validation-Passed-A|B|C`, `failed` → `TN-Validation-Failed`, `none` or absent: no
+  parameter), signed as every webhook, then follows the TwiML (a `<Gather>` gets `digits`).
 - Inspection and control (not Twilio's): `GET /_fake/calls` (every call with what was said into it
   (`heard`), what a person heard, what a machine kept and lost, its webhook deliveries, its
   commands), `GET /_fake/requests`, `POST /_fake/callees` ({number: script}), `POST
@@ -76,6 +82,10 @@ HTTP_RETRIEVAL_FAILURE, HTTP_CONNECTION_FAILURE, DOCUMENT_PARSE_FAILURE = 11200,
 # connection overrides: valid range of each, in ms (rc: a count)
 _LIMITS = {"ct": (100.0, 10_000.0), "rt": (100.0, 15_000.0), "tt": (100.0, 15_000.0), "rc": (0.0, 5.0)}
 _UNANSWERED = {"no-answer": "no-answer", "busy": "busy", "reject": "busy"}
+# An incoming call's STIR/SHAKEN attestation → its StirVerstat ("Trusted Calling with SHAKEN/STIR");
+# none: no parameter
+STIR_VERSTAT = {"A": "TN-Validation-Passed-A", "B": "TN-Validation-Passed-B", "C": "TN-Validation-Passed-C",
+                "FAILED": "TN-Validation-Failed"}
 
 
 @dataclass
@@ -171,6 +181,8 @@ class _Call:
     start_time: datetime | None = None
     end_time: datetime | None = None
     placed_by: str | None = None
+    direction: str = "outbound-api"  # inbound: a call to the account's number (`ring_service`)
+    stir_verstat: str | None = None  # an inbound call's StirVerstat parameter
     listener: Listener = field(default_factory=Listener)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     command_log: list[dict[str, Any]] = field(default_factory=list)
@@ -187,7 +199,7 @@ class _Call:
             "to": self.to,
             "from": self.from_,
             "status": self.status,
-            "direction": "outbound-api",
+            "direction": self.direction,
             "api_version": "2010-04-01",
             "date_created": format_datetime(self.date_created, usegmt=True),
             "date_updated": format_datetime(self.end_time or self.start_time or self.date_created, usegmt=True),
@@ -430,11 +442,12 @@ class FakeTwilio(ControlledFake):
             "ApiVersion": "2010-04-01",
             "CallSid": call.sid,
             "CallStatus": call.status,
-            "Direction": "outbound-api",
+            "Direction": call.direction,
             "From": call.from_,
             "To": call.to,
             "Called": call.to,
             "Caller": call.from_,
+            **({"StirVerstat": call.stir_verstat} if call.stir_verstat else {}),
         }
 
     def _status_callback(self, call: _Call, event: str, status: str, extra: dict[str, str] | None = None) -> None:
@@ -530,6 +543,44 @@ class FakeTwilio(ControlledFake):
         if response.status_code >= 400:
             return _Result(response, "4xx" if response.status_code < 500 else "5xx", HTTP_RETRIEVAL_FAILURE)
         return _Result(response)
+
+    # -- incoming calls (a customer calls the account's number) ----------------------------------
+
+    def ring_service(self, *, from_: str, to: str, url: str, attestation: str | None = None,
+                     digits: str | list[str] | None = None) -> _Call:
+        """A person at `from_` calls `to` (the account's number, whose voice URL is `url`), with the
+        STIR/SHAKEN `attestation` (A, B, C, failed, none) and pressing `digits` when asked."""
+        call = _Call(sid="CA" + f"{self._rng.getrandbits(128):032x}", to=to, from_=from_, url=url,
+                     status_callback=None, events=set(), machine_detection=None, date_created=datetime.now(UTC),
+                     direction="inbound", stir_verstat=STIR_VERSTAT.get((attestation or "none").upper()))
+        self.calls[call.sid] = call
+        self._spawn(self._run_incoming(call, CalleeScript(digits=digits)), f"fake-incoming-{call.sid}")
+        return call
+
+    async def _run_incoming(self, call: _Call, script: CalleeScript) -> None:
+        try:
+            call.status = "in-progress"  # Twilio asks the voice URL as the call arrives
+            call.start_time = datetime.now(UTC)
+            call.listener = Listener(kind="person", greeting_ends=time.monotonic())
+            await self._follow(call, call.url, script, {}, kind="url", method=call.method)
+            call.status, call.end_time = "completed", datetime.now(UTC)
+        except Exception:
+            log.exception("fake twilio: incoming call %s failed", call.sid)
+
+    async def _incoming(self, request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+            assert isinstance(body, dict)
+            to, url, attestation = body.get("to"), body.get("url"), body.get("attestation")
+            assert isinstance(to, str) and E164.fullmatch(to), "to: the account's number, E.164"
+            assert isinstance(url, str) and url.startswith(("http://", "https://")), "url: the number's voice URL"
+            assert attestation is None or str(attestation).upper() in STIR_VERSTAT or attestation == "none", \
+                f"attestation: one of {sorted(STIR_VERSTAT)} or none"
+            call = self.ring_service(from_=str(body.get("from") or "anonymous"), to=to, url=url,
+                                     attestation=attestation, digits=body.get("digits"))
+        except (ValueError, AssertionError) as error:
+            return JSONResponse({"error": str(error)}, status_code=422)
+        return JSONResponse({"sid": call.sid}, status_code=201)
 
     # -- the REST API ----------------------------------------------------------------------------
 
@@ -683,7 +734,8 @@ class FakeTwilio(ControlledFake):
         # harness gives each replica its own, recorded as `placed_by`).
         routes += [Route(prefix + r.path, r.endpoint, methods=list(r.methods or []))
                    for prefix in ("/{prefix}", "/{prefix}/{prefix2}") for r in list(routes)]
-        return Starlette(routes=routes + self._control_routes())
+        incoming = [Route("/_fake/incoming", self._incoming, methods=["POST"])]
+        return Starlette(routes=routes + self._control_routes() + incoming)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,8 @@ Who calls what:
 
 - the dispatcher: the fence and claims (`fence`, `claims`: `ReminderStore`, `Outcome`), attempts
   of providers without idempotency (`attempts`: `AttemptStore`), the call sweep (`sweep`);
-- the provider webhooks: call events, binding, keypad answers (`calls`);
+- the provider webhooks: call events, binding, keypad answers (`calls`); customers who call back
+  (`callbacks`: the same binding, for an incoming call);
 - the appointments service: the create's statement, re-plans and If-Match's check (`plans`), superseding and
   cancellation (`cancellation`: one rule for the API's DELETE, a keypad decline, a re-plan, an
   opt-out and a confirmation);
@@ -16,7 +17,7 @@ Who calls what:
 Nothing else in `service/` inserts, updates or deletes those rows (tests/test_ledger.py).
 """
 
-from service.ledger import calls, consent, erasure
+from service.ledger import callbacks, calls, consent, erasure
 from service.ledger.attempts import AttemptStore
 from service.ledger.cancellation import (
     CANCELLED_BY_API,
@@ -33,6 +34,7 @@ from service.ledger.plans import Replanned, change_appointment, hold_version, in
 from service.ledger.sweep import RELEASED, SweepStore, SweepTimes
 
 __all__ = [
+    "callbacks",
     "CANCELLED_BY_API",
     "DECLINED_BY_CUSTOMER",
     "FENCE_ROW",

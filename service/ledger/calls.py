@@ -47,7 +47,7 @@ from service.db.models import (
     ReminderOutcome,
     ReminderStatus,
 )
-from service.ledger.cancellation import DECLINED_BY_CUSTOMER, cancel_appointment, skip_confirmed
+from service.ledger.cancellation import CALLED_BACK, DECLINED_BY_CUSTOMER, cancel_appointment, skip_confirmed
 from service.ledger.consent import Listing, ListingSource, hash_phone, list_number
 from service.metrics import CALL_OUTCOMES, CONFIRMATIONS, OPT_OUTS, SKIPPED_BY_CONSENT
 from service.reminders import (
@@ -111,6 +111,7 @@ class Answer:
     newly_bound: bool = False
     cancel: list[str] = field(default_factory=list)  # the reminder's other calls, still pre-answer
     over: bool = False  # the call had already ended (a late or repeated answer): nothing to hang up
+    incoming: bool = False  # a call the customer placed (a call-back): no machine detection to wait for
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _first_time(connection: Connection, event_id: str | None) -> bool:
 _ATTEMPT_COLUMNS = (
     CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id, CallAttempt.last_sequence,
     CallAttempt.call_status, CallAttempt.greeting, CallAttempt.greeting_at, CallAttempt.keypad_rounds,
-    CallAttempt.ended_at, CallAttempt.answered_by, CallAttempt.rang_at,
+    CallAttempt.ended_at, CallAttempt.answered_by, CallAttempt.rang_at, CallAttempt.state,
 )
 
 
@@ -213,7 +214,7 @@ def _record_event(connection: Connection, stamp: Stamp, call_id: str, status: st
     now = attempt.now
     values: dict[str, object] = {"last_event_at": now, "provider_call_id": call_id}
     applies = status is not None and advances(attempt.call_status, attempt.last_sequence, status, order)
-    if status in RANG_STATES and attempt.rang_at is None:
+    if status in RANG_STATES and attempt.rang_at is None and attempt.state != AttemptState.INCOMING:
         values["rang_at"] = now  # it reached the number, whatever comes after (a cap counts it)
     if applies:
         values["call_status"] = status
@@ -300,6 +301,7 @@ class _Bound:
     cancel: list[str]
     newly_bound: bool
     outcome: ReminderOutcome | None
+    incoming: bool = False
 
 
 async def answer(
@@ -319,7 +321,7 @@ async def answer(
         CALL_OUTCOMES.labels(result.outcome.value).inc()
     return Answer(speak=True, wording=_wording(result.row, fallback),
                   machine=result.row.outcome == ReminderOutcome.VOICEMAIL, newly_bound=result.newly_bound,
-                  cancel=result.cancel)
+                  cancel=result.cancel, incoming=result.incoming)
 
 
 def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, answered_by: str | None,
@@ -328,7 +330,8 @@ def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, a
     if attempt is None or is_final(attempt.call_status):
         return Answer(speak=False, over=attempt is not None)
     values: dict[str, object] = {"provider_call_id": call_id, "last_event_at": attempt.now}
-    if attempt.rang_at is None:
+    incoming = attempt.state == AttemptState.INCOMING
+    if attempt.rang_at is None and not incoming:
         values["rang_at"] = attempt.now
     if answered_by:
         values["answered_by"] = answered_by[:32]
@@ -351,7 +354,7 @@ def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, a
     ).first()
     if row is None or row.bound_call_id != call_id:
         return Answer(speak=False, newly_bound=newly_bound, cancel=cancel)
-    return _Bound(row, cancel, newly_bound, outcome if newly_bound and not heard_later else None)
+    return _Bound(row, cancel, newly_bound, outcome if newly_bound and not heard_later else None, incoming)
 
 
 def _other_calls_to_end(connection: Connection, stamp: Stamp) -> list[str]:
@@ -370,7 +373,8 @@ def _other_calls_to_end(connection: Connection, stamp: Stamp) -> list[str]:
 # -- the greeting (speech as a command) ------------------------------------------------------------
 
 
-_BOUND_HERE = (Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.status, Reminder.plan, Reminder.outcome,
+_BOUND_HERE = (Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.status, Reminder.skip_reason,
+               Reminder.plan, Reminder.outcome,
                Reminder.wording, Appointment.plan.label("current_plan"), Appointment.status.label("appointment_status"),
                Appointment.customer_name, Appointment.starts_at, Appointment.timezone, Appointment.language)
 
@@ -378,7 +382,8 @@ _BOUND_HERE = (Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.statu
 def _bound_and_current(row: Any, stamp: Stamp, call_id: str) -> bool:
     return (row is not None and row.bound_call_id == call_id and row.bound_attempt_id == stamp.attempt_id
             and row.plan == row.current_plan and row.appointment_status == AppointmentStatus.SCHEDULED
-            and row.status not in (ReminderStatus.CANCELLED, ReminderStatus.SKIPPED))
+            and (row.status != ReminderStatus.SKIPPED or row.skip_reason == CALLED_BACK)
+            and row.status != ReminderStatus.CANCELLED)
 
 
 def _reminder_of(connection: Connection, stamp: Stamp) -> Row[Any] | None:

@@ -23,6 +23,7 @@ from service.db.models import Appointment, AppointmentStatus, CallAttempt, Confi
 from service.reminders.lifecycle import ReminderStatus, require
 
 __all__ = [
+    "CALLED_BACK",
     "CANCELLED_BY_API",
     "CONFIRMED_BY_CUSTOMER",
     "DECLINED_BY_CUSTOMER",
@@ -41,6 +42,9 @@ DECLINED_BY_CUSTOMER = "declined by customer"
 REPLANNED = "re-planned"
 OPTED_OUT = "opted out"
 CONFIRMED_BY_CUSTOMER = "confirmed"
+# a pending or dispatching reminder whose message the customer heard on a call they placed
+# (service.ledger.callbacks): never called; its bound call-back still takes digits
+CALLED_BACK = "answered by call-back"
 
 _S = ReminderStatus
 _A, _R = Appointment.__table__, Reminder.__table__

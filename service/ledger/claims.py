@@ -156,6 +156,7 @@ def _counted_calls(hashes: list[str], since: datetime) -> Any:
         .join(Reminder, Reminder.id == CallAttempt.reminder_id)
         .join(Appointment, Appointment.id == Reminder.appointment_id)
         .where(Appointment.phone_hash.in_(hashes), CallAttempt.created_at >= since,
+               CallAttempt.state != AttemptState.INCOMING,  # the customer's own call-back: not ours
                or_(CallAttempt.rang_at.is_not(None),
                    and_(CallAttempt.state != AttemptState.NOT_CREATED,
                         or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.not_in(FINAL_CALL_STATES)))))

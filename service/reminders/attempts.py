@@ -38,6 +38,9 @@ class AttemptState(StrEnum):
     CREATED = "created"  # the provider accepted it
     NOT_CREATED = "not_created"  # certainly no call: refused, never sent, or reconciled as never made
     IN_DOUBT = "in_doubt"  # the create's result is unknown: reconciled before any new attempt
+    # not a create: a call the customer placed to us (a call-back), bound to the reminder it
+    # selected (service.ledger.callbacks); never reconciled, never counted against the caps
+    INCOMING = "incoming"
 
 
 @dataclass(frozen=True)

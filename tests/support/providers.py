@@ -191,6 +191,16 @@ class Rig:
         """The languages the service asked the provider to speak in on this call."""
         raise NotImplementedError
 
+    def ring(self, from_: str, *, attestation: str | None = "A", digits: str | list[str] | None = None) -> Any:
+        """A person at `from_` calls the service's number (a call-back), with the STIR/SHAKEN
+        `attestation` (A, B, C, failed, none), pressing `digits` when asked. The fake's call."""
+        raise NotImplementedError
+
+    @staticmethod
+    def heard(call: Any) -> list[str]:
+        """Everything spoken into the call, in order."""
+        return list(call.heard)
+
     async def post_state(self, client: httpx.AsyncClient, reminder_id: str, attempt_id: str, call_id: str,
                          status: str, order: int) -> int:
         """Send the signed webhook by which the provider tells that the call is in `status` (the
@@ -235,6 +245,10 @@ class TwilioRig(Rig):
     @staticmethod
     def call_id(call: Any) -> str:
         return call.sid
+
+    def ring(self, from_: str, *, attestation: str | None = "A", digits: str | list[str] | None = None) -> Any:
+        return self.fake.ring_service(from_=from_, to=FROM, url=f"{PUBLIC}/telephony/twilio/incoming",
+                                      attestation=attestation, digits=digits)
 
     @staticmethod
     def created_at(call: Any) -> datetime:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 API_VERSION = "2010-04-01"
 STATUS_CALLBACK_EVENTS = ("initiated", "ringing", "answered", "completed")
 # The routes Twilio calls, under PUBLIC_URL (the webhooks package serves them).
-WEBHOOK_PATHS = {route: f"{WEBHOOK_PREFIX}/twilio/{route}" for route in ("voice", "status", "gather")}
+WEBHOOK_PATHS = {route: f"{WEBHOOK_PREFIX}/twilio/{route}" for route in ("voice", "status", "gather", "incoming")}
 # Twilio's webhook connection overrides (docs: "Webhooks connection overrides"): a voice request
 # that gets no first byte within 6 s fails over to FallbackUrl (another replica) well inside the
 # callee's patience; a status event is retried on 5xx and timeouts (to any replica), within 15 s.

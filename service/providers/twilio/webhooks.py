@@ -1,11 +1,14 @@
-"""Twilio's webhooks: `POST /telephony/twilio/{voice,status,gather}`, on every replica.
+"""Twilio's webhooks: `POST /telephony/twilio/{voice,status,gather,incoming}`, on every replica.
 
 Each request's `X-Twilio-Signature` is checked against PUBLIC_URL + path + query before anything
 is read from or written to the database: a bad, missing, repeated or malformed one is a 403 and
 nothing happens (counted by reason, warned of at most once a minute: `common.SignatureRefusals`).
 Every validly signed request gets a 2xx; an event for an unknown, finished or already bound call
 changes nothing. The voice route always answers TwiML: the message for the reminder's bound call,
-`<Hangup/>` for any other.
+`<Hangup/>` for any other. The incoming route (the number's voice URL: customers who call back,
+docs/decisions/0252) answers the message and the keypad question to an attested caller whose number
+selects a reminder, and a neutral message to anyone else; its digits go to the gather route as a
+bound call's.
 
 The app provides `app.state.db`, `app.state.twilio_signature` (`TwilioSignature`),
 `app.state.provider` (to cancel a bound reminder's other calls, after the response is sent), and
@@ -24,6 +27,7 @@ from starlette.datastructures import FormData
 
 from service.ledger import calls
 from service.privacy import mask_phone
+from service.providers.callers import NEUTRAL_MESSAGE, Caller, caller_number, identify
 from service.providers.common import (
     call_after_confirmation,
     cancel_calls,
@@ -214,3 +218,28 @@ async def gather(request: Request) -> Response:
     if round_ == 1:  # the question once more (not the message)
         return _twiml(gather_twiml(wording.question, language=wording.language, action=_gather_url(request, stamp, 2)))
     return _twiml(say_twiml(wording.goodbye, language=wording.language))
+
+
+# Twilio's `StirVerstat` of a caller ID the carrier verified with attestation A ("Trusted Calling
+# with SHAKEN/STIR"); -B, -C, TN-Validation-Failed-*, No-TN-Validation, or none: not attested.
+ATTESTED_A = "TN-Validation-Passed-A"
+
+
+@router.post(WEBHOOK_PATHS["incoming"])
+async def incoming(request: Request, background: BackgroundTasks) -> Response:
+    """A customer calls the number (its voice URL): an attested caller (StirVerstat A) whose number
+    selects a reminder hears its message and the keypad question, their digits going to the gather
+    route as the bound call's; anyone else hears the neutral message (docs/decisions/0252)."""
+    form = await _verified(request)
+    call_sid = _call_sid(form)
+    if call_sid is None:
+        return _twiml(hangup_twiml())
+    caller = Caller(number=caller_number(form.get("From")), attested=form.get("StirVerstat") == ATTESTED_A)
+    found = await identify(request, "twilio", caller, call_sid)
+    if found.stamp is None or found.wording is None:
+        return _twiml(say_twiml(NEUTRAL_MESSAGE))
+    if found.cancel:
+        background.add_task(cancel_calls, request, found.cancel)
+    wording = found.wording
+    text = f"{wording.message} {wording.question}"
+    return _twiml(gather_twiml(text, language=wording.language, action=_gather_url(request, found.stamp, 1)))
