@@ -42,7 +42,9 @@ def _incoming(provider: str, result: str) -> float:
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_a_customer_who_missed_the_call_rings_back_hears_it_once_and_confirms(db: Database,
                                                                                      provider: str) -> None:
-    rig = make_rig(db, provider, no_answer=NoAnswerPolicy(retries=1, delay=timedelta(minutes=30)))
+    # machine detection on (the Telnyx rig: off by default): a call the customer placed is greeted at once
+    rig = make_rig(db, provider, no_answer=NoAnswerPolicy(retries=1, delay=timedelta(minutes=30)),
+                   machine_detection=True)
     rig.fake.callees[PHONE] = CalleeScript("no-answer", ring_ms=10)
     try:
         appointment_id, reminder_id = await book(db)

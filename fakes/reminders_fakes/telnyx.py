@@ -30,6 +30,13 @@
   /v2/connections/{id}/active_calls`: the alive calls with their `client_state`, paginated.
 - `GET /v2/call_control_applications/{id}`: the connection's Call Control application (what
   `reminders check` reads): 401 (10009) for another key, 404 (10005) for another id.
+- Incoming calls (customers who call back): `POST /_fake/incoming` ({"from", "to", "url",
+  "attestation", "digits"}) rings the connection's number as a person would: `call.initiated` with
+  `direction: "incoming"`, `state: "parked"`, the caller's `from` and, for attestation A, B or C,
+  `shaken_stir_attestation` with `shaken_stir_validated: true` (`failed`: A, not validated; `none`:
+  neither field), to `url` (the connection's webhook URL); then it waits for the answer command
+  (`POST /v2/calls/{id}/actions/answer`, deduped by `command_id`, its `client_state` kept), sends
+  `call.answered` and behaves as an answered call: speech, gathers with the caller's `digits`.
 - Inspection and control (not Telnyx's), shaped like the Twilio fake's: `GET /_fake/calls` (each
   call with `sid`, `status`, `stamp`, `heard`, what a person heard, what a machine kept and lost,
   its event deliveries and its commands), `GET /_fake/requests` (Dials), `POST /_fake/callees`,
@@ -80,7 +87,12 @@ TEST_PUBLIC_KEY = base64.b64encode(
 DEDUPE_SECONDS = 60.0  # a command_id repeated within this window is ignored
 BEEP_WINDOW_SECONDS = 30.0  # detect_words: how long the beep is listened for once a machine is detected
 AMD_MODES = ("premium", "detect", "detect_beep", "detect_words", "greeting_end", "disabled")
-COMMANDS = ("speak", "gather_using_speak", "gather_stop", "hangup")
+COMMANDS = ("speak", "gather_using_speak", "gather_stop", "hangup", "answer")
+# An incoming call's STIR/SHAKEN attestation as the fake is asked for it → call.initiated's fields
+SHAKEN_STIR = {"A": {"shaken_stir_attestation": "A", "shaken_stir_validated": True},
+               "B": {"shaken_stir_attestation": "B", "shaken_stir_validated": True},
+               "C": {"shaken_stir_attestation": "C", "shaken_stir_validated": True},
+               "FAILED": {"shaken_stir_attestation": "A", "shaken_stir_validated": False}, "NONE": {}}
 # what an unanswered callee's end is reported as, and the fake's call state of each cause
 _UNANSWERED_CAUSE = {"no-answer": "timeout", "busy": "user_busy", "reject": "call_rejected"}
 _STATE_OF_CAUSE = {"timeout": "no-answer", "no_answer": "no-answer", "user_busy": "busy", "call_rejected": "failed",
@@ -148,6 +160,8 @@ class _Call:
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     command_log: list[dict[str, Any]] = field(default_factory=list)
     attempts: dict[str, int] = field(default_factory=dict)  # per event id: deliveries tried so far
+    direction: str = "outgoing"  # incoming: a call to the connection's number (`ring_service`)
+    script: CalleeScript | None = None  # an incoming call's caller (else the callee of `to`)
 
     @property
     def alive(self) -> bool:
@@ -340,6 +354,51 @@ class FakeTelnyx(ControlledFake):
         call.greeting = greeting
         self._emit(call, f"{prefix}.greeting.ended", {"result": greeting})
 
+    # -- incoming calls (a customer calls the connection's number) --------------------------------
+
+    def ring_service(self, *, from_: str, to: str, url: str, attestation: str | None = None,
+                     digits: str | list[str] | None = None) -> _Call:
+        """A person at `from_` calls `to` (the connection's number; its events go to `url`), with
+        the STIR/SHAKEN `attestation` (A, B, C, failed, none), pressing `digits` when asked."""
+        stir = SHAKEN_STIR[(attestation or "none").upper()]
+        call = _Call(call_id="v3:" + base64.urlsafe_b64encode(self._rng.randbytes(24)).decode().rstrip("="),
+                     leg_id=str(uuid.uuid4()), session_id=str(uuid.uuid4()), to=to, from_=from_, webhook_url=url,
+                     client_state=None, created=datetime.now(UTC), placed_by=None, status="ringing",
+                     direction="incoming", script=CalleeScript(digits=digits))
+        self.calls[call.call_id] = call
+        self._spawn(self._run_incoming(call, stir), f"fake-telnyx-incoming-{call.call_id}")
+        self._spawn(self._deliver(call), f"fake-telnyx-events-{call.call_id}")
+        return call
+
+    async def _run_incoming(self, call: _Call, stir: dict[str, Any]) -> None:
+        """Parked until the answer command comes; the caller gives up after `patience_ms`."""
+        try:
+            self._emit(call, "call.initiated", {"state": "parked", "start_time": _iso(call.created), **stir})
+            deadline = time.monotonic() + self.controls.patience_ms / 1000
+            while call.alive and call.status != "in-progress":
+                if time.monotonic() > deadline:
+                    self._end(call, "canceled", "originator_cancel", "caller")
+                    return
+                await self._ended_within(call, 0.02)
+            await self._stay(call)
+        except Exception:
+            log.exception("fake telnyx: incoming call %s failed", call.call_id)
+
+    async def _incoming(self, request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+            assert isinstance(body, dict)
+            to, url, attestation = body.get("to"), body.get("url"), body.get("attestation")
+            assert isinstance(to, str) and E164.fullmatch(to), "to: the connection's number, E.164"
+            assert isinstance(url, str) and url.startswith(("http://", "https://")), "url: the connection's webhook URL"
+            assert attestation is None or str(attestation).upper() in SHAKEN_STIR, \
+                f"attestation: one of {sorted(SHAKEN_STIR)}"
+            call = self.ring_service(from_=str(body.get("from") or "anonymous"), to=to, url=url,
+                                     attestation=attestation, digits=body.get("digits"))
+        except (ValueError, AssertionError) as error:
+            return JSONResponse({"error": str(error)}, status_code=422)
+        return JSONResponse({"call_control_id": call.call_id}, status_code=201)
+
     @staticmethod
     async def _ended_within(call: _Call, seconds: float) -> bool:
         try:
@@ -414,7 +473,7 @@ class FakeTelnyx(ControlledFake):
     def _emit(self, call: _Call, event_type: str, extra: dict[str, Any]) -> None:
         payload = {"call_control_id": call.call_id, "call_leg_id": call.leg_id, "call_session_id": call.session_id,
                    "connection_id": self.connection_id, "client_state": call.client_state, "from": call.from_,
-                   "to": call.to, "direction": "outgoing", **extra}
+                   "to": call.to, "direction": call.direction, **extra}
         data = {"record_type": "event", "event_type": event_type, "id": str(uuid.uuid4()), "occurred_at": _now(),
                 "payload": payload}
         call.events.append(event_type)
@@ -623,12 +682,17 @@ class FakeTelnyx(ControlledFake):
         if action == "gather_stop":
             call.gather_stop.set()
             return JSONResponse({"data": {"result": "ok"}})
+        if action == "answer":
+            if call.direction != "incoming" or answered:
+                return _errors(422, "90018", "Call can not be answered", "only a parked incoming call is answered")
+            self._answer(call, call.script or CalleeScript())
+            return JSONResponse({"data": {"result": "ok"}})
         if not answered:
             return _errors(422, "90034", "Call is not answered yet")
         payload = body.get("payload")
         if not isinstance(payload, str) or not payload:
             return _errors(422, "10015", "payload is required")
-        script = self.callees.get(call.to, CalleeScript())
+        script = call.script or self.callees.get(call.to, CalleeScript())
         call.quiet_since = time.monotonic()
         language = body.get("language") if isinstance(body.get("language"), str) else None
         gather = _gather_options(body) if action == "gather_using_speak" else None
@@ -714,7 +778,8 @@ class FakeTelnyx(ControlledFake):
         # replica its own, recorded as `placed_by`).
         routes += [Route(prefix + r.path, r.endpoint, methods=list(r.methods or []))
                    for prefix in ("/{prefix}", "/{prefix}/{prefix2}") for r in list(routes)]
-        return Starlette(routes=routes + self._control_routes())
+        incoming = [Route("/_fake/incoming", self._incoming, methods=["POST"])]
+        return Starlette(routes=routes + self._control_routes() + incoming)
 
 
 def _iso(moment: datetime) -> str:

@@ -90,7 +90,23 @@ def _select(connection: Connection, phone_hash: str, now: datetime) -> tuple[str
     return None if chosen is None else (chosen.id, chosen.status)
 
 
+def _again(connection: Connection, call_id: str, fallback: Fallback) -> CallBack | None:
+    """The call was bound before (its webhook delivered or asked again): the same answer."""
+    row = connection.execute(
+        select(CallAttempt.id, CallAttempt.reminder_id, *_WORDS)
+        .join(Reminder, Reminder.bound_attempt_id == CallAttempt.id)
+        .join(Appointment, Appointment.id == Reminder.appointment_id)
+        .where(CallAttempt.provider_call_id == call_id[:128], CallAttempt.state == AttemptState.INCOMING)
+    ).first()
+    if row is None:
+        return None
+    return CallBack(stamp=Stamp(row.reminder_id, row.id), wording=_wording(row, fallback), was="bound before")
+
+
 def _call_back(connection: Connection, phone_hash: str, call_id: str, fallback: Fallback) -> CallBack:
+    again = _again(connection, call_id, fallback)
+    if again is not None:
+        return again
     now = connection.execute(select(db_now())).scalar_one()
     chosen = _select(connection, phone_hash, now)
     if chosen is None:

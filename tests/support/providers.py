@@ -329,6 +329,10 @@ class TelnyxRig(Rig):
     def call_id(call: Any) -> str:
         return call.call_id
 
+    def ring(self, from_: str, *, attestation: str | None = "A", digits: str | list[str] | None = None) -> Any:
+        return self.fake.ring_service(from_=from_, to=FROM, url=f"{PUBLIC}/telephony/telnyx/events",
+                                      attestation=attestation, digits=digits)
+
     @staticmethod
     def created_at(call: Any) -> datetime:
         return call.created

@@ -46,6 +46,7 @@ __all__ = [
     "EVENTS_PATH",
     "RATE_LIMIT_CODE",
     "TelnyxProvider",
+    "answer_command_id",
     "gather_command_id",
     "hangup_command_id",
     "last_words_command_id",
@@ -77,6 +78,12 @@ def last_words_command_id(attempt_id: str) -> str:
 
 def hangup_command_id(attempt_id: str) -> str:
     return f"hangup-{attempt_id}"
+
+
+def answer_command_id(call_id: str) -> str:
+    """The `command_id` of the answer of an incoming call: one per call, however often its
+    `call.initiated` is delivered."""
+    return f"answer-{call_id}"
 
 
 def gather_command_id(attempt_id: str, round_: int) -> str:
@@ -224,6 +231,18 @@ class TelnyxProvider(HttpAdapter):
         if stamp is not None:
             body["client_state"] = stamp.encode()
         return await self._command(call_id, "hangup", body, ended_is_done=True)
+
+    async def answer(self, call_id: str, *, command_id: str, client_state: str) -> bool | None:
+        """`actions/answer` of an incoming call, `client_state` echoed in its every later event:
+        True accepted, False the call is already over, None unknown."""
+        return await self._command_result(call_id, "answer", {"command_id": command_id, "client_state": client_state})
+
+    async def say(self, call_id: str, message: str, *, command_id: str, client_state: str) -> bool | None:
+        """`actions/speak` of `message` on a call that has no stamp (the neutral message to a caller
+        whose call answers no reminder), in the default voice and language."""
+        return await self._command_result(call_id, "speak", {
+            "payload": message, "voice": self._voice, "language": self._language, "command_id": command_id,
+            "client_state": client_state})
 
     async def cancel(self, call_id: str) -> bool:
         """Telnyx has no separate cancel: a hangup ends a ringing call too."""

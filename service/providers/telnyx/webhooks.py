@@ -24,6 +24,13 @@ greets a person (or `not_sure`) at once and waits for a machine's beep
 reminder, each round once, if pressed before the hang-up; `call.hangup`'s cause gives the call's
 final status (`HANGUP_STATUS` in events.py), from which the outcome and no-answer retry follow.
 
+Customers who call back (docs/decisions/0252): a `call.initiated` with `direction: "incoming"` (on
+our connection) is answered (`actions/answer`, one `command_id` per call). An attested caller (A,
+validated) whose number selects a reminder gets the reminder's stamp as `client_state`, so that
+every later event of the call is handled as its bound call's: `call.answered` greets it at once
+(no machine detection on a call the customer placed), its keypad answers count. Anyone else gets
+`NEUTRAL_STATE`: the neutral message once answered, then the hang-up.
+
 The app provides `app.state.db`, `app.state.telnyx_signature` (`TelnyxSignature`), optionally
 `app.state.telnyx_connection_id` (absent: no event is foreign) and `app.state.signature_refusals`, and
 `app.state.provider` (a `TelnyxProvider`, or anything with `greet`, `gather_using_speak`, `speak`,
@@ -32,6 +39,7 @@ The app provides `app.state.db`, `app.state.telnyx_signature` (`TelnyxSignature`
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,9 +48,16 @@ from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
 
 from service.ledger import calls
 from service.metrics import TELNYX_FOREIGN_EVENTS
+from service.providers.callers import NEUTRAL_MESSAGE, Caller, caller_number, identify
 from service.providers.common import call_after_confirmation, cancel_calls, fallback_wording, signature_refused
 from service.providers.telnyx.events import TelnyxEvent, hangup_status, parse_event
-from service.providers.telnyx.rest import EVENTS_PATH, gather_command_id, hangup_command_id, last_words_command_id
+from service.providers.telnyx.rest import (
+    EVENTS_PATH,
+    answer_command_id,
+    gather_command_id,
+    hangup_command_id,
+    last_words_command_id,
+)
 from service.providers.telnyx.signature import (
     MAX_SIGNATURE_LENGTH,
     MAX_TIMESTAMP_LENGTH,
@@ -62,6 +77,9 @@ router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
 
 # (request, event with a stamp and a call id, background tasks) → None (acknowledged)
 Handler = Callable[[Request, TelnyxEvent, BackgroundTasks], Awaitable[None]]
+
+# The `client_state` of an incoming call that answers no reminder: it hears the neutral message.
+NEUTRAL_STATE = base64.b64encode(b'["neutral"]').decode()
 
 
 async def _record(request: Request, event: TelnyxEvent, background: BackgroundTasks, status_: str | None, *,
@@ -110,7 +128,7 @@ async def answered(request: Request, event: TelnyxEvent, background: BackgroundT
     if result.newly_bound:
         log.info("reminder %s bound to call %s (attempt %s)", event.stamp.reminder_id, event.call_id,
                  event.stamp.attempt_id)
-    if not getattr(request.app.state.provider, "machine_detection", False):
+    if result.incoming or not getattr(request.app.state.provider, "machine_detection", False):
         await _greet(request, event, Answerer.PERSON)
     # else greeted when the machine detection says who answered; should it never, the sweep does
 
@@ -217,6 +235,36 @@ async def hangup(request: Request, event: TelnyxEvent, background: BackgroundTas
     await _record(request, event, background, hangup_status(event.payload))
 
 
+async def incoming(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
+    """A customer calls the connection's number: bound to the reminder their number selects if
+    their caller ID is attested A (validated), then answered with that reminder's stamp; else
+    answered for the neutral message."""
+    assert event.call_id is not None
+    payload = event.payload
+    attested = payload.get("shaken_stir_attestation") == "A" and payload.get("shaken_stir_validated") is True
+    found = await identify(request, "telnyx", Caller(number=caller_number(payload.get("from")), attested=attested),
+                           event.call_id)
+    if found.cancel:
+        background.add_task(cancel_calls, request, found.cancel)
+    state = found.stamp.encode() if found.stamp is not None else NEUTRAL_STATE
+    accepted = await request.app.state.provider.answer(event.call_id, command_id=answer_command_id(event.call_id),
+                                                       client_state=state)
+    if accepted is not True:
+        log.warning("incoming call %s: the answer command %s", event.call_id,
+                    "found the call over" if accepted is False else "got no answer from Telnyx")
+
+
+async def neutral(request: Request, event: TelnyxEvent) -> None:
+    """An incoming call that answers no reminder: the neutral message once answered, then hang up."""
+    assert event.call_id is not None
+    provider: Any = request.app.state.provider
+    if event.event_type == "call.answered":
+        await provider.say(event.call_id, NEUTRAL_MESSAGE, command_id=f"neutral-{event.call_id}",
+                           client_state=NEUTRAL_STATE)
+    elif event.event_type == "call.speak.ended":
+        await provider.hang_up(event.call_id, command_id=f"hangup-{event.call_id}")
+
+
 HANDLERS: dict[str, Handler] = {
     "call.initiated": initiated,
     "call.answered": answered,
@@ -250,6 +298,11 @@ async def events(request: Request, background: BackgroundTasks) -> Response:
     handler = HANDLERS.get(event.event_type) if event is not None else None
     if event is not None and event.stamp is not None and event.call_id is not None and handler is not None:
         await handler(request, event, background)
+    elif event is not None and event.stamp is None and event.call_id is not None:
+        if event.event_type == "call.initiated" and event.payload.get("direction") == "incoming":
+            await incoming(request, event, background)
+        elif event.payload.get("client_state") == NEUTRAL_STATE:
+            await neutral(request, event)
     return Response(status_code=status.HTTP_200_OK)
 
 
