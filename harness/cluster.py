@@ -296,6 +296,11 @@ class RealFakeClient:
         """Script the callee per number: {"+1…": {"behaviour": "answer|machine|no-answer|busy", "digits": "1"}}."""
         self._http.post("/_fake/callees", json=scripts).raise_for_status()
 
+    def ring_service(self, **call: Any) -> dict[str, Any]:
+        """A customer calls the service's number (`from`, `to`, `url`: the number's voice URL or the
+        connection's webhook URL, `attestation`, `digits`): `POST /_fake/incoming`."""
+        return self._http.post("/_fake/incoming", json=call).raise_for_status().json()
+
     def reset(self) -> None:
         self._http.post("/_fake/reset").raise_for_status()
 

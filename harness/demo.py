@@ -72,6 +72,10 @@ TWILIO_CALLEES = {
     "+61293744000": ({"behaviour": "answer"}, "en-US"),  # presses nothing: question twice, goodbye
     "+81335811111": ({"behaviour": "answer", "digits": "9"}, "en-US"),  # opts out: never called again
 }
+# Twilio mode: the customer who missed the call (nobody answered) rings the number back before
+# the retry, with a caller ID attested A, hears the reminder and presses 1 (docs/decisions/0252).
+CALL_BACK_FROM = "+33142685300"
+SERVICE_NUMBER = "+15550000000"  # TELEPHONY_FROM's default: the number reminders call from
 # Built-in phrases for these languages (MESSAGE_TEMPLATES: each an empty object of phrases).
 DEMO_TEMPLATES = {"en-US": {}, "en-GB": {}, "de-DE": {}, "fr-FR": {}, "es-ES": {}}
 KEYS_HELP = "k kill the leader (SIGKILL) · s stop it (SIGSTOP) · c continue (SIGCONT) · r restart killed · q quit"
@@ -217,6 +221,8 @@ def provider_calls(cluster: Cluster) -> list[dict[str, Any]]:
         return calls
     shaped = []
     for call in calls:
+        if call.get("direction") == "inbound":
+            continue  # a customer's call-back: not a reminder's call
         created = parsedate_to_datetime(call["date_created"]).astimezone(UTC).isoformat()
         words = f"heard #{call['stamp'].get('r', '?')[:8]}" if call["heard"] else f"silent {call['sid'][-6:]}"
         shaped.append({"id": call["sid"], "to": call["to"], "placed_by": call.get("placed_by") or "?",
@@ -236,6 +242,8 @@ class LiveView:
         self.calls_seen = 0
         self.events: list[str] = []
         self.terms: dict[int, int] = {}  # fencing token -> the term's number, as GET /leader showed them
+        self.call_back: str | None = None  # Twilio mode: the scripted call-back's sid, once it rang
+        self.call_back_told = False
 
     def event(self, text: str) -> None:
         line = f"{datetime.now():%H:%M:%S} {text}"
@@ -279,8 +287,35 @@ class LiveView:
                 self.event(f"** LEADER: {f'{was} → ' if was else ''}{leader} (fencing token {token}){after}")
         return leader
 
+    def _scripted_call_back(self) -> None:
+        """Twilio mode: once the call to CALL_BACK_FROM went unanswered, that customer rings back
+        (attested A) and presses 1; what the call heard is told when it is over."""
+        if self.cluster.telephony_provider != "twilio" or self.call_back_told:
+            return
+        client: Any = self.cluster.provider.client
+        calls = client.calls()
+        if self.call_back is None:
+            if any(c["to"] == CALL_BACK_FROM and c["status"] == "no-answer" for c in calls):
+                proxy = self.cluster.webhook_proxy
+                assert proxy is not None
+                self.call_back = client.ring_service(**{
+                    "from": CALL_BACK_FROM, "to": SERVICE_NUMBER, "attestation": "A", "digits": "1",
+                    "url": f"{proxy.public_url}/telephony/twilio/incoming"})["sid"]
+                self.event(f"<< call-back: {mask_phone(CALL_BACK_FROM)} missed the call and rings the number back "
+                           "(STIR/SHAKEN A), will press 1")
+            return
+        call = next((c for c in calls if c["sid"] == self.call_back), None)
+        if call is not None and call["status"] == "completed":
+            self.call_back_told = True
+            heard = " | ".join(call["heard"]) or "nothing"
+            self.event(f"<< call-back {call['sid'][-6:]} heard: {heard} (pressed {''.join(call['digits']) or '-'})")
+
     def tick(self) -> Snapshot:
         now = time.monotonic()
+        try:
+            self._scripted_call_back()
+        except httpx.HTTPError as error:
+            self.event(f"<< call-back: the fake did not answer ({type(error).__name__})")
         roles = self._roles()
         leader = self._notice(roles, now)
         try:
