@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import insert, select
@@ -133,3 +134,66 @@ async def test_a_stranger_or_a_withheld_number_hears_only_the_neutral_message(db
         assert (_incoming(provider, "unknown"), _incoming(provider, "withheld")) == (unknown + 1, withheld + 1)
     finally:
         await rig.aclose()
+
+
+async def test_a_repeated_voice_request_of_a_call_back_answers_the_same(db: Database) -> None:
+    """Twilio asks the number's voice URL again (a retry): the call is bound once, and answered the
+    same words with the same stamp."""
+    rig = make_rig(db, "twilio")
+    try:
+        _, reminder_id = await book(db)
+        form = {"CallSid": "CA" + "7" * 32, "From": PHONE, "To": "+15550000000", "Direction": "inbound",
+                "StirVerstat": "TN-Validation-Passed-A", "CallStatus": "ringing"}
+        path, form, headers = rig.signed_post("incoming", {}, form)
+        async with rig.client() as client:
+            first, again = [(await client.post(path, data=form, headers=headers)).text for _ in range(2)]
+        assert first == again and "<Gather" in first and f"r={reminder_id}" in first
+        async with db.session() as session:
+            attempts = (await session.execute(select(CallAttempt.state).where(CallAttempt.reminder_id == reminder_id)
+                                              )).scalars().all()
+        assert attempts == ["incoming"]
+        # unsigned: refused like every Twilio webhook
+        async with rig.client() as client:
+            assert (await client.post(path, data=form, headers={"X-Twilio-Signature": "bm8="})).status_code == 403
+    finally:
+        await rig.aclose()
+
+
+async def test_a_reminder_being_dispatched_is_skipped_and_its_create_refused(db: Database) -> None:
+    from service.ledger import AttemptStore, ReminderStore
+
+    rig = make_rig(db, "twilio")
+    try:
+        _, reminder_id = await book(db)
+        store = ReminderStore(db)
+        await store.raise_fence(1, "leader")
+        assert reminder_id in {c.reminder_id for c in await store.claim(1, "leader", limit=10,
+                                                                        stale_after=timedelta(minutes=2))}
+        call = rig.ring(PHONE, attestation="A", digits="1")
+        await eventually(rig.over(rig.call_id(call)))
+        reminder = await row(db, reminder_id)
+        assert (reminder.status, reminder.skip_reason) == ("skipped", "answered by call-back")
+        assert await AttemptStore(db).begin(1, reminder_id) is None  # the leader's create never goes out
+        assert rig.calls_to(PHONE) == []
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_the_fakes_ring_the_service_through_a_control_route(provider: str) -> None:
+    from reminders_fakes.telnyx import FakeTelnyx
+    from reminders_fakes.twilio import FakeTwilio
+
+    fake = FakeTwilio() if provider == "twilio" else FakeTelnyx()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(fake.app), base_url="http://fake") as client:
+            bad = await client.post("/_fake/incoming", json={"from": PHONE, "to": "nope", "url": "http://x/y"})
+            assert bad.status_code == 422
+            bad = await client.post("/_fake/incoming", json={"from": PHONE, "to": "+15550000000",
+                                                             "url": "http://127.0.0.1:9/none", "attestation": "Z"})
+            assert bad.status_code == 422
+            good = await client.post("/_fake/incoming", json={"from": PHONE, "to": "+15550000000", "digits": "1",
+                                                              "url": "http://127.0.0.1:9/none", "attestation": "B"})
+            assert good.status_code == 201
+    finally:
+        await fake.aclose()

@@ -361,3 +361,7 @@ def test_twilio_mode_shows_outcomes_and_keypad_answers() -> None:
     presses = [script.get("digits") for script, _ in TWILIO_CALLEES.values()]
     assert "1" in presses and "2" in presses and None in presses and ["5", "1"] in presses
     assert "9" in presses  # one callee opts out (OPT_OUT_DIGIT)
+    from harness.demo import CALL_BACK_FROM
+
+    # the scripted call-back: the customer nobody reached rings back before the retry (and presses 1)
+    assert TWILIO_CALLEES[CALL_BACK_FROM][0]["behaviour"] == "no-answer"
