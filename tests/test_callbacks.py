@@ -5,6 +5,7 @@ rigs; on SQLite and PostgreSQL (the gate lives in the database)."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import httpx
@@ -15,8 +16,10 @@ from sqlalchemy import insert, select
 from reminders_fakes.controls import CalleeScript
 from service.db import Appointment, CallAttempt, Database
 from service.db.models import new_id
+from service.ledger import calls
 from service.providers.callers import NEUTRAL_MESSAGE
-from service.reminders import NoAnswerPolicy
+from service.reminders import MessageTemplates, NoAnswerPolicy
+from service.telephony.provider import Stamp
 from tests.support.providers import PHONE, PROVIDERS, make_rig
 from tests.support.waiting import eventually
 from tests.test_call_protocol import book, placed, row
@@ -152,6 +155,12 @@ async def test_a_repeated_voice_request_of_a_call_back_answers_the_same(db: Data
             attempts = (await session.execute(select(CallAttempt.state).where(CallAttempt.reminder_id == reminder_id)
                                               )).scalars().all()
         assert attempts == ["incoming"]
+        # its digits are the bound call's, told apart as the call-back's (the events' data.source)
+        (attempt_id,) = re.findall(r"a=([0-9a-f-]{36})", first)[:1]
+        pressed = await calls.keypad(db, Stamp(reminder_id, attempt_id), form["CallSid"], "1",
+                                     fallback=lambda r: MessageTemplates.parse(None).render("en", r.customer_name,
+                                                                                            r.starts_at, r.timezone))
+        assert (pressed.bound, pressed.answer, pressed.source) == (True, "confirmed", "call-back")
         # unsigned: refused like every Twilio webhook
         async with rig.client() as client:
             assert (await client.post(path, data=form, headers={"X-Twilio-Signature": "bm8="})).status_code == 403

@@ -141,6 +141,9 @@ class KeypadResult:
     changed: bool = False  # this request recorded it (not a repeat)
     repeated: bool = False  # this round was answered before (a replay): nothing recorded
     opted_out: bool = False  # the digits were the opt-out key: the number is on the do-not-call list
+    # where the digits came from: `keypad` (a reminder call we placed) or `call-back` (a call the
+    # customer placed, docs/decisions/0252): the `data.source` of the event the change reports
+    source: str = "keypad"
 
 
 def is_final(status: str | None) -> bool:
@@ -523,7 +526,8 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
         return None
     row = connection.execute(
         select(*_BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation, Appointment.phone,
-               Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at)
+               Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at,
+               CallAttempt.state.label("attempt_state"))
         .join(Appointment, Appointment.id == Reminder.appointment_id)
         .join(CallAttempt, CallAttempt.id == stamp.attempt_id)
         .where(Reminder.id == stamp.reminder_id)
@@ -537,7 +541,9 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
     opt_out = opts_out(digits, wording.opt_out_digit)
     answer_ = None if opt_out else keypad_answer(digits)
     confirmation = Confirmation(row.confirmation) if row.confirmation else None
-    result = KeypadResult(bound=True, answer=answer_, confirmation=confirmation, wording=wording, opted_out=opt_out)
+    source = "call-back" if row.attempt_state == AttemptState.INCOMING else "keypad"
+    result = KeypadResult(bound=True, answer=answer_, confirmation=confirmation, wording=wording, opted_out=opt_out,
+                          source=source)
     if row.keypad_rounds & bit:
         return _Pressed(replace(result, repeated=True))
     connection.execute(update(CallAttempt).where(CallAttempt.id == stamp.attempt_id)
