@@ -8,6 +8,10 @@ binds nothing; a `sent` one whose calls nobody answered yet (real providers) bin
 no digits and is not retried — the leader ends its calls. A reminder bound to an answered call, or
 whose outcome is known, is finished and keeps its status; its keypad answers count only while it
 belongs to the appointment's current plan (docs/decisions/0221, 0231).
+
+Each rule emits its events in the same transaction (service.ledger.events): `reminder.finished`
+for every reminder it finished (a re-plan's, once the ones it deletes are known: service.ledger.plans),
+and the appointment's own (`appointment.cancelled`, or `appointment.declined`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.engine import Connection
 
 from service.db.models import Appointment, AppointmentStatus, CallAttempt, Confirmation, Reminder
+from service.ledger.events import EventSource, EventType, emit, reminders_finished
 from service.reminders.lifecycle import ReminderStatus, require
 
 __all__ = [
@@ -92,27 +97,41 @@ def supersede(connection: Connection, appointment_id: str, reason: str, now: dat
 
 
 def cancel_appointment(connection: Connection, appointment_id: str, reason: str, now: datetime, *,
-                       confirmation: Confirmation | None = None) -> set[str]:
-    """The appointment `cancelled` (with the customer's `confirmation` when they declined) and its
-    unfinished reminders superseded; the reminder ids cancelled."""
+                       source: EventSource, confirmation: Confirmation | None = None,
+                       reminder_id: str | None = None) -> set[str]:
+    """The appointment `cancelled` (with the customer's `confirmation` when they declined, on the
+    call of `reminder_id`) and its unfinished reminders superseded; the reminder ids cancelled.
+    Emits `appointment.declined` for a decline, else `appointment.cancelled`."""
     values = {"of_appointment": appointment_id, "now": now}
     if confirmation is None:
         connection.execute(_CANCEL_APPOINTMENT, values)
     else:
         connection.execute(_CANCEL_APPOINTMENT.values(confirmation=confirmation), values)
-    return supersede(connection, appointment_id, reason, now).cancelled
+    cancelled = supersede(connection, appointment_id, reason, now).cancelled
+    if confirmation == Confirmation.DECLINED:
+        emit(connection, EventType.APPOINTMENT_DECLINED, source, appointment_id, now, reminder_id=reminder_id,
+             confirmation=confirmation.value, status=AppointmentStatus.CANCELLED.value)
+    else:
+        emit(connection, EventType.APPOINTMENT_CANCELLED, source, appointment_id, now,
+             status=AppointmentStatus.CANCELLED.value)
+    reminders_finished(connection, cancelled, source)
+    return cancelled
 
 
-def skip_number(connection: Connection, phone_hash: str, now: datetime) -> set[str]:
+def skip_number(connection: Connection, phone_hash: str, now: datetime, source: EventSource) -> set[str]:
     """Skip ("opted out") every unfinished reminder of every appointment of the number; their ids."""
     _require_from_unfinished(_S.SKIPPED)
     rows = connection.execute(_SKIP_OF_NUMBER, {"of_number": phone_hash, "reason": OPTED_OUT, "now": now})
-    return {row.id for row in rows}
+    skipped = {row.id for row in rows}
+    reminders_finished(connection, skipped, source)
+    return skipped
 
 
-def skip_confirmed(connection: Connection, appointment_id: str, now: datetime) -> set[str]:
+def skip_confirmed(connection: Connection, appointment_id: str, now: datetime, source: EventSource) -> set[str]:
     """Skip ("confirmed") every unfinished reminder of a confirmed appointment; their ids."""
     _require_from_unfinished(_S.SKIPPED)
     rows = connection.execute(_SKIP_OF_APPOINTMENT, {"of_appointment": appointment_id,
                                                      "reason": CONFIRMED_BY_CUSTOMER, "now": now})
-    return {row.id for row in rows}
+    skipped = {row.id for row in rows}
+    reminders_finished(connection, skipped, source)
+    return skipped
