@@ -47,9 +47,10 @@ from service.db.models import (
     ReminderOutcome,
     ReminderStatus,
 )
+from service.ledger import events
 from service.ledger.cancellation import DECLINED_BY_CUSTOMER, cancel_appointment, skip_confirmed
 from service.ledger.consent import Listing, ListingSource, hash_phone, list_number
-from service.ledger.events import EventSource, EventType, emit, reminders_finished
+from service.ledger.events import EventSource, EventType, event_row, reminders_finished
 from service.metrics import CALL_OUTCOMES, CONFIRMATIONS, OPT_OUTS, SKIPPED_BY_CONSENT
 from service.privacy import mask_phone
 from service.reminders import (
@@ -558,10 +559,10 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
     connection.execute(update(Appointment).where(Appointment.id == row.appointment_id)
                        .values(confirmation=answer_, updated_at=now))
     changed = confirmation != answer_
-    if changed:
-        emit(connection, EventType.APPOINTMENT_CONFIRMED, source, row.appointment_id, now,
-             reminder_id=stamp.reminder_id, confirmation=answer_.value)
-    skipped = frozenset() if call_after_confirmation else frozenset(skip_confirmed(connection, row.appointment_id,
-                                                                                     now, source))
+    rows = [] if call_after_confirmation else skip_confirmed(connection, row.appointment_id, now)
+    confirmed = [event_row(EventType.APPOINTMENT_CONFIRMED, source, row.appointment_id, now,
+                           reminder_id=stamp.reminder_id, confirmation=answer_.value)] if changed else []
+    events.insert(connection, [*confirmed, *events.finished_rows(rows, source, now)])
+    skipped = frozenset(skipped_row.id for skipped_row in rows)
     return _Pressed(replace(result, confirmation=answer_, changed=changed), changed=changed, answer=answer_,
                     skipped=skipped)

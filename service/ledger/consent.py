@@ -112,9 +112,11 @@ def list_number(connection: Connection, phone_hash: str, source: ListingSource, 
         .on_conflict_do_nothing(index_elements=[DoNotCall.phone_hash]).returning(DoNotCall.listed_at)
     ).first()
     now = connection.execute(select(db_now())).scalar_one()
-    skipped = frozenset(skip_number(connection, phone_hash, now, event_source))
+    rows = skip_number(connection, phone_hash, now)
+    skipped = frozenset(row.id for row in rows)
+    opted = events.opted_out(connection, phone_hash, masked_phone, event_source, now) if added is not None else []
+    events.insert(connection, [*opted, *events.finished_rows(rows, event_source, now)])
     if added is not None:
-        events.opted_out(connection, phone_hash, masked_phone, event_source, now)
         return Listing(added.listed_at, source, new=True, skipped=skipped)
     row = connection.execute(select(DoNotCall.listed_at, DoNotCall.source)
                              .where(DoNotCall.phone_hash == phone_hash)).one()

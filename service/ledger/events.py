@@ -15,7 +15,7 @@ one a re-plan deletes (docs/decisions/0125).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -33,7 +33,8 @@ from service.reminders.lifecycle import ReminderStatus
 from service.reminders.outcomes import FINAL_CALL_STATES
 
 __all__ = [
-    "FINISHED", "EventSource", "EventType", "body", "emit", "finished_in", "opted_out", "reminders_finished",
+    "FINISHED", "EventSource", "EventType", "body", "emit", "event_row", "finished_in", "finished_rows", "insert",
+    "opted_out", "reminders_finished",
 ]
 
 
@@ -63,26 +64,28 @@ def body(event_id: str, type_: EventType, at: datetime, data: Mapping[str, Any])
                         option=orjson.OPT_UTC_Z).decode()
 
 
-def _row(type_: EventType, source: EventSource, appointment_id: str | None, at: datetime,
-         data: Mapping[str, Any], dedupe: str | None = None) -> dict[str, Any]:
+def event_row(type_: EventType, source: EventSource, appointment_id: str | None, at: datetime, *,
+              dedupe: str | None = None, **data: Any) -> dict[str, Any]:
+    """A new event's row (for `insert`): its own id, its body."""
     event_id = new_id()
     full = {"appointment_id": appointment_id, "source": source.value, **data}
     return {"id": event_id, "type": type_.value, "appointment_id": appointment_id, "created_at": at,
             "body": body(event_id, type_, at, full), "dedupe": dedupe}
 
 
-def _insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """One executemany; a row whose `dedupe` key exists already is dropped."""
+def insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """The events of `rows` in one executemany, in the caller's transaction; a row whose `dedupe`
+    key exists already is dropped."""
     if not rows:
         return
-    insert = postgresql.insert if connection.dialect.name != "sqlite" else sqlite.insert
-    connection.execute(insert(Event).on_conflict_do_nothing(index_elements=[Event.dedupe]), rows)
+    statement = postgresql.insert if connection.dialect.name != "sqlite" else sqlite.insert
+    connection.execute(statement(Event).on_conflict_do_nothing(index_elements=[Event.dedupe]), rows)
 
 
 def emit(connection: Connection, type_: EventType, source: EventSource, appointment_id: str | None, at: datetime,
          **data: Any) -> None:
     """Insert one event, in the caller's transaction."""
-    _insert(connection, [_row(type_, source, appointment_id, at, data)])
+    insert(connection, [event_row(type_, source, appointment_id, at, **data)])
 
 
 # -- reminder.finished -------------------------------------------------------------------------------
@@ -112,18 +115,23 @@ def _reason(row: Any) -> str | None:
     return scrub(text)[:200] if text else None
 
 
+def finished_rows(reminders: Iterable[Any], source: EventSource, at: datetime) -> list[dict[str, Any]]:
+    """`reminder.finished` rows for `reminders` (rows with id, appointment_id, status, outcome,
+    skip_reason, last_error), each known finished by its writer."""
+    return [event_row(EventType.REMINDER_FINISHED, source, row.appointment_id, at,
+                      dedupe=f"{EventType.REMINDER_FINISHED.value}:{row.id}", reminder_id=row.id, status=row.status,
+                      outcome=row.outcome, reason=_reason(row))
+            for row in reminders]
+
+
 def reminders_finished(connection: Connection, reminder_ids: Collection[str], source: EventSource) -> None:
-    """`reminder.finished` for each of `reminder_ids` that is finished now and has none yet, in the
-    caller's transaction (every write that may finish a reminder calls this with the ones it touched)."""
+    """`reminder.finished` for each of `reminder_ids` that is `FINISHED` now and has none yet, in the
+    caller's transaction (every write that may finish a reminder calls this, or `finished_rows`,
+    with the ones it touched)."""
     if not reminder_ids:
         return
     rows = connection.execute(_FINISHED_ROWS, {"ids": list(reminder_ids)}).all()
-    _insert(connection, [
-        _row(EventType.REMINDER_FINISHED, source, row.appointment_id, row.now,
-             {"reminder_id": row.id, "status": row.status, "outcome": row.outcome, "reason": _reason(row)},
-             dedupe=f"{EventType.REMINDER_FINISHED.value}:{row.id}")
-        for row in rows
-    ])
+    insert(connection, finished_rows(rows, source, rows[0].now) if rows else [])
 
 
 def finished_in(session: Session, reminder_ids: Collection[str], source: EventSource) -> None:
@@ -135,14 +143,13 @@ def finished_in(session: Session, reminder_ids: Collection[str], source: EventSo
 
 
 def opted_out(connection: Connection, phone_hash: str, masked_phone: str, source: EventSource,
-              at: datetime) -> None:
-    """`phone.opted_out` once per appointment of the number still ahead (scheduled, not started),
-    or once with `appointment_id` null when there is none."""
+              at: datetime) -> list[dict[str, Any]]:
+    """`phone.opted_out` rows: one per appointment of the number still ahead (scheduled, not
+    started), or one with `appointment_id` null when there is none."""
     ahead = connection.execute(
         select(Appointment.id).where(Appointment.phone_hash == phone_hash,
                                      Appointment.status == AppointmentStatus.SCHEDULED, Appointment.starts_at > at)
         .order_by(Appointment.starts_at, Appointment.id)
     ).scalars().all()
-    data = {"phone": masked_phone}
-    _insert(connection, [_row(EventType.PHONE_OPTED_OUT, source, appointment_id, at, data)
-                         for appointment_id in (ahead or [None])])
+    return [event_row(EventType.PHONE_OPTED_OUT, source, appointment_id, at, phone=masked_phone)
+            for appointment_id in (ahead or [None])]

@@ -17,9 +17,10 @@ from sqlalchemy import Insert, bindparam, case, delete, insert, literal, select,
 from sqlalchemy.engine import Connection
 
 from service.db.models import Appointment, Reminder, new_id
+from service.ledger import events
 from service.ledger.cancellation import OPTED_OUT, REPLANNED, supersede
 from service.ledger.consent import is_listed, number_listed
-from service.ledger.events import EventSource, reminders_finished
+from service.ledger.events import EventSource
 from service.reminders.calls import idempotency_key
 from service.reminders.lifecycle import ReminderStatus
 
@@ -143,7 +144,8 @@ def change_appointment(connection: Connection, appointment_id: str, values: dict
     current = plan.scalar_one()
     superseded = supersede(connection, appointment_id, REPLANNED, now)
     pruned = set(connection.execute(_PRUNE_SUPERSEDED, {"of_appointment": appointment_id}).scalars())
-    reminders_finished(connection, superseded.cancelled - pruned, source)
+    events.insert(connection, events.finished_rows([row for row in superseded.rows if row.id not in pruned],
+                                                   source, now))
     return Replanned(current, pruned, superseded.cancelled - pruned, superseded.owed)
 
 
