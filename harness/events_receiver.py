@@ -51,7 +51,8 @@ class Receiver:
         """Listen (again, after `stop`: a receiver that was down and is back)."""
         app = web.Application()
         app.router.add_post("/hooks/reminders", self._receive)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        # a request still hanging when it stops is cut after half a second (a receiver that goes down)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 

@@ -6,9 +6,9 @@ Appointments carry the same hash of their number (`phone_hash`), so the leader's
 last check before a create (`AttemptStore.begin`) find a listed number in SQL.
 
 Listing a number, skipping ("opted out") every unfinished reminder of its appointments and the
-events saying so are one transaction (`list_number`); a call already placed binds nothing after it (the leader's sweep
-ends it, or the answer hangs up). Removing a number from the list changes no reminder: the ones
-skipped stay skipped, new ones call.
+events saying so are one transaction (`list_number`); a call already placed binds nothing after
+it (the leader's sweep ends it, or the answer hangs up). Removing a number from the list changes
+no reminder: the ones skipped stay skipped, new ones call.
 """
 
 from __future__ import annotations
