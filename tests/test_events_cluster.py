@@ -40,8 +40,17 @@ class ThreadedReceiver:
 
     def close(self) -> None:
         self.run(self.receiver.stop())
+        self.run(_cancel_the_rest())  # a request its sender abandoned may still hang
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        self.loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.fixture
