@@ -459,6 +459,9 @@ class ReplicaProcess(_Process):
     def patch(self, path: str, **kwargs: Any) -> httpx.Response:
         return self._http.patch(path, **kwargs)
 
+    def delete(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._http.delete(path, **kwargs)
+
     @property
     def live(self) -> bool:
         """Running and not SIGSTOPped: expected to answer."""

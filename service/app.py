@@ -21,7 +21,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.api import appointments, do_not_call, health
+from service.api import appointments, do_not_call, events, health
 from service.api.auth import BearerAuthMiddleware, api_tokens, document_bearer_auth
 from service.api.deadlines import REQUEST_DEADLINE, Deadline, DeadlineMiddleware
 from service.api.limits import BodyLimitMiddleware
@@ -103,7 +103,8 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1", metrics: MetricsS
 
         app.state.begin_shutdown = begin_shutdown
         running = asyncio.create_task(elector.run(), name="elector")
-        backlog = asyncio.create_task(watch_backlog(db), name="backlog")  # gauges for the alerts
+        # gauges for the alerts
+        backlog = asyncio.create_task(watch_backlog(db, events_url=settings.events_url), name="backlog")
         log.info("replica %s started (database %s)", settings.pod_name, "SQLite" if db.is_sqlite else "PostgreSQL")
         try:
             yield
@@ -134,6 +135,7 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1", metrics: MetricsS
     app.state.readiness = None
     app.include_router(appointments.router)
     app.include_router(do_not_call.router)
+    app.include_router(events.router)
     app.include_router(health.router)
     # the provider's webhook routes (signed, so not behind API_TOKEN), on every replica
     package(settings.telephony_provider).install(app, settings)
@@ -174,7 +176,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return await http_exception_handler(request, error)
 
 
-_GUARDED = ("/appointments", "/do-not-call")
+_GUARDED = ("/appointments", "/do-not-call", "/events")
 
 
 def _metrics_server(host: str, port: int) -> MetricsServer | None:

@@ -30,6 +30,7 @@ from service.db.models import Appointment, AppointmentStatus, Confirmation, Remi
 from service.ledger import cancellation, consent, erasure, plans
 from service.ledger.cancellation import CANCELLED_BY_API, CONFIRMED_BY_CUSTOMER, OPTED_OUT, REPLANNED
 from service.ledger.consent import PhoneHasher
+from service.ledger.events import EventSource
 from service.ledger.plans import insert_appointment, reminder_row
 from service.logs import actor
 from service.metrics import PERSONAL_DATA_ERASED, SKIPPED_BY_CONSENT
@@ -408,7 +409,7 @@ def _change(
     # a confirmation was for the old time
     stored_values = {**values, "phone_hash": phone_hash} if "phone" in changes else values
     version, superseded = plans.change_appointment(connection, view["id"], stored_values, now, replan=replan,
-                                                   clear_confirmation=moved)
+                                                   clear_confirmation=moved, source=EventSource.API)
     view.update(values)  # type: ignore[typeddict-item]
     view["version"] = version
     if "remind_at" in changes:
@@ -483,7 +484,8 @@ def _cancel(connection: Connection, appointment_id: str, erase: bool,
     now = utcnow()
     cancelled = view["status"] != AppointmentStatus.CANCELLED
     if cancelled:
-        removed = cancellation.cancel_appointment(connection, view["id"], CANCELLED_BY_API, now)
+        removed = cancellation.cancel_appointment(connection, view["id"], CANCELLED_BY_API, now,
+                                                  source=EventSource.API)
         view["status"], view["updated_at"] = AppointmentStatus.CANCELLED, now
         _mark(view, removed, CANCELLED_BY_API)
     erased = erase and erasure.erase_appointment(connection, view["id"], now)

@@ -1,4 +1,4 @@
-"""The `reminders` command: serve, migrate, check, fake-provider."""
+"""The `reminders` command: serve, migrate, check, events-resume, fake-provider."""
 
 from __future__ import annotations
 
@@ -132,6 +132,29 @@ def _migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _events_resume(_args: argparse.Namespace) -> int:
+    from service.db import Database
+    from service.ledger import outbox
+
+    settings = _settings()
+
+    async def resume() -> bool:
+        db = Database(settings.database_url, pool_size=1)
+        try:
+            return await outbox.resume(db)
+        finally:
+            await db.dispose()
+
+    try:
+        stopped = asyncio.run(resume())
+    except (OSError, TimeoutError) as error:
+        print(f"reminders: database not reachable: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print("events: delivery resumes (EVENTS_URL had answered 410)" if stopped else
+          "events: delivery was not stopped; nothing to do")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     from service.check import main as check
 
@@ -181,6 +204,10 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["database", "etcd", "provider", "signature", "public_url"],
                        help="leave a check out (repeatable): database, etcd, provider, signature, public_url")
     check.set_defaults(run=_check)
+    resume = commands.add_parser(
+        "events-resume", help="deliver events to EVENTS_URL again after it answered 410 Gone (the leader "
+                              "picks it up within a second)")
+    resume.set_defaults(run=_events_resume)
     fake = commands.add_parser(
         "fake-provider",
         help="the fake telephony provider API (requires TELEPHONY_TOKEN as bearer token when set); "

@@ -6,14 +6,15 @@ http:// endpoints) raises `SettingError`, which names the environment variable.
 
 from __future__ import annotations
 
-from service.config import Settings
+from service.config import Settings, plain_remote
 from service.dispatch.dispatcher import DispatchConfig
+from service.dispatch.events import EventsConfig
 from service.election import ConfigError, ElectionConfig
 from service.errors import SettingError
 from service.providers import package
 from service.telephony.provider import Provider
 
-__all__ = ["SettingError", "check", "dispatch_config", "election_config", "pool_size", "provider"]
+__all__ = ["SettingError", "check", "dispatch_config", "election_config", "events_config", "pool_size", "provider"]
 
 
 # ElectionConfig field -> the environment variable it comes from (margin and request_timeout are
@@ -60,7 +61,22 @@ def dispatch_config(settings: Settings) -> DispatchConfig:
         caps=settings.call_caps(),
         call_after_confirmation=settings.call_after_confirmation,
         retention=settings.personal_data_retention,
+        events=events_config(settings),
     )
+
+
+def events_config(settings: Settings) -> EventsConfig:
+    """EVENTS_*: delivery needs its secret, and https:// unless the receiver is on this machine
+    (or ALLOW_INSECURE_TRANSPORT): the events carry appointments' answers."""
+    url, secret = settings.events_url, settings.events_secret
+    if url is not None and secret is None:
+        raise SettingError("EVENTS_SECRET", "required when EVENTS_URL is set (whsec_…, the receiver verifies with it)")
+    if url is not None and plain_remote(url) and not settings.allow_insecure_transport:
+        raise SettingError("EVENTS_URL", "must be https:// unless it is loopback (or ALLOW_INSECURE_TRANSPORT=true, "
+                                         "never in production)")
+    return EventsConfig(url=url, secret=secret.get_secret_value() if secret else None,
+                        timeout=settings.events_timeout, max_age=settings.events_max_age,
+                        retention=settings.events_retention)
 
 
 def pool_size(settings: Settings) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import socket
@@ -29,9 +31,8 @@ from service.reminders.wording import (
 )
 
 __all__ = [
-    "EVERY_COUNTRY", "CallWindow", "ReminderOffset", "Settings", "local_host", "loopback", "parse_duration",
-    "plain_remote",
-    "setting_error_line",
+    "EVERY_COUNTRY", "CallWindow", "ReminderOffset", "Settings", "check_webhook_secret", "local_host", "loopback",
+    "parse_duration", "plain_remote", "setting_error_line",
 ]
 
 
@@ -107,6 +108,15 @@ class Settings(BaseSettings):
     min_reminder_spacing: Annotated[timedelta, NoDecode] = timedelta(hours=1)
     # How long after an appointment its personal data is kept (None: for ever); the leader erases it.
     personal_data_retention: Annotated[timedelta | None, NoDecode] = None
+    # Events for the booking system (docs/decisions/0251): where the leader delivers them (None: no
+    # delivery, the feed still works), their Standard Webhooks secret, how long one try may take and
+    # how long an event is tried, and how long the feed keeps them. EVENTS_SECRET without
+    # EVENTS_URL and the URL's transport are checked by service.components.
+    events_url: str | None = None
+    events_secret: SecretStr | None = None
+    events_timeout: float = Field(default=10.0, gt=0, le=60)
+    events_max_age: Annotated[timedelta, NoDecode] = timedelta(hours=24)
+    events_retention: Annotated[timedelta, NoDecode] = timedelta(days=7)
     drain_timeout: float = Field(default=10.0, gt=0, le=600)
     api_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
@@ -205,6 +215,39 @@ class Settings(BaseSettings):
         if value is not None and caps.active and value < caps.lookback:
             raise ValueError(f"must be at least {caps.lookback.days}d while MAX_CALLS_PER_NUMBER_PER_"
                              f"{'WEEK' if caps.per_week else 'DAY'} is set (its calls are counted that long)")
+        return value
+
+    @field_validator("events_url", mode="before")
+    @classmethod
+    def _events_url(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip() or None
+            if value is not None and not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", value):
+                raise ValueError("must be an http(s) URL, e.g. https://booking.example.com/hooks/reminders")
+        return value
+
+    @field_validator("events_secret")
+    @classmethod
+    def _events_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_webhook_secret(value.get_secret_value())
+        return value
+
+    @field_validator("events_max_age", "events_retention", mode="before")
+    @classmethod
+    def _events_durations(cls, value: object) -> object:
+        value = parse_duration(value) if isinstance(value, str) else value
+        if isinstance(value, timedelta) and value < timedelta(seconds=1):
+            raise ValueError("must be a duration of at least 1s (e.g. 24h)")
+        return value
+
+    @field_validator("events_retention")
+    @classmethod
+    def _retention_outlasts_tries(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        # an event deleted while it is still being tried would never be delivered nor given up
+        max_age = info.data.get("events_max_age")
+        if max_age is not None and value < max_age:
+            raise ValueError(f"must be at least EVENTS_MAX_AGE ({max_age})")
         return value
 
     @field_validator("min_reminder_spacing", mode="before")
@@ -409,6 +452,19 @@ def local_host(host: str) -> bool:
 def plain_remote(url: str) -> bool:
     """True for an http:// (or scheme-less) URL whose host is not loopback."""
     return not url.startswith("https://") and not loopback(url)
+
+
+def check_webhook_secret(secret: str) -> None:
+    """ValueError unless `secret` is a Standard Webhooks secret: `whsec_` and the base64 of 24 to
+    64 bytes."""
+    key = secret.removeprefix("whsec_")
+    try:
+        size = len(base64.b64decode(key, validate=True)) if key != secret else 0
+    except (binascii.Error, ValueError):
+        size = 0
+    if not 24 <= size <= 64:
+        raise ValueError("must be whsec_ and the base64 of 24 to 64 random bytes "
+                         "(e.g. whsec_$(openssl rand -base64 32))")
 
 
 def setting_error_line(error: Exception) -> str:

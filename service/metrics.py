@@ -1,8 +1,14 @@
-"""Prometheus metrics of the service (one registry, the default)."""
+"""Prometheus metrics of the service (one registry, the default), and the values each label takes:
+every labelled series exists, at 0, from the start (`LABEL_VALUES`)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+from service.reminders.caps import CAP_SPANS
+from service.reminders.lifecycle import ReminderStatus
+from service.reminders.outcomes import Confirmation, ReminderOutcome
 
 IS_LEADER = Gauge("reminders_is_leader", "1 while this replica holds a valid leader term")
 LEADER_TRANSITIONS = Counter("reminders_leader_transitions_total", "Times this replica started or stopped leading")
@@ -82,6 +88,48 @@ INCOMING_CALLS = Counter(
     "reminders_call_outcomes_total)",
     ["provider", "result"],
 )
-for _provider in ("twilio", "telnyx"):
-    for _result in INCOMING_RESULTS:
-        INCOMING_CALLS.labels(_provider, _result)
+# The events for the booking system (docs/decisions/0251). The gauges are refreshed by every
+# replica (service.backlog), 0 while EVENTS_URL is unset: read them with max().
+EVENTS_OUTBOX_DEPTH = Gauge(
+    "reminders_events_outbox_depth", "Events not yet delivered to EVENTS_URL nor given up (0 while it is unset)"
+)
+EVENTS_OLDEST_UNDELIVERED = Gauge(
+    "reminders_events_oldest_undelivered_seconds", "Age of the oldest event not yet delivered nor given up"
+)
+EVENTS_ENDPOINT_GONE = Gauge(
+    "reminders_events_endpoint_gone", "1 while delivery is stopped because EVENTS_URL answered 410 Gone"
+)
+EVENT_DELIVERIES = Counter(
+    "reminders_events_deliveries_total",
+    "Tries to deliver an event, by result (delivered; failed: tried again later; given_up: EVENTS_MAX_AGE "
+    "passed; gone: the endpoint answered 410)",
+    ["result"],
+)
+
+# reminders_call_attempts_total's `outcome`: a create that failed and may be retried (refused
+# with 429, or in doubt) is `transient`; `not_sent`: the term ended before it left
+CALL_ATTEMPT_OUTCOMES = ("sent", "transient", "permanent", "not_sent")
+# reminders_completed_total's `status`: what the dispatcher finishes a claim with
+COMPLETED_STATUSES = (ReminderStatus.SENT.value, ReminderStatus.FAILED.value, ReminderStatus.SKIPPED.value)
+OPT_OUT_SOURCES = ("keypad", "api")  # service.ledger.consent.ListingSource
+CONSENT_SKIP_REASONS = ("opted_out", "confirmed")
+ERASED_HOW = ("request", "retention")
+DELIVERY_RESULTS = ("delivered", "failed", "given_up", "gone")
+
+# Every value of every label, in one place: each series is made now, so a fresh replica exports
+# zeros rather than nothing (a rate() or an alert over a series that does not exist yet is empty).
+LABEL_VALUES: dict[MetricWrapperBase, list[tuple[str, ...]]] = {
+    REMINDERS_DONE: [(status,) for status in COMPLETED_STATUSES],
+    CALL_ATTEMPTS: [(outcome,) for outcome in CALL_ATTEMPT_OUTCOMES],
+    CALL_OUTCOMES: [(outcome.value,) for outcome in ReminderOutcome],
+    CONFIRMATIONS: [(answer.value,) for answer in Confirmation],
+    OPT_OUTS: [(source,) for source in OPT_OUT_SOURCES],
+    CAPPED: [(cap, action) for cap in CAP_SPANS for action in ("deferred", "skipped")],
+    SKIPPED_BY_CONSENT: [(reason,) for reason in CONSENT_SKIP_REASONS],
+    PERSONAL_DATA_ERASED: [(how,) for how in ERASED_HOW],
+    EVENT_DELIVERIES: [(result,) for result in DELIVERY_RESULTS],
+    INCOMING_CALLS: [(provider, result) for provider in ("twilio", "telnyx") for result in INCOMING_RESULTS],
+}
+for _metric, _values in LABEL_VALUES.items():
+    for _labels in _values:
+        _metric.labels(*_labels)

@@ -5,6 +5,7 @@ With CI=true a service that cannot start fails the run; locally the tests that n
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,6 +17,7 @@ from harness.cluster import with_checkout_fakes  # noqa: E402
 from harness.etcd import EtcdServer  # noqa: E402
 from harness.postgres import PostgresServer  # noqa: E402
 from service.db import Database  # noqa: E402
+from tests.support.events import finished_event_problems  # noqa: E402
 from tests.support.ledger_guard import GUARD  # noqa: E402
 from tests.support.requirements import unavailable as _unavailable  # noqa: E402
 
@@ -90,11 +92,19 @@ def postgres_url(postgres_server: PostgresServer) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
-    """Each test that takes this runs once on SQLite and once on PostgreSQL."""
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'reminders.db'}"
-    return request.getfixturevalue("postgres_url")
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    """Each test that takes this runs once on SQLite and once on PostgreSQL. Afterwards, every
+    reminder the test's service finished has had its one `reminder.finished` event, and no other
+    reminder one (tests/support/events.py)."""
+    url = (f"sqlite+aiosqlite:///{tmp_path / 'reminders.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    GUARD.tests_changed_reminders = False
+    yield url
+    if request.param == "sqlite" and not (tmp_path / "reminders.db").exists():
+        return
+    # a reminder a test made finished by its own UPDATE made no event: only none invented is checked then
+    problems = asyncio.run(finished_event_problems(url, missing=not GUARD.tests_changed_reminders))
+    assert not problems, f"reminder.finished events do not match the reminders: {problems}"
 
 
 @pytest.fixture

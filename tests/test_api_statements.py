@@ -28,7 +28,8 @@ pytestmark = pytest.mark.anyio
 
 # The leader's dispatcher and the backlog gauges query in the background: not the API's statements.
 _BACKGROUND_MARKS = ("leader_fence", "SKIP LOCKED", "claimed_by", "next_attempt_at <", "count(*)", "lock_timeout",
-                     "reminders_db_now(", "(now() +")  # the last two: the claim reading the database's clock
+                     "reminders_db_now(", "(now() +",  # these two: the claim reading the database's clock
+                     "event_feed", "events.position")  # the leader's events relay (numbering, retention)
 
 
 @pytest.fixture
@@ -81,6 +82,10 @@ async def test_each_route_is_one_statement_per_table(api, statements: list[str],
     assert replanned.status_code == 200
     assert statements[1:] == ["UPDATE appointments SET", "UPDATE reminders SET", "DELETE FROM reminders",
                               "SELECT EXISTS (SELECT", "INSERT INTO reminders"]
+
+    statements.clear()  # DELETE: its events (the appointment's, its reminders' finished) in one INSERT
+    assert (await api.delete(f"/appointments/{appointment_id}")).status_code == 200
+    assert statements[1:] == ["UPDATE appointments SET", "UPDATE reminders SET", "INSERT INTO events"]
 
 
 async def test_the_json_is_what_the_response_model_writes(api) -> None:

@@ -209,7 +209,7 @@ def test_the_document_declares_auth_only_when_it_is_on(tmp_path) -> None:
     secured = [op for op in _operations(closed) if "security" in op]
     assert {op["operationId"] for op in secured} == {"createAppointment", "listAppointments", "getAppointment",
                                                      "patchAppointment", "cancelAppointment", "listNumber",
-                                                     "getListedNumber", "unlistNumber"}
+                                                     "getListedNumber", "unlistNumber", "listEvents"}
     assert all(op["security"] == [{"HTTPBearer": []}] and "401" in op["responses"] for op in secured)
     assert closed["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http", "scheme": "bearer", "description": "Required when API_TOKEN is set."}

@@ -195,3 +195,27 @@ async def test_versions_migration_starts_stored_appointments_at_1(database_url: 
         await db.check_schema()
     finally:
         await db.dispose()
+
+
+async def test_events_migration_steps_down_and_up_and_matches_the_models(database_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import text
+
+    from service.db.models import Base
+
+    db = Database(database_url)
+    try:
+        await db.upgrade()
+        async with db.engine.connect() as connection:
+            feed = (await connection.execute(text("SELECT id, last_position, pruned_through FROM event_feed"))).all()
+            diffs = await connection.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), Base.metadata))
+        assert [tuple(row) for row in feed] == [(1, 0, 0)]  # the feed's one row
+        assert [d for d in diffs if "event" in repr(d)] == []  # the tables the models describe
+        await db.downgrade("0007_versions")
+        assert not {"events", "event_feed"} & await tables(db)
+        await db.upgrade()
+        await db.check_schema()
+        assert {"events", "event_feed"} <= await tables(db)
+    finally:
+        await db.dispose()

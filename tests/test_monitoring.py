@@ -248,6 +248,7 @@ def test_the_issue_s_alerts_are_there() -> None:
         "RemindersNoLeader", "RemindersSeveralLeaders", "RemindersDispatchLagHigh",
         "RemindersStuckDispatching", "RemindersKeepaliveFailures", "RemindersFailedCallsRatio",
         "RemindersWebhookSignatureFailures",  # issue 24
+        "RemindersEventsUndelivered", "RemindersEventsEndpointGone",
     }
     assert "absent(reminders_is_leader)" in _alert_expr("RemindersNoLeader")
 
@@ -282,7 +283,7 @@ def test_prometheus_rule_holds_the_rules_file_s_groups() -> None:
 
 def test_rules_file_passes_promtool_check() -> None:
     result = _run([_tool("promtool"), "check", "rules", str(RULES)])
-    assert result.returncode == 0 and "SUCCESS: 7 rules found" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "SUCCESS: 9 rules found" in result.stdout, result.stdout + result.stderr
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -372,7 +373,7 @@ def test_manifests_each_go_to_the_validator_that_can_check_them(
     groups = tmp_path / "prometheus-rule.groups.yml"
     groups.write_text(yaml.safe_dump({"groups": _one(rendered, "PrometheusRule")["spec"]["groups"]}))
     checked = _run([_tool("promtool"), "check", "rules", str(groups)])
-    assert checked.returncode == 0 and "SUCCESS: 7 rules found" in checked.stdout, checked.stdout + checked.stderr
+    assert checked.returncode == 0 and "SUCCESS: 9 rules found" in checked.stdout, checked.stdout + checked.stderr
 
     # The PodMonitor selects the app's pods and names the port they serve /metrics on: METRICS_PORT
     # (the ConfigMap's, else the default), not the API's.

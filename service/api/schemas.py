@@ -22,6 +22,8 @@ __all__ = [
     "AppointmentPatch",
     "AwareDatetime",
     "ErrorOut",
+    "EventOut",
+    "EventPage",
     "IANA_ZONES",
     "LeaderOut",
     "PLAIN_DIGITS",
@@ -317,6 +319,24 @@ class DoNotCallOut(BaseModel):
     listed_at: datetime = Field(description="When the number was put on the list.")
     source: Literal["keypad", "api"] = Field(description="How: the customer pressed OPT_OUT_DIGIT, or this API.")
     skipped: int = Field(default=0, description="PUT: reminders this request skipped (`opted out`).")
+
+
+class EventOut(BaseModel):
+    """An event, as delivered to EVENTS_URL (docs/decisions/0251)."""
+
+    id: str = Field(description="Unique; the `webhook-id` of its deliveries: a receiver dedupes on it.")
+    type: str = Field(description="appointment.confirmed, appointment.declined, appointment.cancelled, "
+                                  "reminder.finished, phone.opted_out (the list can grow: ignore a type you do not "
+                                  "know).")
+    timestamp: datetime = Field(description="When the change happened.")
+    data: dict[str, Any] = Field(description="`appointment_id` (null: a phone.opted_out that affects none), `source` "
+                                             "(api, keypad, call-back, system) and the type's fields; never a phone "
+                                             "number unmasked.")
+
+
+class EventPage(BaseModel):
+    events: list[EventOut]
+    next_cursor: str = Field(description="Pass it as `after` for the next page (also when this one is empty).")
 
 
 class ErrorOut(BaseModel):

@@ -1,5 +1,5 @@
 """Tables: appointments, their reminders (one row each), call attempts (real providers), the leader
-fence, the do-not-call list and the service's keys."""
+fence, the do-not-call list, the service's keys, and the events' outbox with its feed's counters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, literal_column
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, String, Text, literal_column, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.db.clock import UTCDateTime, db_now, utcnow
@@ -17,9 +17,9 @@ from service.reminders.outcomes import Confirmation, ReminderOutcome
 from service.reminders.wording import DEFAULT_LANGUAGE
 
 __all__ = [
-    "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "Confirmation", "DoNotCall",
-    "LeaderFence", "ProviderEvent", "Reminder", "ReminderOutcome", "ReminderStatus", "ServiceKey", "UTCDateTime",
-    "new_id", "utcnow",
+    "FEED_ROW", "Appointment", "AppointmentStatus", "AttemptState", "Base", "CallAttempt", "Confirmation",
+    "DoNotCall", "Event", "EventFeed", "LeaderFence", "ProviderEvent", "Reminder", "ReminderOutcome",
+    "ReminderStatus", "ServiceKey", "UTCDateTime", "new_id", "utcnow",
 ]
 
 
@@ -189,3 +189,60 @@ class LeaderFence(Base):
     token: Mapped[int] = mapped_column(BigInteger)
     holder: Mapped[str] = mapped_column(String(200))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+# SQLite autoincrements only an INTEGER PRIMARY KEY
+_SEQ = BigInteger().with_variant(Integer(), "sqlite")
+_PENDING = text("delivery = 'pending'")
+
+
+class Event(Base):
+    """An event for the booking system (service.ledger.events), inserted in the transaction of the
+    change it reports; numbered for the feed (`position`) and delivered by the leader
+    (service.ledger.outbox, docs/decisions/0251)."""
+
+    __tablename__ = "events"
+
+    # the order of insertion: within one numbering round, the feed's order
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)  # the event's id, sent as webhook-id
+    type: Mapped[str] = mapped_column(String(40))
+    appointment_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # the JSON delivered and shown in the feed, written once: every try sends the same bytes
+    body: Mapped[str] = mapped_column(Text)
+    # at most one event per key (`reminder.finished:<reminder id>`)
+    dedupe: Mapped[str | None] = mapped_column(String(80), nullable=True, unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # the feed's order, given by the leader in the order events became visible (never skips one
+    # committed late); NULL until then
+    position: Mapped[int | None] = mapped_column(BigInteger, nullable=True, unique=True)
+    # delivery to EVENTS_URL: pending, delivered, given_up
+    delivery: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_try_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        Index("ix_events_unnumbered", "seq", postgresql_where=text("position IS NULL"),
+              sqlite_where=text("position IS NULL")),
+        # the delivery's heads: pending events in feed order, and an appointment's earlier ones
+        Index("ix_events_pending", "position", postgresql_where=_PENDING, sqlite_where=_PENDING),
+        Index("ix_events_pending_of", "appointment_id", "position", postgresql_where=_PENDING, sqlite_where=_PENDING),
+    )
+
+
+FEED_ROW = 1
+
+
+class EventFeed(Base):
+    """One row: the feed's last position given, the last one pruned (a cursor below it is too old),
+    and the endpoint that answered 410 (a hash of EVENTS_URL: delivery to it stops)."""
+
+    __tablename__ = "event_feed"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_position: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    pruned_through: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    gone_endpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    gone_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from service.db import Database
+from service.dispatch.events import EventRelay, EventsConfig
 from service.dispatch.limiter import RateLimiter
 from service.dispatch.listing import ListingGate
 from service.dispatch.stamped import StampedCalls, StampedConfig
@@ -43,6 +44,7 @@ from service.errors import SettingError
 from service.ledger import Claim, Outcome, ReminderStore, StaleTerm, SweepTimes, consent, erasure, is_data_error
 from service.ledger.cancellation import CONFIRMED_BY_CUSTOMER, OPTED_OUT
 from service.metrics import (
+    CALL_ATTEMPT_OUTCOMES,
     CALL_ATTEMPTS,
     CAPPED,
     DISPATCH_LAG,
@@ -119,6 +121,8 @@ class DispatchConfig:
     # the leader, this often (seconds); None: kept.
     retention: timedelta | None = None
     retention_interval: float = 60.0
+    # The events' relay (service.dispatch.events): the feed's numbering, delivery to EVENTS_URL, retention.
+    events: EventsConfig = field(default_factory=EventsConfig)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -317,14 +321,14 @@ def salvage_outcome(outcome: Outcome) -> Outcome:
     return replace(outcome, provider_call_id=call_id, last_error=last_error, skip_reason=safe(outcome.skip_reason))
 
 
-# reminders_call_attempts_total's `outcome` label, as the alerts and the dashboard know it: a create
-# that failed and may be retried (refused with 429, or in doubt) is `transient`.
+# reminders_call_attempts_total's `outcome` label (its values: service.metrics.CALL_ATTEMPT_OUTCOMES)
+_SENT, _TRANSIENT, _PERMANENT, _NOT_SENT = CALL_ATTEMPT_OUTCOMES
 _ATTEMPT_LABEL = {
-    CreateKind.CREATED: "sent",
-    CreateKind.NOT_CREATED: "transient",
-    CreateKind.IN_DOUBT: "transient",
-    CreateKind.REJECTED: "permanent",
-    CreateKind.NOT_SENT: "not_sent",
+    CreateKind.CREATED: _SENT,
+    CreateKind.NOT_CREATED: _TRANSIENT,
+    CreateKind.IN_DOUBT: _TRANSIENT,
+    CreateKind.REJECTED: _PERMANENT,
+    CreateKind.NOT_SENT: _NOT_SENT,
 }
 
 
@@ -342,6 +346,7 @@ class Dispatcher:
             db, self.provider, fallback=fallback_wording(config.templates), policy=config.no_answer,
             times=config.sweep_times)
         self._limiter = RateLimiter(config.calls_per_second)
+        self._events = EventRelay(db, config.events)
         self._listing = ListingGate(lambda since: consent.listed_since(db, since))
         # Every reminder task of the term until its outcome is written (waited for at term end).
         self._in_flight: dict[str, asyncio.Task[None]] = {}
@@ -364,6 +369,7 @@ class Dispatcher:
         sweep = asyncio.create_task(self._sweep_calls(term, ended), name="call-sweep") if self._sweep else None
         eraser = (asyncio.create_task(self._erase_old(term, ended), name="retention")
                   if self.config.retention is not None else None)
+        events = asyncio.create_task(self._events.run(term, ended), name="events")
         try:
             while term.valid():
                 claimed = await self._claim_some(term)
@@ -381,7 +387,7 @@ class Dispatcher:
                 await self._wait_for_room(ended, self.config.scan_interval)
         finally:
             ended.cancel()
-            for task in (sweep, eraser):
+            for task in (sweep, eraser, events):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

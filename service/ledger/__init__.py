@@ -12,12 +12,14 @@ Who calls what:
   cancellation (`cancellation`: one rule for the API's DELETE, a keypad decline, a re-plan, an
   opt-out and a confirmation);
 - the do-not-call API and the keypad's opt-out: the list (`consent`);
-- erasure of personal data, on request and by retention (`erasure`).
+- erasure of personal data, on request and by retention (`erasure`);
+- the events for the booking system: inserted by each writer above in its own transaction
+  (`events`), numbered, delivered and pruned for the leader's relay, read by the feed (`outbox`).
 
 Nothing else in `service/` inserts, updates or deletes those rows (tests/test_ledger.py).
 """
 
-from service.ledger import callbacks, calls, consent, erasure
+from service.ledger import callbacks, calls, consent, erasure, events, outbox
 from service.ledger.attempts import AttemptStore
 from service.ledger.cancellation import (
     CANCELLED_BY_API,
@@ -53,6 +55,8 @@ __all__ = [
     "calls",
     "consent",
     "erasure",
+    "events",
+    "outbox",
     "change_appointment",
     "cancel_appointment",
     "hold_version",

@@ -43,6 +43,7 @@ from service.db.models import (
 from service.ledger.calls import _BINDABLE, _WORDS, Fallback, _current, _other_calls_to_end, _wording
 from service.ledger.cancellation import CALLED_BACK
 from service.ledger.consent import phone_hasher
+from service.ledger.events import EventSource, reminders_finished
 from service.reminders import Wording
 from service.reminders.lifecycle import require
 from service.reminders.outcomes import CALL_ANSWERED
@@ -130,6 +131,8 @@ def _call_back(connection: Connection, phone_hash: str, call_id: str, fallback: 
         provider_call_id=call_id[:128], call_status=CALL_ANSWERED, last_event_at=now, created_at=now,
         updated_at=now))
     cancel = _other_calls_to_end(connection, stamp)
+    # a pending or dispatching one is skipped now: its one `reminder.finished` (a sent one may be too)
+    reminders_finished(connection, [reminder_id], EventSource.CALL_BACK)
     row = connection.execute(
         select(*_WORDS).join(Appointment, Appointment.id == Reminder.appointment_id).where(Reminder.id == reminder_id)
     ).one()

@@ -47,9 +47,12 @@ from service.db.models import (
     ReminderOutcome,
     ReminderStatus,
 )
+from service.ledger import events
 from service.ledger.cancellation import CALLED_BACK, DECLINED_BY_CUSTOMER, cancel_appointment, skip_confirmed
 from service.ledger.consent import Listing, ListingSource, hash_phone, list_number
+from service.ledger.events import EventSource, EventType, event_row, reminders_finished
 from service.metrics import CALL_OUTCOMES, CONFIRMATIONS, OPT_OUTS, SKIPPED_BY_CONSENT
+from service.privacy import mask_phone
 from service.reminders import (
     Answerer,
     NoAnswerPolicy,
@@ -143,7 +146,7 @@ class KeypadResult:
     opted_out: bool = False  # the digits were the opt-out key: the number is on the do-not-call list
     # where the digits came from: `keypad` (a reminder call we placed) or `call-back` (a call the
     # customer placed, docs/decisions/0252): the `data.source` of the event the change reports
-    source: str = "keypad"
+    source: EventSource = EventSource.KEYPAD
 
 
 def is_final(status: str | None) -> bool:
@@ -239,6 +242,8 @@ def _record_event(connection: Connection, stamp: Stamp, call_id: str, status: st
         if not _other_calls_alive(connection, stamp):
             assert status is not None
             outcome, retry_at = _unanswered(connection, stamp, reminder, status, now, policy)
+    if applies and is_final(status):  # its last call over: the reminder may be finished
+        reminders_finished(connection, [stamp.reminder_id], EventSource.SYSTEM)
     bound = reminder.bound_call_id if reminder is not None else None
     cancel = [call_id] if bound is not None and bound != call_id and applies and status in PRE_ANSWER_STATES else []
     return EventResult(known=True, cancel=cancel, outcome=outcome, retry_at=retry_at)
@@ -350,6 +355,8 @@ def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, a
                 outcome=None if heard_later else outcome, answered_at=attempt.now)
     )
     newly_bound = bound.rowcount == 1
+    if newly_bound and not heard_later:
+        reminders_finished(connection, [stamp.reminder_id], EventSource.SYSTEM)
     cancel = _other_calls_to_end(connection, stamp) if newly_bound else []
     row = connection.execute(
         select(*_WORDS).join(Appointment, Appointment.id == Reminder.appointment_id)
@@ -459,6 +466,7 @@ def _heard(connection: Connection, stamp: Stamp, call_id: str, machine: bool) ->
     first = connection.execute(heard_statement(stamp, call_id, machine))
     if first.rowcount != 1:
         return None
+    reminders_finished(connection, [stamp.reminder_id], EventSource.SYSTEM)
     return ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED
 
 
@@ -486,7 +494,7 @@ def _mark_heard(connection: Connection, stamp: Stamp, call_id: str, machine: boo
 async def keypad(
     db: Database, stamp: Stamp, call_id: str, digits: str | None, *, round_: int = 1,
     pressed_at: datetime | None = None, event_id: str | None = None, fallback: Fallback,
-    call_after_confirmation: bool = False,
+    call_after_confirmation: bool = False, source: EventSource = EventSource.KEYPAD,
 ) -> KeypadResult:
     """Apply the digits pressed on `call_id` at keypad round `round_`: only the bound call of a
     current reminder answers, each round once, and only while the call was live (`pressed_at`, the
@@ -494,9 +502,9 @@ async def keypad(
     unfinished reminders are skipped, "confirmed", unless `call_after_confirmation`), 2 declines it
     (the appointment is cancelled, its unfinished reminders superseded), the opt-out key its
     wording announced lists the number (every unfinished reminder of its appointments skipped,
-    "opted out")."""
+    "opted out"). The events say so, from `source` (the keypad of a reminder call, or of a call-back)."""
     found = await db.write(_keypad, stamp, call_id, digits, round_bit(round_), pressed_at, event_id, fallback,
-                           call_after_confirmation)
+                           call_after_confirmation, source)
     if found is None:
         return KeypadResult(bound=False)
     if found.changed and found.answer is not None:
@@ -519,7 +527,7 @@ class _Pressed:
 
 def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | None, bit: int,
             pressed_at: datetime | None, event_id: str | None, fallback: Fallback,
-            call_after_confirmation: bool) -> _Pressed | None:
+            call_after_confirmation: bool, source: EventSource) -> _Pressed | None:
     """What the digits did; None if `call_id` is not the bound call of a current reminder, or they
     were pressed after it ended, or the event was applied before."""
     if not _first_time(connection, event_id):
@@ -541,7 +549,8 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
     opt_out = opts_out(digits, wording.opt_out_digit)
     answer_ = None if opt_out else keypad_answer(digits)
     confirmation = Confirmation(row.confirmation) if row.confirmation else None
-    source = "call-back" if row.attempt_state == AttemptState.INCOMING else "keypad"
+    if row.attempt_state == AttemptState.INCOMING:
+        source = EventSource.CALL_BACK  # a call the customer placed (docs/decisions/0252)
     result = KeypadResult(bound=True, answer=answer_, confirmation=confirmation, wording=wording, opted_out=opt_out,
                           source=source)
     if row.keypad_rounds & bit:
@@ -549,18 +558,23 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
     connection.execute(update(CallAttempt).where(CallAttempt.id == stamp.attempt_id)
                        .values(keypad_rounds=CallAttempt.keypad_rounds.op("|")(bit)))
     if opt_out:
-        listing = list_number(connection, row.phone_hash or hash_phone(connection, row.phone), ListingSource.KEYPAD)
+        listing = list_number(connection, row.phone_hash or hash_phone(connection, row.phone), ListingSource.KEYPAD,
+                              mask_phone(row.phone), event_source=source)
         return _Pressed(replace(result, changed=listing.new), listing=listing, skipped=listing.skipped)
     if answer_ is None:
         return _Pressed(result)
     now = connection.execute(select(db_now())).scalar_one()
     if answer_ is Confirmation.DECLINED:
-        cancel_appointment(connection, row.appointment_id, DECLINED_BY_CUSTOMER, now, confirmation=answer_)
+        cancel_appointment(connection, row.appointment_id, DECLINED_BY_CUSTOMER, now, source=source,
+                           confirmation=answer_, reminder_id=stamp.reminder_id)
         return _Pressed(replace(result, confirmation=answer_, changed=True), changed=True, answer=answer_)
     connection.execute(update(Appointment).where(Appointment.id == row.appointment_id)
                        .values(confirmation=answer_, updated_at=now))
-    skipped = frozenset() if call_after_confirmation else frozenset(skip_confirmed(connection, row.appointment_id,
-                                                                                     now))
     changed = confirmation != answer_
+    rows = [] if call_after_confirmation else skip_confirmed(connection, row.appointment_id, now)
+    confirmed = [event_row(EventType.APPOINTMENT_CONFIRMED, source, row.appointment_id, now,
+                           reminder_id=stamp.reminder_id, confirmation=answer_.value)] if changed else []
+    events.insert(connection, [*confirmed, *events.finished_rows(rows, source, now)])
+    skipped = frozenset(skipped_row.id for skipped_row in rows)
     return _Pressed(replace(result, confirmation=answer_, changed=changed), changed=changed, answer=answer_,
                     skipped=skipped)

@@ -8,6 +8,11 @@ binds nothing; a `sent` one whose calls nobody answered yet (real providers) bin
 no digits and is not retried — the leader ends its calls. A reminder bound to an answered call, or
 whose outcome is known, is finished and keeps its status; its keypad answers count only while it
 belongs to the appointment's current plan (docs/decisions/0221, 0231).
+
+The reminders each rule finished come back as rows (as RETURNING wrote them), from which its caller
+makes their `reminder.finished` events in the same transaction (service.ledger.events), in one
+INSERT with its own: a cancellation emits `appointment.cancelled` (or `appointment.declined`) here;
+a re-plan's events wait until the ones it deletes are known (service.ledger.plans).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from sqlalchemy import and_, bindparam, exists, or_, select, update
 from sqlalchemy.engine import Connection
 
 from service.db.models import Appointment, AppointmentStatus, CallAttempt, Confirmation, Reminder
+from service.ledger import events
+from service.ledger.events import EventSource, EventType
 from service.reminders.lifecycle import ReminderStatus, require
 
 __all__ = [
@@ -67,10 +74,12 @@ def _require_from_unfinished(status: ReminderStatus) -> None:
 
 
 def _finish_unfinished(which: Any, status: ReminderStatus) -> Any:
-    """UPDATE: the unfinished reminders `which` selects become `status`, with the reason."""
+    """UPDATE: the unfinished reminders `which` selects become `status`, with the reason; returns
+    them as they are now (what their events say)."""
     return (update(_R).where(which, _UNFINISHED)
             .values(status=status, skip_reason=bindparam("reason"), updated_at=bindparam("now"))
-            .returning(_R.c.id, _R.c.next_attempt_at))
+            .returning(_R.c.id, _R.c.next_attempt_at, _R.c.appointment_id, _R.c.status, _R.c.outcome,
+                       _R.c.skip_reason, _R.c.last_error))
 
 
 _SUPERSEDE = _finish_unfinished(_R.c.appointment_id == bindparam("of_appointment"), _S.CANCELLED)
@@ -83,6 +92,7 @@ _SKIP_OF_NUMBER = _finish_unfinished(
 class Superseded:
     cancelled: set[str]  # the reminders now `cancelled`
     owed: list[datetime]  # when each of them was owed a call that had not reached anyone yet
+    rows: list[Any]  # the reminders now `cancelled`, as RETURNING wrote them
 
 
 def supersede(connection: Connection, appointment_id: str, reason: str, now: datetime) -> Superseded:
@@ -92,31 +102,42 @@ def supersede(connection: Connection, appointment_id: str, reason: str, now: dat
     # owed: due when the rule came (a pending one whose time had come, or one being called or
     # ringing: their next_attempt_at is the claim's, in the past)
     return Superseded({row.id for row in rows}, [max(row.next_attempt_at, now) for row in rows
-                                                  if row.next_attempt_at <= now])
+                                                  if row.next_attempt_at <= now], list(rows))
 
 
 def cancel_appointment(connection: Connection, appointment_id: str, reason: str, now: datetime, *,
-                       confirmation: Confirmation | None = None) -> set[str]:
-    """The appointment `cancelled` (with the customer's `confirmation` when they declined) and its
-    unfinished reminders superseded; the reminder ids cancelled."""
+                       source: EventSource, confirmation: Confirmation | None = None,
+                       reminder_id: str | None = None) -> set[str]:
+    """The appointment `cancelled` (with the customer's `confirmation` when they declined, on the
+    call of `reminder_id`) and its unfinished reminders superseded; the reminder ids cancelled.
+    Emits `appointment.declined` for a decline, else `appointment.cancelled`, and their
+    `reminder.finished`."""
     values = {"of_appointment": appointment_id, "now": now}
     if confirmation is None:
         connection.execute(_CANCEL_APPOINTMENT, values)
     else:
         connection.execute(_CANCEL_APPOINTMENT.values(confirmation=confirmation), values)
-    return supersede(connection, appointment_id, reason, now).cancelled
+    superseded = supersede(connection, appointment_id, reason, now)
+    if confirmation == Confirmation.DECLINED:
+        own = events.event_row(EventType.APPOINTMENT_DECLINED, source, appointment_id, now, reminder_id=reminder_id,
+                               confirmation=confirmation.value, status=AppointmentStatus.CANCELLED.value)
+    else:
+        own = events.event_row(EventType.APPOINTMENT_CANCELLED, source, appointment_id, now,
+                               status=AppointmentStatus.CANCELLED.value)
+    events.insert(connection, [own, *events.finished_rows(superseded.rows, source, now)])
+    return superseded.cancelled
 
 
-def skip_number(connection: Connection, phone_hash: str, now: datetime) -> set[str]:
-    """Skip ("opted out") every unfinished reminder of every appointment of the number; their ids."""
+def skip_number(connection: Connection, phone_hash: str, now: datetime) -> list[Any]:
+    """Skip ("opted out") every unfinished reminder of every appointment of the number; the rows
+    skipped (for their events)."""
     _require_from_unfinished(_S.SKIPPED)
-    rows = connection.execute(_SKIP_OF_NUMBER, {"of_number": phone_hash, "reason": OPTED_OUT, "now": now})
-    return {row.id for row in rows}
+    return connection.execute(_SKIP_OF_NUMBER, {"of_number": phone_hash, "reason": OPTED_OUT, "now": now}).all()
 
 
-def skip_confirmed(connection: Connection, appointment_id: str, now: datetime) -> set[str]:
-    """Skip ("confirmed") every unfinished reminder of a confirmed appointment; their ids."""
+def skip_confirmed(connection: Connection, appointment_id: str, now: datetime) -> list[Any]:
+    """Skip ("confirmed") every unfinished reminder of a confirmed appointment; the rows skipped
+    (for their events)."""
     _require_from_unfinished(_S.SKIPPED)
-    rows = connection.execute(_SKIP_OF_APPOINTMENT, {"of_appointment": appointment_id,
-                                                     "reason": CONFIRMED_BY_CUSTOMER, "now": now})
-    return {row.id for row in rows}
+    return connection.execute(_SKIP_OF_APPOINTMENT, {"of_appointment": appointment_id,
+                                                     "reason": CONFIRMED_BY_CUSTOMER, "now": now}).all()

@@ -43,6 +43,7 @@ from service.db import Database
 from service.db.clock import read_now
 from service.db.models import Appointment, AttemptState, CallAttempt, Confirmation, LeaderFence, Reminder, utcnow
 from service.ledger.consent import APPOINTMENT_LISTED
+from service.ledger.events import EventSource, finished_in
 from service.ledger.fence import FENCE_ROW, StaleTerm, current_fence, fence_holds, fence_token_query, raise_fence
 from service.ledger.outcome import Outcome
 from service.reminders import ALWAYS, CallCaps, CallWindow, CapHold, ReminderStatus, cap_hold, require
@@ -311,6 +312,7 @@ class ReminderStore:
     async def finish_many(self, token: int, outcomes: Sequence[tuple[str, Outcome]]) -> dict[str, str]:
         """Record several outcomes of this term's claims in ONE transaction.
 
+        A reminder it finishes gets its `reminder.finished` event in that transaction.
         Returns the reminders NOT recorded, each with why: a reminder no longer `dispatching` under
         `token` is left alone (another term took it over, or a webhook moved it on meanwhile).
         Ids must be distinct. On PostgreSQL: one `SELECT … FOR UPDATE` of the rows still ours (so
@@ -358,6 +360,8 @@ class ReminderStore:
                         )
                 for columns, rows in shapes.items():
                     await session.execute(_update_by_id(columns), rows)
+            # the finished ones' events, in the same transaction
+            await session.run_sync(finished_in, recorded, EventSource.SYSTEM)
             lost = [reminder_id for reminder_id in ids if reminder_id not in recorded]
             reasons = await _why_not_ours(session, lost, token) if lost else {}
             await session.commit()

@@ -5,10 +5,10 @@ keeps in the database), how it was listed and when: enough for an exact lookup, 
 Appointments carry the same hash of their number (`phone_hash`), so the leader's claim and the
 last check before a create (`AttemptStore.begin`) find a listed number in SQL.
 
-Listing a number and skipping ("opted out") every unfinished reminder of its appointments is one
-transaction (`list_number`); a call already placed binds nothing after it (the leader's sweep
-ends it, or the answer hangs up). Removing a number from the list changes no reminder: the ones
-skipped stay skipped, new ones call.
+Listing a number, skipping ("opted out") every unfinished reminder of its appointments and the
+events saying so are one transaction (`list_number`); a call already placed binds nothing after
+it (the leader's sweep ends it, or the answer hangs up). Removing a number from the list changes
+no reminder: the ones skipped stay skipped, new ones call.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ from sqlalchemy.sql.elements import ColumnElement
 from service.db import Database
 from service.db.clock import db_now
 from service.db.models import Appointment, DoNotCall, ServiceKey
+from service.ledger import events
 from service.ledger.cancellation import skip_number
+from service.ledger.events import EventSource
 from service.metrics import OPT_OUTS, SKIPPED_BY_CONSENT
+from service.privacy import mask_phone
 
 __all__ = [
     "APPOINTMENT_LISTED", "PHONE_KEY", "Listing", "ListingSource", "PhoneHasher", "add", "hash_phone", "is_listed",
@@ -97,16 +100,22 @@ class Listing:
     skipped: frozenset[str] = frozenset()  # reminders this listing skipped ("opted out")
 
 
-def list_number(connection: Connection, phone_hash: str, source: ListingSource) -> Listing:
+def list_number(connection: Connection, phone_hash: str, source: ListingSource, masked_phone: str, *,
+                event_source: EventSource | None = None) -> Listing:
     """List the number (if it is not yet) and skip every unfinished reminder of its appointments,
-    in the caller's transaction."""
+    in the caller's transaction; a new listing emits `phone.opted_out` (with `masked_phone`), its
+    source `event_source` (by default the listing's)."""
+    event_source = event_source or EventSource(source.value)
     insert = postgresql.insert if connection.dialect.name != "sqlite" else sqlite.insert
     added = connection.execute(
         insert(DoNotCall).values(phone_hash=phone_hash, source=source, listed_at=db_now())
         .on_conflict_do_nothing(index_elements=[DoNotCall.phone_hash]).returning(DoNotCall.listed_at)
     ).first()
     now = connection.execute(select(db_now())).scalar_one()
-    skipped = frozenset(skip_number(connection, phone_hash, now))
+    rows = skip_number(connection, phone_hash, now)
+    skipped = frozenset(row.id for row in rows)
+    opted = events.opted_out(connection, phone_hash, masked_phone, event_source, now) if added is not None else []
+    events.insert(connection, [*opted, *events.finished_rows(rows, event_source, now)])
     if added is not None:
         return Listing(added.listed_at, source, new=True, skipped=skipped)
     row = connection.execute(select(DoNotCall.listed_at, DoNotCall.source)
@@ -125,7 +134,7 @@ async def listed(db: Database, phone: str) -> Listing | None:
 async def add(db: Database, phone: str, source: ListingSource = ListingSource.API) -> Listing:
     """List `phone` (E.164) and skip its unfinished reminders (one transaction)."""
     phone_hash = (await phone_hasher(db))(phone)
-    listing = await db.write(list_number, phone_hash, source)
+    listing = await db.write(list_number, phone_hash, source, mask_phone(phone))
     if listing.new:
         OPT_OUTS.labels(source.value).inc()
     if listing.skipped:

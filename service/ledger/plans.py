@@ -18,8 +18,10 @@ from sqlalchemy import Insert, bindparam, case, delete, insert, literal, select,
 from sqlalchemy.engine import Connection
 
 from service.db.models import Appointment, Reminder, new_id
+from service.ledger import events
 from service.ledger.cancellation import OPTED_OUT, REPLANNED, supersede
 from service.ledger.consent import is_listed, number_listed
+from service.ledger.events import EventSource
 from service.reminders.calls import idempotency_key
 from service.reminders.lifecycle import ReminderStatus
 
@@ -141,12 +143,13 @@ class Replanned:
 
 
 def change_appointment(connection: Connection, appointment_id: str, values: dict[str, Any], now: datetime, *,
-                       replan: bool, clear_confirmation: bool) -> tuple[int, Replanned | None]:
+                       replan: bool, clear_confirmation: bool, source: EventSource) -> tuple[int, Replanned | None]:
     """Write `values` to the appointment (its row locked by the caller) in one UPDATE, its
     `confirmation` cleared when the customer's answer was for the old time; its new version. With `replan`, the
     appointment's next plan begins: every unfinished reminder of the old one is superseded
     (service.ledger.cancellation), and those no leader ever touched are deleted (nothing was called
-    for them, and a client's re-plans cannot grow the table); `insert_plan` adds the new one.
+    for them, and a client's re-plans cannot grow the table); `insert_plan` adds the new one. The
+    superseded ones that stay emit `reminder.finished`; the deleted ones nothing.
 
     The dispatcher's claim and these statements exclude each other (row locks on PostgreSQL, one
     writer on SQLite)."""
@@ -160,6 +163,8 @@ def change_appointment(connection: Connection, appointment_id: str, values: dict
         return version, None
     superseded = supersede(connection, appointment_id, REPLANNED, now)
     pruned = set(connection.execute(_PRUNE_SUPERSEDED, {"of_appointment": appointment_id}).scalars())
+    events.insert(connection, events.finished_rows([row for row in superseded.rows if row.id not in pruned],
+                                                   source, now))
     return version, Replanned(current, pruned, superseded.cancelled - pruned, superseded.owed)
 
 

@@ -22,6 +22,7 @@ from service.db import Database
 from service.db.clock import db_now
 from service.db.models import Appointment, AppointmentStatus, CallAttempt, ProviderEvent, Reminder
 from service.ledger.calls import heard_statement
+from service.ledger.events import EventSource, finished_in
 from service.ledger.fence import fence_holds
 from service.reminders import Answerer
 from service.reminders.lifecycle import ReminderStatus, require
@@ -159,11 +160,13 @@ class SweepStore:
                 .where(Reminder.outcome.is_(None), Reminder.status == ReminderStatus.SENT, *ended)
                 .limit(self.batch)
             ))
-            released = []
+            released, heard = [], []
             for row in rows:
                 if row.greeting is not None and row.greeting_result != "ended":
-                    await session.execute(heard_statement(Stamp(row.id, row.attempt_id), row.provider_call_id,
-                                                          Answerer(row.greeting) is Answerer.MACHINE))
+                    result = await session.execute(heard_statement(Stamp(row.id, row.attempt_id), row.provider_call_id,
+                                                                   Answerer(row.greeting) is Answerer.MACHINE))
+                    if result.rowcount == 1:
+                        heard.append(row.id)
                     continue
                 result = await session.execute(
                     update(Reminder)
@@ -177,6 +180,7 @@ class SweepStore:
                     await session.execute(update(CallAttempt).where(CallAttempt.id == row.attempt_id)
                                           .values(error=RELEASED))
                     released.append(row.id)
+            await session.run_sync(finished_in, heard, EventSource.SYSTEM)
             await session.commit()
         return released
 

@@ -6,7 +6,8 @@ not at).
 What JSON Schema cannot express, and the API checks: a phone number that is a real number
 (phonenumbers; in a body, and in the do-not-call list's path), an IANA time zone, a language with a
 message template (the default en-US only), a start in the future and at most 10 years ahead,
-explicit reminders before the start, no NUL in text, a cursor that a previous page handed out.
+explicit reminders before the start, no NUL in text, a cursor that a previous page handed out
+(the appointments' list, the events' feed).
 Cases generated to be invalid (negative) are left alone.
 
 Seeded: every choice is drawn from a generator seeded with FUZZ_SEED and the case itself, and
@@ -94,6 +95,8 @@ def _valid_query(query: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     if "cursor" in query:  # as a previous page would hand it out
         raw = json.dumps([_later(days=rng.randint(0, 400)), f"appointment-{rng.randint(0, 999)}"]).encode()
         query["cursor"] = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    if "after" in query:  # the events feed's: what its first page hands out while nothing was pruned
+        query["after"] = base64.urlsafe_b64encode(b"p0").decode().rstrip("=")
     return query
 
 
