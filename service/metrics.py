@@ -63,7 +63,6 @@ PERSONAL_DATA_ERASED = Counter(
     "Appointments whose personal data was erased, by how (request: DELETE ?erase=true; retention)",
     ["how"],
 )
-# Initialised to 0 for each provider and reason by service.providers.common (which owns both lists).
 WEBHOOK_SIGNATURE_FAILURES = Counter(
     "reminders_webhook_signature_failures_total",
     "Webhook requests refused (403) for their signature, by provider (twilio, telnyx) and reason (missing, "
@@ -115,6 +114,10 @@ OPT_OUT_SOURCES = ("keypad", "api")  # service.ledger.consent.ListingSource
 CONSENT_SKIP_REASONS = ("opted_out", "confirmed")
 ERASED_HOW = ("request", "retention")
 DELIVERY_RESULTS = ("delivered", "failed", "given_up", "gone")
+# service.telephony.webhook.SignatureFailure's values and the providers with webhooks
+# (tests/test_metrics.py keeps both equal to the code that counts them)
+SIGNATURE_FAILURE_REASONS = ("missing", "malformed", "stale", "mismatch")
+WEBHOOK_PROVIDERS = ("twilio", "telnyx")
 
 # Every value of every label, in one place: each series is made now, so a fresh replica exports
 # zeros rather than nothing (a rate() or an alert over a series that does not exist yet is empty).
@@ -128,7 +131,9 @@ LABEL_VALUES: dict[MetricWrapperBase, list[tuple[str, ...]]] = {
     SKIPPED_BY_CONSENT: [(reason,) for reason in CONSENT_SKIP_REASONS],
     PERSONAL_DATA_ERASED: [(how,) for how in ERASED_HOW],
     EVENT_DELIVERIES: [(result,) for result in DELIVERY_RESULTS],
-    INCOMING_CALLS: [(provider, result) for provider in ("twilio", "telnyx") for result in INCOMING_RESULTS],
+    INCOMING_CALLS: [(provider, result) for provider in WEBHOOK_PROVIDERS for result in INCOMING_RESULTS],
+    WEBHOOK_SIGNATURE_FAILURES: [(provider, reason) for provider in WEBHOOK_PROVIDERS
+                                 for reason in SIGNATURE_FAILURE_REASONS],
 }
 for _metric, _values in LABEL_VALUES.items():
     for _labels in _values:

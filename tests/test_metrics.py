@@ -19,17 +19,14 @@ from service.metrics import CALL_ATTEMPT_OUTCOMES, LABEL_VALUES, OPT_OUT_SOURCES
 ROOT = Path(__file__).resolve().parents[1]
 
 # A fresh process: the app built as `reminders serve` builds it, its /metrics read once.
+# (what METRICS_PORT serves: the default registry as prometheus_client renders it)
 FRESH = """
-import asyncio, httpx
+from prometheus_client import generate_latest
 from service.app import create_app
 from service.config import Settings
 
-async def main():
-    app = create_app(Settings(database_url="sqlite+aiosqlite:///:memory:"))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as client:
-        print((await client.get("/metrics")).text)
-
-asyncio.run(main())
+create_app(Settings(database_url="sqlite+aiosqlite:///:memory:"))
+print(generate_latest().decode())
 """
 
 
@@ -57,5 +54,10 @@ def test_a_fresh_replica_exports_a_zero_series_for_every_label_value() -> None:
 
 
 def test_label_values_are_the_ones_the_code_counts() -> None:
+    from service.providers import PROVIDERS
+    from service.telephony.webhook import SignatureFailure
+
+    assert {reason.value for reason in SignatureFailure} == set(service.metrics.SIGNATURE_FAILURE_REASONS)
+    assert set(service.metrics.WEBHOOK_PROVIDERS) == set(PROVIDERS) - {"generic"}
     assert set(_ATTEMPT_LABEL.values()) == set(CALL_ATTEMPT_OUTCOMES)
     assert {source.value for source in ListingSource} == set(OPT_OUT_SOURCES)

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
+from service import metrics
 from service.ledger.calls import Fallback
 from service.metrics import WEBHOOK_SIGNATURE_FAILURES
 from service.reminders import MessageTemplates, Wording
@@ -74,13 +75,10 @@ async def cancel_calls(request: Request, call_ids: list[str]) -> None:
 
 # At most one warning per provider this often (seconds) about refused signatures.
 REFUSAL_LOG_INTERVAL = 60.0
-# The providers with webhooks (tests/test_webhook_edges.py keeps it equal to service.providers'),
-# each of whose reasons exports 0 from the start: increase() and the alert see a replica's first
-# refusal, not only its second.
-WEBHOOK_PROVIDERS = ("twilio", "telnyx")
-for _provider in WEBHOOK_PROVIDERS:
-    for _reason in SignatureFailure:
-        WEBHOOK_SIGNATURE_FAILURES.labels(_provider, _reason.value)
+# The providers with webhooks (tests/test_webhook_edges.py keeps it equal to service.providers'); each
+# of their reasons exports 0 from the start (service.metrics.LABEL_VALUES): increase() and the alert
+# see a replica's first refusal, not only its second.
+WEBHOOK_PROVIDERS = metrics.WEBHOOK_PROVIDERS
 
 
 class SignatureRefusals:
