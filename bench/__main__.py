@@ -1,4 +1,6 @@
 """`python -m bench [all|dispatch|failover|api|profile|micro|report] [--quick]` — see bench/__init__.py.
+`python -m bench dispatch --events`: the dispatch rate with no EVENTS_URL, an accepting and a stalled
+receiver, in one invocation (bench/events.py, bench/results/dispatch_events.json).
 
 Each part writes bench/results/<name>.json (machine facts, load average and a CPU calibration
 before and after, the figures); every run ends by regenerating BENCHMARKS.md from the JSON files.
@@ -38,10 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (a smoke run)")
     parser.add_argument("--concurrency", type=int, default=400,
                         help="DISPATCH_CONCURRENCY of the dispatch benchmark (and of its baselines)")
+    parser.add_argument("--events", action="store_true",
+                        help="dispatch only: the rate without events delivery, with an accepting and with a "
+                             "stalled receiver (bench/events.py)")
     parser.add_argument("--result-name", default=None, help="file name (without .json) for a single part's results")
     args = parser.parse_args(argv)
     if not 1 <= args.concurrency <= 2000:
         parser.error("--concurrency must be within [1, 2000]")
+    if args.events and args.part != "dispatch":
+        parser.error("--events goes with the dispatch part")
     if args.result_name and args.part in ("all", "report"):
         parser.error("--result-name needs a single part")
     info = machine()
@@ -59,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name} failed:\n{traceback.format_exc()}")
             failed.append(name)
 
-    attempt("dispatch", "dispatch", quick=args.quick, concurrency=args.concurrency)
+    if args.events:
+        args.result_name = args.result_name or "dispatch_events"
+        attempt("dispatch", "events", quick=args.quick, concurrency=args.concurrency)
+    else:
+        attempt("dispatch", "dispatch", quick=args.quick, concurrency=args.concurrency)
     attempt("api", "api", quick=args.quick)
     attempt("profile", "profile", quick=args.quick)
     attempt("failover", "failover", quick=args.quick)

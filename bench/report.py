@@ -32,14 +32,15 @@ TARGETS: dict[str, float] = {
     "growth_s": 0.5,  # … or this (lease-bound scenarios)
     "floor_ratio": 0.5,  # API: the replica at least this × its floor …
     "errors": 0,  # … with at most this many errors
+    "events_stalled_ratio": 0.9,  # dispatch while the events receiver hangs: at least this × without delivery
 }
 
 # The results BENCHMARKS.md is rendered from (bench/results/<name>.json), in the header's order.
 RESULT_NAMES = ("dispatch", "api", "profile", "profile_before", "failover", "micro", "dispatch_before",
-                "dispatch_client_before", "dispatch_previous_host", "failover_before")
+                "dispatch_client_before", "dispatch_previous_host", "failover_before", "dispatch_events")
 _HEADER_LABELS = {"dispatch": "dispatch", "api": "api", "profile": "profile", "profile_before": "profile, before",
                   "failover": "failover", "micro": "micro", "dispatch_previous_host": "dispatch, previous host",
-                  "failover_before": "failover, before the revoke fix"}
+                  "failover_before": "failover, before the revoke fix", "dispatch_events": "dispatch with events"}
 
 # How many packages the profile tables show of those the profile recorded (a choice of the table).
 TOP_PACKAGES = 5
@@ -179,9 +180,11 @@ def render(results: dict[str, dict[str, Any] | None]) -> str:
     lines: list[str] = []
     add = lines.append
     _header(add, results)
-    _summary(add, results["dispatch"], results["failover"], results["api"])
+    _summary(add, results["dispatch"], results["failover"], results["api"], results.get("dispatch_events"))
     if results["dispatch"]:
         _dispatch(add, results["dispatch"], results["dispatch_before"], results["dispatch_client_before"])
+    if results.get("dispatch_events"):
+        _dispatch_events(add, results["dispatch_events"])
     if results["failover"]:
         _failover(add, results["failover"])
     if results["api"]:
@@ -287,6 +290,55 @@ def _summary_dispatch(add: Add, dispatch: dict[str, Any] | None) -> None:
             f"{_ok(max(peaks) <= TARGETS['peak_rss_mb'])} |")
 
 
+_EVENT_MODES = {"none": "no EVENTS_URL", "accepting": "receiver answering at once",
+                "stalled": "receiver that never answers"}
+
+
+def _summary_events(add: Add, events: dict[str, Any] | None) -> None:
+    if not events:
+        return
+    figures, ratios = events["figures"], events["ratios"]
+    stalled, base = figures["stalled"], figures["none"]
+    ratio = ratios.get("stalled")
+    add(f"| dispatch, {events['latency_ms']} ms, events delivered to a {_EVENT_MODES['stalled']}: end-to-end "
+        f"calls/s | {_spread(stalled, 'calls_per_s')} ({_n(ratio, 2)} × without delivery) | "
+        f"≥ {_g(TARGETS['events_stalled_ratio'])} × without delivery | {_EVENT_MODES['none']}: "
+        f"{_spread(base, 'calls_per_s')} (same run, interleaved) | "
+        f"{_ok(None if ratio is None else ratio >= TARGETS['events_stalled_ratio'])} |")
+
+
+def _dispatch_events(add: Add, events: dict[str, Any]) -> None:
+    figures, ratios = events["figures"], events["ratios"]
+    count = _n(events["reminders"])
+    add(f"## Dispatch with events delivery: {count} reminders, a receiver that hangs")
+    add("")
+    add(f"`python -m bench dispatch --events` (bench/events.py): the dispatch benchmark's service run "
+        f"({events['latency_ms']} ms provider, `DISPATCH_CONCURRENCY={events['concurrency']}`, {count} due reminders "
+        f"committed at once, end-to-end calls/s), each `sent` reminder writing its `reminder.finished` event in its "
+        f"outcome's transaction, so each run makes {count} events for the relay. Each mode against the same "
+        "processes: no EVENTS_URL (the events are written and numbered for the feed, never sent); EVENTS_URL at a "
+        "receiver that verifies each signature and answers at once; EVENTS_URL at one that accepts the TCP "
+        f"connection and never answers (each try waits EVENTS_TIMEOUT = {_n(events['events_timeout_s'])} s). The "
+        "replica is restarted with the mode's settings before each run and the tables emptied; the modes are "
+        f"interleaved in {_n(events['rounds'])} round(s) whose order alternates ({' → '.join(events['order'])}), "
+        f"after a warm-up run without delivery that is not counted ({_n(events.get('warmup_calls_per_s'))} calls/s). "
+        "Each figure is the median run's, [min–max] beside it; the ratio is to the median without delivery.")
+    add("")
+    add("| EVENTS_URL | service calls/s | ratio to none | commit → all sent | replica cores busy | events delivered "
+        "during the run (median run) | receiver connections during the run | exactly once |")
+    add("|---|---|---|---|---|---|---|---|")
+    for mode, label in _EVENT_MODES.items():
+        fig = figures[mode]
+        received = fig.get("receiver_during_run", {})
+        add(f"| {label} | **{_spread(fig, 'calls_per_s')}** | {_n(ratios.get(mode), 3) if mode != 'none' else '–'} | "
+            f"{_n(fig.get('commit_to_all_sent_s'), 2, ' s')} | {_n(fig.get('cores_busy', {}).get('replica'), 2)} | "
+            f"{_n(received.get('verified'))} verified (events: "
+            f"{', '.join(f'{_n(n)} {state}' for state, n in sorted(fig.get('events', {}).items())) or '–'}) | "
+            f"{_n(received.get('stalled_connections'))} held open | "
+            f"{'yes' if events.get('exactly_once_every_run') else 'NO'} |")
+    add("")
+
+
 def _extrapolated(run: dict[str, Any]) -> float | None:
     """The sequential loop's time extrapolated to the run's reminders (recorded under that count's key)."""
     return run["sequential"].get(f"extrapolated_s_for_{run['reminders']}")
@@ -330,12 +382,14 @@ def _summary_failover(add: Add, failover: dict[str, Any] | None) -> None:
 
 def _summary(
     add: Add, dispatch: dict[str, Any] | None, failover: dict[str, Any] | None, api: dict[str, Any] | None,
+    events: dict[str, Any] | None = None,
 ) -> None:
     add("## Summary against the targets")
     add("")
     add("| figure | measured | target | same-run baseline | verdict |")
     add("|---|---|---|---|---|")
     _summary_dispatch(add, dispatch)
+    _summary_events(add, events)
     _summary_failover(add, failover)
     for key, pair in (api or {}).get("pairs", {}).items():
         floor = pair["floor"]
