@@ -64,8 +64,10 @@ test: install lint
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Twilio mode by default (its scripted callees and the call-back); TELEPHONY_PROVIDER=generic make run
+# for the generic provider. Either way the events arrive at a receiver the demo starts.
 run: install
-	$(BIN)/python -m harness.demo
+	$(BIN)/python -m harness.demo --provider $(or $(TELEPHONY_PROVIDER),twilio)
 
 bench: install
 	$(BIN)/python -m bench

@@ -16,7 +16,12 @@ Twilio mode against the Twilio-shaped fake (calls queued at 2 per second, webhoo
 prefix-stripping proxy), with a scripted callee per number (`TWILIO_CALLEES`: press 1, press 2, a
 machine, nobody answering then retried after 20 s, a German speaker …) and shows the reminders'
 outcomes and the appointments' confirmations: the calls' key column then shows what each call heard, and the count of
-keys becomes the reminders heard, each once whoever leads.
+keys becomes the reminders heard, each once whoever leads; the customer nobody reached rings back
+(`CALL_BACK_FROM`) and presses 1. `make run` runs this mode unless TELEPHONY_PROVIDER says otherwise.
+
+In every mode a small receiver of the events for the booking system (harness.events_receiver, on
+loopback, in a thread of this process) is started, the replicas deliver to it (EVENTS_URL, with an
+EVENTS_SECRET generated for the run) and each event it verifies is shown: type, appointment, source.
 
     .venv/bin/python -m harness.demo [--replicas N] [--duration SECONDS] [--appointments N] [--provider P]
 """
@@ -24,14 +29,18 @@ keys becomes the reminders heard, each once whoever leads.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import secrets
 import select
 import signal
 import sys
 import termios
+import threading
 import time
 import tty
+from base64 import b64encode
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,10 +53,12 @@ import httpx
 from service.privacy import mask_phone
 
 from .cluster import Cluster
+from .events_receiver import Receiver
+from .ports import free_port
 
 __all__ = [
-    "Controller", "FailoverClock", "KeyReader", "LiveView", "Snapshot", "Stop", "TerminalGone", "main",
-    "plain_status", "provider_calls", "screen",
+    "Controller", "EventsReceiver", "FailoverClock", "KeyReader", "LiveView", "Snapshot", "Stop", "TerminalGone",
+    "event_line", "main", "plain_status", "provider_calls", "screen",
 ]
 
 PEOPLE = [
@@ -230,11 +241,54 @@ def provider_calls(cluster: Cluster) -> list[dict[str, Any]]:
     return shaped
 
 
+class EventsReceiver:
+    """harness.events_receiver's Receiver on a free loopback port, in a thread with its own event
+    loop: the replicas' EVENTS_URL, verifying each delivery with a secret generated for this run."""
+
+    def __init__(self) -> None:
+        self.secret = "whsec_" + b64encode(secrets.token_bytes(24)).decode()
+        self.receiver = Receiver(self.secret, free_port())
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="events-receiver", daemon=True)
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return {"EVENTS_URL": self.receiver.url, "EVENTS_SECRET": self.secret}
+
+    def deliveries(self) -> list[Any]:
+        """What it verified and answered 200 to, in arrival order (a copy)."""
+        return list(self.receiver.deliveries)
+
+    def __enter__(self) -> EventsReceiver:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.receiver.start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.receiver.stop(), self._loop).result(5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """`=> event appointment.confirmed · appointment 6f1c2a3b… · source call-back`."""
+    data = event.get("data") or {}
+    appointment = data.get("appointment_id")
+    extra = "".join(f" · {key} {data[key]}" for key in ("status", "outcome") if data.get(key))
+    return (f"=> event {event.get('type')} · appointment {f'{appointment[:8]}…' if appointment else '-'} · "
+            f"source {data.get('source', '?')}{extra}")
+
+
 class LiveView:
     """Polls the cluster once per tick into a Snapshot, and keeps the events since the start."""
 
-    def __init__(self, cluster: Cluster, *, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cluster: Cluster, *, echo: Callable[[str], None] | None = None,
+                 receiver: EventsReceiver | None = None) -> None:
         self.cluster = cluster
+        self.receiver = receiver  # the booking system's side: each event it verified is shown once
+        self.events_seen = 0
         self.echo = echo  # plain mode prints each event as it happens
         self.started = time.monotonic()
         self.clock = FailoverClock()
@@ -325,6 +379,11 @@ class LiveView:
         for call in calls[self.calls_seen:]:
             self.event(f"   call {call['id'][:13]}… to {mask_phone(call['to'])} placed by {call['placed_by']}")
         self.calls_seen = max(self.calls_seen, len(calls))
+        if self.receiver is not None:
+            deliveries = self.receiver.deliveries()
+            for delivery in deliveries[self.events_seen:]:
+                self.event(event_line(delivery.event))
+            self.events_seen = max(self.events_seen, len(deliveries))
         for token in sorted(view["fencing_token"] for _, view in roles.values() if view and view["is_leader"]):
             self.terms.setdefault(token, len(self.terms) + 1)
         per_replica = Counter(call["placed_by"] for call in calls)
@@ -518,7 +577,13 @@ def screen(snapshot: Snapshot, *, title: str, keys: bool) -> Any:
 
 
 def summary(cluster: Cluster, view: LiveView | None) -> None:
-    """What happened: leader changes, calls per replica, keys vs calls (exactly once), reminders."""
+    """What happened: leader changes, calls per replica, keys vs calls (exactly once), reminders,
+    the events the receiver got."""
+    if view is not None and view.receiver is not None:
+        deliveries = view.receiver.deliveries()
+        kinds = Counter(d.event.get("type") for d in deliveries)
+        print(f"events received and verified: {len(deliveries)} ({len({d.id for d in deliveries})} ids) "
+              f"{dict(kinds)}", flush=True)
     try:
         calls = provider_calls(cluster)
         posts = cluster.provider.client.requests()  # type: ignore[union-attr]
@@ -600,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         env["LEADER_MAX_TERM"] = os.environ["LEADER_MAX_TERM"]
     database_url = os.environ.get("DEMO_DATABASE_URL") or None
     lease_ttl = int(os.environ.get("LEASE_TTL", "3"))
+    receiver = EventsReceiver()
+    env.update(receiver.settings)
     if args.provider == "twilio":
         env["RECONCILE_GRACE"] = "10s"
         env["NO_ANSWER_RETRY_DELAY"] = "20s"  # the retry of an unanswered call within the demo's minute or so
@@ -610,11 +677,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{', LEADER_MAX_TERM ' + env['LEADER_MAX_TERM'] + ' s' if 'LEADER_MAX_TERM' in env else ''} …", flush=True)
     reason = "duration reached"
     try:
-        with Cluster(args.replicas, database_url=database_url, provider_latency_ms=args.latency_ms,
-                     lease_ttl=lease_ttl, env=env, telephony_provider=args.provider,
-                     fake_calls_per_second=2) as cluster:
+        with receiver, Cluster(args.replicas, database_url=database_url, provider_latency_ms=args.latency_ms,
+                               lease_ttl=lease_ttl, env=env, telephony_provider=args.provider,
+                               fake_calls_per_second=2) as cluster:
             view = None
             try:
+                print(f"  events receiver (harness.events_receiver): {receiver.receiver.url}, EVENTS_SECRET generated",
+                      flush=True)
                 for replica in cluster.replicas:
                     print(f"  {replica.name}: pid {replica.pid}, {replica.url} (metrics {replica.metrics_url})",
                           flush=True)
@@ -627,7 +696,8 @@ def main(argv: list[str] | None = None) -> int:
                 deadline = None if args.duration is None else time.monotonic() + args.duration
                 title = (f"reminders demo — {args.replicas} replicas, lease TTL {lease_ttl} s, "
                          f"{'PostgreSQL' if database_url else 'SQLite'} — Ctrl-C or q stops everything")
-                view = LiveView(cluster, echo=None if _screen_possible() else lambda line: print(line, flush=True))
+                view = LiveView(cluster, echo=None if _screen_possible() else lambda line: print(line, flush=True),
+                                receiver=receiver)
                 watch(view, deadline, title)
             except Stop as signalled:
                 if isinstance(signalled, TerminalGone):

@@ -172,12 +172,16 @@ def test_without_a_terminal_the_demo_prints_plain_lines_with_the_kill_command(de
 
     output.wait_for("kill -9 ", timeout=30)
     output.wait_for("** LEADER: ", timeout=30)
+    # the first reminder (due 4 s after booking) is sent: its event reaches the demo's receiver, verified
+    output.wait_for("=> event reminder.finished · appointment ", timeout=30)
     process.send_signal(signal.SIGTERM)
     _all_gone(process, children, output)
 
     assert not ANSI.search(output.text), "escape sequences in the plain output"
     assert re.search(r"\[\s*\d+\.\ds\] replica-0 \w+", output.text)
     assert "summary: calls placed per replica" in output.text
+    assert "events receiver (harness.events_receiver): http://127.0.0.1:" in output.text
+    assert re.search(r"events received and verified: [1-9]\d* ", output.text)
 
 
 @pytest.mark.timeout(180)
@@ -365,3 +369,22 @@ def test_twilio_mode_shows_outcomes_and_keypad_answers() -> None:
 
     # the scripted call-back: the customer nobody reached rings back before the retry (and presses 1)
     assert TWILIO_CALLEES[CALL_BACK_FROM][0]["behaviour"] == "no-answer"
+
+
+def test_each_event_the_receiver_verified_is_one_line_of_type_appointment_and_source() -> None:
+    from harness.demo import event_line
+
+    confirmed = {"id": "e1", "type": "appointment.confirmed", "timestamp": "2026-12-07T10:00:00Z",
+                 "data": {"appointment_id": "6f1c2a3b-0000-4000-8000-000000000000", "source": "call-back"}}
+    assert event_line(confirmed) == "=> event appointment.confirmed · appointment 6f1c2a3b… · source call-back"
+    finished = {"type": "reminder.finished", "data": {"appointment_id": "6f1c2a3b-x", "source": "system",
+                                                      "status": "sent", "outcome": "answered"}}
+    assert event_line(finished).endswith("source system · status sent · outcome answered")
+    opted_out = {"type": "phone.opted_out", "data": {"appointment_id": None, "source": "api"}}
+    assert event_line(opted_out) == "=> event phone.opted_out · appointment - · source api"
+
+
+def test_make_run_runs_the_twilio_mode_with_its_call_back_unless_told_otherwise() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^run:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe and "-m harness.demo --provider $(or $(TELEPHONY_PROVIDER),twilio)" in recipe[1]
