@@ -230,43 +230,53 @@ def _telnyx_app(tmp_path: Path) -> Any:
 
 
 BODY = b'{"data": {"event_type": "call.initiated", "id": "e", "occurred_at": "2030-01-01T00:00:00Z", "payload": {}}}'
-NOW = str(int(time.time()))
-GOOD = sign(TEST_SIGNING_SEED, NOW, BODY).encode()
-TELNYX_HEADERS: list[tuple[list[tuple[bytes, bytes]], str]] = [
-    ([], "missing"),
-    ([(b"telnyx-signature-ed25519", GOOD)], "missing"),
-    ([(b"telnyx-timestamp", NOW.encode())], "missing"),
-    ([(b"telnyx-timestamp", b""), (b"telnyx-signature-ed25519", GOOD)], "missing"),
-    ([(b"telnyx-timestamp", b"\xb2"), (b"telnyx-signature-ed25519", GOOD)], "malformed"),  # `²`, as Latin-1
-    ([(b"telnyx-timestamp", b"\xc2\xb2"), (b"telnyx-signature-ed25519", GOOD)], "malformed"),  # `²` in UTF-8
-    ([(b"telnyx-timestamp", b"9" * 100_000), (b"telnyx-signature-ed25519", GOOD)], "malformed"),
-    ([(b"telnyx-timestamp", b"1" * 13), (b"telnyx-signature-ed25519", GOOD)], "malformed"),
-    ([(b"telnyx-timestamp", b"-1"), (b"telnyx-signature-ed25519", GOOD)], "malformed"),
-    ([(b"telnyx-timestamp", NOW.encode()), (b"telnyx-timestamp", NOW.encode()),
-      (b"telnyx-signature-ed25519", GOOD)], "malformed"),  # repeated
-    ([(b"telnyx-timestamp", NOW.encode()), (b"telnyx-signature-ed25519", GOOD),
-      (b"telnyx-signature-ed25519", GOOD)], "malformed"),
-    ([(b"telnyx-timestamp", NOW.encode()), (b"telnyx-signature-ed25519", "é".encode() * 40)], "malformed"),
-    ([(b"telnyx-timestamp", NOW.encode()), (b"telnyx-signature-ed25519", b"c2hvcnQ=")], "malformed"),
-    ([(b"telnyx-timestamp", NOW.encode()), (b"telnyx-signature-ed25519", b"%%%%")], "malformed"),
-    ([(b"telnyx-timestamp", b"1000"), (b"telnyx-signature-ed25519", GOOD)], "stale"),
-    ([(b"telnyx-timestamp", NOW.encode()),
-      (b"telnyx-signature-ed25519", sign(bytes(32), NOW, BODY).encode())], "mismatch"),  # another key
-]
+
+
+def _signed_now() -> tuple[str, bytes]:
+    """A timestamp of now and the fake key's signature of BODY with it (made when a test runs: the
+    check refuses timestamps over 5 minutes off, and the suite runs longer than that)."""
+    now = str(int(time.time()))
+    return now, sign(TEST_SIGNING_SEED, now, BODY).encode()
+
+
+def _telnyx_headers() -> list[tuple[list[tuple[bytes, bytes]], str]]:
+    now, good = _signed_now()
+    return [
+        ([], "missing"),
+        ([(b"telnyx-signature-ed25519", good)], "missing"),
+        ([(b"telnyx-timestamp", now.encode())], "missing"),
+        ([(b"telnyx-timestamp", b""), (b"telnyx-signature-ed25519", good)], "missing"),
+        ([(b"telnyx-timestamp", b"\xb2"), (b"telnyx-signature-ed25519", good)], "malformed"),  # `²`, as Latin-1
+        ([(b"telnyx-timestamp", b"\xc2\xb2"), (b"telnyx-signature-ed25519", good)], "malformed"),  # `²` in UTF-8
+        ([(b"telnyx-timestamp", b"9" * 100_000), (b"telnyx-signature-ed25519", good)], "malformed"),
+        ([(b"telnyx-timestamp", b"1" * 13), (b"telnyx-signature-ed25519", good)], "malformed"),
+        ([(b"telnyx-timestamp", b"-1"), (b"telnyx-signature-ed25519", good)], "malformed"),
+        ([(b"telnyx-timestamp", now.encode()), (b"telnyx-timestamp", now.encode()),
+          (b"telnyx-signature-ed25519", good)], "malformed"),  # repeated
+        ([(b"telnyx-timestamp", now.encode()), (b"telnyx-signature-ed25519", good),
+          (b"telnyx-signature-ed25519", good)], "malformed"),
+        ([(b"telnyx-timestamp", now.encode()), (b"telnyx-signature-ed25519", "é".encode() * 40)], "malformed"),
+        ([(b"telnyx-timestamp", now.encode()), (b"telnyx-signature-ed25519", b"c2hvcnQ=")], "malformed"),
+        ([(b"telnyx-timestamp", now.encode()), (b"telnyx-signature-ed25519", b"%%%%")], "malformed"),
+        ([(b"telnyx-timestamp", b"1000"), (b"telnyx-signature-ed25519", good)], "stale"),
+        ([(b"telnyx-timestamp", now.encode()),
+          (b"telnyx-signature-ed25519", sign(bytes(32), now, BODY).encode())], "mismatch"),  # another key
+    ]
 
 
 async def test_odd_telnyx_headers_are_403_with_their_reason_and_no_traceback(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     app = _telnyx_app(tmp_path)
+    now, good = _signed_now()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as client:
-        for headers, reason in TELNYX_HEADERS:
+        for headers, reason in _telnyx_headers():
             before = _failures("telnyx", reason)
             with caplog.at_level(logging.INFO):
                 # the app raising would raise here (ASGITransport re-raises)
                 response = await client.post(EVENTS_PATH, content=BODY, headers=headers)
             assert (response.status_code, response.json()) == (403, {"detail": "invalid signature"}), headers
             assert _failures("telnyx", reason) == before + 1, (headers, reason)
-        signed = [(b"telnyx-timestamp", NOW.encode()), (b"telnyx-signature-ed25519", GOOD)]
+        signed = [(b"telnyx-timestamp", now.encode()), (b"telnyx-signature-ed25519", good)]
         assert (await client.post(EVENTS_PATH, content=BODY, headers=signed)).status_code == 200
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
@@ -309,10 +319,11 @@ def test_twilio_form_values_are_read_as_ascii_or_not_at_all() -> None:
 
 def test_the_telnyx_check_takes_ascii_digits_only_whoever_calls_it() -> None:
     check = TelnyxSignature(TEST_PUBLIC_KEY)
+    now, good = _signed_now()
     for timestamp in ("²", "\u0663" * 10, "1" * 13, "", " 1", "1.5"):  # `٣` passes int() too: refused as well
-        assert check.failure(BODY, GOOD.decode(), timestamp) in (SignatureFailure.MALFORMED,
+        assert check.failure(BODY, good.decode(), timestamp) in (SignatureFailure.MALFORMED,
                                                                  SignatureFailure.MISSING), timestamp
-    assert check.failure(BODY, GOOD.decode(), NOW) is None
+    assert check.failure(BODY, good.decode(), now) is None
 
 
 def test_one_header() -> None:
@@ -364,7 +375,8 @@ def test_refusals_are_counted_each_and_warned_of_once_a_minute_per_provider(capl
 async def test_a_flood_of_bad_signatures_logs_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     app = _telnyx_app(tmp_path)
     before = _failures("telnyx", "mismatch")
-    forged = [(b"telnyx-timestamp", NOW.encode()), (b"telnyx-signature-ed25519", sign(bytes(32), NOW, BODY).encode())]
+    now = _signed_now()[0]
+    forged = [(b"telnyx-timestamp", now.encode()), (b"telnyx-signature-ed25519", sign(bytes(32), now, BODY).encode())]
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as client:
         with caplog.at_level(logging.WARNING):
             for _ in range(200):
