@@ -51,6 +51,7 @@ from .postgres import PostgresServer
 from .proxy import TcpProxy
 
 __all__ = [
+    "FAKETIME_LIBRARIES",
     "REAL_FAKES",
     "Cluster",
     "LeaderTerm",
@@ -62,6 +63,7 @@ __all__ = [
     "RealProviderFake",
     "ReplicaProcess",
     "WebhookProxyProcess",
+    "faketime_library",
     "planned_appointments",
     "wait_for",
     "with_checkout_fakes",
@@ -79,6 +81,17 @@ def with_checkout_fakes(env: dict[str, str]) -> dict[str, str]:
     (over any installed copy), as it imports the checkout's service from its working directory."""
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(FAKES)]
     return {**env, "PYTHONPATH": os.pathsep.join([str(FAKES), *rest])}
+
+
+# libfaketime (Debian package `faketime`, which brings `libfaketime`): a replica started with it in
+# LD_PRELOAD and FAKETIME="+8s" reads a wall clock 8 s ahead (`Cluster.skew_clocks`).
+FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                      "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1")
+
+
+def faketime_library() -> str | None:
+    """The libfaketime shared object to preload, or None when it is not installed."""
+    return next((path for path in FAKETIME_LIBRARIES if Path(path).is_file()), None)
 
 
 def wait_for(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
@@ -274,7 +287,10 @@ class RealFakeClient:
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self._http = httpx.Client(base_url=base_url, timeout=5.0)
+        self._http = httpx.Client(base_url=base_url, timeout=10.0)
+        # controls set again after every reset (the fake's reset restores its own defaults):
+        # `time_scale` of a fake started on a clock of its own (harness.real_fake)
+        self.defaults: dict[str, Any] = {}
 
     def calls(self, placed_by: str | None = None) -> list[dict[str, Any]]:
         """Every call with what it heard (`heard`), its stamp (`stamp`: r, a) and status."""
@@ -298,6 +314,8 @@ class RealFakeClient:
 
     def reset(self) -> None:
         self._http.post("/_fake/reset").raise_for_status()
+        if self.defaults:
+            self.control(**self.defaults)
 
     def close(self) -> None:
         self._http.close()
@@ -337,21 +355,27 @@ REAL_FAKES = {
 
 class RealFakeProcess(ProviderProcess):
     """`python -m reminders_fakes.<provider>` on a free port, serving the account `fake.account`
-    (Telnyx: events signed with the fake's fixed test key pair)."""
+    (Telnyx: events signed with the fake's fixed test key pair). With a `time_scale` other than 1,
+    `python -m harness.real_fake <provider>`: the provider's documented windows scaled, its webhook
+    timeout kept real."""
 
     def __init__(self, log_path: Path, fake: RealProviderFake, *, latency_ms: float = 0.0,
-                 calls_per_second: float = 1.0, ring_ms: float = 200.0) -> None:
+                 calls_per_second: float = 1.0, ring_ms: float = 200.0, time_scale: float = 1.0) -> None:
         super().__init__(log_path, latency_ms=latency_ms)
         self.fake = fake
         self.name = f"{fake.provider}-fake"
         self.calls_per_second = calls_per_second
         self.ring_ms = ring_ms
+        self.time_scale = time_scale
         self.client = RealFakeClient(self.url)  # type: ignore[assignment]
 
     def start(self, timeout: float = 30.0) -> RealFakeProcess:
-        argv = [sys.executable, "-m", self.fake.module, "--port", str(self.port), "--latency-ms",
+        module = [self.fake.module] if self.time_scale == 1 else [
+            "harness.real_fake", self.fake.provider, "--time-scale", str(self.time_scale)]
+        argv = [sys.executable, "-m", *module, "--port", str(self.port), "--latency-ms",
                 str(self.latency_ms), "--cps", str(self.calls_per_second), "--ring-ms", str(self.ring_ms),
                 *self.fake.account]
+        self.client.defaults = {} if self.time_scale == 1 else {"time_scale": self.time_scale}  # type: ignore[attr-defined]
         self._spawn(argv, _child_env({}))
         wait_for_port(self.port, timeout=timeout)
         wait_for(self._answers, timeout=timeout, what=f"{self.name} answering")
@@ -825,6 +849,44 @@ class Cluster:
         self._own_postgres().start()
         self.postgres_running = True
 
+    # -- the provider's clock and the replicas' clocks --------------------------------------------
+
+    def set_fake_time_scale(self, scale: float) -> None:
+        """Run the real provider's fake with its documented windows scaled by `scale` (its webhook
+        timeout kept real: harness.real_fake): restarted on the same port when the scale changes.
+        Its calls and controls are lost: between runs only."""
+        provider = self.provider
+        if not isinstance(provider, RealFakeProcess) or provider.time_scale == scale:
+            return
+        provider.kill()
+        provider.time_scale = scale
+        provider.start()
+
+    def skew_clocks(self, offsets: dict[str, str]) -> None:
+        """Replicas' wall clocks off by `offsets` (replica name → libfaketime's FAKETIME, e.g.
+        "+8s", "-8s"; monotonic clocks stay true, as on a host whose NTP is off); replicas not named
+        run on the true clock. A replica whose clock changes is restarted (SIGTERM, then started
+        with the new environment) and waited for. FileNotFoundError when libfaketime is missing."""
+        library = faketime_library() if offsets else None
+        if offsets and library is None:
+            raise FileNotFoundError(f"libfaketime not found ({', '.join(FAKETIME_LIBRARIES)}): "
+                                    "apt-get install faketime")
+        changed = []
+        for replica in self.active_replicas:
+            env = {k: v for k, v in replica.env.items() if k not in ("LD_PRELOAD", "FAKETIME",
+                                                                      "FAKETIME_DONT_FAKE_MONOTONIC")}
+            if replica.name in offsets:
+                env.update({"LD_PRELOAD": str(library), "FAKETIME": offsets[replica.name],
+                            "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+            if env != replica.env:
+                replica.env = env
+                if replica.alive:
+                    replica.terminate(timeout=20)
+                replica.start()
+                changed.append(replica)
+        for replica in changed:
+            replica.wait_ready(self.start_timeout)
+
     # -- between scenarios -----------------------------------------------------------------------
 
     def recover(self, timeout: float = 60.0) -> str:
@@ -1041,6 +1103,18 @@ class Cluster:
         async def rows(db: Any) -> list[dict[str, Any]]:
             async with db.session() as session:
                 return [dict(row._mapping) for row in await session.execute(select(Reminder.__table__))]
+
+        return self._run_db(rows)
+
+    def appointments(self) -> list[dict[str, Any]]:
+        """Every appointment row, as dicts (id, phone, plan, status, starts_at, …)."""
+        from sqlalchemy import select
+
+        from service.db import Appointment
+
+        async def rows(db: Any) -> list[dict[str, Any]]:
+            async with db.session() as session:
+                return [dict(row._mapping) for row in await session.execute(select(Appointment.__table__))]
 
         return self._run_db(rows)
 
