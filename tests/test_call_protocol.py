@@ -23,9 +23,17 @@ from service.dispatch.stamped import StampedCalls, StampedConfig
 from service.dispatch.sweep import CallSweep
 from service.errors import SettingError
 from service.ledger import AttemptStore, Outcome, ReminderStore, SweepTimes
+from service.ledger import calls as calls_module
 from service.ledger import claims as claims_module
 from service.providers.twilio.signature import TwilioSignature
-from service.reminders import ALWAYS, MessageTemplates, NoAnswerPolicy, PlanningConfig, ReminderOffset
+from service.reminders import (
+    ALWAYS,
+    Answerer,
+    MessageTemplates,
+    NoAnswerPolicy,
+    PlanningConfig,
+    ReminderOffset,
+)
 from service.reminders.attempts import AttemptView
 from service.telephony.provider import CallSpec, Stamp
 from tests.support.providers import FROM, PHONE, PUBLIC, Rig, make_rig
@@ -597,3 +605,71 @@ def test_hole_11_signalwire_mode_sends_no_twilio_connection_overrides() -> None:
     assert any("#" in value for _, value in twilio.create_form(spec))
     assert not any("#" in value for _, value in signalwire.create_form(spec))
     assert ("FallbackUrl", signalwire.webhook_url("voice", Stamp("r-1", "a-1").query())) in signalwire.create_form(spec)
+
+
+# -- 12: what the chaos runs found (harness/chaos_providers.py, RELIABILITY.md) ---------------------------
+
+
+async def test_chaos_a_replan_between_the_answer_and_the_greeting_calls_the_new_plan(db: Database) -> None:
+    """Found by replan-while-ringing (Telnyx): a PATCH landed after `call.answered` bound the old
+    plan's reminder and before its greeting (the machine detection still to come). Bound, it was
+    taken as finished: not superseded, owed no call; its greeting was then refused (not current)
+    and nobody heard either plan. Now a bound call that has said nothing leaves its reminder
+    unfinished: superseded, its call hung up without a word, and the new plan calls now."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.detection_ms = 60_000.0  # the detection result is far away
+    rig.fake.callees[PHONE] = CalleeScript("answer")
+    try:
+        appointment_id, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        await eventually(lambda: _bound(db, reminder_id))
+        view = await appointments.change(db, appointment_id, {"starts_at": datetime.now(UTC) + timedelta(days=2)},
+                                         PLANNING)
+        old = await row(db, reminder_id)
+        assert (old.status, old.skip_reason) == ("cancelled", "re-planned")
+        owed = [r for r in view["reminders"] if r["status"] == "pending"]
+        assert owed and min(r["due_at"] for r in owed) <= datetime.now(UTC) + timedelta(seconds=5)
+        sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES), times=times(greet_after=0.1))
+        await sweep.once(token=1)  # the greeting it was owed: refused, the call hung up
+        await eventually(rig.over(call_id))
+        assert rig.call(call_id).heard == [] and not greetings(rig.call(call_id))
+    finally:
+        await rig.aclose()
+
+
+async def _bound(db: Database, reminder_id: str) -> bool:
+    return (await row(db, reminder_id)).bound_call_id is not None
+
+
+async def test_chaos_a_greeting_being_recorded_and_a_replan_exclude_each_other(db: Database) -> None:
+    """The rule above, raced (PostgreSQL; SQLite has one writer): a greeting is being recorded for a
+    bound call (its transaction open) when a PATCH re-plans. The PATCH waits for it, then sees the
+    reminder heard and keeps it: never a superseded reminder whose greeting goes out."""
+    if db.is_sqlite:
+        pytest.skip("SQLite runs one writer at a time")
+    rig = make_rig(db, "telnyx", ring_ms=60_000)
+    try:
+        appointment_id, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        stamp = Stamp(reminder_id, attempt_id)
+        async with db.session() as session:  # answered: in progress, bound, no greeting yet
+            await session.execute(update(CallAttempt).where(CallAttempt.id == attempt_id)
+                                  .values(call_status="in-progress"))
+            await session.commit()
+        assert (await calls_module.answer(db, stamp, call_id, fallback=fallback_wording(TEMPLATES),
+                                          heard_later=True)).speak
+        async with db.engine.connect() as connection:
+            await connection.begin()
+            greeting = await connection.run_sync(calls_module._command_greeting, stamp, call_id, Answerer.PERSON,
+                                                 fallback_wording(TEMPLATES))
+            assert greeting.send
+            replan = asyncio.create_task(appointments.change(
+                db, appointment_id, {"starts_at": datetime.now(UTC) + timedelta(days=2)}, PLANNING))
+            await asyncio.sleep(0.5)
+            assert not replan.done()  # it waits for the greeting's transaction
+            await connection.commit()
+        await asyncio.wait_for(replan, 10)
+        kept = await row(db, reminder_id)
+        assert (kept.status, kept.bound_call_id) == ("sent", call_id)  # heard: finished, not superseded
+    finally:
+        await rig.aclose()
