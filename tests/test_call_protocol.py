@@ -29,16 +29,17 @@ from service.providers.twilio.signature import TwilioSignature
 from service.reminders import (
     ALWAYS,
     Answerer,
+    CallCaps,
     MessageTemplates,
     NoAnswerPolicy,
     PlanningConfig,
     ReminderOffset,
 )
-from service.reminders.attempts import AttemptView
+from service.reminders.attempts import AttemptState, AttemptView
 from service.telephony.provider import CallSpec, Stamp
 from tests.support.providers import FROM, PHONE, PUBLIC, Rig, make_rig
 from tests.support.waiting import eventually
-from tests.test_dispatch import FakeTerm, config
+from tests.test_dispatch import FakeTerm, config, lead_until
 
 pytestmark = pytest.mark.anyio
 
@@ -608,6 +609,55 @@ def test_hole_11_signalwire_mode_sends_no_twilio_connection_overrides() -> None:
 
 
 # -- 12: what the chaos runs found (harness/chaos_providers.py, RELIABILITY.md) ---------------------------
+
+
+async def _in_doubt(rig: Rig, reminder_id: str, *, token: int = 1) -> tuple[str, str]:
+    """Claimed, its attempt recorded, its call created at the fake but the create's answer lost
+    (a timeout): the attempt in doubt and the reminder `pending` for its reconciliation, as the
+    dispatcher leaves it. (attempt id, call id)."""
+    store = ReminderStore(rig.db)
+    await store.raise_fence(token, "leader")
+    await store.claim(token, "leader", limit=50, stale_after=timedelta(minutes=2))
+    attempts = AttemptStore(rig.db)
+    attempt_id = await attempts.begin(token, reminder_id)
+    assert attempt_id is not None
+    call_id = await rig.place(reminder_id, attempt_id, record=False)
+    await attempts.settle(attempt_id, AttemptState.IN_DOUBT, error="timeout: TimeoutError")
+    retry = Outcome.retry(datetime.now(UTC), "timeout: TimeoutError", attempts=1)
+    assert await store.finish_many(token, [(reminder_id, retry)]) == {}
+    return attempt_id, call_id
+
+
+@pytest.mark.parametrize("then", ["confirms", "opts out", "a cap counts the call"])
+async def test_chaos_a_call_heard_while_its_create_was_in_doubt_is_sent_not_skipped(db: Database, then: str) -> None:
+    """Found by provider-outage and lost-answers (Twilio): the create's answer was lost, the call
+    was made; the callee heard the message and pressed 1 (or 9), or a cap per number counted that
+    very call. The keypad skipped the reminder itself ("confirmed", "opted out": it was still
+    `pending`, its attempt in doubt), or the next claim held it back (the cap), though its message
+    was heard. Now a reminder bound to a call that spoke is finished — the keypad skips only the
+    others —, and the leader reconciles a claimed reminder before anything may hold it back from
+    a new call: `sent`, one call."""
+    rig = make_rig(db, "twilio")
+    rig.fake.callees[PHONE] = CalleeScript("answer", digits={"confirms": "1", "opts out": "9"}.get(then))
+    try:
+        appointment_id, reminder_id = await book(db)
+        _, call_id = await _in_doubt(rig, reminder_id)
+        await eventually(rig.over(call_id))
+        assert (await row(db, reminder_id)).status == "pending"  # heard, bound: not skipped
+        if then == "confirms":
+            assert await confirmation(db, appointment_id) == "confirmed"
+        dispatcher = Dispatcher(db, rig.provider, config(caps=CallCaps(per_day=1),
+                                                         reconcile_grace=timedelta(seconds=30)))
+
+        async def sent() -> bool:
+            return (await row(db, reminder_id)).status != "pending"
+
+        await lead_until(dispatcher, FakeTerm(2), sent)
+        done = await row(db, reminder_id)
+        assert (done.status, done.outcome, done.skip_reason, done.bound_call_id) == ("sent", "answered", None, call_id)
+        assert len(rig.calls()) == 1 and heard_message(rig.calls()[0]) == 1
+    finally:
+        await rig.aclose()
 
 
 async def test_chaos_a_replan_between_the_answer_and_the_greeting_calls_the_new_plan(db: Database) -> None:
