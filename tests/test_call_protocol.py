@@ -25,6 +25,7 @@ from service.errors import SettingError
 from service.ledger import AttemptStore, Outcome, ReminderStore, SweepTimes
 from service.ledger import calls as calls_module
 from service.ledger import claims as claims_module
+from service.ledger.calls import ANSWERED_UNHEARD, UNHEARD_RECALLS
 from service.providers.twilio.signature import TwilioSignature
 from service.reminders import (
     ALWAYS,
@@ -689,6 +690,88 @@ async def test_chaos_a_replan_between_the_answer_and_the_greeting_calls_the_new_
 
 async def _bound(db: Database, reminder_id: str) -> bool:
     return (await row(db, reminder_id)).bound_call_id is not None
+
+
+async def test_chaos_an_answered_call_whose_answer_events_are_all_lost_is_called_again(db: Database) -> None:
+    """Found by lost-events and late-events (Telnyx): `call.answered` and the machine detection of a
+    call both lost (or later than the callee waits in silence): nothing bound the call, the person
+    heard silence and hung up, and `call.hangup` (`normal_clearing`) ended the reminder `failed`,
+    never called again — a miss. Now an answered call that ended unbound, unheard, is called again
+    at once, and the next call is heard once."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_loss_rate = 1.0
+    rig.fake.controls.event_loss_types = ["call.answered", "call.machine.detection.ended"]
+    rig.fake.controls.patience_ms = 300.0
+    rig.fake.callees[PHONE] = CalleeScript("answer")
+    try:
+        _, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+
+        async def ended() -> bool:  # the hang-up event applied
+            return (await row(db, reminder_id)).status == "pending"
+
+        await eventually(ended)
+        first = await row(db, reminder_id)
+        assert (first.status, first.outcome, first.bound_call_id) == ("pending", None, None)
+        async with db.session() as session:
+            error = (await session.execute(select(CallAttempt.error).where(CallAttempt.id == attempt_id))).scalar_one()
+        assert error == ANSWERED_UNHEARD
+        rig.fake.controls.event_loss_rate = 0.0
+        dispatcher = Dispatcher(db, rig.provider, config(sweep_interval=0.05))
+
+        async def heard() -> bool:
+            return (await row(db, reminder_id)).outcome is not None and all(map(rig.is_over, rig.calls()))
+
+        await lead_until(dispatcher, FakeTerm(2), heard)
+        assert [heard_message(call) for call in rig.calls()] == [0, 1]
+        assert (await row(db, reminder_id)).outcome == "answered"
+    finally:
+        await rig.aclose()
+
+
+async def test_chaos_a_fax_hung_up_unbound_is_not_called_again(db: Database) -> None:
+    """The other side of the rule above: a call that ended unbound because a fax answered (Twilio's
+    `AnsweredBy=fax`: hung up, never bound) ends the reminder `failed`, not called again."""
+    rig = make_rig(db, "twilio")
+    rig.fake.callees[PHONE] = CalleeScript("fax")
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+
+        async def ended() -> bool:
+            return (await row(db, reminder_id)).outcome is not None
+
+        await eventually(ended)
+        done = await row(db, reminder_id)
+        assert (done.status, done.outcome, done.bound_call_id) == ("sent", "failed", None)
+    finally:
+        await rig.aclose()
+
+
+async def test_chaos_an_answered_call_is_called_again_unheard_at_most_twice(db: Database) -> None:
+    """A callee whose every answer ends before any event of it comes (lost each time) is not called
+    over and over: after `UNHEARD_RECALLS` calls again, the reminder ends with the outcome `failed`."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_loss_rate = 1.0
+    rig.fake.controls.event_loss_types = ["call.answered", "call.machine.detection.ended"]
+    rig.fake.controls.patience_ms = 100.0
+    rig.fake.callees[PHONE] = CalleeScript("answer")
+    try:
+        _, reminder_id = await book(db)
+        dispatcher = Dispatcher(db, rig.provider, config(sweep_interval=0.05))
+
+        async def done() -> bool:
+            return (await row(db, reminder_id)).outcome is not None and all(map(rig.is_over, rig.calls()))
+
+        await lead_until(dispatcher, FakeTerm(2), done)
+        assert len(rig.calls()) == 1 + UNHEARD_RECALLS
+        assert all(heard_message(call) == 0 for call in rig.calls())
+        last = await row(db, reminder_id)
+        assert (last.status, last.outcome) == ("sent", "failed")
+    finally:
+        await rig.aclose()
 
 
 async def test_chaos_a_greeting_being_recorded_and_a_replan_exclude_each_other(db: Database) -> None:
