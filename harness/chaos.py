@@ -193,8 +193,8 @@ def wait_first_call(cluster: Cluster, replica: str, timeout: float = 30.0) -> No
 
 
 def open_reminders(cluster: Cluster) -> int:
-    statuses = cluster.reminder_statuses()
-    return statuses["pending"] + statuses["dispatching"]
+    """Reminders still to be done (not waiting for a later time: `Cluster.open_reminders`)."""
+    return cluster.open_reminders()
 
 
 # -- the scenarios ---------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ is checked after every run (`verify_heard_once`), on what the fake's callees too
 * only the words of the call's own reminder are said into it, and only into its bound call;
   the bound call is one of its calls that spoke them; the reminder's outcome is what its callee
   took in (`answered`, `voicemail`; a fax's `failed` or, where detection cannot tell, `answered`);
-* **extra calls** (a reminder's calls beyond its first) are silent and, per reminder, at most its
-  attempts whose result the sender never recorded (in doubt, left `creating` by a death, judged
-  never made by a reconciliation) or released unheard (Telnyx), plus one per term change among
-  its attempts (in flight when its leader died: re-claimed by the next);
+* **extra calls** (a reminder's calls beyond its first) are silent and, per reminder, at most one
+  per attempt in doubt (its result never recorded: a timeout or 5xx, left `creating` by a death,
+  judged never made by a reconciliation), besides the calls made again after an answered call
+  said nothing (its answer's events lost or later than the callee's patience: at most one per
+  such call, counted apart: *called again*);
 * no create came from a replica before it first led, nor from a resumed leader after SIGCONT;
 * the fault happened (events lost, delivered again, answers lost, appointments re-planned, clocks
   off) and every replica is ready again, every call over.
@@ -48,7 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ from .cluster import Cluster, faketime_library, wait_for
 
 __all__ = [
     "LEASE_TTL", "MODES", "PROVIDER_SCENARIOS", "ProviderClusterPool", "ProviderFaults", "ProviderMode",
-    "ProviderRun", "ProviderScenario", "callee_kind", "callee_script", "judge", "number", "provider_chaos_cluster",
+    "ProviderRun", "ProviderScenario", "CAPS_ENV", "CAP_PER_DAY", "CAP_PER_WEEK", "callee_kind", "callee_script",
+    "cap_numbering", "judge", "judge_caps", "number", "provider_chaos_cluster",
     "run_provider_scenario", "verify_heard_once", "write_section",
 ]
 
@@ -233,6 +235,17 @@ class ProviderRun:
     linger: float = 0.0  # seconds an event may still come once every call is over (late, again)
     log_offsets: dict[str, int] = field(default_factory=dict)  # replica → its log's size at the start
     figures_notes: list[str] = field(default_factory=list)  # what the checks saw of the fault, for the notes
+    # reminder index → the index of its number (and callee): each its own but where numbers are shared
+    numbering: Callable[[int], int] = lambda index: index
+    history: dict[str, list[float]] = field(default_factory=dict)  # number → calls placed before the run (epoch s)
+    history_reminders: set[str] = field(default_factory=set)  # the reminders of those calls (not judged)
+    caps: tuple[int, int] = (0, 0)  # the replicas' caps per number: per day, per week (0: none)
+    seeded_at: float = 0.0  # epoch seconds the reminders were seeded; they fall due over `spread` seconds
+    spread: float = 0.0
+
+    def number_of(self, index: int) -> str:
+        """Reminder `index`'s number."""
+        return number(self.numbering(index))
 
 
 @dataclass(frozen=True)
@@ -252,6 +265,10 @@ class ProviderScenario:
     # the fault's trace in the fake's calls, its creates and the reminders: a problem when there is none
     evidence: Callable[[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], ProviderRun], str | None] = (
         lambda calls, creates, rows, run: None)
+    env: Mapping[str, str] = field(default_factory=dict)  # the replicas' settings for this scenario only
+    # seeds the run's reminders (their ids, in index order) instead of one per number due over the spread
+    seed: Callable[[Cluster, ChaosConfig, ProviderRun], list[str]] | None = None
+    judge: Callable[..., Result] | None = None  # the promise for this scenario (default: `judge`)
 
 
 def number(index: int) -> str:
@@ -556,6 +573,180 @@ def _skewed(calls: list[dict[str, Any]], creates: list[dict[str, Any]], rows: li
     return f"replica clocks not as asked: wanted {wanted}, measured {off}" if off or not run.clocks else None
 
 
+# -- caps per number (issue 23) -----------------------------------------------------------------------
+
+CAP_PER_DAY, CAP_PER_WEEK = 2, 3
+CAPS_ENV = {"MAX_CALLS_PER_NUMBER_PER_DAY": str(CAP_PER_DAY), "MAX_CALLS_PER_NUMBER_PER_WEEK": str(CAP_PER_WEEK)}
+CAP_REASON = "call cap"  # how a skip_reason, or a waiting reminder's last_error, says a cap held it
+DAY, WEEK = 86_400.0, 7 * 86_400.0
+# numbers whose appointments are 3 days ahead (a reminder over the cap waits for the next allowed
+# time), and numbers called twice in the days before the run (the week's cap holds them after one)
+_FAR_EVERY, _HISTORY_EVERY = 3, 5
+
+
+def cap_numbering(total: int) -> list[int]:
+    """Reminder index (due order) → its number's index: number g is shared by 1 + g % 4
+    appointments; the members of an even g spread over the run (every number's first member
+    before any second one), those of an odd g one after another (one claim batch may hold them)."""
+    members: list[tuple[int, int]] = []
+    group = 0
+    while len(members) < total:
+        members += [(group, k) for k in range(1 + group % 4)]
+        group += 1
+    members = sorted(members[:total], key=lambda m: (m[1] if m[0] % 2 == 0 else 0, m[0], m[1]))
+    return [g for g, _ in members]
+
+
+def _seed_capped(cluster: Cluster, config: ChaosConfig, run: ProviderRun) -> list[str]:
+    """Appointments sharing numbers (`cap_numbering`), due over the spread; every third number's
+    appointments 3 days ahead, the others' in 2 hours; every fifth number called 2 and 3 days
+    before the run."""
+    groups = cap_numbering(config.reminders)
+    run.numbering = groups.__getitem__
+    run.caps = (CAP_PER_DAY, CAP_PER_WEEK)
+    now = time.time()
+    for g in sorted(set(groups)):
+        if g % _HISTORY_EVERY == _HISTORY_EVERY - 1:
+            ago = [timedelta(days=2), timedelta(days=3)]
+            run.history_reminders.add(cluster.seed_past_calls(number(g), ago))
+            run.history[number(g)] = [now - before.total_seconds() for before in ago]
+    return cluster.seed_due_reminders(
+        config.reminders, due_in_seconds=1.0, spread_seconds=run.spread, phone=run.number_of,
+        starts_in_seconds=lambda i: 3 * DAY if groups[i] % _FAR_EVERY == _FAR_EVERY - 1 else 7200.0)
+
+
+def _at_share(run: ProviderRun, share: float) -> None:
+    """Until `share` of the run's spread has passed since its reminders were seeded."""
+    time.sleep(max(0.0, run.seeded_at + share * run.spread - time.time()))
+
+
+def caps_under_leader_kills(cluster: Cluster, config: ChaosConfig, total: int, run: ProviderRun) -> Fault:
+    """Caps per number on (2 calls a day, 3 a week): appointments share numbers (1-4 each), some 3
+    days ahead, some numbers called in the days before; the leader is SIGKILLed a quarter of the
+    way through the reminders' due times and its successor past half of them (each restarted). No
+    number gets more calls in 24 h than the day's cap (the fake's record) nor in 7 days than the
+    week's (with the calls before the run); a reminder over a cap ends `skipped` ("call cap: …") or
+    waits for its next allowed time."""
+    leader = cluster.leader()
+    fault = Fault(started=0.0, expected_term_ends=2)
+    notes = []
+    for share in (0.25, 0.6):
+        _at_share(run, share)
+        leader = cluster.leader()
+        cluster.replica(leader).kill()
+        killed = time.time()
+        fault.started = fault.started or killed
+        fault.in_flight += cluster.reminder_statuses()["dispatching"]
+        successor = new_leader(cluster, {leader}, timeout=config.lease_ttl * 10 + 20)
+        cluster.replica(leader).restart()
+        notes.append(f"{leader} killed at {killed - run.seeded_at:.1f}s, {successor} took over "
+                     f"{time.time() - killed:.1f}s later")
+    fault.healed = time.time()
+    fault.notes.append("caps 2/day 3/week; " + "; ".join(notes))
+    return fault
+
+
+def _created(call: dict[str, Any]) -> float:
+    """When the fake created a call (epoch seconds): Telnyx's `created`, Twilio's `date_created`."""
+    if call.get("created"):
+        return datetime.fromisoformat(str(call["created"])).timestamp()
+    return parsedate_to_datetime(str(call["date_created"])).timestamp()
+
+
+def _most_in(times: list[float], span: float) -> int:
+    """The most of `times` (sorted) within any `span` seconds."""
+    most, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= span:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
+def judge_caps(name: str, rows: list[dict[str, Any]], appointments: dict[str, dict[str, Any]],
+               calls: list[dict[str, Any]], attempts: list[dict[str, Any]], run: ProviderRun) -> Result:
+    """Caps per number: calls per number in any 24 h (the fake's record) at most the day's cap, in
+    any 7 days (with the calls placed before the run) at most the week's; every reminder `sent`,
+    or held by a cap — `skipped` with a skip_reason "call cap…", or `pending` for a later time with
+    its last_error saying which cap —, and a number's reminders held only when its calls reached a
+    cap; a person whose reminder was sent heard the message exactly once (a machine kept it), one
+    held heard nothing; at most once everywhere, extra calls silent and within the attempts in doubt."""
+    result = Result(scenario=name, reminders=len(rows), calls=len(calls))
+    heard, problems = _per_reminder(rows, calls, run, result)
+    result.violations.extend(problems)
+    result.violations.extend(_extra_calls(rows, calls, attempts, result))
+    day_cap, week_cap = run.caps
+    placed: dict[str, list[float]] = {}
+    for call in calls:
+        placed.setdefault(call["to"], []).append(_created(call))
+    numbers = {appointments[r["appointment_id"]]["phone"] for r in rows}
+    over_day, over_week, held_below, most = [], [], [], 0
+    for phone in numbers:
+        run_calls = sorted(placed.get(phone, []))
+        in_day, in_week = _most_in(run_calls, DAY), _most_in(sorted(run.history.get(phone, []) + run_calls), WEEK)
+        most = max(most, in_day)
+        # the number's reminders, those that called first (a violation's record shows the first three)
+        of_number = [r["id"] for r in sorted(rows, key=lambda r: r["status"] != "sent")
+                     if appointments[r["appointment_id"]]["phone"] == phone]
+        if day_cap and in_day > day_cap:
+            over_day.append((phone, in_day, of_number[:3]))
+        if week_cap and in_week > week_cap:
+            over_week.append((phone, in_week, of_number[:3]))
+        held = [r["id"] for r in rows if r["id"] in of_number and r["status"] != "sent"]
+        if held and (not day_cap or in_day < day_cap) and (not week_cap or in_week < week_cap):
+            held_below.append((phone, in_day, in_week, held[:2]))
+    skipped, waiting, wrong, missed, heard_held = 0, 0, [], [], []
+    later = datetime.now(UTC) + timedelta(minutes=10)
+    for row in rows:
+        kind = run.kinds.get(appointments[row["appointment_id"]]["phone"], PERSON)
+        if row["status"] == "sent":
+            expected = {PERSON: {"answered"}, MACHINE: {"voicemail", "answered"}, FAX: {"failed", "answered"}}[kind]
+            if row["outcome"] not in expected:
+                wrong.append(_sample([row]))
+            if kind != FAX and heard[row["id"]] != 1:
+                missed.append(_sample([row]))
+            continue
+        if heard[row["id"]]:
+            heard_held.append(row["id"])
+        if row["status"] == "skipped" and (row["skip_reason"] or "").startswith(CAP_REASON):
+            skipped += 1
+        elif (row["status"] == "pending" and row["next_attempt_at"] > later
+              and (row["last_error"] or "").startswith(CAP_REASON)):
+            waiting += 1
+        else:
+            wrong.append(_sample([row]))
+    result.misses = len(missed)
+    result.figures.update(numbers=len(numbers), most_in_day=most, over_day=len(over_day), over_week=len(over_week),
+                          sent=sum(r["status"] == "sent" for r in rows), capped_skipped=skipped, capped_waiting=waiting,
+                          history_numbers=len(run.history))
+    for items, text in (
+            (over_day, f"number(s) called more than {day_cap} time(s) in 24 h"),
+            (over_week, f"number(s) called more than {week_cap} time(s) in 7 days (with the calls before the run)"),
+            (held_below, "number(s) whose reminders a cap held back though its calls were below the caps"),
+            (wrong, "reminder(s) neither sent nor held by a cap (skipped \"call cap…\" or waiting), or sent "
+                    "with an outcome their callee did not earn"),
+            (missed, "reminder(s) sent whose person never heard the message (misses)"),
+            (heard_held, "reminder(s) held by a cap whose callee heard words")):
+        if items:
+            result.violations.append(f"{len(items)} {text}, e.g. {items[:3]}")
+    result.notes.extend(_fault_notes(calls, rows, run))
+    return result
+
+
+def _capped(calls: list[dict[str, Any]], creates: list[dict[str, Any]], rows: list[dict[str, Any]],
+            run: ProviderRun) -> str | None:
+    """The caps held: some reminder skipped and some waiting because of a cap, one of them the week's."""
+    reasons = [r["skip_reason"] or "" if r["status"] == "skipped" else r["last_error"] or "" for r in rows
+               if r["status"] != "sent"]
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    waiting = sum(r["status"] == "pending" for r in rows)
+    week = sum("per week" in reason for reason in reasons)
+    run.figures_notes.append(f"held by a cap: {skipped} skipped, {waiting} waiting, {week} by the week's")
+    if not skipped or not waiting or not week:
+        return "the caps did not hold back a reminder of each kind (skipped, waiting, by the week's cap)"
+    return None
+
+
 PROVIDER_SCENARIOS: dict[str, ProviderScenario] = {
     **{name: _generic(name) for name in ("leader-sigkill", "leader-sigstop", "etcd-partition", "etcd-restart",
                                          "postgres-restart", "rolling-restart")},
@@ -567,11 +758,14 @@ PROVIDER_SCENARIOS: dict[str, ProviderScenario] = {
     "redeliveries": ProviderScenario(redeliveries, "", controls=_redeliver_controls, time_scale=_time_scale,
                                      evidence=_redelivered),
     "clock-skew": ProviderScenario(clock_skew, "", spread=2.0, skew=True, evidence=_skewed),
+    "caps": ProviderScenario(caps_under_leader_kills, "", spread=6.0, env=CAPS_ENV, seed=_seed_capped,
+                             judge=judge_caps, evidence=_capped),
 }
 # the new scenarios' descriptions are their docstrings
 PROVIDER_SCENARIOS.update({name: replace(spec, description=" ".join((spec.fault.__doc__ or "").split()))
                            for name, spec in PROVIDER_SCENARIOS.items() if not spec.description})
 NEW_SCENARIOS = ("late-events", "lost-events", "lost-answers", "replan-while-ringing", "redeliveries", "clock-skew")
+CAP_SCENARIOS = ("caps",)
 
 
 # -- running one scenario ---------------------------------------------------------------------------
@@ -599,8 +793,9 @@ def _prepare(cluster: Cluster, spec: ProviderScenario, run: ProviderRun, total: 
     if spec.ring_long:
         run.ringing = {i: _spread(i * 31 + 5, *faults.ring_ms) for i in range(total)
                        if i % faults.replan_every in faults.replan_of and callee_kind(i, faults) != FAX}
-    run.kinds = {number(i): callee_kind(i, faults) for i in range(total)}
-    cluster.provider.client.callees({number(i): callee_script(i, faults, run.ringing.get(i)) for i in range(total)})
+    callees = {run.numbering(i) for i in range(total)}
+    run.kinds = {number(i): callee_kind(i, faults) for i in callees}
+    cluster.provider.client.callees({number(i): callee_script(i, faults, run.ringing.get(i)) for i in callees})
     run.controls = spec.controls(run)
     if run.controls:
         cluster.provider.client.control(**run.controls)
@@ -620,22 +815,29 @@ def run_provider_scenario(cluster: Cluster, name: str, config: ChaosConfig, faul
     run = ProviderRun(mode, faults, scenario=name)
     if spec.skew:
         run.skews = {r.name: faults.skews[i % len(faults.skews)] for i, r in enumerate(cluster.active_replicas)}
+    cluster.scenario_env(spec.env)
     cluster.skew_clocks(run.skews)
     cluster.set_fake_time_scale(spec.time_scale(run))
     cluster.recover()
     cluster.clear()
-    _prepare(cluster, spec, run, config.reminders)
+    if spec.seed is None:
+        _prepare(cluster, spec, run, config.reminders)
     if spec.skew:  # as the replicas read them (checked with the run: `_skewed`)
         run.clocks = {name: round(value, 1) for name, value in _clock_offsets(cluster).items()}
-    window_start = time.time()
-    run.reminder_ids = cluster.seed_due_reminders(config.reminders, due_in_seconds=1.0,
-                                                  spread_seconds=config.spread * spec.spread, phone=number)
+    window_start = run.seeded_at = time.time()
+    run.spread = config.spread * spec.spread
+    if spec.seed is not None:
+        run.reminder_ids = spec.seed(cluster, config, run)
+        _prepare(cluster, spec, run, config.reminders)  # the callees of the numbers the seed chose
+    else:
+        run.reminder_ids = cluster.seed_due_reminders(config.reminders, due_in_seconds=1.0,
+                                                      spread_seconds=run.spread, phone=number)
     fault = spec.fault(cluster, config, config.reminders, run=run, **options)
     problems = settle(cluster, config)
     problems += _calls_over(cluster, config)
     if run.linger:
         problems += _lingering_over(cluster, config, run)
-    result = verify_heard_once(cluster, name, fault, window_start, run)
+    result = verify_heard_once(cluster, name, fault, window_start, run, promise=spec.judge)
     result.violations[:0] = problems
     result.seconds = time.monotonic() - begun
     return result
@@ -645,19 +847,23 @@ def _calls_over(cluster: Cluster, config: ChaosConfig) -> list[str]:
     assert cluster.provider is not None
     client = cluster.provider.client
 
-    def over() -> bool:
+    def still_open(row: dict[str, Any]) -> bool:
         # A reminder `sent` without an outcome still has a call to come (Telnyx: a bound call that
-        # ended before its message is released and called again).
-        if any(r["status"] in ("pending", "dispatching") or (r["status"] == "sent" and r["outcome"] is None)
-               for r in cluster.reminders()):
+        # ended before its message is released and called again); one `pending` for a time far
+        # ahead (a cap per number's next allowed time) waits, it is not open.
+        waiting = row["status"] == "pending" and row["next_attempt_at"] > datetime.now(UTC) + timedelta(minutes=10)
+        return (row["status"] in ("pending", "dispatching") and not waiting) or (row["status"] == "sent"
+                                                                                and row["outcome"] is None)
+
+    def over() -> bool:
+        if any(still_open(r) for r in cluster.reminders()):
             return False
         return all(c["status"] in ("completed", "canceled", "busy", "no-answer", "failed") for c in client.calls())
 
     try:
         wait_for(over, timeout=config.settle_timeout, what="every call over", interval=0.2)
     except TimeoutError as error:
-        sample = [(r["id"], r["status"], r["outcome"], r["last_error"]) for r in cluster.reminders()
-                  if r["status"] in ("pending", "dispatching") or (r["status"] == "sent" and r["outcome"] is None)]
+        sample = [(r["id"], r["status"], r["outcome"], r["last_error"]) for r in cluster.reminders() if still_open(r)]
         return [f"{error}: {len(sample)} reminder(s) open, e.g. {sample[:3]}"]
     return []
 
@@ -675,17 +881,19 @@ def _lingering_over(cluster: Cluster, config: ChaosConfig, run: ProviderRun) -> 
 # -- the checks -------------------------------------------------------------------------------------
 
 
-def verify_heard_once(cluster: Cluster, name: str, fault: Fault, window_start: float, run: ProviderRun) -> Result:
-    """What every callee took in, against the promise (`judge`); no create outside a leader term;
-    and the fault happened (the scenario's evidence)."""
+def verify_heard_once(cluster: Cluster, name: str, fault: Fault, window_start: float, run: ProviderRun, *,
+                      promise: Callable[..., Result] | None = None) -> Result:
+    """What every callee took in, against the promise (`judge`, or the scenario's own); no create
+    outside a leader term; and the fault happened (the scenario's evidence). The reminders of the
+    calls a scenario placed before the run (`history_reminders`) are not judged."""
     assert cluster.provider is not None
-    rows = cluster.reminders()
+    rows = [r for r in cluster.reminders() if r["id"] not in run.history_reminders]
     appointments = {a["id"]: a for a in cluster.appointments()}
     creates = cluster.provider.client.requests()
     calls = cluster.provider.client.calls()
-    attempts = cluster.call_attempts()
+    attempts = [a for a in cluster.call_attempts() if a["reminder_id"] not in run.history_reminders]
     terms = window_terms(cluster.terms(), window_start)
-    result = judge(name, rows, appointments, calls, attempts, run)
+    result = (promise or judge)(name, rows, appointments, calls, attempts, run)
     result.posts, result.in_flight, result.terms = len(creates), fault.in_flight, len(terms)
     result.notes[:0] = fault.notes
     bad = result.violations
@@ -781,8 +989,9 @@ def _per_reminder(rows: list[dict[str, Any]], calls: list[dict[str, Any]], run: 
                  for c in group if c["heard"]]
     for row in rows:
         words, mine = _words(row), calls_of.get(row["id"], [])
-        greeting = f"{words.message} {words.prompt}"
-        phrases = {greeting, words.prompt, words.confirmed, words.declined, words.goodbye, words.voicemail}
+        greeting = f"{words.message} {words.question}"  # the question: 1, 2 and the opt-out offer
+        phrases = {greeting, words.question, words.confirmed, words.declined, words.goodbye, words.opted_out,
+                   words.voicemail}
         heard[row["id"]] = sum(sum(words.message in text for text in c["person_heard"])
                                + sum(text in (words.voicemail, greeting) for text in c["voicemail"]) for c in mine)
         if heard[row["id"]] > 1:
@@ -798,7 +1007,8 @@ def _per_reminder(rows: list[dict[str, Any]], calls: list[dict[str, Any]], run: 
             elif call["heard"] and call["sid"] != row["bound_call_id"]:
                 found["unbound"].append((row["id"], row["bound_call_id"], *said))
         bound = next((c for c in mine if c["sid"] == row["bound_call_id"]), None)
-        if row["bound_call_id"] is not None and not (bound and bound["heard"]):
+        # a superseded reminder may be bound to a call answered before its greeting: hung up unheard
+        if row["bound_call_id"] is not None and not (bound and bound["heard"]) and row["status"] != "cancelled":
             found["bound"].append((row["id"], row["bound_call_id"]))
     result.figures["before_beep"] = len(found["beep"])
     result.figures["superseded"] = sum(r["status"] == "cancelled" for r in rows)
@@ -858,42 +1068,44 @@ def _sample(group: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [(r["id"], r["status"], r["outcome"], r["attempts"], r["last_error"], r["skip_reason"]) for r in group]
 
 
-def _unsettled(attempt: dict[str, Any]) -> bool:
-    """An attempt whose result its sender never recorded (in doubt, or left `creating` by a term
-    that ended), judged never made by a reconciliation, or released unheard (Telnyx): each may have
-    left one more call. A refused send or a 429 certainly made none."""
+def _in_doubt(attempt: dict[str, Any]) -> bool:
+    """An attempt whose result its sender never recorded: in doubt (a timeout, a 5xx, a lost
+    answer), left `creating` by a term that ended, or judged never made by a reconciliation. Each
+    may have left one call more than the reminder needed. A refused send or a 429 made none."""
     error = attempt["error"] or ""
-    return (attempt["state"] in ("creating", "in_doubt") or (attempt["state"] == "not_created"
-                                                              and error.startswith("reconciled"))
-            or error.startswith("released"))
+    return attempt["state"] in ("creating", "in_doubt") or (attempt["state"] == "not_created"
+                                                             and error.startswith("reconciled"))
 
 
-def _budget(attempts: list[dict[str, Any]]) -> Counter[str]:
-    """Per reminder, the extra calls the promise allows: one per attempt left unsettled, and one
-    per term change among its attempts (a reminder in flight when its leader died or was deposed
-    is re-claimed by the next: whatever the dead term knew of its call may be lost with it)."""
-    budget = Counter(a["reminder_id"] for a in attempts if _unsettled(a))
-    tokens: dict[str, set[Any]] = {}
-    for a in attempts:
-        tokens.setdefault(a["reminder_id"], set()).add(a.get("fencing_token"))
-    budget.update({rid: len(seen) - 1 for rid, seen in tokens.items() if len(seen) > 1})
-    return budget
+def _released(attempt: dict[str, Any]) -> bool:
+    """An attempt whose call was answered and ended with nothing said (its answer's events lost,
+    or later than the callee waited in silence), after which the reminder was called again: the
+    leader's sweep released its bound call, or its unbound end re-called it (Telnyx, and Twilio
+    when no voice request was answered)."""
+    return (attempt["error"] or "").startswith("released")
 
 
 def _extra_calls(rows: list[dict[str, Any]], calls: list[dict[str, Any]], attempts: list[dict[str, Any]],
                  result: Result) -> list[str]:
-    """Extra calls (a reminder's calls beyond its first), per reminder at most what `_budget`
-    allows (they are silent: `_per_reminder`)."""
+    """Extra calls (a reminder's calls beyond its first; each silent: `_per_reminder`): per
+    reminder, the calls made again after an answered call said nothing (at most its released
+    attempts) and, beyond those, at most one per attempt in doubt."""
     per_reminder = Counter(c["stamp"].get("r") for c in calls)
-    budget = _budget(attempts)
+    doubt = Counter(a["reminder_id"] for a in attempts if _in_doubt(a))
+    released = Counter(a["reminder_id"] for a in attempts if _released(a))
     extra = {rid: n - 1 for rid, n in per_reminder.items() if n > 1}
-    result.redundant, result.budget = sum(extra.values()), sum(budget.values())
-    tried = {rid: [(a["state"], a.get("fencing_token"), (a["error"] or "")[:40]) for a in attempts
-                   if a["reminder_id"] == rid] for rid in extra}
-    over = [(rid, n, budget[rid], tried[rid]) for rid, n in extra.items() if n > budget[rid]]
-    if over:
-        return [f"{len(over)} reminder(s) with more extra calls than attempts left unsettled or re-claimed, e.g. "
-                f"(reminder, extra calls, allowed, attempts: state, token, error) {over[:3]}"]
+    again = {rid: min(n, released[rid]) for rid, n in extra.items()}
+    over_doubt = {rid: n - again[rid] for rid, n in extra.items() if n - again[rid] > doubt[rid]}
+    result.redundant, result.budget = sum(extra.values()), sum(doubt.values()) + sum(released.values())
+    result.figures.update(extra_in_doubt=sum(extra.values()) - sum(again.values()), in_doubt=sum(doubt.values()),
+                          called_again=sum(again.values()))
+    if over_doubt:
+        tried = {rid: [(a["state"], a.get("fencing_token"), (a["error"] or "")[:40]) for a in attempts
+                       if a["reminder_id"] == rid] for rid in over_doubt}
+        return [f"{len(over_doubt)} reminder(s) with more extra calls than attempts in doubt (plus calls made again "
+                f"after an answered call said nothing), e.g. (reminder, extra calls beyond those, attempts in doubt, "
+                f"attempts: state, token, error) "
+                f"{[(rid, n, doubt[rid], tried[rid]) for rid, n in list(over_doubt.items())[:3]]}"]
     return []
 
 
@@ -967,13 +1179,14 @@ class ProviderClusterPool(ClusterPool):
 
 
 def provider_table(results: list[Result]) -> str:
-    lines = ["| scenario | runs | reminders | creates | calls | extra calls (all silent) / allowed "
-             "| messages heard twice | misses | voicemails kept / machines | voicemails before the beep "
-             "| superseded heard / superseded | max lateness | p50 lateness | leader terms |",
-             "|" + "---|" * 14]
+    lines = ["| scenario | runs | reminders | creates | calls | extra calls after doubt (all silent) / attempts in "
+             "doubt | called again after silence | messages heard twice | misses | voicemails kept / machines "
+             "| voicemails before the beep | superseded heard / superseded | max lateness | p50 lateness "
+             "| leader terms |",
+             "|" + "---|" * 15]
     for name in PROVIDER_SCENARIOS:
         runs = [r for r in results if r.scenario == name]
-        if not runs:
+        if not runs or name in CAP_SCENARIOS:
             continue
         failed = sum(not r.ok for r in runs)
 
@@ -983,13 +1196,53 @@ def provider_table(results: list[Result]) -> str:
         lines.append(
             f"| {name} | {len(runs)}{f' ({failed} failed)' if failed else ''} | {sum(r.reminders for r in runs)} "
             f"| {sum(r.posts for r in runs)} | {sum(r.calls for r in runs)} "
-            f"| {sum(r.redundant for r in runs)} / {sum(r.budget for r in runs)} | {sum(r.duplicates for r in runs)} "
+            f"| {total('extra_in_doubt')} / {total('in_doubt')} | {total('called_again')} "
+            f"| {sum(r.duplicates for r in runs)} "
             f"| {sum(r.misses for r in runs)} | {total('voicemails')} / {total('machines')} | {total('before_beep')} "
             f"| {total('superseded_heard')} / {total('superseded')} "
             f"| {max(r.max_lateness for r in runs):.2f} s | {statistics.median(r.p50_lateness for r in runs):.2f} s "
             f"| {sum(r.terms for r in runs)} |"
         )
     return "\n".join(lines)
+
+
+def caps_section(results: list[Result]) -> str:
+    """The caps scenario's paragraph and table (issue 23), when it ran."""
+    table = caps_table(results)
+    if not table:
+        return ""
+    description = PROVIDER_SCENARIOS["caps"].description
+    return f"""
+Caps per number (issue 23), `caps`: {description} Calls per number come from the fake's record (every call
+it created, by its creation time).
+
+{table}
+"""
+
+
+def caps_table(results: list[Result]) -> str:
+    """The caps scenario's own table: calls per number against the caps, and where the reminders ended."""
+    runs = [r for r in results if r.scenario in CAP_SCENARIOS]
+    if not runs:
+        return ""
+
+    def total(figure: str) -> int:
+        return sum(r.figures.get(figure, 0) for r in runs)
+
+    failed = sum(not r.ok for r in runs)
+    return "\n".join([
+        "| scenario | runs | reminders | numbers (called before the run) | calls | most calls to a number in 24 h "
+        f"(cap {CAP_PER_DAY}) | numbers over the day's cap | over the week's ({CAP_PER_WEEK}) | sent "
+        "| skipped \"call cap\" | waiting for the next allowed time | messages heard twice | misses "
+        "| extra calls after doubt / attempts in doubt | leader terms |",
+        "|" + "---|" * 15,
+        f"| caps | {len(runs)}{f' ({failed} failed)' if failed else ''} | {sum(r.reminders for r in runs)} "
+        f"| {total('numbers')} ({total('history_numbers')}) | {sum(r.calls for r in runs)} "
+        f"| {max(r.figures.get('most_in_day', 0) for r in runs)} | {total('over_day')} | {total('over_week')} "
+        f"| {total('sent')} | {total('capped_skipped')} | {total('capped_waiting')} "
+        f"| {sum(r.duplicates for r in runs)} | {sum(r.misses for r in runs)} "
+        f"| {total('extra_in_doubt')} / {total('in_doubt')} | {sum(r.terms for r in runs)} |",
+    ])
 
 
 def _scenario_list() -> str:
@@ -1003,7 +1256,8 @@ def write_section(path: Path, mode: ProviderMode, command: str, config: ChaosCon
     faults = faults or ProviderFaults()
     failures = [r for r in results if not r.ok]
     verdict = ("Every run passed every check: no message heard twice, no miss, no voicemail before the beep, "
-               "no superseded reminder heard, every extra call silent and within the attempts in doubt."
+               "no superseded reminder heard, every extra call silent, those after doubt within the attempts "
+               "in doubt."
                if not failures else f"{len(failures)} run(s) FAILED:\n\n"
                + "\n".join(f"- {r.scenario}: {'; '.join(r.violations)}" for r in failures))
     runs = "\n".join(f"    {r.line()}" for r in results)
@@ -1021,16 +1275,18 @@ a person (every other one presses 1), an answering machine every {faults.machine
 (per appointment, over all its reminders) and *misses* (a person who answered and never heard the message) must
 be 0; a machine keeps its voicemail exactly once (*voicemails kept / machines*) and loses nothing to its
 greeting (*voicemails before the beep*: 0); a reminder superseded by a re-plan speaks on none of its calls
-(*superseded heard*: 0); *extra calls* (a reminder's calls beyond its first) are each silent and, per reminder,
-at most its attempts whose result the sender never recorded (or that were released unheard) plus one per term
-change among its attempts (in flight when its leader died; *allowed* is their sum). The provider
+(*superseded heard*: 0); *extra calls* (a reminder's calls beyond its first) are each silent. Per reminder,
+those beyond the calls *called again after silence* (an answered call ended with nothing said — the events of
+its answer lost, or later than the callee waited — and the reminder was called again: one per such call) are
+at most its *attempts in doubt* (a create whose result its sender never recorded: a timeout, a 5xx, a lost
+answer, a sender that died; or judged never made by a reconciliation). The provider
 outage here is {mode.title}'s: 429 (nothing created), 500 after creating the call, and a hang past the client's
 timeout. The providers' own faults:
 
 {_scenario_list()}
 
 {provider_table(results)}
-
+{caps_section(results)}
 {verdict}
 
 {mode.findings}
@@ -1091,7 +1347,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_rounds(ProviderClusterPool(config, mode), names, args.rounds, label=f" ({provider})")
         seconds = time.monotonic() - begun
         ok = ok and all(r.ok for r in results)
-        print(f"\n{mode.title} mode ({seconds / 60:.1f} min)\n\n" + provider_table(results), flush=True)
+        print(f"\n{mode.title} mode ({seconds / 60:.1f} min)\n\n" + provider_table(results) + "\n"
+              + caps_table(results), flush=True)
         if args.output != "-":
             write_section(Path(args.output), mode, command.strip(), config, args.rounds, results, seconds=seconds)
             print(f"\nwritten: {args.output}", flush=True)

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -502,11 +502,12 @@ class _LoopThread:
 
 
 def planned_appointments(
-    count: int, *, due_in_seconds: float, spread_seconds: float, starts_in_seconds: float, timezone: str,
-    phone: str | Callable[[int], str],
+    count: int, *, due_in_seconds: float, spread_seconds: float, starts_in_seconds: float | Callable[[int], float],
+    timezone: str, phone: str | Callable[[int], str],
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
     """(appointment row, its reminder rows) for `Cluster.seed_due_reminders`, planned by the domain
-    as of now; ValueError for a number the API would refuse or a time that cannot be planned."""
+    as of now; ValueError for a number the API would refuse or a time that cannot be planned.
+    `starts_in_seconds` and `phone` may be functions of the index."""
     from service.db import AppointmentStatus
     from service.db.models import new_id
     from service.ledger.plans import reminder_row
@@ -521,7 +522,6 @@ def planned_appointments(
     templates, zone, policy = MessageTemplates.parse(None), ZoneInfo(timezone), NumberPolicy()
     language = templates.default_language
     now = datetime.now(UTC)
-    starts_at = now + timedelta(seconds=starts_in_seconds)
     refusals: dict[str, str | None] = {}
     planned = []
     for index in range(count):
@@ -533,6 +533,8 @@ def planned_appointments(
                 refusals[number] = str(error)
         if refusals[number]:
             raise ValueError(f"seed number {number} would be refused: {refusals[number]}")
+        starts_at = now + timedelta(seconds=starts_in_seconds(index) if callable(starts_in_seconds)
+                                    else starts_in_seconds)
         due = now + timedelta(seconds=due_in_seconds + spread_seconds * index / max(1, count))
         plan = plan_reminders(starts_at=starts_at, zone=zone, window=ALWAYS, now=now, explicit=[due])
         if plan.unplanned:
@@ -683,6 +685,7 @@ class Cluster:
         self.provider_latency_ms = provider_latency_ms
         self.lease_ttl = lease_ttl
         self.env = dict(env or {})
+        self._scenario_keys: set[str] = set()  # the keys of `env` that `scenario_env` set
         self.election_prefix = election_prefix or f"/reminders-cluster/{uuid.uuid4().hex[:12]}"
         self.start_timeout = start_timeout
         # CLUSTER_KEEP_LOGS=1: leave the work dir (logs, SQLite file) in place after close().
@@ -887,6 +890,29 @@ class Cluster:
         for replica in changed:
             replica.wait_ready(self.start_timeout)
 
+    def scenario_env(self, values: Mapping[str, str]) -> None:
+        """The replicas' settings of one scenario (e.g. the caps per number): set on every active
+        replica and on those started later; those an earlier call set and `values` lacks are
+        removed. A replica whose environment changes is restarted (SIGTERM, then started) and
+        waited for. Between runs only."""
+        stale = self._scenario_keys - set(values)
+        for key in stale:
+            self.env.pop(key, None)
+        self.env.update(values)
+        self._scenario_keys = set(values)
+        changed = []
+        for replica in self.active_replicas:
+            env = {k: v for k, v in replica.env.items() if k not in stale}
+            env.update(values)
+            if env != replica.env:
+                replica.env = env
+                if replica.alive:
+                    replica.terminate(timeout=20)
+                replica.start()
+                changed.append(replica)
+        for replica in changed:
+            replica.wait_ready(self.start_timeout)
+
     # -- between scenarios -----------------------------------------------------------------------
 
     def recover(self, timeout: float = 60.0) -> str:
@@ -916,14 +942,16 @@ class Cluster:
         return self.leader(max(1.0, deadline - time.monotonic()))
 
     def clear(self) -> None:
-        """Delete every appointment and reminder (the fence stays: tokens only grow) and reset
-        the provider's calls, keys and request log."""
+        """Delete every appointment and reminder and the do-not-call list (the fence stays: tokens
+        only grow) and reset the provider's calls, keys and request log."""
         from sqlalchemy import delete
 
         from service.db import Appointment, CallAttempt, Reminder
+        from service.db.models import DoNotCall
 
         async def wipe(db: Any) -> None:
             async with db.session() as session:
+                await session.execute(delete(DoNotCall))
                 await session.execute(delete(CallAttempt))
                 await session.execute(delete(Reminder))
                 await session.execute(delete(Appointment))
@@ -1063,11 +1091,13 @@ class Cluster:
 
     def seed_due_reminders(
         self, count: int, *, due_in_seconds: float = 0.0, spread_seconds: float = 0.0,
-        starts_in_seconds: float = 7200.0, timezone: str = "UTC", phone: str | Callable[[int], str] = "+14155552671",
+        starts_in_seconds: float | Callable[[int], float] = 7200.0, timezone: str = "UTC",
+        phone: str | Callable[[int], str] = "+14155552671",
     ) -> list[str]:
         """`count` appointments with one pending reminder each, due from `due_in_seconds` from now,
         spread evenly over `spread_seconds`; returns the reminder ids. `phone` may be a function of
-        the index (each reminder its own number); every number must be one the API would take.
+        the index (each reminder its own number), and so may `starts_in_seconds`; every number must
+        be one the API would take.
 
         Planned as the API's create plans them, in bulk: the domain's `plan_reminders` (an explicit
         `remind_at`, an all-day call window), the wording rendered from the built-in templates and
@@ -1093,6 +1123,42 @@ class Cluster:
 
         self._run_db(insert, timeout=max(30.0, count / 20))
         return [reminder["id"] for _, reminders in plans for reminder in reminders]
+
+    def seed_past_calls(self, phone: str, ago: Sequence[timedelta]) -> str:
+        """Calls placed to `phone` before the run, as the caps per number count them: an appointment
+        of the number long past, its reminder `sent`, and one call attempt per `ago` (created and
+        rung that long before the database's now, answered, completed). Returns the reminder's id."""
+        from sqlalchemy import func, insert, select
+
+        from service.db import Appointment, CallAttempt, Reminder
+        from service.db.models import new_id
+
+        async def seed(db: Any) -> str:
+            from service.ledger.consent import phone_hasher
+
+            hasher = await phone_hasher(db)
+            async with db.session() as session:
+                now = (await session.execute(select(func.now()))).scalar_one()
+                oldest = now - max(ago)
+                appointment_id, reminder_id = new_id(), new_id()
+                await session.execute(insert(Appointment).values(
+                    id=appointment_id, customer_name="Earlier Customer", phone=phone, phone_hash=hasher(phone),
+                    starts_at=oldest + timedelta(hours=1), timezone="UTC", status="scheduled", language="en-US",
+                    created_at=oldest, updated_at=oldest))
+                await session.execute(insert(Reminder).values(
+                    id=reminder_id, appointment_id=appointment_id, due_at=oldest, next_attempt_at=oldest,
+                    status="sent", attempts=len(ago), idempotency_key=f"reminder-{reminder_id}", sent_at=oldest,
+                    outcome="answered", created_at=oldest, updated_at=oldest))
+                for before in ago:
+                    at = now - before
+                    await session.execute(insert(CallAttempt).values(
+                        id=new_id(), reminder_id=reminder_id, fencing_token=0, state="created",
+                        provider_call_id=f"earlier-{new_id()}", call_status="completed", last_event_at=at,
+                        ended_at=at, rang_at=at, created_at=at, updated_at=at))
+                await session.commit()
+            return reminder_id
+
+        return self._run_db(seed)
 
     def reminders(self) -> list[dict[str, Any]]:
         """Every reminder row, as dicts (id, status, attempts, idempotency_key, fence_token, claimed_by, …)."""
@@ -1142,6 +1208,23 @@ class Cluster:
                 return Counter({str(status): n for status, n in result.all()})
 
         return self._run_db(counts)
+
+    def open_reminders(self, horizon: timedelta = timedelta(minutes=10)) -> int:
+        """Reminders still to be done: `dispatching`, or `pending` and due within `horizon` from now
+        (one waiting for a later time — a cap per number's next allowed time, a no-answer retry's —
+        is not open)."""
+        from sqlalchemy import and_, func, or_, select
+
+        from service.db import Reminder
+
+        async def count(db: Any) -> int:
+            async with db.session() as session:
+                result = await session.execute(select(func.count()).where(or_(
+                    Reminder.status == "dispatching",
+                    and_(Reminder.status == "pending", Reminder.next_attempt_at <= datetime.now(UTC) + horizon))))
+                return int(result.scalar_one())
+
+        return self._run_db(count)
 
     def outcomes(self) -> Counter[str]:
         """Real providers: reminders by `outcome`, appointments by `confirmation` (keys

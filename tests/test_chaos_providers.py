@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ import pytest
 
 from harness.chaos import ChaosConfig, Result, keep_other_sections
 from harness.chaos_providers import (
+    CAP_PER_DAY,
+    CAP_PER_WEEK,
     FAX,
     LEASE_TTL,
     MACHINE,
@@ -28,6 +30,7 @@ from harness.chaos_providers import (
     ProviderFaults,
     ProviderRun,
     judge,
+    judge_caps,
     number,
     write_section,
 )
@@ -51,16 +54,13 @@ FAULTS = replace(ProviderFaults(), loss_rate=0.1, late_ms=(1_000.0, 4_000.0), an
 # it missed 1-4 of 150. Telnyx's speech is a command the sweep repeats: it runs here.
 RUNS = [("twilio", "leader-sigkill"), ("twilio", "provider-outage"), ("twilio", "late-events"),
         ("twilio", "lost-answers"), ("twilio", "replan-while-ringing"),
+        ("twilio", "caps"),  # last of its cluster: its replicas restart with the caps on
         ("telnyx", "leader-sigkill"), ("telnyx", "leader-sigstop"), ("telnyx", "provider-outage"),
         ("telnyx", "lost-events"), ("telnyx", "redeliveries"), ("telnyx", "clock-skew")]  # skewed clocks last
-NEW = {"late-events", "lost-answers", "replan-while-ringing", "lost-events", "redeliveries", "clock-skew"}
-# A service bug these runs find (RELIABILITY.md, Telnyx mode): when `call.answered` and the machine
-# detection of a call are both lost, the person hears silence and hangs up; `call.hangup` then ends
-# an unbound call `completed` and the reminder `failed` without another call: a miss. It takes
-# both events lost (1 % of calls at the 10 % loss here, 4 % at make chaos's 20 %): a run of 30 shows
-# it now and then.
-KNOWN = {("telnyx", "lost-events"): "a call answered whose answer and detection events are both lost ends the "
-                                    "reminder `failed` uncalled (service bug, RELIABILITY.md)"}
+NEW = {"late-events", "lost-answers", "replan-while-ringing", "lost-events", "redeliveries", "clock-skew", "caps"}
+# Runs known to fail, with the reason (none now: the misses lost-events found are fixed,
+# tests/test_call_protocol.py "12").
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 class Pools:
@@ -113,6 +113,10 @@ def test_every_message_heard_at_most_once_and_once_by_a_person_under(pools: Pool
     result = pool.run(scenario, config=config, faults=FAULTS)
     print(f"\n[{provider}] {result.line()}")
     assert result.ok, "\n".join(["", *result.violations, "", result.evidence])
+    if scenario == "caps":
+        assert result.figures["over_day"] == result.figures["over_week"] == 0 and result.misses == 0
+        assert result.figures["most_in_day"] <= CAP_PER_DAY and result.figures["capped_skipped"] > 0
+        return
     assert result.duplicates == 0 and result.misses == 0 and result.figures["before_beep"] == 0
     assert result.figures["superseded_heard"] == 0
     assert result.figures["voicemails"] == result.figures["machines"] > 0 and result.figures["faxes"] > 0
@@ -165,7 +169,7 @@ class Record:
         wording = _wording(index)
         rid, aid, sid = f"r{index}-{len(self.rows)}", f"a{index}", f"CA{index}-{len(self.calls)}"
         self.appointments[aid] = {"id": aid, "phone": number(index), "status": "scheduled", "plan": 0}
-        said = {PERSON: [f"{wording['message']} {wording['prompt']}", wording["confirmed"]],
+        said = {PERSON: [f"{wording['message']} {wording['prompt']} {wording['opt_out']}", wording["confirmed"]],
                 MACHINE: [wording["voicemail"]], FAX: []}[kind]
         reminder = {"id": rid, "appointment_id": aid, "status": "sent", "skip_reason": None, "attempts": 1,
                     "last_error": None, "wording": wording, "bound_call_id": sid if kind != FAX else None,
@@ -233,15 +237,38 @@ def test_a_superseded_reminder_that_spoke_is_counted() -> None:
     assert any("superseded reminder spoke" in v for v in result.violations)
 
 
-def test_an_extra_call_of_a_reminder_re_claimed_from_a_dead_leader_is_allowed_if_silent() -> None:
+def test_an_extra_call_per_attempt_in_doubt_is_allowed_if_silent() -> None:
     record = Record()
     fax = record.rows[2]
     record.call(fax, "CA-again", [], FAX)
-    record.attempts[2]["fencing_token"] = 2
-    record.attempts.append({"reminder_id": fax["id"], "state": "created", "error": None, "fencing_token": 3})
+    record.attempts[2].update(state="in_doubt", error="timeout: TimeoutError")  # its first create's answer lost
+    record.attempts.append({"reminder_id": fax["id"], "state": "created", "error": None})
     result = record.judge()
     assert result.ok, result.violations
-    assert result.redundant == 1 and result.budget == 1
+    assert result.redundant == 1 and result.figures["extra_in_doubt"] == 1 and result.figures["in_doubt"] == 1
+
+
+def test_a_call_made_again_after_an_answered_call_said_nothing_is_counted_apart() -> None:
+    record = Record()
+    person = record.rows[0]
+    silent = record.call(person, "CA-silent", [], PERSON)
+    record.calls.remove(silent)
+    record.calls.insert(0, silent)  # the first call: answered, nothing said, ended
+    record.attempts[0]["error"] = "released: answered, but it ended before any event of its answer came"
+    record.attempts.append({"reminder_id": person["id"], "state": "created", "error": None})
+    result = record.judge()
+    assert result.ok, result.violations
+    assert result.redundant == 1 and result.figures["called_again"] == 1 and result.figures["extra_in_doubt"] == 0
+
+
+def test_an_extra_call_of_a_reminder_re_claimed_with_nothing_in_doubt_is_over_the_budget() -> None:
+    record = Record()
+    fax = record.rows[2]
+    record.call(fax, "CA-again", [], FAX)
+    record.attempts[2]["fencing_token"] = 2  # created and recorded: a successor has nothing to doubt
+    record.attempts.append({"reminder_id": fax["id"], "state": "created", "error": None, "fencing_token": 3})
+    result = record.judge()
+    assert any("more extra calls than attempts in doubt" in v for v in result.violations)
 
 
 def test_an_extra_call_beyond_the_attempts_in_doubt_and_words_of_another_reminder() -> None:
@@ -250,6 +277,96 @@ def test_an_extra_call_beyond_the_attempts_in_doubt_and_words_of_another_reminde
     record.call(person, "CA-silent", [], PERSON)
     record.calls[0]["heard"].append("words of another reminder")
     result = record.judge()
-    assert result.redundant == 1 and result.budget == 0
-    assert any("more extra calls than attempts left unsettled" in v for v in result.violations)
+    assert result.redundant == 1 and result.figures["in_doubt"] == 0
+    assert any("more extra calls than attempts in doubt" in v for v in result.violations)
     assert any("words not of their reminder" in v for v in result.violations)
+
+
+# -- the caps check can fail --------------------------------------------------------------------------
+
+
+class CapRecord:
+    """A caps run's records made by hand: number 0 (a person) shared by three appointments, two
+    called (a call each, heard), the third skipped by the day's cap; a test then breaks one thing."""
+
+    def __init__(self) -> None:
+        self.run = ProviderRun(MODES["telnyx"], ProviderFaults(), scenario="caps", caps=(CAP_PER_DAY, CAP_PER_WEEK))
+        self.run.kinds[number(0)] = PERSON
+        self.rows: list[dict[str, Any]] = []
+        self.appointments: dict[str, dict[str, Any]] = {}
+        self.calls: list[dict[str, Any]] = []
+        self.attempts: list[dict[str, Any]] = []
+        self.now = datetime.now(UTC)
+        for k in range(2):
+            self.sent(k, self.now - timedelta(hours=k))
+        self.held(2, "skipped", skip_reason="call cap: 2 call(s) per day to this number; the next allowed time is "
+                                             "not before the appointment")
+
+    def reminder(self, k: int, **row: Any) -> dict[str, Any]:
+        aid = f"a{k}"
+        self.appointments[aid] = {"id": aid, "phone": number(0), "status": "scheduled", "plan": 0}
+        reminder = {"id": f"r{k}", "appointment_id": aid, "status": "sent", "skip_reason": None, "attempts": 1,
+                    "last_error": None, "wording": _wording(k), "bound_call_id": None, "outcome": None,
+                    "next_attempt_at": self.now, **row}
+        self.rows.append(reminder)
+        return reminder
+
+    def sent(self, k: int, at: datetime) -> dict[str, Any]:
+        wording = _wording(k)
+        reminder = self.reminder(k, bound_call_id=f"call-{k}", outcome="answered")
+        said = [f"{wording['message']} {wording['prompt']} {wording['opt_out']}"]
+        self.calls.append({"sid": f"call-{k}", "to": number(0), "status": "completed", "created": at.isoformat(),
+                           "stamp": {"r": reminder["id"]}, "heard": said, "person_heard": said, "voicemail": [],
+                           "lost": [], "deliveries": [], "command_log": []})
+        self.attempts.append({"reminder_id": reminder["id"], "state": "created", "error": None})
+        return reminder
+
+    def held(self, k: int, status: str, **row: Any) -> dict[str, Any]:
+        return self.reminder(k, status=status, attempts=0, **row)
+
+    def judge(self) -> Result:
+        return judge_caps("caps", self.rows, self.appointments, self.calls, self.attempts, self.run)
+
+
+def test_a_caps_record_that_keeps_the_caps_passes() -> None:
+    record = CapRecord()
+    record.held(3, "pending", last_error="call cap per day reached for this number: waiting until 2030-01-01",
+                next_attempt_at=record.now + timedelta(hours=20))
+    result = record.judge()
+    assert result.ok, result.violations
+    assert (result.figures["most_in_day"], result.figures["capped_skipped"], result.figures["capped_waiting"]) == (
+        2, 1, 1)
+
+
+def test_a_third_call_to_a_number_in_24_hours_is_over_the_day_cap() -> None:
+    record = CapRecord()
+    record.rows.pop()  # the third reminder called after all
+    record.sent(2, record.now - timedelta(hours=23))
+    result = record.judge()
+    assert result.figures["over_day"] == 1 and any("more than 2 time(s) in 24 h" in v for v in result.violations)
+
+
+def test_calls_before_the_run_count_against_the_week_cap() -> None:
+    record = CapRecord()
+    record.run.history[number(0)] = [(record.now - timedelta(days=days)).timestamp() for days in (2, 3)]
+    result = record.judge()
+    assert result.figures["over_week"] == 1 and any("in 7 days" in v for v in result.violations)
+
+
+def test_a_reminder_neither_sent_nor_held_by_a_cap_and_one_held_below_the_cap_fail() -> None:
+    record = CapRecord()
+    record.rows[-1].update(skip_reason="opted out")
+    record.calls.pop()  # and the second never called: the number is below its caps
+    record.rows[1].update(status="skipped", skip_reason="call cap: 2 call(s) per day", outcome=None,
+                          bound_call_id=None)
+    result = record.judge()
+    assert any("neither sent nor held by a cap" in v for v in result.violations)
+    assert any("held back though its calls were below the caps" in v for v in result.violations)
+
+
+def test_a_reminder_waiting_without_a_later_time_is_not_held_by_a_cap() -> None:
+    record = CapRecord()
+    record.held(3, "pending", last_error="call cap per day reached for this number: waiting until now",
+                next_attempt_at=record.now)
+    result = record.judge()
+    assert any("neither sent nor held by a cap" in v for v in result.violations)
