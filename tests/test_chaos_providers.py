@@ -41,11 +41,12 @@ from tests.support.requirements import unavailable
 # the faults that hit creates in flight: 100 reminders a run (about half of them in flight at the fault)
 CONFIG = replace(ChaosConfig(), reminders=100, lease_ttl=LEASE_TTL)
 # the providers' own faults: a small run each, their times shortened (Telnyx's windows × 0.15, its
-# 2 s webhook timeout kept); a machine every 7 numbers (greetings of 0.5-2 s), a fax at 25
+# 2 s webhook timeout kept); a machine every 7 numbers (greetings of 0.5-2 s), a fax at 25; caps: one
+# leader kill
 SHORT = replace(CONFIG, reminders=30, spread=3.0, settle_timeout=60.0)
 FAULTS = replace(ProviderFaults(), loss_rate=0.1, late_ms=(1_000.0, 4_000.0), answer_stall_ms=3_000.0,
                  telnyx_time_scale=0.15, twilio_redeliver_ms=4_000.0, long_speak_ms=1_500.0,
-                 ring_ms=(1_500.0, 4_000.0), greeting_ms=(500.0, 2_000.0))
+                 ring_ms=(1_500.0, 4_000.0), greeting_ms=(500.0, 2_000.0), cap_kills=(0.3,))
 
 # Twilio's leader-sigstop is left to `python -m harness.chaos_providers` (make chaos): under the
 # whole suite's load the pause stretches to 9-14 s, and a voice request held by the frozen replica
