@@ -1276,7 +1276,8 @@ def write_section(path: Path, mode: ProviderMode, command: str, config: ChaosCon
     section = f"""{mode.heading}
 
 `{command}`{took}: the faults against {fake} through a proxy that strips `PUBLIC_URL`'s path prefix, each
-reminder its own number, {settings}; {config.reminders} reminders per run, {rounds} round(s). Who answers:
+reminder its own number, {settings}; {config.reminders} reminders per run, falling due over {config.spread:g} s
+(× the scenario's factor: 2 for clock-skew, 6 for caps), {rounds} round(s). Who answers:
 a person (every other one presses 1), an answering machine every {faults.machine_every} numbers (a greeting of
 {faults.greeting_ms[0] / 1000:g}-{faults.greeting_ms[1] / 1000:g} s, then the beep), a fax every {faults.fax_every}.
 {mode.title} has no idempotency key: the measures are what the fake's callees took in. *Messages heard twice*
@@ -1345,7 +1346,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.reminders < 1:
         parser.error("--rounds and --reminders must be at least 1")
-    config = replace(ChaosConfig(), lease_ttl=LEASE_TTL, reminders=args.reminders, spread=max(4.0, args.reminders / 75),
+    # 30 reminders falling due per second: each call brings five or six signed webhooks (and the
+    # fake's retries of those that time out) to 3 replicas, a proxy and the fake on 2 shared cores;
+    # at 75 a second a load spike from elsewhere on the machine tipped the fake into a spiral of
+    # webhook timeouts and retries (measured 2026-12-07), which measures the machine, not the service
+    config = replace(ChaosConfig(), lease_ttl=LEASE_TTL, reminders=args.reminders, spread=max(4.0, args.reminders / 30),
                      settle_timeout=max(120.0, args.reminders / 5))
     names = _without_missing_tools(args.scenario or list(PROVIDER_SCENARIOS))
     command = "python -m harness.chaos_providers " + " ".join(argv if argv is not None else sys.argv[1:])
