@@ -52,8 +52,8 @@ from .machine import cpu_model
 
 __all__ = [
     "SCENARIOS", "ChaosConfig", "ClusterPool", "Fault", "Result", "chaos_cluster", "draw_pictures", "evidence",
-    "keep_other_sections", "open_reminders", "posts_outside_terms", "run_rounds", "run_scenario", "run_timeline",
-    "settle", "verify", "wait_burst", "window_terms",
+    "keep_other_sections", "machine_summary", "open_reminders", "posts_outside_terms", "run_rounds", "run_scenario",
+    "run_timeline", "settle", "verify", "wait_burst", "window_terms",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -727,6 +727,11 @@ def _table(results: list[Result]) -> str:
             f"| {sum(r.terms for r in runs)} |"
         )
     return "\n".join(lines)
+
+
+def machine_summary() -> str:
+    """The machine a run is measured on: cores, CPU, OS, Python, and its load average now."""
+    return _machine()
 
 
 def _machine() -> str:

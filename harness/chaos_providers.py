@@ -62,6 +62,7 @@ from .chaos import (
     ClusterPool,
     Fault,
     Result,
+    machine_summary,
     new_leader,
     open_reminders,
     posts_outside_terms,
@@ -1258,7 +1259,8 @@ def _scenario_list() -> str:
 
 
 def write_section(path: Path, mode: ProviderMode, command: str, config: ChaosConfig, rounds: int,
-                  results: list[Result], faults: ProviderFaults | None = None, seconds: float | None = None) -> None:
+                  results: list[Result], faults: ProviderFaults | None = None, seconds: float | None = None,
+                  where: str = "") -> None:
     """Replace (or append) `mode`'s section of RELIABILITY.md (a `## ` section, which `python -m
     harness.chaos` keeps when it rewrites the rest)."""
     faults = faults or ProviderFaults()
@@ -1273,9 +1275,10 @@ def write_section(path: Path, mode: ProviderMode, command: str, config: ChaosCon
                          for name, value in {**mode.env, "RECONCILE_GRACE": RECONCILE_GRACE}.items())
     fake = mode.fake.format(latency_ms=config.latency_ms, calls_per_second=mode.calls_per_second)
     took = f" in {seconds / 60:.1f} min" if seconds is not None else ""
+    where = f" ({where})" if where else ""
     section = f"""{mode.heading}
 
-`{command}`{took}: the faults against {fake} through a proxy that strips `PUBLIC_URL`'s path prefix, each
+`{command}`{took}{where}: the faults against {fake} through a proxy that strips `PUBLIC_URL`'s path prefix, each
 reminder its own number, {settings}; {config.reminders} reminders per run, falling due over {config.spread:g} s
 (× the scenario's factor: 2 for clock-skew, 6 for caps), {rounds} round(s). Who answers:
 a person (every other one presses 1), an answering machine every {faults.machine_every} numbers (a greeting of
@@ -1357,13 +1360,15 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for provider in args.provider or list(MODES):
         mode, begun = MODES[provider], time.monotonic()
+        where = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine_summary()}"
         results = run_rounds(ProviderClusterPool(config, mode), names, args.rounds, label=f" ({provider})")
         seconds = time.monotonic() - begun
         ok = ok and all(r.ok for r in results)
         print(f"\n{mode.title} mode ({seconds / 60:.1f} min)\n\n" + provider_table(results) + "\n"
               + caps_table(results), flush=True)
         if args.output != "-":
-            write_section(Path(args.output), mode, command.strip(), config, args.rounds, results, seconds=seconds)
+            write_section(Path(args.output), mode, command.strip(), config, args.rounds, results, seconds=seconds,
+                          where=where)
             print(f"\nwritten: {args.output}", flush=True)
     return 0 if ok else 1
 
