@@ -15,11 +15,12 @@ LOCK := $(BIN)/uv pip compile --quiet --generate-hashes --universal --python-ver
 
 install: $(STAMP) system-tools
 
-# What only Debian packages give: promtool (prometheus, for the alert-rule tests) and wrk (bench).
-# As root they are installed with apt-get; otherwise the one command that would is printed (under
-# CI=true a test that needs a missing one fails, so a failed apt-get only warns). Checked on every
+# What only Debian packages give: promtool (prometheus, for the alert-rule tests), wrk (bench) and
+# faketime (its libfaketime: the chaos runs' replicas with clocks off, `clock-skew`). As root they
+# are installed with apt-get; otherwise the one command that would is printed (under CI=true a test
+# or chaos run that needs a missing one fails, so a failed apt-get only warns). Checked on every
 # run: cheap when present.
-SYSTEM_TOOLS := promtool:prometheus wrk:wrk
+SYSTEM_TOOLS := promtool:prometheus wrk:wrk faketime:faketime
 system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; \

@@ -52,8 +52,8 @@ from .machine import cpu_model
 
 __all__ = [
     "SCENARIOS", "ChaosConfig", "ClusterPool", "Fault", "Result", "chaos_cluster", "draw_pictures", "evidence",
-    "keep_other_sections", "open_reminders", "posts_outside_terms", "run_rounds", "run_scenario", "run_timeline",
-    "settle", "verify", "wait_burst", "window_terms",
+    "keep_other_sections", "machine_summary", "open_reminders", "posts_outside_terms", "run_rounds", "run_scenario",
+    "run_timeline", "settle", "verify", "wait_burst", "window_terms",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +129,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     evidence: str = ""
     timeline: Timeline | None = None  # what the run looked like, for its picture
+    figures: dict[str, int] = field(default_factory=dict)  # a mode's own counts (real providers: machines, …)
 
     @property
     def ok(self) -> bool:
@@ -141,7 +142,9 @@ class Result:
             f"calls={self.calls} duplicates={self.duplicates} misses={self.misses} redundant={self.redundant} "
             f"(budget {self.budget}, in flight at fault {self.in_flight}) retries={self.retries} terms={self.terms} "
             f"(unforced ends {self.spurious_term_ends}) min handover gap={gap} lateness max={self.max_lateness:.2f}s "
-            f"p50={self.p50_lateness:.2f}s in {self.seconds:.1f}s" + "".join(f"; {n}" for n in self.notes)
+            f"p50={self.p50_lateness:.2f}s in {self.seconds:.1f}s"
+            + "".join(f" {name}={value}" for name, value in self.figures.items())
+            + "".join(f"; {n}" for n in self.notes)
         )
 
 
@@ -190,8 +193,8 @@ def wait_first_call(cluster: Cluster, replica: str, timeout: float = 30.0) -> No
 
 
 def open_reminders(cluster: Cluster) -> int:
-    statuses = cluster.reminder_statuses()
-    return statuses["pending"] + statuses["dispatching"]
+    """Reminders still to be done (not waiting for a later time: `Cluster.open_reminders`)."""
+    return cluster.open_reminders()
 
 
 # -- the scenarios ---------------------------------------------------------------------------------
@@ -661,7 +664,7 @@ class ClusterPool:
         except Exception as error:  # noqa: BLE001 - a broken run is a failed run
             result = Result(scenario=name, violations=[f"{type(error).__name__}: {error}"])
         if not result.ok:
-            result.evidence = evidence(cluster)
+            result.evidence = "\n".join(part for part in (result.evidence, evidence(cluster)) if part)
             self.discard(keep_logs=True)
             result.notes.append(f"logs kept in {self.kept[-1]}")
         return result
@@ -724,6 +727,11 @@ def _table(results: list[Result]) -> str:
             f"| {sum(r.terms for r in runs)} |"
         )
     return "\n".join(lines)
+
+
+def machine_summary() -> str:
+    """The machine a run is measured on: cores, CPU, OS, Python, and its load average now."""
+    return _machine()
 
 
 def _machine() -> str:

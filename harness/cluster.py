@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +51,7 @@ from .postgres import PostgresServer
 from .proxy import TcpProxy
 
 __all__ = [
+    "FAKETIME_LIBRARIES",
     "REAL_FAKES",
     "Cluster",
     "LeaderTerm",
@@ -62,6 +63,7 @@ __all__ = [
     "RealProviderFake",
     "ReplicaProcess",
     "WebhookProxyProcess",
+    "faketime_library",
     "planned_appointments",
     "wait_for",
     "with_checkout_fakes",
@@ -79,6 +81,17 @@ def with_checkout_fakes(env: dict[str, str]) -> dict[str, str]:
     (over any installed copy), as it imports the checkout's service from its working directory."""
     rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(FAKES)]
     return {**env, "PYTHONPATH": os.pathsep.join([str(FAKES), *rest])}
+
+
+# libfaketime (Debian package `faketime`, which brings `libfaketime`): a replica started with it in
+# LD_PRELOAD and FAKETIME="+8s" reads a wall clock 8 s ahead (`Cluster.skew_clocks`).
+FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                      "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1")
+
+
+def faketime_library() -> str | None:
+    """The libfaketime shared object to preload, or None when it is not installed."""
+    return next((path for path in FAKETIME_LIBRARIES if Path(path).is_file()), None)
 
 
 def wait_for(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
@@ -274,15 +287,29 @@ class RealFakeClient:
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self._http = httpx.Client(base_url=base_url, timeout=5.0)
+        self._http = httpx.Client(base_url=base_url, timeout=10.0)
+        # controls set again after every reset (the fake's reset restores its own defaults):
+        # `time_scale` of a fake started on a clock of its own (harness.real_fake)
+        self.defaults: dict[str, Any] = {}
+
+    def _get(self, path: str, tries: int = 3) -> Any:
+        """GET an inspection route; asked again after a timeout (a fake busy with a burst on a
+        loaded machine answers late: a runner's poll must not end the run)."""
+        for attempt in range(tries):
+            try:
+                return self._http.get(path).raise_for_status().json()
+            except httpx.TimeoutException:
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def calls(self, placed_by: str | None = None) -> list[dict[str, Any]]:
         """Every call with what it heard (`heard`), its stamp (`stamp`: r, a) and status."""
-        return self._http.get("/_fake/calls").raise_for_status().json()["calls"]
+        return self._get("/_fake/calls")["calls"]
 
     def requests(self) -> list[dict[str, Any]]:
         """Every create received, in arrival order (status None while still running)."""
-        return self._http.get("/_fake/requests").raise_for_status().json()["requests"]
+        return self._get("/_fake/requests")["requests"]
 
     def control(self, **settings: Any) -> dict[str, Any]:
         """`latency_ms`, `calls_per_second`, `ring_ms`, `reject_rate`, `fail_after_create_rate`,
@@ -303,6 +330,8 @@ class RealFakeClient:
 
     def reset(self) -> None:
         self._http.post("/_fake/reset").raise_for_status()
+        if self.defaults:
+            self.control(**self.defaults)
 
     def close(self) -> None:
         self._http.close()
@@ -342,21 +371,27 @@ REAL_FAKES = {
 
 class RealFakeProcess(ProviderProcess):
     """`python -m reminders_fakes.<provider>` on a free port, serving the account `fake.account`
-    (Telnyx: events signed with the fake's fixed test key pair)."""
+    (Telnyx: events signed with the fake's fixed test key pair). With a `time_scale` other than 1,
+    `python -m harness.real_fake <provider>`: the provider's documented windows scaled, its webhook
+    timeout kept real."""
 
     def __init__(self, log_path: Path, fake: RealProviderFake, *, latency_ms: float = 0.0,
-                 calls_per_second: float = 1.0, ring_ms: float = 200.0) -> None:
+                 calls_per_second: float = 1.0, ring_ms: float = 200.0, time_scale: float = 1.0) -> None:
         super().__init__(log_path, latency_ms=latency_ms)
         self.fake = fake
         self.name = f"{fake.provider}-fake"
         self.calls_per_second = calls_per_second
         self.ring_ms = ring_ms
+        self.time_scale = time_scale
         self.client = RealFakeClient(self.url)  # type: ignore[assignment]
 
     def start(self, timeout: float = 30.0) -> RealFakeProcess:
-        argv = [sys.executable, "-m", self.fake.module, "--port", str(self.port), "--latency-ms",
+        module = [self.fake.module] if self.time_scale == 1 else [
+            "harness.real_fake", self.fake.provider, "--time-scale", str(self.time_scale)]
+        argv = [sys.executable, "-m", *module, "--port", str(self.port), "--latency-ms",
                 str(self.latency_ms), "--cps", str(self.calls_per_second), "--ring-ms", str(self.ring_ms),
                 *self.fake.account]
+        self.client.defaults = {} if self.time_scale == 1 else {"time_scale": self.time_scale}  # type: ignore[attr-defined]
         self._spawn(argv, _child_env({}))
         wait_for_port(self.port, timeout=timeout)
         wait_for(self._answers, timeout=timeout, what=f"{self.name} answering")
@@ -490,11 +525,12 @@ class _LoopThread:
 
 
 def planned_appointments(
-    count: int, *, due_in_seconds: float, spread_seconds: float, starts_in_seconds: float, timezone: str,
-    phone: str | Callable[[int], str],
+    count: int, *, due_in_seconds: float, spread_seconds: float, starts_in_seconds: float | Callable[[int], float],
+    timezone: str, phone: str | Callable[[int], str],
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
     """(appointment row, its reminder rows) for `Cluster.seed_due_reminders`, planned by the domain
-    as of now; ValueError for a number the API would refuse or a time that cannot be planned."""
+    as of now; ValueError for a number the API would refuse or a time that cannot be planned.
+    `starts_in_seconds` and `phone` may be functions of the index."""
     from service.db import AppointmentStatus
     from service.db.models import new_id
     from service.ledger.plans import reminder_row
@@ -509,7 +545,6 @@ def planned_appointments(
     templates, zone, policy = MessageTemplates.parse(None), ZoneInfo(timezone), NumberPolicy()
     language = templates.default_language
     now = datetime.now(UTC)
-    starts_at = now + timedelta(seconds=starts_in_seconds)
     refusals: dict[str, str | None] = {}
     planned = []
     for index in range(count):
@@ -521,6 +556,8 @@ def planned_appointments(
                 refusals[number] = str(error)
         if refusals[number]:
             raise ValueError(f"seed number {number} would be refused: {refusals[number]}")
+        starts_at = now + timedelta(seconds=starts_in_seconds(index) if callable(starts_in_seconds)
+                                    else starts_in_seconds)
         due = now + timedelta(seconds=due_in_seconds + spread_seconds * index / max(1, count))
         plan = plan_reminders(starts_at=starts_at, zone=zone, window=ALWAYS, now=now, explicit=[due])
         if plan.unplanned:
@@ -671,6 +708,7 @@ class Cluster:
         self.provider_latency_ms = provider_latency_ms
         self.lease_ttl = lease_ttl
         self.env = dict(env or {})
+        self._scenario_keys: set[str] = set()  # the keys of `env` that `scenario_env` set
         self.election_prefix = election_prefix or f"/reminders-cluster/{uuid.uuid4().hex[:12]}"
         self.start_timeout = start_timeout
         # CLUSTER_KEEP_LOGS=1: leave the work dir (logs, SQLite file) in place after close().
@@ -839,6 +877,67 @@ class Cluster:
         self._own_postgres().start()
         self.postgres_running = True
 
+    # -- the provider's clock and the replicas' clocks --------------------------------------------
+
+    def set_fake_time_scale(self, scale: float) -> None:
+        """Run the real provider's fake with its documented windows scaled by `scale` (its webhook
+        timeout kept real: harness.real_fake): restarted on the same port when the scale changes.
+        Its calls and controls are lost: between runs only."""
+        provider = self.provider
+        if not isinstance(provider, RealFakeProcess) or provider.time_scale == scale:
+            return
+        provider.kill()
+        provider.time_scale = scale
+        provider.start()
+
+    def skew_clocks(self, offsets: dict[str, str]) -> None:
+        """Replicas' wall clocks off by `offsets` (replica name → libfaketime's FAKETIME, e.g.
+        "+8s", "-8s"; monotonic clocks stay true, as on a host whose NTP is off); replicas not named
+        run on the true clock. A replica whose clock changes is restarted (SIGTERM, then started
+        with the new environment) and waited for. FileNotFoundError when libfaketime is missing."""
+        library = faketime_library() if offsets else None
+        if offsets and library is None:
+            raise FileNotFoundError(f"libfaketime not found ({', '.join(FAKETIME_LIBRARIES)}): "
+                                    "apt-get install faketime")
+        changed = []
+        for replica in self.active_replicas:
+            env = {k: v for k, v in replica.env.items() if k not in ("LD_PRELOAD", "FAKETIME",
+                                                                      "FAKETIME_DONT_FAKE_MONOTONIC")}
+            if replica.name in offsets:
+                env.update({"LD_PRELOAD": str(library), "FAKETIME": offsets[replica.name],
+                            "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+            if env != replica.env:
+                replica.env = env
+                if replica.alive:
+                    replica.terminate(timeout=20)
+                replica.start()
+                changed.append(replica)
+        for replica in changed:
+            replica.wait_ready(self.start_timeout)
+
+    def scenario_env(self, values: Mapping[str, str]) -> None:
+        """The replicas' settings of one scenario (e.g. the caps per number): set on every active
+        replica and on those started later; those an earlier call set and `values` lacks are
+        removed. A replica whose environment changes is restarted (SIGTERM, then started) and
+        waited for. Between runs only."""
+        stale = self._scenario_keys - set(values)
+        for key in stale:
+            self.env.pop(key, None)
+        self.env.update(values)
+        self._scenario_keys = set(values)
+        changed = []
+        for replica in self.active_replicas:
+            env = {k: v for k, v in replica.env.items() if k not in stale}
+            env.update(values)
+            if env != replica.env:
+                replica.env = env
+                if replica.alive:
+                    replica.terminate(timeout=20)
+                replica.start()
+                changed.append(replica)
+        for replica in changed:
+            replica.wait_ready(self.start_timeout)
+
     # -- between scenarios -----------------------------------------------------------------------
 
     def recover(self, timeout: float = 60.0) -> str:
@@ -868,14 +967,16 @@ class Cluster:
         return self.leader(max(1.0, deadline - time.monotonic()))
 
     def clear(self) -> None:
-        """Delete every appointment and reminder (the fence stays: tokens only grow) and reset
-        the provider's calls, keys and request log."""
+        """Delete every appointment and reminder and the do-not-call list (the fence stays: tokens
+        only grow) and reset the provider's calls, keys and request log."""
         from sqlalchemy import delete
 
         from service.db import Appointment, CallAttempt, Reminder
+        from service.db.models import DoNotCall
 
         async def wipe(db: Any) -> None:
             async with db.session() as session:
+                await session.execute(delete(DoNotCall))
                 await session.execute(delete(CallAttempt))
                 await session.execute(delete(Reminder))
                 await session.execute(delete(Appointment))
@@ -1015,11 +1116,13 @@ class Cluster:
 
     def seed_due_reminders(
         self, count: int, *, due_in_seconds: float = 0.0, spread_seconds: float = 0.0,
-        starts_in_seconds: float = 7200.0, timezone: str = "UTC", phone: str | Callable[[int], str] = "+14155552671",
+        starts_in_seconds: float | Callable[[int], float] = 7200.0, timezone: str = "UTC",
+        phone: str | Callable[[int], str] = "+14155552671",
     ) -> list[str]:
         """`count` appointments with one pending reminder each, due from `due_in_seconds` from now,
         spread evenly over `spread_seconds`; returns the reminder ids. `phone` may be a function of
-        the index (each reminder its own number); every number must be one the API would take.
+        the index (each reminder its own number), and so may `starts_in_seconds`; every number must
+        be one the API would take.
 
         Planned as the API's create plans them, in bulk: the domain's `plan_reminders` (an explicit
         `remind_at`, an all-day call window), the wording rendered from the built-in templates and
@@ -1046,6 +1149,42 @@ class Cluster:
         self._run_db(insert, timeout=max(30.0, count / 20))
         return [reminder["id"] for _, reminders in plans for reminder in reminders]
 
+    def seed_past_calls(self, phone: str, ago: Sequence[timedelta]) -> str:
+        """Calls placed to `phone` before the run, as the caps per number count them: an appointment
+        of the number long past, its reminder `sent`, and one call attempt per `ago` (created and
+        rung that long before the database's now, answered, completed). Returns the reminder's id."""
+        from sqlalchemy import func, insert, select
+
+        from service.db import Appointment, CallAttempt, Reminder
+        from service.db.models import new_id
+
+        async def seed(db: Any) -> str:
+            from service.ledger.consent import phone_hasher
+
+            hasher = await phone_hasher(db)
+            async with db.session() as session:
+                now = (await session.execute(select(func.now()))).scalar_one()
+                oldest = now - max(ago)
+                appointment_id, reminder_id = new_id(), new_id()
+                await session.execute(insert(Appointment).values(
+                    id=appointment_id, customer_name="Earlier Customer", phone=phone, phone_hash=hasher(phone),
+                    starts_at=oldest + timedelta(hours=1), timezone="UTC", status="scheduled", language="en-US",
+                    created_at=oldest, updated_at=oldest))
+                await session.execute(insert(Reminder).values(
+                    id=reminder_id, appointment_id=appointment_id, due_at=oldest, next_attempt_at=oldest,
+                    status="sent", attempts=len(ago), idempotency_key=f"reminder-{reminder_id}", sent_at=oldest,
+                    outcome="answered", created_at=oldest, updated_at=oldest))
+                for before in ago:
+                    at = now - before
+                    await session.execute(insert(CallAttempt).values(
+                        id=new_id(), reminder_id=reminder_id, fencing_token=0, state="created",
+                        provider_call_id=f"earlier-{new_id()}", call_status="completed", last_event_at=at,
+                        ended_at=at, rang_at=at, created_at=at, updated_at=at))
+                await session.commit()
+            return reminder_id
+
+        return self._run_db(seed)
+
     def reminders(self) -> list[dict[str, Any]]:
         """Every reminder row, as dicts (id, status, attempts, idempotency_key, fence_token, claimed_by, …)."""
         from sqlalchemy import select
@@ -1055,6 +1194,18 @@ class Cluster:
         async def rows(db: Any) -> list[dict[str, Any]]:
             async with db.session() as session:
                 return [dict(row._mapping) for row in await session.execute(select(Reminder.__table__))]
+
+        return self._run_db(rows)
+
+    def appointments(self) -> list[dict[str, Any]]:
+        """Every appointment row, as dicts (id, phone, plan, status, starts_at, …)."""
+        from sqlalchemy import select
+
+        from service.db import Appointment
+
+        async def rows(db: Any) -> list[dict[str, Any]]:
+            async with db.session() as session:
+                return [dict(row._mapping) for row in await session.execute(select(Appointment.__table__))]
 
         return self._run_db(rows)
 
@@ -1082,6 +1233,23 @@ class Cluster:
                 return Counter({str(status): n for status, n in result.all()})
 
         return self._run_db(counts)
+
+    def open_reminders(self, horizon: timedelta = timedelta(minutes=10)) -> int:
+        """Reminders still to be done: `dispatching`, or `pending` and due within `horizon` from now
+        (one waiting for a later time — a cap per number's next allowed time, a no-answer retry's —
+        is not open)."""
+        from sqlalchemy import and_, func, or_, select
+
+        from service.db import Reminder
+
+        async def count(db: Any) -> int:
+            async with db.session() as session:
+                result = await session.execute(select(func.count()).where(or_(
+                    Reminder.status == "dispatching",
+                    and_(Reminder.status == "pending", Reminder.next_attempt_at <= datetime.now(UTC) + horizon))))
+                return int(result.scalar_one())
+
+        return self._run_db(count)
 
     def outcomes(self) -> Counter[str]:
         """Real providers: reminders by `outcome`, appointments by `confirmation` (keys

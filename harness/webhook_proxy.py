@@ -17,6 +17,7 @@ import json
 import logging
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,10 +30,16 @@ log = logging.getLogger("webhook-proxy")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 
 
-def create_proxy(prefix: str, upstreams: list[str], *, timeout: float = 20.0) -> Starlette:
+def create_proxy(prefix: str, upstreams: list[str], *, timeout: float = 20.0,
+                 max_connections: int = 2000) -> Starlette:
+    """`max_connections`: upstream connections at once. An ingress opens one per request it holds;
+    httpx's default of 100 made every webhook wait behind the requests a frozen or slow replica held
+    for `timeout`, which an ingress does not (and its own pool slows as concurrency rises: the
+    aiohttp transport, as the service's adapters use)."""
     prefix = "/" + prefix.strip("/")
     state = {"upstreams": list(upstreams), "turn": itertools.count()}
-    http = httpx.AsyncClient(timeout=timeout)
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=200, keepalive_expiry=4.0)
+    http = httpx.AsyncClient(timeout=timeout, transport=AiohttpTransport(limits=limits))
 
     async def forward(request: Request) -> Response:
         path = request.url.path
@@ -51,8 +58,8 @@ def create_proxy(prefix: str, upstreams: list[str], *, timeout: float = 20.0) ->
             url = base.rstrip("/") + stripped + (f"?{query}" if query else "")
             try:
                 upstream = await http.request(request.method, url, content=body, headers=headers)
-            except httpx.ConnectError:
-                continue  # that pod is gone: the next one
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                continue  # that pod is gone (aiohttp reports a refused connect as a timeout): the next one
             except httpx.HTTPError as error:
                 log.info("upstream %s failed mid-request: %s", base, type(error).__name__)
                 return JSONResponse({"error": "upstream failed"}, status_code=502)

@@ -23,14 +23,24 @@ from service.dispatch.stamped import StampedCalls, StampedConfig
 from service.dispatch.sweep import CallSweep
 from service.errors import SettingError
 from service.ledger import AttemptStore, Outcome, ReminderStore, SweepTimes
+from service.ledger import calls as calls_module
 from service.ledger import claims as claims_module
+from service.ledger.calls import ANSWERED_UNHEARD, UNHEARD_RECALLS
 from service.providers.twilio.signature import TwilioSignature
-from service.reminders import ALWAYS, MessageTemplates, NoAnswerPolicy, PlanningConfig, ReminderOffset
-from service.reminders.attempts import AttemptView
+from service.reminders import (
+    ALWAYS,
+    Answerer,
+    CallCaps,
+    MessageTemplates,
+    NoAnswerPolicy,
+    PlanningConfig,
+    ReminderOffset,
+)
+from service.reminders.attempts import AttemptState, AttemptView
 from service.telephony.provider import CallSpec, Stamp
 from tests.support.providers import FROM, PHONE, PUBLIC, Rig, make_rig
 from tests.support.waiting import eventually
-from tests.test_dispatch import FakeTerm, config
+from tests.test_dispatch import FakeTerm, config, lead_until
 
 pytestmark = pytest.mark.anyio
 
@@ -597,3 +607,202 @@ def test_hole_11_signalwire_mode_sends_no_twilio_connection_overrides() -> None:
     assert any("#" in value for _, value in twilio.create_form(spec))
     assert not any("#" in value for _, value in signalwire.create_form(spec))
     assert ("FallbackUrl", signalwire.webhook_url("voice", Stamp("r-1", "a-1").query())) in signalwire.create_form(spec)
+
+
+# -- 12: what the chaos runs found (harness/chaos_providers.py, RELIABILITY.md) ---------------------------
+
+
+async def _in_doubt(rig: Rig, reminder_id: str, *, token: int = 1) -> tuple[str, str]:
+    """Claimed, its attempt recorded, its call created at the fake but the create's answer lost
+    (a timeout): the attempt in doubt and the reminder `pending` for its reconciliation, as the
+    dispatcher leaves it. (attempt id, call id)."""
+    store = ReminderStore(rig.db)
+    await store.raise_fence(token, "leader")
+    await store.claim(token, "leader", limit=50, stale_after=timedelta(minutes=2))
+    attempts = AttemptStore(rig.db)
+    attempt_id = await attempts.begin(token, reminder_id)
+    assert attempt_id is not None
+    call_id = await rig.place(reminder_id, attempt_id, record=False)
+    await attempts.settle(attempt_id, AttemptState.IN_DOUBT, error="timeout: TimeoutError")
+    retry = Outcome.retry(datetime.now(UTC), "timeout: TimeoutError", attempts=1)
+    assert await store.finish_many(token, [(reminder_id, retry)]) == {}
+    return attempt_id, call_id
+
+
+@pytest.mark.parametrize("then", ["confirms", "opts out", "a cap counts the call"])
+async def test_chaos_a_call_heard_while_its_create_was_in_doubt_is_sent_not_skipped(db: Database, then: str) -> None:
+    """Found by provider-outage and lost-answers (Twilio): the create's answer was lost, the call
+    was made; the callee heard the message and pressed 1 (or 9), or a cap per number counted that
+    very call. The keypad skipped the reminder itself ("confirmed", "opted out": it was still
+    `pending`, its attempt in doubt), or the next claim held it back (the cap), though its message
+    was heard. Now a reminder bound to a call that spoke is finished — the keypad skips only the
+    others —, and the leader reconciles a claimed reminder before anything may hold it back from
+    a new call: `sent`, one call."""
+    rig = make_rig(db, "twilio")
+    rig.fake.callees[PHONE] = CalleeScript("answer", digits={"confirms": "1", "opts out": "9"}.get(then))
+    try:
+        appointment_id, reminder_id = await book(db)
+        _, call_id = await _in_doubt(rig, reminder_id)
+        await eventually(rig.over(call_id))
+        assert (await row(db, reminder_id)).status == "pending"  # heard, bound: not skipped
+        if then == "confirms":
+            assert await confirmation(db, appointment_id) == "confirmed"
+        dispatcher = Dispatcher(db, rig.provider, config(caps=CallCaps(per_day=1),
+                                                         reconcile_grace=timedelta(seconds=30)))
+
+        async def sent() -> bool:
+            return (await row(db, reminder_id)).status != "pending"
+
+        await lead_until(dispatcher, FakeTerm(2), sent)
+        done = await row(db, reminder_id)
+        assert (done.status, done.outcome, done.skip_reason, done.bound_call_id) == ("sent", "answered", None, call_id)
+        assert len(rig.calls()) == 1 and heard_message(rig.calls()[0]) == 1
+    finally:
+        await rig.aclose()
+
+
+async def test_chaos_a_replan_between_the_answer_and_the_greeting_calls_the_new_plan(db: Database) -> None:
+    """Found by replan-while-ringing (Telnyx): a PATCH landed after `call.answered` bound the old
+    plan's reminder and before its greeting (the machine detection still to come). Bound, it was
+    taken as finished: not superseded, owed no call; its greeting was then refused (not current)
+    and nobody heard either plan. Now a bound call that has said nothing leaves its reminder
+    unfinished: superseded, its call hung up without a word, and the new plan calls now."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.detection_ms = 60_000.0  # the detection result is far away
+    rig.fake.callees[PHONE] = CalleeScript("answer")
+    try:
+        appointment_id, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        await eventually(lambda: _bound(db, reminder_id))
+        view = await appointments.change(db, appointment_id, {"starts_at": datetime.now(UTC) + timedelta(days=2)},
+                                         PLANNING)
+        old = await row(db, reminder_id)
+        assert (old.status, old.skip_reason) == ("cancelled", "re-planned")
+        owed = [r for r in view["reminders"] if r["status"] == "pending"]
+        assert owed and min(r["due_at"] for r in owed) <= datetime.now(UTC) + timedelta(seconds=5)
+        sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES), times=times(greet_after=0.1))
+        await sweep.once(token=1)  # the greeting it was owed: refused, the call hung up
+        await eventually(rig.over(call_id))
+        assert rig.call(call_id).heard == [] and not greetings(rig.call(call_id))
+    finally:
+        await rig.aclose()
+
+
+async def _bound(db: Database, reminder_id: str) -> bool:
+    return (await row(db, reminder_id)).bound_call_id is not None
+
+
+async def test_chaos_an_answered_call_whose_answer_events_are_all_lost_is_called_again(db: Database) -> None:
+    """Found by lost-events and late-events (Telnyx): `call.answered` and the machine detection of a
+    call both lost (or later than the callee waits in silence): nothing bound the call, the person
+    heard silence and hung up, and `call.hangup` (`normal_clearing`) ended the reminder `failed`,
+    never called again — a miss. Now an answered call that ended unbound, unheard, is called again
+    at once, and the next call is heard once."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_loss_rate = 1.0
+    rig.fake.controls.event_loss_types = ["call.answered", "call.machine.detection.ended"]
+    rig.fake.controls.patience_ms = 300.0
+    rig.fake.callees[PHONE] = CalleeScript("answer")
+    try:
+        _, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+
+        async def ended() -> bool:  # the hang-up event applied
+            return (await row(db, reminder_id)).status == "pending"
+
+        await eventually(ended)
+        first = await row(db, reminder_id)
+        assert (first.status, first.outcome, first.bound_call_id) == ("pending", None, None)
+        async with db.session() as session:
+            error = (await session.execute(select(CallAttempt.error).where(CallAttempt.id == attempt_id))).scalar_one()
+        assert error == ANSWERED_UNHEARD
+        rig.fake.controls.event_loss_rate = 0.0
+        dispatcher = Dispatcher(db, rig.provider, config(sweep_interval=0.05))
+
+        async def heard() -> bool:
+            return (await row(db, reminder_id)).outcome is not None and all(map(rig.is_over, rig.calls()))
+
+        await lead_until(dispatcher, FakeTerm(2), heard)
+        assert [heard_message(call) for call in rig.calls()] == [0, 1]
+        assert (await row(db, reminder_id)).outcome == "answered"
+    finally:
+        await rig.aclose()
+
+
+async def test_chaos_a_fax_hung_up_unbound_is_not_called_again(db: Database) -> None:
+    """The other side of the rule above: a call that ended unbound because a fax answered (Twilio's
+    `AnsweredBy=fax`: hung up, never bound) ends the reminder `failed`, not called again."""
+    rig = make_rig(db, "twilio")
+    rig.fake.callees[PHONE] = CalleeScript("fax")
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        await eventually(rig.over(call_id))
+
+        async def ended() -> bool:
+            return (await row(db, reminder_id)).outcome is not None
+
+        await eventually(ended)
+        done = await row(db, reminder_id)
+        assert (done.status, done.outcome, done.bound_call_id) == ("sent", "failed", None)
+    finally:
+        await rig.aclose()
+
+
+async def test_chaos_an_answered_call_is_called_again_unheard_at_most_twice(db: Database) -> None:
+    """A callee whose every answer ends before any event of it comes (lost each time) is not called
+    over and over: after `UNHEARD_RECALLS` calls again, the reminder ends with the outcome `failed`."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_loss_rate = 1.0
+    rig.fake.controls.event_loss_types = ["call.answered", "call.machine.detection.ended"]
+    rig.fake.controls.patience_ms = 100.0
+    rig.fake.callees[PHONE] = CalleeScript("answer")
+    try:
+        _, reminder_id = await book(db)
+        dispatcher = Dispatcher(db, rig.provider, config(sweep_interval=0.05))
+
+        async def done() -> bool:
+            return (await row(db, reminder_id)).outcome is not None and all(map(rig.is_over, rig.calls()))
+
+        await lead_until(dispatcher, FakeTerm(2), done)
+        assert len(rig.calls()) == 1 + UNHEARD_RECALLS
+        assert all(heard_message(call) == 0 for call in rig.calls())
+        last = await row(db, reminder_id)
+        assert (last.status, last.outcome) == ("sent", "failed")
+    finally:
+        await rig.aclose()
+
+
+async def test_chaos_a_greeting_being_recorded_and_a_replan_exclude_each_other(db: Database) -> None:
+    """The rule above, raced (PostgreSQL; SQLite has one writer): a greeting is being recorded for a
+    bound call (its transaction open) when a PATCH re-plans. The PATCH waits for it, then sees the
+    reminder heard and keeps it: never a superseded reminder whose greeting goes out."""
+    if db.is_sqlite:
+        pytest.skip("SQLite runs one writer at a time")
+    rig = make_rig(db, "telnyx", ring_ms=60_000)
+    try:
+        appointment_id, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        stamp = Stamp(reminder_id, attempt_id)
+        async with db.session() as session:  # answered: in progress, bound, no greeting yet
+            await session.execute(update(CallAttempt).where(CallAttempt.id == attempt_id)
+                                  .values(call_status="in-progress"))
+            await session.commit()
+        assert (await calls_module.answer(db, stamp, call_id, fallback=fallback_wording(TEMPLATES),
+                                          heard_later=True)).speak
+        async with db.engine.connect() as connection:
+            await connection.begin()
+            greeting = await connection.run_sync(calls_module._command_greeting, stamp, call_id, Answerer.PERSON,
+                                                 fallback_wording(TEMPLATES))
+            assert greeting.send
+            replan = asyncio.create_task(appointments.change(
+                db, appointment_id, {"starts_at": datetime.now(UTC) + timedelta(days=2)}, PLANNING))
+            await asyncio.sleep(0.5)
+            assert not replan.done()  # it waits for the greeting's transaction
+            await connection.commit()
+        await asyncio.wait_for(replan, 10)
+        kept = await row(db, reminder_id)
+        assert (kept.status, kept.bound_call_id) == ("sent", call_id)  # heard: finished, not superseded
+    finally:
+        await rig.aclose()

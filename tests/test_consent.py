@@ -334,6 +334,30 @@ async def test_claims_in_one_batch_count_each_other(db: Database) -> None:
     assert held.wait_until - claims[2].claimed_at <= timedelta(seconds=5)
 
 
+async def test_an_orphan_without_a_call_is_held_by_a_cap_with_a_provider_without_idempotency(db: Database) -> None:
+    """Found by the caps chaos run (harness/chaos_providers.py `caps`): a leader claimed a reminder
+    and died before recording either its hold or an attempt; its successor re-claimed it as an
+    orphan, which a cap never held, and called a number that had had its day's calls. An orphan of
+    a provider without idempotency is held like any other (its own attempts, if any, are reconciled
+    first: the hold is asked only before a new call); with the generic provider's key it is not."""
+    phone = "+14155550144"
+    earlier = await _seed_due(db, phone, due_in=timedelta(hours=1))
+    await _attempt(db, earlier, state="created", call_status="completed", rang_at=datetime.now(UTC))
+    orphan = await _seed_due(db, phone)
+    store = ReminderStore(db)
+    await store.raise_fence(1, "dead leader")
+    (claimed,) = await store.claim(1, "dead leader", limit=5, stale_after=timedelta(minutes=2),
+                                   caps=CallCaps(per_day=1))
+    assert claimed.cap is not None  # the dead leader's hold, never recorded
+    await store.raise_fence(2, "successor")
+    (generic,) = await store.claim(2, "successor", limit=5, stale_after=timedelta(minutes=2), caps=CallCaps(per_day=1))
+    assert generic.reminder_id == orphan and generic.orphaned and generic.cap is None
+    await store.raise_fence(3, "successor")
+    (stamped,) = await store.claim(3, "successor", limit=5, stale_after=timedelta(minutes=2), caps=CallCaps(per_day=1),
+                                   hold_orphans=True)
+    assert stamped.orphaned and stamped.cap is not None and stamped.cap.skip_reason is not None
+
+
 def test_the_cap_rule() -> None:
     now = datetime(2030, 1, 7, 12, 0, tzinfo=UTC)
     window, utc = CallWindow.parse("08:00-21:00"), ZoneInfo("UTC")

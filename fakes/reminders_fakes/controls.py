@@ -36,6 +36,7 @@ __all__ = [
     "FaultControls",
     "Listener",
     "split_speech",
+    "webhook_transport",
 ]
 
 # answer: a person; machine: an answering machine (a greeting, then it records); fax: a fax
@@ -181,6 +182,16 @@ class _DroppedConnection(Response):
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
         raise httpx.RemoteProtocolError("Server disconnected without sending a complete response.")
+
+
+def webhook_transport() -> httpx.AsyncBaseTransport:
+    """How a fake sends its webhooks over the network: as many at once as its calls need — a
+    provider's webhooks come from many machines, with no shared cap. httpx's default pool (100
+    connections, wait for a free one counted against the request's timeout) made a burst's webhooks
+    queue behind each other inside the fake and time out there (Twilio's `rt`), then be retried: a
+    spiral the service never caused (make chaos, Twilio redeliveries, 2026-12-07)."""
+    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=5000, max_keepalive_connections=200,
+                                                        keepalive_expiry=4.0))
 
 
 class ControlledFake:

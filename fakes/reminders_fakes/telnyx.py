@@ -70,7 +70,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from reminders_fakes.controls import CalleeScript, ControlledFake, FaultControls, Listener
+from reminders_fakes.controls import CalleeScript, ControlledFake, FaultControls, Listener, webhook_transport
 from service.privacy import E164
 from service.reminders.outcomes import FINAL_CALL_STATES
 from service.telephony.provider import Stamp
@@ -525,7 +525,7 @@ class FakeTelnyx(ControlledFake):
                          redelivery: bool) -> str:
         """One delivery: `acknowledged` (2xx), `refused` (another status), `timeout` or `error`."""
         if self._http is None:
-            self._http = httpx.AsyncClient(transport=self._webhook_transport or httpx.AsyncHTTPTransport(),
+            self._http = httpx.AsyncClient(transport=self._webhook_transport or webhook_transport(),
                                            timeout=None)
         body = json.dumps({"data": data, "meta": {"attempt": attempt, "delivered_to": url}}).encode()
         timestamp = str(int(time.time()))

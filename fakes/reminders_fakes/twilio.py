@@ -69,7 +69,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
-from reminders_fakes.controls import CalleeScript, ControlledFake, FaultControls, Listener
+from reminders_fakes.controls import CalleeScript, ControlledFake, FaultControls, Listener, webhook_transport
 from service.privacy import E164
 from service.reminders.outcomes import FINAL_CALL_STATES, PRE_ANSWER_STATES
 
@@ -490,7 +490,7 @@ class FakeTwilio(ControlledFake):
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
-            transport = self._webhook_transport or httpx.AsyncHTTPTransport()
+            transport = self._webhook_transport or webhook_transport()
             self._http = httpx.AsyncClient(transport=transport, timeout=None)
         return self._http
 

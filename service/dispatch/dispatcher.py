@@ -480,6 +480,8 @@ class Dispatcher:
             return await self.store.claim(
                 term.fencing_token, self.config.instance, limit=free, stale_after=self.config.stale_claim_after,
                 caps=self.config.caps, window=self.config.call_window,
+                # reconciled before any hold is asked (`_handle`): an orphan is held like the others
+                hold_orphans=self._stamped is not None,
             )
         except StaleTerm:
             raise
@@ -488,31 +490,15 @@ class Dispatcher:
             return None
 
     async def _handle(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
-        now = self._now()
-        if claim.appointment_cancelled:
-            await self._finish(recorder, claim, Outcome.cancelled("appointment cancelled"))
-            return
-        held = self._held(claim)
-        if held is not None:
-            await self._finish(recorder, claim, held)
-            return
-        decision = decide_call(
-            scheduled_at=claim.scheduled_at,
-            starts_at=claim.starts_at,
-            zone=ZoneInfo(claim.timezone),
-            window=self.config.call_window,
-            grace=self.config.misfire_grace,
-            now=now,
-        )
-        if decision.skip_reason:
-            log.warning("reminder %s skipped: %s", claim.reminder_id, decision.skip_reason)
-            await self._finish(recorder, claim, Outcome.skipped(decision.skip_reason))
-            return
-        if decision.wait_until:
-            await self._finish(recorder, claim, Outcome.wait(decision.wait_until))
-            return
         if self._stamped is not None:
-            await self._handle_stamped(term, claim, recorder)
+            # Reconciled first: what holds a reminder back (below) is about a new call, never one
+            # that exists — a reminder whose call was answered while its create's answer was in
+            # doubt is `sent`, whatever its appointment or number became since.
+            await self._handle_stamped(term, claim, recorder, lambda: self._hold(claim, self._now()))
+            return
+        hold = self._hold(claim, self._now())
+        if hold is not None:
+            await self._finish(recorder, claim, hold)
             return
         await self._limiter.acquire()
         if not term.valid():
@@ -552,6 +538,29 @@ class Dispatcher:
             return  # as above: the next term completes it with the same key, no attempt spent
         await self._record(recorder, claim, result)
 
+    def _hold(self, claim: Claim, now: datetime) -> Outcome | None:
+        """What keeps a claimed reminder from a new call now: its appointment cancelled, what
+        `_held` says, its time (misfired, or outside the call window); None: call."""
+        if claim.appointment_cancelled:
+            return Outcome.cancelled("appointment cancelled")
+        held = self._held(claim)
+        if held is not None:
+            return held
+        decision = decide_call(
+            scheduled_at=claim.scheduled_at,
+            starts_at=claim.starts_at,
+            zone=ZoneInfo(claim.timezone),
+            window=self.config.call_window,
+            grace=self.config.misfire_grace,
+            now=now,
+        )
+        if decision.skip_reason:
+            log.warning("reminder %s skipped: %s", claim.reminder_id, decision.skip_reason)
+            return Outcome.skipped(decision.skip_reason)
+        if decision.wait_until:
+            return Outcome.wait(decision.wait_until)
+        return None
+
     def _held(self, claim: Claim) -> Outcome | None:
         """What holds a claimed reminder back from calling: its number opted out, its appointment
         is confirmed (unless CALL_AFTER_CONFIRMATION), or a cap per number."""
@@ -572,8 +581,10 @@ class Dispatcher:
         return Outcome.wait(claim.cap.wait_until, f"call cap per {claim.cap.cap} reached for this number: "
                                                   f"waiting until {claim.cap.wait_until.isoformat(timespec='seconds')}")
 
-    async def _handle_stamped(self, term: Term, claim: Claim, recorder: OutcomeRecorder) -> None:
-        """A provider without idempotency: reconcile earlier attempts, then at most one new one."""
+    async def _handle_stamped(self, term: Term, claim: Claim, recorder: OutcomeRecorder,
+                              hold: Callable[[], Outcome | None]) -> None:
+        """A provider without idempotency: reconcile earlier attempts, then at most one new one,
+        unless `hold` says what keeps it from a new call."""
         assert self._stamped is not None
 
         async def finish(done: Claim, outcome: Outcome) -> None:
@@ -585,7 +596,7 @@ class Dispatcher:
         try:
             result = await self._stamped.handle(
                 claim, token=term.fencing_token, may_send=term.valid, now=lambda: self._now(), finish=finish,
-                before_create=self._limiter.acquire,
+                before_create=self._limiter.acquire, hold=hold,
             )
         except Exception as error:  # noqa: BLE001 - a database or provider failure mid-way
             # Not left `dispatching` until the stale-claim sweep: looked at again shortly, and an

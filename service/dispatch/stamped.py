@@ -5,7 +5,8 @@ The SQL is the ledger's (`AttemptStore`); the rule is `service.reminders.attempt
 `StampedCalls` runs one claimed reminder through them for the dispatcher:
 
 1. The reminder already has a bound call, a created attempt, or an attempt some webhook spoke of:
-   it is `sent`.
+   it is `sent` — whatever holds it back from a new call (its appointment cancelled, its number
+   listed, its appointment confirmed, a cap, its time), which is asked only before a new one.
 2. An attempt is unresolved (`creating` — its sender died — or `in_doubt` — a timeout or 5xx): no
    new attempt while it is younger than RECONCILE_GRACE, nor while any call to the number created
    since it is queued, ringing or in progress (its own webhooks will carry the stamp); the
@@ -67,9 +68,11 @@ class StampedCalls:
         now: Callable[[], datetime],
         finish: Finish,
         before_create: Callable[[], Awaitable[None]] | None = None,
+        hold: Callable[[], Outcome | None] | None = None,
     ) -> CreateResult | None:
-        """Reconcile, then create if nothing exists or can appear. Returns the create's result, or
-        None when no create was sent (already sent, waiting, or not ours any more)."""
+        """Reconcile, then create if nothing exists or can appear and `hold` (asked only then)
+        keeps nothing back; what it says is the reminder's outcome instead. Returns the create's
+        result, or None when no create was sent (already sent, waiting, held, or not ours any more)."""
         # the attempts' times and the grace are on the database's clock
         bound, attempts, db_time = await self.store.view(claim.reminder_id)
         decision = reconcile(attempts, bound_call_id=bound, now=db_time, grace=self.config.reconcile_grace)
@@ -102,6 +105,10 @@ class StampedCalls:
                 return None
             log.info("reminder %s: %d attempt(s) in doubt made no call; a new attempt follows",
                      claim.reminder_id, len(decision.abandon))
+        held = hold() if hold is not None else None
+        if held is not None:
+            await finish(claim, held)
+            return None
         if claim.attempts >= self.config.max_attempts:
             await finish(claim, Outcome.failed("no call after the maximum number of attempts"))
             return None

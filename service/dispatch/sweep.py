@@ -81,6 +81,13 @@ class CallSweep:
                 await self.provider.cancel(row.provider_call_id)
                 continue
             greeting = await calls.command_greeting(self.db, stamp, row.provider_call_id, who, fallback=self.fallback)
+            if not greeting.bound:
+                # its reminder was superseded (a re-plan, a cancellation) or skipped before a word: hung up
+                await self.provider.cancel(row.provider_call_id)
+                await self.store.end_requested(row.id)
+                log.info("reminder %s no longer calls: its bound call %s hung up before a word", row.reminder_id,
+                         row.provider_call_id)
+                continue
             if greeting.send and greeting.words is not None:
                 log.warning("reminder %s: no event greeted bound call %s; greeting it (%s)", row.reminder_id,
                             row.provider_call_id, who)

@@ -8,7 +8,9 @@ Telnyx): the ledger's part of the webhooks. Each operation is one transaction, k
   an event id already applied (Telnyx redelivers) is recognised. When the reminder's last live call
   ends unanswered, its `outcome` is recorded (`no_answer`, `busy`, `failed`) and, for no answer /
   busy with NO_ANSWER_RETRIES left, a reminder of the appointment's current plan goes back to
-  `pending` for another call after NO_ANSWER_RETRY_DELAY.
+  `pending` for another call after NO_ANSWER_RETRY_DELAY. A call that was answered (`completed`)
+  but never bound — no event of its answer came before it ended, so nothing was said into it —
+  is called again at once (at most `UNHEARD_RECALLS` times per reminder), unless a fax answered.
 - `answer`: a call was answered. The first answered call of a current reminder (its appointment
   scheduled, its plan the appointment's, not finished) is bound to it — a conditional UPDATE: first
   answer wins, on any replica — and speaks; any other answered call hangs up silently, a fax too.
@@ -65,10 +67,19 @@ from service.reminders import (
     round_bit,
 )
 from service.reminders.lifecycle import require
-from service.reminders.outcomes import CALL_SPEAKING, CALL_SPOKEN, FINAL_CALL_STATES, PRE_ANSWER_STATES, RANG_STATES
+from service.reminders.outcomes import (
+    CALL_SPEAKING,
+    CALL_SPOKEN,
+    FINAL_CALL_STATES,
+    PRE_ANSWER_STATES,
+    RANG_STATES,
+    answerer,
+)
 from service.telephony.provider import GreetingWords, Stamp
 
 __all__ = [
+    "ANSWERED_UNHEARD",
+    "UNHEARD_RECALLS",
     "Answer",
     "EventResult",
     "Fallback",
@@ -91,6 +102,10 @@ __all__ = [
 SPEAKING, SPOKEN = CALL_SPEAKING, CALL_SPOKEN
 # A reminder that may still bind its call: not finished, not cancelled or skipped.
 _BINDABLE = (ReminderStatus.PENDING, ReminderStatus.DISPATCHING, ReminderStatus.SENT)
+# An answered call that ended before any event of its answer was applied (lost, or later than the
+# callee waited in silence): nobody heard a word; the reminder is called again, this often at most.
+ANSWERED_UNHEARD = "released: answered, but it ended before any event of its answer came"
+UNHEARD_RECALLS = 2
 
 # (row with customer_name, starts_at, timezone, language) → the words, for a reminder planned
 # before its wording was stored
@@ -104,6 +119,7 @@ class EventResult:
     outcome: ReminderOutcome | None = None  # recorded by this event (the reminder's last call ended unanswered)
     retry_at: datetime | None = None  # set: the reminder is `pending` again, called at this time
     duplicate: bool = False  # the event (by its id) was applied before: nothing done
+    recalled: bool = False  # an answered call ended unbound, unheard: the reminder is called again now
 
 
 @dataclass(frozen=True)
@@ -237,16 +253,47 @@ def _record_event(connection: Connection, stamp: Stamp, call_id: str, status: st
         .where(Reminder.id == stamp.reminder_id)
         .with_for_update(of=Reminder)
     ).first()
-    outcome, retry_at = None, None
+    outcome, retry_at, recalled = None, None, False
     if applies and is_final(status) and reminder is not None and reminder.bound_call_id is None:
         if not _other_calls_alive(connection, stamp):
             assert status is not None
-            outcome, retry_at = _unanswered(connection, stamp, reminder, status, now, policy)
+            if status == "completed" and answerer(attempt.answered_by) is not Answerer.FAX:
+                recalled = _answered_unheard(connection, stamp, reminder, now)
+                retry_at = now if recalled else None
+            if not recalled:
+                outcome, retry_at = _unanswered(connection, stamp, reminder, status, now, policy)
     if applies and is_final(status):  # its last call over: the reminder may be finished
         reminders_finished(connection, [stamp.reminder_id], EventSource.SYSTEM)
     bound = reminder.bound_call_id if reminder is not None else None
     cancel = [call_id] if bound is not None and bound != call_id and applies and status in PRE_ANSWER_STATES else []
-    return EventResult(known=True, cancel=cancel, outcome=outcome, retry_at=retry_at)
+    return EventResult(known=True, cancel=cancel, outcome=outcome, retry_at=retry_at, recalled=recalled)
+
+
+def _answered_unheard(connection: Connection, stamp: Stamp, reminder: Row[Any], now: datetime) -> bool:
+    """The reminder's last live call was answered and ended unbound: no event of its answer was
+    applied in time (lost, or later than the callee waited), so nothing was said into it (words
+    are said only into a bound call). A reminder of the appointment's current plan, scheduled,
+    whose call was placed (`sent`) or whose events beat the create's response (`dispatching`), is
+    `pending` again, due now — unless it was called again so `UNHEARD_RECALLS` times already."""
+    if (reminder.status not in (ReminderStatus.SENT, ReminderStatus.DISPATCHING)
+            or reminder.plan != reminder.current_plan or reminder.appointment_status != AppointmentStatus.SCHEDULED):
+        return False
+    recalls = connection.execute(
+        select(CallAttempt.id).where(CallAttempt.reminder_id == stamp.reminder_id,
+                                     CallAttempt.error == ANSWERED_UNHEARD)).all()
+    if len(recalls) >= UNHEARD_RECALLS:
+        return False
+    require(reminder.status, ReminderStatus.PENDING)
+    moved = connection.execute(
+        update(Reminder).where(Reminder.id == stamp.reminder_id, Reminder.bound_call_id.is_(None),
+                               Reminder.status == reminder.status)
+        .values(status=ReminderStatus.PENDING, next_attempt_at=now,
+                last_error="answered, but nothing was said (no event of the answer came in time): calling again")
+    )
+    if moved.rowcount != 1:
+        return False
+    connection.execute(update(CallAttempt).where(CallAttempt.id == stamp.attempt_id).values(error=ANSWERED_UNHEARD))
+    return True
 
 
 def _other_calls_alive(connection: Connection, stamp: Stamp) -> bool:

@@ -178,10 +178,13 @@ def _counted_calls(hashes: list[str], since: datetime) -> Any:
 
 
 async def _cap_holds(session: Any, rows: Sequence[Row], caps: CallCaps, window: CallWindow,
-                     now: datetime) -> dict[str, CapHold]:
+                     now: datetime, *, orphans: bool = False) -> dict[str, CapHold]:
     """The candidates a cap holds back, in claim order: each one admitted counts as a call being
     placed now for those after it; a reminder's own attempts count against it only once they rang
-    (never its own reconciliation); an orphan (a call in flight) is never held."""
+    (never its own reconciliation). An orphan (its call may be in flight) is held only with
+    `orphans` — a provider without idempotency, whose dispatcher reconciles an orphan's attempts
+    first and asks the hold only before a new call; with an idempotency key the orphan's create is
+    completed as it is, never held."""
     hashes = sorted({row.phone_hash for row in rows if row.phone_hash is not None})
     if not caps.active or not hashes:
         return {}
@@ -193,7 +196,7 @@ async def _cap_holds(session: Any, rows: Sequence[Row], caps: CallCaps, window: 
     placing: dict[str, set[str]] = {}
     holds: dict[str, CapHold] = {}
     for row in rows:
-        if row.phone_hash is None or row.status == ReminderStatus.DISPATCHING:
+        if row.phone_hash is None or (row.status == ReminderStatus.DISPATCHING and not orphans):
             continue
         if row.opted_out or row.appointment_status != "scheduled":
             continue  # it calls nobody
@@ -227,7 +230,7 @@ class ReminderStore:
 
     async def claim(self, token: int, holder: str, *, limit: int, stale_after: timedelta,
                     now: datetime | None = None, caps: CallCaps | None = None,
-                    window: CallWindow = ALWAYS) -> list[Claim]:
+                    window: CallWindow = ALWAYS, hold_orphans: bool = False) -> list[Claim]:
         """Mark up to `limit` reminders `dispatching` under `token`; StaleTerm if the fence moved on.
 
         Claimed first: reminders left `dispatching` by an older term (its calls may be in flight:
@@ -235,7 +238,8 @@ class ReminderStore:
         `stale_after` (whose outcome was never recorded). Then pending reminders that are due.
         `now` is the database's time unless given (tests); `clock_offset` keeps its distance to
         this process's clock for the term's other times. `caps`: the caps per number, whose next
-        allowed time is fitted into the call `window`.
+        allowed time is fitted into the call `window`; `hold_orphans`: an orphan may be held too
+        (a provider without idempotency: `_cap_holds`).
         """
         require(ReminderStatus.PENDING, ReminderStatus.DISPATCHING)
         async with self.db.session() as session:
@@ -300,7 +304,8 @@ class ReminderStore:
                 return []
             claimed_rows = sorted((old for old in before if old.id in claimed),
                                   key=lambda r: (r.status != ReminderStatus.DISPATCHING, r.next_attempt_at))
-            holds = await _cap_holds(session, claimed_rows, caps, window, now) if caps is not None else {}
+            holds = (await _cap_holds(session, claimed_rows, caps, window, now, orphans=hold_orphans)
+                     if caps is not None else {})
             claims = [_claim_of(old, holds.get(old.id), now) for old in claimed_rows]
             await session.commit()
         claims.sort(key=lambda c: (not c.orphaned, c.scheduled_at))

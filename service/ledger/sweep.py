@@ -22,6 +22,7 @@ from service.db import Database
 from service.db.clock import db_now
 from service.db.models import Appointment, AppointmentStatus, CallAttempt, ProviderEvent, Reminder
 from service.ledger.calls import heard_statement
+from service.ledger.cancellation import REPLANNED
 from service.ledger.events import EventSource, finished_in
 from service.ledger.fence import fence_holds
 from service.reminders import Answerer
@@ -58,13 +59,17 @@ class SweepTimes:
         self.events_kept = events_kept
 
 
+def _current() -> Any:
+    """The reminder belongs to its appointment's current plan, and the appointment is scheduled."""
+    return exists().where(Appointment.id == Reminder.appointment_id, Appointment.plan == Reminder.plan,
+                          Appointment.status == AppointmentStatus.SCHEDULED)
+
+
 def _not_current() -> Any:
     """The reminder no longer calls: superseded or finished without this call, or its appointment
     re-planned or cancelled."""
-    current = exists().where(Appointment.id == Reminder.appointment_id, Appointment.plan == Reminder.plan,
-                             Appointment.status == AppointmentStatus.SCHEDULED)
     return or_(Reminder.status.in_((ReminderStatus.CANCELLED, ReminderStatus.SKIPPED, ReminderStatus.FAILED)),
-               not_(current))
+               not_(_current()))
 
 
 class SweepStore:
@@ -119,14 +124,15 @@ class SweepStore:
     # -- greetings (speech as a command) -------------------------------------------------------------
 
     async def greetings_owed(self) -> list[Any]:
-        """Bound calls answered, still live, with no greeting commanded: past `greet_after` (a person,
-        or nobody knows who) or `beep_wait` (a machine)."""
+        """Bound calls answered, still live, with no greeting commanded and not being ended: past
+        `greet_after` (a person, or nobody knows who) or `beep_wait` (a machine)."""
         person = or_(CallAttempt.answered_by.is_(None), CallAttempt.answered_by.not_in(MACHINE_ANSWERS))
         return await self._rows(
             select(*_WORDS)
             .join(Reminder, Reminder.bound_attempt_id == CallAttempt.id)
             .join(Appointment, Appointment.id == Reminder.appointment_id)
             .where(CallAttempt.greeting.is_(None), CallAttempt.call_status == CALL_ANSWERED,
+                   CallAttempt.cancel_requested_at.is_(None),
                    or_(Reminder.answered_at < db_now(-self.times.beep_wait),
                        and_(Reminder.answered_at < db_now(-self.times.greet_after), person)))
         )
@@ -148,19 +154,22 @@ class SweepStore:
         """Reminders whose bound call ended before a word of it was commanded: unbound and
         `pending` again, only while the fence is `token`. A bound call that ended after its
         greeting was commanded, with the command's fate unknown, may have spoken: its outcome is
-        recorded as heard, never released. Returns the ids released."""
+        recorded as heard, never released. One of a plan a re-plan superseded meanwhile (its
+        greeting's fate was unknown then, and turned out to be "the call was over") is not released
+        but `cancelled` ("re-planned"): its plan no longer calls. Returns the ids released."""
         require(ReminderStatus.SENT, ReminderStatus.PENDING)
+        require(ReminderStatus.SENT, ReminderStatus.CANCELLED)
         ended = (CallAttempt.call_status.in_(FINAL_CALL_STATES),
                  CallAttempt.last_event_at < db_now(-self.times.release_after))
         async with self.db.session() as session:
             rows = list(await session.execute(
                 select(Reminder.id, CallAttempt.id.label("attempt_id"), CallAttempt.provider_call_id,
-                       CallAttempt.greeting, CallAttempt.greeting_result)
+                       CallAttempt.greeting, CallAttempt.greeting_result, _current().label("current"))
                 .join(CallAttempt, CallAttempt.id == Reminder.bound_attempt_id)
                 .where(Reminder.outcome.is_(None), Reminder.status == ReminderStatus.SENT, *ended)
                 .limit(self.batch)
             ))
-            released, heard = [], []
+            released, heard, cancelled = [], [], []
             for row in rows:
                 if row.greeting is not None and row.greeting_result != "ended":
                     result = await session.execute(heard_statement(Stamp(row.id, row.attempt_id), row.provider_call_id,
@@ -168,10 +177,23 @@ class SweepStore:
                     if result.rowcount == 1:
                         heard.append(row.id)
                     continue
+                if not self.db.is_sqlite:  # the attempt before the reminder, as every writer of both locks them
+                    await session.execute(select(CallAttempt.id).where(CallAttempt.id == row.attempt_id)
+                                          .with_for_update())
+                unheard = (Reminder.id == row.id, Reminder.bound_attempt_id == row.attempt_id,
+                           Reminder.outcome.is_(None), Reminder.status == ReminderStatus.SENT)
+                if not row.current:
+                    # superseded while its greeting's fate was unknown, which then turned out to be
+                    # "the call was over": nobody heard it, and its plan no longer calls
+                    result = await session.execute(update(Reminder).where(*unheard, not_(_current()))
+                                                   .values(status=ReminderStatus.CANCELLED, skip_reason=REPLANNED,
+                                                           updated_at=db_now()))
+                    if result.rowcount == 1:
+                        cancelled.append(row.id)
+                    continue
                 result = await session.execute(
                     update(Reminder)
-                    .where(Reminder.id == row.id, Reminder.bound_attempt_id == row.attempt_id,
-                           Reminder.outcome.is_(None), Reminder.status == ReminderStatus.SENT, fence_holds(token))
+                    .where(*unheard, _current(), fence_holds(token))
                     .values(bound_call_id=None, bound_attempt_id=None, answered_at=None,
                             status=ReminderStatus.PENDING, next_attempt_at=db_now(), fence_token=token,
                             last_error=RELEASED)
@@ -180,7 +202,7 @@ class SweepStore:
                     await session.execute(update(CallAttempt).where(CallAttempt.id == row.attempt_id)
                                           .values(error=RELEASED))
                     released.append(row.id)
-            await session.run_sync(finished_in, heard, EventSource.SYSTEM)
+            await session.run_sync(finished_in, [*heard, *cancelled], EventSource.SYSTEM)
             await session.commit()
         return released
 

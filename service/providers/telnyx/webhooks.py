@@ -88,6 +88,13 @@ async def _record(request: Request, event: TelnyxEvent, background: BackgroundTa
     another. True when the event names a known call and is new — or, with `again`, also when it
     was applied before: what follows is done once however often it is asked (binding, the
     greeting), so a redelivery finishes what a failed first delivery began."""
+    result = await _apply(request, event, background, status_)
+    return result.known and (again or not result.duplicate)
+
+
+async def _apply(request: Request, event: TelnyxEvent, background: BackgroundTasks,
+                 status_: str | None) -> calls.EventResult:
+    """Apply the event's status (once, by its id); hang up the call if its reminder is bound to another."""
     assert event.stamp is not None and event.call_id is not None
     ended_at = event.occurred_at if status_ is not None and calls.is_final(status_) else None
     result = await calls.record_event(request.app.state.db, event.stamp, event.call_id, status_, event.order,
@@ -95,7 +102,7 @@ async def _record(request: Request, event: TelnyxEvent, background: BackgroundTa
                                       event_id=event.event_id or None, ended_at=ended_at)
     if result.cancel:
         background.add_task(cancel_calls, request, result.cancel)
-    return result.known and (again or not result.duplicate)
+    return result
 
 
 async def _hang_up(request: Request, event: TelnyxEvent) -> None:
@@ -232,7 +239,12 @@ async def speak_ended(request: Request, event: TelnyxEvent, background: Backgrou
 
 
 async def hangup(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
-    await _record(request, event, background, hangup_status(event.payload))
+    """The call's end; an answered call that ended before any event of its answer was applied (so
+    nothing was said into it) has its reminder called again."""
+    assert event.stamp is not None and event.call_id is not None
+    if (await _apply(request, event, background, hangup_status(event.payload))).recalled:
+        log.warning("reminder %s: call %s was answered, but ended before any event of its answer came: nothing "
+                    "was said; calling again", event.stamp.reminder_id, event.call_id)
 
 
 async def incoming(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:

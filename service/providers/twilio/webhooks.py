@@ -169,7 +169,10 @@ async def status_event(request: Request, background: BackgroundTasks) -> Respons
         )
         if result.cancel:
             background.add_task(cancel_calls, request, result.cancel)
-        if result.retry_at is not None:
+        if result.recalled:
+            log.warning("reminder %s: call %s was answered, but ended before its voice request was answered: "
+                        "nothing was said; calling again", stamp.reminder_id, call_sid)
+        elif result.retry_at is not None:
             log.info("reminder %s: %s, calling again at %s", stamp.reminder_id, result.outcome,
                      result.retry_at.isoformat(timespec="seconds"))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
