@@ -190,7 +190,7 @@ async def test_a_bound_call_that_ends_before_any_greeting_is_released_and_called
         task = asyncio.create_task(dispatcher.lead(term))
         try:
             async def heard_and_answered() -> bool:
-                if len(rig.fake.calls) == 2:  # the second call's detection result comes through
+                if len(rig.fake.calls) >= 2:  # a later call's detection result comes through
                     rig.fake.controls.event_loss_rate = 0.0
                 row = (await _rows(db))[0]
                 return row.outcome == "answered" and any(c.heard for c in rig.fake.calls.values())
@@ -200,8 +200,11 @@ async def test_a_bound_call_that_ends_before_any_greeting_is_released_and_called
             term.ended.set()
             await asyncio.wait_for(task, 10)
         await eventually(rig.over(*rig.fake.calls))
-        first, second = sorted(rig.fake.calls.values(), key=lambda c: c.created)
-        assert first.heard == [] and first.status == "completed"  # bound, then the callee hung up in silence
+        # the poll may see the second call only after the sweep released it too (the loss still on):
+        # every call but the last ended unheard and released, the last one spoke
+        *unheard, second = sorted(rig.fake.calls.values(), key=lambda c: c.created)
+        first = unheard[0]
+        assert all(c.heard == [] and c.status == "completed" for c in unheard)  # bound, hung up in silence
         assert second.heard[0].startswith("Hello")  # the new call spoke
         row = (await _rows(db))[0]
         assert row.status == "sent" and row.bound_call_id == second.call_id
