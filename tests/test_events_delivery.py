@@ -194,8 +194,27 @@ async def test_given_up_after_max_age_and_the_next_one_goes(db: Database, receiv
         await poll_until(lambda: following in receiver.ids(), 10, "the appointment's next event")
     stored = await rows(db)
     assert (stored[stale].delivery, stored[stale].attempts) == ("given_up", 0)
+    assert stored[stale].last_error == "EVENTS_MAX_AGE passed before a try"
     assert stored[tried].attempts >= 2 and "HTTP 500" in stored[tried].last_error
     assert deliveries("given_up") - given_up_before == 2
+
+
+async def test_a_retry_picked_up_after_max_age_keeps_its_last_error(db: Database, receiver: Receiver) -> None:
+    """A retry due within EVENTS_MAX_AGE but picked up after it (a busy leader, a new one) is given
+    up untried, and what the operator reads is still why its last try failed."""
+    retried = await emit_for(db, "a")
+    async with db.session() as session:  # tried once, retry due, and EVENTS_MAX_AGE over since
+        await session.execute(update(Event).where(Event.id == retried).values(
+            created_at=datetime.now(UTC) - timedelta(hours=2), attempts=1, last_error="HTTP 503",
+            next_try_at=datetime.now(UTC) - timedelta(minutes=1)))
+        await session.commit()
+    following = await emit_for(db, "a")
+    async with leading(db, config(receiver, max_age=timedelta(hours=1))):
+        await poll_until(lambda: following in receiver.ids(), 10, "the appointment's next event")
+    stored = await rows(db)
+    assert retried not in receiver.ids()
+    assert (stored[retried].delivery, stored[retried].attempts, stored[retried].last_error) == (
+        "given_up", 1, "HTTP 503")
 
 
 async def _delivery_of(db: Database, event_id: str, state: str) -> bool:

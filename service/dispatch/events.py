@@ -170,9 +170,10 @@ class EventRelay:
     async def _deliver(self, term: _Term, transport: httpx.AsyncBaseTransport, head: Head) -> None:
         token = term.fencing_token
         try:
-            if head.now - head.created_at >= self.config.max_age:
-                if await self.store.give_up(token, head.id, "EVENTS_MAX_AGE passed before a try", tried=False):
-                    self._given_up(head, "EVENTS_MAX_AGE passed before a try")
+            if head.now - head.created_at >= self.config.max_age:  # e.g. a retry picked up late, or a backlog
+                reason = "EVENTS_MAX_AGE passed before " + ("the next try" if head.attempts else "a try")
+                if await self.store.give_up(token, head.id, reason):
+                    self._given_up(head, reason, tries=head.attempts)
                 return
             try:
                 response = await post_guarded(lambda request: send_capped(transport, request), self.config.url or "",
@@ -212,12 +213,12 @@ class EventRelay:
             EVENT_DELIVERIES.labels("failed").inc()
             log.info("event %s: try %d failed (%s); again in %.1f s", head.id, head.attempts + 1, error, delay)
         elif state == Delivery.GIVEN_UP:
-            self._given_up(head, error)
+            self._given_up(head, error, tries=head.attempts + 1)
 
-    def _given_up(self, head: Head, error: str) -> None:
+    def _given_up(self, head: Head, error: str, *, tries: int) -> None:
         EVENT_DELIVERIES.labels("given_up").inc()
         log.warning("event %s (appointment %s) given up after %d tries, EVENTS_MAX_AGE (%s) after it: %s",
-                    head.id, head.appointment_id, head.attempts + 1, self.config.max_age, error)
+                    head.id, head.appointment_id, tries, self.config.max_age, error)
 
     async def _gone(self, head: Head) -> None:
         assert self._endpoint is not None

@@ -150,10 +150,11 @@ class OutboxStore:
         return await self._write(_finish(event_id, token).values(
             delivery=Delivery.DELIVERED, delivered_at=db_now(), attempts=_E.c.attempts + 1, last_error=None))
 
-    async def give_up(self, token: int, event_id: str, error: str, *, tried: bool) -> bool:
-        """No more tries: EVENTS_MAX_AGE has passed."""
+    async def give_up(self, token: int, event_id: str, reason: str) -> bool:
+        """No more tries: EVENTS_MAX_AGE passed before the next one. An event tried before keeps its
+        last try's error (what an operator needs); `reason` is recorded only for one never tried."""
         return await self._write(_finish(event_id, token).values(
-            delivery=Delivery.GIVEN_UP, attempts=_E.c.attempts + int(tried), last_error=error[:_ERROR_LEN]))
+            delivery=Delivery.GIVEN_UP, last_error=func.coalesce(_E.c.last_error, reason[:_ERROR_LEN])))
 
     async def failed(self, token: int, event_id: str, error: str, *, retry_in: timedelta,
                      max_age: timedelta) -> str | None:
