@@ -13,7 +13,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.util import greenlet_spawn
 
@@ -91,9 +91,28 @@ def _json_text(value: Any) -> str:
 _JSON = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
+def _protocol_confused(error: BaseException | None) -> bool:
+    """asyncpg's own bookkeeping of a connection is off (seen under load after a cancelled
+    statement: every later statement on it fails with "cannot switch to state …; another operation
+    is in progress"). The connection is still open, so SQLAlchemy would hand it out again."""
+    import asyncpg.exceptions as pg  # only with PostgreSQL
+
+    return isinstance(error, pg.InternalClientError) or (
+        isinstance(error, pg.InterfaceError) and "another operation" in str(error))
+
+
+def _discard_confused_connection(context: ExceptionContext) -> None:
+    """Drop the one connection whose protocol state is confused (not the whole pool: the others
+    are fine), so the pool opens a new one instead of failing every statement that gets it."""
+    original = context.original_exception
+    if _protocol_confused(original) or _protocol_confused(original.__cause__):
+        context.is_disconnect = True
+        context.invalidate_pool_on_disconnect = False
+
+
 def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, pre_ping: bool, **options: Any) -> AsyncEngine:
     url, tls = connect_options(url)
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         **_JSON,
         pool_size=pool_size,
@@ -114,6 +133,8 @@ def _postgres_engine(url: str, *, pool_size: int, max_overflow: int, pre_ping: b
         },
         **options,
     )
+    event.listen(engine.sync_engine, "handle_error", _discard_confused_connection)
+    return engine
 
 
 class Database:
