@@ -1018,7 +1018,9 @@ def _per_reminder(rows: list[dict[str, Any]], calls: list[dict[str, Any]], run: 
         bound = next((c for c in mine if c["sid"] == row["bound_call_id"]), None)
         # a superseded reminder may be bound to a call answered before its greeting: hung up unheard
         if row["bound_call_id"] is not None and not (bound and bound["heard"]) and row["status"] != "cancelled":
-            found["bound"].append((row["id"], row["bound_call_id"]))
+            # what the provider's record says happened on it (Twilio's failed webhooks; Telnyx's commands)
+            found["bound"].append((row["id"], row["bound_call_id"], *(
+                (bound.get("errors"), bound.get("twiml", [])[-2:], bound.get("commands", [])[-3:]) if bound else ())))
     result.figures["before_beep"] = len(found["beep"])
     result.figures["superseded"] = sum(r["status"] == "cancelled" for r in rows)
     result.figures["superseded_heard"] = len(found["superseded"])
