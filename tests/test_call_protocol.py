@@ -856,3 +856,37 @@ async def _attempt_row(db: Database, reminder_id: str):
         found = await session.execute(select(CallAttempt.__table__).where(CallAttempt.reminder_id == reminder_id))
         return found.one()
 
+
+async def test_chaos_telnyx_events_are_acknowledged_before_their_commands_are_sent(db: Database) -> None:
+    """Found by every Telnyx run at make chaos's size: the event handlers sent the greeting (and the
+    question again, the last words, hangups) to Telnyx's API before answering the event; a command's
+    round trip under load passed Telnyx's 2 s, so the event was delivered again, and again, each time
+    costing the replicas more. The greeting is now recorded in the handler and its command sent
+    once the event is acknowledged (a background task after the response)."""
+    from fastapi import BackgroundTasks
+    from starlette.requests import Request
+
+    from service.providers.telnyx import webhooks
+    from service.providers.telnyx.events import TelnyxEvent
+
+    rig = make_rig(db, "telnyx", ring_ms=60_000)  # no machine detection: `call.answered` greets
+    sent: list[str] = []
+    real = rig.provider.greet
+
+    async def greet(call_id, words, *, stamp):
+        sent.append(call_id)
+        return await real(call_id, words, stamp=stamp)
+
+    rig.provider.greet = greet  # type: ignore[method-assign]
+    try:
+        _, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        event = TelnyxEvent("call.answered", "answered-1", datetime.now(UTC), call_id, Stamp(reminder_id, attempt_id))
+        background = BackgroundTasks()
+        await webhooks.answered(Request({"type": "http", "app": rig.app}), event, background)
+        attempt = await _attempt_row(db, reminder_id)
+        assert attempt.greeting == "person" and sent == []  # recorded, not yet sent: the event is answered first
+        await background()  # what runs after the response
+        assert sent == [call_id]
+    finally:
+        await rig.aclose()
