@@ -1347,6 +1347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--reminders", type=int, default=300)
     parser.add_argument("--scenario", action="append", choices=list(PROVIDER_SCENARIOS))
+    parser.add_argument("--spread", type=float, help="seconds the reminders fall due over (default: 30 a second)")
     parser.add_argument("--output", default=str(ROOT / "RELIABILITY.md"), help="report file ('-': none)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.reminders < 1:
@@ -1355,7 +1356,8 @@ def main(argv: list[str] | None = None) -> int:
     # fake's retries of those that time out) to 3 replicas, a proxy and the fake on 2 shared cores;
     # at 75 a second a load spike from elsewhere on the machine tipped the fake into a spiral of
     # webhook timeouts and retries (measured 2026-12-07), which measures the machine, not the service
-    config = replace(ChaosConfig(), lease_ttl=LEASE_TTL, reminders=args.reminders, spread=max(4.0, args.reminders / 30),
+    spread = args.spread if args.spread is not None else max(4.0, args.reminders / 30)
+    config = replace(ChaosConfig(), lease_ttl=LEASE_TTL, reminders=args.reminders, spread=spread,
                      settle_timeout=max(120.0, args.reminders / 5))
     names = _without_missing_tools(args.scenario or list(PROVIDER_SCENARIOS))
     command = "python -m harness.chaos_providers " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -311,17 +311,27 @@ class RealFakeClient:
         """Every create received, in arrival order (status None while still running)."""
         return self._get("/_fake/requests")["requests"]
 
+    def _post(self, path: str, body: Any = None, tries: int = 3) -> Any:
+        """POST a control route (each sets a state: asking again is harmless), again after a timeout."""
+        for attempt in range(tries):
+            try:
+                return self._http.post(path, json=body).raise_for_status().json()
+            except httpx.TimeoutException:
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def control(self, **settings: Any) -> dict[str, Any]:
         """`latency_ms`, `calls_per_second`, `ring_ms`, `reject_rate`, `fail_after_create_rate`,
         `hang`; the generic fake's `fail_rate` means a 500 after the call was created."""
         if "fail_rate" in settings:
             settings["fail_after_create_rate"] = settings.pop("fail_rate")
         settings.pop("fail_status", None)
-        return self._http.post("/_fake/control", json=settings).raise_for_status().json()
+        return self._post("/_fake/control", settings)
 
     def callees(self, scripts: dict[str, dict[str, Any]]) -> None:
         """Script the callee per number: {"+1…": {"behaviour": "answer|machine|no-answer|busy", "digits": "1"}}."""
-        self._http.post("/_fake/callees", json=scripts).raise_for_status()
+        self._post("/_fake/callees", scripts)
 
     def ring_service(self, **call: Any) -> dict[str, Any]:
         """A customer calls the service's number (`from`, `to`, `url`: the number's voice URL or the
@@ -329,7 +339,7 @@ class RealFakeClient:
         return self._http.post("/_fake/incoming", json=call).raise_for_status().json()
 
     def reset(self) -> None:
-        self._http.post("/_fake/reset").raise_for_status()
+        self._post("/_fake/reset")
         if self.defaults:
             self.control(**self.defaults)
 

@@ -812,3 +812,87 @@ async def test_chaos_a_greeting_being_recorded_and_a_replan_exclude_each_other(d
         assert (kept.status, kept.bound_call_id) == ("sent", call_id)  # heard: finished, not superseded
     finally:
         await rig.aclose()
+
+
+async def test_chaos_a_resent_greeting_refused_as_over_does_not_release_a_call_that_spoke(db: Database) -> None:
+    """Found by etcd-partition (Telnyx) under load: the greeting ran, its answer was lost (and the
+    events of the speech with it); the callee heard the message and hung up; the sweep's resend
+    (same command) was answered "the call is over" (422 90018), recorded as "nothing spoken", and
+    the call was released and made again: the message heard twice. A resend's "over" now leaves the
+    first send's fate unknown: counted heard, one call."""
+    rig = make_rig(db, "telnyx")
+    rig.fake.controls.answer_lost_rate, rig.fake.controls.answer_lost_commands = 1.0, ["gather_using_speak"]
+    rig.fake.controls.answer_lost_mode = "drop"
+    rig.fake.callees[PHONE] = CalleeScript("answer")  # presses nothing, then hangs up
+    rig.fake.controls.patience_ms = 200.0
+    # the events that would tell of the speech are lost (they were late past every retry)
+    rig.fake.controls.event_loss_rate = 1.0
+    rig.fake.controls.event_loss_types = ["call.speak.started", "call.speak.ended", "call.gather.ended"]
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        call = rig.call(call_id)
+        # its hang-up event comes late: the service still takes the call for live when the sweep resends
+        rig.fake.controls.event_delay_ms, rig.fake.controls.event_delay_types = 3_000.0, ["call.hangup"]
+        rig.fake.controls.event_delay_rate = 1.0
+        await eventually(lambda: _true(heard_message(call) == 1))  # the greeting ran; its answer is lost
+        rig.fake.controls.answer_lost_rate = 0.0  # the resend's answer arrives: the call is over
+        await eventually(lambda: _true(not call.alive))
+        assert (await _attempt_row(db, reminder_id)).call_status != "completed"  # its hang-up not yet applied
+        sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES),
+                          times=times(resend_every=0.0, release_after=0.0))
+        await sweep.once(token=1)  # the resend, before the hang-up event
+        assert any(c.get("result") == "ended" for c in call.command_log)  # answered "the call is over"
+
+        async def hung_up() -> bool:
+            return (await _attempt_row(db, reminder_id)).call_status == "completed"
+
+        await eventually(hung_up)
+        for _ in range(2):  # a release, were it to come
+            await sweep.once(token=1)
+        done = await row(db, reminder_id)
+        assert (done.status, done.outcome, done.bound_call_id) == ("sent", "answered", call_id)
+        assert len(rig.calls()) == 1 and heard_message(call) == 1
+    finally:
+        await rig.aclose()
+
+
+async def _attempt_row(db: Database, reminder_id: str):
+    async with db.session() as session:
+        found = await session.execute(select(CallAttempt.__table__).where(CallAttempt.reminder_id == reminder_id))
+        return found.one()
+
+
+async def test_chaos_telnyx_events_are_acknowledged_before_their_commands_are_sent(db: Database) -> None:
+    """Found by every Telnyx run at make chaos's size: the event handlers sent the greeting (and the
+    question again, the last words, hangups) to Telnyx's API before answering the event; a command's
+    round trip under load passed Telnyx's 2 s, so the event was delivered again, and again, each time
+    costing the replicas more. The greeting is now recorded in the handler and its command sent
+    once the event is acknowledged (a background task after the response)."""
+    from fastapi import BackgroundTasks
+    from starlette.requests import Request
+
+    from service.providers.telnyx import webhooks
+    from service.providers.telnyx.events import TelnyxEvent
+
+    rig = make_rig(db, "telnyx", ring_ms=60_000)  # no machine detection: `call.answered` greets
+    sent: list[str] = []
+    real = rig.provider.greet
+
+    async def greet(call_id, words, *, stamp):
+        sent.append(call_id)
+        return await real(call_id, words, stamp=stamp)
+
+    rig.provider.greet = greet  # type: ignore[method-assign]
+    try:
+        _, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        event = TelnyxEvent("call.answered", "answered-1", datetime.now(UTC), call_id, Stamp(reminder_id, attempt_id))
+        background = BackgroundTasks()
+        await webhooks.answered(Request({"type": "http", "app": rig.app}), event, background)
+        attempt = await _attempt_row(db, reminder_id)
+        assert attempt.greeting == "person" and sent == []  # recorded, not yet sent: the event is answered first
+        await background()  # what runs after the response
+        assert sent == [call_id]
+    finally:
+        await rig.aclose()

@@ -103,4 +103,7 @@ class CallSweep:
             await self.store.checked(row.id)
             log.warning("reminder %s: the greeting of call %s was not confirmed; sent again (same command): %s",
                         row.reminder_id, row.provider_call_id, accepted)
-            await calls.greeting_sent(self.db, stamp, row.provider_call_id, accepted=accepted)
+            # "The call is over" answering a resend does not say that nothing was spoken: the first
+            # send, whose answer was lost, may have run before the call ended. Its fate stays
+            # unknown (the call is counted heard when it ends), never "ended" (released: called again).
+            await calls.greeting_sent(self.db, stamp, row.provider_call_id, accepted=True if accepted else None)

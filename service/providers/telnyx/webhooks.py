@@ -15,7 +15,11 @@ state (never back) and `occurred_at`. Speech is a command, not the answer to the
 (docs/decisions/0221, the greeting protocol): the bound call's first words — the message with the
 keypad question for a person (`gather_using_speak`), the voicemail for a machine after its beep
 (`speak`) — are ONE command per call, recorded before it is sent (`calls.command_greeting`), so a
-late detection event, a redelivery or the sweep never sends a second one.
+late detection event, a redelivery or the sweep never sends a second one. The commands an event
+sets off (the greeting, the question again, the last words, a hangup) are sent once the event is
+acknowledged: Telnyx waits 2 s for the answer, and an answer held up by a command's round trip to
+Telnyx's API made it deliver the event again (and again), each delivery costing the replicas more.
+A replica that dies in between leaves a recorded greeting of unknown fate: the sweep sends it.
 
 `HANDLERS` maps an event type to what it does: `call.answered` binds the call (first answer wins;
 any other call is hung up) and, without machine detection, greets; `call.machine.detection.ended`
@@ -66,7 +70,7 @@ from service.providers.telnyx.signature import (
     TelnyxSignature,
 )
 from service.reminders import Answerer, Confirmation, answerer
-from service.telephony.provider import Stamp
+from service.telephony.provider import GreetingWords, Stamp
 from service.telephony.webhook import SignatureFailure, one_header
 
 __all__ = ["HANDLERS", "Handler", "router"]
@@ -105,10 +109,11 @@ async def _apply(request: Request, event: TelnyxEvent, background: BackgroundTas
     return result
 
 
-async def _hang_up(request: Request, event: TelnyxEvent) -> None:
+def _hang_up(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
+    """The call's hangup command, sent once the event is acknowledged."""
     assert event.stamp is not None and event.call_id is not None
-    await request.app.state.provider.hang_up(event.call_id, command_id=hangup_command_id(event.stamp.attempt_id),
-                                             stamp=event.stamp)
+    background.add_task(request.app.state.provider.hang_up, event.call_id,
+                        command_id=hangup_command_id(event.stamp.attempt_id), stamp=event.stamp)
 
 
 async def initiated(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
@@ -130,13 +135,13 @@ async def answered(request: Request, event: TelnyxEvent, background: BackgroundT
     if not result.speak:
         log.info("call %s answered, reminder %s is bound to another call (or no longer calls): hang up",
                  event.call_id, event.stamp.reminder_id)
-        await _hang_up(request, event)
+        _hang_up(request, event, background)
         return
     if result.newly_bound:
         log.info("reminder %s bound to call %s (attempt %s)", event.stamp.reminder_id, event.call_id,
                  event.stamp.attempt_id)
     if result.incoming or not getattr(request.app.state.provider, "machine_detection", False):
-        await _greet(request, event, Answerer.PERSON)
+        await _greet(request, event, Answerer.PERSON, background)
     # else greeted when the machine detection says who answered; should it never, the sweep does
 
 
@@ -156,31 +161,37 @@ async def machine_detection_ended(request: Request, event: TelnyxEvent, backgrou
     if bound.over:
         return
     if not bound.speak:
-        await _hang_up(request, event)
+        _hang_up(request, event, background)
     elif who is Answerer.PERSON:
-        await _greet(request, event, Answerer.PERSON)
+        await _greet(request, event, Answerer.PERSON, background)
 
 
 async def machine_greeting_ended(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
     """The machine's greeting is over (its beep, or silence): the voicemail, recorded now."""
     if await _record(request, event, background, None, again=True):
-        await _greet(request, event, Answerer.MACHINE)
+        await _greet(request, event, Answerer.MACHINE, background)
 
 
-async def _greet(request: Request, event: TelnyxEvent, who: Answerer) -> None:
-    """The bound call's greeting: recorded as commanded first, then its one command; nothing when
-    it was commanded before (by another event or the sweep); a call that is not the bound call of
-    a current reminder is hung up."""
+async def _greet(request: Request, event: TelnyxEvent, who: Answerer, background: BackgroundTasks) -> None:
+    """The bound call's greeting: recorded as commanded first (here), then its one command, sent
+    once the event is acknowledged; nothing when it was commanded before (by another event or the
+    sweep); a call that is not the bound call of a current reminder is hung up."""
     assert event.stamp is not None and event.call_id is not None
     db, stamp, call_id = request.app.state.db, event.stamp, event.call_id
     greeting = await calls.command_greeting(db, stamp, call_id, who, fallback=fallback_wording(request))
     if not greeting.bound:
-        await _hang_up(request, event)
+        _hang_up(request, event, background)
         return
     if not greeting.send or greeting.words is None:
         return
-    accepted = await request.app.state.provider.greet(call_id, greeting.words, stamp=stamp)
-    await calls.greeting_sent(db, stamp, call_id, accepted=accepted)
+    background.add_task(_send_greeting, request, stamp, call_id, greeting.words)
+
+
+async def _send_greeting(request: Request, stamp: Stamp, call_id: str, words: GreetingWords) -> None:
+    """The greeting's command and what Telnyx said of it. A replica that dies before this leaves
+    the greeting recorded with its fate unknown: the leader's sweep sends it again (same command id)."""
+    accepted = await request.app.state.provider.greet(call_id, words, stamp=stamp)
+    await calls.greeting_sent(request.app.state.db, stamp, call_id, accepted=accepted)
     if accepted is None:
         log.warning("reminder %s: the greeting of call %s got no answer from Telnyx; the sweep sends it again "
                     "while Telnyx dedupes it", stamp.reminder_id, call_id)
@@ -202,7 +213,7 @@ async def gather_ended(request: Request, event: TelnyxEvent, background: Backgro
                                 pressed_at=event.occurred_at, fallback=fallback_wording(request),
                                 call_after_confirmation=call_after_confirmation(request))
     if not result.bound or result.wording is None:
-        await _hang_up(request, event)
+        _hang_up(request, event, background)
         return
     if result.repeated:
         return  # this round was answered before: its words were said then
@@ -212,15 +223,16 @@ async def gather_ended(request: Request, event: TelnyxEvent, background: Backgro
     elif result.answer is not None:
         words = {Confirmation.CONFIRMED: wording.confirmed, Confirmation.DECLINED: wording.declined}
         said = words[result.answer] if result.confirmation == result.answer else wording.goodbye
-    elif round_ == 1:  # the question once more (not the message)
-        await provider.gather_using_speak(call_id, wording.question, command_id=gather_command_id(stamp.attempt_id, 2),
-                                          stamp=stamp, language=wording.language, round_=2)
+    elif round_ == 1:  # the question once more (not the message), once the event is acknowledged
+        background.add_task(provider.gather_using_speak, call_id, wording.question,
+                            command_id=gather_command_id(stamp.attempt_id, 2), stamp=stamp,
+                            language=wording.language, round_=2)
         return
     else:
         said = wording.goodbye
     # its `call.speak.ended` hangs up
-    await provider.speak(call_id, said, command_id=last_words_command_id(stamp.attempt_id), stamp=stamp,
-                         language=wording.language)
+    background.add_task(provider.speak, call_id, said, command_id=last_words_command_id(stamp.attempt_id),
+                        stamp=stamp, language=wording.language)
 
 
 async def speak_started(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
