@@ -896,3 +896,40 @@ async def test_chaos_telnyx_events_are_acknowledged_before_their_commands_are_se
         assert sent == [call_id]
     finally:
         await rig.aclose()
+
+
+async def test_chaos_a_greeting_found_over_is_recorded_after_a_database_blip(db: Database, monkeypatch) -> None:
+    """Found by postgres-restart (Telnyx): the greeting's command was answered "the call is over"
+    (nothing spoken) while the database restarted; the answer was lost with the failed write, the
+    sweep's resend could only say "unknown", and the call counted heard: a miss. The answer is now
+    recorded with retries (the send runs after the event's acknowledgement: no webhook deadline)."""
+    from fastapi import BackgroundTasks
+    from starlette.requests import Request
+
+    from service.providers.telnyx import webhooks
+    from service.providers.telnyx.events import TelnyxEvent
+
+    rig = make_rig(db, "telnyx", ring_ms=60_000)  # no machine detection: `call.answered` greets
+
+    async def greet(call_id, words, *, stamp):
+        return False  # Telnyx: 422, the call is over
+
+    real, failures = calls_module.greeting_sent, [OSError("connection refused")]
+
+    async def greeting_sent(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kwargs)
+
+    rig.provider.greet = greet  # type: ignore[method-assign]
+    monkeypatch.setattr(webhooks.calls, "greeting_sent", greeting_sent)
+    try:
+        _, reminder_id = await book(db)
+        attempt_id, call_id = await placed(rig, reminder_id)
+        event = TelnyxEvent("call.answered", "answered-1", datetime.now(UTC), call_id, Stamp(reminder_id, attempt_id))
+        background = BackgroundTasks()
+        await webhooks.answered(Request({"type": "http", "app": rig.app}), event, background)
+        await background()
+        assert not failures and (await _attempt_row(db, reminder_id)).greeting_result == "ended"
+    finally:
+        await rig.aclose()

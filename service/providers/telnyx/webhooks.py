@@ -53,7 +53,13 @@ from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response
 from service.ledger import calls
 from service.metrics import TELNYX_FOREIGN_EVENTS
 from service.providers.callers import NEUTRAL_MESSAGE, Caller, caller_number, identify
-from service.providers.common import call_after_confirmation, cancel_calls, fallback_wording, signature_refused
+from service.providers.common import (
+    call_after_confirmation,
+    cancel_calls,
+    fallback_wording,
+    signature_refused,
+    with_retries,
+)
 from service.providers.telnyx.events import TelnyxEvent, hangup_status, parse_event
 from service.providers.telnyx.rest import (
     EVENTS_PATH,
@@ -74,6 +80,10 @@ from service.telephony.provider import GreetingWords, Stamp
 from service.telephony.webhook import SignatureFailure, one_header
 
 __all__ = ["HANDLERS", "Handler", "router"]
+
+# Seconds the greeting's answer keeps trying a failing database: inside the 10 s after a call's
+# end that the leader's sweep waits before it settles the call on what is recorded.
+GREETING_RECORD_BUDGET = 8.0
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +199,12 @@ async def _greet(request: Request, event: TelnyxEvent, who: Answerer, background
 
 async def _send_greeting(request: Request, stamp: Stamp, call_id: str, words: GreetingWords) -> None:
     """The greeting's command and what Telnyx said of it. A replica that dies before this leaves
-    the greeting recorded with its fate unknown: the leader's sweep sends it again (same command id)."""
+    the greeting recorded with its fate unknown: the leader's sweep sends it again (same command id).
+    Telnyx's answer is recorded with retries: only the first send's answer can say "nothing was
+    spoken" (a resend's "over" cannot), and lost to a database blip it would count the call heard."""
     accepted = await request.app.state.provider.greet(call_id, words, stamp=stamp)
-    await calls.greeting_sent(request.app.state.db, stamp, call_id, accepted=accepted)
+    await with_retries(lambda: calls.greeting_sent(request.app.state.db, stamp, call_id, accepted=accepted),
+                       GREETING_RECORD_BUDGET, f"the greeting's answer for reminder {stamp.reminder_id}")
     if accepted is None:
         log.warning("reminder %s: the greeting of call %s got no answer from Telnyx; the sweep sends it again "
                     "while Telnyx dedupes it", stamp.reminder_id, call_id)
