@@ -271,3 +271,28 @@ async def test_events_apply_by_state_then_occurred_at_never_back(db: Database, r
               "not_found": "failed", "originator_cancel": "canceled", "normal_clearing": "completed",
               "time_limit": "completed", "unspecified": "completed", "x": "completed"}
     assert {cause: hangup_status({"hangup_cause": cause}) for cause in causes} == causes
+
+
+async def test_an_event_that_meets_a_database_blip_is_acknowledged_and_applied_after(
+        db: Database, rig: TelnyxRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Telnyx does not deliver again an event answered non-2xx (its failover URL gets it, if one is
+    set): the final event of a call that met a database restart would be lost, its outcome left to a
+    check 15 minutes later. It is acknowledged and applied once the database answers."""
+    from service.providers.telnyx import webhooks
+
+    real, failed = webhooks.calls.record_event, []
+
+    async def record_event(db_, stamp, call_id, status, *args, **kwargs):
+        if status == "completed" and not failed:
+            failed.append(status)
+            raise ConnectionRefusedError("the database is restarting")
+        return await real(db_, stamp, call_id, status, *args, **kwargs)
+
+    monkeypatch.setattr(webhooks.calls, "record_event", record_event)
+    reminder_id, (attempt_id,) = await rig.seed(PHONE)
+    rig.fake.callees[PHONE] = CalleeScript("answer", digits="1")
+    call_id = await rig.place(reminder_id, attempt_id, record=False)
+    await eventually(lambda: _status(db, attempt_id, "completed"))
+    assert failed == ["completed"]
+    hangups = [d for d in rig.fake.calls[call_id].deliveries if d.get("type") == "call.hangup"]
+    assert [d["result"] for d in hangups] == ["acknowledged"]  # once, answered 2xx

@@ -84,6 +84,8 @@ __all__ = ["HANDLERS", "Handler", "router"]
 # Seconds the greeting's answer keeps trying a failing database: inside the 10 s after a call's
 # end that the leader's sweep waits before it settles the call on what is recorded.
 GREETING_RECORD_BUDGET = 8.0
+# Seconds an event whose handler failed is applied again after it was acknowledged.
+LATE_EVENT_BUDGET = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +336,40 @@ async def events(request: Request, background: BackgroundTasks) -> Response:
         return Response(status_code=status.HTTP_200_OK)
     handler = HANDLERS.get(event.event_type) if event is not None else None
     if event is not None and event.stamp is not None and event.call_id is not None and handler is not None:
-        await handler(request, event, background)
+        try:
+            await handler(request, event, background)
+        except Exception as error:  # noqa: BLE001 - Telnyx does not deliver again an event answered non-2xx
+            log.warning("telnyx event %s of reminder %s not applied (%s): acknowledged, applied again shortly",
+                        event.event_type, event.stamp.reminder_id, type(error).__name__)
+            background.add_task(_apply_later, request, event, handler)
     elif event is not None and event.stamp is None and event.call_id is not None:
         if event.event_type == "call.initiated" and event.payload.get("direction") == "incoming":
             await incoming(request, event, background)
         elif event.payload.get("client_state") == NEUTRAL_STATE:
             await neutral(request, event)
     return Response(status_code=status.HTTP_200_OK)
+
+
+async def _apply_later(request: Request, event: TelnyxEvent, handler: Handler) -> None:
+    """An event whose handler failed (the database restarting), applied again for up to
+    LATE_EVENT_BUDGET seconds after it was acknowledged: answered 5xx, Telnyx would not send it again
+    (its failover URL, if any, gets it), and a lost `call.hangup` leaves the outcome to a check 15
+    minutes later. The handlers finish what a first try began (`_record`'s `again`)."""
+    assert event.stamp is not None
+    commands = BackgroundTasks()
+
+    async def once() -> None:
+        commands.tasks.clear()  # a failed try's commands are not sent: the next try sets them again
+        await handler(request, event, commands)
+
+    try:
+        await with_retries(once, LATE_EVENT_BUDGET, f"telnyx event {event.event_type} of reminder "
+                           f"{event.stamp.reminder_id}")
+    except Exception as error:  # noqa: BLE001 - the leader's sweep settles the call from what is recorded
+        log.error("telnyx event %s of reminder %s could not be applied (%s): the leader's sweep settles the call",
+                  event.event_type, event.stamp.reminder_id, type(error).__name__)
+        return
+    await commands()
 
 
 def _signature_failure(request: Request, body: bytes) -> SignatureFailure | None:
