@@ -489,6 +489,26 @@ async def test_hole_9_twilio_asks_the_fallback_url_when_the_voice_request_fails(
         await rig.aclose()
 
 
+async def test_hole_9_a_database_down_past_the_fallback_holds_the_call_until_it_speaks(db: Database) -> None:
+    """Found by postgres-restart (Twilio): the database failed through the first voice request and
+    its fallback; the fallback hung up — a person who answered heard nothing. Now the fallback holds
+    the call (a second of silence, then the voice URL again) until the database answers."""
+    rig = make_rig(db, "twilio")
+    rig.app.state.voice_database_budget = 0.3
+    try:
+        _, reminder_id = await book(db)
+        failing = AnswersFailFor(db, failures=10_000)
+        rig.app.state.db = failing
+        _, call_id = await placed(rig, reminder_id)
+        call = rig.call(call_id)
+        await eventually(lambda: _true(any(d.get("type") == "redirect" for d in call.deliveries)))
+        failing.failures = 0  # the database is back while the call is held
+        await eventually(rig.over(call_id))
+        assert heard_message(call) == 1 and (await row(db, reminder_id)).bound_call_id == call_id
+    finally:
+        await rig.aclose()
+
+
 async def test_hole_9_telnyx_events_are_acknowledged_and_a_lost_greeting_is_still_heard(db: Database) -> None:
     """Hole 9: a greeting Telnyx never received was answered 503 so that Telnyx would deliver the
     event again — it does not (a non-2xx goes to the failover URL). Now the event is acknowledged

@@ -6,6 +6,8 @@ database budget. What Telnyx does alike: tests/test_webhooks_providers.py."""
 from __future__ import annotations
 
 import asyncio
+import html
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -157,19 +159,63 @@ async def test_an_answer_during_a_short_database_outage_still_hears_the_message(
     assert (await reminder_row(rig.db, reminder_id)).bound_call_id == "CA" + "5" * 32
 
 
-async def test_a_longer_outage_hands_over_to_the_fallback_which_hangs_up_without_a_word(rig: TwilioRig) -> None:
+def _redirect(twiml: str) -> dict[str, str]:
+    """The query of a hold's <Redirect> (a second of silence first)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    match = re.fullmatch(r'.*<Response><Pause length="1" /><Redirect method="POST">([^<]+)</Redirect></Response>',
+                         twiml)
+    assert match, twiml
+    url = html.unescape(match.group(1))
+    assert url.startswith(rig_voice_url())
+    return dict(parse_qsl(urlsplit(url).query))
+
+
+def rig_voice_url() -> str:
+    from service.providers.twilio.rest import WEBHOOK_PATHS
+    from tests.support.providers import PUBLIC
+
+    return PUBLIC + WEBHOOK_PATHS["voice"]
+
+
+async def test_a_longer_outage_hands_over_to_the_fallback_which_holds_the_call_then_hangs_up_without_a_word(
+        rig: TwilioRig) -> None:
+    from service.providers.twilio.webhooks import VOICE_HOLDS
+
     reminder_id, (attempt_id,) = await rig.seed()
     rig.app.state.db = DownFor(rig.db, failures=10_000)
-    rig.app.state.voice_database_budget = 0.5
-    stamp, call = {"r": reminder_id, "a": attempt_id}, {"CallSid": "CA" + "6" * 32, "CallStatus": "in-progress"}
+    rig.app.state.voice_database_budget = 0.3
+    stamp = {"r": reminder_id, "a": attempt_id}
+    call = {"CallSid": "CA" + "6" * 32, "CallStatus": "in-progress", "AnsweredBy": "human"}
     async with rig.client() as client:
         path, form, headers = rig.signed_post("voice", stamp, call)
         first = await client.post(path, data=form, headers=headers)
         assert first.status_code == 503  # Twilio asks the FallbackUrl: another replica
         path, form, headers = rig.signed_post("voice", stamp, {**call, "ErrorCode": "11200", "ErrorUrl": path})
-        fallback = await client.post(path, data=form, headers=headers)
-    assert fallback.status_code == 200 and fallback.text.endswith("<Response><Hangup /></Response>")
+        answer = await client.post(path, data=form, headers=headers)
+        for held in range(1, VOICE_HOLDS + 1):  # silence, then the voice URL again (no AnsweredBy on a redirect)
+            query = _redirect(answer.text)
+            assert query == {**stamp, "hold": str(held), "ab": "human"}
+            path, form, headers = rig.signed_post("voice", query, {"CallSid": call["CallSid"],
+                                                                   "CallStatus": "in-progress"})
+            answer = await client.post(path, data=form, headers=headers)
+    assert answer.status_code == 200 and answer.text.endswith("<Response><Hangup /></Response>")
     assert (await reminder_row(rig.db, reminder_id)).bound_call_id is None
+
+
+async def test_a_held_call_hears_its_message_once_the_database_is_back(rig: TwilioRig) -> None:
+    reminder_id, (attempt_id,) = await rig.seed()
+    down = DownFor(rig.db, failures=10_000)
+    rig.app.state.db, rig.app.state.voice_database_budget = down, 0.3
+    stamp, call = {"r": reminder_id, "a": attempt_id}, {"CallSid": "CA" + "8" * 32, "CallStatus": "in-progress"}
+    async with rig.client() as client:
+        path, form, headers = rig.signed_post("voice", stamp, {**call, "ErrorCode": "11200", "ErrorUrl": "x"})
+        held = await client.post(path, data=form, headers=headers)
+        down.failures = 0  # the database is back
+        path, form, headers = rig.signed_post("voice", _redirect(held.text), call)
+        answer = await client.post(path, data=form, headers=headers)
+    assert "<Say" in answer.text and "<Gather" in answer.text
+    assert (await reminder_row(rig.db, reminder_id)).bound_call_id == call["CallSid"]
 
 
 class SlowFirst:

@@ -17,8 +17,9 @@
   `MachineDetectionTimeout` (30 s): `unknown`. A `<Say>` (`speak_ms` long) to a machine is lost
   while its greeting plays and recorded after it (`voicemail` / `lost` per call).
 - The TwiML is followed (`<Say>`, `<Gather>` with the person's digits to its `action`,
-  `<Redirect>`, `<Hangup/>`). A request of `Url` that fails (an HTTP error status, no connection,
-  no answer within the read timeout, TwiML that does not parse) goes to `FallbackUrl` at once, with
+  `<Redirect>`, `<Pause>` (silence), `<Hangup/>`). A request of `Url` that fails (an HTTP error
+  status, no connection, no answer within the read timeout, TwiML that does not parse) goes to
+  `FallbackUrl` at once, with
   `ErrorCode` and `ErrorUrl`; an `action` or `<Redirect>` that fails ends the call's TwiML.
 - Webhooks are signed over the URL requested (without its fragment; POST parameters sorted) and
   carry `I-Twilio-Idempotency-Token` (the same on each retry of one request). A URL's fragment
@@ -230,6 +231,14 @@ async def _form(request: Request) -> FormData:
     return FormData(parse_qsl((await request.body()).decode("utf-8", "replace"), keep_blank_values=True))
 
 
+def _pause_seconds(length: str | None) -> float:
+    """<Pause length>: whole seconds, 1 by default (Twilio's)."""
+    try:
+        return max(0.0, min(float(int(length or "1")), 60.0))
+    except ValueError:
+        return 1.0
+
+
 def _method(value: Any) -> str:
     return "GET" if isinstance(value, str) and value.upper() == "GET" else "POST"
 
@@ -387,7 +396,7 @@ class FakeTwilio(ControlledFake):
     async def _follow(self, call: _Call, url: str, script: CalleeScript, extra: dict[str, str], depth: int = 0,
                       *, kind: str = "url", method: str = "POST") -> None:
         """Fetch TwiML from `url` and act it out (Say → heard, Gather → digits, Hangup → end)."""
-        if depth > 5 or call.hang_up.is_set():
+        if depth > 10 or call.hang_up.is_set():
             return
         params = {**self._call_params(call), **extra}
         if call.answered_by:
@@ -411,6 +420,8 @@ class FakeTwilio(ControlledFake):
                     await self._follow(call, verb.get("action") or url, script, {"Digits": keys}, depth + 1,
                                        kind="action", method=_method(verb.get("method")))
                     return
+            elif verb.tag == "Pause":  # silence; the callee may hang up meanwhile
+                await self._hung_up_within(call, _pause_seconds(verb.get("length")))
             elif verb.tag == "Redirect" and verb.text:
                 await self._follow(call, verb.text.strip(), script, {}, depth + 1, kind="redirect",
                                    method=_method(verb.get("method")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from twilio.twiml.voice_response import VoiceResponse
 
-__all__ = ["GATHER_TIMEOUT_SECONDS", "gather_twiml", "hangup_twiml", "say_twiml"]
+__all__ = ["GATHER_TIMEOUT_SECONDS", "gather_twiml", "hangup_twiml", "hold_twiml", "say_twiml"]
 
 
 def say_twiml(message: str, *, language: str | None = None) -> str:
@@ -34,6 +34,14 @@ def gather_twiml(text: str, *, language: str | None, action: str) -> str:
     else:
         gather.say(text)
     response.redirect(action, method="POST")
+    return str(response)
+
+
+def hold_twiml(url: str, *, seconds: int = 1) -> str:
+    """TwiML that keeps the call in silence for `seconds`, then asks `url` what to do."""
+    response = VoiceResponse()
+    response.pause(length=seconds)
+    response.redirect(url, method="POST")
     return str(response)
 
 

@@ -42,7 +42,7 @@ from service.providers.twilio.signature import (
     SIGNATURE_HEADERS,
     TwilioSignature,
 )
-from service.providers.twilio.twiml import gather_twiml, hangup_twiml, say_twiml
+from service.providers.twilio.twiml import gather_twiml, hangup_twiml, hold_twiml, say_twiml
 from service.reminders import Confirmation, answerer
 from service.telephony.provider import Stamp
 from service.telephony.webhook import SignatureFailure, one_header
@@ -65,6 +65,12 @@ VOICE_DATABASE_BUDGET = 8.0
 # so that the FallbackUrl — another replica — gets its turn.
 FIRST_VOICE_DATABASE_BUDGET = 4.0
 STATUS_DATABASE_BUDGET = 5.0
+# How often a call is held — a second of silence, then the voice URL again (any replica) — while
+# the database fails, once the first request and its fallback could not reach it: each try up to
+# VOICE_DATABASE_BUDGET, so at most about 4 + 4 × 9 s of silence before the call is hung up.
+VOICE_HOLDS = 3
+_HOLD = "hold"  # on a held call's voice URL: how often it was held
+_ANSWERED_BY = "ab"  # and Twilio's AnsweredBy, should a redirected request not carry it
 
 
 async def _verified(request: Request) -> FormData:
@@ -104,6 +110,20 @@ def _gather_url(request: Request, stamp: Stamp, round_: int) -> str:
     return signature.signed_url(WEBHOOK_PATHS["gather"], urlencode({**stamp.query(), _ROUND: str(round_)}))
 
 
+def _holds(request: Request) -> int:
+    """How often the call was held already (from our own signed URL; 0 for Twilio's first asks)."""
+    value = request.query_params.get(_HOLD, "")
+    return min(int(value), VOICE_HOLDS) if _DIGITS.fullmatch(value) and len(value) < 3 else 0
+
+
+def _voice_url(request: Request, stamp: Stamp, holds: int, answered_by: str | None) -> str:
+    """The voice route again for a held call: PUBLIC_URL + path + the stamp, the holds so far and
+    the AnsweredBy Twilio gave."""
+    signature: TwilioSignature = request.app.state.twilio_signature
+    query = {**stamp.query(), _HOLD: str(holds), **({_ANSWERED_BY: answered_by[:32]} if answered_by else {})}
+    return signature.signed_url(WEBHOOK_PATHS["voice"], urlencode(query))
+
+
 def _twiml(body: str) -> Response:
     return Response(body, media_type=_TWIML)
 
@@ -117,27 +137,37 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
     The same request comes again at the FallbackUrl (another replica, with `ErrorCode`) when this
     one failed or stalled; it is the same call, so the bound call's words are said by whichever
     answer Twilio takes. A database that stays down: the first request answers 503, so that the
-    fallback tries; the fallback hangs up (an unknown state must not speak)."""
+    fallback tries; the fallback holds the call (silence, then this URL again) up to VOICE_HOLDS
+    times, then hangs up (an unknown state must not speak)."""
     form = await _verified(request)
     stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
     if stamp is None or call_sid is None:
         return _twiml(hangup_twiml())
-    answered_by = form.get("AnsweredBy") if isinstance(form.get("AnsweredBy"), str) else None
-    who, fallback = answerer(answered_by), "ErrorCode" in form  # type: ignore[arg-type]
+    holds = _holds(request)
+    given = form.get("AnsweredBy") if isinstance(form.get("AnsweredBy"), str) else None
+    answered_by = given or (request.query_params.get(_ANSWERED_BY) if holds else None)
+    who = answerer(answered_by)  # type: ignore[arg-type]
+    first = holds == 0 and "ErrorCode" not in form
     try:
         result = await with_retries(
             lambda: calls.answer(request.app.state.db, stamp, call_sid, who=who, answered_by=answered_by,  # type: ignore[arg-type]
                                  fallback=fallback_wording(request)),
             getattr(request.app.state, "voice_database_budget",
-                    VOICE_DATABASE_BUDGET if fallback else FIRST_VOICE_DATABASE_BUDGET),
+                    FIRST_VOICE_DATABASE_BUDGET if first else VOICE_DATABASE_BUDGET),
             f"voice webhook for reminder {stamp.reminder_id}",
         )
     except Exception as error:  # noqa: BLE001 - an unknown state must not speak
-        log.warning("voice webhook for reminder %s: database unavailable (%s); %s", stamp.reminder_id,
-                    type(error).__name__, "hanging up" if fallback else "503: Twilio asks the fallback URL")
-        if fallback:
-            return _twiml(hangup_twiml())
-        return Response(status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        if first:
+            log.warning("voice webhook for reminder %s: database unavailable (%s); 503: Twilio asks the fallback URL",
+                        stamp.reminder_id, type(error).__name__)
+            return Response(status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        if holds < VOICE_HOLDS:
+            log.warning("voice webhook for reminder %s: database unavailable (%s); the call is held (%d of %d)",
+                        stamp.reminder_id, type(error).__name__, holds + 1, VOICE_HOLDS)
+            return _twiml(hold_twiml(_voice_url(request, stamp, holds + 1, answered_by)))
+        log.warning("voice webhook for reminder %s: database unavailable (%s); hanging up", stamp.reminder_id,
+                    type(error).__name__)
+        return _twiml(hangup_twiml())
     if result.cancel:
         background.add_task(cancel_calls, request, result.cancel)
     if not result.speak or result.wording is None:
