@@ -255,3 +255,31 @@ async def test_a_voice_request_resumed_past_its_budget_still_tries_once(rig: Twi
     async with rig.client() as client:
         response = await client.post(path, data=form, headers=headers)
     assert "<Say" in response.text
+
+
+async def test_a_key_pressed_during_an_outage_is_held_and_counted_once_the_database_is_back(rig: TwilioRig) -> None:
+    from service.db import Appointment
+
+    reminder_id, (attempt_id,) = await rig.seed()
+    stamp, sid = {"r": reminder_id, "a": attempt_id}, "CA" + "9" * 32
+    async with rig.client() as client:
+        path, form, headers = rig.signed_post("voice", stamp, {"CallSid": sid, "CallStatus": "in-progress"})
+        assert "<Gather" in (await client.post(path, data=form, headers=headers)).text  # bound
+        down = DownFor(rig.db, failures=10_000)
+        rig.app.state.db, rig.app.state.voice_database_budget = down, 0.3
+        path, form, headers = rig.signed_post("gather", {**stamp, "n": "1"}, {"CallSid": sid, "Digits": "1"})
+        held = await client.post(path, data=form, headers=headers)
+        match = re.search(r'<Redirect method="POST">([^<]+)</Redirect>', held.text)
+        assert match and "<Pause" in held.text, held.text
+        from urllib.parse import parse_qsl, urlsplit
+
+        query = dict(parse_qsl(urlsplit(html.unescape(match.group(1))).query))
+        assert query == {**stamp, "n": "1", "hold": "1", "d": "1"}
+        down.failures = 0  # the database is back
+        path, form, headers = rig.signed_post("gather", query, {"CallSid": sid})  # a redirect posts no Digits
+        answer = await client.post(path, data=form, headers=headers)
+    assert "confirmed" in answer.text
+    async with rig.db.session() as session:
+        row = (await session.execute(select(Appointment.confirmation).join(
+            Appointment.reminders).where(Appointment.reminders.any(id=reminder_id)))).first()
+    assert row is not None and row.confirmation == "confirmed"

@@ -71,6 +71,7 @@ STATUS_DATABASE_BUDGET = 5.0
 VOICE_HOLDS = 3
 _HOLD = "hold"  # on a held call's voice URL: how often it was held
 _ANSWERED_BY = "ab"  # and Twilio's AnsweredBy, should a redirected request not carry it
+_DIGITS_HELD = "d"  # on a held keypad answer's gather URL: the digits Twilio posted
 
 
 async def _verified(request: Request) -> FormData:
@@ -211,14 +212,18 @@ async def status_event(request: Request, background: BackgroundTasks) -> Respons
 @router.post(WEBHOOK_PATHS["gather"])
 async def gather(request: Request) -> Response:
     """The keypad: 1 confirms, 2 declines, OPT_OUT_DIGIT (as the call's wording announced it) lists
-    the number; nothing usable → the question once more, then goodbye.
+    the number; nothing usable → the question once more, then goodbye. The database failing: the
+    call is held (silence, then this URL again with the digits) as the voice route holds it.
     Only the bound call of a current reminder is heard, each round once (a repeat of a round hears
     the words again and changes nothing); any other gets <Hangup/> and changes nothing."""
     form = await _verified(request)
     stamp, call_sid = Stamp.from_query(request.query_params), _call_sid(form)
     if stamp is None or call_sid is None:
         return _twiml(hangup_twiml())
-    digits = form.get("Digits")
+    holds = _holds(request)
+    given = form.get("Digits")
+    # a held keypad answer carries its digits in our own signed URL (a redirect posts none)
+    digits = given if isinstance(given, str) else (request.query_params.get(_DIGITS_HELD) if holds else None)
     round_ = 2 if request.query_params.get(_ROUND) == "2" else 1  # in the signed URL: ours
     try:
         result = await with_retries(
@@ -228,8 +233,15 @@ async def gather(request: Request) -> Response:
             getattr(request.app.state, "voice_database_budget", VOICE_DATABASE_BUDGET),
             f"gather webhook for reminder {stamp.reminder_id}",
         )
-    except Exception as error:  # noqa: BLE001 - Twilio must hear TwiML; the customer can answer next time
-        log.warning("gather webhook for reminder %s: database unavailable (%s)", stamp.reminder_id,
+    except Exception as error:  # noqa: BLE001 - Twilio must hear TwiML; held, then the customer can answer next time
+        if holds < VOICE_HOLDS:
+            log.warning("gather webhook for reminder %s: database unavailable (%s); the call is held (%d of %d)",
+                        stamp.reminder_id, type(error).__name__, holds + 1, VOICE_HOLDS)
+            query = {**stamp.query(), _ROUND: str(round_), _HOLD: str(holds + 1),
+                     **({_DIGITS_HELD: digits[:17]} if isinstance(digits, str) and digits else {})}
+            signature: TwilioSignature = request.app.state.twilio_signature
+            return _twiml(hold_twiml(signature.signed_url(WEBHOOK_PATHS["gather"], urlencode(query))))
+        log.warning("gather webhook for reminder %s: database unavailable (%s); hanging up", stamp.reminder_id,
                     type(error).__name__)
         return _twiml(hangup_twiml())
     if not result.bound or result.wording is None:
