@@ -348,7 +348,7 @@ def _burst(cluster: Cluster, pg: PostgresServer, mode: str | None, bench_url: st
     if during is not None:
         watcher = threading.Thread(target=lambda: outcome.update(during(committed)), name="bench-during")
         watcher.start()
-    progress = _wait_over(cluster, mode, bench_url, reminder_ids, max(120.0, count / 5), events)
+    progress = _wait_over(cluster, mode, bench_url, reminder_ids, max(180.0, count / 2), events)
     cpu_after, wall = _cpu(replicas), time.monotonic() - started
     others_after = _others_cpu(cluster, pg)
     if watcher is not None:
@@ -511,14 +511,15 @@ def inclusive(raw: str, top: int = 20) -> dict[str, Any]:
     own C code (uvloop), the HTTP requests (uvicorn's request cycle, under which every middleware
     and route runs), and SQLAlchemy's greenlets (the database work of `Database.read`/`write`: a
     greenlet's stack starts at the function it runs, so py-spy shows it apart from the request
-    that awaits it). Left out of the lists: the frames above the event loop (the process's start,
-    `Runner.run`) and those every request goes through on its way to the route (the middlewares and
-    the routing, above FastAPI's call of the endpoint: on at least `_WRAPPER` of the requests'
-    samples), named apart; the grpc.aio poller thread is left out of the
+    that awaits it); `in_routes` is the part of the requests' share under the route's function
+    (FastAPI's `run_endpoint_function`), the rest being the server's and the middlewares' own work.
+    Left out of the lists: the frames above the event loop (the process's start, `Runner.run`) and
+    those a request goes through on its way to the route (the middlewares and the routing: above
+    the endpoint's call on some stack), named apart; the grpc.aio poller thread is left out of the
     samples (as bench/profile.py does)."""
     total = 0
     on_stack: Counter[str] = Counter()
-    in_requests: Counter[str] = Counter()
+    wrappers: set[str] = set()
     own: Counter[str] = Counter()
     where: Counter[str] = Counter()
     for line in raw.splitlines():
@@ -539,9 +540,10 @@ def inclusive(raw: str, top: int = 20) -> dict[str, Any]:
             where["event_loop_own"] += n
         elif any(frame.startswith(_REQUEST) for frame in frames):
             where["requests"] += n
-            endpoint = next((i for i, frame in enumerate(frames) if frame.startswith(_ENDPOINT)), len(frames) - 1)
-            for name in set(frames[:endpoint]):
-                in_requests[name] += n
+            endpoint = next((i for i, frame in enumerate(frames) if frame.startswith(_ENDPOINT)), None)
+            if endpoint is not None:
+                where["in_routes"] += n
+                wrappers.update(frames[:endpoint + 1])
         else:
             where["other_tasks"] += n
 
@@ -549,11 +551,11 @@ def inclusive(raw: str, top: int = 20) -> dict[str, Any]:
         return round(100 * n / total, 1) if total else 0.0
 
     above = _above_the_loop(on_stack)
-    wrappers = [name for name, n in in_requests.most_common()
-                if name not in above and where["requests"] and n >= _WRAPPER * where["requests"]]
+    wrappers -= above
     listed = [(name, n) for name, n in on_stack.most_common() if name not in above and name not in wrappers]
     ours = [(name, n) for name, n in listed if " (service/" in name]
-    return {"samples": total, "where": {key: pct(where[key]) for key in _WHERE}, "request_wrappers": wrappers,
+    return {"samples": total, "where": {key: pct(where[key]) for key in _WHERE},
+            "request_wrappers": sorted(wrappers, key=lambda name: -on_stack[name]),
             "top_inclusive": [[name, pct(n), pct(own[name])] for name, n in listed[:top]],
             "top_service": [[name, pct(n), pct(own[name])] for name, n in ours[:top]]}
 
@@ -562,8 +564,7 @@ _MAIN = "_run_module_as_main"  # the main thread's first frame (python -m servic
 _LOOP = "Runner.run ("  # asyncio's runner: uvloop's C code shows as its own time
 _REQUEST = "RequestResponseCycle.run_asgi ("  # uvicorn: one HTTP request
 _ENDPOINT = "run_endpoint_function ("  # FastAPI calls the route's function
-_WHERE = ("requests", "greenlets", "event_loop_own", "other_tasks")
-_WRAPPER = 0.95
+_WHERE = ("requests", "in_routes", "greenlets", "event_loop_own", "other_tasks")
 
 
 def _above_the_loop(on_stack: Counter[str]) -> set[str]:
@@ -631,6 +632,10 @@ def _provider_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, mode: 
         webhooks = stats["total"]
         net = _net_cpu(burst, idle)
         total_net = sum(net.values())
+        by_url = {r.url: r.name for r in cluster.replicas}
+        answered = {by_url.get(url, url): n for url, n in stats.get("upstreams", {}).items()}
+        follower_webhooks = sum(n for name, n in answered.items() if name != leader)
+        follower_cpu = sum(cpu for name, cpu in net.items() if name != leader)
         run = {
             "reminders": count, "loadavg_at_start": burst["loadavg_at_start"],
             "first_create_to_last_final_s": round(last - first, 3) if first and last else None,
@@ -642,10 +647,12 @@ def _provider_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, mode: 
             "cpu_ms_per_call": round(total_net / count * 1000, 3),
             "webhooks": webhooks, "webhooks_per_call": round(webhooks / count, 3),
             "cpu_ms_per_webhook": round(total_net / webhooks * 1000, 3) if webhooks else None,
+            # the followers only answer webhooks (the leader dispatches too): a webhook's own cost
+            "followers_cpu_ms_per_webhook": (round(follower_cpu / follower_webhooks * 1000, 3)
+                                             if follower_webhooks else None),
             "replicas": {r: {"leader": r == leader, "cpu_s_net": round(net[r], 3),
-                             "cores_busy": round(net[r] / burst["cpu_interval_s"], 2)}
+                             "cores_busy": round(net[r] / burst["cpu_interval_s"], 2), "webhooks": answered.get(r, 0)}
                          for r in sorted(net)},
-            "webhooks_by_replica": {url.rsplit(":", 1)[-1]: n for url, n in stats.get("upstreams", {}).items()},
             "others_cpu_ms_per_call": {k: round(v / count * 1000, 3) for k, v in burst["others_cpu_s"].items()},
             "events_delivered": burst["progress"]["events_delivered_total"] - warm["progress"][
                 "events_delivered_total"],
@@ -659,7 +666,7 @@ def _provider_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, mode: 
         log(f"provider {mode}: GET {get['load']['rps']} req/s, {get['cpu_ms_per_get']} ms CPU per GET")
 
         profiled = followers[-1]
-        size = count if quick else max(200, count // 2)
+        size = count if quick else max(200, count // 4)
         seconds = min(30.0, max(4.0, size / run["calls_per_s"] if run["calls_per_s"] else 10.0))
         log(f"provider {mode}: py-spy on {profiled.name} through a burst of {size} ({seconds:.0f} s)")
         profile_burst = _burst(cluster, pg, mode, bench_url, PROFILE_FROM, size, events,

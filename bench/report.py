@@ -740,7 +740,8 @@ def _provider(add: Add, title: str, result: dict[str, Any]) -> None:
         f"({_n(run['replicas_cpu_s'], 2)} s over {_n(run['cpu_interval_s'], 2)} s, less "
         f"{_n(run['idle_subtracted_s'], 2)} s idle) | ≤ (webhooks per call + {_g(TARGETS['call_extra_gets'])}) × "
         f"per GET = {_n(budget * per_get if per_get else None, 2)} ms: {_ok(call_ok)} |")
-    add(f"| replicas' CPU per webhook (all of it ÷ webhooks) | **{_n(run['cpu_ms_per_webhook'], 2)} ms** | "
+    add(f"| replicas' CPU per webhook (all of it ÷ webhooks) | **{_n(run['cpu_ms_per_webhook'], 2)} ms** "
+        f"(the followers alone, which only answer webhooks: {_n(run.get('followers_cpu_ms_per_webhook'), 2)} ms) | "
         f"≤ {_g(TARGETS['webhook_get_ratio'])} × per GET = "
         f"{_n(TARGETS['webhook_get_ratio'] * per_get if per_get else None, 2)} ms: {_ok(webhook_ok)} |")
     add(f"| replicas' CPU per `GET /appointments/{{id}}` ({get['replica']}, wrk {_n(get['connections'])} "
@@ -793,7 +794,9 @@ def _provider_profile(add: Add, profile: dict[str, Any]) -> None:
     add(f"**Where a webhook's CPU goes** — py-spy on {profile['replica']} (a follower: webhooks, no dispatch) "
         f"through a burst of {_n(profile.get('burst'))}, {_n(profile['samples'])} busy samples at "
         f"{_n(profile['rate_hz'])} Hz over {_n(profile['seconds'])} s: {_n(where.get('requests'), 1)} % in HTTP "
-        f"requests (the signature check, the route, the middlewares), {_n(where.get('greenlets'), 1)} % in "
+        f"requests ({_n(where.get('in_routes'), 1)} % under the routes' functions — the signature check, the "
+        "route's work — the rest the server's and the middlewares' own), "
+        f"{_n(where.get('greenlets'), 1)} % in "
         "SQLAlchemy's greenlets (the statements of `Database.read`/`write`: compiled, sent, their rows), "
         f"{_n(where.get('event_loop_own'), 1)} % in the event loop's own C code (uvloop: sockets, callbacks), "
         f"{_n(where.get('other_tasks'), 1)} % elsewhere. The service's functions with the most samples on the stack "

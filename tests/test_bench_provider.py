@@ -83,7 +83,8 @@ def test_a_profile_is_summed_per_function_with_the_wrappers_apart() -> None:
     ])
     summary = inclusive(raw)
     assert summary["samples"] == 100
-    assert summary["where"] == {"requests": 30.0, "greenlets": 40.0, "event_loop_own": 30.0, "other_tasks": 0.0}
+    assert summary["where"] == {"requests": 30.0, "in_routes": 30.0, "greenlets": 40.0, "event_loop_own": 30.0,
+                                "other_tasks": 0.0}
     assert "BodyLimitMiddleware.__call__ (service/api/limits.py)" in summary["request_wrappers"]
     top = {name: (share, own) for name, share, own in summary["top_service"]}
     assert top["_answer (service/ledger/calls.py)"] == (40.0, 40.0)  # one entry per function, its lines summed
