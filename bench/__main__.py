@@ -1,7 +1,7 @@
 """`python -m bench [all|dispatch|failover|api|profile|micro|provider|report] [--quick]` — see bench/__init__.py.
 `python -m bench dispatch --events`: the dispatch rate with no EVENTS_URL, an accepting and a stalled
 receiver, in one invocation (bench/events.py, bench/results/dispatch_events.json).
-`python -m bench provider --mode twilio|telnyx [--reminders N]`: a real provider's calls and their
+`python -m bench provider --mode twilio|telnyx [--reminders N] [--rate R]`: a real provider's calls and their
 webhooks on three replicas, beside the same run's GET /appointments/{id} and generic path
 (bench/provider.py, bench/results/provider_<mode>.json; without --mode, both modes).
 
@@ -50,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="provider only: the real provider's mode (default: both, one result each)")
     parser.add_argument("--reminders", type=int, default=None,
                         help="provider only: reminders due at once (default 2,000; 300 with --quick)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="provider only: the provider account's calls/s (CALLS_PER_SECOND); default: 80 %% of "
+                             "what the machine carries, measured by a warm-up; 0: no limit (the webhooks back up)")
     parser.add_argument("--result-name", default=None, help="file name (without .json) for a single part's results")
     args = parser.parse_args(argv)
-    if (args.mode or args.reminders) and args.part != "provider":
-        parser.error("--mode and --reminders go with the provider part")
+    if (args.mode or args.reminders or args.rate is not None) and args.part != "provider":
+        parser.error("--mode, --reminders and --rate go with the provider part")
+    if args.rate is not None and not 0 <= args.rate <= 10_000:
+        parser.error("--rate must be within [0, 10000]")
     if args.reminders is not None and not 50 <= args.reminders <= 20_000:
         parser.error("--reminders must be within [50, 20000]")
     if not 1 <= args.concurrency <= 2000:
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     attempt("micro", "micro", quick=args.quick)
     for mode in [args.mode] if args.mode else ["twilio", "telnyx"]:
         attempt("provider", "provider", f"provider_{mode}", quick=args.quick, mode=mode, reminders=args.reminders,
-                concurrency=args.concurrency)
+                concurrency=args.concurrency, rate=args.rate)
     from . import readme, report
 
     path = report.write()

@@ -3,33 +3,42 @@
 Issue 26's measuring tool, in one invocation per mode (bench/results/provider_<mode>.json):
 
 1. **The provider's path.** Three `reminders serve` replicas (harness.cluster.Cluster) on
-   PostgreSQL, in Twilio or Telnyx mode against its fake (0 ms per REST request, no rate limit,
-   no ring, speech and machine detection at once), their webhooks through the front that strips
-   PUBLIC_URL's prefix (harness/webhook_proxy.py, which counts them); every reminder its own
+   PostgreSQL, in Twilio or Telnyx mode against its fake (0 ms per REST request, no rate limit of
+   its own, no ring, speech and machine detection at once), their webhooks through the front that
+   strips PUBLIC_URL's prefix (harness/webhook_proxy.py, which counts them); every reminder its own
    number, whose scripted callee answers at once and presses 1; EVENTS_URL at a verifying receiver
    (harness/events_receiver.py) and the caps per number on, high enough to hold nobody back.
-   - a warm-up burst (not counted) — the cluster's first calls, and its rate, from which the
-     length of the measured run is estimated;
-   - the replicas idle for that long: their CPU (utime + stime of each replica and its children,
-     /proc) per second is what is subtracted from the run's;
+   - a first warm-up burst (`CALIBRATION` reminders at once, not counted): the CPU per call of every
+     process on the machine gives the calls/s its cores would carry; the provider account's rate
+     (CALLS_PER_SECOND on every replica, as an operator sets it to the account's) is set to
+     `_HEADROOM` of that (`--rate` sets it instead; 0: none). Without a rate, N calls answered at
+     once queue their webhooks behind each other past the providers' timeouts (Twilio's status
+     callbacks retried and given up, voice requests sent to the fallback, Telnyx's events
+     delivered again): the run then measures that spiral, and never ends once final events are
+     given up — issue 26's burst problem, not a webhook's cost;
+   - a second warm-up at that rate (not counted), then the replicas idle for as long as the run is
+     expected to last: their CPU (utime + stime of each replica and its children, /proc) per second
+     is what is subtracted from the run's;
    - the run: N reminders (2,000 by default) committed due at once. Measured: first create the
-     fake received → last final status webhook answered at the front (calls/s end to end); the
-     replicas' CPU from before the commit until every call is over and every event delivered, less
-     the idle rate over the same time (per call, and per webhook = all of it ÷ the webhooks);
-     webhooks per call and p50/p99 of each webhook route at the front (the time to the replica's
-     answer); database statements per call from PostgreSQL's pg_stat_statements (the replicas'
-     role only: the bench's own queries run as another role) and per route from the replicas'
-     own count (bench/statements.py, enabled by BENCH_STATEMENTS=1, which only this bench sets);
+     fake received → last call attempt recorded over (calls/s end to end); the replicas' CPU from
+     before the commit until every call is over and every event delivered, less the idle rate over
+     the same time (per call, per webhook = all of it ÷ the webhooks, and the followers' alone ÷
+     theirs: they answer webhooks only); webhooks per call and p50/p99 of each webhook route at the
+     front (the time to the replica's answer); database statements per call from PostgreSQL's
+     pg_stat_statements (the replicas' role only: the bench's own queries run as another role) and
+     per route from the replicas' own count (bench/statements.py, enabled by BENCH_STATEMENTS=1,
+     which only this bench sets);
    - every reminder heard exactly once: the chaos harness's promise (`harness.chaos_providers.judge`)
      on the fake's record and the database's rows, and every appointment confirmed — else the
      run fails;
    - `GET /appointments/{id}` on one follower under wrk (16 connections, over the run's
      appointments, after ANALYZE and a warm-up): its CPU per request, idle subtracted;
-   - py-spy on one follower (webhooks only, no dispatch) through another burst: where a webhook's
-     CPU goes (inclusive and own time per function).
+   - py-spy on the other follower (webhooks only, no dispatch) through another burst: where a
+     webhook's CPU goes (inclusive and own time per function).
 2. **The generic path.** The same three replicas' settings with TELEPHONY_PROVIDER=generic against
-   the generic fake (same PostgreSQL server, a database of its own), the same warm-up, idle
-   interval and N: calls/s end to end (first create → last `sent`) and CPU per call.
+   the generic fake (same PostgreSQL server, a database of its own), no rate (its calls have no
+   webhooks to back up), the same warm-up, idle interval and N: calls/s end to end (first create →
+   last `sent`) and CPU per call.
 
 The ratios issue 26 is judged by: CPU per webhook ÷ CPU per GET (≤ 3) and CPU per call ÷ CPU per
 GET against (webhooks per call + 2).
@@ -75,7 +84,7 @@ CALLEE = {"behaviour": "answer", "digits": "1", "ring_ms": 0.0}
 # the webhook that ends a call (its final status), by mode: the run is over when each call's came back
 FINAL = {"twilio": ("twilio/status:completed",), "telnyx": ("telnyx/events:call.hangup",)}
 # each phase's numbers (harness.chaos_providers.number): its own range
-WARMUP_FROM, RUN_FROM, PROFILE_FROM = 0, 100_000, 200_000
+WARMUP_FROM, PACED_WARMUP_FROM, RUN_FROM, PROFILE_FROM = 0, 50_000, 100_000, 200_000
 GET_CONNECTIONS, GET_WARMUP_S = 16, 2
 PROFILE_RATE = 200  # py-spy samples per second (bench/profile.py's)
 BENCH_ROLE = "bench"  # the bench's own connections: not counted by pg_stat_statements' filter
@@ -306,8 +315,8 @@ def _final_count(stats: dict[str, Any], mode: str) -> int:
 def _wait_over(cluster: Cluster, mode: str | None, bench_url: str, reminder_ids: list[str], timeout: float,
                events: _Events) -> dict[str, Any]:
     """Until every call of the burst is over — as many final webhooks answered at the front as
-    calls (redeliveries count there too), then in the database every call attempt ended and every
-    appointment answered; the generic path: every reminder `sent` — and every event delivered."""
+    calls (redeliveries count there too), then in the database every call attempt ended; the
+    generic path: every reminder `sent` — and every event delivered."""
     count = len(reminder_ids)
     if mode is not None:
         assert cluster.webhook_proxy is not None
@@ -318,8 +327,7 @@ def _wait_over(cluster: Cluster, mode: str | None, bench_url: str, reminder_ids:
     def finished() -> dict[str, Any] | None:
         progress = asyncio.run(_progress(bench_url, reminder_ids))
         open_ = sum(n for status, n in progress["statuses"].items() if status in ("pending", "dispatching"))
-        calls_over = mode is None or (progress["attempts"] >= count and not progress["attempts_open"]
-                                      and not progress["unconfirmed"])
+        calls_over = mode is None or (progress["attempts"] >= count and not progress["attempts_open"])
         return progress if calls_over and not open_ and not progress["events_pending"] else None
 
     progress = wait_until(finished, timeout=timeout, what="every reminder finished and its events delivered",
@@ -341,6 +349,7 @@ def _burst(cluster: Cluster, pg: PostgresServer, mode: str | None, bench_url: st
         cluster.provider.client.reset()
     replicas = cluster.live_replicas()
     others_before, cpu_before, started = _others_cpu(cluster, pg), _cpu(replicas), time.monotonic()
+    bench_before = time.process_time()
     load = loadavg()
     committed, appointment_ids, reminder_ids = asyncio.run(_seed(bench_url, first, count))
     outcome: dict[str, Any] = {}
@@ -350,7 +359,8 @@ def _burst(cluster: Cluster, pg: PostgresServer, mode: str | None, bench_url: st
         watcher.start()
     progress = _wait_over(cluster, mode, bench_url, reminder_ids, max(180.0, count / 2), events)
     cpu_after, wall = _cpu(replicas), time.monotonic() - started
-    others_after = _others_cpu(cluster, pg)
+    others_after = {**_others_cpu(cluster, pg), "bench": time.process_time()}
+    others_before["bench"] = bench_before
     if watcher is not None:
         watcher.join(120)
     return {"reminders": count, "appointment_ids": appointment_ids, "reminder_ids": reminder_ids,
@@ -373,6 +383,22 @@ def _first_create(cluster: Cluster) -> float | None:
 
 def _warm_rate(burst: dict[str, Any], end: float | None, first: float | None) -> float | None:
     return round(burst["reminders"] / (end - first), 1) if end and first and end > first else None
+
+
+def _pace(warm: dict[str, Any], cores: int) -> dict[str, Any]:
+    """The rate the provider's account is given (CALLS_PER_SECOND on every replica): `_HEADROOM` of
+    the calls/s this machine's cores would carry at the warm-up's CPU per call of every process on
+    it (the replicas, PostgreSQL, the fake, the front, this bench and its events receiver)."""
+    used = sum(warm["cpu_s"].values()) + sum(warm["others_cpu_s"].values())
+    per_call = used / warm["reminders"]
+    ceiling = cores / per_call if per_call else None
+    return {"cpu_ms_per_call_all_processes": round(per_call * 1000, 3), "cores": cores,
+            "ceiling_calls_per_s": round(ceiling, 1) if ceiling else None, "headroom": _HEADROOM,
+            "calls_per_s": round(max(1.0, _HEADROOM * ceiling), 1) if ceiling else None}
+
+
+_HEADROOM = 0.8
+CALIBRATION = 100  # the first warm-up's reminders when the rate is measured: a burst that does not back up
 
 
 def _idle_seconds(count: int, rate: float | None, quick: bool) -> float:
@@ -602,20 +628,30 @@ def _profile(replica: ReplicaProcess, seconds: float, rate: int) -> dict[str, An
 
 
 def _provider_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, mode: str, count: int, warmup: int,
-                   concurrency: int, quick: bool) -> dict[str, Any]:
+                   concurrency: int, quick: bool, rate: float | None) -> dict[str, Any]:
     name = f"provider_{mode}_{uuid.uuid4().hex[:6]}"
     db_url, bench_url = _prepare_database(pg, name)
     with Cluster(REPLICAS, database_url=db_url, etcd_endpoint=etcd.endpoint, lease_ttl=LEASE_TTL,
                  env=_settings(concurrency, events), telephony_provider=mode, fake_calls_per_second=0.0,
                  fake_ring_ms=0.0) as cluster:
-        leader = cluster.leader(timeout=60)
+        cluster.leader(timeout=60)
         front = cluster.webhook_proxy
         assert front is not None
-        log(f"provider {mode}: warm-up, {warmup} reminders (not counted)")
-        warm = _burst(cluster, pg, mode, bench_url, WARMUP_FROM, warmup, events)
-        rate = _warm_rate(warm, warm["progress"]["last_attempt_recorded"], _first_create(cluster))
-        idle_s = _idle_seconds(count, rate, quick)
-        log(f"provider {mode}: warm-up {rate} calls/s; the replicas idle for {idle_s:.0f} s")
+        first_warmup = min(warmup, CALIBRATION) if rate is None else warmup
+        log(f"provider {mode}: warm-up, {first_warmup} reminders at once (not counted)")
+        warm = _burst(cluster, pg, mode, bench_url, WARMUP_FROM, first_warmup, events)
+        pace = _pace(warm, os.cpu_count() or 1) if rate is None else {"calls_per_s": rate or None}
+        if pace["calls_per_s"]:
+            log(f"provider {mode}: the provider's rate set to {pace['calls_per_s']} calls/s "
+                f"(CALLS_PER_SECOND; {pace})")
+            cluster.scenario_env({"CALLS_PER_SECOND": str(pace["calls_per_s"])})  # restarts the replicas
+            cluster.leader(timeout=60)
+            log(f"provider {mode}: warm-up at that rate, {warmup} reminders (not counted)")
+            warm = _burst(cluster, pg, mode, bench_url, PACED_WARMUP_FROM, warmup, events)
+        leader = cluster.leader(timeout=60)
+        warm_rate = _warm_rate(warm, warm["progress"]["last_attempt_recorded"], _first_create(cluster))
+        idle_s = _idle_seconds(count, pace["calls_per_s"] or warm_rate, quick)
+        log(f"provider {mode}: warm-up {warm_rate} calls/s; the replicas idle for {idle_s:.0f} s")
         idle = _idle(cluster.live_replicas(), idle_s)
 
         log(f"provider {mode}: {count} reminders due at once")
@@ -673,7 +709,7 @@ def _provider_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, mode: 
                                during=lambda _committed: {"profile": _profile(profiled, seconds, PROFILE_RATE)})
         profile = profile_burst["during"].get("profile", {"error": "no profile"})
         profile["burst"] = size
-    return {"warmup": {"reminders": warmup, "calls_per_s": rate}, "idle": idle, "run": run,
+    return {"warmup": {"reminders": warmup, "calls_per_s": warm_rate}, "pace": pace, "idle": idle, "run": run,
             "routes": _routes(stats, counts, count), "statements": _statements(pg_counts, counts, count),
             "heard_once": heard, "get": get, "profile": profile}
 
@@ -727,7 +763,7 @@ def _ratios(run: dict[str, Any], get: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(quick: bool = False, mode: str = "twilio", reminders: int | None = None,
-        concurrency: int = CONCURRENCY) -> dict[str, Any]:
+        concurrency: int = CONCURRENCY, rate: float | None = None) -> dict[str, Any]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     count = reminders or (QUICK_REMINDERS if quick else N_REMINDERS)
@@ -736,7 +772,7 @@ def run(quick: bool = False, mode: str = "twilio", reminders: int | None = None,
     with EtcdServer() as etcd, PostgresServer(settings=server) as pg, _Events() as events:
         pg.sql(f"CREATE ROLE {BENCH_ROLE} LOGIN SUPERUSER")
         version = str(asyncio.run(_sql(pg.url, "SHOW server_version"))[0][0][0])
-        provider = _provider_path(pg, etcd, events, mode, count, warmup, concurrency, quick)
+        provider = _provider_path(pg, etcd, events, mode, count, warmup, concurrency, quick, rate)
         generic = _generic_path(pg, etcd, events, count, warmup, concurrency, quick)
         settings = _shown(_settings(concurrency, events))
     return {"mode": mode, "reminders": count, "replicas": REPLICAS, "concurrency": concurrency, "lease_ttl": LEASE_TTL,

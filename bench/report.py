@@ -696,21 +696,27 @@ def _providers(add: Add, providers: dict[str, dict[str, Any]]) -> None:
         "that verifies each delivery "
         "(harness/events_receiver.py); caps per number on "
         f"({_n(caps.get('max_calls_per_number_per_day'))} a day, {_n(caps.get('max_calls_per_number_per_week'))} "
-        "a week: nobody held back). A warm-up burst (not counted) estimates the run's length; the replicas then "
-        "idle that long, and their idle CPU per second is subtracted from the run's. The run: the reminders "
-        "committed due at once. *calls/s* = first create the fake received → last call attempt recorded over (its "
-        "final status); *CPU* = utime + stime of each replica and its children from before the commit until every "
-        "call was over and every event delivered, idle subtracted; *per webhook* = all of it ÷ the webhooks the "
-        "front answered (the dispatch included, as issue 26 counts it); *statements* = pg_stat_statements' "
-        "executions by the replicas' role (transaction control apart), per route the replicas' own count "
-        "(bench/statements.py, enabled by the variable `BENCH_STATEMENTS`, which only the bench sets; an "
-        "executemany is one there); latency per route = the front's time to the replica's answer. Then, on the same "
-        "replicas: wrk on one follower's `GET /appointments/{id}` over the run's appointments; py-spy on another "
-        "follower through one more burst. The *generic path* = the same settings with "
-        "`TELEPHONY_PROVIDER=generic` and the same reminders (a database of its own, the same PostgreSQL). Every "
-        "reminder is checked heard exactly once by the chaos harness's promise (`harness.chaos_providers.judge` "
-        "on the fake's record and the rows) and every appointment confirmed; a run that fails it writes no "
-        "result.")
+        "a week: nobody held back). The provider account's rate — `CALLS_PER_SECOND` on every replica, as an "
+        "operator sets it to the account's — is measured, not guessed: a first warm-up burst (not counted) gives the "
+        "CPU per call of every process on the machine (replicas, PostgreSQL, the fake, the front, the bench), hence "
+        "the calls/s its cores would carry, and the rate is set to a share of that (below). Without a rate the calls "
+        "answered at once queue their webhooks behind each other past the providers' timeouts — Twilio's status "
+        "callbacks retried and given up, voice requests sent to the fallback, Telnyx's events delivered again — and a"
+        " run measures that spiral (and never ends once final events are given up): issue 26's burst problem, not a "
+        "webhook's cost. A second warm-up at that rate (not counted); the replicas then idle as long as the run "
+        "should last, and their idle CPU per second is subtracted from the run's. The run: the reminders committed "
+        "due at once. *calls/s* = first create the fake received → last call attempt recorded over (its final "
+        "status); *CPU* = utime + stime of each replica and its children from before the commit until every call was "
+        "over and every event delivered, idle subtracted; *per webhook* = all of it ÷ the webhooks the front answered"
+        " (the dispatch included, as issue 26 counts it); *statements* = pg_stat_statements' executions by the "
+        "replicas' role (transaction control apart), per route the replicas' own count (bench/statements.py, enabled "
+        "by the variable `BENCH_STATEMENTS`, which only the bench sets; an executemany is one there); latency per "
+        "route = the front's time to the replica's answer. Then, on the same replicas: wrk on one follower's `GET "
+        "/appointments/{id}` over the run's appointments; py-spy on another follower through one more burst. The "
+        "*generic path* = the same settings, no rate, `TELEPHONY_PROVIDER=generic`, the same reminders (a database of "
+        "its own, the same PostgreSQL). Every reminder is checked heard exactly once by the chaos harness's promise "
+        "(`harness.chaos_providers.judge` on the fake's record and the rows) and every appointment confirmed; a run "
+        "that fails it writes no result.")
     add("")
     for title, result in providers.items():
         _provider(add, title, result)
@@ -733,9 +739,16 @@ def _provider(add: Add, title: str, result: dict[str, Any]) -> None:
     add("")
     add(f"| figure | {title} mode | issue 26's target |")
     add("|---|---|---|")
+    pace = result.get("pace") or {}
+    paced = (f"the account's rate {_n(pace.get('calls_per_s'), 1)} calls/s, {_pct(pace['headroom'])} of the "
+             f"{_n(pace.get('ceiling_calls_per_s'), 1)} calls/s the {_n(pace.get('cores'))} cores would carry at the "
+             f"warm-up's {_n(pace.get('cpu_ms_per_call_all_processes'), 1)} ms of CPU per call of every process"
+             if pace.get("headroom") is not None else
+             f"the account's rate {_n(pace.get('calls_per_s'), 1)} calls/s, as given" if pace.get("calls_per_s")
+             else "no rate: every call at once")
     add(f"| calls/s end to end (first create → last call over) | **{_n(run['calls_per_s'], 1)}** "
         f"({_n(run['reminders'])} calls in {_n(run['first_create_to_last_final_s'], 2)} s; first create "
-        f"{_n(run['commit_to_first_create_s'], 2)} s after the commit) | – |")
+        f"{_n(run['commit_to_first_create_s'], 2)} s after the commit; {paced}) | – |")
     add(f"| replicas' CPU per call (idle subtracted) | **{_n(run['cpu_ms_per_call'], 2)} ms** "
         f"({_n(run['replicas_cpu_s'], 2)} s over {_n(run['cpu_interval_s'], 2)} s, less "
         f"{_n(run['idle_subtracted_s'], 2)} s idle) | ≤ (webhooks per call + {_g(TARGETS['call_extra_gets'])}) × "
@@ -758,7 +771,7 @@ def _provider(add: Add, title: str, result: dict[str, Any]) -> None:
         f"{_n(pg['transactions_per_call'], 1)} transactions); {_n(statements['sqlalchemy_per_call'], 1)} as the "
         f"replicas count them, {_n(statements['background_per_call'], 1)} of them outside requests (dispatch, "
         "sweeps, events relay) | – |")
-    add(f"| the generic path, same reminders and settings | {_n(generic['calls_per_s'], 1)} calls/s, "
+    add(f"| the generic path, same reminders and settings, no rate | {_n(generic['calls_per_s'], 1)} calls/s, "
         f"{_n(generic['cpu_ms_per_call'], 2)} ms of replicas' CPU and {_n(generic['statements_per_call'], 1)} "
         "statements per call | – |")
     others = run.get("others_cpu_ms_per_call") or {}
