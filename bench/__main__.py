@@ -1,6 +1,9 @@
-"""`python -m bench [all|dispatch|failover|api|profile|micro|report] [--quick]` — see bench/__init__.py.
+"""`python -m bench [all|dispatch|failover|api|profile|micro|provider|report] [--quick]` — see bench/__init__.py.
 `python -m bench dispatch --events`: the dispatch rate with no EVENTS_URL, an accepting and a stalled
 receiver, in one invocation (bench/events.py, bench/results/dispatch_events.json).
+`python -m bench provider --mode twilio|telnyx [--reminders N] [--rate R]`: a real provider's calls and their
+webhooks on three replicas, beside the same run's GET /appointments/{id} and generic path
+(bench/provider.py, bench/results/provider_<mode>.json; without --mode, both modes).
 
 Each part writes bench/results/<name>.json (machine facts, load average and a CPU calibration
 before and after, the figures); every run ends by regenerating BENCHMARKS.md from the JSON files.
@@ -36,15 +39,28 @@ def _part(name: str, result_name: str, work, **options) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks against same-run baselines.")
     parser.add_argument("part", nargs="?", default="all",
-                        choices=["all", "dispatch", "failover", "api", "profile", "micro", "report"])
+                        choices=["all", "dispatch", "failover", "api", "profile", "micro", "provider", "report"])
     parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (a smoke run)")
     parser.add_argument("--concurrency", type=int, default=400,
                         help="DISPATCH_CONCURRENCY of the dispatch benchmark (and of its baselines)")
     parser.add_argument("--events", action="store_true",
                         help="dispatch only: the rate without events delivery, with an accepting and with a "
                              "stalled receiver (bench/events.py)")
+    parser.add_argument("--mode", choices=["twilio", "telnyx"], default=None,
+                        help="provider only: the real provider's mode (default: both, one result each)")
+    parser.add_argument("--reminders", type=int, default=None,
+                        help="provider only: reminders due at once (default 2,000; 300 with --quick)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="provider only: the provider account's calls/s (CALLS_PER_SECOND); default: 80 %% of "
+                             "what the machine carries, measured by a warm-up; 0: no limit (the webhooks back up)")
     parser.add_argument("--result-name", default=None, help="file name (without .json) for a single part's results")
     args = parser.parse_args(argv)
+    if (args.mode or args.reminders or args.rate is not None) and args.part != "provider":
+        parser.error("--mode, --reminders and --rate go with the provider part")
+    if args.rate is not None and not 0 <= args.rate <= 10_000:
+        parser.error("--rate must be within [0, 10000]")
+    if args.reminders is not None and not 50 <= args.reminders <= 20_000:
+        parser.error("--reminders must be within [50, 20000]")
     if not 1 <= args.concurrency <= 2000:
         parser.error("--concurrency must be within [1, 2000]")
     if args.events and args.part != "dispatch":
@@ -56,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     failed: list[str] = []
 
-    def attempt(name: str, module: str, **options: object) -> None:
+    def attempt(name: str, module: str, result_name: str | None = None, **options: object) -> None:
         if args.part not in ("all", name):
             return
         try:
             run = importlib.import_module(f"bench.{module}").run
-            _part(name, args.result_name or name, run, **options)
+            _part(name, args.result_name or result_name or name, run, **options)
         except Exception:  # noqa: BLE001 - one broken part must not lose the others' results
             log(f"{name} failed:\n{traceback.format_exc()}")
             failed.append(name)
@@ -75,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     attempt("profile", "profile", quick=args.quick)
     attempt("failover", "failover", quick=args.quick)
     attempt("micro", "micro", quick=args.quick)
+    for mode in [args.mode] if args.mode else ["twilio", "telnyx"]:
+        attempt("provider", "provider", f"provider_{mode}", quick=args.quick, mode=mode, reminders=args.reminders,
+                concurrency=args.concurrency, rate=args.rate)
     from . import readme, report
 
     path = report.write()

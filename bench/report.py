@@ -33,14 +33,19 @@ TARGETS: dict[str, float] = {
     "floor_ratio": 0.5,  # API: the replica at least this × its floor …
     "errors": 0,  # … with at most this many errors
     "events_stalled_ratio": 0.9,  # dispatch while the events receiver hangs: at least this × without delivery
+    "webhook_get_ratio": 3,  # issue 26: the replicas' CPU per webhook, at most this × per GET /appointments/{id} …
+    "call_extra_gets": 2,  # … and per call at most (webhooks per call + this) × per GET
 }
 
 # The results BENCHMARKS.md is rendered from (bench/results/<name>.json), in the header's order.
 RESULT_NAMES = ("dispatch", "api", "profile", "profile_before", "failover", "micro", "dispatch_before",
-                "dispatch_client_before", "dispatch_previous_host", "failover_before", "dispatch_events")
+                "dispatch_client_before", "dispatch_previous_host", "failover_before", "dispatch_events",
+                "provider_twilio", "provider_telnyx")
 _HEADER_LABELS = {"dispatch": "dispatch", "api": "api", "profile": "profile", "profile_before": "profile, before",
                   "failover": "failover", "micro": "micro", "dispatch_previous_host": "dispatch, previous host",
-                  "failover_before": "failover, before the revoke fix", "dispatch_events": "dispatch with events"}
+                  "failover_before": "failover, before the revoke fix", "dispatch_events": "dispatch with events",
+                  "provider_twilio": "provider, Twilio mode", "provider_telnyx": "provider, Telnyx mode"}
+PROVIDER_RESULTS = {"provider_twilio": "Twilio", "provider_telnyx": "Telnyx"}
 
 # How many packages the profile tables show of those the profile recorded (a choice of the table).
 TOP_PACKAGES = 5
@@ -180,7 +185,8 @@ def render(results: dict[str, dict[str, Any] | None]) -> str:
     lines: list[str] = []
     add = lines.append
     _header(add, results)
-    _summary(add, results["dispatch"], results["failover"], results["api"], results.get("dispatch_events"))
+    _summary(add, results["dispatch"], results["failover"], results["api"], results.get("dispatch_events"),
+             {title: results.get(name) for name, title in PROVIDER_RESULTS.items()})
     if results["dispatch"]:
         _dispatch(add, results["dispatch"], results["dispatch_before"], results["dispatch_client_before"])
     if results.get("dispatch_events"):
@@ -191,6 +197,9 @@ def render(results: dict[str, dict[str, Any] | None]) -> str:
         _api(add, results["api"])
     if results["profile_before"] or results["profile"]:
         _profiles(add, results["profile_before"], results["profile"])
+    providers = {title: results[name] for name, title in PROVIDER_RESULTS.items() if results.get(name)}
+    if providers:
+        _providers(add, providers)
     if results["micro"]:
         _micro(add, results["micro"])
     _limits(add, results)
@@ -382,7 +391,7 @@ def _summary_failover(add: Add, failover: dict[str, Any] | None) -> None:
 
 def _summary(
     add: Add, dispatch: dict[str, Any] | None, failover: dict[str, Any] | None, api: dict[str, Any] | None,
-    events: dict[str, Any] | None = None,
+    events: dict[str, Any] | None = None, providers: dict[str, dict[str, Any] | None] | None = None,
 ) -> None:
     add("## Summary against the targets")
     add("")
@@ -400,6 +409,9 @@ def _summary(
             f"{_g(TARGETS['errors'])} errors | "
             f"floor {_n(floor['rps'])} ({_n(floor['p50_ms'], 1)} / {_n(floor['p99_ms'], 1)} ms): ratio "
             f"{_n(pair['ratio'], 3)}; {pair['errors']} errors | {_ok(ok)} |")
+    for title, result in (providers or {}).items():
+        if result:
+            _summary_provider(add, title, result)
     add("")
 
 
@@ -636,6 +648,178 @@ def _profiles(add: Add, before: dict[str, Any] | None, after: dict[str, Any] | N
     for label, result in (("Before", before), ("After", after)):
         if result:
             _profile_table(add, label, result)
+
+
+def _provider_verdicts(result: dict[str, Any]) -> tuple[bool | None, bool | None]:
+    """(CPU per webhook within its target, CPU per call within its), against the run's GET."""
+    ratios, run = result.get("ratios") or {}, result["run"]
+    webhook, call = ratios.get("webhook_to_get"), ratios.get("call_to_get")
+    heard = not result["heard_once"]["violations"]
+    budget = run["webhooks_per_call"] + TARGETS["call_extra_gets"]
+    return (None if webhook is None else heard and webhook <= TARGETS["webhook_get_ratio"],
+            None if call is None else heard and call <= budget)
+
+
+def _summary_provider(add: Add, title: str, result: dict[str, Any]) -> None:
+    run, get, heard = result["run"], result["get"], result["heard_once"]
+    ratios = result.get("ratios") or {}
+    webhook_ok, call_ok = _provider_verdicts(result)
+    budget = run["webhooks_per_call"] + TARGETS["call_extra_gets"]
+    add(f"| {title} mode, {_n(result['replicas'])} replicas: replicas' CPU per webhook ÷ per "
+        f"`GET /appointments/{{id}}` | {_n(ratios.get('webhook_to_get'), 1)} × "
+        f"({_n(run['cpu_ms_per_webhook'], 2)} ms ÷ {_n(get.get('cpu_ms_per_get'), 3)} ms) | "
+        f"≤ {_g(TARGETS['webhook_get_ratio'])} × | the GET on the same replicas in the same run; "
+        f"{_n(heard['reminders'])} reminders, {_n(heard['duplicates'])} heard more than once, "
+        f"{_n(heard['misses'])} missed | {_ok(webhook_ok)} |")
+    add(f"| {title} mode: replicas' CPU per call ÷ per GET | {_n(ratios.get('call_to_get'), 1)} × "
+        f"({_n(run['cpu_ms_per_call'], 2)} ms) | ≤ webhooks per call + {_g(TARGETS['call_extra_gets'])} = "
+        f"{_n(budget, 2)} × | {_n(run['webhooks_per_call'], 2)} webhooks per call; the generic path "
+        f"{_n(result['generic']['cpu_ms_per_call'], 2)} ms per call | {_ok(call_ok)} |")
+
+
+def _providers(add: Add, providers: dict[str, dict[str, Any]]) -> None:
+    first = next(iter(providers.values()))
+    caps = first.get("caps") or {}
+    controls = first.get("fake_controls") or {}
+    version = str(first.get("postgresql") or "").split()
+    add("## Real providers: a call and its webhooks against a GET (issue 26)")
+    add("")
+    add(f"`python -m bench provider --mode twilio|telnyx` (bench/provider.py). {_n(first['replicas'])} "
+        f"`reminders serve` replicas (harness.cluster.Cluster, `LEASE_TTL={_n(first['lease_ttl'])}`) on "
+        f"PostgreSQL{' ' + version[0] if version else ''} with `DISPATCH_CONCURRENCY={_n(first['concurrency'])}` "
+        "and the service's default log level, in the provider's mode against its fake — "
+        f"{_n(controls.get('latency_ms'))} ms per REST request, "
+        f"{'no rate limit of its own' if not controls.get('calls_per_second') else 'its own rate limit'}, the callee "
+        "ringing "
+        f"{_n(controls.get('ring_ms'))} ms, speech and machine detection taking "
+        f"{_n(controls.get('speak_ms'))} ms — every webhook through the front that strips PUBLIC_URL's prefix "
+        "(harness/webhook_proxy.py, round robin over the replicas); every reminder its own number, whose scripted "
+        f"callee answers at once and presses {first.get('callee', {}).get('digits', '?')}; EVENTS_URL at a receiver "
+        "that verifies each delivery "
+        "(harness/events_receiver.py); caps per number on "
+        f"({_n(caps.get('max_calls_per_number_per_day'))} a day, {_n(caps.get('max_calls_per_number_per_week'))} "
+        "a week: nobody held back). The provider account's rate — `CALLS_PER_SECOND` on every replica, as an "
+        "operator sets it to the account's — is measured, not guessed: a first warm-up burst (not counted) gives the "
+        "CPU per call of every process on the machine (replicas, PostgreSQL, the fake, the front, the bench), hence "
+        "the calls/s its cores would carry, and the rate is set to a share of that (below). Without a rate the calls "
+        "answered at once queue their webhooks behind each other past the providers' timeouts — Twilio's status "
+        "callbacks retried and given up, voice requests sent to the fallback, Telnyx's events delivered again — and a"
+        " run measures that spiral (and never ends once final events are given up): issue 26's burst problem, not a "
+        "webhook's cost. A second warm-up at that rate (not counted); the replicas then idle as long as the run "
+        "should last, and their idle CPU per second is subtracted from the run's. The run: the reminders committed "
+        "due at once. *calls/s* = first create the fake received → last call attempt recorded over (its final "
+        "status); *CPU* = utime + stime of each replica and its children from before the commit until every call was "
+        "over and every event delivered, idle subtracted; *per webhook* = all of it ÷ the webhooks the front answered"
+        " (the dispatch included, as issue 26 counts it); *statements* = pg_stat_statements' executions by the "
+        "replicas' role (transaction control apart), per route the replicas' own count (bench/statements.py, enabled "
+        "by the variable `BENCH_STATEMENTS`, which only the bench sets; an executemany is one there); latency per "
+        "route = the front's time to the replica's answer. Then, on the same replicas: wrk on one follower's `GET "
+        "/appointments/{id}` over the run's appointments; py-spy on another follower through one more burst. The "
+        "*generic path* = the same settings, no rate, `TELEPHONY_PROVIDER=generic`, the same reminders (a database of "
+        "its own, the same PostgreSQL). Every reminder is checked heard exactly once by the chaos harness's promise "
+        "(`harness.chaos_providers.judge` on the fake's record and the rows) and every appointment confirmed; a run "
+        "that fails it writes no result.")
+    add("")
+    for title, result in providers.items():
+        _provider(add, title, result)
+
+
+def _provider(add: Add, title: str, result: dict[str, Any]) -> None:
+    run, get, heard, generic = result["run"], result["get"], result["heard_once"], result["generic"]
+    ratios, statements = result.get("ratios") or {}, result["statements"]
+    pg = statements["pg_stat_statements"]
+    machine = result["machine"]
+    load = run.get("loadavg_at_start") or ["?"]
+    webhook_ok, call_ok = _provider_verdicts(result)
+    per_get = get.get("cpu_ms_per_get")
+    budget = run["webhooks_per_call"] + TARGETS["call_extra_gets"]
+    add(f"### {title} mode: {_n(result['reminders'])} reminders due at once")
+    add("")
+    add(f"`{result.get('command', 'python -m bench provider')}` — {machine['date']}{_at_commit(result, ', ')}, "
+        f"{machine.get('cpu')} ({machine.get('nproc')} vCPUs), load average {load[0]} at the run's start; "
+        f"{_conditions(result)}; {result.get('wall_s', '?')} s in all.")
+    add("")
+    add(f"| figure | {title} mode | issue 26's target |")
+    add("|---|---|---|")
+    pace = result.get("pace") or {}
+    paced = (f"the account's rate {_n(pace.get('calls_per_s'), 1)} calls/s, {_pct(pace['headroom'])} of the "
+             f"{_n(pace.get('ceiling_calls_per_s'), 1)} calls/s the {_n(pace.get('cores'))} cores would carry at the "
+             f"warm-up's {_n(pace.get('cpu_ms_per_call_all_processes'), 1)} ms of CPU per call of every process"
+             if pace.get("headroom") is not None else
+             f"the account's rate {_n(pace.get('calls_per_s'), 1)} calls/s, as given" if pace.get("calls_per_s")
+             else "no rate: every call at once")
+    add(f"| calls/s end to end (first create → last call over) | **{_n(run['calls_per_s'], 1)}** "
+        f"({_n(run['reminders'])} calls in {_n(run['first_create_to_last_final_s'], 2)} s; first create "
+        f"{_n(run['commit_to_first_create_s'], 2)} s after the commit; {paced}) | – |")
+    add(f"| replicas' CPU per call (idle subtracted) | **{_n(run['cpu_ms_per_call'], 2)} ms** "
+        f"({_n(run['replicas_cpu_s'], 2)} s over {_n(run['cpu_interval_s'], 2)} s, less "
+        f"{_n(run['idle_subtracted_s'], 2)} s idle) | ≤ (webhooks per call + {_g(TARGETS['call_extra_gets'])}) × "
+        f"per GET = {_n(budget * per_get if per_get else None, 2)} ms: {_ok(call_ok)} |")
+    add(f"| replicas' CPU per webhook (all of it ÷ webhooks) | **{_n(run['cpu_ms_per_webhook'], 2)} ms** "
+        f"(the followers alone, which only answer webhooks: {_n(run.get('followers_cpu_ms_per_webhook'), 2)} ms) | "
+        f"≤ {_g(TARGETS['webhook_get_ratio'])} × per GET = "
+        f"{_n(TARGETS['webhook_get_ratio'] * per_get if per_get else None, 2)} ms: {_ok(webhook_ok)} |")
+    add(f"| replicas' CPU per `GET /appointments/{{id}}` ({get['replica']}, wrk {_n(get['connections'])} "
+        f"connections, {_n(get['load']['duration_s'], 1)} s) | **{_n(per_get, 3)} ms** ({_n(get['load']['rps'])} "
+        f"req/s, p50 {_n(get['load']['p50_ms'], 1)} ms, p99 {_n(get['load']['p99_ms'], 1)} ms, "
+        f"{_n(get['load']['errors'])} errors) | – |")
+    add(f"| ratios to the GET | webhook {_n(ratios.get('webhook_to_get'), 1)} ×, call "
+        f"{_n(ratios.get('call_to_get'), 1)} × | ≤ {_g(TARGETS['webhook_get_ratio'])} ×, ≤ "
+        f"{_n(budget, 2)} × |")
+    add(f"| webhooks per call (at the front) | {_n(run['webhooks_per_call'], 2)} ({_n(run['webhooks'])} webhooks; "
+        f"the fake delivered {_n(heard['event_deliveries'])}, {_n(heard['event_redeliveries'])} of them a try "
+        f"after the first) | – |")
+    add(f"| database statements per call | {_n(pg['per_call'], 1)} (pg_stat_statements; "
+        f"{_n(pg['transactions_per_call'], 1)} transactions); {_n(statements['sqlalchemy_per_call'], 1)} as the "
+        f"replicas count them, {_n(statements['background_per_call'], 1)} of them outside requests (dispatch, "
+        "sweeps, events relay) | – |")
+    add(f"| the generic path, same reminders and settings, no rate | {_n(generic['calls_per_s'], 1)} calls/s, "
+        f"{_n(generic['cpu_ms_per_call'], 2)} ms of replicas' CPU and {_n(generic['statements_per_call'], 1)} "
+        "statements per call | – |")
+    others = run.get("others_cpu_ms_per_call") or {}
+    add("| CPU per call beside the replicas (same interval) | "
+        + ", ".join(f"{name} {_n(value, 2)} ms" for name, value in others.items()) + " | – |")
+    add(f"| every reminder heard exactly once | {_n(heard['reminders'])} reminders, {_n(heard['calls'])} calls, "
+        f"{_n(heard['duplicates'])} heard more than once, {_n(heard['misses'])} missed, "
+        f"{_n(heard['extra_calls'])} extra calls (silent, within the attempts in doubt), "
+        f"{_n(heard['confirmed'])} confirmed | every one |")
+    add("")
+    add("| webhook | per call | p50 | p99 | max | non-2xx | statements per request | transactions per request |")
+    add("|---|---|---|---|---|---|---|---|")
+    for label, route in result["routes"].items():
+        add(f"| {label} | {_n(route['per_call'], 2)} | {_n(route['p50_ms'], 1)} ms | {_n(route['p99_ms'], 1)} ms | "
+            f"{_n(route['max_ms'], 1)} ms | {_n(route['non_2xx'])} | {_n(route['statements_per_request'], 2)} | "
+            f"{_n(route['transactions_per_request'], 2)} |")
+    add("")
+    top = pg.get("top") or []
+    if top:
+        add("Most executed statements, per call: " + "; ".join(
+            f"{_n(calls / run['reminders'], 2)} × `{' '.join(str(text).split()[:5])} …`" for calls, text in top[:5])
+            + ".")
+        add("")
+    _provider_profile(add, result.get("profile") or {})
+
+
+def _provider_profile(add: Add, profile: dict[str, Any]) -> None:
+    if profile.get("error") or not profile.get("samples"):
+        add(f"*Where a webhook's CPU goes*: no profile ({profile.get('error', 'no samples')}).")
+        add("")
+        return
+    where = profile.get("where") or {}
+    add(f"**Where a webhook's CPU goes** — py-spy on {profile['replica']} (a follower: webhooks, no dispatch) "
+        f"through a burst of {_n(profile.get('burst'))}, {_n(profile['samples'])} busy samples at "
+        f"{_n(profile['rate_hz'])} Hz over {_n(profile['seconds'])} s: {_n(where.get('requests'), 1)} % in HTTP "
+        f"requests ({_n(where.get('in_routes'), 1)} % under the routes' functions — the signature check, the "
+        "route's work — the rest the server's and the middlewares' own), "
+        f"{_n(where.get('greenlets'), 1)} % in "
+        "SQLAlchemy's greenlets (the statements of `Database.read`/`write`: compiled, sent, their rows), "
+        f"{_n(where.get('event_loop_own'), 1)} % in the event loop's own C code (uvloop: sockets, callbacks), "
+        f"{_n(where.get('other_tasks'), 1)} % elsewhere. The service's functions with the most samples on the stack "
+        "(own + children; own beside), the middlewares every request goes through left out:")
+    add("")
+    for name, share, own in (profile.get("top_service") or [])[:10]:
+        add(f"- `{name}` — {_n(share, 1)} % (own {_n(own, 1)} %)")
+    add("")
 
 
 def _micro(add: Add, micro: dict[str, Any]) -> None:

@@ -432,6 +432,15 @@ class WebhookProxyProcess(_Process):
         """POST under the public prefix, as the provider would (`path` starts with /telephony/…)."""
         return self._http.post(self.prefix + path, **kwargs)
 
+    def record_stats(self, on: bool = True) -> None:
+        """Count the webhooks it forwards from now (afresh), or stop (harness.webhook_proxy.ProxyStats)."""
+        self._http.post("/_proxy/stats", json={"record": on}).raise_for_status()
+
+    def stats(self, full: bool = False) -> dict[str, Any]:
+        """What it counted: per label, answers and the last one's time; `full`: each one's latency too."""
+        return self._http.get("/_proxy/stats", params={"full": "1"} if full else None,
+                              timeout=30.0).raise_for_status().json()
+
     def close(self) -> None:
         try:
             if self.alive:

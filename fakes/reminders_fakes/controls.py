@@ -189,9 +189,37 @@ def webhook_transport() -> httpx.AsyncBaseTransport:
     provider's webhooks come from many machines, with no shared cap. httpx's default pool (100
     connections, wait for a free one counted against the request's timeout) made a burst's webhooks
     queue behind each other inside the fake and time out there (Twilio's `rt`), then be retried: a
-    spiral the service never caused (make chaos, Twilio redeliveries, 2026-12-07)."""
-    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=5000, max_keepalive_connections=200,
-                                                        keepalive_expiry=4.0))
+    spiral the service never caused (make chaos, Twilio redeliveries, 2026-12-07).
+
+    Spread over `_WEBHOOK_POOLS` pools: httpcore's pool looks at every connection it holds, for
+    every idle one, each time a request starts or ends (1.0.9: a check of the keep-alive limit that
+    counts all connections inside the loop over them), so one pool's CPU grows with the square of
+    the webhooks in flight — with hundreds of calls at once the fake spent most of its CPU there,
+    its event loop fell behind and its own webhooks timed out before the service had seen them
+    (`python -m bench provider`, issue 26). The same transport class: the same exceptions, the same
+    timeouts."""
+    return _PooledTransports(_WEBHOOK_POOLS)
+
+
+_WEBHOOK_POOLS = 32
+
+
+class _PooledTransports(httpx.AsyncBaseTransport):
+    """Requests dealt round robin over `count` httpx transports, none capped on connections."""
+
+    def __init__(self, count: int) -> None:
+        limits = httpx.Limits(max_connections=5000, max_keepalive_connections=max(1, 200 // count),
+                              keepalive_expiry=4.0)
+        self._pools = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(count)]
+        self._turn = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self._turn = (self._turn + 1) % len(self._pools)
+        return await self._pools[self._turn].handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for pool in self._pools:
+            await pool.aclose()
 
 
 class ControlledFake:
