@@ -982,3 +982,36 @@ async def test_chaos_a_greeting_found_over_is_recorded_after_a_database_blip(db:
         assert not failures and (await _attempt_row(db, reminder_id)).greeting_result == "ended"
     finally:
         await rig.aclose()
+
+
+@pytest.mark.parametrize("provider", ["twilio", "telnyx"])
+async def test_chaos_a_call_that_ended_unanswered_before_its_leader_recorded_it_is_not_made_again(
+        db: Database, provider: str) -> None:
+    """Found by leader-sigkill (Twilio): the leader created a call and died before recording the
+    reminder `sent`; the call rang out (or a fax took it) and its final event recorded the outcome,
+    leaving the reminder `dispatching`; the next leader re-claimed it, saw only a finished call and
+    made a new one — a second call, answerable, past the no-answer retries. A final event with no
+    retry to come now finishes a `dispatching` reminder as `sent`: its call existed."""
+    rig = make_rig(db, provider)
+    rig.fake.callees[PHONE] = CalleeScript("busy")
+    try:
+        _, reminder_id = await book(db)
+        store = ReminderStore(db)
+        await store.raise_fence(1, "leader")
+        assert reminder_id in {c.reminder_id for c in await store.claim(1, "leader", limit=5,
+                                                                          stale_after=timedelta(minutes=2))}
+        attempt_id = await AttemptStore(db).begin(1, reminder_id)
+        assert attempt_id is not None
+        call_id = await rig.place(reminder_id, attempt_id, record=False)  # the leader dies before the answer
+
+        async def ended() -> bool:
+            return (await _attempt_row(db, reminder_id)).call_status in ("busy", "completed", "no-answer")
+
+        await eventually(ended)
+        done = await row(db, reminder_id)
+        assert (done.status, done.outcome) == ("sent", "busy")
+        await store.raise_fence(2, "successor")
+        assert await store.claim(2, "successor", limit=5, stale_after=timedelta(minutes=2)) == []
+        assert [rig.call_id(call) for call in rig.calls()] == [call_id]
+    finally:
+        await rig.aclose()

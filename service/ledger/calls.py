@@ -322,7 +322,15 @@ def _unanswered(connection: Connection, stamp: Stamp, reminder: Row[Any], status
                               starts_at=reminder.starts_at, timezone=reminder.timezone)
     statement = update(Reminder).where(Reminder.id == stamp.reminder_id, Reminder.bound_call_id.is_(None))
     if retry_at is None:
-        connection.execute(statement.values(outcome=outcome))
+        if reminder.status == ReminderStatus.DISPATCHING:
+            # the event beat the create's response, or its leader died before recording it: the
+            # call existed and is over, nothing is to come — `sent`, so that no leader re-claims it
+            # and, seeing only a finished call, makes another (the leader's late `sent` is refused)
+            require(reminder.status, ReminderStatus.SENT)
+            connection.execute(statement.where(Reminder.status == reminder.status)
+                               .values(outcome=outcome, status=ReminderStatus.SENT, sent_at=now))
+        else:
+            connection.execute(statement.values(outcome=outcome))
         return outcome, None
     # sent → pending (or dispatching → pending when the event beat the create's response: the
     # dispatcher's late `sent` is then refused, the reminder being no longer its claim)
