@@ -459,6 +459,8 @@ class ReplicaProcess(_Process):
         self.url = f"http://127.0.0.1:{self.port}"
         # a free port unless the cluster's env names one (0: no metrics port, `metrics()` fails)
         self.metrics_port = int(env.get("METRICS_PORT") or free_port())
+        while self.metrics_port == self.port:  # two free ports asked in a row may be the same one
+            self.metrics_port = free_port()
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.env = {**env, "METRICS_PORT": str(self.metrics_port)}
         self.proxy = proxy
