@@ -167,6 +167,9 @@ def fallback_wording(templates: MessageTemplates) -> Callable[[Any], Wording]:
 
 
 RECORD_RETRIES = 6
+# Seconds the term's side loops (the call sweep, retention, the events relay) get to finish what
+# they are doing when the term ends, before they are cancelled.
+STOP_GRACE = 3.0
 
 
 class OutcomeRecorder:
@@ -387,10 +390,15 @@ class Dispatcher:
                 await self._wait_for_room(ended, self.config.scan_interval)
         finally:
             ended.cancel()
-            for task in (sweep, eraser, events):
-                if task is not None:
+            # Each loop ends at its next look at `ended`: a statement in flight finishes rather than
+            # being cancelled mid-way (its connection reset in the middle of its rollback); what
+            # has not ended after STOP_GRACE is cancelled.
+            stopping = {task for task in (sweep, eraser, events) if task is not None}
+            if stopping:
+                await asyncio.wait(stopping, timeout=STOP_GRACE)
+                for task in stopping:
                     task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+                await asyncio.gather(*stopping, return_exceptions=True)
             if self._in_flight:
                 log.info("term %d over: waiting for %d call(s) in flight", token, len(self._in_flight))
                 await asyncio.gather(*self._in_flight.values(), return_exceptions=True)
