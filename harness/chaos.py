@@ -128,6 +128,7 @@ class Result:
     violations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     evidence: str = ""
+    logs: str | None = None  # where a failed run's cluster left its logs (this machine's path)
     timeline: Timeline | None = None  # what the run looked like, for its picture
     figures: dict[str, int] = field(default_factory=dict)  # a mode's own counts (real providers: machines, …)
 
@@ -135,7 +136,9 @@ class Result:
     def ok(self) -> bool:
         return not self.violations
 
-    def line(self) -> str:
+    def line(self, *, logs: bool = True) -> str:
+        """One line of figures; `logs`: with where a failed run's logs are (not in a report: a
+        path on this machine means nothing in a clone)."""
         gap = "-" if self.min_handover_gap is None else f"{self.min_handover_gap:.2f}s"
         return (
             f"[{self.scenario}] {'OK' if self.ok else 'FAILED'} reminders={self.reminders} POSTs={self.posts} "
@@ -145,6 +148,7 @@ class Result:
             f"p50={self.p50_lateness:.2f}s in {self.seconds:.1f}s"
             + "".join(f" {name}={value}" for name, value in self.figures.items())
             + "".join(f"; {n}" for n in self.notes)
+            + (f"; logs kept in {self.logs}" if logs and self.logs else "")
         )
 
 
@@ -666,7 +670,7 @@ class ClusterPool:
         if not result.ok:
             result.evidence = "\n".join(part for part in (result.evidence, evidence(cluster)) if part)
             self.discard(keep_logs=True)
-            result.notes.append(f"logs kept in {self.kept[-1]}")
+            result.logs = str(self.kept[-1])
         return result
 
     def discard(self, *, keep_logs: bool = False) -> None:
@@ -788,7 +792,7 @@ def keep_other_sections(new: str, old: str) -> str:
 def _write_report(path: Path, command: str, config: ChaosConfig, rounds: int, results: list[Result],
                   started: datetime, seconds: float, machine: str, pictures: dict[str, Path]) -> None:
     describe = "\n\n".join(_describe(name, pictures.get(name), path) for name in SCENARIOS)
-    runs = "\n".join(f"    {r.line()}" for r in results)
+    runs = "\n".join(f"    {r.line(logs=False)}" for r in results)
     failures = [r for r in results if not r.ok]
     verdict = ("Every run passed every check: zero duplicates, zero misses." if not failures else
                f"{len(failures)} run(s) FAILED:\n\n"

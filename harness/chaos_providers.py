@@ -1308,7 +1308,7 @@ def write_section(path: Path, mode: ProviderMode, command: str, config: ChaosCon
                "in doubt."
                if not failures else f"{len(failures)} run(s) FAILED:\n\n"
                + "\n".join(f"- {r.scenario}: {'; '.join(r.violations)}" for r in failures))
-    runs = "\n".join(f"    {r.line()}" for r in results)
+    runs = "\n".join(f"    {r.line(logs=False)}" for r in results)
     settings = ", ".join(f"`{name}={value}`"
                          for name, value in {**mode.env, "RECONCILE_GRACE": RECONCILE_GRACE}.items())
     fake = mode.fake.format(latency_ms=config.latency_ms, calls_per_second=mode.calls_per_second)

@@ -920,21 +920,15 @@ class Cluster:
         if offsets and library is None:
             raise FileNotFoundError(f"libfaketime not found ({', '.join(FAKETIME_LIBRARIES)}): "
                                     "apt-get install faketime")
-        changed = []
-        for replica in self.active_replicas:
+        def with_clock(replica: ReplicaProcess) -> dict[str, str]:
             env = {k: v for k, v in replica.env.items() if k not in ("LD_PRELOAD", "FAKETIME",
                                                                       "FAKETIME_DONT_FAKE_MONOTONIC")}
             if replica.name in offsets:
                 env.update({"LD_PRELOAD": str(library), "FAKETIME": offsets[replica.name],
                             "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
-            if env != replica.env:
-                replica.env = env
-                if replica.alive:
-                    replica.terminate(timeout=20)
-                replica.start()
-                changed.append(replica)
-        for replica in changed:
-            replica.wait_ready(self.start_timeout)
+            return env
+
+        self._restart_changed(with_clock)
 
     def scenario_env(self, values: Mapping[str, str]) -> None:
         """The replicas' settings of one scenario (e.g. the caps per number): set on every active
@@ -946,10 +940,14 @@ class Cluster:
             self.env.pop(key, None)
         self.env.update(values)
         self._scenario_keys = set(values)
+        self._restart_changed(lambda replica: {**{k: v for k, v in replica.env.items() if k not in stale}, **values})
+
+    def _restart_changed(self, new_env: Callable[[ReplicaProcess], dict[str, str]]) -> None:
+        """Give each active replica `new_env(replica)`; those whose environment changes are
+        restarted (SIGTERM, then started) together, then waited for."""
         changed = []
         for replica in self.active_replicas:
-            env = {k: v for k, v in replica.env.items() if k not in stale}
-            env.update(values)
+            env = new_env(replica)
             if env != replica.env:
                 replica.env = env
                 if replica.alive:

@@ -747,17 +747,24 @@ async def _bound(db: Database, reminder_id: str) -> bool:
     return (await row(db, reminder_id)).bound_call_id is not None
 
 
+def _answers_unheard(db: Database, *, patience_ms: float) -> Rig:
+    """Telnyx with machine detection, a person who answers and hangs up after `patience_ms` of
+    silence, and every event of the answer (`call.answered`, the detection) lost."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_loss_rate = 1.0
+    rig.fake.controls.event_loss_types = ["call.answered", "call.machine.detection.ended"]
+    rig.fake.controls.patience_ms = patience_ms
+    rig.fake.callees[PHONE] = CalleeScript("answer")
+    return rig
+
+
 async def test_chaos_an_answered_call_whose_answer_events_are_all_lost_is_called_again(db: Database) -> None:
     """Found by lost-events and late-events (Telnyx): `call.answered` and the machine detection of a
     call both lost (or later than the callee waits in silence): nothing bound the call, the person
     heard silence and hung up, and `call.hangup` (`normal_clearing`) ended the reminder `failed`,
     never called again — a miss. Now an answered call that ended unbound, unheard, is called again
     at once, and the next call is heard once."""
-    rig = make_rig(db, "telnyx", machine_detection=True)
-    rig.fake.controls.event_loss_rate = 1.0
-    rig.fake.controls.event_loss_types = ["call.answered", "call.machine.detection.ended"]
-    rig.fake.controls.patience_ms = 300.0
-    rig.fake.callees[PHONE] = CalleeScript("answer")
+    rig = _answers_unheard(db, patience_ms=300.0)
     try:
         _, reminder_id = await book(db)
         attempt_id, call_id = await placed(rig, reminder_id)
@@ -808,11 +815,7 @@ async def test_chaos_a_fax_hung_up_unbound_is_not_called_again(db: Database) -> 
 async def test_chaos_an_answered_call_is_called_again_unheard_at_most_twice(db: Database) -> None:
     """A callee whose every answer ends before any event of it comes (lost each time) is not called
     over and over: after `UNHEARD_RECALLS` calls again, the reminder ends with the outcome `failed`."""
-    rig = make_rig(db, "telnyx", machine_detection=True)
-    rig.fake.controls.event_loss_rate = 1.0
-    rig.fake.controls.event_loss_types = ["call.answered", "call.machine.detection.ended"]
-    rig.fake.controls.patience_ms = 100.0
-    rig.fake.callees[PHONE] = CalleeScript("answer")
+    rig = _answers_unheard(db, patience_ms=100.0)
     try:
         _, reminder_id = await book(db)
         dispatcher = Dispatcher(db, rig.provider, config(sweep_interval=0.05))

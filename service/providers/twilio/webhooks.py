@@ -117,12 +117,12 @@ def _holds(request: Request) -> int:
     return min(int(value), VOICE_HOLDS) if _DIGITS.fullmatch(value) and len(value) < 3 else 0
 
 
-def _voice_url(request: Request, stamp: Stamp, holds: int, answered_by: str | None) -> str:
-    """The voice route again for a held call: PUBLIC_URL + path + the stamp, the holds so far and
-    the AnsweredBy Twilio gave."""
+def _held(request: Request, route: str, stamp: Stamp, holds: int, keep: dict[str, str | None]) -> Response:
+    """A held call's TwiML: silence, then `route` again (PUBLIC_URL + path) with the stamp, the holds
+    so far and what the next request must still know (`keep`: Twilio's AnsweredBy, the digits)."""
     signature: TwilioSignature = request.app.state.twilio_signature
-    query = {**stamp.query(), _HOLD: str(holds), **({_ANSWERED_BY: answered_by[:32]} if answered_by else {})}
-    return signature.signed_url(WEBHOOK_PATHS["voice"], urlencode(query))
+    query = {**stamp.query(), _HOLD: str(holds), **{name: value for name, value in keep.items() if value}}
+    return _twiml(hold_twiml(signature.signed_url(WEBHOOK_PATHS[route], urlencode(query))))
 
 
 def _twiml(body: str) -> Response:
@@ -165,7 +165,7 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
         if holds < VOICE_HOLDS:
             log.warning("voice webhook for reminder %s: database unavailable (%s); the call is held (%d of %d)",
                         stamp.reminder_id, type(error).__name__, holds + 1, VOICE_HOLDS)
-            return _twiml(hold_twiml(_voice_url(request, stamp, holds + 1, answered_by)))
+            return _held(request, "voice", stamp, holds + 1, {_ANSWERED_BY: answered_by[:32] if answered_by else None})
         log.warning("voice webhook for reminder %s: database unavailable (%s); hanging up", stamp.reminder_id,
                     type(error).__name__)
         return _twiml(hangup_twiml())
@@ -237,10 +237,8 @@ async def gather(request: Request) -> Response:
         if holds < VOICE_HOLDS:
             log.warning("gather webhook for reminder %s: database unavailable (%s); the call is held (%d of %d)",
                         stamp.reminder_id, type(error).__name__, holds + 1, VOICE_HOLDS)
-            query = {**stamp.query(), _ROUND: str(round_), _HOLD: str(holds + 1),
-                     **({_DIGITS_HELD: digits[:17]} if isinstance(digits, str) and digits else {})}
-            signature: TwilioSignature = request.app.state.twilio_signature
-            return _twiml(hold_twiml(signature.signed_url(WEBHOOK_PATHS["gather"], urlencode(query))))
+            return _held(request, "gather", stamp, holds + 1,
+                         {_ROUND: str(round_), _DIGITS_HELD: digits[:17] if isinstance(digits, str) else None})
         log.warning("gather webhook for reminder %s: database unavailable (%s); hanging up", stamp.reminder_id,
                     type(error).__name__)
         return _twiml(hangup_twiml())
