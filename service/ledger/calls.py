@@ -32,9 +32,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import BigInteger, String, and_, bindparam, case, exists, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
+from sqlalchemy.orm import aliased
 
 from service.db import Database
 from service.db.clock import db_now
@@ -52,7 +53,14 @@ from service.db.models import (
 from service.ledger import events
 from service.ledger.cancellation import CALLED_BACK, DECLINED_BY_CUSTOMER, cancel_appointment, skip_confirmed
 from service.ledger.consent import Listing, ListingSource, hash_phone, list_number
-from service.ledger.events import EventSource, EventType, event_row, reminders_finished
+from service.ledger.events import (
+    FINISHED_COLUMNS,
+    EventSource,
+    EventType,
+    bound_and_finished,
+    event_row,
+    reminders_finished,
+)
 from service.metrics import CALL_OUTCOMES, CONFIRMATIONS, OPT_OUTS, SKIPPED_BY_CONSENT
 from service.privacy import mask_phone
 from service.reminders import (
@@ -71,8 +79,10 @@ from service.reminders.outcomes import (
     CALL_SPEAKING,
     CALL_SPOKEN,
     FINAL_CALL_STATES,
+    LIVE_CALL_STATES,
     PRE_ANSWER_STATES,
     RANG_STATES,
+    advances_clause,
     answerer,
 )
 from service.telephony.provider import GreetingWords, Stamp
@@ -196,12 +206,16 @@ _ATTEMPT_COLUMNS = (
 )
 
 
+_BOUND_CALL = (select(Reminder.bound_call_id).where(Reminder.id == CallAttempt.reminder_id)
+               .correlate(CallAttempt).scalar_subquery().label("bound_call_id"))
+_ATTEMPT = (select(*_ATTEMPT_COLUMNS, db_now().label("now"), _BOUND_CALL)
+            .where(CallAttempt.id == bindparam("attempt_id")).with_for_update(of=CallAttempt))
+
+
 def _attempt(connection: Connection, stamp: Stamp, call_id: str) -> Row[Any] | None:
-    """The attempt's row (locked on PostgreSQL) and the database's time, if the stamp is consistent
-    and the call id matches."""
-    row = connection.execute(
-        select(*_ATTEMPT_COLUMNS, db_now().label("now")).where(CallAttempt.id == stamp.attempt_id).with_for_update()
-    ).first()
+    """The attempt's row (locked on PostgreSQL), its reminder's bound call id (read, not locked)
+    and the database's time, if the stamp is consistent and the call id matches."""
+    row = connection.execute(_ATTEMPT, {"attempt_id": stamp.attempt_id}).first()
     if row is None or row.reminder_id != stamp.reminder_id:
         return None
     if row.provider_call_id is not None and row.provider_call_id != call_id:
@@ -219,32 +233,100 @@ async def record_event(
     """Apply one status event of call `call_id` (`status` None: an event that moves no state, e.g.
     digits gathered; `order`: the provider's order of the call's events, if it gives one;
     `event_id`: the provider's id of the event, if it gives one; `ended_at`: the provider's time of
-    a final event). `policy` None: no retries."""
-    result = await db.write(_record_event, stamp, call_id, status, order, policy, event_id, ended_at)
+    a final event). `policy` None: no retries.
+
+    An event that ends nothing (most of a call's events) is one UPDATE: on PostgreSQL without a
+    transaction of its own when the provider gives no event id (Twilio), with the event id's record
+    when it does (Telnyx). A final event may finish the reminder: a transaction that locks it."""
+    if not is_final(status):
+        if event_id:
+            return await db.write(_record_progress_once, stamp, call_id, status, order, event_id)
+        return await db.write_one(_record_progress, stamp, call_id, status, order)
+    result = await db.write(_record_final, stamp, call_id, status, order, policy, event_id, ended_at)
     if result.outcome is not None:
         CALL_OUTCOMES.labels(result.outcome.value).inc()
     return result
 
 
-def _record_event(connection: Connection, stamp: Stamp, call_id: str, status: str | None, order: int | None,
+_CALL = bindparam("call_id", type_=String)
+_EVENT_ORDER = bindparam("order", type_=BigInteger)
+# The attempt named by the stamp, if the call id is the attempt's (or it has none yet).
+_TOUCH = (
+    update(CallAttempt)
+    .where(CallAttempt.id == bindparam("attempt_id", type_=String),
+           CallAttempt.reminder_id == bindparam("stamp_reminder_id", type_=String),
+           or_(CallAttempt.provider_call_id.is_(None), CallAttempt.provider_call_id == _CALL))
+    .values(last_event_at=db_now(), provider_call_id=_CALL)
+    .returning(CallAttempt.call_status, _BOUND_CALL)
+)
+
+
+def _progress(status: str) -> Any:
+    """`_TOUCH`, and an event of state `status` moves the call on by `advances` (SET sees the row
+    as it was before the update)."""
+    applies = advances_clause(CallAttempt.call_status, CallAttempt.last_sequence, status, _EVENT_ORDER)
+    values: dict[str, Any] = {
+        "call_status": case((applies, status), else_=CallAttempt.call_status),
+        "last_sequence": case((and_(applies, _EVENT_ORDER.is_not(None)), _EVENT_ORDER),
+                              else_=CallAttempt.last_sequence),
+    }
+    if status in RANG_STATES:  # it reached the number, whatever comes after (a cap counts it)
+        values["rang_at"] = case((and_(CallAttempt.rang_at.is_(None), CallAttempt.state != AttemptState.INCOMING),
+                                  db_now()), else_=CallAttempt.rang_at)
+    return _TOUCH.values(values)
+
+
+# one statement per state an event can move a call to without ending it, built once
+_PROGRESS = {status: _progress(status) for status in LIVE_CALL_STATES | {"answered"}}
+
+
+def _record_progress(connection: Connection, stamp: Stamp, call_id: str, status: str | None,
+                     order: int | None) -> EventResult:
+    """An event that ends nothing: the call's id, its state moved on, in one UPDATE. Its reminder
+    is not touched: only the call, if it still rings while its reminder is bound to another, is to
+    end (the event need not be the one that moved it: ending it again is harmless)."""
+    params = {"attempt_id": stamp.attempt_id, "stamp_reminder_id": stamp.reminder_id, "call_id": call_id}
+    progress = _PROGRESS.get(status) if status is not None else None
+    row = connection.execute(_TOUCH if progress is None else progress, {**params, "order": order}).first()
+    if row is None:
+        return EventResult(known=False)
+    still_rings = status in PRE_ANSWER_STATES and row.call_status == status
+    bound = row.bound_call_id
+    return EventResult(known=True, cancel=[call_id] if still_rings and bound is not None and bound != call_id else [])
+
+
+def _record_progress_once(connection: Connection, stamp: Stamp, call_id: str, status: str | None, order: int | None,
+                          event_id: str) -> EventResult:
+    if not _first_time(connection, event_id):
+        return EventResult(known=True, duplicate=True)
+    return _record_progress(connection, stamp, call_id, status, order)
+
+
+def _record_final(connection: Connection, stamp: Stamp, call_id: str, status: str | None, order: int | None,
                   policy: NoAnswerPolicy | None, event_id: str | None, ended_at: datetime | None) -> EventResult:
+    """A final event: the call is over. A reminder bound to a call was finished when it was bound
+    (its outcome recorded then): only the call is updated. An unbound one is locked and read again,
+    and its outcome follows from its calls (no answer, busy, retried; answered but unheard: called again)."""
     if not _first_time(connection, event_id):
         return EventResult(known=True, duplicate=True)
     attempt = _attempt(connection, stamp, call_id)
     if attempt is None:
         return EventResult(known=False)
+    assert status is not None
     now = attempt.now
     values: dict[str, object] = {"last_event_at": now, "provider_call_id": call_id}
-    applies = status is not None and advances(attempt.call_status, attempt.last_sequence, status, order)
+    applies = advances(attempt.call_status, attempt.last_sequence, status, order)
     if status in RANG_STATES and attempt.rang_at is None and attempt.state != AttemptState.INCOMING:
         values["rang_at"] = now  # it reached the number, whatever comes after (a cap counts it)
     if applies:
         values["call_status"] = status
         if order is not None:
             values["last_sequence"] = order
-        if is_final(status):
-            values["ended_at"] = ended_at or now
+        values["ended_at"] = ended_at or now
     connection.execute(update(CallAttempt).where(CallAttempt.id == attempt.id).values(values))
+    if not applies or attempt.bound_call_id is not None:
+        # a binding is never undone: the reminder's outcome and its reminder.finished were written with it
+        return EventResult(known=True)
     reminder = connection.execute(
         select(Reminder.bound_call_id, Reminder.status, Reminder.no_answer_retries, Reminder.plan,
                Appointment.plan.label("current_plan"), Appointment.starts_at, Appointment.timezone,
@@ -254,19 +336,15 @@ def _record_event(connection: Connection, stamp: Stamp, call_id: str, status: st
         .with_for_update(of=Reminder)
     ).first()
     outcome, retry_at, recalled = None, None, False
-    if applies and is_final(status) and reminder is not None and reminder.bound_call_id is None:
+    if reminder is not None and reminder.bound_call_id is None:
         if not _other_calls_alive(connection, stamp):
-            assert status is not None
             if status == "completed" and answerer(attempt.answered_by) is not Answerer.FAX:
                 recalled = _answered_unheard(connection, stamp, reminder, now)
                 retry_at = now if recalled else None
             if not recalled:
                 outcome, retry_at = _unanswered(connection, stamp, reminder, status, now, policy)
-    if applies and is_final(status):  # its last call over: the reminder may be finished
-        reminders_finished(connection, [stamp.reminder_id], EventSource.SYSTEM)
-    bound = reminder.bound_call_id if reminder is not None else None
-    cancel = [call_id] if bound is not None and bound != call_id and applies and status in PRE_ANSWER_STATES else []
-    return EventResult(known=True, cancel=cancel, outcome=outcome, retry_at=retry_at, recalled=recalled)
+    reminders_finished(connection, [stamp.reminder_id], EventSource.SYSTEM)  # its last call over: finished?
+    return EventResult(known=True, outcome=outcome, retry_at=retry_at, recalled=recalled)
 
 
 def _answered_unheard(connection: Connection, stamp: Stamp, reminder: Row[Any], now: datetime) -> bool:
@@ -357,10 +435,11 @@ _WORDS = (Reminder.bound_call_id, Reminder.outcome, Reminder.wording, Appointmen
 
 @dataclass(frozen=True)
 class _Bound:
-    """`_answer`'s word for the bound call: its row, the reminder's other calls to end, and the
-    outcome recorded if this request bound it."""
+    """`_answer`'s word for the bound call: its words' row, whether a machine answered, the
+    reminder's other calls to end, and the outcome recorded if this request bound it."""
 
     row: Any
+    machine: bool
     cancel: list[str]
     newly_bound: bool
     outcome: ReminderOutcome | None
@@ -382,16 +461,44 @@ async def answer(
         return result
     if result.outcome is not None:
         CALL_OUTCOMES.labels(result.outcome.value).inc()
-    return Answer(speak=True, wording=_wording(result.row, fallback),
-                  machine=result.row.outcome == ReminderOutcome.VOICEMAIL, newly_bound=result.newly_bound,
-                  cancel=result.cancel, incoming=result.incoming)
+    return Answer(speak=True, wording=_wording(result.row, fallback), machine=result.machine,
+                  newly_bound=result.newly_bound, cancel=result.cancel, incoming=result.incoming)
+
+
+_OTHER = aliased(CallAttempt)
+# The answered call's attempt (locked: one answer of a call at a time, on any replica), its
+# reminder's words and binding as they are, and whether the reminder has other calls still ringing.
+_ANSWERED = (
+    select(*_ATTEMPT_COLUMNS, db_now().label("now"), *_WORDS,
+           exists().where(_OTHER.reminder_id == CallAttempt.reminder_id, _OTHER.id != CallAttempt.id,
+                          _OTHER.provider_call_id.is_not(None),
+                          or_(_OTHER.call_status.is_(None), _OTHER.call_status.in_(PRE_ANSWER_STATES)))
+           .label("others_ringing"))
+    .join(Reminder, Reminder.id == CallAttempt.reminder_id)
+    .join(Appointment, Appointment.id == Reminder.appointment_id)
+    .where(CallAttempt.id == bindparam("attempt_id"))
+    .with_for_update(of=CallAttempt)
+)
+# The first answer binds: no call bound yet, the reminder current and not finished; what its
+# reminder.finished needs comes back.
+_BIND = (
+    update(Reminder)
+    .where(Reminder.id == bindparam("stamp_reminder_id"), Reminder.bound_call_id.is_(None),
+           Reminder.status.in_(_BINDABLE), _current())
+    .values(bound_call_id=bindparam("call_id"), bound_attempt_id=bindparam("attempt_id"),
+            outcome=bindparam("answer_outcome"), answered_at=bindparam("answered_at"))
+    .returning(*FINISHED_COLUMNS)
+)
 
 
 def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, answered_by: str | None,
             heard_later: bool) -> Answer | _Bound:
-    attempt = _attempt(connection, stamp, call_id)
-    if attempt is None or is_final(attempt.call_status):
-        return Answer(speak=False, over=attempt is not None)
+    attempt = connection.execute(_ANSWERED, {"attempt_id": stamp.attempt_id}).first()
+    if attempt is None or attempt.reminder_id != stamp.reminder_id or (
+            attempt.provider_call_id is not None and attempt.provider_call_id != call_id):
+        return Answer(speak=False)
+    if is_final(attempt.call_status):
+        return Answer(speak=False, over=True)
     values: dict[str, object] = {"provider_call_id": call_id, "last_event_at": attempt.now}
     incoming = attempt.state == AttemptState.INCOMING
     if attempt.rang_at is None and not incoming:
@@ -402,24 +509,20 @@ def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, a
     if who is Answerer.FAX:
         return Answer(speak=False)
     outcome = ReminderOutcome.VOICEMAIL if who is Answerer.MACHINE else ReminderOutcome.ANSWERED
-    bound = connection.execute(
-        update(Reminder)
-        .where(Reminder.id == stamp.reminder_id, Reminder.bound_call_id.is_(None), Reminder.status.in_(_BINDABLE),
-               _current())
-        .values(bound_call_id=call_id, bound_attempt_id=stamp.attempt_id,
-                outcome=None if heard_later else outcome, answered_at=attempt.now)
-    )
-    newly_bound = bound.rowcount == 1
-    if newly_bound and not heard_later:
-        reminders_finished(connection, [stamp.reminder_id], EventSource.SYSTEM)
-    cancel = _other_calls_to_end(connection, stamp) if newly_bound else []
-    row = connection.execute(
-        select(*_WORDS).join(Appointment, Appointment.id == Reminder.appointment_id)
-        .where(Reminder.id == stamp.reminder_id)
-    ).first()
-    if row is None or row.bound_call_id != call_id:
-        return Answer(speak=False, newly_bound=newly_bound, cancel=cancel)
-    return _Bound(row, cancel, newly_bound, outcome if newly_bound and not heard_later else None, incoming)
+    recorded = None if heard_later else outcome
+    bound = connection.execute(_BIND, {"stamp_reminder_id": stamp.reminder_id, "call_id": call_id,
+                                       "attempt_id": stamp.attempt_id, "answer_outcome": recorded,
+                                       "answered_at": attempt.now}).first()
+    if bound is not None:
+        if recorded is not None:
+            bound_and_finished(connection, bound, EventSource.SYSTEM, attempt.now)
+        cancel = _other_calls_to_end(connection, stamp) if attempt.others_ringing else []
+        return _Bound(attempt, recorded == ReminderOutcome.VOICEMAIL, cancel, True, recorded, incoming)
+    # not bound now: it speaks only if it was bound before (read under this call's lock: a repeat
+    # of its answer); a call bound meanwhile is another call (the same call's answers wait for the lock)
+    if attempt.bound_call_id != call_id:
+        return Answer(speak=False)
+    return _Bound(attempt, attempt.outcome == ReminderOutcome.VOICEMAIL, [], False, None, incoming)
 
 
 def _other_calls_to_end(connection: Connection, stamp: Stamp) -> list[str]:
@@ -451,13 +554,6 @@ def _bound_and_current(row: Any, stamp: Stamp, call_id: str) -> bool:
             and row.status != ReminderStatus.CANCELLED)
 
 
-def _reminder_of(connection: Connection, stamp: Stamp) -> Row[Any] | None:
-    return connection.execute(
-        select(*_BOUND_HERE).join(Appointment, Appointment.id == Reminder.appointment_id)
-        .where(Reminder.id == stamp.reminder_id)
-    ).first()
-
-
 async def command_greeting(db: Database, stamp: Stamp, call_id: str, kind: Answerer, *,
                            fallback: Fallback) -> Greeting:
     """Record that the bound call's greeting (`kind`: a person's message and question, or a
@@ -469,17 +565,27 @@ async def command_greeting(db: Database, stamp: Stamp, call_id: str, kind: Answe
 
 def _command_greeting(connection: Connection, stamp: Stamp, call_id: str, kind: Answerer,
                       fallback: Fallback) -> Greeting:
-    attempt = _attempt(connection, stamp, call_id)
-    row = _reminder_of(connection, stamp)
-    if attempt is None or is_final(attempt.call_status) or not _bound_and_current(row, stamp, call_id):
+    row = connection.execute(_GREETING_READ, {"attempt_id": stamp.attempt_id}).first()
+    if (row is None or row.reminder_id != stamp.reminder_id or row.provider_call_id not in (None, call_id)
+            or is_final(row.call_status) or not _bound_and_current(row, stamp, call_id)):
         return Greeting(send=False, bound=False)
     recorded = connection.execute(
-        update(CallAttempt).where(CallAttempt.id == attempt.id, CallAttempt.greeting.is_(None))
-        .values(greeting=kind, greeting_at=attempt.now)
+        update(CallAttempt).where(CallAttempt.id == row.id, CallAttempt.greeting.is_(None))
+        .values(greeting=kind, greeting_at=row.now)
     )
     if recorded.rowcount != 1:
         return Greeting(send=False)
     return Greeting(send=True, words=greeting_words(kind, _wording(row, fallback)))
+
+
+# the call's attempt (locked: one greeting per call) with its reminder's binding and words
+_GREETING_READ = (
+    select(*_ATTEMPT_COLUMNS, db_now().label("now"), *_BOUND_HERE)
+    .join(Reminder, Reminder.id == CallAttempt.reminder_id)
+    .join(Appointment, Appointment.id == Reminder.appointment_id)
+    .where(CallAttempt.id == bindparam("attempt_id"))
+    .with_for_update(of=CallAttempt)
+)
 
 
 async def greeting_sent(db: Database, stamp: Stamp, call_id: str, *, accepted: bool | None) -> None:
@@ -518,10 +624,11 @@ def heard_statement(stamp: Stamp, call_id: str, machine: bool) -> Any:
 
 def _heard(connection: Connection, stamp: Stamp, call_id: str, machine: bool) -> ReminderOutcome | None:
     """The bound call's outcome, recorded once; the outcome if this recorded it."""
-    first = connection.execute(heard_statement(stamp, call_id, machine))
-    if first.rowcount != 1:
+    first = connection.execute(heard_statement(stamp, call_id, machine)
+                               .returning(*FINISHED_COLUMNS, db_now().label("now"))).first()
+    if first is None:
         return None
-    reminders_finished(connection, [stamp.reminder_id], EventSource.SYSTEM)
+    bound_and_finished(connection, first, EventSource.SYSTEM, first.now)
     return ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED
 
 
@@ -537,6 +644,8 @@ async def mark_heard(db: Database, stamp: Stamp, call_id: str, *, machine: bool 
 
 def _mark_heard(connection: Connection, stamp: Stamp, call_id: str, machine: bool) -> tuple[Any, bool]:
     outcome = _heard(connection, stamp, call_id, machine)
+    if outcome is not None:
+        return outcome, True
     bound = connection.execute(select(Reminder.id).where(
         Reminder.id == stamp.reminder_id, Reminder.bound_call_id == call_id,
         Reminder.bound_attempt_id == stamp.attempt_id)).first() is not None
@@ -590,7 +699,7 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
     row = connection.execute(
         select(*_BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation, Appointment.phone,
                Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at,
-               CallAttempt.state.label("attempt_state"))
+               CallAttempt.state.label("attempt_state"), db_now().label("now"))
         .join(Appointment, Appointment.id == Reminder.appointment_id)
         .join(CallAttempt, CallAttempt.id == stamp.attempt_id)
         .where(Reminder.id == stamp.reminder_id)
@@ -618,7 +727,7 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
         return _Pressed(replace(result, changed=listing.new), listing=listing, skipped=listing.skipped)
     if answer_ is None:
         return _Pressed(result)
-    now = connection.execute(select(db_now())).scalar_one()
+    now = row.now
     if answer_ is Confirmation.DECLINED:
         cancel_appointment(connection, row.appointment_id, DECLINED_BY_CUSTOMER, now, source=source,
                            confirmation=answer_, reminder_id=stamp.reminder_id)

@@ -33,8 +33,8 @@ from service.reminders.lifecycle import ReminderStatus
 from service.reminders.outcomes import FINAL_CALL_STATES
 
 __all__ = [
-    "FINISHED", "EventSource", "EventType", "body", "emit", "event_row", "finished_in", "finished_rows", "insert",
-    "opted_out", "reminders_finished",
+    "FINISHED", "FINISHED_COLUMNS", "EventSource", "EventType", "body", "bound_and_finished", "emit", "event_row",
+    "finished_in", "finished_rows", "insert", "opted_out", "reminders_finished",
 ]
 
 
@@ -103,9 +103,10 @@ FINISHED = or_(
     and_(_R.c.status == _S.SENT,
          or_(~_ATTEMPTED, and_(_R.c.outcome.is_not(None), or_(_R.c.bound_call_id.is_not(None), ~_LIVE_CALL)))),
 )
+# what a reminder.finished says of its reminder (`finished_rows`)
+FINISHED_COLUMNS = (_R.c.id, _R.c.appointment_id, _R.c.status, _R.c.outcome, _R.c.skip_reason, _R.c.last_error)
 _FINISHED_ROWS = (
-    select(_R.c.id, _R.c.appointment_id, _R.c.status, _R.c.outcome, _R.c.skip_reason, _R.c.last_error,
-           db_now().label("now"))
+    select(*FINISHED_COLUMNS, db_now().label("now"))
     .where(_R.c.id.in_(bindparam("ids", expanding=True)), FINISHED)
 )
 
@@ -132,6 +133,15 @@ def reminders_finished(connection: Connection, reminder_ids: Collection[str], so
         return
     rows = connection.execute(_FINISHED_ROWS, {"ids": list(reminder_ids)}).all()
     insert(connection, finished_rows(rows, source, rows[0].now) if rows else [])
+
+
+def bound_and_finished(connection: Connection, reminder: Any, source: EventSource, at: datetime) -> None:
+    """`reminder.finished` for a reminder this transaction has just bound to its call with an
+    outcome (`reminder`: its FINISHED_COLUMNS, as the binding UPDATE returned them). FINISHED's case
+    of a bound reminder with an outcome: `sent` is finished; `pending` or `dispatching` (the answer
+    beat the create's response) is finished by the dispatcher's `sent` later."""
+    if reminder.status == _S.SENT:
+        insert(connection, finished_rows([reminder], source, at))
 
 
 def finished_in(session: Session, reminder_ids: Collection[str], source: EventSource) -> None:

@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 from zoneinfo import ZoneInfo
+
+from sqlalchemy import and_, false, literal_column, or_
+from sqlalchemy.sql.elements import ColumnElement
 
 from service.reminders.errors import ReminderError
 from service.reminders.planning import decide_call
@@ -29,6 +33,8 @@ __all__ = [
     "NoAnswerPolicy",
     "ReminderOutcome",
     "advances",
+    "advances_clause",
+    "rank",
     "Answerer",
     "answerer",
     "round_bit",
@@ -107,21 +113,47 @@ _OUTCOME_OF_FINAL = {
 }
 
 
-def _rank(status: str | None) -> int:
+def rank(status: str | None) -> int:
+    """Where `status` stands in a call's order of states (-1: unknown, or none yet)."""
     if status is None:
         return -1
     return _FINAL_RANK if status in FINAL_CALL_STATES else _RANK.get(status, -1)
+
+
+
+def _states(states: Any) -> list[ColumnElement[str]]:
+    """Call states as SQL literals (fixed names: inlined, so that each statement is built once)."""
+    return [literal_column(f"'{state}'") for state in sorted(states)]
 
 
 def advances(current: str | None, current_order: int | None, new: str, new_order: int | None) -> bool:
     """Whether event `new` moves a call on from `current`: by state (a call's state never goes
     back), then by the provider's order (Twilio's SequenceNumber, Telnyx's occurred_at); a final
     state is never replaced, a duplicate never applies twice."""
-    if current in FINAL_CALL_STATES or _rank(new) < 0:
+    if current in FINAL_CALL_STATES or rank(new) < 0:
         return False
-    if _rank(new) != _rank(current):
-        return _rank(new) > _rank(current)
+    if rank(new) != rank(current):
+        return rank(new) > rank(current)
     return new_order is not None and (current_order is None or new_order > current_order) and new != current
+
+
+def advances_clause(current: Any, current_order: Any, new: str, new_order: Any) -> ColumnElement[bool]:
+    """`advances(current, current_order, new, new_order)` in SQL, for an UPDATE that applies an
+    event in one statement: `current` and `current_order` are the call's columns, `new_order` the
+    event's order (a bound parameter). The same rule as `advances`, checked against it state by
+    state on both databases (tests/test_outcomes.py)."""
+    new_rank = rank(new)
+    if new_rank < 0:
+        return false()
+    states = {state: rank(state) for state in (*_RANK, *FINAL_CALL_STATES)}
+    # any unknown state (and none yet) ranks below every known one; a final one above every other
+    below = or_(current.is_(None), current.not_in(_states(s for s, r in states.items() if r >= new_rank)))
+    same = [s for s, r in states.items() if r == new_rank and s != new]
+    if new_rank == _FINAL_RANK or not same:
+        return below
+    later = and_(current.in_(_states(same)), new_order.is_not(None),
+                 or_(current_order.is_(None), current_order < new_order))
+    return or_(below, later)
 
 
 def outcome_of_final(status: str) -> ReminderOutcome | None:
