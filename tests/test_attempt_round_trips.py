@@ -1,9 +1,9 @@
 """What the leader's per-call ledger work costs the database (issue 26): each of `AttemptStore`'s
 view, begin, settle and abandon is ONE statement, sent on PostgreSQL without BEGIN/COMMIT (a
-statement is atomic on its own). Counted with SQLAlchemy's cursor events on both pools, and on
-PostgreSQL with asyncpg's own transaction calls (BEGIN, COMMIT and ROLLBACK are not cursor
-statements there). And what the one statements must still do: settle's rules, begin's fence, a
-missing reminder's view.
+statement is atomic on its own); a claim that finds nothing reads the fence (and the clock) once
+and rolls back once. Counted with SQLAlchemy's cursor events on both pools, and on PostgreSQL with
+asyncpg's own transaction calls (BEGIN, COMMIT and ROLLBACK are not cursor statements there). And
+what the one statements must still do: settle's rules, begin's fence, a missing reminder's view.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sqlalchemy.exc import NoResultFound
 
 from service.db import Appointment, CallAttempt, Database, Reminder
 from service.db.models import new_id
-from service.ledger import AttemptStore, ReminderStore
+from service.ledger import AttemptStore, ReminderStore, StaleTerm
 from service.reminders.attempts import AttemptState
 
 pytestmark = pytest.mark.anyio
@@ -119,6 +119,24 @@ async def test_view_begin_settle_and_abandon_are_one_statement_each(db: Database
     assert [(a.id, a.state, a.provider_call_id) for a in attempts] == [
         (first, "not_created", None), (second, "created", "CA1")]
     assert attempts[0].created_at <= attempts[1].created_at
+
+
+async def test_an_empty_claim_reads_the_fence_and_the_clock_once(db: Database, wire: Wire) -> None:
+    store = ReminderStore(db)
+    await store.raise_fence(3, "test")
+    wire.clear()
+    asked = datetime.now(UTC)
+    assert await store.claim(3, "test", limit=10, stale_after=timedelta(minutes=2)) == []
+    assert abs(store.clock_offset) < datetime.now(UTC) - asked + timedelta(seconds=1)
+    if not db.is_sqlite:  # one transaction: the fence FOR SHARE with the clock, the candidates; ROLLBACK
+        assert len(wire.statements) == 2 and wire.statements[0].startswith("SELECT leader_fence.token"), wire.statements
+        assert wire.transactions == ["start", "rollback"], wire.transactions
+    wire.clear()
+    assert await store.current_fence() == 3
+    one_statement(db, wire, "SELECT leader_fence.token")
+    await store.raise_fence(4, "successor")
+    with pytest.raises(StaleTerm):
+        await store.claim(3, "test", limit=10, stale_after=timedelta(minutes=2))
 
 
 async def test_the_attempt_times_are_the_database_clock(db: Database) -> None:
