@@ -40,11 +40,11 @@ from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.sql.dml import Update
 
 from service.db import Database
-from service.db.clock import read_now
-from service.db.models import Appointment, AttemptState, CallAttempt, Confirmation, LeaderFence, Reminder, utcnow
+from service.db.clock import db_now, read_now
+from service.db.models import Appointment, AttemptState, CallAttempt, Confirmation, Reminder, utcnow
 from service.ledger.consent import APPOINTMENT_LISTED
 from service.ledger.events import EventSource, finished_in
-from service.ledger.fence import FENCE_ROW, StaleTerm, current_fence, fence_holds, fence_token_query, raise_fence
+from service.ledger.fence import StaleTerm, current_fence, fence_holds, fence_token_query, raise_fence
 from service.ledger.outcome import Outcome
 from service.reminders import ALWAYS, CallCaps, CallWindow, CapHold, ReminderStatus, cap_hold, require
 from service.reminders.outcomes import FINAL_CALL_STATES
@@ -90,6 +90,9 @@ class Claim:
 
 
 _REMINDERS = Reminder.__table__
+# A claim's first statement on PostgreSQL: the fence FOR SHARE, with the database's clock unless given.
+_FENCE_SHARED = fence_token_query().with_for_update(read=True)
+_FENCE_SHARED_NOW = fence_token_query().add_columns(db_now().label("now")).with_for_update(read=True)
 # What a claimed reminder's call needs, and what holds it back.
 _CLAIM_COLUMNS = (
     Reminder.id, Reminder.status, Reminder.claimed_at, Reminder.next_attempt_at, Reminder.appointment_id,
@@ -243,12 +246,22 @@ class ReminderStore:
         """
         require(ReminderStatus.PENDING, ReminderStatus.DISPATCHING)
         async with self.db.session() as session:
-            if now is None:
-                # this process's clock read BEFORE the database's: the offset errs on the late
-                # side, so a time the term computes (a retry after Retry-After) is never early
-                before = datetime.now(UTC)
+            # this process's clock read BEFORE the database's: the offset errs on the late side, so
+            # a time the term computes (a retry after Retry-After) is never early
+            asked = datetime.now(UTC)
+            if not self.db.is_sqlite:
+                # The fence FOR SHARE first (a raise waits for this claim's end, and every later
+                # claim sees the new fence), with the database's clock in the same statement: now()
+                # is the transaction's start whichever statement reads it.
+                fence = (await session.execute(_FENCE_SHARED if now is not None else _FENCE_SHARED_NOW)).first()
+                if fence is None or fence.token != token:
+                    raise StaleTerm(f"the fence moved past token {token}")
+                if now is None:
+                    now = fence.now
+                    self.clock_offset = now - asked
+            elif now is None:
                 now = await read_now(session)
-                self.clock_offset = now - before
+                self.clock_offset = now - asked
             orphaned = and_(
                 Reminder.status == ReminderStatus.DISPATCHING,
                 or_(
@@ -266,11 +279,6 @@ class ReminderStore:
             )
             if not self.db.is_sqlite:
                 candidates = candidates.with_for_update(skip_locked=True)
-                fence = await session.execute(
-                    select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW).with_for_update(read=True)
-                )
-                if fence.scalar() != token:
-                    raise StaleTerm(f"the fence moved past token {token}")
             # What each call needs, and which rows were orphans and when they were meant to run,
             # read before the UPDATE (on PostgreSQL the candidates are locked FOR UPDATE by now).
             before = (await session.execute(
@@ -280,8 +288,7 @@ class ReminderStore:
             )).all()
             if not before:
                 await session.rollback()
-                if not await self._fence_is(session, token):
-                    raise StaleTerm(f"the fence moved past token {token}")
+                await self._fence_still(session, token)
                 return []
             ids = [row.id for row in before]
             result = await session.execute(
@@ -299,8 +306,7 @@ class ReminderStore:
             claimed = {row.id for row in result}
             if not claimed:
                 await session.rollback()
-                if not await self._fence_is(session, token):
-                    raise StaleTerm(f"the fence moved past token {token}")
+                await self._fence_still(session, token)
                 return []
             claimed_rows = sorted((old for old in before if old.id in claimed),
                                   key=lambda r: (r.status != ReminderStatus.DISPATCHING, r.next_attempt_at))
@@ -311,8 +317,18 @@ class ReminderStore:
         claims.sort(key=lambda c: (not c.orphaned, c.scheduled_at))
         return claims
 
-    async def _fence_is(self, session, token: int) -> bool:
-        return (await session.execute(fence_token_query())).scalar() == token
+    async def _fence_still(self, session, token: int) -> None:
+        """After a claim that claimed nothing: StaleTerm if the fence moved past `token`.
+
+        SQLite reads it (in a transaction of its own, after the claim's). PostgreSQL does not read
+        it again: the claim read it FOR SHARE in its own transaction and found `token`, and a raise
+        cannot commit while that lock is held, so the fence was still `token` at the claim's
+        rollback. A second read right after it (its own BEGIN, SELECT and ROLLBACK) would only
+        catch a raise committed in between, which the next claim's fence read catches as well,
+        before that claim writes anything; this claim wrote nothing.
+        """
+        if self.db.is_sqlite and (await session.execute(fence_token_query())).scalar() != token:
+            raise StaleTerm(f"the fence moved past token {token}")
 
     async def finish_many(self, token: int, outcomes: Sequence[tuple[str, Outcome]]) -> dict[str, str]:
         """Record several outcomes of this term's claims in ONE transaction.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import exists, select, text
+from sqlalchemy import Select, exists, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
@@ -41,8 +41,13 @@ def fence_holds(token: int) -> ColumnElement[bool]:
     return exists().where(LeaderFence.id == FENCE_ROW, LeaderFence.token == token)
 
 
-def fence_token_query():
+def fence_token_query() -> Select[tuple[int]]:
+    """SELECT of the fence's token (no row before the first raise); a new statement each call, for
+    a caller to build on (FOR SHARE, a scalar subquery)."""
     return select(LeaderFence.token).where(LeaderFence.id == FENCE_ROW)
+
+
+_FENCE_TOKEN = fence_token_query()
 
 
 def _lock_not_available(error: DBAPIError) -> bool:
@@ -98,5 +103,6 @@ async def _end_fence_holders(db: Database) -> None:
 
 
 async def current_fence(db: Database) -> int | None:
-    async with db.session() as session:
-        return (await session.execute(fence_token_query())).scalar()
+    """The fence's token, None before any raise: one SELECT, on PostgreSQL outside a transaction
+    (no BEGIN and ROLLBACK round trips; it locks nothing)."""
+    return await db.read(lambda connection: connection.execute(_FENCE_TOKEN).scalar())
