@@ -200,7 +200,8 @@ class OutboxStore:
         return await self.db.write(work)
 
     async def _write(self, statement: Any) -> bool:
-        return await self.db.write(lambda connection: connection.execute(statement).rowcount == 1)
+        """One fenced UPDATE (atomic on its own: no transaction of its own on PostgreSQL); True if it wrote its row."""
+        return await self.db.write_one(lambda connection: connection.execute(statement).rowcount == 1)
 
 
 async def resume(db: Database) -> bool:
