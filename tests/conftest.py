@@ -20,6 +20,7 @@ from service.db import Database  # noqa: E402
 from tests.support.events import finished_event_problems  # noqa: E402
 from tests.support.ledger_guard import GUARD  # noqa: E402
 from tests.support.requirements import unavailable as _unavailable  # noqa: E402
+from tests.support.wire import wire  # noqa: E402, F401 - a fixture for every test module
 
 # the `requires` marker and the CI rule; pytester runs the suite's own rule in a nested pytest
 pytest_plugins = ["tests.support.requirements", "pytester"]
