@@ -12,7 +12,7 @@ from sqlalchemy import select
 from service.db import CallAttempt, Database, Event, Reminder
 from service.dispatch.dispatcher import fallback_wording
 from service.ledger import AttemptStore, calls
-from service.reminders import MessageTemplates
+from service.reminders import Answerer, MessageTemplates
 from service.reminders.attempts import AttemptState
 from service.telephony.provider import Stamp
 from tests.support.wire import Wire, claimed_reminder, one_statement
@@ -85,3 +85,41 @@ async def test_the_answer_and_the_end_of_a_bound_call_are_one_short_transaction_
     finished = await db.read(lambda connection: connection.execute(
         select(Event.type).where(Event.dedupe == f"reminder.finished:{stamp.reminder_id}")).all())
     assert len(finished) == 1
+
+
+async def test_a_telnyx_event_is_one_transaction_with_what_it_sets_off(db: Database, wire: Wire) -> None:
+    stamp, call_id = await placed_call(db)
+    wire.clear()
+    answered = calls.CallEvent("in-progress", 1, "ev-answered")
+    result = await calls.answer(db, stamp, call_id, fallback=FALLBACK, heard_later=True, event=answered,
+                                greet=Answerer.PERSON)
+    one_transaction(db, wire, 9)
+    assert result.speak and result.newly_bound and result.event.known and not result.event.duplicate
+    assert result.greeting is not None and result.greeting.send and result.greeting.words is not None
+
+    # delivered again: recognised, still the bound call's, its greeting not recorded twice
+    again = await calls.answer(db, stamp, call_id, fallback=FALLBACK, heard_later=True, event=answered,
+                               greet=Answerer.PERSON)
+    one_transaction(db, wire, 9)
+    assert again.event.duplicate and again.speak and not again.newly_bound
+    assert again.greeting is not None and not again.greeting.send
+
+    heard = await calls.heard_event(db, stamp, call_id, calls.CallEvent(calls.SPEAKING, 2, "ev-speak"))
+    one_transaction(db, wire, 4)
+    assert heard.known and not heard.duplicate
+    outcome = await db.read(lambda connection: connection.execute(
+        select(Reminder.outcome).where(Reminder.id == stamp.reminder_id)).scalar_one())
+    assert outcome == "answered"
+
+    pressed = await calls.keypad(db, stamp, call_id, "1", fallback=FALLBACK, event=calls.CallEvent(None, 3, "ev-1"))
+    one_transaction(db, wire, 12)
+    assert pressed.bound and pressed.changed and pressed.event.known
+    replayed = await calls.keypad(db, stamp, call_id, "1", fallback=FALLBACK, event=calls.CallEvent(None, 3, "ev-1"))
+    assert replayed.event.duplicate and not replayed.bound and not replayed.changed
+
+    # an event whose stamp names no attempt of ours: nothing applied, nothing set off
+    stranger = Stamp(stamp.reminder_id, "no-such-attempt")
+    unknown = await calls.answer(db, stranger, call_id, fallback=FALLBACK, heard_later=True,
+                                 event=calls.CallEvent("in-progress", 1, "ev-stranger"), greet=Answerer.PERSON)
+    assert not unknown.event.known and not unknown.speak and unknown.greeting is None
+    wire.clear()

@@ -20,6 +20,9 @@ Telnyx): the ledger's part of the webhooks. Each operation is one transaction, k
   while the call was live: 1 confirms the appointment, 2 declines it (the appointment is cancelled,
   its unfinished reminders superseded). Any other digits change nothing.
 - `mark_heard`: the bound call's message has begun (Telnyx's speech events): its outcome.
+- `CallEvent`: a provider's event applied in the transaction of what it sets off (`answer`,
+  `command_greeting`, `keypad`, `heard_event`), so that a Telnyx event is one transaction
+  (docs/decisions/0261).
 
 `record_event` and `answer` tell the caller which of the reminder's other calls to end now that one
 is bound. Unknown, mismatched and replayed events change nothing.
@@ -97,10 +100,12 @@ __all__ = [
     "KeypadResult",
     "SPEAKING",
     "SPOKEN",
+    "CallEvent",
     "answer",
     "command_greeting",
     "greeting_sent",
     "greeting_words",
+    "heard_event",
     "heard_statement",
     "is_final",
     "keypad",
@@ -141,6 +146,8 @@ class Answer:
     cancel: list[str] = field(default_factory=list)  # the reminder's other calls, still pre-answer
     over: bool = False  # the call had already ended (a late or repeated answer): nothing to hang up
     incoming: bool = False  # a call the customer placed (a call-back): no machine detection to wait for
+    event: EventResult = EventResult(known=True)  # what the event it came with did (`answer(event=)`)
+    greeting: Greeting | None = None  # the greeting recorded with the answer (`answer(greet=)`)
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class Greeting:
     send: bool
     words: GreetingWords | None = None
     bound: bool = True  # False: not the bound call of a current reminder (hang it up)
+    event: EventResult = EventResult(known=True)  # what the event it came with did (`command_greeting(event=)`)
 
 
 def greeting_words(kind: Answerer, wording: Wording) -> GreetingWords:
@@ -173,6 +181,7 @@ class KeypadResult:
     # where the digits came from: `keypad` (a reminder call we placed) or `call-back` (a call the
     # customer placed, docs/decisions/0252): the `data.source` of the event the change reports
     source: EventSource = EventSource.KEYPAD
+    event: EventResult = EventResult(known=True)  # what the event it came with did (`keypad(event=)`)
 
 
 def is_final(status: str | None) -> bool:
@@ -300,6 +309,28 @@ def _record_progress_once(connection: Connection, stamp: Stamp, call_id: str, st
     if not _first_time(connection, event_id):
         return EventResult(known=True, duplicate=True)
     return _record_progress(connection, stamp, call_id, status, order)
+
+
+@dataclass(frozen=True)
+class CallEvent:
+    """A provider's event of a call, applied in the transaction of what it sets off (Telnyx: the
+    binding, the greeting's record, the keypad answer, the message heard), so that one event is
+    one transaction: its id remembered (a redelivery is recognised), the call's state moved on
+    (`status` None: an event of no state). Never a final event: `record_event` applies those."""
+
+    status: str | None
+    order: int | None = None
+    event_id: str | None = None
+
+
+def _apply_event(connection: Connection, stamp: Stamp, call_id: str, event: CallEvent | None) -> EventResult:
+    """`event` applied as `record_event` applies it (None: nothing to apply, a known call)."""
+    if event is None:
+        return EventResult(known=True)
+    assert not is_final(event.status), "a final event is record_event's"
+    if not _first_time(connection, event.event_id):
+        return EventResult(known=True, duplicate=True)
+    return _record_progress(connection, stamp, call_id, event.status, event.order)
 
 
 def _record_final(connection: Connection, stamp: Stamp, call_id: str, status: str | None, order: int | None,
@@ -444,25 +475,33 @@ class _Bound:
     newly_bound: bool
     outcome: ReminderOutcome | None
     incoming: bool = False
+    event: EventResult = EventResult(known=True)
+    greeting: Greeting | None = None
 
 
 async def answer(
     db: Database, stamp: Stamp, call_id: str, *, who: Answerer = Answerer.PERSON, answered_by: str | None = None,
-    fallback: Fallback, heard_later: bool = False,
+    fallback: Fallback, heard_later: bool = False, event: CallEvent | None = None, greet: Answerer | None = None,
 ) -> Answer:
     """Bind `call_id` to its reminder if none is bound yet; say whether it may speak, and what.
 
     `who` answered (a machine: the outcome is `voicemail`; a fax is never bound). `heard_later`:
     the message is a later command (Telnyx): bound without an outcome, which `greeting_sent` or
     `mark_heard` records. A call already over is never bound (a late, repeated answer), nor a
-    reminder that is finished, superseded by a re-plan, or whose appointment is cancelled."""
-    result = await db.write(_answer, stamp, call_id, who, answered_by, heard_later)
+    reminder that is finished, superseded by a re-plan, or whose appointment is cancelled.
+
+    In the same transaction: `event`, the provider's event that says so, applied first (an
+    unknown call: nothing more; a redelivered one still answers — the binding is once however
+    often it is asked); `greet`, the greeting of that kind recorded as `command_greeting` records
+    it, if the call may speak."""
+    result = await db.write(_answer, stamp, call_id, who, answered_by, heard_later, event, greet, fallback)
     if isinstance(result, Answer):
         return result
     if result.outcome is not None:
         CALL_OUTCOMES.labels(result.outcome.value).inc()
     return Answer(speak=True, wording=_wording(result.row, fallback), machine=result.machine,
-                  newly_bound=result.newly_bound, cancel=result.cancel, incoming=result.incoming)
+                  newly_bound=result.newly_bound, cancel=result.cancel, incoming=result.incoming,
+                  event=result.event, greeting=result.greeting)
 
 
 _OTHER = aliased(CallAttempt)
@@ -492,7 +531,19 @@ _BIND = (
 
 
 def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, answered_by: str | None,
-            heard_later: bool) -> Answer | _Bound:
+            heard_later: bool, event: CallEvent | None, greet: Answerer | None, fallback: Fallback) -> Answer | _Bound:
+    applied = _apply_event(connection, stamp, call_id, event)
+    if not applied.known:
+        return Answer(speak=False, event=applied)
+    found = _bind(connection, stamp, call_id, who, answered_by, heard_later)
+    if isinstance(found, Answer):
+        return replace(found, event=applied, cancel=[*applied.cancel, *found.cancel])
+    greeting = _command_greeting(connection, stamp, call_id, greet, fallback) if greet is not None else None
+    return replace(found, event=applied, greeting=greeting, cancel=[*applied.cancel, *found.cancel])
+
+
+def _bind(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, answered_by: str | None,
+          heard_later: bool) -> Answer | _Bound:
     attempt = connection.execute(_ANSWERED, {"attempt_id": stamp.attempt_id}).first()
     if attempt is None or attempt.reminder_id != stamp.reminder_id or (
             attempt.provider_call_id is not None and attempt.provider_call_id != call_id):
@@ -555,12 +606,21 @@ def _bound_and_current(row: Any, stamp: Stamp, call_id: str) -> bool:
 
 
 async def command_greeting(db: Database, stamp: Stamp, call_id: str, kind: Answerer, *,
-                           fallback: Fallback) -> Greeting:
+                           fallback: Fallback, event: CallEvent | None = None) -> Greeting:
     """Record that the bound call's greeting (`kind`: a person's message and question, or a
     machine's voicemail) is about to be commanded — once per call, whoever comes first (an event's
     handler, the leader's sweep). The caller that gets `send` sends the command; a later caller
-    finds it recorded and sends nothing (a repeat could speak twice)."""
-    return await db.write(_command_greeting, stamp, call_id, kind, fallback)
+    finds it recorded and sends nothing (a repeat could speak twice). `event`: the provider's event
+    that sets it off, applied first in the same transaction (an unknown call: nothing more)."""
+    return await db.write(_greeting_event, stamp, call_id, kind, fallback, event)
+
+
+def _greeting_event(connection: Connection, stamp: Stamp, call_id: str, kind: Answerer, fallback: Fallback,
+                    event: CallEvent | None) -> Greeting:
+    applied = _apply_event(connection, stamp, call_id, event)
+    if not applied.known:
+        return Greeting(send=False, bound=False, event=applied)
+    return replace(_command_greeting(connection, stamp, call_id, kind, fallback), event=applied)
 
 
 def _command_greeting(connection: Connection, stamp: Stamp, call_id: str, kind: Answerer,
@@ -652,12 +712,29 @@ def _mark_heard(connection: Connection, stamp: Stamp, call_id: str, machine: boo
     return outcome, bound
 
 
+async def heard_event(db: Database, stamp: Stamp, call_id: str, event: CallEvent) -> EventResult:
+    """A speech event of the call (Telnyx's `call.speak.started` / `.ended`), applied, and — when it
+    is new and names a known call — the bound call's message begun (`mark_heard`), in one transaction."""
+    applied, outcome = await db.write(_heard_event, stamp, call_id, event)
+    if outcome is not None:
+        CALL_OUTCOMES.labels(outcome.value).inc()
+    return applied
+
+
+def _heard_event(connection: Connection, stamp: Stamp, call_id: str,
+                 event: CallEvent) -> tuple[EventResult, ReminderOutcome | None]:
+    applied = _apply_event(connection, stamp, call_id, event)
+    if not applied.known or applied.duplicate:
+        return applied, None
+    return applied, _heard(connection, stamp, call_id, machine=False)
+
+
 # -- the keypad --------------------------------------------------------------------------------------
 
 
 async def keypad(
     db: Database, stamp: Stamp, call_id: str, digits: str | None, *, round_: int = 1,
-    pressed_at: datetime | None = None, event_id: str | None = None, fallback: Fallback,
+    pressed_at: datetime | None = None, event: CallEvent | None = None, fallback: Fallback,
     call_after_confirmation: bool = False, source: EventSource = EventSource.KEYPAD,
 ) -> KeypadResult:
     """Apply the digits pressed on `call_id` at keypad round `round_`: only the bound call of a
@@ -666,11 +743,13 @@ async def keypad(
     unfinished reminders are skipped, "confirmed", unless `call_after_confirmation`), 2 declines it
     (the appointment is cancelled, its unfinished reminders superseded), the opt-out key its
     wording announced lists the number (every unfinished reminder of its appointments skipped,
-    "opted out"). The events say so, from `source` (the keypad of a reminder call, or of a call-back)."""
-    found = await db.write(_keypad, stamp, call_id, digits, round_bit(round_), pressed_at, event_id, fallback,
+    "opted out"). The events say so, from `source` (the keypad of a reminder call, or of a call-back).
+    `event`: the provider's event of the digits, applied first in the same transaction (an unknown
+    call or a redelivery: nothing more, `result.event` says which)."""
+    found = await db.write(_keypad_event, stamp, call_id, digits, round_bit(round_), pressed_at, event, fallback,
                            call_after_confirmation, source)
-    if found is None:
-        return KeypadResult(bound=False)
+    if isinstance(found, KeypadResult):
+        return found
     if found.changed and found.answer is not None:
         CONFIRMATIONS.labels(found.answer.value).inc()
     if found.listing is not None and found.listing.new:
@@ -689,13 +768,21 @@ class _Pressed:
     skipped: frozenset[str] = frozenset()
 
 
+def _keypad_event(connection: Connection, stamp: Stamp, call_id: str, digits: str | None, bit: int,
+                  pressed_at: datetime | None, event: CallEvent | None, fallback: Fallback,
+                  call_after_confirmation: bool, source: EventSource) -> _Pressed | KeypadResult:
+    applied = _apply_event(connection, stamp, call_id, event)
+    if not applied.known or applied.duplicate:
+        return KeypadResult(bound=False, event=applied)
+    pressed = _keypad(connection, stamp, call_id, digits, bit, pressed_at, fallback, call_after_confirmation, source)
+    return KeypadResult(bound=False, event=applied) if pressed is None else pressed
+
+
 def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | None, bit: int,
-            pressed_at: datetime | None, event_id: str | None, fallback: Fallback,
+            pressed_at: datetime | None, fallback: Fallback,
             call_after_confirmation: bool, source: EventSource) -> _Pressed | None:
     """What the digits did; None if `call_id` is not the bound call of a current reminder, or they
-    were pressed after it ended, or the event was applied before."""
-    if not _first_time(connection, event_id):
-        return None
+    were pressed after it ended."""
     row = connection.execute(
         select(*_BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation, Appointment.phone,
                Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at,

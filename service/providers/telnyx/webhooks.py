@@ -98,14 +98,11 @@ Handler = Callable[[Request, TelnyxEvent, BackgroundTasks], Awaitable[None]]
 NEUTRAL_STATE = base64.b64encode(b'["neutral"]').decode()
 
 
-async def _record(request: Request, event: TelnyxEvent, background: BackgroundTasks, status_: str | None, *,
-                  again: bool = False) -> bool:
+async def _record(request: Request, event: TelnyxEvent, background: BackgroundTasks, status_: str | None) -> bool:
     """Apply the event's status (once, by its id); hang up the call if its reminder is bound to
-    another. True when the event names a known call and is new — or, with `again`, also when it
-    was applied before: what follows is done once however often it is asked (binding, the
-    greeting), so a redelivery finishes what a failed first delivery began."""
+    another. True when the event names a known call and is new."""
     result = await _apply(request, event, background, status_)
-    return result.known and (again or not result.duplicate)
+    return result.known and not result.duplicate
 
 
 async def _apply(request: Request, event: TelnyxEvent, background: BackgroundTasks,
@@ -132,14 +129,21 @@ async def initiated(request: Request, event: TelnyxEvent, background: Background
     await _record(request, event, background, "initiated")
 
 
+def _call_event(event: TelnyxEvent, status: str | None) -> calls.CallEvent:
+    """The event as the ledger applies it with what it sets off, in one transaction."""
+    return calls.CallEvent(status, event.order, event.event_id or None)
+
+
 async def answered(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
     """Bind the call if its reminder has none (first answer wins) and, without machine detection,
-    greet it; hang up any other call."""
+    greet it; hang up any other call. One transaction: the event, the binding, the greeting's record."""
     assert event.stamp is not None and event.call_id is not None
-    if not await _record(request, event, background, "in-progress", again=True):
-        return
+    detection = getattr(request.app.state.provider, "machine_detection", False)
     result = await calls.answer(request.app.state.db, event.stamp, event.call_id,
-                                fallback=fallback_wording(request), heard_later=True)
+                                fallback=fallback_wording(request), heard_later=True,
+                                event=_call_event(event, "in-progress"), greet=None if detection else Answerer.PERSON)
+    if not result.event.known:
+        return
     if result.cancel:
         background.add_task(cancel_calls, request, result.cancel)
     if result.over:
@@ -152,7 +156,9 @@ async def answered(request: Request, event: TelnyxEvent, background: BackgroundT
     if result.newly_bound:
         log.info("reminder %s bound to call %s (attempt %s)", event.stamp.reminder_id, event.call_id,
                  event.stamp.attempt_id)
-    if result.incoming or not getattr(request.app.state.provider, "machine_detection", False):
+    if result.greeting is not None:
+        _command(request, event, result.greeting, background)
+    elif result.incoming:  # a call the customer placed: no machine detection to wait for
         await _greet(request, event, Answerer.PERSON, background)
     # else greeted when the machine detection says who answered; should it never, the sweep does
 
@@ -160,28 +166,32 @@ async def answered(request: Request, event: TelnyxEvent, background: BackgroundT
 async def machine_detection_ended(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
     """Who answered: a person (or `not_sure`) is greeted at once; a machine after its beep
     (`call.machine.greeting.ended`); a fax is hung up. It may come before `call.answered` is
-    applied: it binds the call too."""
+    applied: it binds the call too. One transaction: the event, the binding, a person's greeting's record."""
     assert event.stamp is not None and event.call_id is not None
-    if not await _record(request, event, background, None, again=True):
-        return
     result = str(event.payload.get("result") or "")
     who = answerer(result)
     bound = await calls.answer(request.app.state.db, event.stamp, event.call_id, who=who, answered_by=result,
-                               fallback=fallback_wording(request), heard_later=True)
+                               fallback=fallback_wording(request), heard_later=True, event=_call_event(event, None),
+                               greet=Answerer.PERSON if who is Answerer.PERSON else None)
+    if not bound.event.known:
+        return
     if bound.cancel:
         background.add_task(cancel_calls, request, bound.cancel)
     if bound.over:
         return
     if not bound.speak:
         _hang_up(request, event, background)
-    elif who is Answerer.PERSON:
-        await _greet(request, event, Answerer.PERSON, background)
+    elif bound.greeting is not None:
+        _command(request, event, bound.greeting, background)
 
 
 async def machine_greeting_ended(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
-    """The machine's greeting is over (its beep, or silence): the voicemail, recorded now."""
-    if await _record(request, event, background, None, again=True):
-        await _greet(request, event, Answerer.MACHINE, background)
+    """The machine's greeting is over (its beep, or silence): the voicemail, recorded now (with the event)."""
+    assert event.stamp is not None and event.call_id is not None
+    greeting = await calls.command_greeting(request.app.state.db, event.stamp, event.call_id, Answerer.MACHINE,
+                                            fallback=fallback_wording(request), event=_call_event(event, None))
+    if greeting.event.known:
+        _command(request, event, greeting, background)
 
 
 async def _greet(request: Request, event: TelnyxEvent, who: Answerer, background: BackgroundTasks) -> None:
@@ -189,14 +199,21 @@ async def _greet(request: Request, event: TelnyxEvent, who: Answerer, background
     once the event is acknowledged; nothing when it was commanded before (by another event or the
     sweep); a call that is not the bound call of a current reminder is hung up."""
     assert event.stamp is not None and event.call_id is not None
-    db, stamp, call_id = request.app.state.db, event.stamp, event.call_id
-    greeting = await calls.command_greeting(db, stamp, call_id, who, fallback=fallback_wording(request))
+    greeting = await calls.command_greeting(request.app.state.db, event.stamp, event.call_id, who,
+                                            fallback=fallback_wording(request))
+    _command(request, event, greeting, background)
+
+
+def _command(request: Request, event: TelnyxEvent, greeting: calls.Greeting, background: BackgroundTasks) -> None:
+    """What a recorded greeting sets off once the event is acknowledged: its command if this
+    request recorded it, nothing if it was recorded before, the hangup if the call is not bound."""
+    assert event.stamp is not None and event.call_id is not None
     if not greeting.bound:
         _hang_up(request, event, background)
         return
     if not greeting.send or greeting.words is None:
         return
-    background.add_task(_send_greeting, request, stamp, call_id, greeting.words)
+    background.add_task(_send_greeting, request, event.stamp, event.call_id, greeting.words)
 
 
 async def _send_greeting(request: Request, stamp: Stamp, call_id: str, words: GreetingWords) -> None:
@@ -216,17 +233,22 @@ async def gather_ended(request: Request, event: TelnyxEvent, background: Backgro
     """The keypad: 1 confirms, 2 declines, OPT_OUT_DIGIT (as the call's wording announced it) lists
     the number; nothing usable → the question once more (round 2, in
     the gather's `client_state`), then goodbye. Only the bound call of a current reminder is heard,
-    each round once, and only digits pressed before the call's hang-up."""
+    each round once, and only digits pressed before the call's hang-up. One transaction: the event
+    and the answer."""
     assert event.stamp is not None and event.call_id is not None
     provider: Any = request.app.state.provider
     db, stamp, call_id = request.app.state.db, event.stamp, event.call_id
-    if not await _record(request, event, background, None) or event.payload.get("status") == "call_hangup":
+    if event.payload.get("status") == "call_hangup":
+        await _record(request, event, background, None)  # ended by the hang-up: no digits to apply
         return
     digits = event.payload.get("digits")
     round_ = Stamp.round_in(event.payload.get("client_state"))
     result = await calls.keypad(db, stamp, call_id, digits if isinstance(digits, str) else None, round_=round_,
                                 pressed_at=event.occurred_at, fallback=fallback_wording(request),
-                                call_after_confirmation=call_after_confirmation(request))
+                                call_after_confirmation=call_after_confirmation(request),
+                                event=_call_event(event, None))
+    if not result.event.known or result.event.duplicate:
+        return
     if not result.bound or result.wording is None:
         _hang_up(request, event, background)
         return
@@ -251,18 +273,25 @@ async def gather_ended(request: Request, event: TelnyxEvent, background: Backgro
 
 
 async def speak_started(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
-    assert event.stamp is not None and event.call_id is not None
-    if await _record(request, event, background, calls.SPEAKING):
-        await calls.mark_heard(request.app.state.db, event.stamp, event.call_id)
+    """The bound call's message has begun: the reminder's outcome (`answered`), with the event."""
+    await _speech(request, event, background, calls.SPEAKING)
 
 
 async def speak_ended(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
     """The voicemail or the last words were spoken: the call ends."""
     assert event.stamp is not None and event.call_id is not None
-    if await _record(request, event, background, calls.SPOKEN):
-        await calls.mark_heard(request.app.state.db, event.stamp, event.call_id)  # if `.started` was lost
+    if await _speech(request, event, background, calls.SPOKEN):  # heard too, if `.started` was lost
         background.add_task(request.app.state.provider.hang_up, event.call_id,
                             command_id=hangup_command_id(event.stamp.attempt_id), stamp=event.stamp)
+
+
+async def _speech(request: Request, event: TelnyxEvent, background: BackgroundTasks, status_: str) -> bool:
+    """A speech event applied with the message heard, in one transaction; True if it was new and known."""
+    assert event.stamp is not None and event.call_id is not None
+    applied = await calls.heard_event(request.app.state.db, event.stamp, event.call_id, _call_event(event, status_))
+    if applied.cancel:
+        background.add_task(cancel_calls, request, applied.cancel)
+    return applied.known and not applied.duplicate
 
 
 async def hangup(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
@@ -354,7 +383,8 @@ async def _apply_later(request: Request, event: TelnyxEvent, handler: Handler) -
     """An event whose handler failed (the database restarting), applied again for up to
     LATE_EVENT_BUDGET seconds after it was acknowledged: answered 5xx, Telnyx would not send it again
     (its failover URL, if any, gets it), and a lost `call.hangup` leaves the outcome to a check 15
-    minutes later. The handlers finish what a first try began (`_record`'s `again`)."""
+    minutes later. An event is one transaction with what it sets off: a failed try left nothing, and
+    a try that committed is recognised by its id, its binding and greeting being once however often asked."""
     assert event.stamp is not None
     commands = BackgroundTasks()
 
