@@ -418,21 +418,16 @@ def _loss_controls(run: ProviderRun) -> dict[str, Any]:
 def lost_answers(cluster: Cluster, config: ChaosConfig, total: int, run: ProviderRun) -> Fault:
     """Commands run without their answer arriving: a share of the creates (Twilio's create and
     cancel; Telnyx's Dial, greeting, keypad question, last words and hangup) is carried out while
-    the answer stalls past the client's timeout (the first part of the burst) or the connection
-    drops (the rest): creates in doubt, reconciled; greetings of unknown fate, sent again with the
-    same command id while Telnyx dedupes it."""
-    assert cluster.provider is not None
+    the answer stalls past the client's timeout or the connection drops, in turn (the fake's
+    `alternate`: both happen however fast the burst goes out): creates in doubt, reconciled;
+    greetings of unknown fate, sent again with the same command id while Telnyx dedupes it."""
     cluster.leader()
-    fault = Fault(started=time.time())
-    _wait_sent(cluster, total, 0.4)
-    cluster.provider.client.control(answer_lost_mode="drop")
-    fault.notes.append(f"answers stall {run.faults.answer_stall_ms / 1000:g}s, then drop from "
-                       f"{time.time() - fault.started:.1f}s")
-    return fault
+    return Fault(started=time.time(), notes=[f"answers lost in turn: stalled {run.faults.answer_stall_ms / 1000:g}s, "
+                                             "or the connection dropped"])
 
 
 def _answer_controls(run: ProviderRun) -> dict[str, Any]:
-    return {"answer_lost_rate": run.faults.answer_lost_rate, "answer_lost_mode": "stall",
+    return {"answer_lost_rate": run.faults.answer_lost_rate, "answer_lost_mode": "alternate",
             "answer_lost_commands": ANSWERED_COMMANDS[run.mode.provider], "answer_stall_ms": run.faults.answer_stall_ms}
 
 

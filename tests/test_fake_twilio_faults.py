@@ -415,6 +415,17 @@ async def test_a_create_is_executed_although_its_answer_never_arrives(world, mod
     assert fake.requests[0]["answer_lost"] == mode and fake.requests[0]["sid"] == call.sid
 
 
+async def test_answers_lost_in_turn_stall_then_drop(world) -> None:
+    fake, _, client = world
+    await client.post("/_fake/control", json={"answer_lost_rate": 1, "answer_lost_commands": ["create"],
+                                              "answer_lost_mode": "alternate", "answer_stall_ms": 10_000})
+    for _ in range(3):
+        with pytest.raises((TimeoutError, httpx.RemoteProtocolError)):
+            await asyncio.wait_for(client.post(f"{BASE}/Calls.json", content=urlencode(form()),
+                                               headers={"Content-Type": "application/x-www-form-urlencoded"}), 0.5)
+    assert [request["answer_lost"] for request in fake.requests] == ["stall", "drop", "stall"]
+
+
 async def test_a_slow_receiver_times_out_and_twilio_falls_back(world) -> None:
     fake, receiver, client = world
     await client.post("/_fake/control", json={"time_scale": 0.02, "slow_receiver_ms": 1000,

@@ -47,7 +47,8 @@ GREETING_ENDS = ("beep", "silence", "other")
 # Telnyx's `hangup_cause` values (a script may give the cause of an unanswered end)
 HANGUP_CAUSES = ("call_rejected", "normal_clearing", "originator_cancel", "timeout", "time_limit", "user_busy",
                  "not_found", "no_answer", "unspecified")
-ANSWER_LOST_MODES = ("stall", "drop")
+# `alternate`: stall, drop, stall, … in the order the answers are lost (both, however fast the burst)
+ANSWER_LOST_MODES = ("stall", "drop", "alternate")
 
 
 @dataclass
@@ -156,7 +157,8 @@ class FaultControls:
     slow_receiver_types: list[str] = field(default_factory=list)
     answer_lost_rate: float = 0.0  # a command is executed, and its HTTP answer never arrives
     answer_lost_commands: list[str] = field(default_factory=list)  # Twilio: create, update; Telnyx: dial, speak, …
-    answer_lost_mode: str = "stall"  # stall: answered after answer_stall_ms; drop: the connection is closed
+    # stall: answered after answer_stall_ms; drop: the connection is closed; alternate: one, then the other
+    answer_lost_mode: str = "stall"
     answer_stall_ms: float = 30_000.0
 
 
@@ -236,6 +238,7 @@ class ControlledFake:
         self._released: asyncio.Event | None = None
         self._rng = random.Random()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._answers_lost = 0
 
     def _spawn(self, coroutine: Awaitable[Any], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coroutine, name=name)  # type: ignore[arg-type]
@@ -318,6 +321,9 @@ class ControlledFake:
         """`stall` or `drop` when the answer to an executed `command` is to be lost; None: answered."""
         c = self.controls
         if self._selects(c.answer_lost_commands, (command,)) and self._chance(c.answer_lost_rate):
+            self._answers_lost += 1
+            if c.answer_lost_mode == "alternate":
+                return ("stall", "drop")[(self._answers_lost - 1) % 2]
             return c.answer_lost_mode
         return None
 
