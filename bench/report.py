@@ -40,11 +40,13 @@ TARGETS: dict[str, float] = {
 # The results BENCHMARKS.md is rendered from (bench/results/<name>.json), in the header's order.
 RESULT_NAMES = ("dispatch", "api", "profile", "profile_before", "failover", "micro", "dispatch_before",
                 "dispatch_client_before", "dispatch_previous_host", "failover_before", "dispatch_events",
-                "provider_twilio", "provider_telnyx")
+                "provider_twilio", "provider_telnyx", "provider_twilio_before", "provider_telnyx_before")
 _HEADER_LABELS = {"dispatch": "dispatch", "api": "api", "profile": "profile", "profile_before": "profile, before",
                   "failover": "failover", "micro": "micro", "dispatch_previous_host": "dispatch, previous host",
                   "failover_before": "failover, before the revoke fix", "dispatch_events": "dispatch with events",
-                  "provider_twilio": "provider, Twilio mode", "provider_telnyx": "provider, Telnyx mode"}
+                  "provider_twilio": "provider, Twilio mode", "provider_telnyx": "provider, Telnyx mode",
+                  "provider_twilio_before": "provider, Twilio mode, before issue 26's changes",
+                  "provider_telnyx_before": "provider, Telnyx mode, before issue 26's changes"}
 PROVIDER_RESULTS = {"provider_twilio": "Twilio", "provider_telnyx": "Telnyx"}
 
 # How many packages the profile tables show of those the profile recorded (a choice of the table).
@@ -199,7 +201,7 @@ def render(results: dict[str, dict[str, Any] | None]) -> str:
         _profiles(add, results["profile_before"], results["profile"])
     providers = {title: results[name] for name, title in PROVIDER_RESULTS.items() if results.get(name)}
     if providers:
-        _providers(add, providers)
+        _providers(add, providers, {title: results.get(f"{name}_before") for name, title in PROVIDER_RESULTS.items()})
     if results["micro"]:
         _micro(add, results["micro"])
     _limits(add, results)
@@ -677,7 +679,8 @@ def _summary_provider(add: Add, title: str, result: dict[str, Any]) -> None:
         f"{_n(result['generic']['cpu_ms_per_call'], 2)} ms per call | {_ok(call_ok)} |")
 
 
-def _providers(add: Add, providers: dict[str, dict[str, Any]]) -> None:
+def _providers(add: Add, providers: dict[str, dict[str, Any]],
+               befores: dict[str, dict[str, Any] | None] | None = None) -> None:
     first = next(iter(providers.values()))
     caps = first.get("caps") or {}
     controls = first.get("fake_controls") or {}
@@ -721,7 +724,44 @@ def _providers(add: Add, providers: dict[str, dict[str, Any]]) -> None:
         "that fails it writes no result.")
     add("")
     for title, result in providers.items():
+        before = (befores or {}).get(title)
+        if before:
+            _provider_before_after(add, title, before, result)
         _provider(add, title, result)
+
+
+def _provider_before_after(add: Add, title: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """The same bench before issue 26's changes (bench/results/provider_<mode>_before.json, a run of
+    the commit before them) and now."""
+    add(f"### {title} mode: before and after issue 26's changes")
+    add("")
+    add(f"*Before* = `{before.get('command', 'python -m bench provider')}` at {before['machine']['date']}"
+        f"{_at_commit(before, ', ')}; *after* = the run below{_at_commit(after, ', ')}. Same bench, same host; "
+        "each run's account rate measured by its own warm-up (a cheaper call carries a higher rate).")
+    add("")
+    add("| figure | before | after |")
+    add("|---|---|---|")
+
+    def row(label: str, value: Callable[[dict[str, Any]], Any], digits: int = 2, unit: str = "") -> None:
+        add(f"| {label} | {_n(value(before), digits)}{unit} | {_n(value(after), digits)}{unit} |")
+
+    row("calls/s end to end", lambda r: r["run"]["calls_per_s"], 1)
+    row("replicas' CPU per call", lambda r: r["run"]["cpu_ms_per_call"], 2, " ms")
+    row("replicas' CPU per webhook (all ÷ webhooks)", lambda r: r["run"]["cpu_ms_per_webhook"], 2, " ms")
+    row("a follower's CPU per webhook", lambda r: r["run"].get("followers_cpu_ms_per_webhook"), 2, " ms")
+    row("CPU per `GET /appointments/{id}`", lambda r: r["get"].get("cpu_ms_per_get"), 3, " ms")
+    row("ratio webhook ÷ GET", lambda r: (r.get("ratios") or {}).get("webhook_to_get"), 1, " ×")
+    row("ratio call ÷ GET", lambda r: (r.get("ratios") or {}).get("call_to_get"), 1, " ×")
+    row("statements per call (pg_stat_statements)", lambda r: r["statements"]["pg_stat_statements"]["per_call"], 1)
+    row("transactions per call", lambda r: r["statements"]["pg_stat_statements"]["transactions_per_call"], 1)
+    row("statements per call outside requests", lambda r: r["statements"]["background_per_call"], 1)
+    for label in after["routes"]:
+        if label in before["routes"]:
+            row(f"{label}: statements / transactions per request, p99",
+                lambda r, label=label: f"{r['routes'][label]['statements_per_request']:.2f} / "
+                                       f"{r['routes'][label]['transactions_per_request']:.2f}, "
+                                       f"{r['routes'][label]['p99_ms']:.1f} ms")
+    add("")
 
 
 def _provider(add: Add, title: str, result: dict[str, Any]) -> None:

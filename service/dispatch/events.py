@@ -103,12 +103,17 @@ class EventRelay:
         transport = self._transport or (pooled_transport(self.config.concurrency) if self._webhook else None)
         in_flight: dict[str, asyncio.Task[None]] = {}
         loop = asyncio.get_running_loop()
-        next_prune = loop.time()
+        next_prune = next_number = loop.time()
+        gone: str | None = None
         try:
             while term.valid() and not ended.done():
                 self._wake.clear()
                 try:
-                    gone = await self._number(term)
+                    # numbered every poll_interval; a delivery that ends wakes the loop only to send
+                    # its appointment's next event (a numbering per delivery cost reads per event)
+                    if loop.time() >= next_number:
+                        next_number = loop.time() + self.config.poll_interval
+                        gone = await self._number(term)
                     if transport is not None and gone != self._endpoint:
                         await self._start(term, transport, in_flight)
                     if loop.time() >= next_prune:

@@ -35,7 +35,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.sql.dml import Update
 
@@ -43,7 +43,7 @@ from service.db import Database
 from service.db.clock import db_now, read_now
 from service.db.models import Appointment, AttemptState, CallAttempt, Confirmation, Reminder, utcnow
 from service.ledger.consent import APPOINTMENT_LISTED
-from service.ledger.events import EventSource, finished_in
+from service.ledger.events import EventSource, reminders_finished
 from service.ledger.fence import StaleTerm, current_fence, fence_holds, fence_token_query, raise_fence
 from service.ledger.outcome import Outcome
 from service.reminders import ALWAYS, CallCaps, CallWindow, CapHold, ReminderStatus, cap_hold, require
@@ -347,51 +347,53 @@ class ReminderStore:
         ids = [reminder_id for reminder_id, _ in outcomes]
         if len(set(ids)) != len(ids):
             raise ValueError("finish_many: reminder ids must be distinct")
-        now = utcnow()
-        recorded: set[str] = set()
-        async with self.db.session() as session:
-            if self.db.is_sqlite:
-                for reminder_id, outcome in outcomes:
-                    values = outcome.columns()
-                    result = await session.execute(
-                        _update_by_id(tuple(sorted(values))),
-                        {"b_id": reminder_id, "b_token": token, "b_updated_at": now,
-                         **{f"b_{name}": value for name, value in values.items()}},
-                    )
-                    if result.rowcount == 1:
-                        recorded.add(reminder_id)
-            else:
-                ours = await session.execute(
-                    select(_REMINDERS.c.id)
-                    .where(
-                        _REMINDERS.c.id == any_(bindparam("ids", ids, type_=postgresql.ARRAY(String))),
-                        _REMINDERS.c.fence_token == token,
-                        _REMINDERS.c.status == ReminderStatus.DISPATCHING,
-                    )
-                    .with_for_update()
+        return await self.db.write(_finish_many, token, outcomes, ids, utcnow())
+
+
+def _finish_many(connection: Connection, token: int, outcomes: Sequence[tuple[str, Outcome]], ids: list[str],
+                 now: datetime) -> dict[str, str]:
+    """`ReminderStore.finish_many`'s transaction, in one greenlet (no session, no hop per statement)."""
+    recorded: set[str] = set()
+    if connection.dialect.name == "sqlite":
+        for reminder_id, outcome in outcomes:
+            values = outcome.columns()
+            result = connection.execute(
+                _update_by_id(tuple(sorted(values))),
+                {"b_id": reminder_id, "b_token": token, "b_updated_at": now,
+                 **{f"b_{name}": value for name, value in values.items()}},
+            )
+            if result.rowcount == 1:
+                recorded.add(reminder_id)
+    else:
+        ours = connection.execute(
+            select(_REMINDERS.c.id)
+            .where(
+                _REMINDERS.c.id == any_(bindparam("ids", ids, type_=postgresql.ARRAY(String))),
+                _REMINDERS.c.fence_token == token,
+                _REMINDERS.c.status == ReminderStatus.DISPATCHING,
+            )
+            .with_for_update()
+        )
+        recorded = {row.id for row in ours}
+        shapes: dict[tuple[str, ...], list[dict[str, object]]] = {}
+        for reminder_id, outcome in outcomes:
+            if reminder_id in recorded:
+                values = outcome.columns()
+                shapes.setdefault(tuple(sorted(values)), []).append(
+                    {"b_id": reminder_id, "b_token": token, "b_updated_at": now,
+                     **{f"b_{name}": value for name, value in values.items()}}
                 )
-                recorded = {row.id for row in ours}
-                shapes: dict[tuple[str, ...], list[dict[str, object]]] = {}
-                for reminder_id, outcome in outcomes:
-                    if reminder_id in recorded:
-                        values = outcome.columns()
-                        shapes.setdefault(tuple(sorted(values)), []).append(
-                            {"b_id": reminder_id, "b_token": token, "b_updated_at": now,
-                             **{f"b_{name}": value for name, value in values.items()}}
-                        )
-                for columns, rows in shapes.items():
-                    await session.execute(_update_by_id(columns), rows)
-            # the finished ones' events, in the same transaction
-            await session.run_sync(finished_in, recorded, EventSource.SYSTEM)
-            lost = [reminder_id for reminder_id in ids if reminder_id not in recorded]
-            reasons = await _why_not_ours(session, lost, token) if lost else {}
-            await session.commit()
-        return reasons
+        for columns, rows in shapes.items():
+            connection.execute(_update_by_id(columns), rows)
+    # the finished ones' events, in the same transaction
+    reminders_finished(connection, recorded, EventSource.SYSTEM)
+    lost = [reminder_id for reminder_id in ids if reminder_id not in recorded]
+    return _why_not_ours(connection, lost, token) if lost else {}
 
 
-async def _why_not_ours(session, ids: list[str], token: int) -> dict[str, str]:
+def _why_not_ours(connection: Connection, ids: list[str], token: int) -> dict[str, str]:
     """Why each of `ids` is no longer `dispatching` under `token`, as its row says now."""
-    rows = {row.id: row for row in await session.execute(
+    rows = {row.id: row for row in connection.execute(
         select(Reminder.id, Reminder.status, Reminder.fence_token, Reminder.last_error).where(Reminder.id.in_(ids)))}
     reasons = {}
     for reminder_id in ids:
