@@ -45,8 +45,8 @@ RESULT_NAMES = ("dispatch", "api", "profile", "profile_before", "failover", "mic
 _HEADER_LABELS = {"dispatch": "dispatch", "api": "api", "profile": "profile", "profile_before": "profile, before",
                   "failover": "failover", "micro": "micro", "dispatch_previous_host": "dispatch, previous host",
                   "failover_before": "failover, before the revoke fix", "dispatch_events": "dispatch with events",
-                  "provider_twilio": "provider, Twilio mode", "provider_telnyx": "provider, Telnyx mode",
-                  "webhooks": "webhook routes against their floors"}
+                  "provider_twilio": "provider, Twilio mode", "provider_telnyx": "provider, Telnyx mode"}
+# (the webhook routes' section names its command, day, commit and machine itself: `_webhooks`)
 PROVIDER_RESULTS = {"provider_twilio": "Twilio", "provider_telnyx": "Telnyx"}
 
 # How many packages the profile tables show of those the profile recorded (a choice of the table).
@@ -632,6 +632,14 @@ WEBHOOK_ROWS = {"twilio/status": "calls ringing", "twilio/voice": "reminders bou
                 "twilio/gather": "appointments confirmed", "telnyx/initiated": "calls initiated"}
 
 
+def _us(ms: float | None) -> str:
+    return "–" if ms is None else f"{_n(ms * 1000)} µs"
+
+
+def _statements(count: int | None) -> str:
+    return "–" if count is None else f"{_n(count)} statement{'' if count == 1 else 's'}"
+
+
 def _same(flag: bool | None) -> str:
     return "–" if flag is None else ("same" if flag else "**differs**")
 
@@ -660,8 +668,8 @@ def _webhooks(add: Add, result: dict[str, Any]) -> None:
         "over the measured run, per request. *SQL as the ledger*: the floor's statements compared with those the "
         "ledger sends for the same route, captured once on rows of their own.")
     add("")
-    add("| route | replica req/s (A, A) | floor req/s | ratio | replica CPU/request | floor CPU/request | "
-        "replica p50 / p99 | floor p50 / p99 | non-2xx | rows done / seeded | SQL as the ledger |")
+    add("| route | replica req/s (A, A) | replica CPU/request | replica p50 / p99 (A, A) | floor req/s | "
+        "floor CPU/request | floor p50 / p99 | ratio | non-2xx | rows done / seeded | SQL as the ledger |")
     add("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in routes.items():
         replica, floor = r["replica"], r["floor"]
@@ -669,12 +677,20 @@ def _webhooks(add: Add, result: dict[str, Any]) -> None:
         sql = r.get("sql") or {}
         ratio = f"**{_n(r['ratio'], 3)}**" if r.get("ratio") is not None else "–"
         add(f"| {WEBHOOK_ROUTES.get(key, key)} | {_n(r['replica_rps'])} ({', '.join(_n(x['rps']) for x in replica)}) "
-            f"| {_n(floor['rps'])} | {ratio} | {_n(r['replica_cpu_ms_per_request'], 2)} ms | "
-            f"{_n(r['floor_cpu_ms_per_request'], 2)} ms | {_latencies(replica)} | {_latencies([floor])} | "
-            f"{r['non_2xx']} | {_n(rows.get('rows_done'))} / {_n(rows.get('rows'))} "
+            f"| {_us(r['replica_cpu_ms_per_request'])} | {_latencies(replica)} | {_n(floor['rps'])} | "
+            f"{_us(r['floor_cpu_ms_per_request'])} | {_latencies([floor])} | {ratio} | {r['non_2xx']} | "
+            f"{_n(rows.get('rows_done'))} / {_n(rows.get('rows'))} "
             f"{WEBHOOK_ROWS.get(key, '')}{', **the rows ran out**' if r.get('wrapped') else ''} | "
-            f"{_same(sql.get('same_as_floor'))} ({_n(sql.get('statements'))} statements) |")
+            f"{_same(sql.get('same_as_floor'))} ({_statements(sql.get('statements'))}) |")
     add("")
+    idle = [(mode.capitalize(), result[mode]) for mode in ("twilio", "telnyx")
+            if (result.get(mode) or {}).get("replica_idle_cpu_share") is not None]
+    if idle:
+        add("The replica's CPU while nothing was sent (the leader's own loops, counted in its CPU/request too), "
+            f"over {_n(idle[0][1]['idle_s'])} s before the runs: "
+            + ", ".join(f"{_pct(part['replica_idle_cpu_share'])} of a core in {mode} mode" for mode, part in idle)
+            + ".")
+        add("")
     below = [key for key, r in routes.items() if r.get("ratio") is None or r["ratio"] < target]
     verdict = ("every route at or above it" if not below else
                f"below it: {', '.join(f'`{key}`' for key in below)}")

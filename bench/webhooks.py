@@ -52,6 +52,7 @@ WARMUP_S = 1.0
 ROUTES_BY_MODE = {"twilio": ("twilio/status", "twilio/voice", "twilio/gather"), "telnyx": ("telnyx/initiated",)}
 # requests/s assumed at most when sizing the rows (a run that sends more wraps around: `wrapped`)
 MAX_REPLICA_RPS, MAX_FLOOR_RPS = 2500, 5000
+IDLE_S = 3.0  # the replica's CPU while nothing is sent (the leader's loops), measured before the runs
 CAPTURE_ROWS = 2  # the first rows of each route's range: the ledger run once on them, its SQL captured
 CUSTOMER = "+14155550100"
 TWILIO_NUMBER = "+14155550199"
@@ -469,6 +470,9 @@ def _mode(pg: Any, etcd: Any, mode: str, duration: float, rows: int) -> dict[str
         seeded_s = asyncio.run(seed(database_url, mode, spans))
         ledger = asyncio.run(ledger_sql(database_url, mode, spans, None))
         sql = compare_sql(ledger)
+        before = tree_cpu_seconds(replica.pid or 0)
+        time.sleep(IDLE_S)
+        idle_share = round((tree_cpu_seconds(replica.pid or 0) - before) / IDLE_S, 4)
         floor, floor_url = _start_floor(database_url, public_url, mode)
         assert floor.pid is not None and replica.pid is not None
         results: dict[str, Any] = {}
@@ -494,7 +498,8 @@ def _mode(pg: Any, etcd: Any, mode: str, duration: float, rows: int) -> dict[str
     for route, result in results.items():
         result["sql"] = sql.get(route)
         result["rows"] = done.get(route)
-    return {"public_url": public_url, "seed_s": seeded_s, "routes": results,
+    return {"public_url": public_url, "seed_s": seeded_s, "routes": results, "replica_idle_cpu_share": idle_share,
+            "idle_s": IDLE_S,
             "events": done.get("events"), "provider_events": done.get("provider_events")}
 
 
