@@ -666,11 +666,13 @@ def _webhooks(add: Add, result: dict[str, Any]) -> None:
         "statements (one statement outside a transaction, or the same sequence in one transaction), answering "
         "the same body (TwiML, an empty success). *CPU/request*: utime + stime of the process and its children "
         "over the measured run, per request. *SQL as the ledger*: the floor's statements compared with those the "
-        "ledger sends for the same route, captured once on rows of their own.")
+        "ledger sends for the same route, captured once on rows of their own. *Answer as the replica's*: one "
+        "request to each before the runs, the status and body compared (each answer's own ids aside).")
     add("")
     add("| route | replica req/s (A, A) | replica CPU/request | replica p50 / p99 (A, A) | floor req/s | "
-        "floor CPU/request | floor p50 / p99 | ratio | non-2xx | rows done / seeded | SQL as the ledger |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|")
+        "floor CPU/request | floor p50 / p99 | ratio | non-2xx | rows done / seeded | SQL as the ledger | "
+        "answer as the replica's |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in routes.items():
         replica, floor = r["replica"], r["floor"]
         rows = r.get("rows") or {}
@@ -681,7 +683,8 @@ def _webhooks(add: Add, result: dict[str, Any]) -> None:
             f"{_us(r['floor_cpu_ms_per_request'])} | {_latencies([floor])} | {ratio} | {r['non_2xx']} | "
             f"{_n(rows.get('rows_done'))} / {_n(rows.get('rows'))} "
             f"{WEBHOOK_ROWS.get(key, '')}{', **the rows ran out**' if r.get('wrapped') else ''} | "
-            f"{_same(sql.get('same_as_floor'))} ({_statements(sql.get('statements'))}) |")
+            f"{_same(sql.get('same_as_floor'))} ({_statements(sql.get('statements'))}) | "
+            f"{_same((r.get('answers') or {}).get('same'))} |")
     add("")
     idle = [(mode.capitalize(), result[mode]) for mode in ("twilio", "telnyx")
             if (result.get(mode) or {}).get("replica_idle_cpu_share") is not None]

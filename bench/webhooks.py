@@ -110,7 +110,7 @@ async def seed(url: str, mode: str, spans: list[Span]) -> float:
     template_a, template_r = appointments[0]["id"], reminders[0]["id"]
     a_columns = [c.name for c in Appointment.__table__.columns]
     r_columns = [c.name for c in Reminder.__table__.columns]
-    a_exprs = {"id": "md5('wa' || i)::uuid::text", "customer_name": "'Customer ' || i"}
+    a_exprs = {"id": "md5('wa' || i)::uuid::text"}  # the template's name: its words (wording) say it
     connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"), timeout=10)
     try:
         async with connection.transaction():
@@ -325,6 +325,29 @@ def aba(route: str, replica: tuple[str, int], floor: tuple[str, int], requests: 
     }
 
 
+def _send(base_url: str, line: str) -> tuple[int, str]:
+    import httpx
+
+    fields = line.split("\t")
+    headers = dict(zip(fields[2::2], fields[3::2], strict=True))
+    response = httpx.post(base_url + fields[0], content=fields[1].encode(), headers=headers, timeout=10)
+    return response.status_code, response.text
+
+
+def same_answer(replica_url: str, floor_url: str, for_replica: str, for_floor: str,
+                indexes: tuple[int, int]) -> dict[str, Any]:
+    """One request to the replica, the next to the floor (each on rows of its own): the same status
+    and the same body, once each answer's own ids are replaced by placeholders."""
+    answers = []
+    for (url, line), index in zip(((replica_url, for_replica), (floor_url, for_floor)), indexes, strict=True):
+        status, text = _send(url, line)
+        for kind in ("wr", "wc", "wa"):
+            text = text.replace(row_id(kind, index), f"{{{kind}}}")
+        answers.append((status, text))
+    return {"status": answers[0][0], "same": answers[0] == answers[1], "replica": answers[0][1][:300],
+            **({} if answers[0] == answers[1] else {"floor_status": answers[1][0], "floor": answers[1][1][:300]})}
+
+
 # -- the ledger's SQL for each route, captured, against the floor's ---------------------------------
 
 
@@ -490,8 +513,13 @@ def _mode(pg: Any, etcd: Any, mode: str, duration: float, rows: int) -> dict[str
                         now = time.time()  # Telnyx refuses a timestamp older than 5 minutes: signed just before
                         lines = [telnyx_request(i, TEST_SIGNING_SEED, TELNYX_CONNECTION, now + i * 1e-6).line()
                                  for i in indexes]
+                    first = span.first + CAPTURE_ROWS
+                    requests = Requests(lines)
+                    answers = same_answer(replica.url, floor_url, lines[0], lines[1], (first, first + 1))
+                    requests.cursor = 2
                     results[span.route] = aba(span.route, (replica.url, replica.pid), (floor_url, floor.pid),
-                                              Requests(lines), duration, Path(tmp))
+                                              requests, duration, Path(tmp))
+                    results[span.route]["answers"] = answers
         finally:
             _stop(floor)
         done = asyncio.run(counts(database_url, mode, spans))

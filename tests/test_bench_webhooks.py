@@ -90,5 +90,6 @@ def test_a_tiny_run_does_every_route_s_work_with_the_ledger_s_sql() -> None:
     assert result["errors"] == 0 and result["non_2xx"] == 0
     for route, figures in result["routes"].items():
         assert figures["sql"]["same_as_floor"], (route, figures["sql"])
+        assert figures["answers"]["same"] and figures["answers"]["status"] < 300, (route, figures["answers"])
         assert figures["rows"]["rows_done"] > 0, route
         assert figures["replica_rps"] > 0 and figures["floor"]["rps"] > 0
