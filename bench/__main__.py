@@ -1,6 +1,8 @@
-"""`python -m bench [all|dispatch|failover|api|profile|micro|provider|report] [--quick]` — see bench/__init__.py.
+"""`python -m bench [all|dispatch|failover|api|webhooks|profile|micro|provider|report] [--quick]`: bench/__init__.py.
 `python -m bench dispatch --events`: the dispatch rate with no EVENTS_URL, an accepting and a stalled
 receiver, in one invocation (bench/events.py, bench/results/dispatch_events.json).
+`python -m bench webhooks`: each provider webhook route of one replica against its floor (the same signature
+check and SQL on Starlette + asyncpg), A-B-A (bench/webhooks.py, bench/results/webhooks.json).
 `python -m bench provider --mode twilio|telnyx [--reminders N] [--rate R]`: a real provider's calls and their
 webhooks on three replicas, beside the same run's GET /appointments/{id} and generic path
 (bench/provider.py, bench/results/provider_<mode>.json; without --mode, both modes).
@@ -39,7 +41,8 @@ def _part(name: str, result_name: str, work, **options) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks against same-run baselines.")
     parser.add_argument("part", nargs="?", default="all",
-                        choices=["all", "dispatch", "failover", "api", "profile", "micro", "provider", "report"])
+                        choices=["all", "dispatch", "failover", "api", "profile", "micro", "provider", "webhooks",
+                                 "report"])
     parser.add_argument("--quick", action="store_true", help="fewer runs and shorter loads (a smoke run)")
     parser.add_argument("--concurrency", type=int, default=400,
                         help="DISPATCH_CONCURRENCY of the dispatch benchmark (and of its baselines)")
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         attempt("dispatch", "dispatch", quick=args.quick, concurrency=args.concurrency)
     attempt("api", "api", quick=args.quick)
+    attempt("webhooks", "webhooks", quick=args.quick)
     attempt("profile", "profile", quick=args.quick)
     attempt("failover", "failover", quick=args.quick)
     attempt("micro", "micro", quick=args.quick)

@@ -35,18 +35,20 @@ TARGETS: dict[str, float] = {
     "events_stalled_ratio": 0.9,  # dispatch while the events receiver hangs: at least this × without delivery
     "webhook_get_ratio": 3,  # issue 26: the replicas' CPU per webhook, at most this × per GET /appointments/{id} …
     "call_extra_gets": 2,  # … and per call at most (webhooks per call + this) × per GET
+    "webhook_floor_ratio": 0.5,  # issue 26: every webhook route at least this × its floor's requests/s
 }
 
 # The results BENCHMARKS.md is rendered from (bench/results/<name>.json), in the header's order.
 RESULT_NAMES = ("dispatch", "api", "profile", "profile_before", "failover", "micro", "dispatch_before",
                 "dispatch_client_before", "dispatch_previous_host", "failover_before", "dispatch_events",
-                "provider_twilio", "provider_telnyx", "provider_twilio_before", "provider_telnyx_before")
+                "provider_twilio", "provider_telnyx", "provider_twilio_before", "provider_telnyx_before", "webhooks")
 _HEADER_LABELS = {"dispatch": "dispatch", "api": "api", "profile": "profile", "profile_before": "profile, before",
                   "failover": "failover", "micro": "micro", "dispatch_previous_host": "dispatch, previous host",
                   "failover_before": "failover, before the revoke fix", "dispatch_events": "dispatch with events",
                   "provider_twilio": "provider, Twilio mode", "provider_telnyx": "provider, Telnyx mode",
                   "provider_twilio_before": "provider, Twilio mode, before issue 26's changes",
                   "provider_telnyx_before": "provider, Telnyx mode, before issue 26's changes"}
+# (the webhook routes' section names its command, day, commit and machine itself: `_webhooks`)
 PROVIDER_RESULTS = {"provider_twilio": "Twilio", "provider_telnyx": "Telnyx"}
 
 # How many packages the profile tables show of those the profile recorded (a choice of the table).
@@ -197,6 +199,8 @@ def render(results: dict[str, dict[str, Any] | None]) -> str:
         _failover(add, results["failover"])
     if results["api"]:
         _api(add, results["api"])
+    if results.get("webhooks"):
+        _webhooks(add, results["webhooks"])
     if results["profile_before"] or results["profile"]:
         _profiles(add, results["profile_before"], results["profile"])
     providers = {title: results[name] for name, title in PROVIDER_RESULTS.items() if results.get(name)}
@@ -617,6 +621,89 @@ def _api(add: Add, api: dict[str, Any]) -> None:
         add("The same floors on Starlette alone (`python -m bench.bare --framework starlette`: no FastAPI, the body "
             "validated by the same pydantic model, Starlette's JSONResponse) show what the framework costs a floor; "
             f"the replica's mean against them, measured once each after the pairs: {ratios}.")
+        add("")
+
+
+WEBHOOK_ROUTES = {
+    "twilio/status": "POST /telephony/twilio/status: `CallStatus=ringing` on a call with no status yet",
+    "twilio/voice": "POST /telephony/twilio/voice: the first answer (a person) of a `sent`, unbound reminder's call",
+    "twilio/gather": "POST /telephony/twilio/gather: the confirmation key, first round, on the bound call",
+    "telnyx/initiated": "POST /telephony/telnyx/events: `call.initiated` (with its event id) on a call with no status",
+}
+WEBHOOK_ROWS = {"twilio/status": "calls ringing", "twilio/voice": "reminders bound, `answered`",
+                "twilio/gather": "appointments confirmed", "telnyx/initiated": "calls initiated"}
+
+
+def _us(ms: float | None) -> str:
+    return "–" if ms is None else f"{_n(ms * 1000)} µs"
+
+
+def _statements(count: int | None) -> str:
+    return "–" if count is None else f"{_n(count)} statement{'' if count == 1 else 's'}"
+
+
+def _same(flag: bool | None) -> str:
+    return "–" if flag is None else ("same" if flag else "**differs**")
+
+
+def _webhooks(add: Add, result: dict[str, Any]) -> None:
+    """Issue 26: each webhook route of one replica against its floor (bench/webhooks.py)."""
+    machine = result.get("machine") or {}
+    target = TARGETS["webhook_floor_ratio"]
+    routes = result.get("routes") or {}
+    add("## Webhook routes against their floors (issue 26)")
+    add("")
+    add(f"Command: `{result.get('command', 'python -m bench webhooks')}`, {_day(result)}"
+        f"{_at_commit(result, ', ')}, {result.get('wall_s', '?')} s, {_conditions(result)}. Machine: `nproc` = "
+        f"{machine.get('nproc', '?')}, {machine.get('cpu', '?')}, Python {machine.get('python', '?')}.")
+    add("")
+    add(f"wrk (`-t1`) with {result['connections']} connections for {_n(result['duration_s'])} s per run, each after "
+        f"a {_n(result['warmup_s'])} s warm-up, in A-B-A order ({result.get('order', 'replica, floor, replica')}). "
+        "The replica is a full `reminders serve` in the provider's mode (the leader of a one-replica cluster, "
+        "nothing due). Every request does its route's first-time work on rows of its own "
+        f"({_n(result['rows_per_route'])} appointments per route, each with a `sent` reminder and its placed call, "
+        "seeded in SQL beforehand), pre-signed for the replica's PUBLIC_URL and sent in turn by a wrk Lua script. "
+        "The floors are `bench/bare_webhooks.py`: Starlette and one asyncpg pool, the service's signature classes "
+        "(`TwilioSignature`, `TelnyxSignature`), then the SQL the route sends, compiled once from the ledger's "
+        "statements (one statement outside a transaction, or the same sequence in one transaction), answering "
+        "the same body (TwiML, an empty success). *CPU/request*: utime + stime of the process and its children "
+        "over the measured run, per request. *SQL as the ledger*: the floor's statements compared with those the "
+        "ledger sends for the same route, captured once on rows of their own. *Answer as the replica's*: one "
+        "request to each before the runs, the status and body compared (each answer's own ids aside).")
+    add("")
+    add("| route | replica req/s (A, A) | replica CPU/request | replica p50 / p99 (A, A) | floor req/s | "
+        "floor CPU/request | floor p50 / p99 | ratio | non-2xx | rows done / seeded | SQL as the ledger | "
+        "answer as the replica's |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, r in routes.items():
+        replica, floor = r["replica"], r["floor"]
+        rows = r.get("rows") or {}
+        sql = r.get("sql") or {}
+        ratio = f"**{_n(r['ratio'], 3)}**" if r.get("ratio") is not None else "–"
+        add(f"| {WEBHOOK_ROUTES.get(key, key)} | {_n(r['replica_rps'])} ({', '.join(_n(x['rps']) for x in replica)}) "
+            f"| {_us(r['replica_cpu_ms_per_request'])} | {_latencies(replica)} | {_n(floor['rps'])} | "
+            f"{_us(r['floor_cpu_ms_per_request'])} | {_latencies([floor])} | {ratio} | {r['non_2xx']} | "
+            f"{_n(rows.get('rows_done'))} / {_n(rows.get('rows'))} "
+            f"{WEBHOOK_ROWS.get(key, '')}{', **the rows ran out**' if r.get('wrapped') else ''} | "
+            f"{_same(sql.get('same_as_floor'))} ({_statements(sql.get('statements'))}) | "
+            f"{_same((r.get('answers') or {}).get('same'))} |")
+    add("")
+    idle = [(mode.capitalize(), result[mode]) for mode in ("twilio", "telnyx")
+            if (result.get(mode) or {}).get("replica_idle_cpu_share") is not None]
+    if idle:
+        add("The replica's CPU while nothing was sent (the leader's own loops, counted in its CPU/request too), "
+            f"over {_n(idle[0][1]['idle_s'])} s before the runs: "
+            + ", ".join(f"{_pct(part['replica_idle_cpu_share'])} of a core in {mode} mode" for mode, part in idle)
+            + ".")
+        add("")
+    below = [key for key, r in routes.items() if r.get("ratio") is None or r["ratio"] < target]
+    verdict = ("every route at or above it" if not below else
+               f"below it: {', '.join(f'`{key}`' for key in below)}")
+    add(f"Target: each route at {_n(target, 1)} × its floor's requests/s or more, with no error: {verdict}; "
+        f"errors over all runs {result.get('errors', '–')}, non-2xx {result.get('non_2xx', '–')}.")
+    add("")
+    for item in result.get("not_built") or []:
+        add(f"Not built: {item}.")
         add("")
 
 
