@@ -35,20 +35,18 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, String, and_, bindparam, case, exists, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import BigInteger, String, and_, bindparam, case, exists, or_, select, text, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.orm import aliased
 
 from service.db import Database
-from service.db.clock import db_now
+from service.db.clock import SQLITE_NOW, db_now
 from service.db.models import (
     Appointment,
     AppointmentStatus,
     AttemptState,
     CallAttempt,
     Confirmation,
-    ProviderEvent,
     Reminder,
     ReminderOutcome,
     ReminderStatus,
@@ -196,16 +194,20 @@ def _current() -> Any:
                           Appointment.status == AppointmentStatus.SCHEDULED)
 
 
+# A provider's event id, recorded unless it was before (one text statement per database, built
+# once: SQLAlchemy 2.0 caches no dialect-specific INSERT and compiled this one for every event).
+_FIRST_TIME = {
+    dialect: text(f"INSERT INTO provider_events (id, received_at) VALUES (:event_id, {now}) "
+                  "ON CONFLICT (id) DO NOTHING RETURNING id")
+    for dialect, now in (("postgresql", "now()"), ("sqlite", f"{SQLITE_NOW}(0.0)"))
+}
+
+
 def _first_time(connection: Connection, event_id: str | None) -> bool:
     """Record a provider event id; False when it was recorded before (a redelivery)."""
     if not event_id:
         return True
-    insert = postgresql.insert if connection.dialect.name != "sqlite" else sqlite.insert
-    inserted = connection.execute(
-        insert(ProviderEvent).values(id=event_id[:160], received_at=db_now())
-        .on_conflict_do_nothing(index_elements=[ProviderEvent.id]).returning(ProviderEvent.id)
-    ).first()
-    return inserted is not None
+    return connection.execute(_FIRST_TIME[connection.dialect.name], {"event_id": event_id[:160]}).first() is not None
 
 
 _ATTEMPT_COLUMNS = (
