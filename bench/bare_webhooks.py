@@ -105,18 +105,15 @@ class FloorSQL:
 
     def __init__(self) -> None:
         from sqlalchemy import bindparam, select, update
-        from sqlalchemy.dialects import postgresql
 
         from service.db.clock import db_now
-        from service.db.models import Appointment, CallAttempt, Event, ProviderEvent, Reminder
-        from service.ledger import calls, cancellation
+        from service.db.models import Appointment, CallAttempt, Reminder
+        from service.ledger import calls, cancellation, events
         from service.ledger.events import EventSource, EventType, event_row, finished_rows
 
         self.ringing = compile_statement(calls._PROGRESS["ringing"])
         self.initiated = compile_statement(calls._PROGRESS["initiated"])
-        self.first_time = compile_statement(
-            postgresql.insert(ProviderEvent).values(id=bindparam("event_id"), received_at=db_now())
-            .on_conflict_do_nothing(index_elements=[ProviderEvent.id]).returning(ProviderEvent.id))
+        self.first_time = compile_statement(calls._FIRST_TIME["postgresql"])
         # the voice answer (`calls._answer`): an unbound, never-rung call answered by a person
         self.answered = compile_statement(calls._ANSWERED)
         self.answer_update = compile_statement(
@@ -127,8 +124,7 @@ class FloorSQL:
         sample = finished_rows([_Finished("r", "a", "sent", "answered", None, None)], EventSource.SYSTEM,
                                _epoch())[0]
         self.event_keys = list(sample)
-        self.insert_event = compile_statement(
-            postgresql.insert(Event).on_conflict_do_nothing(index_elements=[Event.dedupe]), self.event_keys)
+        self.insert_event = compile_statement(events._INSERT, self.event_keys)
         # the keypad (`calls._keypad`): digits 1 on the bound call, round 1
         self.keypad_read = compile_statement(
             select(*calls._BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation,
