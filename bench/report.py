@@ -920,11 +920,15 @@ def _provider(add: Add, title: str, result: dict[str, Any]) -> None:
     add("")
     top = pg.get("top") or []
     if top:
-        add("Most executed statements, per call: " + "; ".join(
-            f"{_n(calls / run['reminders'], 2)} × `{' '.join(str(text).split()[:5])} …`" for calls, text in top[:5])
-            + ".")
+        add(f"Most executed statements, executions over the {_n(run['reminders'])} calls: " + "; ".join(
+            f"{_n(calls)} × `{_excerpt(text)} …`" for calls, text in top[:5]) + ".")
         add("")
     _provider_profile(add, result.get("profile") or {})
+
+
+def _excerpt(statement: Any) -> str:
+    """A statement's first five words, its parameters' numbers left out ($n): not figures."""
+    return re.sub(r"\$\d+", "$n", " ".join(str(statement).split()[:5]))
 
 
 def _provider_profile(add: Add, profile: dict[str, Any]) -> None:
