@@ -22,11 +22,12 @@ from typing import Any
 
 import orjson
 from sqlalchemy import and_, bindparam, exists, or_, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from service.db.clock import UTCDateTime, db_now
-from service.db.models import Appointment, AppointmentStatus, AttemptState, CallAttempt, Reminder, new_id
+from service.db.models import Appointment, AppointmentStatus, AttemptState, CallAttempt, Event, Reminder, new_id
 from service.privacy import scrub
 from service.reminders.lifecycle import ReminderStatus
 from service.reminders.outcomes import FINAL_CALL_STATES
@@ -82,10 +83,15 @@ _INSERT = text(
 
 
 def insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
-    """The events of `rows` in one executemany, in the caller's transaction; a row whose `dedupe`
-    key exists already is dropped."""
-    if rows:
+    """The events of `rows`, in the caller's transaction; a row whose `dedupe` key exists already
+    is dropped. One row (a webhook's): the text statement built once. Several (a batch of outcomes):
+    the dialect's INSERT, compiled per batch but sent as multi-row INSERTs (SQLAlchemy's
+    insertmanyvalues), where the text one would be one execution per row."""
+    if len(rows) == 1:
         connection.execute(_INSERT, rows)
+    elif rows:
+        dialect_insert = postgresql.insert if connection.dialect.name != "sqlite" else sqlite.insert
+        connection.execute(dialect_insert(Event).on_conflict_do_nothing(index_elements=[Event.dedupe]), rows)
 
 
 def emit(connection: Connection, type_: EventType, source: EventSource, appointment_id: str | None, at: datetime,
