@@ -6,10 +6,10 @@ Each floor route is served at the service's own path, so the requests `bench/web
 for the replica's PUBLIC_URL verify here too (the floor checks them against the same PUBLIC_URL):
 
 - `POST /telephony/twilio/status` (`CallStatus=ringing`): `TwilioSignature`, then the ledger's
-  one UPDATE (`calls._PROGRESS["ringing"]`) outside a transaction; 204.
+  one UPDATE (`calls.PROGRESS["ringing"]`) outside a transaction; 204.
 - `POST /telephony/twilio/voice` (the first answer, a person): `TwilioSignature`, then in ONE
   transaction the statements of `calls._answer` for an unbound `sent` reminder: the locked SELECT
-  (`calls._ANSWERED`), the attempt's UPDATE, the binding (`calls._BIND` … RETURNING) and its
+  (`calls.ANSWERED`), the attempt's UPDATE, the binding (`calls.BIND` … RETURNING) and its
   `reminder.finished` INSERT; the TwiML `<Gather>` with the message and the question.
 - `POST /telephony/twilio/gather` (`Digits=1`, round 1, the bound call): `TwilioSignature`, then
   in ONE transaction the statements of `calls._keypad` confirming: the locked SELECT, the keypad
@@ -17,7 +17,7 @@ for the replica's PUBLIC_URL verify here too (the floor checks them against the 
   `appointment.confirmed` INSERT; the TwiML `<Say>` of the confirmation.
 - `POST /telephony/telnyx/events` (`call.initiated`): `TelnyxSignature`, the event parsed by the
   service's `parse_event`, then in ONE transaction the event id's INSERT … ON CONFLICT DO NOTHING
-  RETURNING and the ledger's UPDATE (`calls._PROGRESS["initiated"]`); 200.
+  RETURNING and the ledger's UPDATE (`calls.PROGRESS["initiated"]`); 200.
 
 Every statement is compiled ONCE at start from the ledger's prebuilt SQLAlchemy statements (or
 built exactly as the ledger builds it inline) with the asyncpg dialect: the SQL text is the
@@ -111,23 +111,23 @@ class FloorSQL:
         from service.ledger import calls, cancellation, events
         from service.ledger.events import EventSource, EventType, event_row, finished_rows
 
-        self.ringing = compile_statement(calls._PROGRESS["ringing"])
-        self.initiated = compile_statement(calls._PROGRESS["initiated"])
-        self.first_time = compile_statement(calls._FIRST_TIME["postgresql"])
+        self.ringing = compile_statement(calls.PROGRESS["ringing"])
+        self.initiated = compile_statement(calls.PROGRESS["initiated"])
+        self.first_time = compile_statement(calls.FIRST_TIME["postgresql"])
         # the voice answer (`calls._answer`): an unbound, never-rung call answered by a person
-        self.answered = compile_statement(calls._ANSWERED)
+        self.answered = compile_statement(calls.ANSWERED)
         self.answer_update = compile_statement(
             update(CallAttempt).where(CallAttempt.id == bindparam("id"))
             .values({"provider_call_id": bindparam("provider_call_id"), "last_event_at": bindparam("last_event_at"),
                      "rang_at": bindparam("rang_at"), "answered_by": bindparam("answered_by")}))
-        self.bind = compile_statement(calls._BIND)
+        self.bind = compile_statement(calls.BIND)
         sample = finished_rows([_Finished("r", "a", "sent", "answered", None, None)], EventSource.SYSTEM,
                                _epoch())[0]
         self.event_keys = list(sample)
-        self.insert_event = compile_statement(events._INSERT, self.event_keys)
+        self.insert_event = compile_statement(events.INSERT_ONE, self.event_keys)
         # the keypad (`calls._keypad`): digits 1 on the bound call, round 1
         self.keypad_read = compile_statement(
-            select(*calls._BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation,
+            select(*calls.BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation,
                    Appointment.phone, Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at,
                    CallAttempt.state.label("attempt_state"), db_now().label("now"))
             .join(Appointment, Appointment.id == Reminder.appointment_id)
@@ -142,8 +142,8 @@ class FloorSQL:
             update(Appointment).where(Appointment.id == bindparam("appointment_id", type_=Appointment.id.type))
             .values(confirmation=bindparam("confirmation", type_=Appointment.confirmation.type),
                     updated_at=bindparam("now", type_=Appointment.updated_at.type)))
-        self.lock_calls = compile_statement(cancellation._LOCK_OF_APPOINTMENT)
-        self.skip = compile_statement(cancellation._SKIP_OF_APPOINTMENT)
+        self.lock_calls = compile_statement(cancellation.LOCK_OF_APPOINTMENT)
+        self.skip = compile_statement(cancellation.SKIP_OF_APPOINTMENT)
         self.confirmed_reason = cancellation.CONFIRMED_BY_CUSTOMER
         confirmed = event_row(EventType.APPOINTMENT_CONFIRMED, EventSource.KEYPAD, "x", _epoch(), reminder_id="r",
                               confirmation="confirmed")

@@ -371,7 +371,7 @@ async def ledger_sql(url: str, mode: str, spans: list[Span], public_key_seed: by
         def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
             captured.append(statement)
 
-        for engine in {db.engine.sync_engine, db._autocommit.sync_engine}:
+        for engine in db.sync_engines:
             event.listen(engine, "before_cursor_execute", on_statement)
         for span in spans:
             index = span.first

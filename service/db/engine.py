@@ -161,6 +161,12 @@ class Database:
                                                 isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def sync_engines(self) -> tuple[Engine, ...]:
+        """Every engine this database sends statements through (the transactions' and the
+        autocommit pool's): where a statement listener goes."""
+        return tuple({self.engine.sync_engine, self._autocommit.sync_engine})
+
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session:

@@ -98,6 +98,11 @@ __all__ = [
     "KeypadResult",
     "SPEAKING",
     "SPOKEN",
+    "ANSWERED",
+    "BIND",
+    "BOUND_HERE",
+    "FIRST_TIME",
+    "PROGRESS",
     "CallEvent",
     "answer",
     "command_greeting",
@@ -194,9 +199,12 @@ def _current() -> Any:
                           Appointment.status == AppointmentStatus.SCHEDULED)
 
 
+# The statements below in capitals are public because `python -m bench webhooks` compiles the very
+# same ones for its floors (bench/bare_webhooks.py).
+
 # A provider's event id, recorded unless it was before (one text statement per database, built
 # once: SQLAlchemy 2.0 caches no dialect-specific INSERT and compiled this one for every event).
-_FIRST_TIME = {
+FIRST_TIME = {
     dialect: text(f"INSERT INTO provider_events (id, received_at) VALUES (:event_id, {now}) "
                   "ON CONFLICT (id) DO NOTHING RETURNING id")
     for dialect, now in (("postgresql", "now()"), ("sqlite", f"{SQLITE_NOW}(0.0)"))
@@ -207,7 +215,7 @@ def _first_time(connection: Connection, event_id: str | None) -> bool:
     """Record a provider event id; False when it was recorded before (a redelivery)."""
     if not event_id:
         return True
-    return connection.execute(_FIRST_TIME[connection.dialect.name], {"event_id": event_id[:160]}).first() is not None
+    return connection.execute(FIRST_TIME[connection.dialect.name], {"event_id": event_id[:160]}).first() is not None
 
 
 _ATTEMPT_COLUMNS = (
@@ -288,7 +296,7 @@ def _progress(status: str) -> Any:
 
 
 # one statement per state an event can move a call to without ending it, built once
-_PROGRESS = {status: _progress(status) for status in LIVE_CALL_STATES | {"answered"}}
+PROGRESS = {status: _progress(status) for status in LIVE_CALL_STATES | {"answered"}}
 
 
 def _record_progress(connection: Connection, stamp: Stamp, call_id: str, status: str | None,
@@ -297,7 +305,7 @@ def _record_progress(connection: Connection, stamp: Stamp, call_id: str, status:
     is not touched: only the call, if it still rings while its reminder is bound to another, is to
     end (the event need not be the one that moved it: ending it again is harmless)."""
     params = {"attempt_id": stamp.attempt_id, "stamp_reminder_id": stamp.reminder_id, "call_id": call_id}
-    progress = _PROGRESS.get(status) if status is not None else None
+    progress = PROGRESS.get(status) if status is not None else None
     row = connection.execute(_TOUCH if progress is None else progress, {**params, "order": order}).first()
     if row is None:
         return EventResult(known=False)
@@ -509,7 +517,7 @@ async def answer(
 _OTHER = aliased(CallAttempt)
 # The answered call's attempt (locked: one answer of a call at a time, on any replica), its
 # reminder's words and binding as they are, and whether the reminder has other calls still ringing.
-_ANSWERED = (
+ANSWERED = (
     select(*_ATTEMPT_COLUMNS, db_now().label("now"), *_WORDS,
            exists().where(_OTHER.reminder_id == CallAttempt.reminder_id, _OTHER.id != CallAttempt.id,
                           _OTHER.provider_call_id.is_not(None),
@@ -522,7 +530,7 @@ _ANSWERED = (
 )
 # The first answer binds: no call bound yet, the reminder current and not finished; what its
 # reminder.finished needs comes back.
-_BIND = (
+BIND = (
     update(Reminder)
     .where(Reminder.id == bindparam("stamp_reminder_id"), Reminder.bound_call_id.is_(None),
            Reminder.status.in_(_BINDABLE), _current())
@@ -546,7 +554,7 @@ def _answer(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, a
 
 def _bind(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, answered_by: str | None,
           heard_later: bool) -> Answer | _Bound:
-    attempt = connection.execute(_ANSWERED, {"attempt_id": stamp.attempt_id}).first()
+    attempt = connection.execute(ANSWERED, {"attempt_id": stamp.attempt_id}).first()
     if attempt is None or attempt.reminder_id != stamp.reminder_id or (
             attempt.provider_call_id is not None and attempt.provider_call_id != call_id):
         return Answer(speak=False)
@@ -563,7 +571,7 @@ def _bind(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, ans
         return Answer(speak=False)
     outcome = ReminderOutcome.VOICEMAIL if who is Answerer.MACHINE else ReminderOutcome.ANSWERED
     recorded = None if heard_later else outcome
-    bound = connection.execute(_BIND, {"stamp_reminder_id": stamp.reminder_id, "call_id": call_id,
+    bound = connection.execute(BIND, {"stamp_reminder_id": stamp.reminder_id, "call_id": call_id,
                                        "attempt_id": stamp.attempt_id, "answer_outcome": recorded,
                                        "answered_at": attempt.now}).first()
     if bound is not None:
@@ -594,7 +602,7 @@ def _other_calls_to_end(connection: Connection, stamp: Stamp) -> list[str]:
 # -- the greeting (speech as a command) ------------------------------------------------------------
 
 
-_BOUND_HERE = (Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.status, Reminder.skip_reason,
+BOUND_HERE = (Reminder.bound_call_id, Reminder.bound_attempt_id, Reminder.status, Reminder.skip_reason,
                Reminder.plan, Reminder.outcome,
                Reminder.wording, Appointment.plan.label("current_plan"), Appointment.status.label("appointment_status"),
                Appointment.customer_name, Appointment.starts_at, Appointment.timezone, Appointment.language)
@@ -642,7 +650,7 @@ def _command_greeting(connection: Connection, stamp: Stamp, call_id: str, kind: 
 
 # the call's attempt (locked: one greeting per call) with its reminder's binding and words
 _GREETING_READ = (
-    select(*_ATTEMPT_COLUMNS, db_now().label("now"), *_BOUND_HERE)
+    select(*_ATTEMPT_COLUMNS, db_now().label("now"), *BOUND_HERE)
     .join(Reminder, Reminder.id == CallAttempt.reminder_id)
     .join(Appointment, Appointment.id == Reminder.appointment_id)
     .where(CallAttempt.id == bindparam("attempt_id"))
@@ -786,7 +794,7 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
     """What the digits did; None if `call_id` is not the bound call of a current reminder, or they
     were pressed after it ended."""
     row = connection.execute(
-        select(*_BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation, Appointment.phone,
+        select(*BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation, Appointment.phone,
                Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at,
                CallAttempt.state.label("attempt_state"), db_now().label("now"))
         .join(Appointment, Appointment.id == Reminder.appointment_id)

@@ -42,8 +42,10 @@ __all__ = [
     "CANCELLED_BY_API",
     "CONFIRMED_BY_CUSTOMER",
     "DECLINED_BY_CUSTOMER",
+    "LOCK_OF_APPOINTMENT",
     "OPTED_OUT",
     "REPLANNED",
+    "SKIP_OF_APPOINTMENT",
     "Superseded",
     "cancel_appointment",
     "skip_confirmed",
@@ -104,7 +106,8 @@ def _finish_unfinished(which: Any, status: ReminderStatus) -> Any:
 _OF_APPOINTMENT = _R.c.appointment_id == bindparam("of_appointment")
 _OF_NUMBER = _R.c.appointment_id.in_(select(_A.c.id).where(_A.c.phone_hash == bindparam("of_number")))
 _SUPERSEDE = _finish_unfinished(_OF_APPOINTMENT, _S.CANCELLED)
-_SKIP_OF_APPOINTMENT = _finish_unfinished(_OF_APPOINTMENT, _S.SKIPPED)
+# (public, with LOCK_OF_APPOINTMENT: the webhook floors of `python -m bench webhooks` compile them)
+SKIP_OF_APPOINTMENT = _finish_unfinished(_OF_APPOINTMENT, _S.SKIPPED)
 _SKIP_OF_NUMBER = _finish_unfinished(_OF_NUMBER, _S.SKIPPED)
 
 
@@ -114,7 +117,7 @@ def _lock_calls(which: Any) -> Any:
             .order_by(CallAttempt.id).with_for_update())
 
 
-_LOCK_OF_APPOINTMENT, _LOCK_OF_NUMBER = _lock_calls(_OF_APPOINTMENT), _lock_calls(_OF_NUMBER)
+LOCK_OF_APPOINTMENT, _LOCK_OF_NUMBER = _lock_calls(_OF_APPOINTMENT), _lock_calls(_OF_NUMBER)
 
 
 def _finish(connection: Connection, lock: Any, statement: Any, params: dict[str, Any]) -> list[Any]:
@@ -136,7 +139,7 @@ class Superseded:
 def supersede(connection: Connection, appointment_id: str, reason: str, now: datetime) -> Superseded:
     """Cancel every unfinished reminder of the appointment with `skip_reason` = `reason`."""
     _require_from_unfinished(_S.CANCELLED)
-    rows = _finish(connection, _LOCK_OF_APPOINTMENT, _SUPERSEDE,
+    rows = _finish(connection, LOCK_OF_APPOINTMENT, _SUPERSEDE,
                    {"of_appointment": appointment_id, "reason": reason, "now": now})
     # owed: due when the rule came (a pending one whose time had come, or one being called or
     # ringing: their next_attempt_at is the claim's, in the past)
@@ -179,5 +182,5 @@ def skip_confirmed(connection: Connection, appointment_id: str, now: datetime) -
     """Skip ("confirmed") every unfinished reminder of a confirmed appointment; the rows skipped
     (for their events)."""
     _require_from_unfinished(_S.SKIPPED)
-    return _finish(connection, _LOCK_OF_APPOINTMENT, _SKIP_OF_APPOINTMENT,
+    return _finish(connection, LOCK_OF_APPOINTMENT, SKIP_OF_APPOINTMENT,
                    {"of_appointment": appointment_id, "reason": CONFIRMED_BY_CUSTOMER, "now": now})

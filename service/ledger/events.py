@@ -34,7 +34,7 @@ from service.reminders.outcomes import FINAL_CALL_STATES
 
 __all__ = [
     "FINISHED", "FINISHED_COLUMNS", "EventSource", "EventType", "body", "bound_and_finished", "emit", "event_row",
-    "finished_in", "finished_rows", "insert", "opted_out", "reminders_finished",
+    "finished_in", "finished_rows", "insert", "INSERT_ONE", "opted_out", "reminders_finished",
 ]
 
 
@@ -76,7 +76,7 @@ def event_row(type_: EventType, source: EventSource, appointment_id: str | None,
 # The INSERT that drops a row whose `dedupe` key exists, the same SQL on PostgreSQL and SQLite. Text,
 # not `postgresql.insert(...).on_conflict_do_nothing()`: SQLAlchemy 2.0 caches no dialect-specific
 # INSERT, and compiled it again for every event (a tenth of a Telnyx webhook's CPU with the id's record).
-_INSERT = text(
+INSERT_ONE = text(
     "INSERT INTO events (id, type, appointment_id, body, dedupe, created_at) "
     "VALUES (:id, :type, :appointment_id, :body, :dedupe, :created_at) ON CONFLICT (dedupe) DO NOTHING"
 ).bindparams(bindparam("created_at", type_=UTCDateTime()))
@@ -88,7 +88,7 @@ def insert(connection: Connection, rows: list[dict[str, Any]]) -> None:
     the dialect's INSERT, compiled per batch but sent as multi-row INSERTs (SQLAlchemy's
     insertmanyvalues), where the text one would be one execution per row."""
     if len(rows) == 1:
-        connection.execute(_INSERT, rows)
+        connection.execute(INSERT_ONE, rows)
     elif rows:
         dialect_insert = postgresql.insert if connection.dialect.name != "sqlite" else sqlite.insert
         connection.execute(dialect_insert(Event).on_conflict_do_nothing(index_elements=[Event.dedupe]), rows)
