@@ -104,10 +104,9 @@ class FloorSQL:
     """The routes' statements, compiled once (the ledger's own statement objects where it has them)."""
 
     def __init__(self) -> None:
-        from sqlalchemy import bindparam, select, update
+        from sqlalchemy import bindparam, update
 
-        from service.db.clock import db_now
-        from service.db.models import Appointment, CallAttempt, Reminder
+        from service.db.models import CallAttempt
         from service.ledger import calls, cancellation, events
         from service.ledger.events import EventSource, EventType, event_row, finished_rows
 
@@ -126,22 +125,9 @@ class FloorSQL:
         self.event_keys = list(sample)
         self.insert_event = compile_statement(events.INSERT_ONE, self.event_keys)
         # the keypad (`calls._keypad`): digits 1 on the bound call, round 1
-        self.keypad_read = compile_statement(
-            select(*calls.BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation,
-                   Appointment.phone, Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at,
-                   CallAttempt.state.label("attempt_state"), db_now().label("now"))
-            .join(Appointment, Appointment.id == Reminder.appointment_id)
-            .join(CallAttempt, CallAttempt.id == bindparam("attempt_id", type_=CallAttempt.id.type))
-            .where(Reminder.id == bindparam("reminder_id", type_=Reminder.id.type))
-            .with_for_update(of=Appointment))
-        self.keypad_round = compile_statement(
-            update(CallAttempt).where(CallAttempt.id == bindparam("attempt_id", type_=CallAttempt.id.type))
-            .values(keypad_rounds=CallAttempt.keypad_rounds.op("|")(bindparam("bit", type_=CallAttempt.keypad_rounds
-                                                                                 .type))))
-        self.confirm = compile_statement(
-            update(Appointment).where(Appointment.id == bindparam("appointment_id", type_=Appointment.id.type))
-            .values(confirmation=bindparam("confirmation", type_=Appointment.confirmation.type),
-                    updated_at=bindparam("now", type_=Appointment.updated_at.type)))
+        self.keypad_read = compile_statement(calls.KEYPAD_READ)
+        self.keypad_round = compile_statement(calls.KEYPAD_ROUND)
+        self.confirm = compile_statement(calls.CONFIRM)
         self.lock_calls = compile_statement(cancellation.LOCK_OF_APPOINTMENT)
         self.skip = compile_statement(cancellation.SKIP_OF_APPOINTMENT)
         self.confirmed_reason = cancellation.CONFIRMED_BY_CUSTOMER

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match, Mount
 
 from service.api import appointments, do_not_call, events, health
 from service.api.auth import BearerAuthMiddleware, api_tokens, document_bearer_auth
@@ -133,12 +134,11 @@ def create_app(settings: Settings, *, host: str = "127.0.0.1", metrics: MetricsS
     app.state.db = None
     app.state.elector = None
     app.state.readiness = None
-    app.include_router(appointments.router)
-    app.include_router(do_not_call.router)
-    app.include_router(events.router)
-    app.include_router(health.router)
-    # the provider's webhook routes (signed, so not behind API_TOKEN), on every replica
+    # the provider's webhook routes (signed, so not behind API_TOKEN), on every replica; first, so that
+    # a webhook is not matched against the whole API (docs/decisions/0262)
     package(settings.telephony_provider).install(app, settings)
+    for router in _API_ROUTERS:
+        app.include_router(router)
     _install_error_handlers(app)
     return app
 
@@ -167,13 +167,28 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 405:
             # Starlette names only the first route that matched the path; list every method.
-            scope = {**request.scope, "method": ""}
-            allowed = set()
-            for route in app.router.routes:
-                if route.matches(scope)[0] != Match.NONE and getattr(route, "methods", None):
-                    allowed |= route.methods
+            # FastAPI keeps an included router as one entry of app.router.routes: its routes are read here
+            routes = [*app.router.routes, *(route for router in _API_ROUTERS for route in router.routes)]
+            allowed = _allowed_methods(routes, {**request.scope, "method": "", "root_path": ""})
             error.headers = {**(error.headers or {}), "Allow": ", ".join(sorted(allowed))}
         return await http_exception_handler(request, error)
+
+
+_API_ROUTERS = (appointments.router, do_not_call.router, events.router, health.router)
+
+
+def _allowed_methods(routes: Sequence[BaseRoute], scope: dict[str, Any]) -> set[str]:
+    """The methods of every route that matches the scope's path, inside mounts too (the webhooks')."""
+    allowed: set[str] = set()
+    for route in routes:
+        match, child_scope = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        if getattr(route, "methods", None):
+            allowed |= route.methods  # type: ignore[attr-defined]
+        elif isinstance(route, Mount):
+            allowed |= _allowed_methods(route.routes, {**scope, **child_scope})
+    return allowed
 
 
 _GUARDED = ("/appointments", "/do-not-call", "/events")

@@ -438,3 +438,22 @@ async def test_the_fakes_events_name_its_connection_as_telnyxs_do(db: Database, 
     call = rig.fake.calls[call_id]
     assert "call.answered" in call.events and call.heard == []
     assert (await reminder_row(db, reminder_id)).bound_call_id is None
+
+
+@pytest.mark.parametrize("provider", ["twilio", "telnyx"])
+async def test_webhook_paths_answer_like_the_apis_another_method_405_an_unknown_path_404(
+        provider: str, tmp_path: Path) -> None:
+    """The webhooks are routes of their own, matched before the API (docs/decisions/0262): a GET is
+    a 405 naming POST, an unknown path under the prefix a 404, both as the API answers them; the
+    API behind them is still served."""
+    app = _app("twilio", tmp_path) if provider == "twilio" else _telnyx_app(tmp_path)
+    path = STATUS_PATH if provider == "twilio" else "/telephony/telnyx/events"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://replica") as client:
+        refused = await client.get(path)
+        assert (refused.status_code, refused.headers.get("allow"), refused.json()) == (
+            405, "POST", {"detail": "Method Not Allowed"})
+        unknown = await client.post(f"/telephony/{provider}/nothing-here", content=b"x")
+        assert (unknown.status_code, unknown.json()) == (404, {"detail": "Not Found"})
+        assert (await client.get("/appointments/x")).status_code == 401  # the API, behind its token
+        api_refused = await client.delete("/healthz")
+        assert (api_refused.status_code, api_refused.headers.get("allow")) == (405, "GET")

@@ -23,6 +23,7 @@ from service.ledger.consent import APPOINTMENT_LISTED
 from service.ledger.fence import fence_token_query
 from service.reminders import ReminderStatus
 from service.reminders.attempts import AttemptState, AttemptView
+from service.sql import one_of
 
 __all__ = ["AttemptStore"]
 
@@ -32,7 +33,7 @@ __all__ = ["AttemptStore"]
 
 _R, _A = Reminder.__table__, CallAttempt.__table__
 _TOKEN = bindparam("token", type_=BigInteger)
-_UNRESOLVED = _A.c.state.in_((AttemptState.CREATING, AttemptState.IN_DOUBT))
+_UNRESOLVED = one_of(_A.c.state, (AttemptState.CREATING, AttemptState.IN_DOUBT))
 
 # The reminder's bound call id and the database's time, with its attempts (oldest first): one row
 # per attempt, or one row with NULL attempt columns when it has none; no row: no such reminder.

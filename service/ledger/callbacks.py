@@ -47,6 +47,7 @@ from service.ledger.events import EventSource, reminders_finished
 from service.reminders import Wording
 from service.reminders.lifecycle import require
 from service.reminders.outcomes import CALL_ANSWERED
+from service.sql import one_of
 from service.telephony.provider import Stamp
 
 __all__ = ["CallBack", "call_back"]
@@ -83,7 +84,7 @@ def _select(connection: Connection, phone_hash: str, now: datetime) -> tuple[str
     rows = connection.execute(
         select(Reminder.id, Reminder.status, Reminder.due_at)
         .where(Reminder.appointment_id == appointment.id, Reminder.plan == appointment.plan,
-               Reminder.status.in_(_BINDABLE), Reminder.bound_call_id.is_(None))
+               one_of(Reminder.status, _BINDABLE), Reminder.bound_call_id.is_(None))
         .order_by(Reminder.due_at, Reminder.id)
     ).all()
     due = [row for row in rows if row.due_at <= now]

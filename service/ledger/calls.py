@@ -86,6 +86,7 @@ from service.reminders.outcomes import (
     advances_clause,
     answerer,
 )
+from service.sql import one_of
 from service.telephony.provider import GreetingWords, Stamp
 
 __all__ = [
@@ -242,6 +243,20 @@ def _attempt(connection: Connection, stamp: Stamp, call_id: str) -> Row[Any] | N
     return row
 
 
+_ATTEMPT_UPDATES: dict[frozenset[str], Any] = {}
+
+
+def _attempt_update(columns: frozenset[str]) -> Any:
+    """The attempt's UPDATE of `columns`, built once per set of them (a statement built
+    per call costs more CPU than its round trip: SQLAlchemy caches its key on the object)."""
+    statement = _ATTEMPT_UPDATES.get(columns)
+    if statement is None:
+        statement = _ATTEMPT_UPDATES[columns] = (
+            update(CallAttempt).where(CallAttempt.id == bindparam("attempt_id", type_=String))
+            .values({name: bindparam(name, type_=CallAttempt.__table__.c[name].type) for name in sorted(columns)}))
+    return statement
+
+
 # -- status events ---------------------------------------------------------------------------------
 
 
@@ -364,7 +379,7 @@ def _record_final(connection: Connection, stamp: Stamp, call_id: str, status: st
         if order is not None:
             values["last_sequence"] = order
         values["ended_at"] = ended_at or now
-    connection.execute(update(CallAttempt).where(CallAttempt.id == attempt.id).values(values))
+    connection.execute(_attempt_update(frozenset(values)), {"attempt_id": attempt.id, **values})
     if not applies or attempt.bound_call_id is not None:
         # a binding is never undone: the reminder's outcome and its reminder.finished were written with it
         return EventResult(known=True)
@@ -521,7 +536,7 @@ ANSWERED = (
     select(*_ATTEMPT_COLUMNS, db_now().label("now"), *_WORDS,
            exists().where(_OTHER.reminder_id == CallAttempt.reminder_id, _OTHER.id != CallAttempt.id,
                           _OTHER.provider_call_id.is_not(None),
-                          or_(_OTHER.call_status.is_(None), _OTHER.call_status.in_(PRE_ANSWER_STATES)))
+                          or_(_OTHER.call_status.is_(None), one_of(_OTHER.call_status, PRE_ANSWER_STATES)))
            .label("others_ringing"))
     .join(Reminder, Reminder.id == CallAttempt.reminder_id)
     .join(Appointment, Appointment.id == Reminder.appointment_id)
@@ -533,7 +548,7 @@ ANSWERED = (
 BIND = (
     update(Reminder)
     .where(Reminder.id == bindparam("stamp_reminder_id"), Reminder.bound_call_id.is_(None),
-           Reminder.status.in_(_BINDABLE), _current())
+           one_of(Reminder.status, _BINDABLE), _current())
     .values(bound_call_id=bindparam("call_id"), bound_attempt_id=bindparam("attempt_id"),
             outcome=bindparam("answer_outcome"), answered_at=bindparam("answered_at"))
     .returning(*FINISHED_COLUMNS)
@@ -566,7 +581,7 @@ def _bind(connection: Connection, stamp: Stamp, call_id: str, who: Answerer, ans
         values["rang_at"] = attempt.now
     if answered_by:
         values["answered_by"] = answered_by[:32]
-    connection.execute(update(CallAttempt).where(CallAttempt.id == attempt.id).values(values))
+    connection.execute(_attempt_update(frozenset(values)), {"attempt_id": attempt.id, **values})
     if who is Answerer.FAX:
         return Answer(speak=False)
     outcome = ReminderOutcome.VOICEMAIL if who is Answerer.MACHINE else ReminderOutcome.ANSWERED
@@ -593,7 +608,7 @@ def _other_calls_to_end(connection: Connection, stamp: Stamp) -> list[str]:
             CallAttempt.reminder_id == stamp.reminder_id,
             CallAttempt.id != stamp.attempt_id,
             CallAttempt.provider_call_id.is_not(None),
-            or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.in_(PRE_ANSWER_STATES)),
+            or_(CallAttempt.call_status.is_(None), one_of(CallAttempt.call_status, PRE_ANSWER_STATES)),
         )
     )
     return [other for (other,) in others]
@@ -639,15 +654,18 @@ def _command_greeting(connection: Connection, stamp: Stamp, call_id: str, kind: 
     if (row is None or row.reminder_id != stamp.reminder_id or row.provider_call_id not in (None, call_id)
             or is_final(row.call_status) or not _bound_and_current(row, stamp, call_id)):
         return Greeting(send=False, bound=False)
-    recorded = connection.execute(
-        update(CallAttempt).where(CallAttempt.id == row.id, CallAttempt.greeting.is_(None))
-        .values(greeting=kind, greeting_at=row.now)
-    )
+    recorded = connection.execute(_GREETING_RECORD, {"attempt_id": row.id, "greeting": kind, "now": row.now})
     if recorded.rowcount != 1:
         return Greeting(send=False)
     return Greeting(send=True, words=greeting_words(kind, _wording(row, fallback)))
 
 
+# the greeting commanded, once per call
+_GREETING_RECORD = (
+    update(CallAttempt).where(CallAttempt.id == bindparam("attempt_id", type_=String), CallAttempt.greeting.is_(None))
+    .values(greeting=bindparam("greeting", type_=CallAttempt.greeting.type),
+            greeting_at=bindparam("now", type_=CallAttempt.greeting_at.type))
+)
 # the call's attempt (locked: one greeting per call) with its reminder's binding and words
 _GREETING_READ = (
     select(*_ATTEMPT_COLUMNS, db_now().label("now"), *BOUND_HERE)
@@ -669,14 +687,19 @@ async def greeting_sent(db: Database, stamp: Stamp, call_id: str, *, accepted: b
         CALL_OUTCOMES.labels(outcome.value).inc()
 
 
+# what the provider said of the greeting's command, once
+_GREETING_RESULT = (
+    update(CallAttempt)
+    .where(CallAttempt.id == bindparam("attempt_id", type_=String), CallAttempt.provider_call_id == _CALL,
+           CallAttempt.greeting.is_not(None), CallAttempt.greeting_result.is_(None))
+    .values(greeting_result=bindparam("result", type_=CallAttempt.greeting_result.type))
+    .returning(CallAttempt.greeting)
+)
+
+
 def _greeting_sent(connection: Connection, stamp: Stamp, call_id: str, accepted: bool) -> ReminderOutcome | None:
-    attempt = connection.execute(
-        update(CallAttempt)
-        .where(CallAttempt.id == stamp.attempt_id, CallAttempt.provider_call_id == call_id,
-               CallAttempt.greeting.is_not(None), CallAttempt.greeting_result.is_(None))
-        .values(greeting_result="accepted" if accepted else "ended")
-        .returning(CallAttempt.greeting)
-    ).first()
+    attempt = connection.execute(_GREETING_RESULT, {"attempt_id": stamp.attempt_id, "call_id": call_id,
+                                                    "result": "accepted" if accepted else "ended"}).first()
     if attempt is None or not accepted:
         return None
     return _heard(connection, stamp, call_id, Answerer(attempt.greeting) is Answerer.MACHINE)
@@ -692,10 +715,26 @@ def heard_statement(stamp: Stamp, call_id: str, machine: bool) -> Any:
     )
 
 
+# `heard_statement` with bind parameters, built once per kind (a person: False; a machine: True)
+_HEARD = {
+    machine: (
+        update(Reminder)
+        .where(Reminder.id == bindparam("reminder_id", type_=String), Reminder.bound_call_id == _CALL,
+               Reminder.bound_attempt_id == bindparam("attempt_id", type_=String), Reminder.outcome.is_(None))
+        .values(outcome=ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED)
+        .returning(*FINISHED_COLUMNS, db_now().label("now"))
+    )
+    for machine in (False, True)
+}
+_IS_BOUND = select(Reminder.id).where(
+    Reminder.id == bindparam("reminder_id", type_=String), Reminder.bound_call_id == _CALL,
+    Reminder.bound_attempt_id == bindparam("attempt_id", type_=String))
+
+
 def _heard(connection: Connection, stamp: Stamp, call_id: str, machine: bool) -> ReminderOutcome | None:
     """The bound call's outcome, recorded once; the outcome if this recorded it."""
-    first = connection.execute(heard_statement(stamp, call_id, machine)
-                               .returning(*FINISHED_COLUMNS, db_now().label("now"))).first()
+    first = connection.execute(_HEARD[machine], {"reminder_id": stamp.reminder_id, "call_id": call_id,
+                                                 "attempt_id": stamp.attempt_id}).first()
     if first is None:
         return None
     bound_and_finished(connection, first, EventSource.SYSTEM, first.now)
@@ -716,9 +755,8 @@ def _mark_heard(connection: Connection, stamp: Stamp, call_id: str, machine: boo
     outcome = _heard(connection, stamp, call_id, machine)
     if outcome is not None:
         return outcome, True
-    bound = connection.execute(select(Reminder.id).where(
-        Reminder.id == stamp.reminder_id, Reminder.bound_call_id == call_id,
-        Reminder.bound_attempt_id == stamp.attempt_id)).first() is not None
+    bound = connection.execute(_IS_BOUND, {"reminder_id": stamp.reminder_id, "call_id": call_id,
+                                           "attempt_id": stamp.attempt_id}).first() is not None
     return outcome, bound
 
 
@@ -788,20 +826,36 @@ def _keypad_event(connection: Connection, stamp: Stamp, call_id: str, digits: st
     return KeypadResult(bound=False, event=applied) if pressed is None else pressed
 
 
+# The bound call's reminder as the keypad needs it, its appointment locked (one answer at a time),
+# the attempt's rounds and end, and the database's time.
+KEYPAD_READ = (
+    select(*BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation, Appointment.phone,
+           Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at,
+           CallAttempt.state.label("attempt_state"), db_now().label("now"))
+    .join(Appointment, Appointment.id == Reminder.appointment_id)
+    .join(CallAttempt, CallAttempt.id == bindparam("attempt_id", type_=CallAttempt.id.type))
+    .where(Reminder.id == bindparam("reminder_id", type_=Reminder.id.type))
+    .with_for_update(of=Appointment)
+)
+# A keypad round taken (a bit per round).
+KEYPAD_ROUND = (
+    update(CallAttempt).where(CallAttempt.id == bindparam("attempt_id", type_=CallAttempt.id.type))
+    .values(keypad_rounds=CallAttempt.keypad_rounds.op("|")(bindparam("bit", type_=CallAttempt.keypad_rounds.type)))
+)
+# The appointment's confirmation, as the keypad answered it.
+CONFIRM = (
+    update(Appointment).where(Appointment.id == bindparam("appointment_id", type_=Appointment.id.type))
+    .values(confirmation=bindparam("confirmation", type_=Appointment.confirmation.type),
+            updated_at=bindparam("now", type_=Appointment.updated_at.type))
+)
+
+
 def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | None, bit: int,
             pressed_at: datetime | None, fallback: Fallback,
             call_after_confirmation: bool, source: EventSource) -> _Pressed | None:
     """What the digits did; None if `call_id` is not the bound call of a current reminder, or they
     were pressed after it ended."""
-    row = connection.execute(
-        select(*BOUND_HERE, Appointment.id.label("appointment_id"), Appointment.confirmation, Appointment.phone,
-               Appointment.phone_hash, CallAttempt.keypad_rounds, CallAttempt.ended_at,
-               CallAttempt.state.label("attempt_state"), db_now().label("now"))
-        .join(Appointment, Appointment.id == Reminder.appointment_id)
-        .join(CallAttempt, CallAttempt.id == stamp.attempt_id)
-        .where(Reminder.id == stamp.reminder_id)
-        .with_for_update(of=Appointment)
-    ).first()
+    row = connection.execute(KEYPAD_READ, {"attempt_id": stamp.attempt_id, "reminder_id": stamp.reminder_id}).first()
     if not _bound_and_current(row, stamp, call_id):
         return None
     if pressed_at is not None and row.ended_at is not None and pressed_at > row.ended_at:
@@ -816,8 +870,7 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
                           source=source)
     if row.keypad_rounds & bit:
         return _Pressed(replace(result, repeated=True))
-    connection.execute(update(CallAttempt).where(CallAttempt.id == stamp.attempt_id)
-                       .values(keypad_rounds=CallAttempt.keypad_rounds.op("|")(bit)))
+    connection.execute(KEYPAD_ROUND, {"attempt_id": stamp.attempt_id, "bit": bit})
     if opt_out:
         listing = list_number(connection, row.phone_hash or hash_phone(connection, row.phone), ListingSource.KEYPAD,
                               mask_phone(row.phone), event_source=source)
@@ -829,8 +882,7 @@ def _keypad(connection: Connection, stamp: Stamp, call_id: str, digits: str | No
         cancel_appointment(connection, row.appointment_id, DECLINED_BY_CUSTOMER, now, source=source,
                            confirmation=answer_, reminder_id=stamp.reminder_id)
         return _Pressed(replace(result, confirmation=answer_, changed=True), changed=True, answer=answer_)
-    connection.execute(update(Appointment).where(Appointment.id == row.appointment_id)
-                       .values(confirmation=answer_, updated_at=now))
+    connection.execute(CONFIRM, {"appointment_id": row.appointment_id, "confirmation": answer_, "now": now})
     changed = confirmation != answer_
     rows = [] if call_after_confirmation else skip_confirmed(connection, row.appointment_id, now)
     confirmed = [event_row(EventType.APPOINTMENT_CONFIRMED, source, row.appointment_id, now,

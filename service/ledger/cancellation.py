@@ -36,6 +36,7 @@ from service.db.models import Appointment, AppointmentStatus, CallAttempt, Confi
 from service.ledger import events
 from service.ledger.events import EventSource, EventType
 from service.reminders.lifecycle import ReminderStatus, require
+from service.sql import one_of
 
 __all__ = [
     "CALLED_BACK",
@@ -81,7 +82,7 @@ _BOUND_UNHEARD = and_(_R.c.bound_attempt_id.is_not(None), _R.c.outcome.is_(None)
 # call nobody answered yet (the generic provider's `sent` is done; it has no attempts), or bound
 # to a call that has said nothing.
 _UNFINISHED = and_(
-    _R.c.status.in_((_S.PENDING, _S.DISPATCHING, _S.SENT)),
+    one_of(_R.c.status, (_S.PENDING, _S.DISPATCHING, _S.SENT)),
     or_(and_(_R.c.bound_call_id.is_(None),
              or_(_R.c.status != _S.SENT,
                  and_(_R.c.outcome.is_(None), exists().where(CallAttempt.reminder_id == _R.c.id)))),

@@ -48,6 +48,7 @@ from service.ledger.fence import StaleTerm, current_fence, fence_holds, fence_to
 from service.ledger.outcome import Outcome
 from service.reminders import ALWAYS, CallCaps, CallWindow, CapHold, ReminderStatus, cap_hold, require
 from service.reminders.outcomes import FINAL_CALL_STATES
+from service.sql import none_of
 
 __all__ = ["Claim", "ReminderStore", "StaleTerm", "is_data_error"]
 
@@ -163,7 +164,7 @@ def _counted_calls(hashes: list[str], since: datetime) -> Any:
                CallAttempt.state != AttemptState.INCOMING,  # the customer's own call-back: not ours
                or_(CallAttempt.rang_at.is_not(None),
                    and_(CallAttempt.state != AttemptState.NOT_CREATED,
-                        or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.not_in(FINAL_CALL_STATES)))))
+                        or_(CallAttempt.call_status.is_(None), none_of(CallAttempt.call_status, FINAL_CALL_STATES)))))
     )
     no_attempt = ~exists().where(CallAttempt.reminder_id == Reminder.id)
     sent = (

@@ -31,6 +31,7 @@ from service.db.models import Appointment, AppointmentStatus, AttemptState, Call
 from service.privacy import scrub
 from service.reminders.lifecycle import ReminderStatus
 from service.reminders.outcomes import FINAL_CALL_STATES
+from service.sql import none_of, one_of
 
 __all__ = [
     "FINISHED", "FINISHED_COLUMNS", "EventSource", "EventType", "body", "bound_and_finished", "emit", "event_row",
@@ -107,11 +108,11 @@ _S = ReminderStatus
 _ATTEMPTED = exists().where(_C.c.reminder_id == _R.c.id)
 # a call of the reminder that may still ring or be answered (an attempt of unknown fate counts)
 _LIVE_CALL = exists().where(_C.c.reminder_id == _R.c.id, _C.c.state != AttemptState.NOT_CREATED,
-                            or_(_C.c.call_status.is_(None), _C.c.call_status.not_in(FINAL_CALL_STATES)))
+                            or_(_C.c.call_status.is_(None), none_of(_C.c.call_status, FINAL_CALL_STATES)))
 # No status change can follow (service.reminders.lifecycle; service.ledger.cancellation's
 # `_UNFINISHED` and the no-answer retry need an unbound `sent` without an outcome, or a live call).
 FINISHED = or_(
-    _R.c.status.in_((_S.FAILED, _S.CANCELLED, _S.SKIPPED)),
+    one_of(_R.c.status, (_S.FAILED, _S.CANCELLED, _S.SKIPPED)),
     and_(_R.c.status == _S.SENT,
          or_(~_ATTEMPTED, and_(_R.c.outcome.is_not(None), or_(_R.c.bound_call_id.is_not(None), ~_LIVE_CALL)))),
 )

@@ -28,6 +28,7 @@ from service.ledger.fence import fence_holds
 from service.reminders import Answerer
 from service.reminders.lifecycle import ReminderStatus, require
 from service.reminders.outcomes import CALL_ANSWERED, FINAL_CALL_STATES, MACHINE_ANSWERS, PRE_ANSWER_STATES
+from service.sql import none_of, one_of
 from service.telephony.provider import Stamp
 
 __all__ = ["RELEASED", "SweepStore", "SweepTimes"]
@@ -68,7 +69,7 @@ def _current() -> Any:
 def _not_current() -> Any:
     """The reminder no longer calls: superseded or finished without this call, or its appointment
     re-planned or cancelled."""
-    return or_(Reminder.status.in_((ReminderStatus.CANCELLED, ReminderStatus.SKIPPED, ReminderStatus.FAILED)),
+    return or_(one_of(Reminder.status, (ReminderStatus.CANCELLED, ReminderStatus.SKIPPED, ReminderStatus.FAILED)),
                not_(_current()))
 
 
@@ -92,7 +93,7 @@ class SweepStore:
             select(CallAttempt.id, CallAttempt.provider_call_id)
             .join(Reminder, Reminder.id == CallAttempt.reminder_id)
             .where(CallAttempt.provider_call_id.is_not(None), CallAttempt.cancel_requested_at.is_(None),
-                   or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.in_(PRE_ANSWER_STATES)),
+                   or_(CallAttempt.call_status.is_(None), one_of(CallAttempt.call_status, PRE_ANSWER_STATES)),
                    # never the bound call itself (answered, whatever its status events say yet)
                    or_(Reminder.bound_attempt_id.is_(None), Reminder.bound_attempt_id != CallAttempt.id),
                    or_(_not_current(), Reminder.bound_call_id.is_not(None)))
@@ -113,7 +114,7 @@ class SweepStore:
         return await self._rows(
             select(CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id)
             .where(CallAttempt.provider_call_id.is_not(None),
-                   or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.not_in(FINAL_CALL_STATES)),
+                   or_(CallAttempt.call_status.is_(None), none_of(CallAttempt.call_status, FINAL_CALL_STATES)),
                    CallAttempt.last_event_at < db_now(-self.times.stale_after),
                    or_(CallAttempt.checked_at.is_(None), CallAttempt.checked_at < db_now(-self.times.check_every)))
         )
@@ -126,7 +127,7 @@ class SweepStore:
     async def greetings_owed(self) -> list[Any]:
         """Bound calls answered, still live, with no greeting commanded and not being ended: past
         `greet_after` (a person, or nobody knows who) or `beep_wait` (a machine)."""
-        person = or_(CallAttempt.answered_by.is_(None), CallAttempt.answered_by.not_in(MACHINE_ANSWERS))
+        person = or_(CallAttempt.answered_by.is_(None), none_of(CallAttempt.answered_by, MACHINE_ANSWERS))
         return await self._rows(
             select(*_WORDS)
             .join(Reminder, Reminder.bound_attempt_id == CallAttempt.id)
@@ -145,7 +146,7 @@ class SweepStore:
             .join(Reminder, Reminder.bound_attempt_id == CallAttempt.id)
             .join(Appointment, Appointment.id == Reminder.appointment_id)
             .where(CallAttempt.greeting.is_not(None), CallAttempt.greeting_result.is_(None),
-                   or_(CallAttempt.call_status.is_(None), CallAttempt.call_status.not_in(FINAL_CALL_STATES)),
+                   or_(CallAttempt.call_status.is_(None), none_of(CallAttempt.call_status, FINAL_CALL_STATES)),
                    CallAttempt.greeting_at > db_now(-self.times.resend_within),
                    or_(CallAttempt.checked_at.is_(None), CallAttempt.checked_at < db_now(-self.times.resend_every)))
         )
@@ -159,7 +160,7 @@ class SweepStore:
         but `cancelled` ("re-planned"): its plan no longer calls. Returns the ids released."""
         require(ReminderStatus.SENT, ReminderStatus.PENDING)
         require(ReminderStatus.SENT, ReminderStatus.CANCELLED)
-        ended = (CallAttempt.call_status.in_(FINAL_CALL_STATES),
+        ended = (one_of(CallAttempt.call_status, FINAL_CALL_STATES),
                  CallAttempt.last_event_at < db_now(-self.times.release_after))
         async with self.db.session() as session:
             rows = list(await session.execute(

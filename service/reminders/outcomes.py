@@ -13,12 +13,13 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, false, literal_column, or_
+from sqlalchemy import and_, false, or_
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.reminders.errors import ReminderError
 from service.reminders.planning import decide_call
 from service.reminders.rules import CallWindow
+from service.sql import none_of, one_of
 
 __all__ = [
     "CALL_ANSWERED",
@@ -121,11 +122,6 @@ def rank(status: str | None) -> int:
 
 
 
-def _states(states: Any) -> list[ColumnElement[str]]:
-    """Call states as SQL literals (fixed names: inlined, so that each statement is built once)."""
-    return [literal_column(f"'{state}'") for state in sorted(states)]
-
-
 def advances(current: str | None, current_order: int | None, new: str, new_order: int | None) -> bool:
     """Whether event `new` moves a call on from `current`: by state (a call's state never goes
     back), then by the provider's order (Twilio's SequenceNumber, Telnyx's occurred_at); a final
@@ -147,11 +143,11 @@ def advances_clause(current: Any, current_order: Any, new: str, new_order: Any) 
         return false()
     states = {state: rank(state) for state in (*_RANK, *FINAL_CALL_STATES)}
     # any unknown state (and none yet) ranks below every known one; a final one above every other
-    below = or_(current.is_(None), current.not_in(_states(s for s, r in states.items() if r >= new_rank)))
+    below = or_(current.is_(None), none_of(current, (s for s, r in states.items() if r >= new_rank)))
     same = [s for s, r in states.items() if r == new_rank and s != new]
     if new_rank == _FINAL_RANK or not same:
         return below
-    later = and_(current.in_(_states(same)), new_order.is_not(None),
+    later = and_(one_of(current, same), new_order.is_not(None),
                  or_(current_order.is_(None), current_order < new_order))
     return or_(below, later)
 

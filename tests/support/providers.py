@@ -226,7 +226,7 @@ class TwilioRig(Rig):
               machine_detection: bool = True, no_answer: NoAnswerPolicy | None = None,
               templates: MessageTemplates | None = None) -> TwilioRig:
         app = FastAPI()
-        app.include_router(twilio_router)
+        twilio_router.install(app)
         signature = TwilioSignature(cls.TOKEN, PUBLIC)
         fake = FakeTwilio(account_sid=cls.SID, auth_token=cls.TOKEN, calls_per_second=calls_per_second,
                           ring_ms=ring_ms, webhook_transport=StripPrefix(httpx.ASGITransport(app), "/edge"))
@@ -307,7 +307,7 @@ class TelnyxRig(Rig):
               templates: MessageTemplates | None = None) -> TelnyxRig:
         """`machine_detection`: Dials ask for it (the greeting then waits for its event)."""
         app = FastAPI()
-        app.include_router(telnyx_router)
+        telnyx_router.install(app)
         fake = FakeTelnyx(api_key=cls.KEY, connection_id=cls.CONNECTION, calls_per_second=calls_per_second,
                           ring_ms=ring_ms, speak_ms=speak_ms,
                           webhook_transport=StripPrefix(httpx.ASGITransport(app), "/edge"))

@@ -48,7 +48,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
+from fastapi import BackgroundTasks, HTTPException, Request, Response, status
 
 from service.ledger import calls
 from service.metrics import TELNYX_FOREIGN_EVENTS
@@ -60,6 +60,7 @@ from service.providers.common import (
     signature_refused,
     with_retries,
 )
+from service.providers.routes import WebhookRoutes
 from service.providers.telnyx.events import TelnyxEvent, hangup_status, parse_event
 from service.providers.telnyx.rest import (
     EVENTS_PATH,
@@ -89,7 +90,7 @@ LATE_EVENT_BUDGET = 30.0
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
+router = WebhookRoutes()
 
 # (request, event with a stamp and a call id, background tasks) → None (acknowledged)
 Handler = Callable[[Request, TelnyxEvent, BackgroundTasks], Awaitable[None]]

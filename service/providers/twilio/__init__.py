@@ -71,7 +71,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.state.signature_refusals = SignatureRefusals()
     app.state.no_answer_policy = settings.no_answer_policy()
     app.state.templates = settings.templates
-    app.include_router(router)
+    router.install(app)
 
 
 PACKAGE = ProviderPackage("twilio", check=check, build=build, install=install)

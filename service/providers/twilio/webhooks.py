@@ -22,7 +22,7 @@ import logging
 import re
 from urllib.parse import parse_qsl, urlencode
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Request, Response, status
+from fastapi import BackgroundTasks, HTTPException, Request, Response, status
 from starlette.datastructures import FormData
 
 from service.ledger import calls
@@ -35,6 +35,7 @@ from service.providers.common import (
     signature_refused,
     with_retries,
 )
+from service.providers.routes import WebhookRoutes
 from service.providers.twilio.rest import WEBHOOK_PATHS
 from service.providers.twilio.signature import (
     MAX_SIGNATURE_LENGTH,
@@ -51,7 +52,7 @@ __all__ = ["router"]
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["telephony webhooks"], include_in_schema=False)
+router = WebhookRoutes()
 
 _TWIML = "application/xml"
 _ROUND = "n"  # on the gather URL: which time the keypad question is asked (1, 2)
@@ -185,7 +186,7 @@ async def voice(request: Request, background: BackgroundTasks) -> Response:
     return _twiml(gather_twiml(text, language=wording.language, action=_gather_url(request, stamp, 1)))
 
 
-@router.post(WEBHOOK_PATHS["status"], status_code=status.HTTP_204_NO_CONTENT)
+@router.post(WEBHOOK_PATHS["status"])
 async def status_event(request: Request, background: BackgroundTasks) -> Response:
     """A call's progress (initiated, ringing, answered, completed, no-answer, busy, …), applied by
     state and SequenceNumber; the reminder's last call ending unanswered records its outcome."""
