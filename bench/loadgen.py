@@ -74,16 +74,18 @@ def run_load(
     ids: list[str] | None = None,
     timeout: float = 10.0,
     tool: str = "auto",
+    rate: float | None = None,
 ) -> dict[str, Any]:
     """One load run; returns {tool, requests, rps, p50_ms, p99_ms, max_ms, errors, ...}.
 
-    `tool`: "auto" (wrk when installed, else aiohttp), "wrk" or "aiohttp"."""
+    `tool`: "auto" (wrk when installed, else aiohttp), "wrk" or "aiohttp". `rate`: requests/s in
+    all, paced (the aiohttp generator; wrk sends flat out)."""
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         ids_file = None
         if ids:
             ids_file = Path(tmp) / "ids.txt"
             ids_file.write_text("\n".join(ids) + "\n")
-        if tool == "wrk" or (tool == "auto" and have_wrk()):
+        if rate is None and (tool == "wrk" or (tool == "auto" and have_wrk())):
             return _wrk(url, method, connections, duration, body, unique_key, ids_file, Path(tmp), timeout)
         argv = [sys.executable, "-m", "bench.loadgen", url, "--method", method, "--connections", str(connections),
                 "--duration", str(duration), "--timeout", str(timeout)]
@@ -93,6 +95,8 @@ def run_load(
             argv += ["--unique-key"]
         if ids_file:
             argv += ["--ids-file", str(ids_file)]
+        if rate is not None:
+            argv += ["--rate", str(rate)]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False,
                                 cwd=Path(__file__).resolve().parents[1])
         if result.returncode != 0:
@@ -152,16 +156,20 @@ async def _aiohttp_load(args: argparse.Namespace) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=args.connections, force_close=False)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        deadline = time.perf_counter() + args.duration
+        begun = time.perf_counter()
+        deadline = begun + args.duration
 
         async def worker() -> None:
             nonlocal counter, errors, non_2xx
             while time.perf_counter() < deadline:
                 counter += 1
-                url = args.url.replace("{id}", ids[counter % len(ids)]) if ids else args.url
+                n = counter
+                if args.rate:  # paced: request n leaves at n / rate, whichever connection is free
+                    await asyncio.sleep(max(0.0, begun + n / args.rate - time.perf_counter()))
+                url = args.url.replace("{id}", ids[n % len(ids)]) if ids else args.url
                 extra = dict(headers)
                 if args.unique_key:
-                    extra["Idempotency-Key"] = f"{prefix}{counter}"
+                    extra["Idempotency-Key"] = f"{prefix}{n}"
                 started = time.perf_counter()
                 try:
                     async with session.request(args.method, url, data=body, headers=extra) as response:
@@ -209,6 +217,7 @@ def main() -> None:
     parser.add_argument("--body", default=None)
     parser.add_argument("--unique-key", action="store_true")
     parser.add_argument("--ids-file", default=None)
+    parser.add_argument("--rate", type=float, default=None, help="requests/s in all (paced); default: flat out")
     args = parser.parse_args()
     if not 0 < args.duration <= 120 or not 1 <= args.connections <= 2000:
         parser.error("duration must be in (0, 120] s and connections in [1, 2000]")

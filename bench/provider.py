@@ -32,7 +32,10 @@ Issue 26's measuring tool, in one invocation per mode (bench/results/provider_<m
      on the fake's record and the database's rows, and every appointment confirmed — else the
      run fails;
    - `GET /appointments/{id}` on one follower under wrk (16 connections, over the run's
-     appointments, after ANALYZE and a warm-up): its CPU per request, idle subtracted;
+     appointments, after ANALYZE and a warm-up): its CPU per request, idle subtracted; and again
+     paced at the rate that follower answered webhooks in the run (the aiohttp generator, 4
+     connections): a request's CPU depends on the load it comes in, and that GET is the one
+     measured at the webhooks' own load;
    - py-spy on the other follower (webhooks only, no dispatch) through another burst: where a
      webhook's CPU goes (inclusive and own time per function).
 2. **The generic path.** The same three replicas' settings with TELEPHONY_PROVIDER=generic against
@@ -41,7 +44,7 @@ Issue 26's measuring tool, in one invocation per mode (bench/results/provider_<m
    last `sent`) and CPU per call.
 
 The ratios issue 26 is judged by: CPU per webhook ÷ CPU per GET (≤ 3) and CPU per call ÷ CPU per
-GET against (webhooks per call + 2).
+GET against (webhooks per call + 2), each against the GET flat out and paced.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ FINAL = {"twilio": ("twilio/status:completed",), "telnyx": ("telnyx/events:call.
 # each phase's numbers (harness.chaos_providers.number): its own range
 WARMUP_FROM, PACED_WARMUP_FROM, RUN_FROM, PROFILE_FROM = 0, 50_000, 100_000, 200_000
 GET_CONNECTIONS, GET_WARMUP_S = 16, 2
+# the paced GET: as few connections as the front keeps busy at that rate, long enough for a few hundred
+GET_PACED_CONNECTIONS, GET_PACED_MIN_S = 4, 8.0
 PROFILE_RATE = 200  # py-spy samples per second (bench/profile.py's)
 BENCH_ROLE = "bench"  # the bench's own connections: not counted by pg_stat_statements' filter
 HOOKS = ROOT / "bench" / "replica_hooks"
@@ -505,20 +510,37 @@ def _generic_once(cluster: Cluster, burst: dict[str, Any]) -> dict[str, Any]:
 
 
 def _get_cost(replica: ReplicaProcess, idle: dict[str, Any], ids: list[str], duration: float,
-              database_url: str) -> dict[str, Any]:
-    """wrk on one replica's GET /appointments/{id} over `ids`: its CPU per request, idle subtracted."""
+              database_url: str, webhook_rate: float | None) -> dict[str, Any]:
+    """One replica's GET /appointments/{id} over `ids`, its CPU per request, idle subtracted: flat
+    out (wrk), and paced at `webhook_rate` (the requests/s the replica answered webhooks at in the
+    run): a request's CPU depends on the load it comes in (at a low rate each one wakes the event
+    loop and the database connection alone), so the paced GET is the like-for-like one."""
     from .api import analyze
 
     analyze(database_url)
     url = f"{replica.url}/appointments/{{id}}"
     run_load(url, connections=GET_CONNECTIONS, duration=GET_WARMUP_S, ids=ids, tool="wrk")
+    load, wall, used, net = _get_load(replica, idle, url, ids, duration, tool="wrk")
+    result = {"replica": replica.name, "connections": GET_CONNECTIONS, "warmup_s": GET_WARMUP_S, "load": load,
+              "cpu_interval_s": round(wall, 3), "cpu_s": round(used, 3),
+              "cpu_ms_per_get": round(net / load["requests"] * 1000, 4) if load["requests"] else None}
+    if webhook_rate:
+        rate = round(webhook_rate, 1)
+        paced, wall, used, net = _get_load(replica, idle, url, ids, max(duration, GET_PACED_MIN_S),
+                                           connections=GET_PACED_CONNECTIONS, rate=rate)
+        result["paced"] = {"rate": rate, "connections": GET_PACED_CONNECTIONS, "load": paced,
+                           "cpu_interval_s": round(wall, 3), "cpu_s": round(used, 3),
+                           "cpu_ms_per_get": round(net / paced["requests"] * 1000, 4) if paced["requests"] else None}
+    return result
+
+
+def _get_load(replica: ReplicaProcess, idle: dict[str, Any], url: str, ids: list[str], duration: float,
+              **options: Any) -> tuple[dict[str, Any], float, float, float]:
+    """(the load's figures, its wall time, the replica's CPU over it, that CPU less the idle rate's)."""
     before, started = tree_cpu_seconds(replica.pid or 0), time.monotonic()
-    load = run_load(url, connections=GET_CONNECTIONS, duration=duration, ids=ids, tool="wrk")
+    load = run_load(url, duration=duration, ids=ids, **{"connections": GET_CONNECTIONS, **options})
     used, wall = tree_cpu_seconds(replica.pid or 0) - before, time.monotonic() - started
-    net = used - idle["cores"].get(replica.name, 0.0) * wall
-    return {"replica": replica.name, "connections": GET_CONNECTIONS, "warmup_s": GET_WARMUP_S, "load": load,
-            "cpu_interval_s": round(wall, 3), "cpu_s": round(used, 3),
-            "cpu_ms_per_get": round(net / load["requests"] * 1000, 4) if load["requests"] else None}
+    return load, wall, used, used - idle["cores"].get(replica.name, 0.0) * wall
 
 
 # -- the profile ------------------------------------------------------------------------------------
@@ -698,8 +720,10 @@ def _provider_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, mode: 
 
         followers = [r for r in cluster.live_replicas() if r.name != leader]
         log(f"provider {mode}: GET /appointments/{{id}} on {followers[0].name}")
-        get = _get_cost(followers[0], idle, burst["appointment_ids"], 3.0 if quick else 8.0, db_url)
-        log(f"provider {mode}: GET {get['load']['rps']} req/s, {get['cpu_ms_per_get']} ms CPU per GET")
+        webhook_rate = answered.get(followers[0].name, 0) / burst["cpu_interval_s"]
+        get = _get_cost(followers[0], idle, burst["appointment_ids"], 3.0 if quick else 8.0, db_url, webhook_rate)
+        log(f"provider {mode}: GET {get['load']['rps']} req/s, {get['cpu_ms_per_get']} ms CPU per GET; paced at "
+            f"{followers[0].name}'s webhook rate: {(get.get('paced') or {}).get('cpu_ms_per_get')} ms")
 
         profiled = followers[-1]
         size = count if quick else max(200, count // 4)
@@ -754,12 +778,23 @@ def _generic_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, count: 
 
 
 def _ratios(run: dict[str, Any], get: dict[str, Any]) -> dict[str, Any]:
+    """Against the GET flat out (`webhook_to_get`, `call_to_get`) and paced at the webhooks' own rate
+    (`…_paced`; `follower_webhook_to_get_paced`: a follower's CPU per webhook, dispatch apart)."""
     per_get = get.get("cpu_ms_per_get")
     if not per_get:
         return {}
-    return {"webhook_to_get": round(run["cpu_ms_per_webhook"] / per_get, 2) if run["cpu_ms_per_webhook"] else None,
-            "call_to_get": round(run["cpu_ms_per_call"] / per_get, 2),
-            "call_budget_in_gets": round(run["webhooks_per_call"] + 2, 2)}
+    ratios = {"webhook_to_get": round(run["cpu_ms_per_webhook"] / per_get, 2) if run["cpu_ms_per_webhook"] else None,
+              "call_to_get": round(run["cpu_ms_per_call"] / per_get, 2),
+              "call_budget_in_gets": round(run["webhooks_per_call"] + 2, 2)}
+    paced = (get.get("paced") or {}).get("cpu_ms_per_get")
+    if paced:
+        follower = run.get("followers_cpu_ms_per_webhook")
+        ratios.update({
+            "webhook_to_get_paced": round(run["cpu_ms_per_webhook"] / paced, 2) if run["cpu_ms_per_webhook"] else None,
+            "call_to_get_paced": round(run["cpu_ms_per_call"] / paced, 2),
+            "follower_webhook_to_get_paced": round(follower / paced, 2) if follower else None,
+        })
+    return ratios
 
 
 def run(quick: bool = False, mode: str = "twilio", reminders: int | None = None,

@@ -739,10 +739,11 @@ def _profiles(add: Add, before: dict[str, Any] | None, after: dict[str, Any] | N
             _profile_table(add, label, result)
 
 
-def _provider_verdicts(result: dict[str, Any]) -> tuple[bool | None, bool | None]:
-    """(CPU per webhook within its target, CPU per call within its), against the run's GET."""
+def _provider_verdicts(result: dict[str, Any], against: str = "") -> tuple[bool | None, bool | None]:
+    """(CPU per webhook within its target, CPU per call within its), against the run's GET flat
+    out (`against` "") or paced at the webhooks' rate ("_paced")."""
     ratios, run = result.get("ratios") or {}, result["run"]
-    webhook, call = ratios.get("webhook_to_get"), ratios.get("call_to_get")
+    webhook, call = ratios.get(f"webhook_to_get{against}"), ratios.get(f"call_to_get{against}")
     heard = not result["heard_once"]["violations"]
     budget = run["webhooks_per_call"] + TARGETS["call_extra_gets"]
     return (None if webhook is None else heard and webhook <= TARGETS["webhook_get_ratio"],
@@ -755,7 +756,7 @@ def _summary_provider(add: Add, title: str, result: dict[str, Any]) -> None:
     webhook_ok, call_ok = _provider_verdicts(result)
     budget = run["webhooks_per_call"] + TARGETS["call_extra_gets"]
     add(f"| {title} mode, {_n(result['replicas'])} replicas: replicas' CPU per webhook ÷ per "
-        f"`GET /appointments/{{id}}` | {_n(ratios.get('webhook_to_get'), 1)} × "
+        f"`GET /appointments/{{id}}` flat out (wrk) | {_n(ratios.get('webhook_to_get'), 1)} × "
         f"({_n(run['cpu_ms_per_webhook'], 2)} ms ÷ {_n(get.get('cpu_ms_per_get'), 3)} ms) | "
         f"≤ {_g(TARGETS['webhook_get_ratio'])} × | the GET on the same replicas in the same run; "
         f"{_n(heard['reminders'])} reminders, {_n(heard['duplicates'])} heard more than once, "
@@ -764,6 +765,16 @@ def _summary_provider(add: Add, title: str, result: dict[str, Any]) -> None:
         f"({_n(run['cpu_ms_per_call'], 2)} ms) | ≤ webhooks per call + {_g(TARGETS['call_extra_gets'])} = "
         f"{_n(budget, 2)} × | {_n(run['webhooks_per_call'], 2)} webhooks per call; the generic path "
         f"{_n(result['generic']['cpu_ms_per_call'], 2)} ms per call | {_ok(call_ok)} |")
+    paced = (get.get("paced") or {})
+    if paced.get("cpu_ms_per_get"):
+        webhook_paced_ok, call_paced_ok = _provider_verdicts(result, "_paced")
+        add(f"| {title} mode: the same, against the GET paced at the webhooks' rate "
+            f"({_n(paced['rate'], 1)} req/s on one follower) | webhook {_n(ratios.get('webhook_to_get_paced'), 1)} ×, "
+            f"call {_n(ratios.get('call_to_get_paced'), 1)} × ({_n(paced['cpu_ms_per_get'], 3)} ms per GET) | "
+            f"≤ {_g(TARGETS['webhook_get_ratio'])} ×, ≤ {_n(budget, 2)} × | the like-for-like GET: a request's CPU "
+            f"depends on the load it comes in; a follower's webhook alone "
+            f"{_n(ratios.get('follower_webhook_to_get_paced'), 1)} × | webhook {_ok(webhook_paced_ok)}, "
+            f"call {_ok(call_paced_ok)} |")
 
 
 def _providers(add: Add, providers: dict[str, dict[str, Any]],
@@ -839,6 +850,10 @@ def _provider_before_after(add: Add, title: str, before: dict[str, Any], after: 
     row("CPU per `GET /appointments/{id}`", lambda r: r["get"].get("cpu_ms_per_get"), 3, " ms")
     row("ratio webhook ÷ GET", lambda r: (r.get("ratios") or {}).get("webhook_to_get"), 1, " ×")
     row("ratio call ÷ GET", lambda r: (r.get("ratios") or {}).get("call_to_get"), 1, " ×")
+    row("CPU per GET paced at the webhooks' rate", lambda r: (r["get"].get("paced") or {}).get("cpu_ms_per_get"), 3,
+        " ms")
+    row("ratio webhook ÷ paced GET", lambda r: (r.get("ratios") or {}).get("webhook_to_get_paced"), 1, " ×")
+    row("ratio call ÷ paced GET", lambda r: (r.get("ratios") or {}).get("call_to_get_paced"), 1, " ×")
     row("statements per call (pg_stat_statements)", lambda r: r["statements"]["pg_stat_statements"]["per_call"], 1)
     row("transactions per call", lambda r: r["statements"]["pg_stat_statements"]["transactions_per_call"], 1)
     row("statements per call outside requests", lambda r: r["statements"]["background_per_call"], 1)
@@ -893,6 +908,17 @@ def _provider(add: Add, title: str, result: dict[str, Any]) -> None:
     add(f"| ratios to the GET | webhook {_n(ratios.get('webhook_to_get'), 1)} ×, call "
         f"{_n(ratios.get('call_to_get'), 1)} × | ≤ {_g(TARGETS['webhook_get_ratio'])} ×, ≤ "
         f"{_n(budget, 2)} × |")
+    paced = get.get("paced") or {}
+    if paced.get("cpu_ms_per_get"):
+        webhook_paced_ok, call_paced_ok = _provider_verdicts(result, "_paced")
+        add(f"| replicas' CPU per `GET /appointments/{{id}}` paced at the rate {get['replica']} answered webhooks "
+            f"in the run ({_n(paced['rate'], 1)} req/s, {_n(paced['connections'])} connections, "
+            f"{_n(paced['load']['duration_s'], 1)} s) | **{_n(paced['cpu_ms_per_get'], 3)} ms** "
+            f"({_n(paced['load']['rps'], 1)} req/s, {_n(paced['load']['errors'])} errors) | – |")
+        add(f"| ratios to the paced GET (like for like) | webhook {_n(ratios.get('webhook_to_get_paced'), 1)} ×, "
+            f"call {_n(ratios.get('call_to_get_paced'), 1)} ×; a follower's webhook "
+            f"{_n(ratios.get('follower_webhook_to_get_paced'), 1)} × | ≤ {_g(TARGETS['webhook_get_ratio'])} ×: "
+            f"{_ok(webhook_paced_ok)}, ≤ {_n(budget, 2)} ×: {_ok(call_paced_ok)} |")
     add(f"| webhooks per call (at the front) | {_n(run['webhooks_per_call'], 2)} ({_n(run['webhooks'])} webhooks; "
         f"the fake delivered {_n(heard['event_deliveries'])}, {_n(heard['event_redeliveries'])} of them a try "
         f"after the first) | – |")

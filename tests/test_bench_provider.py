@@ -63,6 +63,11 @@ def test_the_ratios_to_the_get() -> None:
     assert _ratios(run, {"cpu_ms_per_get": 0.25}) == {"webhook_to_get": 16.0, "call_to_get": 96.0,
                                                      "call_budget_in_gets": 8.0}
     assert _ratios(run, {"cpu_ms_per_get": None}) == {}
+    # paced at the webhooks' rate: the like-for-like GET, beside the flat-out one
+    paced = _ratios({**run, "followers_cpu_ms_per_webhook": 2.0},
+                    {"cpu_ms_per_get": 0.25, "paced": {"cpu_ms_per_get": 1.0}})
+    assert paced == {"webhook_to_get": 16.0, "call_to_get": 96.0, "call_budget_in_gets": 8.0,
+                     "webhook_to_get_paced": 4.0, "call_to_get_paced": 24.0, "follower_webhook_to_get_paced": 2.0}
 
 
 MAIN = ("_run_module_as_main (<frozen runpy>:198);<module> (service/cli.py:230);"
@@ -92,3 +97,31 @@ def test_a_profile_is_summed_per_function_with_the_wrappers_apart() -> None:
     assert top["_verified (service/providers/twilio/webhooks.py)"] == (20.0, 20.0)
     listed = [name for name, *_ in summary["top_inclusive"]]
     assert not any(name.startswith(("Runner.run", "_run_module_as_main", "BodyLimitMiddleware")) for name in listed)
+
+
+def test_the_paced_load_sends_at_its_rate(tmp_path) -> None:
+    """`run_load(rate=…)`: the aiohttp generator paces its requests (wrk cannot)."""
+    import http.server
+    import threading
+
+    from bench.loadgen import run_load
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        load = run_load(f"http://127.0.0.1:{server.server_port}/x", connections=2, duration=2.0, rate=20.0)
+    finally:
+        server.shutdown()
+    assert load["tool"] == "aiohttp" and load["errors"] == 0
+    assert 30 <= load["requests"] <= 41  # 20/s for 2 s, the last slot at the deadline or not
