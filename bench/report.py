@@ -841,7 +841,7 @@ def _provider_before_after(add: Add, title: str, before: dict[str, Any], after: 
     add("|---|---|---|")
 
     def row(label: str, value: Callable[[dict[str, Any]], Any], digits: int = 2, unit: str = "") -> None:
-        add(f"| {label} | {_n(value(before), digits)}{unit} | {_n(value(after), digits)}{unit} |")
+        add(f"| {label} | {_n(value(before), digits, unit)} | {_n(value(after), digits, unit)} |")
 
     row("calls/s end to end", lambda r: r["run"]["calls_per_s"], 1)
     row("replicas' CPU per call", lambda r: r["run"]["cpu_ms_per_call"], 2, " ms")
