@@ -13,7 +13,7 @@ import logging
 from sqlalchemy import Select, exists, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from service.db import Database
 from service.db.models import LeaderFence, utcnow
@@ -36,8 +36,8 @@ class StaleTerm(LedgerError, RuntimeError):
     """The database holds a newer fencing token than this term's: this replica is not the leader."""
 
 
-def fence_holds(token: int) -> ColumnElement[bool]:
-    """A WHERE clause true while the fence is `token`."""
+def fence_holds(token: int | BindParameter[int]) -> ColumnElement[bool]:
+    """A WHERE clause true while the fence is `token` (a value, or a bind parameter of a statement built once)."""
     return exists().where(LeaderFence.id == FENCE_ROW, LeaderFence.token == token)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, exists, func, literal_column, or_, select, update
+from sqlalchemy import BigInteger, bindparam, delete, exists, func, literal_column, or_, select, update
 from sqlalchemy.engine import Connection
 
 from service.db import Database
@@ -111,6 +111,15 @@ def _finish(event_id: str, token: int) -> Any:
     return update(_E).where(_E.c.id == event_id, _E.c.delivery == _PENDING, fence_holds(token))
 
 
+# A delivery taken (`_finish` with bind parameters `event_id` and `token`), built once: the relay
+# marks every event it delivers.
+_DELIVERED = (
+    update(_E).where(_E.c.id == bindparam("event_id"), _E.c.delivery == _PENDING,
+                     fence_holds(bindparam("token", type_=BigInteger)))
+    .values(delivery=Delivery.DELIVERED, delivered_at=db_now(), attempts=_E.c.attempts + 1, last_error=None)
+)
+
+
 class OutboxStore:
     """The leader's writes of the outbox, each fenced by its term's token."""
 
@@ -147,8 +156,8 @@ class OutboxStore:
 
     async def delivered(self, token: int, event_id: str) -> bool:
         """The receiver took it (a 2xx). False when the fence moved on (the next term sends it again)."""
-        return await self._write(_finish(event_id, token).values(
-            delivery=Delivery.DELIVERED, delivered_at=db_now(), attempts=_E.c.attempts + 1, last_error=None))
+        return await self.db.write_one(
+            lambda connection: connection.execute(_DELIVERED, {"event_id": event_id, "token": token}).rowcount == 1)
 
     async def give_up(self, token: int, event_id: str, reason: str) -> bool:
         """No more tries: EVENTS_MAX_AGE passed before the next one. An event tried before keeps its
