@@ -221,6 +221,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.duration <= 120 or not 1 <= args.connections <= 2000:
         parser.error("duration must be in (0, 120] s and connections in [1, 2000]")
+    if args.rate is not None and args.rate <= 0:
+        parser.error("rate must be above 0 requests/s")
     print(json.dumps(asyncio.run(_aiohttp_load(args))))
 
 

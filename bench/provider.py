@@ -524,7 +524,7 @@ def _get_cost(replica: ReplicaProcess, idle: dict[str, Any], ids: list[str], dur
     result = {"replica": replica.name, "connections": GET_CONNECTIONS, "warmup_s": GET_WARMUP_S, "load": load,
               "cpu_interval_s": round(wall, 3), "cpu_s": round(used, 3),
               "cpu_ms_per_get": round(net / load["requests"] * 1000, 4) if load["requests"] else None}
-    if webhook_rate:
+    if webhook_rate and webhook_rate >= 1.0:
         rate = round(webhook_rate, 1)
         paced, wall, used, net = _get_load(replica, idle, url, ids, max(duration, GET_PACED_MIN_S),
                                            connections=GET_PACED_CONNECTIONS, rate=rate)
@@ -720,7 +720,9 @@ def _provider_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, mode: 
 
         followers = [r for r in cluster.live_replicas() if r.name != leader]
         log(f"provider {mode}: GET /appointments/{{id}} on {followers[0].name}")
-        webhook_rate = answered.get(followers[0].name, 0) / burst["cpu_interval_s"]
+        # the rate that follower answered webhooks at while calls were placed (not over the seeding)
+        span = run["first_create_to_last_final_s"] or burst["cpu_interval_s"]
+        webhook_rate = answered.get(followers[0].name, 0) / span
         get = _get_cost(followers[0], idle, burst["appointment_ids"], 3.0 if quick else 8.0, db_url, webhook_rate)
         log(f"provider {mode}: GET {get['load']['rps']} req/s, {get['cpu_ms_per_get']} ms CPU per GET; paced at "
             f"{followers[0].name}'s webhook rate: {(get.get('paced') or {}).get('cpu_ms_per_get')} ms")

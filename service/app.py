@@ -169,7 +169,9 @@ def _install_error_handlers(app: FastAPI) -> None:
             # Starlette names only the first route that matched the path; list every method.
             # FastAPI keeps an included router as one entry of app.router.routes: its routes are read here
             routes = [*app.router.routes, *(route for router in _API_ROUTERS for route in router.routes)]
-            allowed = _allowed_methods(routes, {**request.scope, "method": "", "root_path": ""})
+            # matched from the app's root (a mount's handler sees its own root_path)
+            root = request.scope.get("app_root_path", request.scope.get("root_path", ""))
+            allowed = _allowed_methods(routes, {**request.scope, "method": "", "root_path": root})
             error.headers = {**(error.headers or {}), "Allow": ", ".join(sorted(allowed))}
         return await http_exception_handler(request, error)
 
