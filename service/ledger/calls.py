@@ -103,6 +103,7 @@ __all__ = [
     "BIND",
     "BOUND_HERE",
     "FIRST_TIME",
+    "HEARD",
     "PROGRESS",
     "CallEvent",
     "answer",
@@ -110,7 +111,6 @@ __all__ = [
     "greeting_sent",
     "greeting_words",
     "heard_event",
-    "heard_statement",
     "is_final",
     "keypad",
     "mark_heard",
@@ -705,27 +705,20 @@ def _greeting_sent(connection: Connection, stamp: Stamp, call_id: str, accepted:
     return _heard(connection, stamp, call_id, Answerer(attempt.greeting) is Answerer.MACHINE)
 
 
-def heard_statement(stamp: Stamp, call_id: str, machine: bool) -> Any:
-    """The bound call's outcome (`answered`, or `voicemail` for a machine), recorded once."""
-    return (
-        update(Reminder)
-        .where(Reminder.id == stamp.reminder_id, Reminder.bound_call_id == call_id,
-               Reminder.bound_attempt_id == stamp.attempt_id, Reminder.outcome.is_(None))
-        .values(outcome=ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED)
-    )
-
-
-# `heard_statement` with bind parameters, built once per kind (a person: False; a machine: True)
-_HEARD = {
+# The bound call's outcome (`answered`, or `voicemail` for a machine: the key), recorded once; bind
+# parameters `reminder_id`, `call_id`, `attempt_id`. The sweep sends it as it is; the webhooks with
+# what `reminder.finished` needs returned (`_HEARD`).
+HEARD = {
     machine: (
         update(Reminder)
         .where(Reminder.id == bindparam("reminder_id", type_=String), Reminder.bound_call_id == _CALL,
                Reminder.bound_attempt_id == bindparam("attempt_id", type_=String), Reminder.outcome.is_(None))
         .values(outcome=ReminderOutcome.VOICEMAIL if machine else ReminderOutcome.ANSWERED)
-        .returning(*FINISHED_COLUMNS, db_now().label("now"))
     )
     for machine in (False, True)
 }
+_HEARD = {machine: statement.returning(*FINISHED_COLUMNS, db_now().label("now"))
+          for machine, statement in HEARD.items()}
 _IS_BOUND = select(Reminder.id).where(
     Reminder.id == bindparam("reminder_id", type_=String), Reminder.bound_call_id == _CALL,
     Reminder.bound_attempt_id == bindparam("attempt_id", type_=String))

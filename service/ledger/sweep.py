@@ -21,7 +21,7 @@ from sqlalchemy import and_, delete, exists, not_, or_, select, update
 from service.db import Database
 from service.db.clock import db_now
 from service.db.models import Appointment, AppointmentStatus, CallAttempt, ProviderEvent, Reminder
-from service.ledger.calls import heard_statement
+from service.ledger.calls import HEARD
 from service.ledger.cancellation import REPLANNED
 from service.ledger.events import EventSource, finished_in
 from service.ledger.fence import fence_holds
@@ -29,7 +29,6 @@ from service.reminders import Answerer
 from service.reminders.lifecycle import ReminderStatus, require
 from service.reminders.outcomes import CALL_ANSWERED, FINAL_CALL_STATES, MACHINE_ANSWERS, PRE_ANSWER_STATES
 from service.sql import none_of, one_of
-from service.telephony.provider import Stamp
 
 __all__ = ["RELEASED", "SweepStore", "SweepTimes"]
 
@@ -173,8 +172,8 @@ class SweepStore:
             released, heard, cancelled = [], [], []
             for row in rows:
                 if row.greeting is not None and row.greeting_result != "ended":
-                    result = await session.execute(heard_statement(Stamp(row.id, row.attempt_id), row.provider_call_id,
-                                                                   Answerer(row.greeting) is Answerer.MACHINE))
+                    result = await session.execute(HEARD[Answerer(row.greeting) is Answerer.MACHINE], {
+                        "reminder_id": row.id, "call_id": row.provider_call_id, "attempt_id": row.attempt_id})
                     if result.rowcount == 1:
                         heard.append(row.id)
                     continue

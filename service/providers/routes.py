@@ -1,12 +1,11 @@
 """A provider's webhook routes: Starlette routes under one Mount at WEBHOOK_PREFIX, installed
 ahead of the API's routers (docs/decisions/0262).
 
-FastAPI matched a request against its routes one by one, at about 5 µs of CPU per API route:
-a webhook, listed after the whole API, paid about 150 µs for its match, a fifth of the status
-event's CPU. Under the Mount an API request pays one prefix check, a webhook a handful. The
-handlers take the `Request` (and a `BackgroundTasks`, run after the response is sent) and parse
-their bodies themselves; they have no dependencies, no schema (they are not in the OpenAPI
-document) and return a `Response`. The app's exception handlers and middlewares apply as to any
+FastAPI matches a request against its routes one by one: a webhook, listed after the whole API,
+was matched against every API route first. Under the Mount an API request pays one prefix check,
+a webhook a handful. The handlers take the `Request` (and a `BackgroundTasks`, run after the
+response is sent) and parse their bodies themselves; they have no dependencies, no schema (they
+are not in the OpenAPI document) and return a `Response`. The app's exception handlers and middlewares apply as to any
 route: an `HTTPException` raised in a handler is answered as the API's are.
 """
 
