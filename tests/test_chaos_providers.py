@@ -42,8 +42,10 @@ from tests.support.requirements import unavailable
 CONFIG = replace(ChaosConfig(), reminders=100, lease_ttl=LEASE_TTL)
 # the providers' own faults: a small run each, their times shortened (Telnyx's windows × 0.15, its
 # 2 s webhook timeout kept); a machine every 7 numbers (greetings of 0.5-2 s), a fax at 25; caps: one
-# leader kill
-SHORT = replace(CONFIG, reminders=30, spread=3.0, settle_timeout=60.0)
+# leader kill. The short form shortens the load, not the time a reminder has to be heard: the same
+# 120 s as `python -m harness.chaos_providers` (a person whose detection events are lost on three
+# calls in a row hears the fourth, about 80 s after its due time: README, known limits)
+SHORT = replace(CONFIG, reminders=30, spread=3.0, settle_timeout=120.0)
 FAULTS = replace(ProviderFaults(), loss_rate=0.1, late_ms=(1_000.0, 4_000.0), answer_stall_ms=3_000.0,
                  telnyx_time_scale=0.15, twilio_redeliver_ms=4_000.0, long_speak_ms=1_500.0,
                  ring_ms=(1_500.0, 4_000.0), greeting_ms=(500.0, 2_000.0), cap_kills=(0.3,))
@@ -103,7 +105,7 @@ def _param(provider: str, scenario: str) -> Any:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize(("provider", "scenario"), [_param(*run) for run in RUNS])
 def test_every_message_heard_at_most_once_and_once_by_a_person_under(pools: Pools, provider: str,
                                                                      scenario: str) -> None:
