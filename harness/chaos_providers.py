@@ -170,11 +170,12 @@ What the providers' own faults found in Telnyx mode (issue 22), fixed in the ser
    attempts. A bound call that has said nothing now leaves its reminder unfinished: superseded,
    hung up without a word, and the new plan calls now; the greeting and the re-plan exclude each
    other by a lock on the attempts (service/ledger/cancellation.py, service/ledger/sweep.py).
-3. *The sweep greets a person after 10 s when the detection event is lost or late* (late-events,
+3. *The sweep greeted a person after 10 s when the detection event was lost or late* (late-events,
    lost-events, leader faults): the fake's person hangs up after 10 s of silence, so such a call
-   ends unheard and is released and called again (*called again after silence*). Kept: greeting
-   sooner would speak over the greeting of a machine whose detection is merely late (README,
-   known limits).
+   ended unheard and was released and called again (*called again after silence*). The Dial now
+   bounds the detection (3.5 s) and the sweep greets once its result is overdue, 6 s after the
+   answer (decision 0223); a machine whose detection is lost and whose greeting is longer than
+   that is spoken over (README, known limits).
 4. *A resent greeting answered "the call is over" released a call that had spoken*
    (etcd-partition under load: a message heard twice): a resend's "over" now leaves the first
    send's fate unknown (service/dispatch/sweep.py).
@@ -191,10 +192,10 @@ Found in the harness: the fakes sent their webhooks through one httpx pool whose
 the square of the connections open (the fake spent more CPU per call than the replicas); they now
 use 32 pools.
 
-Not closed (README, known limits): when a number's detection events keep coming late, each new
-call meets the sweep's 10 s race with a callee who hangs up after 10 s of silence, and the reminder
-is called again and again (late-events: one reminder still being called when the run's 120 s
-ended).""",
+Not closed (README, known limits): when a number's `call.answered` and detection events both keep
+coming late, each new call is greeted by the sweep after a callee who hangs up after 10 s of
+silence has gone, and the reminder is called again and again (late-events, before decision 0223:
+one reminder still being called when the run's 120 s ended).""",
         env={"CALLS_PER_SECOND": "30"},
     ),
 }

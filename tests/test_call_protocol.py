@@ -26,6 +26,7 @@ from service.ledger import AttemptStore, Outcome, ReminderStore, SweepTimes
 from service.ledger import calls as calls_module
 from service.ledger import claims as claims_module
 from service.ledger.calls import ANSWERED_UNHEARD, UNHEARD_RECALLS
+from service.ledger.sweep import DETECTION_DELIVERY
 from service.providers.twilio.signature import TwilioSignature
 from service.reminders import (
     ALWAYS,
@@ -37,7 +38,7 @@ from service.reminders import (
     ReminderOffset,
 )
 from service.reminders.attempts import AttemptState, AttemptView
-from service.telephony.provider import CallSpec, Stamp
+from service.telephony.provider import MACHINE_DETECTION_WITHIN, CallSpec, Stamp
 from tests.support.providers import FROM, PHONE, PUBLIC, Rig, make_rig
 from tests.support.waiting import eventually
 from tests.test_dispatch import FakeTerm, config, lead_until
@@ -161,6 +162,42 @@ def _detection_delivered(call) -> bool:
     """The fake delivered the call's detection result (not merely emitted it)."""
     return any(d.get("type") == "call.machine.detection.ended" and d.get("result") == "acknowledged"
                for d in call.deliveries)
+
+
+async def test_a_person_whose_detection_result_is_lost_is_greeted_before_the_silence_ends(db: Database) -> None:
+    """Decision 0223: the detection's result is lost; the sweep, at the production times and period,
+    greets the call as a person once the result is overdue (the Dial's analysis bound, then its
+    delivery) — while the fake's person, who hangs up after its default 10 s of silence, is still
+    there. Greeted after a fixed 10 s, that person had gone: a silent call, then another."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    assert rig.fake.controls.patience_ms == 10_000.0  # the fake's callee, as the chaos runs have it
+    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
+    rig.fake.callees[PHONE] = CalleeScript("answer", digits="1")
+    try:
+        _, reminder_id = await book(db)
+        dispatcher = Dispatcher(db, rig.provider, config())
+        assert (dispatcher.config.sweep_interval, dispatcher.config.sweep_times.greet_after) == (
+            2.0, MACHINE_DETECTION_WITHIN + DETECTION_DELIVERY)
+
+        async def over() -> bool:
+            return len(rig.calls()) >= 1 and all(map(rig.is_over, rig.calls()))
+
+        await lead_until(dispatcher, FakeTerm(1), over)
+        (call,) = rig.calls()
+        assert not _detection_delivered(call) and heard_message(call) == 1
+        done = await row(db, reminder_id)
+        assert (done.status, done.outcome, done.bound_call_id) == ("sent", "answered", call.call_id)
+    finally:
+        await rig.aclose()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"resend_within": 55.0}, "dedupe window"),
+    ({"greet_after": 35.0, "beep_wait": 35.0}, "shorter than beep_wait"),
+])
+def test_sweep_times_that_break_the_greeting_protocol_are_refused(overrides: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        times(**overrides)
 
 
 class _Ahead:

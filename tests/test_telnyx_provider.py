@@ -80,6 +80,8 @@ async def test_dial_wire_format(respx_mock: respx.MockRouter) -> None:
     detecting = TelnyxProvider(api_url=API, api_key="K", connection_id="conn-7", public_url="https://x.test",
                                transport=httpx.MockTransport(respx_mock.async_handler), machine_detection=True)
     assert detecting.dial_body(SPEC)["answering_machine_detection"] == "detect_beep"  # a voicemail after the beep
+    # the detection's bound, which the sweep's greeting of a call with no result counts on
+    assert detecting.dial_body(SPEC)["answering_machine_detection_config"] == {"total_analysis_time_millis": 3500}
     await detecting.aclose()
     assert base64.b64decode(body["client_state"]) == b'["r-1","a-1"]'
 

@@ -29,8 +29,12 @@ from service.reminders import Answerer
 from service.reminders.lifecycle import ReminderStatus, require
 from service.reminders.outcomes import CALL_ANSWERED, FINAL_CALL_STATES, MACHINE_ANSWERS, PRE_ANSWER_STATES
 from service.sql import none_of, one_of
+from service.telephony.provider import MACHINE_DETECTION_WITHIN
 
-__all__ = ["RELEASED", "SweepStore", "SweepTimes"]
+# how late the detection's event may come and still be on time: its delivery and handling
+DETECTION_DELIVERY = timedelta(milliseconds=2_500)
+
+__all__ = ["DETECTION_DELIVERY", "RELEASED", "SweepStore", "SweepTimes"]
 
 RELEASED = "released: the bound call ended before its message began"
 
@@ -42,17 +46,21 @@ _WORDS = (CallAttempt.id, CallAttempt.reminder_id, CallAttempt.provider_call_id,
 class SweepTimes:
     """How long the sweep lets things be before it acts."""
 
-    def __init__(self, *, greet_after: timedelta = timedelta(seconds=10),
+    def __init__(self, *, greet_after: timedelta = MACHINE_DETECTION_WITHIN + DETECTION_DELIVERY,
                  beep_wait: timedelta = timedelta(seconds=35), resend_within: timedelta = timedelta(seconds=45),
                  resend_every: timedelta = timedelta(seconds=5), release_after: timedelta = timedelta(seconds=10),
                  stale_after: timedelta = timedelta(minutes=15), check_every: timedelta = timedelta(minutes=5),
                  events_kept: timedelta = timedelta(days=1)) -> None:
         # a person answered (or nobody knows who): greeted after `greet_after` without an event
-        # that did it; a machine: after `beep_wait` (its greeting and beep, or the provider's 30 s
-        # beep detection); a commanded greeting is sent again every `resend_every`, but only while
-        # younger than `resend_within` (Telnyx ignores a repeated command_id for 60 s, no longer)
+        # that did it — once the detection's result is overdue, before a person tires of the
+        # silence (decision 0223); a machine: after `beep_wait` (its greeting and beep, or the
+        # provider's 30 s beep detection); a commanded greeting is sent again every `resend_every`,
+        # but only while younger than `resend_within` (Telnyx ignores a repeated command_id for
+        # 60 s, no longer)
         if resend_within >= timedelta(seconds=55):
             raise ValueError("resend_within must stay well inside the provider's 60 s dedupe window")
+        if greet_after >= beep_wait:
+            raise ValueError("greet_after must be shorter than beep_wait")
         self.greet_after, self.beep_wait = greet_after, beep_wait
         self.resend_within, self.resend_every = resend_within, resend_every
         self.release_after, self.stale_after, self.check_every = release_after, stale_after, check_every

@@ -16,7 +16,7 @@ import binascii
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
@@ -29,6 +29,7 @@ __all__ = [
     "GreetingWords",
     "LiveCall",
     "LIVE_STATUSES",
+    "MACHINE_DETECTION_WITHIN",
     "Provider",
     "ProviderUnavailable",
     "TelephonyError",
@@ -39,6 +40,11 @@ __all__ = [
 # Call statuses (Twilio's names; other adapters map theirs onto them) of a call that may still be
 # answered or is being answered: a reconciliation must wait while one of these exists.
 LIVE_STATUSES = ("queued", "ringing", "in-progress")
+
+# A provider whose speech is a command (SpeechCommands) is asked to end its answering machine
+# detection within this time of the answer (Telnyx: `total_analysis_time_millis`, its default):
+# a call whose detection result has not come by then, and a little later, lost it or has it late.
+MACHINE_DETECTION_WITHIN = timedelta(milliseconds=3_500)
 
 _STAMP_REMINDER = "r"
 _STAMP_ATTEMPT = "a"

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -31,6 +32,7 @@ from service.telephony.http import (
     require_http_url,
 )
 from service.telephony.provider import (
+    MACHINE_DETECTION_WITHIN,
     CallSpec,
     CreateKind,
     CreateResult,
@@ -149,6 +151,9 @@ class TelnyxProvider(HttpAdapter):
             # a machine is greeted after its beep (`call.machine.greeting.ended`), so the
             # voicemail is recorded, not spoken over its greeting
             body["answering_machine_detection"] = "detect_beep"
+            # the bound the leader's sweep counts on (it greets a call whose result never came)
+            body["answering_machine_detection_config"] = {
+                "total_analysis_time_millis": int(MACHINE_DETECTION_WITHIN / timedelta(milliseconds=1))}
         return body
 
     async def create_call(self, spec: CallSpec, *, may_send: Callable[[], bool] | None = None) -> CreateResult:
