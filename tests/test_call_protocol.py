@@ -191,6 +191,105 @@ async def test_a_person_whose_detection_result_is_lost_is_greeted_before_the_sil
         await rig.aclose()
 
 
+async def test_the_sweep_greets_a_burst_of_owed_calls_side_by_side(db: Database) -> None:
+    """Decision 0223: many calls answered at once whose detection results are all lost are owed
+    their greetings in the same round. Greeted one provider round trip after another, the last
+    were greeted after their persons had hung up; the sweep sends `concurrency` at a time, and each
+    call still hears its message once."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
+    phones = [f"+1415555{index:04d}" for index in range(6)]
+    in_flight, peak, all_in = 0, 0, asyncio.Event()
+    real = rig.provider.greet
+
+    async def greet(call_id, words, *, stamp):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if in_flight == 3:
+            all_in.set()
+        try:  # held until the sweep has three in flight (one after another, never: the wait runs out)
+            await asyncio.wait_for(all_in.wait(), 3)
+        except TimeoutError:
+            pass
+        in_flight -= 1
+        return await real(call_id, words, stamp=stamp)
+
+    rig.provider.greet = greet  # type: ignore[method-assign]
+    try:
+        placed_calls = []
+        for phone in phones:
+            rig.fake.callees[phone] = CalleeScript("answer")
+            _, reminder_id = await book(db, phone=phone)
+            placed_calls.append(await placed(rig, reminder_id, phone=phone))
+        for _, call_id in placed_calls:
+            await eventually(lambda call_id=call_id: _true(rig.call(call_id).status == "in-progress"))
+        sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES), times=times(greet_after=0.1),
+                          concurrency=3)
+
+        async def all_bound() -> bool:
+            async with db.session() as session:
+                bound = (await session.execute(select(Reminder.bound_call_id))).scalars().all()
+            return sum(b is not None for b in bound) == len(phones)
+
+        await eventually(all_bound)
+        await eventually(lambda: _owed(sweep, len(phones)))
+        await sweep.once(token=1)
+        assert peak == 3
+        for _, call_id in placed_calls:
+            await eventually(lambda call_id=call_id: _true(heard_message(rig.call(call_id)) == 1))
+            assert len(greetings(rig.call(call_id))) == 1
+    finally:
+        await rig.aclose()
+
+
+async def test_a_greeting_that_fails_in_the_sweep_does_not_hold_back_the_others(db: Database) -> None:
+    """One owed greeting's send fails (a provider outage on that request): the round's other owed
+    calls are greeted all the same, the failure is raised once they are (the dispatcher logs it),
+    and the failed one, recorded before its send, is sent again by the next round — once heard."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
+    phones = [f"+1415555{index:04d}" for index in range(3)]
+    real, failing = rig.provider.greet, set()
+
+    async def greet(call_id, words, *, stamp):
+        if call_id in failing:
+            failing.discard(call_id)
+            raise OSError("connection reset")
+        return await real(call_id, words, stamp=stamp)
+
+    rig.provider.greet = greet  # type: ignore[method-assign]
+    try:
+        placed_calls = []
+        for phone in phones:
+            rig.fake.callees[phone] = CalleeScript("answer")
+            _, reminder_id = await book(db, phone=phone)
+            placed_calls.append(await placed(rig, reminder_id, phone=phone))
+        failing.add(placed_calls[0][1])
+        sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES),
+                          times=times(greet_after=0.1, resend_every=0.1))
+        await eventually(lambda: _owed(sweep, len(phones)))
+        with pytest.raises(OSError, match="connection reset"):
+            await sweep.once(token=1)
+        for _, call_id in placed_calls[1:]:
+            await eventually(lambda call_id=call_id: _true(heard_message(rig.call(call_id)) == 1))
+        first = placed_calls[0][1]
+        assert heard_message(rig.call(first)) == 0 and not failing
+
+        async def resent() -> bool:
+            await sweep.once(token=1)
+            return heard_message(rig.call(first)) == 1
+
+        await eventually(resent)
+        assert [len(greetings(rig.call(call_id))) for _, call_id in placed_calls] == [1, 1, 1]
+    finally:
+        await rig.aclose()
+
+
+async def _owed(sweep: CallSweep, count: int) -> bool:
+    return len(await sweep.store.greetings_owed()) == count
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"resend_within": 55.0}, "dedupe window"),
     ({"greet_after": 35.0, "beep_wait": 35.0}, "shorter than beep_wait"),

@@ -13,7 +13,9 @@ webhook did, because an event came late, was lost, or its replica died (docs/dec
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from service.db import Database
@@ -28,82 +30,97 @@ log = logging.getLogger(__name__)
 
 
 class CallSweep:
-    """`once(token)` does one round of the sweep for a provider without idempotency."""
+    """`once(token)` does one round of the sweep for a provider without idempotency. The rows of
+    each step are worked on `concurrency` at a time: each costs a provider round trip, and a burst
+    of answered calls whose detection is late must be greeted within a person's patience, not one
+    round trip after another."""
 
     def __init__(self, db: Database, provider: Provider, *, fallback: Fallback, policy: NoAnswerPolicy | None = None,
-                 times: SweepTimes | None = None, batch: int = 50) -> None:
+                 times: SweepTimes | None = None, batch: int = 50, concurrency: int = 8) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.db = db
         self.store = SweepStore(db, times, batch=batch)
         self.provider = provider
         self.speech: SpeechCommands | None = provider if isinstance(provider, SpeechCommands) else None
         self.fallback = fallback
         self.policy = policy
+        self._slots = asyncio.Semaphore(concurrency)
         self._rounds = 0
 
     async def once(self, token: int) -> None:
         """One round: end, check, greet, release; under the term's fencing `token`."""
-        await self._end_calls()
-        await self._check_stale_calls()
+        await self._each(await self.store.calls_to_end(), self._end_call)
+        await self._each(await self.store.stale_calls(), self._check_stale_call)
         if self.speech is not None:
-            await self._greet_owed()
-            await self._greet_again()
+            await self._each(await self.store.greetings_owed(), self._greet_owed)
+            await self._each(await self.store.greetings_unconfirmed(), self._greet_again)
             for reminder_id in await self.store.release_unheard(token):
                 log.warning("reminder %s: its bound call ended before its message began; calling again", reminder_id)
         self._rounds += 1
         if self._rounds % 100 == 0:
             await self.store.forget_old_events()
 
-    async def _end_calls(self) -> None:
-        for row in await self.store.calls_to_end():
-            done = await self.provider.cancel(row.provider_call_id)
-            await self.store.end_requested(row.id)
-            log.info("call %s of a reminder that no longer calls (superseded, or bound to another call) "
-                     "ended: %s", row.provider_call_id, done)
+    async def _each(self, rows: Sequence[Any], work: Callable[[Any], Awaitable[None]]) -> None:
+        """`work` on every row, `concurrency` at a time; a row that fails does not stop the others
+        (each is its call's own protocol step), and the first failure is raised once all are done."""
 
-    async def _check_stale_calls(self) -> None:
-        for row in await self.store.stale_calls():
-            state = await self.provider.call_state(row.provider_call_id)
-            await self.store.checked(row.id)
-            if state is not None and calls.is_final(state):
-                log.warning("call %s (reminder %s): its final event never came; the provider says %s",
-                            row.provider_call_id, row.reminder_id, state)
-                await calls.record_event(self.db, Stamp(row.reminder_id, row.id), row.provider_call_id, state, None,
-                                         self.policy)
+        async def one(row: Any) -> None:
+            async with self._slots:
+                await work(row)
+
+        failures = [r for r in await asyncio.gather(*(one(row) for row in rows), return_exceptions=True)
+                    if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+
+    async def _end_call(self, row: Any) -> None:
+        done = await self.provider.cancel(row.provider_call_id)
+        await self.store.end_requested(row.id)
+        log.info("call %s of a reminder that no longer calls (superseded, or bound to another call) "
+                 "ended: %s", row.provider_call_id, done)
+
+    async def _check_stale_call(self, row: Any) -> None:
+        state = await self.provider.call_state(row.provider_call_id)
+        await self.store.checked(row.id)
+        if state is not None and calls.is_final(state):
+            log.warning("call %s (reminder %s): its final event never came; the provider says %s",
+                        row.provider_call_id, row.reminder_id, state)
+            await calls.record_event(self.db, Stamp(row.reminder_id, row.id), row.provider_call_id, state, None,
+                                     self.policy)
 
     def _wording(self, row: Any) -> Wording:
         return Wording.from_json(row.wording) if row.wording else self.fallback(row)
 
-    async def _greet_owed(self) -> None:
+    async def _greet_owed(self, row: Any) -> None:
         assert self.speech is not None
-        for row in await self.store.greetings_owed():
-            stamp, who = Stamp(row.reminder_id, row.id), answerer(row.answered_by)
-            if who is Answerer.FAX:
-                await self.provider.cancel(row.provider_call_id)
-                continue
-            greeting = await calls.command_greeting(self.db, stamp, row.provider_call_id, who, fallback=self.fallback)
-            if not greeting.bound:
-                # its reminder was superseded (a re-plan, a cancellation) or skipped before a word: hung up
-                await self.provider.cancel(row.provider_call_id)
-                await self.store.end_requested(row.id)
-                log.info("reminder %s no longer calls: its bound call %s hung up before a word", row.reminder_id,
-                         row.provider_call_id)
-                continue
-            if greeting.send and greeting.words is not None:
-                log.warning("reminder %s: no event greeted bound call %s; greeting it (%s)", row.reminder_id,
-                            row.provider_call_id, who)
-                accepted = await self.speech.greet(row.provider_call_id, greeting.words, stamp=stamp)
-                await calls.greeting_sent(self.db, stamp, row.provider_call_id, accepted=accepted)
+        stamp, who = Stamp(row.reminder_id, row.id), answerer(row.answered_by)
+        if who is Answerer.FAX:
+            await self.provider.cancel(row.provider_call_id)
+            return
+        greeting = await calls.command_greeting(self.db, stamp, row.provider_call_id, who, fallback=self.fallback)
+        if not greeting.bound:
+            # its reminder was superseded (a re-plan, a cancellation) or skipped before a word: hung up
+            await self.provider.cancel(row.provider_call_id)
+            await self.store.end_requested(row.id)
+            log.info("reminder %s no longer calls: its bound call %s hung up before a word", row.reminder_id,
+                     row.provider_call_id)
+            return
+        if greeting.send and greeting.words is not None:
+            log.warning("reminder %s: no event greeted bound call %s; greeting it (%s)", row.reminder_id,
+                        row.provider_call_id, who)
+            accepted = await self.speech.greet(row.provider_call_id, greeting.words, stamp=stamp)
+            await calls.greeting_sent(self.db, stamp, row.provider_call_id, accepted=accepted)
 
-    async def _greet_again(self) -> None:
+    async def _greet_again(self, row: Any) -> None:
         assert self.speech is not None
-        for row in await self.store.greetings_unconfirmed():
-            stamp = Stamp(row.reminder_id, row.id)
-            words = greeting_words(Answerer(row.greeting), self._wording(row))
-            accepted = await self.speech.greet(row.provider_call_id, words, stamp=stamp)
-            await self.store.checked(row.id)
-            log.warning("reminder %s: the greeting of call %s was not confirmed; sent again (same command): %s",
-                        row.reminder_id, row.provider_call_id, accepted)
-            # "The call is over" answering a resend does not say that nothing was spoken: the first
-            # send, whose answer was lost, may have run before the call ended. Its fate stays
-            # unknown (the call is counted heard when it ends), never "ended" (released: called again).
-            await calls.greeting_sent(self.db, stamp, row.provider_call_id, accepted=True if accepted else None)
+        stamp = Stamp(row.reminder_id, row.id)
+        words = greeting_words(Answerer(row.greeting), self._wording(row))
+        accepted = await self.speech.greet(row.provider_call_id, words, stamp=stamp)
+        await self.store.checked(row.id)
+        log.warning("reminder %s: the greeting of call %s was not confirmed; sent again (same command): %s",
+                    row.reminder_id, row.provider_call_id, accepted)
+        # "The call is over" answering a resend does not say that nothing was spoken: the first
+        # send, whose answer was lost, may have run before the call ended. Its fate stays
+        # unknown (the call is counted heard when it ends), never "ended" (released: called again).
+        await calls.greeting_sent(self.db, stamp, row.provider_call_id, accepted=True if accepted else None)
