@@ -49,30 +49,51 @@ class CallSweep:
         self._rounds = 0
 
     async def once(self, token: int) -> None:
-        """One round: end, check, greet, release; under the term's fencing `token`."""
-        await self._each(await self.store.calls_to_end(), self._end_call)
-        await self._each(await self.store.stale_calls(), self._check_stale_call)
+        """One round: end, check, greet, release; under the term's fencing `token`. A step or a
+        row that fails does not stop the others (each is its call's own protocol step): each
+        failure is logged, and the first is raised once the round is done."""
+        steps: list[tuple[Callable[[], Awaitable[Sequence[Any]]], Callable[[Any], Awaitable[None]]]] = [
+            (self.store.calls_to_end, self._end_call), (self.store.stale_calls, self._check_stale_call)]
         if self.speech is not None:
-            await self._each(await self.store.greetings_owed(), self._greet_owed)
-            await self._each(await self.store.greetings_unconfirmed(), self._greet_again)
-            for reminder_id in await self.store.release_unheard(token):
-                log.warning("reminder %s: its bound call ended before its message began; calling again", reminder_id)
+            steps += [(self.store.greetings_owed, self._greet_owed),
+                      (self.store.greetings_unconfirmed, self._greet_again)]
+        failures: list[Exception] = []
+        for rows, work in steps:
+            try:
+                failures += await self._each(await rows(), work)
+            except Exception as error:  # noqa: BLE001 - the step's read: the next steps still run
+                failures.append(error)
+        if self.speech is not None:
+            try:
+                for reminder_id in await self.store.release_unheard(token):
+                    log.warning("reminder %s: its bound call ended before its message began; calling again",
+                                reminder_id)
+            except Exception as error:  # noqa: BLE001 - raised with the others below
+                failures.append(error)
         self._rounds += 1
         if self._rounds % 100 == 0:
             await self.store.forget_old_events()
+        if failures:
+            raise failures[0]
 
-    async def _each(self, rows: Sequence[Any], work: Callable[[Any], Awaitable[None]]) -> None:
-        """`work` on every row, `concurrency` at a time; a row that fails does not stop the others
-        (each is its call's own protocol step), and the first failure is raised once all are done."""
+    async def _each(self, rows: Sequence[Any], work: Callable[[Any], Awaitable[None]]) -> list[Exception]:
+        """`work` on every row, `concurrency` at a time; the rows' failures, each logged with its
+        call (a cancellation is not a row's failure: it is raised)."""
 
         async def one(row: Any) -> None:
             async with self._slots:
-                await work(row)
+                try:
+                    await work(row)
+                except Exception as error:
+                    log.warning("call sweep: call %s (attempt %s): %s", row.provider_call_id, row.id,
+                                type(error).__name__)
+                    raise
 
-        failures = [r for r in await asyncio.gather(*(one(row) for row in rows), return_exceptions=True)
-                    if isinstance(r, BaseException)]
-        if failures:
-            raise failures[0]
+        results = await asyncio.gather(*(one(row) for row in rows), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+        return [result for result in results if isinstance(result, Exception)]
 
     async def _end_call(self, row: Any) -> None:
         done = await self.provider.cancel(row.provider_call_id)
