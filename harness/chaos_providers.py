@@ -175,7 +175,8 @@ What the providers' own faults found in Telnyx mode (issue 22), fixed in the ser
    ended unheard and was released and called again (*called again after silence*). The Dial now
    bounds the detection (3.5 s) and the sweep greets once its result is overdue, 6 s after the
    answer, eight calls at a time — one after another, a burst's last greetings came seconds
-   late (decision 0223). Called again after silence: late-events 98 → 27, lost-events 69 → 26.
+   late (decision 0223). Called again after silence, in two runs: late-events 98 → 27 and 28,
+   lost-events 69 → 26 and 23.
    A machine whose detection is lost and whose greeting is longer than 6 s is spoken over
    (README, known limits).
 4. *A resent greeting answered "the call is over" released a call that had spoken*
