@@ -169,9 +169,8 @@ async def test_a_person_whose_detection_result_is_lost_is_greeted_before_the_sil
     greets the call as a person once the result is overdue (the Dial's analysis bound, then its
     delivery) — while the fake's person, who hangs up after its default 10 s of silence, is still
     there. Greeted after a fixed 10 s, that person had gone: a silent call, then another."""
-    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig = _detection_lost(db)
     assert rig.fake.controls.patience_ms == 10_000.0  # the fake's callee, as the chaos runs have it
-    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
     rig.fake.callees[PHONE] = CalleeScript("answer", digits="1")
     try:
         _, reminder_id = await book(db)
@@ -197,14 +196,31 @@ async def test_a_person_whose_detection_result_is_lost_is_greeted_before_the_sil
         await rig.aclose()
 
 
+def _detection_lost(db: Database) -> Rig:
+    """Telnyx with machine detection whose every result is lost: calls bound by `call.answered`,
+    greeted by nobody but the sweep."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
+    return rig
+
+
+async def _answered(db: Database, rig: Rig, count: int) -> list[str]:
+    """`count` reminders, each to its own person who answers, placed; their call ids."""
+    call_ids = []
+    for index in range(count):
+        phone = f"+1415555{index:04d}"
+        rig.fake.callees[phone] = CalleeScript("answer")
+        _, reminder_id = await book(db, phone=phone)
+        call_ids.append((await placed(rig, reminder_id, phone=phone))[1])
+    return call_ids
+
+
 async def test_the_sweep_greets_a_burst_of_owed_calls_side_by_side(db: Database) -> None:
     """Decision 0223: many calls answered at once whose detection results are all lost are owed
     their greetings in the same round. Greeted one provider round trip after another, the last
     were greeted after their persons had hung up; the sweep sends `concurrency` at a time, and each
     call still hears its message once."""
-    rig = make_rig(db, "telnyx", machine_detection=True)
-    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
-    phones = [f"+1415555{index:04d}" for index in range(6)]
+    rig = _detection_lost(db)
     in_flight, peak, all_in = 0, 0, asyncio.Event()
     real = rig.provider.greet
 
@@ -223,26 +239,13 @@ async def test_the_sweep_greets_a_burst_of_owed_calls_side_by_side(db: Database)
 
     rig.provider.greet = greet  # type: ignore[method-assign]
     try:
-        placed_calls = []
-        for phone in phones:
-            rig.fake.callees[phone] = CalleeScript("answer")
-            _, reminder_id = await book(db, phone=phone)
-            placed_calls.append(await placed(rig, reminder_id, phone=phone))
-        for _, call_id in placed_calls:
-            await eventually(lambda call_id=call_id: _true(rig.call(call_id).status == "in-progress"))
+        call_ids = await _answered(db, rig, 6)
         sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES), times=times(greet_after=0.1),
                           concurrency=3)
-
-        async def all_bound() -> bool:
-            async with db.session() as session:
-                bound = (await session.execute(select(Reminder.bound_call_id))).scalars().all()
-            return sum(b is not None for b in bound) == len(phones)
-
-        await eventually(all_bound)
-        await eventually(lambda: _owed(sweep, len(phones)))
+        await eventually(lambda: _owed(sweep, len(call_ids)))  # bound, answered, live, none greeted
         await sweep.once(token=1)
         assert peak == 3
-        for _, call_id in placed_calls:
+        for call_id in call_ids:
             await eventually(lambda call_id=call_id: _true(heard_message(rig.call(call_id)) == 1))
             assert len(greetings(rig.call(call_id))) == 1
     finally:
@@ -254,9 +257,7 @@ async def test_a_greeting_that_fails_in_the_sweep_does_not_hold_back_the_others(
     it is: the round's other owed calls are greeted all the same, the failure is raised once they
     are (the dispatcher logs it), and the failed one, recorded before its send, is sent again by
     the next round — heard once. One row after another, the rows after the failure waited."""
-    rig = make_rig(db, "telnyx", machine_detection=True)
-    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
-    phones = [f"+1415555{index:04d}" for index in range(3)]
+    rig = _detection_lost(db)
     real, failed = rig.provider.greet, []
 
     async def greet(call_id, words, *, stamp):
@@ -267,14 +268,10 @@ async def test_a_greeting_that_fails_in_the_sweep_does_not_hold_back_the_others(
 
     rig.provider.greet = greet  # type: ignore[method-assign]
     try:
-        calls_placed = []
-        for phone in phones:
-            rig.fake.callees[phone] = CalleeScript("answer")
-            _, reminder_id = await book(db, phone=phone)
-            calls_placed.append((await placed(rig, reminder_id, phone=phone))[1])
+        calls_placed = await _answered(db, rig, 3)
         sweep = CallSweep(db, rig.provider, fallback=fallback_wording(TEMPLATES),
                           times=times(greet_after=0.1, resend_every=0.1))
-        await eventually(lambda: _owed(sweep, len(phones)))
+        await eventually(lambda: _owed(sweep, len(calls_placed)))
         with pytest.raises(OSError, match="connection reset"):
             await sweep.once(token=1)
         (first,) = failed
@@ -294,8 +291,7 @@ async def test_a_greeting_that_fails_in_the_sweep_does_not_hold_back_the_others(
 async def test_a_sweep_step_that_fails_does_not_hold_back_the_greetings(db: Database) -> None:
     """Ending a superseded call fails on every round (its provider request always errs): the
     round's greetings owed are still sent, and the failure is raised after them."""
-    rig = make_rig(db, "telnyx", machine_detection=True)
-    rig.fake.controls.event_loss_rate, rig.fake.controls.event_loss_types = 1.0, ["call.machine.detection.ended"]
+    rig = _detection_lost(db)
     rig.fake.callees[PHONE] = CalleeScript("answer")
 
     async def cancel(call_id):

