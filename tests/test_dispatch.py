@@ -17,7 +17,7 @@ from service.db.models import new_id
 from service.dispatch.dispatcher import DispatchConfig, Dispatcher, OutcomeRecorder, message_for
 from service.ledger import Outcome, ReminderStore, StaleTerm
 from service.providers.generic import GenericProvider
-from service.providers.generic.client import CallRequest, HttpTelephonyClient
+from service.providers.generic.client import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind
 from service.reminders import idempotency_key
 from tests.support.waiting import eventually
 
@@ -353,3 +353,58 @@ async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid(
     why_not = await asyncio.wait_for(ended.record("r-2", Outcome.sent("c-2", datetime.now(UTC))), 30)
     assert why_not is not None and "a later claim completes it" in why_not
     assert store.writes == 1
+
+
+class _HeldClient:
+    """Each call waits until the test lets it through, one at a time."""
+
+    def __init__(self) -> None:
+        self.waiting: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+        self.answered = 0
+
+    async def place_call(self, request: CallRequest, *, may_send=None) -> CallOutcome:
+        go = asyncio.Event()
+        await self.waiting.put(go)
+        await go.wait()
+        self.answered += 1
+        return CallOutcome(OutcomeKind.SENT, call_id=f"call-{self.answered}", status_code=201)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_claim_that_found_less_than_it_asked_waits_for_the_scan_not_for_a_freed_slot(db) -> None:
+    """Nothing else was due when a claim came back short: calls ending one by one must not each
+    cost a claim (they did: a claim per freed slot, a claim per call at a provider's rate)."""
+    scan = 1.0
+    await seed(db, 6)
+    client = _HeldClient()
+    dispatcher = Dispatcher(db, GenericProvider(client), config(concurrency=8, scan_interval=scan))
+    claims = 0
+    original_claim = dispatcher._claim_some
+
+    async def counting_claim(term, free):
+        nonlocal claims
+        claims += 1
+        return await original_claim(term, free)
+
+    dispatcher._claim_some = counting_claim  # type: ignore[method-assign]
+    term = FakeTerm(5)
+    task = asyncio.create_task(dispatcher.lead(term))
+    try:
+        started = asyncio.get_running_loop().time()
+        for through in range(1, 7):  # each call let through once the previous one's slot is free
+            go = await asyncio.wait_for(client.waiting.get(), 10)
+            go.set()
+            await eventually(lambda left=6 - through: _true(len(dispatcher._slots) <= left))
+        elapsed = asyncio.get_running_loop().time() - started
+        # the first claim, then one per scan that passed (a slow machine only loosens the bound)
+        assert claims <= 2 + int(elapsed / scan), (claims, elapsed)
+        await eventually(lambda: all_final(db))
+    finally:
+        term.ended.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -62,12 +62,14 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @asynccontextmanager
-async def leading(db: Database, events: EventsConfig, token: int = 1) -> AsyncIterator[Term]:
-    """The relay running under a term of `token` (its fence raised), until the block ends."""
+async def leading(db: Database, events: EventsConfig, token: int = 1,
+                  relay: EventRelay | None = None) -> AsyncIterator[Term]:
+    """The relay (`relay`, or one of `events`) running under a term of `token` (its fence raised),
+    until the block ends."""
     await raise_fence(db, token, f"leader-{token}")
     term = Term(token)
     ended = asyncio.ensure_future(term.ended.wait())
-    task = asyncio.create_task(EventRelay(db, events).run(term, ended))
+    task = asyncio.create_task((relay or EventRelay(db, events)).run(term, ended))
     try:
         yield term
     finally:
@@ -235,3 +237,28 @@ async def test_a_try_in_flight_when_the_term_ends_is_sent_again_by_the_next_lead
         await poll_until(lambda: _delivery_of(db, event_id, "delivered"), 10, "the next leader's try")
     assert receiver.arrivals == [event_id, event_id]  # at least once: the same webhook-id again
     assert (await rows(db))[event_id].attempts == 1  # the abandoned try recorded nothing
+
+
+async def test_deliveries_that_end_together_are_recorded_in_one_statement(db: Database, receiver: Receiver) -> None:
+    """At a provider's pace a mark per event was a statement per event (and a look for the next
+    heads per event): the 2xx answers that come within the linger share one."""
+    ids = {await emit_for(db, f"appointment-{n}") for n in range(6)}  # one head each: sent side by side
+    events = config(receiver, mark_linger=0.5)
+    relay = EventRelay(db, events)
+    writes: list[int] = []
+    record = relay.store.delivered
+
+    async def counted(token: int, event_ids: Any) -> set[str]:
+        writes.append(len(event_ids))
+        return await record(token, event_ids)
+
+    relay.store.delivered = counted  # type: ignore[method-assign]
+    async with leading(db, events, relay=relay):
+        await poll_until(lambda: _all_delivered(db, ids), 10, "every event delivered")
+    assert sum(writes) == len(ids) and len(writes) < len(ids), writes
+    assert set(receiver.ids()) == ids
+
+
+def test_a_mark_linger_out_of_bounds_is_refused() -> None:
+    with pytest.raises(ValueError, match="mark_linger"):
+        EventsConfig(mark_linger=-0.1)

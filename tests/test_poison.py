@@ -169,10 +169,10 @@ async def test_tasks_in_flight_are_bounded_when_outcomes_cannot_be_written(datab
         claims = 0
         original_claim = dispatcher._claim_some
 
-        async def counting_claim(term):
+        async def counting_claim(term, free):
             nonlocal claims
             claims += 1
-            return await original_claim(term)
+            return await original_claim(term, free)
 
         async def never_written(token, outcomes):
             await stuck.wait()

@@ -375,7 +375,8 @@ class Dispatcher:
         events = asyncio.create_task(self._events.run(term, ended), name="events")
         try:
             while term.valid():
-                claimed = await self._claim_some(term)
+                asked = self._free()
+                claimed = await self._claim_some(term, asked)
                 if claimed is None:  # the database did not answer: try again shortly
                     await self._wait(ended, self.config.scan_interval * 2)
                     continue
@@ -385,9 +386,14 @@ class Dispatcher:
                         self._in_flight[claim.reminder_id] = task
                         self._slots.add(claim.reminder_id)
                         task.add_done_callback(lambda _t, rid=claim.reminder_id: self._done(rid))
-                if len(claimed) and self._room():
-                    continue  # more may be due right now
-                await self._wait_for_room(ended, self.config.scan_interval)
+                if len(claimed) < asked:
+                    # Fewer than asked: nothing else was due. A freed slot finds nothing new, so the
+                    # next look is the scan's (a claim per freed slot cost a claim per call).
+                    await asyncio.wait({ended}, timeout=self.config.scan_interval)
+                elif self._room():
+                    continue  # a full claim: more may be due right now
+                else:
+                    await self._wait_for_room(ended, self.config.scan_interval)
         finally:
             ended.cancel()
             # Each loop ends at its next look at `ended`: a statement in flight finishes rather than
@@ -480,8 +486,7 @@ class Dispatcher:
         finally:
             freed.cancel()
 
-    async def _claim_some(self, term: Term) -> list[Claim] | None:
-        free = self._free()
+    async def _claim_some(self, term: Term, free: int) -> list[Claim] | None:
         if free <= 0:
             return []
         try:

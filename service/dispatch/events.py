@@ -12,6 +12,8 @@ rows are the ledger's (service.ledger.outbox), the HTTP is here.
   `reminders events-resume` (or another EVENTS_URL); anything else, a timeout or no connection is
   tried again after an exponential backoff with jitter, until EVENTS_MAX_AGE after the event,
   when it is given up (counted, logged) and the appointment's next event goes.
+- A 2xx is recorded with the others that came within `mark_linger` of it, in one statement;
+  the appointment's next event goes once its mark is written.
 - A try in flight when the term ends is abandoned: its result is never recorded, so the next
   leader sends the event again, same id (receivers dedupe on `webhook-id`).
 - Retention: events older than EVENTS_RETENTION are deleted, oldest positions first.
@@ -64,6 +66,9 @@ class EventsConfig:
     retention: timedelta = timedelta(days=7)
     concurrency: int = 8
     poll_interval: float = 0.5
+    # How long a delivery's 2xx waits for others to share its mark's statement: at a provider's
+    # pace a mark per event was a statement, and a look for the next heads, per event.
+    mark_linger: float = 0.05
     retry_base: float = 1.0
     retry_max: float = 300.0
     prune_interval: float = 60.0
@@ -71,6 +76,8 @@ class EventsConfig:
     def __post_init__(self) -> None:
         if self.url is not None and not self.secret:
             raise ValueError("a delivery needs its secret")
+        if not 0 <= self.mark_linger <= 1:
+            raise ValueError("mark_linger must be within [0, 1] seconds")
 
     def retry_delay(self, attempts: int, retry_after: float | None = None) -> float:
         """Seconds before the next try after `attempts` failed ones: exponential, with jitter,
@@ -83,6 +90,58 @@ class _Term(Protocol):
     fencing_token: int
 
     def valid(self) -> bool: ...
+
+
+class _DeliveredMarks:
+    """One term's 2xx answers, recorded together: `mark(event_id)` waits for its event's mark and
+    says whether it was written. The marks that arrive within `linger` of a write's start, or
+    while it is written, share one statement; a failed write fails each of its marks (the events
+    stay pending: tried again)."""
+
+    def __init__(self, store: OutboxStore, token: int, linger: float) -> None:
+        self.store = store
+        self.token = token
+        self.linger = linger
+        self._waiting: dict[str, asyncio.Future[bool]] = {}
+        self._writer: asyncio.Task[None] | None = None
+
+    async def mark(self, event_id: str) -> bool:
+        future = self._waiting.get(event_id)
+        if future is None:
+            future = self._waiting[event_id] = asyncio.get_running_loop().create_future()
+            # retrieved even when its delivery was cancelled meanwhile (no "never retrieved" noise)
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name="events-delivered")
+        # shielded: a cancelled delivery does not cancel the write of the others' marks
+        return await asyncio.shield(future)
+
+    async def close(self) -> None:
+        """Stops writing (the term is over): the marks not written stay pending events."""
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        for future in self._waiting.values():
+            future.cancel()
+
+    async def _write(self) -> None:
+        try:
+            if self.linger:
+                await asyncio.sleep(self.linger)
+            while self._waiting:
+                batch, self._waiting = self._waiting, {}
+                try:
+                    written = await self.store.delivered(self.token, batch.keys())
+                except Exception as error:  # noqa: BLE001 - each delivery logs it
+                    for future in batch.values():
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for event_id, future in batch.items():
+                    if not future.done():
+                        future.set_result(event_id in written)
+        finally:
+            self._writer = None
 
 
 class EventRelay:
@@ -102,6 +161,7 @@ class EventRelay:
         """Until the term ends: number, deliver, prune. A try in flight at the end is abandoned."""
         transport = self._transport or (pooled_transport(self.config.concurrency) if self._webhook else None)
         in_flight: dict[str, asyncio.Task[None]] = {}
+        marks = _DeliveredMarks(self.store, term.fencing_token, self.config.mark_linger)
         loop = asyncio.get_running_loop()
         next_prune = next_number = loop.time()
         gone: str | None = None
@@ -115,7 +175,7 @@ class EventRelay:
                         next_number = loop.time() + self.config.poll_interval
                         gone = await self._number(term)
                     if transport is not None and gone != self._endpoint:
-                        await self._start(term, transport, in_flight)
+                        await self._start(term, transport, marks, in_flight)
                     if loop.time() >= next_prune:
                         next_prune = loop.time() + self.config.prune_interval
                         await self._prune(term)
@@ -133,6 +193,7 @@ class EventRelay:
             for task in in_flight.values():
                 task.cancel()
             await asyncio.gather(*in_flight.values(), return_exceptions=True)
+            await marks.close()
             if transport is not None and transport is not self._transport:
                 await transport.aclose()
 
@@ -144,7 +205,7 @@ class EventRelay:
                 pass
         return gone
 
-    async def _start(self, term: _Term, transport: httpx.AsyncBaseTransport,
+    async def _start(self, term: _Term, transport: httpx.AsyncBaseTransport, marks: _DeliveredMarks,
                      in_flight: dict[str, asyncio.Task[None]]) -> None:
         free = self.config.concurrency - len(in_flight)
         if free <= 0:
@@ -153,7 +214,7 @@ class EventRelay:
             key = head.appointment_id or f"event:{head.id}"
             if key in in_flight:
                 continue  # its appointment's event in flight is the older one: this one waits
-            task = asyncio.create_task(self._deliver(term, transport, head), name=f"event-{head.id}")
+            task = asyncio.create_task(self._deliver(term, transport, marks, head), name=f"event-{head.id}")
             in_flight[key] = task
             task.add_done_callback(lambda _t, k=key: (in_flight.pop(k, None), self._wake.set()))
             free -= 1
@@ -172,7 +233,8 @@ class EventRelay:
 
     # -- one try -----------------------------------------------------------------------------------
 
-    async def _deliver(self, term: _Term, transport: httpx.AsyncBaseTransport, head: Head) -> None:
+    async def _deliver(self, term: _Term, transport: httpx.AsyncBaseTransport, marks: _DeliveredMarks,
+                       head: Head) -> None:
         token = term.fencing_token
         try:
             if head.now - head.created_at >= self.config.max_age:  # e.g. a retry picked up late, or a backlog
@@ -191,7 +253,7 @@ class EventRelay:
                 return
             status = response.status_code
             if 200 <= status < 300:
-                if await self.store.delivered(token, head.id):
+                if await marks.mark(head.id):
                     EVENT_DELIVERIES.labels("delivered").inc()
             elif status == 410:
                 await self._gone(head)

@@ -16,7 +16,7 @@ module the rows.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -114,9 +114,10 @@ def _finish(event_id: str, token: int) -> Any:
 # A delivery taken (`_finish` with bind parameters `event_id` and `token`), built once: the relay
 # marks every event it delivers.
 _DELIVERED = (
-    update(_E).where(_E.c.id == bindparam("event_id"), _E.c.delivery == _PENDING,
+    update(_E).where(_E.c.id.in_(bindparam("event_ids", expanding=True)), _E.c.delivery == _PENDING,
                      fence_holds(bindparam("token", type_=BigInteger)))
     .values(delivery=Delivery.DELIVERED, delivered_at=db_now(), attempts=_E.c.attempts + 1, last_error=None)
+    .returning(_E.c.id)
 )
 
 
@@ -154,10 +155,11 @@ class OutboxStore:
         rows = await self.db.read(lambda connection: connection.execute(_HEADS, {"limit": limit}).all())
         return [Head(*row) for row in rows]
 
-    async def delivered(self, token: int, event_id: str) -> bool:
-        """The receiver took it (a 2xx). False when the fence moved on (the next term sends it again)."""
-        return await self.db.write_one(
-            lambda connection: connection.execute(_DELIVERED, {"event_id": event_id, "token": token}).rowcount == 1)
+    async def delivered(self, token: int, event_ids: Collection[str]) -> set[str]:
+        """The receiver took them (a 2xx each), in one statement: the ids marked delivered. One
+        missing: the fence moved on (the next term sends it again) or it is no longer pending."""
+        return await self.db.write_one(lambda connection: set(
+            connection.execute(_DELIVERED, {"event_ids": list(event_ids), "token": token}).scalars()))
 
     async def give_up(self, token: int, event_id: str, reason: str) -> bool:
         """No more tries: EVENTS_MAX_AGE passed before the next one. An event tried before keeps its
