@@ -739,6 +739,14 @@ def _profiles(add: Add, before: dict[str, Any] | None, after: dict[str, Any] | N
             _profile_table(add, label, result)
 
 
+def _paced_rounds(paced: dict[str, Any]) -> str:
+    """The paced GET's rounds, when it had several (the figure is their median)."""
+    rounds = paced.get("rounds_cpu_ms_per_get") or []
+    if len(rounds) < 2:
+        return ""
+    return f"; the median of {len(rounds)} such runs: " + ", ".join(f"{_n(r, 3)}" for r in rounds) + " ms"
+
+
 def _provider_verdicts(result: dict[str, Any], against: str = "") -> tuple[bool | None, bool | None]:
     """(CPU per webhook within its target, CPU per call within its), against the run's GET flat
     out (`against` "") or paced at the webhooks' rate ("_paced")."""
@@ -815,7 +823,9 @@ def _providers(add: Add, providers: dict[str, dict[str, Any]],
         "replicas' role (transaction control apart), per route the replicas' own count (bench/statements.py, enabled "
         "by the variable `BENCH_STATEMENTS`, which only the bench sets; an executemany is one there); latency per "
         "route = the front's time to the replica's answer. Then, on the same replicas: wrk on one follower's `GET "
-        "/appointments/{id}` over the run's appointments; py-spy on another follower through one more burst. The "
+        "/appointments/{id}` over the run's appointments, flat out, then paced at the rate that follower answered "
+        "webhooks in the run (three runs of 8 s, their median: at so low a rate one run's figure moves by up to a "
+        "third from the next); py-spy on another follower through one more burst. The "
         "*generic path* = the same settings, no rate, `TELEPHONY_PROVIDER=generic`, the same reminders (a database of "
         "its own, the same PostgreSQL). Every reminder is checked heard exactly once by the chaos harness's promise "
         "(`harness.chaos_providers.judge` on the fake's record and the rows) and every appointment confirmed; a run "
@@ -913,7 +923,7 @@ def _provider(add: Add, title: str, result: dict[str, Any]) -> None:
         webhook_paced_ok, call_paced_ok = _provider_verdicts(result, "_paced")
         add(f"| replicas' CPU per `GET /appointments/{{id}}` paced at the rate {get['replica']} answered webhooks "
             f"in the run ({_n(paced['rate'], 1)} req/s, {_n(paced['connections'])} connections, "
-            f"{_n(paced['load']['duration_s'], 1)} s) | **{_n(paced['cpu_ms_per_get'], 3)} ms** "
+            f"{_n(paced['load']['duration_s'], 1)} s{_paced_rounds(paced)}) | **{_n(paced['cpu_ms_per_get'], 3)} ms** "
             f"({_n(paced['load']['rps'], 1)} req/s, {_n(paced['load']['errors'])} errors) | – |")
         add(f"| ratios to the paced GET (like for like) | webhook {_n(ratios.get('webhook_to_get_paced'), 1)} ×, "
             f"call {_n(ratios.get('call_to_get_paced'), 1)} ×; a follower's webhook "
