@@ -19,7 +19,7 @@ from service.ledger import Outcome, ReminderStore, StaleTerm
 from service.providers.generic import GenericProvider
 from service.providers.generic.client import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind
 from service.reminders import idempotency_key
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, poll_until
 
 pytestmark = pytest.mark.anyio
 
@@ -355,6 +355,19 @@ async def test_outcomes_wait_out_a_database_outage_only_while_the_term_is_valid(
     assert store.writes == 1
 
 
+class ClaimCounter:
+    """Counts the dispatcher's claims (its `_claim_some`), each still made."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.count = 0
+        self._claim = dispatcher._claim_some
+        dispatcher._claim_some = self._counted  # type: ignore[method-assign]
+
+    async def _counted(self, term, free):
+        self.count += 1
+        return await self._claim(term, free)
+
+
 class _HeldClient:
     """Each call waits until the test lets it through, one at a time."""
 
@@ -380,15 +393,7 @@ async def test_a_claim_that_found_less_than_it_asked_waits_for_the_scan_not_for_
     await seed(db, 6)
     client = _HeldClient()
     dispatcher = Dispatcher(db, GenericProvider(client), config(concurrency=8, scan_interval=scan))
-    claims = 0
-    original_claim = dispatcher._claim_some
-
-    async def counting_claim(term, free):
-        nonlocal claims
-        claims += 1
-        return await original_claim(term, free)
-
-    dispatcher._claim_some = counting_claim  # type: ignore[method-assign]
+    claims = ClaimCounter(dispatcher)
     term = FakeTerm(5)
     task = asyncio.create_task(dispatcher.lead(term))
     try:
@@ -396,15 +401,11 @@ async def test_a_claim_that_found_less_than_it_asked_waits_for_the_scan_not_for_
         for through in range(1, 7):  # each call let through once the previous one's slot is free
             go = await asyncio.wait_for(client.waiting.get(), 10)
             go.set()
-            await eventually(lambda left=6 - through: _true(len(dispatcher._slots) <= left))
+            await poll_until(lambda left=6 - through: len(dispatcher._slots) <= left, 10, "the call's slot freed")
         elapsed = asyncio.get_running_loop().time() - started
         # the first claim, then one per scan that passed (a slow machine only loosens the bound)
-        assert claims <= 2 + int(elapsed / scan), (claims, elapsed)
+        assert claims.count <= 2 + int(elapsed / scan), (claims.count, elapsed)
         await eventually(lambda: all_final(db))
     finally:
         term.ended.set()
         await asyncio.wait_for(task, 10)
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -21,7 +21,7 @@ from service.providers.generic import GenericProvider
 from service.providers.generic.client import CallOutcome, CallRequest, HttpTelephonyClient, OutcomeKind
 from service.telephony.http import MAX_RESPONSE_BYTES
 from tests.support.waiting import eventually
-from tests.test_dispatch import FakeTerm, config, seed
+from tests.test_dispatch import ClaimCounter, FakeTerm, config, seed
 
 pytestmark = pytest.mark.anyio
 
@@ -166,19 +166,12 @@ async def test_tasks_in_flight_are_bounded_when_outcomes_cannot_be_written(datab
         client = InstantClient()
         dispatcher = Dispatcher(db, GenericProvider(client), config(concurrency=4))  # tasks: twice that by default
         stuck = asyncio.Event()
-        claims = 0
-        original_claim = dispatcher._claim_some
-
-        async def counting_claim(term, free):
-            nonlocal claims
-            claims += 1
-            return await original_claim(term, free)
+        claims = ClaimCounter(dispatcher)
 
         async def never_written(token, outcomes):
             await stuck.wait()
             return {}
 
-        dispatcher._claim_some = counting_claim  # type: ignore[method-assign]
         dispatcher.store.finish_many = never_written  # type: ignore[method-assign]
         term = FakeTerm(5)
         task = asyncio.create_task(dispatcher.lead(term))
@@ -187,10 +180,10 @@ async def test_tasks_in_flight_are_bounded_when_outcomes_cannot_be_written(datab
                 return client.calls >= 8
 
             await eventually(at_bound)
-            seen = claims
+            seen = claims.count
 
             async def scanned_again() -> bool:
-                return claims >= seen + 5 or client.calls > 8
+                return claims.count >= seen + 5 or client.calls > 8
 
             await eventually(scanned_again)
             assert client.calls == 8

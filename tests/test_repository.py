@@ -36,7 +36,7 @@ def test_the_contract_is_in_the_repository() -> None:
 
 def test_no_file_refers_outside_the_repository() -> None:
     # this checkout's path, and its parent's unless that is a place for everyone's files (a clone in
-    # /tmp must not make the README's `/tmp/reminders.yaml` a path of this machine)
+    # /tmp must not make every `/tmp/…` a path of this machine)
     shared_places = {Path("/"), Path("/tmp"), Path("/var/tmp"), Path.home()}
     machine_paths = {f"{ROOT}/"} | ({f"{ROOT.parent}/"} if ROOT.parent not in shared_places else set())
     found = []
