@@ -517,6 +517,37 @@ async def test_hole_4_the_voicemail_is_left_after_the_beep(db: Database, provide
         await rig.aclose()
 
 
+async def test_a_beep_event_that_comes_before_the_answer_binds_the_machine_and_leaves_the_voicemail(
+        db: Database) -> None:
+    """Found by late-events (Telnyx): `call.answered` and the detection both later than the beep's
+    `call.machine.greeting.ended`, which found the call unbound and hung it up — the machine kept
+    nothing, and each call again met the same race. The beep event binds the call as a machine's
+    now; the late answer and detection after it greet nothing again."""
+    rig = make_rig(db, "telnyx", machine_detection=True)
+    rig.fake.controls.event_delay_ms, rig.fake.controls.event_delay_max_ms = 1_000.0, 1_500.0
+    rig.fake.controls.event_delay_types = ["call.answered", "call.machine.detection.ended"]
+    rig.fake.callees[PHONE] = CalleeScript("machine", greeting_ms=200.0)
+    try:
+        _, reminder_id = await book(db)
+        _, call_id = await placed(rig, reminder_id)
+        call = rig.call(call_id)
+
+        async def late_events_applied() -> bool:
+            late = [d for d in call.deliveries if d.get("type") in rig.fake.controls.event_delay_types
+                    and d.get("result") == "acknowledged"]
+            return rig.is_over(call) and len(late) >= 2
+
+        await eventually(late_events_applied)
+        assert call.listener.voicemail and not call.listener.lost, (call.listener.voicemail, call.listener.lost)
+        assert len(greetings(call)) == 1
+        await eventually(lambda: _outcome_is(db, reminder_id, "voicemail"))
+        assert len(rig.calls()) == 1
+        done = await row(db, reminder_id)
+        assert (done.outcome, done.bound_call_id) == ("voicemail", call_id)
+    finally:
+        await rig.aclose()
+
+
 @pytest.mark.parametrize("provider", ["twilio"])
 async def test_hole_4_a_fax_is_not_a_voicemail(db: Database, provider: str) -> None:
     rig = make_rig(db, provider, machine_detection=True)

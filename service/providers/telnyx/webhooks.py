@@ -24,9 +24,10 @@ A replica that dies in between leaves a recorded greeting of unknown fate: the s
 `HANDLERS` maps an event type to what it does: `call.answered` binds the call (first answer wins;
 any other call is hung up) and, without machine detection, greets; `call.machine.detection.ended`
 greets a person (or `not_sure`) at once and waits for a machine's beep
-(`call.machine.greeting.ended`); `call.gather.ended` applies the key of the bound call of a current
-reminder, each round once, if pressed before the hang-up; `call.hangup`'s cause gives the call's
-final status (`HANGUP_STATUS` in events.py), from which the outcome and no-answer retry follow.
+(`call.machine.greeting.ended`, which binds the call itself when it comes first);
+`call.gather.ended` applies the key of the bound call of a current reminder, each round once, if
+pressed before the hang-up; `call.hangup`'s cause gives the call's final status (`HANGUP_STATUS` in
+events.py), from which the outcome and no-answer retry follow.
 
 Customers who call back (docs/decisions/0252): a `call.initiated` with `direction: "incoming"` (on
 our connection) is answered (`actions/answer`, one `command_id` per call). An attested caller (A,
@@ -174,6 +175,25 @@ async def machine_detection_ended(request: Request, event: TelnyxEvent, backgrou
     bound = await calls.answer(request.app.state.db, event.stamp, event.call_id, who=who, answered_by=result,
                                fallback=fallback_wording(request), heard_later=True, event=_call_event(event, None),
                                greet=Answerer.PERSON if who is Answerer.PERSON else None)
+    _answered_by_detection(request, event, bound, background)
+
+
+async def machine_greeting_ended(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
+    """The machine's greeting is over (its beep, or silence): the voicemail, recorded now (with the
+    event). Only a machine's call has this event, so it may bind the call as a machine's when it
+    comes first — `call.answered` and the detection late or lost (decision 0221): hanging up there
+    left the machine nothing. One transaction: the event, the binding, the voicemail's record."""
+    assert event.stamp is not None and event.call_id is not None
+    bound = await calls.answer(request.app.state.db, event.stamp, event.call_id, who=Answerer.MACHINE,
+                               fallback=fallback_wording(request), heard_later=True, event=_call_event(event, None),
+                               greet=Answerer.MACHINE)
+    _answered_by_detection(request, event, bound, background)
+
+
+def _answered_by_detection(request: Request, event: TelnyxEvent, bound: calls.Answer,
+                           background: BackgroundTasks) -> None:
+    """What a detection event's binding sets off once the event is acknowledged: the reminder's
+    other calls ended, the greeting it recorded sent; a call that may not speak hung up."""
     if not bound.event.known:
         return
     if bound.cancel:
@@ -184,15 +204,6 @@ async def machine_detection_ended(request: Request, event: TelnyxEvent, backgrou
         _hang_up(request, event, background)
     elif bound.greeting is not None:
         _command(request, event, bound.greeting, background)
-
-
-async def machine_greeting_ended(request: Request, event: TelnyxEvent, background: BackgroundTasks) -> None:
-    """The machine's greeting is over (its beep, or silence): the voicemail, recorded now (with the event)."""
-    assert event.stamp is not None and event.call_id is not None
-    greeting = await calls.command_greeting(request.app.state.db, event.stamp, event.call_id, Answerer.MACHINE,
-                                            fallback=fallback_wording(request), event=_call_event(event, None))
-    if greeting.event.known:
-        _command(request, event, greeting, background)
 
 
 async def _greet(request: Request, event: TelnyxEvent, who: Answerer, background: BackgroundTasks) -> None:
