@@ -36,8 +36,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 _COLUMNS = """a.id, a.customer_name, a.phone, a.starts_at, a.timezone, a.notes, a.status, a.language,
-       a.confirmation, a.remind_at,
-       a.created_at, a.updated_at, r.id AS reminder_id, r.due_at, r.status AS reminder_status, r.attempts,
+       a.confirmation, a.remind_at, a.created_at, a.updated_at, a.erased_at,
+       r.id AS reminder_id, r.due_at, r.status AS reminder_status, r.attempts,
        r.last_error, r.skip_reason, r.sent_at, r.provider_call_id, r.outcome, r.answered_at"""
 _ONE_APPOINTMENT = f"""
 SELECT {_COLUMNS}
@@ -119,6 +119,7 @@ def _appointments(rows: Sequence[asyncpg.Record]) -> list[dict[str, Any]]:
                 "status": row["status"], "language": row["language"], "confirmation": row["confirmation"],
                 "remind_at": remind_at, "reminders": [], "unplanned": [],
                 "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
+                "erased_at": _iso(row["erased_at"]),
             }
             out.append(current)
         if row["reminder_id"] is not None:
@@ -145,7 +146,8 @@ async def _page(pool: asyncpg.Pool, limit: int) -> dict[str, Any]:
     return {"items": _appointments(await pool.fetch(_PAGE, limit, timeout=10)), "next_cursor": None}
 
 
-async def _one(pool: asyncpg.Pool, appointment_id: str) -> dict[str, Any] | None:
+async def read_appointment(pool: asyncpg.Pool, appointment_id: str) -> dict[str, Any] | None:
+    """The floor of `GET /appointments/{id}`: one joined SELECT, the answer's fields as the service's."""
     rows = await pool.fetch(_ONE_APPOINTMENT, appointment_id, timeout=10)
     return _appointments(rows)[0] if rows else None
 
@@ -166,6 +168,7 @@ async def _create(pool: asyncpg.Pool, body: Body) -> dict[str, Any]:
         "id": appointment_id, "customer_name": body.customer_name, "phone": body.phone,
         "starts_at": starts_at.isoformat(), "timezone": body.timezone, "notes": body.notes, "status": "scheduled",
         "remind_at": None, "unplanned": [], "created_at": now.isoformat(), "updated_at": now.isoformat(),
+        "erased_at": None,
         "reminders": [{"id": r[0], "due_at": r[2].isoformat(), "status": "pending", "attempts": 0, "last_error": None,
                        "skip_reason": None, "sent_at": None, "provider_call_id": None, "outcome": None,
                        "answered_at": None} for r in reminders],
@@ -179,7 +182,7 @@ async def bare_db_list(request: Request, limit: int = 100) -> dict[str, Any]:
 
 @app.get("/bare-db/{appointment_id}")
 async def bare_db(appointment_id: str, request: Request) -> dict[str, Any]:
-    found = await _one(request.app.state.pool, appointment_id)
+    found = await read_appointment(request.app.state.pool, appointment_id)
     if found is None:
         raise HTTPException(404, "appointment not found")
     return found
@@ -194,7 +197,7 @@ async def bare_db_create(body: Body, request: Request) -> dict[str, Any]:
 
 
 async def _starlette_one(request: Request) -> JSONResponse:
-    found = await _one(request.app.state.pool, request.path_params["appointment_id"])
+    found = await read_appointment(request.app.state.pool, request.path_params["appointment_id"])
     return JSONResponse(found) if found is not None else JSONResponse({"detail": "appointment not found"}, 404)
 
 

@@ -18,6 +18,9 @@ for the replica's PUBLIC_URL verify here too (the floor checks them against the 
 - `POST /telephony/telnyx/events` (`call.initiated`): `TelnyxSignature`, the event parsed by the
   service's `parse_event`, then in ONE transaction the event id's INSERT … ON CONFLICT DO NOTHING
   RETURNING and the ledger's UPDATE (`calls.PROGRESS["initiated"]`); 200.
+- `GET /appointments/{id}`: the API's read as `bench/bare.py`'s floor makes it (one joined
+  SELECT, the same fields), on this Starlette app: the GET that issue 26 measures a call against,
+  at its floor beside the webhooks' floors.
 
 Every statement is compiled ONCE at start from the ledger's prebuilt SQLAlchemy statements (or
 built exactly as the ledger builds it inline) with the asyncpg dialect: the SQL text is the
@@ -348,8 +351,18 @@ async def telnyx_events(request: Request) -> Response:
     return Response(status_code=200)
 
 
+async def appointment(request: Request) -> Response:
+    from starlette.responses import JSONResponse
+
+    from .bare import read_appointment
+
+    found = await read_appointment(request.app.state.pool, request.path_params["appointment_id"])
+    return JSONResponse(found) if found is not None else JSONResponse({"detail": "appointment not found"}, 404)
+
+
 app = Starlette(
-    routes=[Route("/telephony/twilio/status", twilio_status, methods=["POST"]),
+    routes=[Route("/appointments/{appointment_id}", appointment, methods=["GET"]),
+            Route("/telephony/twilio/status", twilio_status, methods=["POST"]),
             Route("/telephony/twilio/voice", twilio_voice, methods=["POST"]),
             Route("/telephony/twilio/gather", twilio_gather, methods=["POST"]),
             Route("/telephony/telnyx/events", telnyx_events, methods=["POST"])],

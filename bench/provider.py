@@ -37,8 +37,9 @@ Issue 26's measuring tool, in one invocation per mode (bench/results/provider_<m
      connections): a request's CPU depends on the load it comes in, and that GET is the one
      measured at the webhooks' own load (three runs of 8 s, their median: one run's figure moved
      by a third from one to the next);
-   - py-spy on the other follower (webhooks only, no dispatch) through another burst: where a
-     webhook's CPU goes (inclusive and own time per function).
+   - py-spy on the other follower (webhooks only, no dispatch) and on the leader (the dispatch,
+     the events relay, the sweeps and its share of the webhooks) through another burst: where a
+     webhook's CPU goes, and where the rest of a call's (inclusive and own time per function).
 2. **The generic path.** The same three replicas' settings with TELEPHONY_PROVIDER=generic against
    the generic fake (same PostgreSQL server, a database of its own), no rate (its calls have no
    webhooks to back up), the same warm-up, idle interval and N: calls/s end to end (first create →
@@ -61,6 +62,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -568,7 +570,8 @@ def inclusive(raw: str, top: int = 20) -> dict[str, Any]:
     and route runs), and SQLAlchemy's greenlets (the database work of `Database.read`/`write`: a
     greenlet's stack starts at the function it runs, so py-spy shows it apart from the request
     that awaits it); `in_routes` is the part of the requests' share under the route's function
-    (FastAPI's `run_endpoint_function`), the rest being the server's and the middlewares' own work.
+    (FastAPI's `run_endpoint_function`, or a webhook route's own endpoint), the rest being the
+    server's and the middlewares' own work.
     Left out of the lists: the frames above the event loop (the process's start, `Runner.run`) and
     those a request goes through on its way to the route (the middlewares and the routing: above
     the endpoint's call on some stack), named apart; the grpc.aio poller thread is left out of the
@@ -596,7 +599,7 @@ def inclusive(raw: str, top: int = 20) -> dict[str, Any]:
             where["event_loop_own"] += n
         elif any(frame.startswith(_REQUEST) for frame in frames):
             where["requests"] += n
-            endpoint = next((i for i, frame in enumerate(frames) if frame.startswith(_ENDPOINT)), None)
+            endpoint = next((i for i, frame in enumerate(frames) if frame.startswith(_ENDPOINTS)), None)
             if endpoint is not None:
                 where["in_routes"] += n
                 wrappers.update(frames[:endpoint + 1])
@@ -619,7 +622,8 @@ def inclusive(raw: str, top: int = 20) -> dict[str, Any]:
 _MAIN = "_run_module_as_main"  # the main thread's first frame (python -m service.cli)
 _LOOP = "Runner.run ("  # asyncio's runner: uvloop's C code shows as its own time
 _REQUEST = "RequestResponseCycle.run_asgi ("  # uvicorn: one HTTP request
-_ENDPOINT = "run_endpoint_function ("  # FastAPI calls the route's function
+# FastAPI calls an API route's function; a webhook route's is its own (service/providers/routes.py)
+_ENDPOINTS = ("run_endpoint_function (", "_endpoint.<locals>.endpoint (")
 _WHERE = ("requests", "in_routes", "greenlets", "event_loop_own", "other_tasks")
 
 
@@ -735,17 +739,25 @@ def _provider_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, mode: 
         log(f"provider {mode}: GET {get['load']['rps']} req/s, {get['cpu_ms_per_get']} ms CPU per GET; paced at "
             f"{followers[0].name}'s webhook rate: {(get.get('paced') or {}).get('cpu_ms_per_get')} ms")
 
-        profiled = followers[-1]
+        profiled, leading = followers[-1], cluster.replica(leader)
         size = count if quick else max(200, count // 4)
         seconds = min(30.0, max(4.0, size / run["calls_per_s"] if run["calls_per_s"] else 10.0))
-        log(f"provider {mode}: py-spy on {profiled.name} through a burst of {size} ({seconds:.0f} s)")
-        profile_burst = _burst(cluster, pg, mode, bench_url, PROFILE_FROM, size, events,
-                               during=lambda _committed: {"profile": _profile(profiled, seconds, PROFILE_RATE)})
+        log(f"provider {mode}: py-spy on {profiled.name} and on the leader {leading.name} through a burst of {size} "
+            f"({seconds:.0f} s)")
+
+        def profiles(_committed: float) -> dict[str, Any]:
+            with ThreadPoolExecutor(2) as spies:
+                follower = spies.submit(_profile, profiled, seconds, PROFILE_RATE)
+                lead = spies.submit(_profile, leading, seconds, PROFILE_RATE)
+                return {"profile": follower.result(), "leader_profile": lead.result()}
+
+        profile_burst = _burst(cluster, pg, mode, bench_url, PROFILE_FROM, size, events, during=profiles)
         profile = profile_burst["during"].get("profile", {"error": "no profile"})
-        profile["burst"] = size
+        leader_profile = profile_burst["during"].get("leader_profile", {"error": "no profile"})
+        profile["burst"] = leader_profile["burst"] = size
     return {"warmup": {"reminders": warmup, "calls_per_s": warm_rate}, "pace": pace, "idle": idle, "run": run,
             "routes": _routes(stats, counts, count), "statements": _statements(pg_counts, counts, count),
-            "heard_once": heard, "get": get, "profile": profile}
+            "heard_once": heard, "get": get, "profile": profile, "leader_profile": leader_profile}
 
 
 def _generic_path(pg: PostgresServer, etcd: EtcdServer, events: _Events, count: int, warmup: int, concurrency: int,

@@ -630,6 +630,9 @@ WEBHOOK_ROUTES = {
     "twilio/gather": "POST /telephony/twilio/gather: the confirmation key, first round, on the bound call",
     "telnyx/initiated": "POST /telephony/telnyx/events: `call.initiated` (with its event id) on a call with no status",
 }
+# the webhooks of a call, as `bench/webhooks.py` counts them at the routes it measures
+CALL_WEBHOOK_NAMES = {"twilio/status": "status callback at `ringing`'s cost", "twilio/voice": "voice request",
+                      "twilio/gather": "keypad answer"}
 WEBHOOK_ROWS = {"twilio/status": "calls ringing", "twilio/voice": "reminders bound, `answered`",
                 "twilio/gather": "appointments confirmed", "telnyx/initiated": "calls initiated"}
 
@@ -696,6 +699,7 @@ def _webhooks(add: Add, result: dict[str, Any]) -> None:
             + ", ".join(f"{_pct(part['replica_idle_cpu_share'])} of a core in {mode} mode" for mode, part in idle)
             + ".")
         add("")
+    _webhooks_against_get(add, result)
     below = [key for key, r in routes.items() if r.get("ratio") is None or r["ratio"] < target]
     verdict = ("every route at or above it" if not below else
                f"below it: {', '.join(f'`{key}`' for key in below)}")
@@ -704,6 +708,42 @@ def _webhooks(add: Add, result: dict[str, Any]) -> None:
     add("")
     for item in result.get("not_built") or []:
         add(f"Not built: {item}.")
+        add("")
+
+
+def _webhooks_against_get(add: Add, result: dict[str, Any]) -> None:
+    """The GET a call is measured against, at the replica and at its floor, and a call's webhooks
+    in GETs of their own side (bench/webhooks.py `call_webhooks`)."""
+    parts = [(mode.capitalize(), result[mode]) for mode in ("twilio", "telnyx") if (result.get(mode) or {}).get("get")]
+    if not parts:
+        return
+    add("`GET /appointments/{id}` in the same runs, A-B-A the same way over the seeded appointments: the replica's "
+        "read against its floor (`bench/bare.py`'s one joined SELECT, on the floors' Starlette app); then the webhooks "
+        "of an answered call that confirms, at the replica's and at the floors' CPU per request, each in GETs of its "
+        "own side. The budget issue 26 sets for the whole call, its dispatch included, is (webhooks + "
+        f"{_g(TARGETS['call_extra_gets'])}) GETs.")
+    add("")
+    add("| mode | replica req/s (A, A) | replica CPU/GET | floor req/s | floor CPU/GET | ratio | non-2xx | "
+        "fields as the replica's |")
+    add("|---|---|---|---|---|---|---|---|")
+    for mode, part in parts:
+        get = part["get"]
+        add(f"| {mode} | {_n(get['replica_rps'])} ({', '.join(_n(x['rps']) for x in get['replica'])}) | "
+            f"{_us(get['replica_cpu_ms_per_request'])} | {_n(get['floor']['rps'])} | "
+            f"{_us(get['floor_cpu_ms_per_request'])} | {_n(get['ratio'], 3)} | {get['non_2xx']} | "
+            f"{_same((get.get('answers') or {}).get('same'))} |")
+    add("")
+    for mode, part in parts:
+        call = part.get("call") or {}
+        sides = [(side, call[side]) for side in ("replica", "floor") if call.get(side)]
+        if not sides:
+            continue
+        said = "; ".join(f"at the {side}'s cost {_us(c['webhooks_cpu_ms'])}, **{_n(c['in_gets'], 1)} ×** its GET "
+                         f"({_us(c['get_cpu_ms'])})" for side, c in sides)
+        made_of = ", ".join(f"{_n(n)} × {CALL_WEBHOOK_NAMES.get(route, route)}"
+                            for route, n in call["per_call"].items())
+        add(f"{mode}: a call's {_n(call['webhooks_per_call'])} webhooks ({made_of}), {said}; the budget for the whole "
+            f"call is {_n(call['budget_in_gets'])} ×.")
         add("")
 
 
@@ -960,6 +1000,8 @@ def _provider(add: Add, title: str, result: dict[str, Any]) -> None:
             f"{_n(calls)} × `{_excerpt(text)} …`" for calls, text in top[:5]) + ".")
         add("")
     _provider_profile(add, result.get("profile") or {})
+    if result.get("leader_profile"):
+        _provider_profile(add, result["leader_profile"], leader=True)
 
 
 def _excerpt(statement: Any) -> str:
@@ -967,13 +1009,19 @@ def _excerpt(statement: Any) -> str:
     return re.sub(r"\$\d+", "$n", " ".join(str(statement).split()[:5]))
 
 
-def _provider_profile(add: Add, profile: dict[str, Any]) -> None:
+def _provider_profile(add: Add, profile: dict[str, Any], *, leader: bool = False) -> None:
+    title = "Where the leader's CPU goes" if leader else "Where a webhook's CPU goes"
     if profile.get("error") or not profile.get("samples"):
-        add(f"*Where a webhook's CPU goes*: no profile ({profile.get('error', 'no samples')}).")
+        add(f"*{title}*: no profile ({profile.get('error', 'no samples')}).")
         add("")
         return
     where = profile.get("where") or {}
-    add(f"**Where a webhook's CPU goes** — py-spy on {profile['replica']} (a follower: webhooks, no dispatch) "
+    if leader:
+        whose = "the leader: the dispatch, the events relay, the sweeps and its share of the webhooks"
+        elsewhere = "in its other tasks (the dispatch, the events relay, the sweeps)"
+    else:
+        whose, elsewhere = "a follower: webhooks, no dispatch", "elsewhere"
+    add(f"**{title}** — py-spy on {profile['replica']} ({whose}) "
         f"through a burst of {_n(profile.get('burst'))}, {_n(profile['samples'])} busy samples at "
         f"{_n(profile['rate_hz'])} Hz over {_n(profile['seconds'])} s: {_n(where.get('requests'), 1)} % in HTTP "
         f"requests ({_n(where.get('in_routes'), 1)} % under the routes' functions — the signature check, the "
@@ -981,10 +1029,10 @@ def _provider_profile(add: Add, profile: dict[str, Any]) -> None:
         f"{_n(where.get('greenlets'), 1)} % in "
         "SQLAlchemy's greenlets (the statements of `Database.read`/`write`: compiled, sent, their rows), "
         f"{_n(where.get('event_loop_own'), 1)} % in the event loop's own C code (uvloop: sockets, callbacks), "
-        f"{_n(where.get('other_tasks'), 1)} % elsewhere. The service's functions with the most samples on the stack "
-        "(own + children; own beside), the middlewares every request goes through left out:")
+        f"{_n(where.get('other_tasks'), 1)} % {elsewhere}. The service's functions with the most samples on the "
+        "stack (own + children; own beside), the middlewares every request goes through left out:")
     add("")
-    for name, share, own in (profile.get("top_service") or [])[:10]:
+    for name, share, own in (profile.get("top_service") or [])[:12 if leader else 10]:
         add(f"- `{name}` — {_n(share, 1)} % (own {_n(own, 1)} %)")
     add("")
 

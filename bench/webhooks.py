@@ -26,6 +26,12 @@ Per run: requests/s, latency p50/p99, non-2xx, and the CPU (utime + stime from /
 and its children) of the replica or the floor per request. Afterwards the rows are counted (calls
 ringing, reminders bound, appointments confirmed, calls initiated), and the floor's SQL is compared
 with what the ledger sends for the same route (captured with `before_cursor_execute`).
+
+Then, the same way, `GET /appointments/{id}` over the seeded appointments: the replica's against
+the same read at its floor (bench/bare.py's one joined SELECT, served by the floor's app), the
+answers' fields compared. Issue 26 measures a call against that GET: its webhooks at the replica's
+cost and at the floors' (`call_webhooks`), each in GETs of its own side, show how much of the
+per-call budget ((webhooks + 2) × the GET) the webhooks alone take, and whether even the floors fit.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ IDLE_S = 3.0  # the replica's CPU while nothing is sent (the leader's loops), me
 CAPTURE_ROWS = 2  # the first rows of each route's range: the ledger run once on them, its SQL captured
 CUSTOMER = "+14155550100"
 TWILIO_NUMBER = "+14155550199"
+GET_ROUTE = "GET /appointments/{id}"
 PATHS = {"twilio/status": "/telephony/twilio/status", "twilio/voice": "/telephony/twilio/voice",
          "twilio/gather": "/telephony/twilio/gather", "telnyx/initiated": "/telephony/telnyx/events"}
 
@@ -155,14 +162,15 @@ async def seed(url: str, mode: str, spans: list[Span]) -> float:
 
 @dataclass(frozen=True)
 class Signed:
-    """One pre-signed request: path (with query), headers, body."""
+    """One pre-signed request: path (with query), headers, body, method."""
 
     path: str
     headers: dict[str, str]
     body: str
+    method: str = "POST"
 
     def line(self) -> str:
-        fields = [self.path, self.body]
+        fields = [self.method, self.path, self.body]
         for name, value in self.headers.items():
             fields += [name, value]
         if any("\t" in f or "\n" in f for f in fields):
@@ -227,9 +235,9 @@ init = function(args)
   for line in io.lines(args[1]) do
     local f = split(line)
     local headers = {}
-    for k = 3, #f - 1, 2 do headers[f[k]] = f[k + 1] end
+    for k = 4, #f - 1, 2 do headers[f[k]] = f[k + 1] end
     n = n + 1
-    reqs[n] = wrk.format("POST", f[1], headers, f[2])
+    reqs[n] = wrk.format(f[1], f[2], headers, f[3])
   end
 end
 request = function()
@@ -329,8 +337,9 @@ def _send(base_url: str, line: str) -> tuple[int, str]:
     import httpx
 
     fields = line.split("\t")
-    headers = dict(zip(fields[2::2], fields[3::2], strict=True))
-    response = httpx.post(base_url + fields[0], content=fields[1].encode(), headers=headers, timeout=10)
+    headers = dict(zip(fields[3::2], fields[4::2], strict=True))
+    response = httpx.request(fields[0], base_url + fields[1], content=fields[2].encode() or None, headers=headers,
+                             timeout=10)
     return response.status_code, response.text
 
 
@@ -386,6 +395,53 @@ async def ledger_sql(url: str, mode: str, spans: list[Span], public_key_seed: by
             else:
                 await calls.record_event(db, stamp, cid, "initiated", 1, event_id=row_id("wq", index))
             out[span.route] = list(captured)
+    return out
+
+
+# -- the GET a call is measured against (issue 26), at the same replica and at its floor ------------
+
+
+def get_request(index: int) -> Signed:
+    """`GET /appointments/{id}` of a seeded appointment (the cluster's API needs no token)."""
+    return Signed(f"/appointments/{row_id('wa', index)}", {}, "", method="GET")
+
+
+def same_fields(replica_url: str, floor_url: str, line: str) -> dict[str, Any]:
+    """The same GET to both: the same status, and the same fields in the answer and its reminders."""
+    answers = [_send(url, line) for url in (replica_url, floor_url)]
+
+    def fields(text: str) -> list[str]:
+        body = json.loads(text)
+        return sorted(body) + [f"reminders.{key}" for key in sorted(set().union(*body.get("reminders") or [{}]))]
+
+    statuses = [status for status, _ in answers]
+    found = [fields(text) if status == 200 else [] for status, text in answers]
+    return {"status": statuses[0], "same": statuses[0] == statuses[1] == 200 and found[0] == found[1],
+            **({} if found[0] == found[1] else {"replica_only": sorted(set(found[0]) - set(found[1])),
+                                                "floor_only": sorted(set(found[1]) - set(found[0]))})}
+
+
+# The webhooks of one answered call that confirms (issue 26's scripted callee), by the routes
+# measured here: Twilio's four status callbacks (initiated, ringing, in-progress, completed: each
+# counted at `ringing`'s cost, one UPDATE; `completed` makes two), the voice request, the keypad.
+CALL_WEBHOOKS = {"twilio": {"twilio/status": 4, "twilio/voice": 1, "twilio/gather": 1}}
+
+
+def call_webhooks(mode: str, routes: dict[str, Any], get: dict[str, Any]) -> dict[str, Any] | None:
+    """A call's webhooks at the replica's and at the floors' CPU per request, each against its own
+    GET: what issue 26's per-call budget ((webhooks + 2) × the GET, the dispatch included) leaves."""
+    per_call = CALL_WEBHOOKS.get(mode)
+    if not per_call or any(route not in routes for route in per_call):
+        return None
+    webhooks = sum(per_call.values())
+    out: dict[str, Any] = {"per_call": per_call, "webhooks_per_call": webhooks, "budget_in_gets": webhooks + 2}
+    for side in ("replica", "floor"):
+        cost = [routes[route][f"{side}_cpu_ms_per_request"] for route in per_call]
+        per_get = get.get(f"{side}_cpu_ms_per_request")
+        if None in cost or not per_get:
+            continue
+        total = sum(n * c for n, c in zip(per_call.values(), cost, strict=True))
+        out[side] = {"webhooks_cpu_ms": round(total, 3), "get_cpu_ms": per_get, "in_gets": round(total / per_get, 2)}
     return out
 
 
@@ -520,6 +576,12 @@ def _mode(pg: Any, etcd: Any, mode: str, duration: float, rows: int) -> dict[str
                     results[span.route] = aba(span.route, (replica.url, replica.pid), (floor_url, floor.pid),
                                               requests, duration, Path(tmp))
                     results[span.route]["answers"] = answers
+                get_lines = [get_request(i).line() for span in spans
+                             for i in range(span.first + CAPTURE_ROWS, span.first + span.count)]
+                fields = same_fields(replica.url, floor_url, get_lines[0])
+                get = aba(GET_ROUTE, (replica.url, replica.pid), (floor_url, floor.pid), Requests(get_lines),
+                          duration, Path(tmp))
+                get["answers"] = fields
         finally:
             _stop(floor)
         done = asyncio.run(counts(database_url, mode, spans))
@@ -527,7 +589,7 @@ def _mode(pg: Any, etcd: Any, mode: str, duration: float, rows: int) -> dict[str
         result["sql"] = sql.get(route)
         result["rows"] = done.get(route)
     return {"public_url": public_url, "seed_s": seeded_s, "routes": results, "replica_idle_cpu_share": idle_share,
-            "idle_s": IDLE_S,
+            "idle_s": IDLE_S, "get": get, "call": call_webhooks(mode, results, get),
             "events": done.get("events"), "provider_events": done.get("provider_events")}
 
 

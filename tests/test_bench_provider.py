@@ -127,3 +127,11 @@ def test_the_paced_load_sends_at_its_rate(tmp_path) -> None:
     # paced, not flat out: never more than the slots up to the deadline (plus one taken by each
     # connection just before it); a slow machine sends fewer, never more
     assert 1 <= load["requests"] <= 20 * 2 + 2
+
+
+def test_a_webhook_route_s_own_endpoint_counts_as_under_the_route() -> None:
+    # the webhook routes are called by their own endpoint (service/providers/routes.py), not FastAPI's
+    webhook = REQUEST.replace("run_endpoint_function (fastapi/routing.py:300)",
+                              "_endpoint.<locals>.endpoint (service/providers/routes.py:61)")
+    summary = inclusive(f"{webhook};{VOICE}:120) 10\n{MAIN} 10")
+    assert summary["where"]["requests"] == summary["where"]["in_routes"] == 50.0

@@ -17,7 +17,15 @@ import pytest
 from starlette.datastructures import FormData
 
 from bench.bare_webhooks import ROUTES, FloorSQL
-from bench.webhooks import Signed, call_id, row_id, telnyx_request, twilio_request
+from bench.webhooks import (
+    Signed,
+    call_id,
+    call_webhooks,
+    get_request,
+    row_id,
+    telnyx_request,
+    twilio_request,
+)
 from service.providers.telnyx.events import parse_event
 from service.providers.telnyx.signature import TelnyxSignature
 from service.providers.twilio.signature import SIGNATURE_HEADER, TwilioSignature
@@ -27,9 +35,26 @@ PUBLIC_URL = "http://127.0.0.1:41234/edge"
 
 
 def _fields(signed: Signed) -> tuple[str, str, dict[str, str]]:
-    """What the wrk script sends, read back from the line it reads."""
+    """What the wrk script sends, read back from the line it reads (a POST: the webhooks)."""
     fields = signed.line().split("\t")
-    return fields[0], fields[1], dict(zip(fields[2::2], fields[3::2], strict=True))
+    assert fields[0] == "POST"
+    return fields[1], fields[2], dict(zip(fields[3::2], fields[4::2], strict=True))
+
+
+def test_the_get_reads_a_seeded_appointment_without_a_body() -> None:
+    assert get_request(5).line() == f"GET\t/appointments/{row_id('wa', 5)}\t"
+
+
+def test_a_call_s_webhooks_are_counted_in_gets_of_their_own_side() -> None:
+    routes = {"twilio/status": {"replica_cpu_ms_per_request": 1.0, "floor_cpu_ms_per_request": 0.5},
+              "twilio/voice": {"replica_cpu_ms_per_request": 2.0, "floor_cpu_ms_per_request": 1.0},
+              "twilio/gather": {"replica_cpu_ms_per_request": 3.0, "floor_cpu_ms_per_request": 1.5}}
+    get = {"replica_cpu_ms_per_request": 0.5, "floor_cpu_ms_per_request": 0.25}
+    call = call_webhooks("twilio", routes, get)
+    assert call is not None and (call["webhooks_per_call"], call["budget_in_gets"]) == (6, 8)
+    assert call["replica"] == {"webhooks_cpu_ms": 9.0, "get_cpu_ms": 0.5, "in_gets": 18.0}
+    assert call["floor"] == {"webhooks_cpu_ms": 4.5, "get_cpu_ms": 0.25, "in_gets": 18.0}
+    assert call_webhooks("telnyx", routes, get) is None  # only `call.initiated` has a floor
 
 
 @pytest.mark.parametrize("route", ["twilio/status", "twilio/voice", "twilio/gather"])
@@ -93,3 +118,8 @@ def test_a_tiny_run_does_every_route_s_work_with_the_ledger_s_sql() -> None:
         assert figures["answers"]["same"] and figures["answers"]["status"] < 300, (route, figures["answers"])
         assert figures["rows"]["rows_done"] > 0, route
         assert figures["replica_rps"] > 0 and figures["floor"]["rps"] > 0
+    for mode in ("twilio", "telnyx"):
+        get = result[mode]["get"]
+        assert get["answers"]["same"] and get["answers"]["status"] == 200, get["answers"]
+        assert get["non_2xx"] == 0 and get["replica_rps"] > 0 and get["floor"]["rps"] > 0
+    assert result["twilio"]["call"]["floor"]["in_gets"] > 0 and result["twilio"]["call"]["replica"]["in_gets"] > 0
