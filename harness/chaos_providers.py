@@ -190,6 +190,11 @@ What the providers' own faults found in Telnyx mode (issue 22), fixed in the ser
    "the call is over" was lost with the failed write, so the call counted heard. Events are now
    acknowledged and applied again for up to 30 s, the greeting's answer recorded with retries for
    8 s (decision 0222).
+7. *A beep reported before the call's answer hung up the machine* (late-events, 2026-12-07: one
+   machine in 43 kept no voicemail after six calls). `call.machine.greeting.ended` came before
+   `call.answered` and the detection, found the call bound to nothing and hung it up. Only a
+   machine's call has that event, so it now binds the call as a machine's and records the
+   voicemail itself (decision 0221); three late-events runs after it: 129 voicemails of 129.
 
 Found in the harness: the fakes sent their webhooks through one httpx pool whose cost grew with
 the square of the connections open (the fake spent more CPU per call than the replicas); they now
@@ -198,7 +203,8 @@ use 32 pools.
 Not closed (README, known limits): when a number's `call.answered` and detection events both keep
 coming late, each new call is greeted by the sweep after a callee who hangs up after 10 s of
 silence has gone, and the reminder is called again and again (late-events, before decision 0223:
-one reminder still being called when the run's 120 s ended).""",
+one reminder still being called when the run's 120 s ended). A machine whose beep is reported
+after it has hung up keeps nothing from that call: the reminder is called again.""",
         env={"CALLS_PER_SECOND": "30"},
     ),
 }
