@@ -878,13 +878,22 @@ def _providers(add: Add, providers: dict[str, dict[str, Any]],
         _provider(add, title, result)
 
 
+def _hosts(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Whether two runs of one bench ran on one kind of host (their CPUs)."""
+    cpus = [(run.get("machine") or {}).get("cpu") for run in (before, after)]
+    if cpus[0] == cpus[1]:
+        return "Same bench, same host"
+    return (f"Same bench, another host: before on {cpus[0]}, after on {cpus[1]} (absolute CPU figures move with the "
+            "host; the ratios to each run's own GET are the ones to compare)")
+
+
 def _provider_before_after(add: Add, title: str, before: dict[str, Any], after: dict[str, Any]) -> None:
     """The same bench before issue 26's changes (bench/results/provider_<mode>_before.json, a run of
     the commit before them) and now."""
     add(f"### {title} mode: before and after issue 26's changes")
     add("")
     add(f"*Before* = `{before.get('command', 'python -m bench provider')}` at {before['machine']['date']}"
-        f"{_at_commit(before, ', ')}; *after* = the run below{_at_commit(after, ', ')}. Same bench, same host; "
+        f"{_at_commit(before, ', ')}; *after* = the run below{_at_commit(after, ', ')}. {_hosts(before, after)}; "
         "each run's account rate measured by its own warm-up (a cheaper call carries a higher rate).")
     add("")
     add("| figure | before | after |")
