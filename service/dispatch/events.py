@@ -156,6 +156,9 @@ class EventRelay:
         self._endpoint = endpoint_key(config.url) if config.url else None
         self._transport = transport
         self._wake = asyncio.Event()
+        # When a try of this relay met 410 (the loop's clock): delivery stops at once, not at the
+        # next numbering (which reads the endpoint's mark), else the head went again until then
+        self._gone_at: float | None = None
 
     async def run(self, term: _Term, ended: asyncio.Future[bool]) -> None:
         """Until the term ends: number, deliver, prune. A try in flight at the end is abandoned."""
@@ -172,9 +175,12 @@ class EventRelay:
                     # numbered every poll_interval; a delivery that ends wakes the loop only to send
                     # its appointment's next event (a numbering per delivery cost reads per event)
                     if loop.time() >= next_number:
-                        next_number = loop.time() + self.config.poll_interval
+                        looked = loop.time()
+                        next_number = looked + self.config.poll_interval
                         gone = await self._number(term)
-                    if transport is not None and gone != self._endpoint:
+                        if self._gone_at is not None and self._gone_at < looked and gone != self._endpoint:
+                            self._gone_at = None  # resumed (`reminders events-resume`) since that 410
+                    if transport is not None and gone != self._endpoint and self._gone_at is None:
                         await self._start(term, transport, marks, in_flight)
                     if loop.time() >= next_prune:
                         next_prune = loop.time() + self.config.prune_interval
@@ -290,6 +296,7 @@ class EventRelay:
     async def _gone(self, head: Head) -> None:
         assert self._endpoint is not None
         await self.store.gone(self._endpoint)
+        self._gone_at = asyncio.get_running_loop().time()
         EVENT_DELIVERIES.labels("gone").inc()
         log.error("EVENTS_URL answered 410 Gone to event %s: delivery stopped (events stay in the feed); "
                   "`reminders events-resume` delivers again", head.id)
