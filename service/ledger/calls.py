@@ -162,7 +162,6 @@ class Greeting:
     send: bool
     words: GreetingWords | None = None
     bound: bool = True  # False: not the bound call of a current reminder (hang it up)
-    event: EventResult = EventResult(known=True)  # what the event it came with did (`command_greeting(event=)`)
 
 
 def greeting_words(kind: Answerer, wording: Wording) -> GreetingWords:
@@ -631,21 +630,13 @@ def _bound_and_current(row: Any, stamp: Stamp, call_id: str) -> bool:
 
 
 async def command_greeting(db: Database, stamp: Stamp, call_id: str, kind: Answerer, *,
-                           fallback: Fallback, event: CallEvent | None = None) -> Greeting:
+                           fallback: Fallback) -> Greeting:
     """Record that the bound call's greeting (`kind`: a person's message and question, or a
     machine's voicemail) is about to be commanded — once per call, whoever comes first (an event's
     handler, the leader's sweep). The caller that gets `send` sends the command; a later caller
-    finds it recorded and sends nothing (a repeat could speak twice). `event`: the provider's event
-    that sets it off, applied first in the same transaction (an unknown call: nothing more)."""
-    return await db.write(_greeting_event, stamp, call_id, kind, fallback, event)
-
-
-def _greeting_event(connection: Connection, stamp: Stamp, call_id: str, kind: Answerer, fallback: Fallback,
-                    event: CallEvent | None) -> Greeting:
-    applied = _apply_event(connection, stamp, call_id, event)
-    if not applied.known:
-        return Greeting(send=False, bound=False, event=applied)
-    return replace(_command_greeting(connection, stamp, call_id, kind, fallback), event=applied)
+    finds it recorded and sends nothing (a repeat could speak twice). An event that sets it off
+    comes with its binding: `answer(event=, greet=)`."""
+    return await db.write(_command_greeting, stamp, call_id, kind, fallback)
 
 
 def _command_greeting(connection: Connection, stamp: Stamp, call_id: str, kind: Answerer,
