@@ -76,6 +76,8 @@ async def test_three_electors_agree_on_one_leader(etcd_endpoint: str) -> None:
     electors = [make_elector(etcd_endpoint, prefix, f"pod-{i}") for i in range(3)]
     async with running(*electors):
         leader = await poll_until(lambda: single_leader(electors), 10, "one leader all agree on")
+        # a follower observes the leader before its own key need be written
+        await poll_until(lambda: _count(etcd_endpoint, prefix, 3), 10, "all three queued")
         keys = await keys_under(etcd_endpoint, prefix)
         oldest_key, oldest_value, oldest_revision = keys[0]
         assert oldest_value == leader.instance
