@@ -158,8 +158,8 @@ async def test_deleting_the_leaders_key_ends_its_term(etcd_endpoint: str) -> Non
         # the deposed one is not stuck: it campaigns again behind the new leader
         await poll_until(lambda: _count(etcd_endpoint, prefix, 2), 10, "deposed replica queued again")
         assert not leader.is_leader
-        # its view of the leader comes from its observer, which re-reads only after the deleted
-        # key's watch is cancelled: it follows, it is not there yet when the new key is
+        # its view of the leader comes from its observer, which re-reads only after cancelling the
+        # deleted key's watch: that view can lag the new key just waited for
         await poll_until(lambda: leader.leader_name == other.instance, 10, "the deposed one observes the new leader")
         assert not leader.is_leader
 

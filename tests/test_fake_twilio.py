@@ -86,7 +86,7 @@ async def test_the_same_request_twice_is_two_calls(world) -> None:
 
     def statuses() -> list[str]:
         return [form["CallStatus"] for path, form, _ in sink.requests
-                if path.endswith("/status") and form["CallSid"] == first.json()["sid"]]
+                        if path.endswith("/status") and form["CallSid"] == first.json()["sid"]]
 
     # the last callback is sent after the call's status is set: it follows, as Twilio's does
     await eventually(lambda: "completed" in statuses())
