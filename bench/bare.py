@@ -196,7 +196,8 @@ async def bare_db_create(body: Body, request: Request) -> dict[str, Any]:
 # -- the same floors on Starlette alone (--framework starlette): what FastAPI itself costs ---------
 
 
-async def _starlette_one(request: Request) -> JSONResponse:
+async def starlette_read(request: Request) -> JSONResponse:
+    """`GET /appointments/{id}` at its floor, on Starlette (here and beside the webhooks' floors)."""
     found = await read_appointment(request.app.state.pool, request.path_params["appointment_id"])
     return JSONResponse(found) if found is not None else JSONResponse({"detail": "appointment not found"}, 404)
 
@@ -216,7 +217,7 @@ async def _starlette_list(request: Request) -> JSONResponse:
 starlette_app = Starlette(
     routes=[Route("/bare-db/appointments", _starlette_list, methods=["GET"]),
             Route("/bare-db/appointments", _starlette_create, methods=["POST"]),
-            Route("/bare-db/{appointment_id}", _starlette_one, methods=["GET"])],
+            Route("/bare-db/{appointment_id}", starlette_read, methods=["GET"])],
     lifespan=_lifespan,
 )
 

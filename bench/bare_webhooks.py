@@ -50,6 +50,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .bare import starlette_read
+
 ROUTES = ("twilio/status", "twilio/voice", "twilio/gather", "telnyx/initiated")
 _TWIML = "application/xml"
 
@@ -351,17 +353,8 @@ async def telnyx_events(request: Request) -> Response:
     return Response(status_code=200)
 
 
-async def appointment(request: Request) -> Response:
-    from starlette.responses import JSONResponse
-
-    from .bare import read_appointment
-
-    found = await read_appointment(request.app.state.pool, request.path_params["appointment_id"])
-    return JSONResponse(found) if found is not None else JSONResponse({"detail": "appointment not found"}, 404)
-
-
 app = Starlette(
-    routes=[Route("/appointments/{appointment_id}", appointment, methods=["GET"]),
+    routes=[Route("/appointments/{appointment_id}", starlette_read, methods=["GET"]),
             Route("/telephony/twilio/status", twilio_status, methods=["POST"]),
             Route("/telephony/twilio/voice", twilio_voice, methods=["POST"]),
             Route("/telephony/twilio/gather", twilio_gather, methods=["POST"]),
