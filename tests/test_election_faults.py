@@ -1,7 +1,10 @@
-"""Faults: a leader cut off from etcd (TCP proxy black hole) and an etcd crash/restart."""
+"""Faults: a leader cut off from etcd (TCP proxy black hole), an etcd crash/restart, a paused etcd."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 
 import aetcd.exceptions
@@ -9,6 +12,7 @@ import pytest
 
 from harness.proxy import TcpProxy
 from service.election import ElectionConfig, Elector, LeaseSession, connect
+from service.election.aio import close_quietly
 from tests.support.election import (  # the autouse fixture is imported to activate it
     TTL,
     Recorder,
@@ -206,3 +210,85 @@ async def test_a_failed_revoke_retries_as_soon_as_etcd_grants_a_lease(etcd_endpo
         await poll_until(lambda: len(attempts) >= 2, 10, "the failed revoke retried once etcd granted a new lease")
         assert attempts[:2] == [first_lease, first_lease]
         await poll_until(lambda: elector.is_leader, 10, "a leads again on its new lease")
+
+
+async def _a_new_watch_sees_its_own_key_only(client: aetcd.Client, prefix: bytes, abandoned: bytes) -> None:
+    """A watch created now reports a write to its own key, not one to the `abandoned` creation's key."""
+    async with asyncio.timeout(5):
+        watch = await client.watch(prefix + b"/third")
+        await client.put(abandoned, b"not watched")
+        await client.put(prefix + b"/third", b"watched")
+        async for event in watch:
+            assert (event.kv.key, event.kv.value) == (prefix + b"/third", b"watched")
+            break
+
+
+async def _loop_turns(count: int) -> None:
+    """Let every ready task run `count` times: how the test below picks an interleaving."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("turns", range(8))
+@pytest.mark.anyio
+async def test_a_watch_creation_cancelled_twice_leaves_the_stream_usable(private_etcd, turns: int) -> None:
+    """A watch being created while another task holds the stream's lock, cancelled twice (as
+    `cancel_and_wait` does), must leave only with the lock back in hand: else it releases the
+    other task's hold and the stream can stay locked for good (aetcd 1.0 on Python 3.11). And
+    etcd's late answer to it must not be taken for the next creation's."""
+    client = connect(ElectionConfig((private_etcd.endpoint,), name="probe", lease_ttl=TTL))
+    pid = private_etcd.process.pid
+    try:
+        await client.watch(b"/paused/first")  # the stream is open
+        stream = client._watcher  # aetcd's; its lock is what this test is about
+        os.kill(pid, signal.SIGSTOP)  # etcd paused: the next creation waits for its answer
+        try:
+            creation = asyncio.create_task(client.watch(b"/paused/second"))
+            await poll_until(
+                lambda: stream._new_callback is not None and not stream._lock.locked(), 5, "the creation waiting"
+            )
+            release = asyncio.Event()
+            holding = asyncio.Event()
+
+            async def other_holder() -> None:  # as aetcd's response handler holds it to cancel a watch
+                async with stream._lock:
+                    holding.set()
+                    await release.wait()
+
+            holder = asyncio.create_task(other_holder())
+            await holding.wait()
+            creation.cancel()
+            await _loop_turns(5)
+            creation.cancel()
+            await _loop_turns(turns)
+            assert not creation.done(), "a cancelled creation left while another task held the lock"
+            release.set()
+            await asyncio.wait({holder, creation}, timeout=5)
+            assert holder.done() and holder.exception() is None
+            assert creation.cancelled()
+            assert not stream._lock.locked()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await _a_new_watch_sees_its_own_key_only(client, b"/paused", abandoned=b"/paused/second")
+    finally:
+        await close_quietly(client)
+
+
+@pytest.mark.anyio
+async def test_a_late_answer_to_a_timed_out_watch_creation_goes_to_no_one_else(private_etcd) -> None:
+    """etcd answers watch creations in order and names no request: the answer to one whose caller
+    timed out must be dropped, not taken for the next creation (which would then watch the
+    other key, and never its own)."""
+    client = connect(ElectionConfig((private_etcd.endpoint,), name="probe", lease_ttl=TTL, request_timeout=0.5))
+    pid = private_etcd.process.pid
+    try:
+        await client.watch(b"/late/first")  # the stream is open
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(aetcd.exceptions.WatchTimeoutError):
+                await client.watch(b"/late/second")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await _a_new_watch_sees_its_own_key_only(client, b"/late", abandoned=b"/late/second")
+    finally:
+        await close_quietly(client)

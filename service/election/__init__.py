@@ -3,7 +3,8 @@
 Knows nothing of reminders: it hands a `Term` (fencing token + local validity) to whoever leads.
 
 * `ElectionConfig` — settings and timing invariants.
-* `connect` — an aetcd client with timeouts, keepalive pings, capped reconnect backoff, TLS/auth.
+* `connect` — an aetcd client with timeouts, keepalive pings, capped reconnect backoff, TLS/auth,
+  and a watch stream (`watcher.py`) whose creations survive cancellation and late answers.
 * `LeaseSession` — a kept-alive lease with a local deadline (loss detected without etcd's help).
 * `Election` — Go's campaign / resign / proclaim / leader / observe algorithm.
 * `Term` — one period of leadership: `fencing_token`, `valid()`, `ended`.

@@ -11,7 +11,9 @@ What `connect` adds to a plain ``aetcd.Client`` (each for a failure seen with ae
   host names are resolved when the channel is opened (a new client re-resolves). One
   endpoint given by name uses ``dns:///``;
 * TLS (``https://`` endpoints, optional CA / client certificate) and user/password auth.
-  aetcd 1.0.0 itself only opens insecure channels, hence the ``connect`` override below.
+  aetcd 1.0.0 itself only opens insecure channels, hence the ``connect`` override below;
+* a watch stream (`Watcher`) whose watch creation can be cancelled more than once without
+  breaking the stream's lock.
 
 Limits: aetcd authenticates once per channel; when the token expires calls fail with
 UNAUTHENTICATED and the caller must build a new client (the `Elector` does). With several
@@ -33,6 +35,7 @@ from aetcd import rpc
 
 from .config import ElectionConfig
 from .errors import translate
+from .watcher import Watcher
 
 #: Channel options: a dead network breaks a watch after ~8 s, a restarted etcd is found again
 #: within ~2 s (measured: aetcd 1.0, etcd 3.5). etcd refuses pings more often than every 5 s.
@@ -147,7 +150,7 @@ class EtcdClient(aetcd.Client):
             self.clusterstub = rpc.ClusterStub(channel)
             self.leasestub = rpc.LeaseStub(channel)
             self.maintenancestub = rpc.MaintenanceStub(channel)
-            self._watcher = aetcd.Watcher(rpc.WatchStub(channel), timeout=self._timeout, metadata=metadata)
+            self._watcher = Watcher(rpc.WatchStub(channel), timeout=self._timeout, metadata=metadata)
             self._connected.set()
         except grpc.aio.AioRpcError as error:
             if channel is not None:
