@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import aetcd.exceptions
 import pytest
@@ -214,13 +215,24 @@ async def test_a_failed_revoke_retries_as_soon_as_etcd_grants_a_lease(etcd_endpo
 
 async def _a_new_watch_sees_its_own_key_only(client: aetcd.Client, prefix: bytes, abandoned: bytes) -> None:
     """A watch created now reports a write to its own key, not one to the `abandoned` creation's key."""
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(10):  # a restarted etcd is found again within ~2 s
         watch = await client.watch(prefix + b"/third")
         await client.put(abandoned, b"not watched")
         await client.put(prefix + b"/third", b"watched")
         async for event in watch:
             assert (event.kv.key, event.kv.value) == (prefix + b"/third", b"watched")
             break
+
+
+async def _paused(pid: int) -> None:
+    """SIGSTOP `pid` and return once all its threads have stopped (kill returns before they do)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        tasks = Path(f"/proc/{pid}/task")
+        return all((task / "stat").read_text().rpartition(")")[2].split()[0] in "Tt" for task in tasks.iterdir())
+
+    await poll_until(stopped, 5, f"etcd (pid {pid}) stopped")
 
 
 async def _loop_turns(count: int) -> None:
@@ -241,7 +253,7 @@ async def test_a_watch_creation_cancelled_twice_leaves_the_stream_usable(private
     try:
         await client.watch(b"/paused/first")  # the stream is open
         stream = client._watcher  # aetcd's; its lock is what this test is about
-        os.kill(pid, signal.SIGSTOP)  # etcd paused: the next creation waits for its answer
+        await _paused(pid)  # the next creation waits for its answer
         try:
             creation = asyncio.create_task(client.watch(b"/paused/second"))
             await poll_until(
@@ -274,21 +286,27 @@ async def test_a_watch_creation_cancelled_twice_leaves_the_stream_usable(private
         await close_quietly(client)
 
 
+@pytest.mark.parametrize("then", ["resumed", "restarted"])
 @pytest.mark.anyio
-async def test_a_late_answer_to_a_timed_out_watch_creation_goes_to_no_one_else(private_etcd) -> None:
+async def test_a_late_answer_to_a_timed_out_watch_creation_goes_to_no_one_else(private_etcd, then: str) -> None:
     """etcd answers watch creations in order and names no request: the answer to one whose caller
     timed out must be dropped, not taken for the next creation (which would then watch the
-    other key, and never its own)."""
+    other key, and never its own). If the answer never comes (etcd restarted: the stream
+    ended), the next creation must not wait for it."""
     client = connect(ElectionConfig((private_etcd.endpoint,), name="probe", lease_ttl=TTL, request_timeout=0.5))
     pid = private_etcd.process.pid
     try:
         await client.watch(b"/late/first")  # the stream is open
-        os.kill(pid, signal.SIGSTOP)
+        await _paused(pid)
         try:
             with pytest.raises(aetcd.exceptions.WatchTimeoutError):
                 await client.watch(b"/late/second")
+            if then == "restarted":
+                private_etcd.kill()  # SIGKILL ends a stopped process too
+                private_etcd.start()
         finally:
-            os.kill(pid, signal.SIGCONT)
+            if then == "resumed":
+                os.kill(pid, signal.SIGCONT)
         await _a_new_watch_sees_its_own_key_only(client, b"/late", abandoned=b"/late/second")
     finally:
         await close_quietly(client)

@@ -11,8 +11,8 @@ leaves early (Python 3.11, both measured with etcd paused):
   own release then fails ("Lock is not acquired"), the orphaned wait ends holding the lock, and
   every later watch on the client waits forever, uncancellable.
 * A caller that leaves (cancelled, timed out) frees the in-flight slot at once, so the late
-  answer to its request is taken for the next creation's: that caller then watches the key the
-  other asked for, and its own answer is thrown away.
+  answer to its request is taken for the next creation's: the next caller then watches the key
+  the first one asked for, and its own answer is thrown away.
 
 `Watcher` waits in the caller's task (``asyncio.timeout``), so a cancelled creation leaves only
 with the lock in hand; and a creation left before its answer keeps the slot, marked abandoned,
@@ -57,7 +57,6 @@ class Watcher(aetcd.Watcher):
     ) -> WatcherCallback:
         """Create a watch on the stream and route its events to `callback` (aetcd's contract)."""
         async with self._lock:
-            await self.setup()
             await self._wait_for_slot()
             creation = _Creation(callback)
             creation.prev_kv = prev_kv
@@ -96,8 +95,13 @@ class Watcher(aetcd.Watcher):
             return creation
 
     async def _wait_for_slot(self) -> None:
-        """Wait (lock held) until no other creation is in flight on the stream."""
-        while (pending := self._new_callback) is not None:
+        """Wait (lock held) until no other creation is in flight on the stream; leave with a
+        stream running."""
+        while True:
+            await self.setup()  # a stream must run: for the answer awaited, then for ours
+            pending = self._new_callback
+            if pending is None:
+                return
             if pending.abandoned and pending.error is not None:
                 self._new_callback = None  # the stream it was sent on ended: no answer will come
                 return
