@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -252,7 +253,7 @@ async def test_a_watch_creation_cancelled_twice_leaves_the_stream_usable(private
     pid = private_etcd.process.pid
     try:
         await client.watch(b"/paused/first")  # the stream is open
-        stream = client._watcher  # aetcd's; its lock is what this test is about
+        stream = client._watcher  # the client's watch stream: its lock is what this test is about
         await _paused(pid)  # the next creation waits for its answer
         try:
             creation = asyncio.create_task(client.watch(b"/paused/second"))
@@ -305,8 +306,8 @@ async def test_a_late_answer_to_a_timed_out_watch_creation_goes_to_no_one_else(p
                 private_etcd.kill()  # SIGKILL ends a stopped process too
                 private_etcd.start()
         finally:
-            if then == "resumed":
-                os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # resumed, or a no-op for the killed one
         await _a_new_watch_sees_its_own_key_only(client, b"/late", abandoned=b"/late/second")
     finally:
         await close_quietly(client)

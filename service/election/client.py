@@ -12,8 +12,8 @@ What `connect` adds to a plain ``aetcd.Client`` (each for a failure seen with ae
   endpoint given by name uses ``dns:///``;
 * TLS (``https://`` endpoints, optional CA / client certificate) and user/password auth.
   aetcd 1.0.0 itself only opens insecure channels, hence the ``connect`` override below;
-* a watch stream (`Watcher`) whose watch creation can be cancelled more than once without
-  breaking the stream's lock.
+* a watch stream (`Watcher`) whose watch creations may be cancelled twice or time out: the
+  stream's lock stays whole, and etcd's late answer goes to no one else.
 
 Limits: aetcd authenticates once per channel; when the token expires calls fail with
 UNAUTHENTICATED and the caller must build a new client (the `Elector` does). With several
